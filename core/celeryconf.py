@@ -1,0 +1,31 @@
+"""Celery settings shared by producers and workers. JSON only: pickle is refused on both sides."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from imgq.config import Settings
+
+
+def make_celery(settings: Settings, name: str = "imgq") -> Celery:
+    app = Celery(name, broker=settings.broker_url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        event_serializer="json",
+        task_ignore_result=True,
+        task_default_queue=settings.queue,
+        # Nothing is acknowledged before its items have a committed final state (or a retry is
+        # published); a worker that dies mid-message leaves it to be redelivered.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_connection_retry_on_startup=True,
+        worker_pool="threads",
+        worker_concurrency=settings.messages_in_flight,
+        worker_send_task_events=True,
+        task_send_sent_event=False,
+    )
+    return app

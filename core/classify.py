@@ -1,0 +1,75 @@
+"""Map exceptions from S3, Pillow, Postgres, Redis and torch to imgq errors. Pure.
+
+It matches on class names and error codes rather than importing botocore, Pillow or torch, so
+the producer and the unit tests need none of them; the tests still raise the real exceptions.
+"""
+
+from __future__ import annotations
+
+from imgq import errors
+
+_S3_NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "404", "NotFound", "NoSuchVersion"}
+_S3_DENIED = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled", "InvalidAccessKeyId",
+              "SignatureDoesNotMatch"}
+_S3_TRANSIENT = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
+                 "ServiceUnavailable", "RequestTimeTooSkewed", "500", "502", "503", "504"}
+_TRANSIENT_NAMES = {
+    # botocore / urllib3 transport failures
+    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+    "ResponseStreamingError", "IncompleteReadError", "ProxyConnectionError",
+    # database and broker outages
+    "OperationalError", "InterfaceError", "DisconnectionError", "ConnectionError",
+    "TimeoutError", "BusyLoadingError",
+    # accelerator memory: retried at a smaller batch by the engine
+    "OutOfMemoryError",
+}
+
+
+def _names(exc: BaseException) -> set[str]:
+    return {cls.__name__ for cls in type(exc).__mro__}
+
+
+def _s3_code(exc: BaseException) -> str | None:
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return None
+    code = str(response.get("Error", {}).get("Code", "")) or None
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code or (str(status) if status else None)
+
+
+def classify(exc: BaseException) -> errors.ImgqError:
+    """Return the imgq error that ``exc`` means; unknown errors are transient (retried, bounded)."""
+    if isinstance(exc, errors.ImgqError):
+        return exc
+    names = _names(exc)
+    text = str(exc)
+    if "ClientError" in names:
+        code = _s3_code(exc) or ""
+        if code in _S3_NOT_FOUND:
+            return errors.NotFound(f"S3 object not found ({code})")
+        if code in _S3_DENIED:
+            return errors.AccessDenied(f"S3 refused access ({code})")
+        return errors.Retryable(f"S3 error {code}: {text}")
+    if "DecompressionBombError" in names or "DecompressionBombWarning" in names:
+        return errors.TooManyPixels(text)
+    if "UnidentifiedImageError" in names:
+        return errors.NotAnImage("Pillow cannot identify the bytes as an image")
+    if "FileNotFoundError" in names or "IsADirectoryError" in names:
+        return errors.NotFound(f"no such file: {getattr(exc, 'filename', '') or text}")
+    if "PermissionError" in names:
+        return errors.AccessDenied(f"permission denied: {getattr(exc, 'filename', '') or text}")
+    if names & _TRANSIENT_NAMES:
+        return errors.Retryable(f"{type(exc).__name__}: {text}")
+    return errors.Retryable(f"{type(exc).__name__}: {text}")
+
+
+def classify_decode(exc: BaseException) -> errors.ImgqError:
+    """Errors raised while Pillow decodes: corrupt or short data is permanent, not transient."""
+    known = classify(exc)
+    if not isinstance(known, errors.Retryable) or "MemoryError" in _names(exc):
+        return known
+    text = str(exc)
+    if "truncated" in text.lower() or "premature end" in text.lower():
+        return errors.Truncated(text)
+    return errors.Truncated(f"corrupt image data ({type(exc).__name__}: {text})")

@@ -1,0 +1,273 @@
+"""The ``imgq`` command line. Settings are built here, once, and passed down."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from imgq import errors
+from imgq.config import Settings
+
+app = typer.Typer(
+    help="imgq: caption images in S3 and local folders with BLIP, at scale.\n\n"
+    "Configuration comes from IMGQ_* environment variables (or .env); see `imgq config`.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+enqueue_app = typer.Typer(help="Submit a job of image references.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
+dev_app = typer.Typer(help="Developer tools: tiny checkpoints, embedded services.", no_args_is_help=True)
+app.add_typer(enqueue_app, name="enqueue")
+app.add_typer(db_app, name="db")
+app.add_typer(dev_app, name="dev")
+
+
+def _settings(**overrides: Any) -> Settings:
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValueError as exc:
+        _fail("config_error", str(exc).replace("\n", " "))
+
+
+def _fail(code: str, message: str, exit_code: int = 2) -> typer.Exit:
+    typer.echo(f"error[{code}]: {message}", err=True)
+    raise typer.Exit(exit_code)
+
+
+def _job_id(raw: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        _fail("bad_job", f"{raw!r} is not a job id (a UUID printed by `imgq enqueue`)")
+
+
+def _store(settings: Settings):  # type: ignore[no-untyped-def]
+    from imgq.db.store import Store
+
+    return Store.from_url(settings.sync_database_url)
+
+
+def _read_lines(path: str) -> list[str]:
+    stream = sys.stdin if path == "-" else open(path, encoding="utf-8")  # noqa: SIM115
+    with stream:
+        return [line.strip() for line in stream if line.strip() and not line.lstrip().startswith("#")]
+
+
+@enqueue_app.command("caption")
+def enqueue_caption(
+    refs: Annotated[list[str] | None, typer.Argument(help="s3://bucket/key, s3://bucket/prefix/, a local "
+                                                   "file or folder under IMGQ_LOCAL_ROOTS, or - for stdin.")] = None,
+    from_file: Annotated[Path | None, typer.Option("--from-file", "-f", help="File with one ref per line.")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Longest caption, in tokens (default 30).")] = None,
+    min_new_tokens: Annotated[int | None, typer.Option(help="Shortest caption, in tokens.")] = None,
+    num_beams: Annotated[int | None, typer.Option(help="Beam search width (1 = greedy).")] = None,
+    do_sample: Annotated[bool, typer.Option("--sample", help="Sample instead of greedy/beam search.")] = False,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass (with --sample).")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Top-k sampling (with --sample).")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature (with --sample).")] = None,
+    repetition_penalty: Annotated[float | None, typer.Option(help="Penalty for repeated tokens.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
+    prompt: Annotated[str | None, typer.Option(help="Text the caption continues, e.g. 'a photo of'.")] = None,
+    resize: Annotated[str | None, typer.Option(help="stretch (model default) | center_crop | letterbox.")] = None,
+    params_json: Annotated[str | None, typer.Option("--params", help="All parameters as one JSON object.")] = None,
+    refs_per_message: Annotated[int | None, typer.Option(help="Refs per broker message.")] = None,
+    skip_invalid: Annotated[bool, typer.Option(help="Accept the valid refs and list the refused ones "
+                                               "(default: refuse the whole job).")] = False,
+) -> None:
+    """Caption images. Prints the job id once every item is committed and published."""
+    from imgq.celeryconf import make_celery
+    from imgq.contract import parse_params
+    from imgq.producer.submit import collect_refs, submit
+
+    settings = _settings(refs_per_message=refs_per_message)
+    raw: dict[str, Any] = json.loads(params_json) if params_json else {}
+    flags = {"max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens, "num_beams": num_beams,
+             "top_p": top_p, "top_k": top_k, "temperature": temperature,
+             "repetition_penalty": repetition_penalty, "seed": seed, "prompt": prompt, "resize": resize}
+    raw.update({k: v for k, v in flags.items() if v is not None})
+    if do_sample:
+        raw["do_sample"] = True
+    try:
+        params = parse_params(raw)
+        given = list(refs or [])
+        if given == ["-"]:
+            given = _read_lines("-")
+        if from_file is not None:
+            given += _read_lines(str(from_file))
+        accepted, rejected = collect_refs(given, settings, skip_invalid=skip_invalid)
+        result = submit(settings=settings, store=_store(settings), app=make_celery(settings),
+                        refs=accepted, params=params, rejected=rejected)
+    except errors.ImgqError as exc:
+        _fail(exc.code, exc.message)
+    for ref, reason in result.rejected:
+        typer.echo(f"refused[bad_ref]: {ref}: {reason}", err=True)
+    typer.echo(f"accepted {result.items} items in {result.messages} messages", err=True)
+    typer.echo(str(result.job))
+
+
+@app.command()
+def status(job: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Counts of a job's items by state (queued, running, done, dead)."""
+    settings = _settings()
+    store = _store(settings)
+    job_id = _job_id(job)
+    if not store.job_exists(job_id):
+        _fail("not_found", f"no job {job}", 1)
+    counts = store.counts(job_id)
+    if as_json:
+        typer.echo(json.dumps(counts))
+    else:
+        typer.echo("  ".join(f"{k}={v}" for k, v in counts.items()))
+
+
+@app.command()
+def wait(
+    job: str,
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 3600,
+) -> None:
+    """Block until every item of a job is done or dead, with a progress bar."""
+    from tqdm import tqdm
+
+    settings = _settings()
+    store = _store(settings)
+    job_id = _job_id(job)
+    deadline = time.monotonic() + timeout
+    counts = store.counts(job_id)
+    total = sum(counts.values())
+    with tqdm(total=total, unit="img", desc="captioned", file=sys.stderr) as bar:
+        while True:
+            counts = store.counts(job_id)
+            finished = counts["done"] + counts["dead"]
+            bar.update(finished - bar.n)
+            bar.set_postfix(dead=counts["dead"])
+            if finished >= total:
+                break
+            if time.monotonic() > deadline:
+                _fail("timeout", f"{total - finished} items unfinished after {timeout:.0f}s", 1)
+            time.sleep(0.5)
+    typer.echo("  ".join(f"{k}={v}" for k, v in counts.items()))
+
+
+@app.command()
+def results(
+    job: str,
+    fmt: Annotated[str, typer.Option("--format", help="jsonl or csv.")] = "jsonl",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="File to write (default stdout).")] = None,
+) -> None:
+    """Export a job's items with their captions or dead-letter codes."""
+    if fmt not in ("jsonl", "csv"):
+        _fail("bad_format", f"--format must be jsonl or csv, not {fmt!r}")
+    settings = _settings()
+    store = _store(settings)
+    job_id = _job_id(job)
+    out = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout  # noqa: SIM115
+    fields = ["seq", "ref", "state", "attempts", "caption", "width", "height", "error_code", "error"]
+    try:
+        writer = csv.DictWriter(out, fieldnames=fields) if fmt == "csv" else None
+        if writer:
+            writer.writeheader()
+        for row in store.results(job_id):
+            if writer:
+                writer.writerow(row)
+            else:
+                out.write(json.dumps(row) + "\n")
+    finally:
+        if output:
+            out.close()
+
+
+@app.command()
+def worker(
+    queues: Annotated[str | None, typer.Option(help="Comma-separated queues (default IMGQ_QUEUE).")] = None,
+    max_batch: Annotated[int | None, typer.Option(help="Largest model batch (IMGQ_MAX_BATCH).")] = None,
+    max_wait_ms: Annotated[int | None, typer.Option(help="Longest wait for batchmates (IMGQ_MAX_WAIT_MS).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda (IMGQ_DEVICE).")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Messages held at once (IMGQ_MESSAGES_IN_FLIGHT).")] = None,
+    decode_threads: Annotated[int | None, typer.Option(help="Fetch/decode threads (IMGQ_DECODE_THREADS).")] = None,
+    loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
+    hostname: Annotated[str | None, typer.Option(help="Celery node name.")] = None,
+) -> None:
+    """Run a batching caption worker (a Celery worker with a thread pool and one model)."""
+    settings = _settings(max_batch=max_batch, max_wait_ms=max_wait_ms, device=device,
+                         messages_in_flight=concurrency, decode_threads=decode_threads)
+    try:
+        from imgq.worker.app import WorkerRuntime, make_worker_app
+    except ImportError as exc:
+        _fail("missing_extra", f"the worker needs the worker extra: pip install 'imgq[worker]' ({exc})")
+    runtime = WorkerRuntime(settings)
+    celery_app = make_worker_app(settings, runtime)
+    try:
+        runtime.start(celery_app)
+    except errors.ModelUnavailable as exc:
+        _fail(exc.code, exc.message, 1)
+    node = celery_app.Worker(
+        queues=(queues or settings.queue).split(","),
+        pool="threads",
+        concurrency=settings.messages_in_flight,
+        loglevel=loglevel,
+        hostname=hostname,
+        without_mingle=True,
+        without_gossip=True,
+    )
+    node.start()
+    raise typer.Exit(node.exitcode or 0)
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
+    """Create or migrate the schema to the latest revision."""
+    from imgq.db.migrate import upgrade
+
+    settings = _settings()
+    upgrade(settings.sync_database_url, revision)
+    typer.echo(f"database at {revision}", err=True)
+
+
+@dev_app.command("tiny-model")
+def dev_tiny_model(
+    directory: Path, seed: Annotated[int, typer.Option(help="Random seed for the weights.")] = 0
+) -> None:
+    """Write a tiny random BLIP captioning checkpoint (offline tests and demos; captions are noise)."""
+    from imgq.worker.tiny import write_tiny_checkpoint
+
+    typer.echo(str(write_tiny_checkpoint(directory, seed=seed)))
+
+
+@app.command()
+def config() -> None:
+    """Print the effective configuration (IMGQ_* variables)."""
+    settings = _settings()
+    for name, value in settings.model_dump(mode="json").items():
+        typer.echo(f"IMGQ_{name.upper()}={value if not isinstance(value, list) else ','.join(map(str, value))}")
+
+
+@app.command()
+def demo(
+    model: Annotated[
+        str, typer.Option(help="'default' (IMGQ_CAPTION_MODEL) or 'tiny' (offline checkpoint).")
+    ] = "default",
+    workdir: Annotated[Path, typer.Option(help="Where embedded services and samples live.")] = Path(".imgq"),
+    count: Annotated[int, typer.Option(help="Number of sample images.")] = 8,
+) -> None:
+    """Start embedded services, caption sample images end to end, print the results and the SQL."""
+    from imgq.demo import run_demo
+
+    raise typer.Exit(run_demo(model=model, workdir=workdir, count=count))
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    main()

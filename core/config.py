@@ -1,0 +1,92 @@
+"""The one settings object. Build it at the entry point (CLI) and pass it down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_CAPTION_MODEL = "Salesforce/blip-image-captioning-base"
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """imgq configuration; every field reads ``IMGQ_<NAME>`` from the environment or ``.env``."""
+
+    model_config = SettingsConfigDict(env_prefix="IMGQ_", env_file=".env", extra="ignore")
+
+    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker (Redis) URL.")
+    database_url: str = Field(
+        "postgresql+psycopg://postgres@127.0.0.1:5432/imgq", description="SQLAlchemy URL of Postgres."
+    )
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, moto); unset = AWS.")
+    s3_region: str = "us-east-1"
+    allowed_buckets: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated S3 buckets refs may name. Empty = no S3 refs."
+    )
+    local_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, description="Comma-separated folders local refs must resolve inside."
+    )
+
+    caption_model: str = Field(DEFAULT_CAPTION_MODEL, description="Hub id or local checkpoint dir.")
+    model_revision: str | None = Field(None, description="Hub revision (commit) to pin.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto = bfloat16 on CUDA (fp16 if unsupported), float32 on CPU."
+    )
+
+    queue: str = "imgq"
+    refs_per_message: int = Field(16, ge=1, le=1000, description="Refs packed into one broker message.")
+    max_batch: int = Field(32, ge=1, le=4096, description="Largest model batch.")
+    max_wait_ms: int = Field(50, ge=0, le=60_000, description="Longest an item waits for batchmates.")
+    decode_threads: int = Field(4, ge=1, le=256, description="Fetch/decode threads per worker.")
+    messages_in_flight: int = Field(
+        16, ge=1, le=1024, description="Messages a worker holds at once (Celery thread pool size)."
+    )
+
+    max_object_bytes: int = Field(50 * 2**20, ge=1, description="Refuse objects larger than this.")
+    max_pixels: int = Field(40_000_000, ge=1, description="Refuse images with more pixels than this.")
+    max_attempts: int = Field(5, ge=1, le=100, description="Deliveries before an item is dead-lettered.")
+    retry_base_s: float = Field(1.0, gt=0)
+    retry_max_s: float = Field(300.0, gt=0)
+    visibility_timeout_s: int = Field(
+        3600, ge=10, description="Redis redelivers an unacknowledged message after this long."
+    )
+    task_time_limit_s: int = Field(1800, ge=5, description="Hard cap on one message's processing time.")
+
+    @field_validator("allowed_buckets", "local_roots", mode="before")
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("local_roots")
+    @classmethod
+    def _resolve_roots(cls, roots: list[Path]) -> list[Path]:
+        return [Path(root).expanduser().resolve() for root in roots]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        # A message must be acknowledged well before Redis would hand it to a second worker.
+        if self.visibility_timeout_s <= self.task_time_limit_s + self.max_wait_ms / 1000:
+            raise ValueError(
+                f"IMGQ_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s}) must exceed "
+                f"IMGQ_TASK_TIME_LIMIT_S ({self.task_time_limit_s}) + max wait; "
+                "otherwise running messages are delivered twice"
+            )
+        return self
+
+    @property
+    def sync_database_url(self) -> str:
+        """The URL with the psycopg 3 driver, whatever the user wrote."""
+        url = self.database_url
+        for prefix in ("postgresql+psycopg2://", "postgresql://", "postgres://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg://" + url[len(prefix) :]
+        return url

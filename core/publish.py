@@ -1,0 +1,31 @@
+"""Chunk accepted items into broker messages and publish them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+from celery import Celery
+
+from imgq.contract import TASK_NAME, CaptionParams, TaskMessage
+
+
+def chunk_messages(
+    *, job: str, model: str, params: CaptionParams, items: Sequence[tuple[int, str]], per_message: int
+) -> Iterator[TaskMessage]:
+    for start in range(0, len(items), per_message):
+        yield TaskMessage(job=job, model=model, params=params, items=list(items[start : start + per_message]))
+
+
+def publish(
+    app: Celery, messages: Iterable[TaskMessage], *, queue: str, countdown: float | None = None
+) -> int:
+    """Publish over one pooled connection; returns the number of messages sent."""
+    sent = 0
+    with app.producer_or_acquire() as producer:
+        for message in messages:
+            app.send_task(
+                TASK_NAME, kwargs={"msg": message.to_json()}, queue=queue, countdown=countdown,
+                producer=producer,
+            )
+            sent += 1
+    return sent

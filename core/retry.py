@@ -1,0 +1,39 @@
+"""Retry decisions. Pure: exponential backoff with jitter, bounded attempts."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    max_attempts: int = 5
+    base_s: float = 1.0
+    cap_s: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class RetryDecision:
+    action: Literal["retry", "dead"]
+    delay_s: float = 0.0
+
+
+def compute_backoff(attempt: int, base_s: float, cap_s: float, jitter: float) -> float:
+    """Delay before attempt ``attempt + 1``: base * 2^(attempt-1), capped, then scaled into
+    [50%, 100%] by ``jitter`` in [0, 1] so a burst of failures does not retry in lockstep."""
+    if attempt < 1:
+        raise ValueError("attempt counts from 1")
+    raw = min(cap_s, base_s * 2 ** min(attempt - 1, 62))
+    return raw * (0.5 + 0.5 * jitter)
+
+
+def decide(
+    policy: RetryPolicy, *, retryable: bool, attempts: int, jitter: float | None = None
+) -> RetryDecision:
+    """What to do with an item that failed on its ``attempts``-th delivery."""
+    if not retryable or attempts >= policy.max_attempts:
+        return RetryDecision("dead")
+    j = random.random() if jitter is None else jitter
+    return RetryDecision("retry", compute_backoff(attempts, policy.base_s, policy.cap_s, j))

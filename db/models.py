@@ -1,0 +1,111 @@
+"""SQLAlchemy 2 models. The Alembic migrations in ``migrations/versions`` create exactly these."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Identity,
+    Index,
+    Integer,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+ITEM_STATES = ("queued", "running", "done", "dead")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    kind: Mapped[str] = mapped_column(Text)
+    model: Mapped[str] = mapped_column(Text)
+    params: Mapped[dict] = mapped_column(JSONB)
+    params_hash: Mapped[str] = mapped_column(Text)
+    total: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Image(Base):
+    """One version of one stored object. A changed object (new ETag/content) is a new row."""
+
+    __tablename__ = "images"
+    __table_args__ = (UniqueConstraint("source", "bucket", "key", "version", name="images_object_version"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    source: Mapped[str] = mapped_column(Text, CheckConstraint("source in ('s3', 'local')"))
+    bucket: Mapped[str] = mapped_column(Text, server_default="")  # '' for local files
+    key: Mapped[str] = mapped_column(Text)  # S3 key, or absolute path for local files
+    version: Mapped[str] = mapped_column(Text)  # S3 VersionId or ETag; sha256 prefix for files
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    first_seen: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Caption(Base):
+    __tablename__ = "captions"
+    __table_args__ = (
+        UniqueConstraint("image_id", "model", "model_revision", "params_hash", name="captions_identity"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"))
+    model: Mapped[str] = mapped_column(Text)
+    model_revision: Mapped[str] = mapped_column(Text)
+    params_hash: Mapped[str] = mapped_column(Text)
+    params: Mapped[dict] = mapped_column(JSONB)
+    text: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class JobItem(Base):
+    """One accepted reference. Its state is the system of record; Redis is only transport."""
+
+    __tablename__ = "job_items"
+    __table_args__ = (
+        CheckConstraint(f"state in {ITEM_STATES!r}", name="job_items_state"),
+        Index("job_items_pending", "state", "updated_at", postgresql_where=text("state in ('queued', 'running')")),
+    )
+
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ref: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(Text, server_default="queued")
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    worker: Mapped[str | None] = mapped_column(Text)
+    image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id"))
+    caption_id: Mapped[int | None] = mapped_column(ForeignKey("captions.id"))
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class DeadLetter(Base):
+    __tablename__ = "dead_letters"
+    __table_args__ = (
+        ForeignKeyConstraint(["job_id", "seq"], ["job_items.job_id", "job_items.seq"], ondelete="CASCADE"),
+        Index("dead_letters_code", "code"),
+    )
+
+    job_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ref: Mapped[str] = mapped_column(Text)
+    code: Mapped[str] = mapped_column(Text)
+    message: Mapped[str] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer)
+    worker: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

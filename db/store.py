@@ -1,0 +1,254 @@
+"""All SQL that imgq runs against Postgres, behind one class.
+
+Bulk paths use ``COPY`` (acceptance) and ``unnest``-array statements (one round trip per table
+per batch, with constant SQL text), never one INSERT per row.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, text
+
+_IMAGES_UPSERT = text("""
+INSERT INTO images (source, bucket, key, version, bytes, width, height)
+SELECT * FROM unnest(CAST(:source AS text[]), CAST(:bucket AS text[]), CAST(:key AS text[]),
+                     CAST(:version AS text[]), CAST(:bytes AS bigint[]), CAST(:width AS int[]),
+                     CAST(:height AS int[]))
+ON CONFLICT ON CONSTRAINT images_object_version DO UPDATE SET bytes = EXCLUDED.bytes
+RETURNING id, source, bucket, key, version
+""")
+
+# A no-op DO UPDATE returns the id of the row that won: a redelivered item keeps the first caption.
+_CAPTIONS_UPSERT = text("""
+INSERT INTO captions (image_id, model, model_revision, params_hash, params, text)
+SELECT image_id, model, rev, phash, CAST(params AS jsonb), txt
+FROM unnest(CAST(:image_id AS bigint[]), CAST(:model AS text[]), CAST(:rev AS text[]),
+            CAST(:phash AS text[]), CAST(:params AS text[]), CAST(:txt AS text[]))
+     AS v(image_id, model, rev, phash, params, txt)
+ON CONFLICT ON CONSTRAINT captions_identity DO UPDATE SET text = captions.text
+RETURNING id, image_id, model, model_revision, params_hash
+""")
+
+_ITEMS_DONE = text("""
+UPDATE job_items AS j
+SET state = 'done', image_id = v.image_id, caption_id = v.caption_id, worker = v.worker, updated_at = now()
+FROM unnest(CAST(:job AS uuid[]), CAST(:seq AS int[]), CAST(:image_id AS bigint[]),
+            CAST(:caption_id AS bigint[]), CAST(:worker AS text[]))
+     AS v(job_id, seq, image_id, caption_id, worker)
+WHERE j.job_id = v.job_id AND j.seq = v.seq AND j.state IN ('queued', 'running')
+""")
+
+_ITEMS_DEAD = text("""
+WITH v AS (
+  SELECT * FROM unnest(CAST(:job AS uuid[]), CAST(:seq AS int[]), CAST(:code AS text[]),
+                       CAST(:message AS text[]), CAST(:worker AS text[]))
+         AS v(job_id, seq, code, message, worker)
+), u AS (
+  UPDATE job_items AS j SET state = 'dead', worker = v.worker, updated_at = now()
+  FROM v WHERE j.job_id = v.job_id AND j.seq = v.seq AND j.state IN ('queued', 'running')
+  RETURNING j.job_id, j.seq, j.ref, j.attempts, v.code, v.message, v.worker
+)
+INSERT INTO dead_letters (job_id, seq, ref, code, message, attempts, worker)
+SELECT job_id, seq, ref, code, message, attempts, worker FROM u
+ON CONFLICT (job_id, seq) DO UPDATE
+SET code = EXCLUDED.code, message = EXCLUDED.message, attempts = EXCLUDED.attempts,
+    worker = EXCLUDED.worker, created_at = now()
+""")
+
+_CLAIM = text("""
+UPDATE job_items SET attempts = attempts + 1, state = 'running', worker = :worker, updated_at = now()
+WHERE job_id = :job AND seq = ANY(CAST(:seqs AS int[])) AND state IN ('queued', 'running')
+RETURNING seq, attempts
+""")
+
+_RELEASE = text("""
+UPDATE job_items SET state = 'queued', updated_at = now()
+WHERE job_id = :job AND seq = ANY(CAST(:seqs AS int[])) AND state = 'running'
+""")
+
+_COUNTS = text("SELECT state, count(*) FROM job_items WHERE job_id = :job GROUP BY state")
+
+_RESULTS = text("""
+SELECT i.seq, i.ref, i.state, i.attempts, c.text AS caption, im.width, im.height,
+       d.code AS error_code, d.message AS error
+FROM job_items i
+LEFT JOIN captions c ON c.id = i.caption_id
+LEFT JOIN images im ON im.id = i.image_id
+LEFT JOIN dead_letters d ON d.job_id = i.job_id AND d.seq = i.seq
+WHERE i.job_id = :job ORDER BY i.seq
+""")
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """What the worker learned about the stored object it captioned."""
+
+    source: str  # "s3" | "local"
+    bucket: str
+    key: str
+    version: str
+    bytes: int
+    width: int
+    height: int
+
+
+@dataclass(frozen=True, slots=True)
+class CaptionRow:
+    job: uuid.UUID
+    seq: int
+    obj: ObjectInfo
+    model: str
+    model_revision: str
+    params_hash: str
+    params: dict[str, Any]
+    text: str
+    worker: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeadRow:
+    job: uuid.UUID
+    seq: int
+    code: str
+    message: str
+    worker: str
+
+
+def make_engine(database_url: str, **kwargs: Any) -> Engine:
+    kwargs.setdefault("pool_pre_ping", True)
+    return create_engine(database_url, **kwargs)
+
+
+class Store:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def from_url(cls, database_url: str, **kwargs: Any) -> Store:
+        return cls(make_engine(database_url, **kwargs))
+
+    # -- acceptance ---------------------------------------------------------------------------
+    def create_job(
+        self, *, kind: str, model: str, params: dict[str, Any], params_hash: str, refs: Sequence[str]
+    ) -> uuid.UUID:
+        """Commit the job and all its items (COPY) before anything is published."""
+        job = uuid.uuid4()
+        raw = self.engine.raw_connection()
+        try:
+            with raw.cursor() as cur:
+                cur.execute(
+                    "INSERT INTO jobs (id, kind, model, params, params_hash, total) "
+                    "VALUES (%s, %s, %s, %s, %s, %s)",
+                    (job, kind, model, json.dumps(params), params_hash, len(refs)),
+                )
+                with cur.copy("COPY job_items (job_id, seq, ref) FROM STDIN") as copy:
+                    for seq, ref in enumerate(refs):
+                        copy.write_row((job, seq, ref))
+            raw.commit()
+        finally:
+            raw.close()
+        return job
+
+    # -- worker ---------------------------------------------------------------------------------
+    def claim(self, job: uuid.UUID, seqs: Sequence[int], worker: str) -> dict[int, int]:
+        """Count a delivery of each unfinished item; returns {seq: attempts}. Finished items
+        (a duplicate delivery) are left out, so they are never processed twice."""
+        with self.engine.begin() as conn:
+            rows = conn.execute(_CLAIM, {"job": job, "seqs": list(seqs), "worker": worker})
+            return {seq: attempts for seq, attempts in rows}
+
+    def release(self, job: uuid.UUID, seqs: Sequence[int]) -> None:
+        """Mark items queued again after their retry message was published."""
+        if seqs:
+            with self.engine.begin() as conn:
+                conn.execute(_RELEASE, {"job": job, "seqs": list(seqs)})
+
+    def write_captions(self, rows: Sequence[CaptionRow]) -> None:
+        """Store a batch of results and finish their items, in one transaction."""
+        if not rows:
+            return
+        objects = list(dict.fromkeys(r.obj for r in rows))
+        with self.engine.begin() as conn:
+            image_ids = {
+                (src, bucket, key, version): image_id
+                for image_id, src, bucket, key, version in conn.execute(
+                    _IMAGES_UPSERT,
+                    {
+                        "source": [o.source for o in objects],
+                        "bucket": [o.bucket for o in objects],
+                        "key": [o.key for o in objects],
+                        "version": [o.version for o in objects],
+                        "bytes": [o.bytes for o in objects],
+                        "width": [o.width for o in objects],
+                        "height": [o.height for o in objects],
+                    },
+                )
+            }
+
+            def image_of(r: CaptionRow) -> int:
+                return image_ids[(r.obj.source, r.obj.bucket, r.obj.key, r.obj.version)]
+
+            identity = {(image_of(r), r.model, r.model_revision, r.params_hash): r for r in rows}
+            firsts = list(identity.values())
+            caption_ids = {
+                (image_id, model, rev, phash): cid
+                for cid, image_id, model, rev, phash in conn.execute(
+                    _CAPTIONS_UPSERT,
+                    {
+                        "image_id": [image_of(r) for r in firsts],
+                        "model": [r.model for r in firsts],
+                        "rev": [r.model_revision for r in firsts],
+                        "phash": [r.params_hash for r in firsts],
+                        "params": [json.dumps(r.params) for r in firsts],
+                        "txt": [r.text for r in firsts],
+                    },
+                )
+            }
+            conn.execute(
+                _ITEMS_DONE,
+                {
+                    "job": [r.job for r in rows],
+                    "seq": [r.seq for r in rows],
+                    "image_id": [image_of(r) for r in rows],
+                    "caption_id": [
+                        caption_ids[(image_of(r), r.model, r.model_revision, r.params_hash)] for r in rows
+                    ],
+                    "worker": [r.worker for r in rows],
+                },
+            )
+
+    def write_dead(self, rows: Sequence[DeadRow]) -> None:
+        if not rows:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(
+                _ITEMS_DEAD,
+                {
+                    "job": [r.job for r in rows],
+                    "seq": [r.seq for r in rows],
+                    "code": [r.code for r in rows],
+                    "message": [r.message[:2000] for r in rows],
+                    "worker": [r.worker for r in rows],
+                },
+            )
+
+    # -- reading --------------------------------------------------------------------------------
+    def job_exists(self, job: uuid.UUID) -> bool:
+        with self.engine.connect() as conn:
+            return conn.execute(text("SELECT 1 FROM jobs WHERE id = :job"), {"job": job}).first() is not None
+
+    def counts(self, job: uuid.UUID) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            found = dict(conn.execute(_COUNTS, {"job": job}).all())
+        return {state: int(found.get(state, 0)) for state in ("queued", "running", "done", "dead")}
+
+    def results(self, job: uuid.UUID) -> Iterator[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            result = conn.execution_options(stream_results=True, yield_per=2000).execute(_RESULTS, {"job": job})
+            for row in result.mappings():
+                yield dict(row)

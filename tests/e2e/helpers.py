@@ -1,0 +1,89 @@
+"""Helpers for tests that run the real `imgq` CLI and `imgq worker` subprocesses."""
+
+from __future__ import annotations
+
+import io
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tests.fixtures.services import settings_env
+
+IMGQ = [sys.executable, "-m", "imgq.cli"]
+
+
+def jpeg_bytes(width: int, height: int, seed: int, fmt: str = "JPEG") -> bytes:
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    img = Image.new("RGB", (width, height), tuple(rng.randrange(256) for _ in range(3)))
+    draw = ImageDraw.Draw(img)
+    for _ in range(4):
+        x0, y0 = rng.randrange(width), rng.randrange(height)
+        draw.rectangle((x0, y0, x0 + width // 3, y0 + height // 3), fill=tuple(rng.randrange(256) for _ in range(3)))
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+def run_cli(
+    settings: Any, *args: str, env_extra: dict[str, str] | None = None, **kw: Any
+) -> subprocess.CompletedProcess[str]:
+    env = settings_env(settings) | (env_extra or {})
+    return subprocess.run([*IMGQ, *args], env=env, capture_output=True, text=True, timeout=120, **kw)
+
+
+@contextmanager
+def workers(
+    settings: Any, model_dir: Path, log_dir: Path, n: int = 1, *extra: str
+) -> Iterator[list[subprocess.Popen[bytes]]]:
+    env = settings_env(settings) | {"IMGQ_CAPTION_MODEL": str(model_dir)}
+    procs = []
+    logs = []
+    for i in range(n):
+        log = open(log_dir / f"worker{i}.log", "wb")  # noqa: SIM115
+        logs.append(log)
+        procs.append(subprocess.Popen([*IMGQ, "worker", "--hostname", f"w{i}@%h", *extra], env=env,
+                                      stdout=log, stderr=subprocess.STDOUT))
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for log in logs:
+            log.close()
+
+
+def wait_finished(store: Any, jobs: list[Any], timeout: float, procs: list[subprocess.Popen[bytes]] | None = None,
+                  log_dir: Path | None = None) -> dict[str, int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        totals = {"queued": 0, "running": 0, "done": 0, "dead": 0}
+        for job in jobs:
+            for k, v in store.counts(job).items():
+                totals[k] += v
+        if totals["queued"] == totals["running"] == 0:
+            return totals
+        for proc in procs or []:
+            if proc.poll() is not None and log_dir is not None:
+                raise AssertionError(f"worker exited {proc.returncode}: " + _tail(log_dir))
+        if time.monotonic() > deadline:
+            raise AssertionError(f"unfinished after {timeout}s: {totals}\n" + (_tail(log_dir) if log_dir else ""))
+        time.sleep(0.3)
+
+
+def _tail(log_dir: Path) -> str:
+    return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(log_dir.glob("worker*.log")))

@@ -1,0 +1,93 @@
+"""The SQL layer against a real Postgres (embedded, pgvector-enabled)."""
+
+import uuid
+
+import pytest
+from sqlalchemy import text
+
+from imgq.db.store import CaptionRow, DeadRow, ObjectInfo, Store
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def store(database_url: str) -> Store:
+    s = Store.from_url(database_url)
+    yield s
+    s.engine.dispose()
+
+
+def new_job(store: Store, refs: list[str]) -> uuid.UUID:
+    return store.create_job(kind="caption", model="m", params={"num_beams": 1}, params_hash="h", refs=refs)
+
+
+def row(job: uuid.UUID, seq: int, key: str, text_: str = "a cat", version: str = "v1") -> CaptionRow:
+    obj = ObjectInfo("s3", "b", key, version, 10, 640, 480)
+    return CaptionRow(job, seq, obj, "m", "rev", "h", {"num_beams": 1}, text_, "w1")
+
+
+def count(store: Store, table: str) -> int:
+    with store.engine.connect() as conn:
+        return conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one()
+
+
+def test_create_job_commits_every_item(store: Store):
+    job = new_job(store, [f"s3://b/{i}.jpg" for i in range(5000)])
+    assert store.counts(job) == {"queued": 5000, "running": 0, "done": 0, "dead": 0}
+
+
+def test_claim_counts_deliveries_and_skips_finished(store: Store):
+    job = new_job(store, ["s3://b/0", "s3://b/1", "s3://b/2"])
+    assert store.claim(job, [0, 1, 2], "w1") == {0: 1, 1: 1, 2: 1}
+    assert store.claim(job, [0, 1], "w2") == {0: 2, 1: 2}
+    store.write_captions([row(job, 0, "0")])
+    store.write_dead([DeadRow(job, 1, "not_found", "gone", "w2")])
+    assert store.claim(job, [0, 1, 2], "w3") == {2: 2}
+    assert store.counts(job) == {"queued": 0, "running": 1, "done": 1, "dead": 1}
+    store.release(job, [2])
+    assert store.counts(job)["queued"] == 1
+
+
+def test_writes_are_idempotent(store: Store):
+    job = new_job(store, ["s3://b/0", "s3://b/1"])
+    store.claim(job, [0, 1], "w1")
+    batch = [row(job, 0, "0", "first"), row(job, 1, "1", "second")]
+    store.write_captions(batch)
+    # A redelivered message (different sampled text) must leave the first result alone.
+    store.write_captions([row(job, 0, "0", "again"), row(job, 1, "1", "again")])
+    assert count(store, "captions") == 2 and count(store, "images") == 2
+    texts = [r["caption"] for r in store.results(job)]
+    assert texts == ["first", "second"]
+
+
+def test_same_image_twice_in_one_batch(store: Store):
+    job = new_job(store, ["s3://b/0", "s3://b/0"])
+    store.claim(job, [0, 1], "w1")
+    store.write_captions([row(job, 0, "0"), row(job, 1, "0")])
+    assert count(store, "captions") == 1
+    assert store.counts(job)["done"] == 2
+
+
+def test_new_object_version_is_a_new_result(store: Store):
+    job = new_job(store, ["s3://b/0", "s3://b/0"])
+    store.write_captions([row(job, 0, "0", "old", version="v1")])
+    store.write_captions([row(job, 1, "0", "new", version="v2")])
+    assert count(store, "images") == 2 and count(store, "captions") == 2
+
+
+def test_dead_letters_keep_the_error_and_attempts(store: Store):
+    job = new_job(store, ["s3://b/0"])
+    store.claim(job, [0], "w1")
+    store.claim(job, [0], "w1")
+    store.write_dead([DeadRow(job, 0, "truncated", "image data ends early", "w1")])
+    [result] = list(store.results(job))
+    assert (result["state"], result["error_code"], result["attempts"]) == ("dead", "truncated", 2)
+    # A late duplicate result does not resurrect a dead item into two states.
+    store.write_captions([row(job, 0, "0")])
+    assert store.counts(job) == {"queued": 0, "running": 0, "done": 0, "dead": 1}
+
+
+def test_pgvector_is_available(store: Store):
+    with store.engine.begin() as conn:
+        conn.execute(text("CREATE EXTENSION IF NOT EXISTS vector"))
+        assert conn.execute(text("SELECT '[1,2,3]'::vector <-> '[1,2,4]'::vector")).scalar_one() == 1.0

@@ -1,0 +1,33 @@
+from pathlib import Path
+
+import pytest
+
+from imgq.config import DEFAULT_CAPTION_MODEL, Settings
+
+
+def test_env_prefix_and_csv_lists(monkeypatch, tmp_path: Path):
+    monkeypatch.setenv("IMGQ_ALLOWED_BUCKETS", "a-bucket, b-bucket")
+    monkeypatch.setenv("IMGQ_LOCAL_ROOTS", f"{tmp_path},{tmp_path}/x")
+    monkeypatch.setenv("IMGQ_MAX_BATCH", "64")
+    settings = Settings(_env_file=None)
+    assert settings.allowed_buckets == ["a-bucket", "b-bucket"]
+    assert settings.local_roots == [tmp_path.resolve(), (tmp_path / "x").resolve()]
+    assert settings.max_batch == 64
+    assert settings.caption_model == DEFAULT_CAPTION_MODEL
+
+
+def test_inconsistent_visibility_timeout_is_refused():
+    with pytest.raises(ValueError, match="IMGQ_VISIBILITY_TIMEOUT_S"):
+        Settings(_env_file=None, visibility_timeout_s=60, task_time_limit_s=120)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgresql://u@h/db", "postgresql+psycopg://u@h/db"),
+        ("postgres://u@h/db", "postgresql+psycopg://u@h/db"),
+        ("postgresql+psycopg://u@h/db", "postgresql+psycopg://u@h/db"),
+    ],
+)
+def test_database_url_uses_psycopg3(url, expected):
+    assert Settings(_env_file=None, database_url=url).sync_database_url == expected

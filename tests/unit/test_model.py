@@ -1,0 +1,158 @@
+"""CaptionModel against raw transformers calls on a tiny random BLIP checkpoint (needs torch)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from PIL import Image  # noqa: E402
+from transformers import BlipForConditionalGeneration, BlipProcessor  # noqa: E402
+
+from imgq.config import DEFAULT_CAPTION_MODEL  # noqa: E402
+from imgq.contract import CaptionParams  # noqa: E402
+from imgq.errors import ModelUnavailable  # noqa: E402
+from imgq.worker.model import CaptionModel  # noqa: E402
+from imgq.worker.tiny import write_tiny_checkpoint  # noqa: E402
+
+# (width, height): the processor stretches every one of them to 384x384.
+SIZES = [(640, 480), (200, 300), (500, 500), (900, 100), (384, 384), (1280, 720), (50, 50), (444, 333)]
+
+
+def _image(i: int, size: tuple[int, int]) -> Image.Image:
+    """A colour gradient plus a little noise: different per image, deterministic."""
+    rng = np.random.default_rng(i)
+    w, h = size
+    base = rng.integers(0, 256, 3)
+    ramp = np.linspace(0, 1, w)[None, :, None] * rng.integers(-128, 128, 3)
+    pixels = base + ramp + rng.normal(0, 20, (h, w, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir: Path) -> tuple[BlipForConditionalGeneration, BlipProcessor]:
+    """The same checkpoint loaded by plain transformers, independently of the wrapper."""
+    return BlipForConditionalGeneration.from_pretrained(tiny_model_dir).eval(), BlipProcessor.from_pretrained(
+        tiny_model_dir
+    )
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir: Path) -> CaptionModel:
+    wrapper = CaptionModel(str(tiny_model_dir), device="cpu")
+    wrapper.load()
+    return wrapper
+
+
+@pytest.fixture(scope="module")
+def pixels(reference: tuple[BlipForConditionalGeneration, BlipProcessor]) -> np.ndarray:
+    images = [_image(i, size) for i, size in enumerate(SIZES)]
+    out = reference[1].image_processor(images, return_tensors="np")["pixel_values"]
+    return np.asarray(out, dtype=np.float32)
+
+
+def _one_at_a_time(reference, pixels: np.ndarray, **kwargs) -> list[str]:
+    hf, processor = reference
+    texts = []
+    with torch.inference_mode():
+        for row in pixels:
+            ids = hf.generate(pixel_values=torch.from_numpy(row[None]), **kwargs)
+            texts.append(processor.decode(ids[0], skip_special_tokens=True).strip())
+    return texts
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_batched_equals_one_at_a_time(model, reference, pixels, num_beams) -> None:
+    params = CaptionParams(max_new_tokens=12, num_beams=num_beams)
+    assert pixels.shape == (len(SIZES), 3, 384, 384)
+    batched = model.caption(pixels, params)
+    single = _one_at_a_time(reference, pixels, max_new_tokens=12, num_beams=num_beams, do_sample=False)
+    assert batched == single
+    assert len(set(batched)) >= 2, "the tiny model should tell these images apart"
+
+
+def test_min_equals_max_forces_exact_length(model, pixels) -> None:
+    ids = model.generate_ids(pixels[:3], CaptionParams(min_new_tokens=20, max_new_tokens=20))
+    assert ids.shape == (3, 1 + 20)  # [DEC] then exactly 20 generated tokens
+    generated = ids[:, 1:]
+    pad, sep = model.tokenizer.pad_token_id, model.tokenizer.sep_token_id
+    assert not ((generated == pad) | (generated == sep)).any()
+
+
+def test_prompt_is_continued(model, reference, pixels) -> None:
+    params = CaptionParams(prompt="A Picture of", max_new_tokens=8)
+    captions = model.caption(pixels[:3], params)
+    # An image may end its caption at once (the [SEP] comes first): then only the prompt remains.
+    assert all(c.startswith("a picture of") for c in captions), captions
+    # The wrapper must match what BlipProcessor + generate produce for one image with that text.
+    hf, processor = reference
+    with torch.inference_mode():
+        for row, caption in zip(pixels[:3], captions, strict=True):
+            inputs = processor(text="A Picture of", return_tensors="pt")
+            ids = hf.generate(pixel_values=torch.from_numpy(row[None]), **inputs, max_new_tokens=8)
+            assert processor.decode(ids[0], skip_special_tokens=True).strip() == caption
+
+
+def test_seeded_sampling_is_reproducible(model, pixels) -> None:
+    params = CaptionParams(do_sample=True, seed=7, top_k=0, max_new_tokens=10)
+    first = model.caption(pixels[:4], params)
+    torch.rand(100)  # unrelated use of the global RNG must not matter
+    assert model.caption(pixels[:4], params) == first
+    other = model.caption(pixels[:4], params.model_copy(update={"seed": 8}))
+    assert other != first
+
+
+def test_properties(model, tiny_model_dir) -> None:
+    assert model.name == str(tiny_model_dir)
+    assert model.device == "cpu"
+    assert model.dtype == torch.float32
+    assert model.revision.startswith("local-")
+    assert model.revision == CaptionModel(str(tiny_model_dir)).revision  # stable across loads
+    assert model.image_processor.size == {"height": 384, "width": 384}
+
+
+def test_load_is_idempotent_across_threads(tiny_model_dir) -> None:
+    wrapper = CaptionModel(str(tiny_model_dir), device="cpu")
+    threads = [threading.Thread(target=wrapper.load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    loaded = wrapper._model
+    wrapper.load()
+    assert loaded is not None and wrapper._model is loaded
+
+
+def test_tiny_checkpoint_is_deterministic_and_reused(tmp_path, tiny_model_dir) -> None:
+    again = write_tiny_checkpoint(tmp_path / "again")
+    assert (again / "model.safetensors").read_bytes() == (tiny_model_dir / "model.safetensors").read_bytes()
+    stamp = (again / "model.safetensors").stat().st_mtime_ns
+    assert write_tiny_checkpoint(again) == again
+    assert (again / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("kind", ["missing", "not_a_checkpoint"])
+def test_bad_local_dir_is_one_line_model_unavailable(tmp_path, kind) -> None:
+    target = tmp_path / "nope" if kind == "missing" else tmp_path
+    with pytest.raises(ModelUnavailable) as info:
+        CaptionModel(str(target)).load()
+    message = info.value.message
+    assert "IMGQ_CAPTION_MODEL" in message and "\n" not in message
+    assert ("does not exist" if kind == "missing" else "not a model checkpoint") in message
+
+
+def test_hub_id_offline_fails_fast(monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # A revision no cache can hold, so a developer's cached copy cannot make this load.
+    wrapper = CaptionModel(DEFAULT_CAPTION_MODEL, revision="0" * 40)
+    start = time.monotonic()
+    with pytest.raises(ModelUnavailable) as info:
+        wrapper.load()
+    assert time.monotonic() - start < 5
+    message = info.value.message
+    assert "offline" in message and "IMGQ_CAPTION_MODEL" in message and "\n" not in message

@@ -1,0 +1,155 @@
+"""A tiny random BLIP captioning checkpoint, for tests and the offline demo (no model hub needed).
+
+The layout mirrors ``Salesforce/blip-image-captioning-base``: a ``BlipForConditionalGeneration``
+with the real 384 px / patch 16 vision input, a lower-cased BERT WordPiece tokenizer whose
+``bos_token`` is ``[DEC]`` (BLIP overwrites the first prompt token with it), and a
+``BlipImageProcessor`` with BLIP's mean/std. Only the widths, depths and vocabulary are tiny.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import (
+    BertTokenizer,
+    BlipConfig,
+    BlipForConditionalGeneration,
+    BlipImageProcessorPil,
+    BlipProcessor,
+    GenerationConfig,
+)
+
+# Written last: its presence (with matching settings) means the directory is complete.
+MARKER = "imgq-tiny.json"
+FORMAT = 1
+
+# BLIP's normalisation constants (the OpenAI CLIP ones), as in the real preprocessor_config.json.
+BLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+BLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+_WORD_TEXT = """
+a an the of in on at with and or to from by for is are was were be it its this that there
+man woman men women person people boy girl child children baby player group crowd family
+dog dogs cat cats horse bird birds cow sheep elephant giraffe zebra bear fish animal animals
+car cars bus truck train plane boat bike bicycle motorcycle street road city building house
+room kitchen table chair bed couch window door wall floor sign clock light tree trees grass
+field water beach ocean sea river lake sky cloud clouds snow mountain hill park garden sand
+picture photo photograph photography image view close up front back top side next near
+sitting standing walking running riding playing holding eating looking lying flying parked
+white black red blue green yellow brown gray grey orange pink purple large small big little
+two three four several many some other one old young tall long short open empty full
+shirt hat jacket bag umbrella ball frisbee kite skateboard surfboard ski skis board racket
+plate food pizza sandwich cake bowl cup glass bottle banana apple orange fruit vegetables
+computer laptop phone screen keyboard book books bench fence pole tower bridge track grassy
+over under into down out through behind around along across while during has have
+"""
+_WORDS = _WORD_TEXT.split()
+_PIECES = ["##s", "##es", "##ed", "##ing", "##er", "##ly", "##y", "##n", "##t", "##e", "##a", "##o"]
+_CHARS = [*"abcdefghijklmnopqrstuvwxyz0123456789", *".,!?'-:;()"]
+
+
+def _vocab() -> list[str]:
+    # Single characters and ``##x`` pieces let any ASCII prompt tokenize without [UNK].
+    tokens = [*_SPECIAL, *_WORDS, *_CHARS, *[f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"], *_PIECES]
+    return list(dict.fromkeys(tokens))  # de-duplicate, keep first order: ids must be stable
+
+
+def _marker(seed: int, image_size: int) -> dict[str, int]:
+    return {"format": FORMAT, "seed": seed, "image_size": image_size}
+
+
+def _is_complete(directory: Path, seed: int, image_size: int) -> bool:
+    try:
+        return json.loads((directory / MARKER).read_text()) == _marker(seed, image_size)
+    except (OSError, ValueError):
+        return False
+
+
+def write_tiny_checkpoint(directory: Path, *, seed: int = 0, image_size: int = 384) -> Path:
+    """Write (or reuse) a tiny random BLIP captioning checkpoint in ``directory`` and return it.
+
+    Deterministic for a given ``seed``; an existing complete checkpoint with the same settings is
+    returned untouched. The files are written beside the target and renamed into place, so a
+    concurrent writer or a crash never leaves a half-written checkpoint that looks complete.
+    """
+    directory = Path(directory)
+    if _is_complete(directory, seed, image_size):
+        return directory
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        _write(staging, seed=seed, image_size=image_size)
+        if directory.exists():
+            if _is_complete(directory, seed, image_size):  # another writer won the race
+                return directory
+            shutil.rmtree(directory)
+        os.replace(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def _write(out: Path, *, seed: int, image_size: int) -> None:
+    vocab = _vocab()
+    (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    # transformers 5's BertTokenizer is the `tokenizers`-backed one and ignores ``vocab_file``.
+    tokenizer = BertTokenizer(
+        vocab={tok: i for i, tok in enumerate(vocab)},
+        do_lower_case=True,
+        model_max_length=512,
+        bos_token="[DEC]",
+    )
+    # BLIP's tokenizer has [DEC] (bos) and [ENC] appended after the BERT vocabulary.
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in ("[PAD]", "[SEP]", "[DEC]")}
+    assert ids["[DEC]"] == len(vocab), ids  # a broken vocab must never be saved
+
+    config = BlipConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 128,
+            "bos_token_id": ids["[DEC]"],
+            "sep_token_id": ids["[SEP]"],
+            "eos_token_id": ids["[SEP]"],
+            "pad_token_id": ids["[PAD]"],
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": image_size,
+            "patch_size": 16,
+        },
+        projection_dim=32,
+        image_text_hidden_size=32,
+    )
+    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
+        torch.manual_seed(seed)
+        model = BlipForConditionalGeneration(config).eval()
+        # The default init (std 0.02) makes every caption the same few tokens; larger weights in the
+        # text path make the caption depend visibly on the image, which the tests rely on.
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if param.dim() >= 2:
+                    param.normal_(0.0, 0.5 if "text_decoder" in name else 0.2)
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids["[DEC]"], eos_token_id=ids["[SEP]"], pad_token_id=ids["[PAD]"], max_new_tokens=20
+    )
+    model.save_pretrained(out)
+
+    image_processor = BlipImageProcessorPil(
+        size={"height": image_size, "width": image_size}, image_mean=list(BLIP_MEAN), image_std=list(BLIP_STD)
+    )
+    BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    (out / MARKER).write_text(json.dumps(_marker(seed, image_size)))
