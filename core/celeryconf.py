@@ -21,7 +21,13 @@ def make_celery(settings: Settings, name: str = "imgq") -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            # Sweep for messages of dead workers often enough that the visibility timeout, not
+            # the sweep period, bounds redelivery.
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 10)),
+            "unacked_restore_throttle": 1,
+        },
         broker_connection_retry_on_startup=True,
         worker_pool="threads",
         worker_concurrency=settings.messages_in_flight,

@@ -25,9 +25,11 @@ app = typer.Typer(
 )
 enqueue_app = typer.Typer(help="Submit a job of image references.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
+dlq_app = typer.Typer(help="The dead-letter store: list, retry, purge.", no_args_is_help=True)
 dev_app = typer.Typer(help="Developer tools: tiny checkpoints, embedded services.", no_args_is_help=True)
 app.add_typer(enqueue_app, name="enqueue")
 app.add_typer(db_app, name="db")
+app.add_typer(dlq_app, name="dlq")
 app.add_typer(dev_app, name="dev")
 
 
@@ -220,6 +222,110 @@ def worker(
     )
     node.start()
     raise typer.Exit(node.exitcode or 0)
+
+
+def _admin(settings: Settings):  # type: ignore[no-untyped-def]
+    from imgq.db.admin import Admin
+    from imgq.db.store import make_engine
+
+    return Admin(make_engine(settings.sync_database_url))
+
+
+@app.command()
+def check(
+    job: str,
+    require_finished: Annotated[bool, typer.Option(help="Also fail (exit 3) while items are pending.")] = False,
+) -> None:
+    """Verify that every item of a job is accounted for: exactly one result or one dead letter.
+
+    Exits 1 and lists the offenders if any item is missing or has two outcomes."""
+    settings = _settings()
+    report = _admin(settings).check(_job_id(job))
+    if report is None:
+        _fail("not_found", f"no job {job}", 1)
+    typer.echo(f"job {report.job}: total={report.total} done={report.done} dead={report.dead} "
+               f"pending={report.pending} purged={report.purged} missing={report.missing} "
+               f"duplicates={report.duplicates}")
+    for line in report.offenders:
+        typer.echo(f"  {line}", err=True)
+    if not report.ok:
+        raise typer.Exit(1)
+    if require_finished and report.pending:
+        raise typer.Exit(3)
+
+
+@dlq_app.command("list")
+def dlq_list(
+    code: Annotated[str | None, typer.Option(help="Only this error code (e.g. truncated).")] = None,
+    job: Annotated[str | None, typer.Option(help="Only this job.")] = None,
+    limit: Annotated[int, typer.Option(help="Newest N.")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """Dead-lettered items, newest first, with code, message, attempts and last worker."""
+    settings = _settings()
+    rows = _admin(settings).dead_letters(code=code, job=_job_id(job) if job else None, limit=limit)
+    for row in rows:
+        if as_json:
+            typer.echo(json.dumps(row, default=str))
+        else:
+            typer.echo(f"{row['job_id']}:{row['seq']}  {row['code']:<18} attempts={row['attempts']}  "
+                       f"{row['created_at']:%Y-%m-%d %H:%M:%S}  {row['ref']}  {row['message']}")
+
+
+@dlq_app.command("retry")
+def dlq_retry(
+    code: Annotated[str | None, typer.Option(help="Retry every dead letter with this code.")] = None,
+    job: Annotated[str | None, typer.Option(help="Retry every dead letter of this job.")] = None,
+    item: Annotated[str | None, typer.Option("--id", help="One item, as JOB:SEQ (from `dlq list`).")] = None,
+) -> None:
+    """Put dead-lettered items back in the queue (attempts reset to 0)."""
+    from imgq.celeryconf import make_celery
+    from imgq.publish import republish
+
+    if not (code or job or item):
+        _fail("bad_filter", "name --code, --job or --id; retrying everything needs an explicit filter")
+    seq = None
+    if item:
+        job, _, raw_seq = item.partition(":")
+        if not raw_seq.isdigit():
+            _fail("bad_filter", f"--id must be JOB:SEQ, not {item!r}")
+        seq = int(raw_seq)
+    settings = _settings()
+    batches = _admin(settings).take_dead_letters(code=code, job=_job_id(job) if job else None, seq=seq)
+    republish(make_celery(settings), batches, queue=settings.queue, per_message=settings.refs_per_message)
+    typer.echo(f"re-queued {sum(len(b.items) for b in batches)} items")
+
+
+@dlq_app.command("purge")
+def dlq_purge(
+    older_than: Annotated[str, typer.Option(help="Age such as 30d, 12h or 90m.")],
+) -> None:
+    """Delete dead letters (and their items) older than an age; jobs keep a purged count."""
+    import datetime as dt
+
+    units = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}
+    number, unit = older_than[:-1], older_than[-1:]
+    if unit not in units or not number.isdigit():
+        _fail("bad_age", f"--older-than must look like 30d, 12h, 90m or 45s, not {older_than!r}")
+    removed = _admin(_settings()).purge(dt.timedelta(**{units[unit]: int(number)}))
+    typer.echo(f"purged {removed} dead letters")
+
+
+@app.command()
+def reconcile(
+    older_than: Annotated[float | None, typer.Option(help="Seconds (default IMGQ_RECONCILE_AFTER_S).")] = None,
+) -> None:
+    """Re-publish items queued or running for too long (their messages were lost). Workers also
+    do this periodically; this runs one sweep now."""
+    from imgq.celeryconf import make_celery
+    from imgq.publish import republish
+
+    settings = _settings()
+    batches = _admin(settings).take_stale(older_than if older_than is not None else settings.reconcile_after_s)
+    if batches is None:
+        _fail("busy", "another reconciler is running", 1)
+    republish(make_celery(settings), batches, queue=settings.queue, per_message=settings.refs_per_message)
+    typer.echo(f"re-published {sum(len(b.items) for b in batches)} items")
 
 
 @db_app.command("upgrade")

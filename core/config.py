@@ -59,7 +59,12 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(
         3600, ge=10, description="Redis redelivers an unacknowledged message after this long."
     )
-    task_time_limit_s: int = Field(1800, ge=5, description="Hard cap on one message's processing time.")
+    task_time_limit_s: int = Field(600, ge=1, description="Longest one message may take to settle.")
+    reconcile_after_s: float = Field(
+        1200, gt=0, description="Re-publish items queued/running longer than this (lost messages)."
+    )
+    reconcile_interval_s: float = Field(60, gt=0, description="How often a worker looks for stale items.")
+    shutdown_grace_s: float = Field(60, gt=0, description="SIGTERM: time to finish in-flight messages.")
 
     @field_validator("allowed_buckets", "local_roots", mode="before")
     @classmethod
@@ -79,6 +84,11 @@ class Settings(BaseSettings):
                 f"IMGQ_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s}) must exceed "
                 f"IMGQ_TASK_TIME_LIMIT_S ({self.task_time_limit_s}) + max wait; "
                 "otherwise running messages are delivered twice"
+            )
+        if self.reconcile_after_s <= max(self.task_time_limit_s, self.retry_max_s):
+            raise ValueError(
+                f"IMGQ_RECONCILE_AFTER_S ({self.reconcile_after_s}) must exceed IMGQ_TASK_TIME_LIMIT_S and "
+                "IMGQ_RETRY_MAX_S; otherwise items in progress or waiting to retry are published twice"
             )
         return self
 

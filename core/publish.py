@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 from celery import Celery
 
@@ -29,3 +30,14 @@ def publish(
             )
             sent += 1
     return sent
+
+
+def republish(app: Celery, batches: Iterable[Any], *, queue: str, per_message: int) -> int:
+    """Publish items again (dead-letter retry, reconciliation); ``batches`` are ``db.admin.Republish``."""
+    from imgq.contract import parse_params
+
+    messages: list[TaskMessage] = []
+    for batch in batches:
+        messages += chunk_messages(job=str(batch.job), model=batch.model, params=parse_params(batch.params),
+                                   items=batch.items, per_message=per_message)
+    return publish(app, messages, queue=queue)

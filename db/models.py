@@ -38,6 +38,7 @@ class Job(Base):
     params: Mapped[dict] = mapped_column(JSONB)
     params_hash: Mapped[str] = mapped_column(Text)
     total: Mapped[int] = mapped_column(Integer)
+    purged: Mapped[int] = mapped_column(Integer, server_default="0")  # dead letters removed by `dlq purge`
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 

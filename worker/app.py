@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -15,6 +16,7 @@ from celery.exceptions import Reject
 from imgq.celeryconf import make_celery
 from imgq.config import Settings
 from imgq.contract import TASK_NAME, CaptionParams, TaskMessage
+from imgq.db.admin import Admin
 from imgq.db.store import Store
 from imgq.publish import publish
 from imgq.retry import RetryPolicy
@@ -22,6 +24,7 @@ from imgq.worker.decode import decode
 from imgq.worker.engine import CaptionRunner, Engine
 from imgq.worker.fetch import Fetcher
 from imgq.worker.preprocess import Preprocessor
+from imgq.worker.reconciler import Reconciler
 from imgq.worker.service import MessageService
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,7 @@ class WorkerRuntime:
         self.app: Celery | None = None
         self.engine: Engine | None = None
         self.service: MessageService | None = None
+        self.reconciler: Reconciler | None = None
 
     def load(self) -> None:
         load = getattr(self.model, "load", None)
@@ -72,9 +76,16 @@ class WorkerRuntime:
             publish(app, messages, queue=queue, countdown=delay or None)
 
         policy = RetryPolicy(self.settings.max_attempts, self.settings.retry_base_s, self.settings.retry_max_s)
-        self.service = MessageService(store=self.store, engine=self.engine, policy=policy, publish=republish)
+        self.service = MessageService(store=self.store, engine=self.engine, policy=policy, publish=republish,
+                                      time_limit_s=self.settings.task_time_limit_s)
+        self.reconciler = Reconciler(
+            admin=Admin(self.store.engine), app=app, queue=queue, per_message=self.settings.refs_per_message,
+            older_than_s=self.settings.reconcile_after_s, interval_s=self.settings.reconcile_interval_s,
+        ).start()
 
     def stop(self) -> None:
+        if self.reconciler is not None:
+            self.reconciler.stop()
         if self.engine is not None:
             self.engine.stop()
         self.store.engine.dispose()
@@ -99,6 +110,19 @@ def make_worker_app(settings: Settings, runtime: WorkerRuntime) -> Celery:
     @signals.worker_ready.connect(weak=False)
     def _ready(**_: Any) -> None:
         log.info("worker ready", extra={"action": "ready", "worker": runtime.name})
+
+    @signals.worker_shutting_down.connect(weak=False)
+    def _grace(**_: Any) -> None:
+        # Warm shutdown waits for in-flight messages; past the grace period, exit anyway. Their
+        # messages were never acknowledged, so Redis hands them to another worker.
+        def expire() -> None:
+            log.error("shutdown grace of %.0fs expired; exiting with messages unacknowledged",
+                      settings.shutdown_grace_s)
+            os._exit(70)
+
+        timer = threading.Timer(settings.shutdown_grace_s, expire)
+        timer.daemon = True
+        timer.start()
 
     @signals.worker_shutdown.connect(weak=False)
     def _shutdown(**_: Any) -> None:

@@ -8,6 +8,7 @@ be acknowledged.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -47,11 +48,14 @@ def _salvage(payload: Any) -> tuple[uuid.UUID, list[int]] | None:
 
 
 class MessageService:
-    def __init__(self, *, store: Store, engine: Engine, policy: RetryPolicy, publish: Publish) -> None:
+    def __init__(
+        self, *, store: Store, engine: Engine, policy: RetryPolicy, publish: Publish, time_limit_s: float = 600
+    ) -> None:
         self._store = store
         self._engine = engine
         self._policy = policy
         self._publish = publish
+        self._time_limit_s = time_limit_s
 
     def handle(self, payload: Any) -> Summary:
         try:
@@ -73,7 +77,16 @@ class MessageService:
                         self._engine.worker_name)
                 for seq, _ in worn
             ])
-        outcomes: list[Outcome] = [item.future.result() for item in self._engine.submit(job, msg.params, fresh)]
+        if len(fresh) > 1 and any(attempts[seq] > 1 for seq, _ in fresh):
+            # A redelivery: the last worker may have died on one of these items. Alone, a poison
+            # item can only take itself down, and its batchmates finish on their own.
+            self._publish([msg.model_copy(update={"items": [pair]}) for pair in fresh], 0.0)
+            self._store.release(job, [seq for seq, _ in fresh])
+            return Summary(dead=len(worn), retried=len(fresh), skipped=len(msg.items) - len(todo))
+        work = self._engine.submit(job, msg.params, fresh)
+        deadline = time.monotonic() + self._time_limit_s
+        # Raises TimeoutError past the limit: the task then hands the message back unacknowledged.
+        outcomes: list[Outcome] = [item.future.result(max(0.0, deadline - time.monotonic())) for item in work]
         retried, gave_up = self._settle_retries(msg, job, outcomes, attempts)
         return Summary(
             done=sum(o.state == "done" for o in outcomes),

@@ -1,0 +1,187 @@
+"""Operator queries: accounting checks, the dead-letter store and the reconciler."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine, text
+
+_CHECK_ITEMS = text("""
+SELECT i.seq, i.ref, i.state,
+       (c.id IS NOT NULL) AS has_result,
+       (d.job_id IS NOT NULL) AS has_dead_letter
+FROM job_items i
+LEFT JOIN captions c ON c.id = i.caption_id
+LEFT JOIN dead_letters d ON d.job_id = i.job_id AND d.seq = i.seq
+WHERE i.job_id = :job
+  AND ((i.state = 'done' AND (c.id IS NULL OR d.job_id IS NOT NULL))
+    OR (i.state = 'dead' AND d.job_id IS NULL)
+    OR (i.state IN ('queued', 'running') AND (c.id IS NOT NULL OR d.job_id IS NOT NULL)))
+ORDER BY i.seq LIMIT 1000
+""")
+
+# Two result rows for one identity cannot exist while captions_identity holds; the check proves it.
+_CHECK_DUPLICATES = text("""
+SELECT c.image_id, count(*) FROM captions c
+WHERE c.image_id IN (SELECT image_id FROM job_items WHERE job_id = :job AND image_id IS NOT NULL)
+GROUP BY c.image_id, c.model, c.model_revision, c.params_hash HAVING count(*) > 1
+""")
+
+_CHECK_TOTALS = text("""
+SELECT j.total, j.purged, count(i.seq) AS items,
+       count(*) FILTER (WHERE i.state = 'done') AS done,
+       count(*) FILTER (WHERE i.state = 'dead') AS dead,
+       count(*) FILTER (WHERE i.state IN ('queued', 'running')) AS pending
+FROM jobs j LEFT JOIN job_items i ON i.job_id = j.id
+WHERE j.id = :job GROUP BY j.id
+""")
+
+_DLQ_LIST = text("""
+SELECT d.job_id, d.seq, d.ref, d.code, d.message, d.attempts, d.worker, d.created_at
+FROM dead_letters d
+WHERE (CAST(:code AS text) IS NULL OR d.code = :code)
+  AND (CAST(:job AS uuid) IS NULL OR d.job_id = :job)
+ORDER BY d.created_at DESC, d.job_id, d.seq LIMIT :limit
+""")
+
+_DLQ_TAKE = text("""
+WITH taken AS (
+  DELETE FROM dead_letters d
+  WHERE (CAST(:code AS text) IS NULL OR d.code = :code)
+    AND (CAST(:job AS uuid) IS NULL OR d.job_id = :job)
+    AND (CAST(:seq AS int) IS NULL OR d.seq = :seq)
+  RETURNING d.job_id, d.seq
+)
+UPDATE job_items i SET state = 'queued', attempts = 0, updated_at = now()
+FROM taken WHERE i.job_id = taken.job_id AND i.seq = taken.seq AND i.state = 'dead'
+RETURNING i.job_id, i.seq, i.ref
+""")
+
+_DLQ_PURGE = text("""
+WITH gone AS (
+  DELETE FROM dead_letters WHERE created_at < now() - make_interval(secs => :age) RETURNING job_id, seq
+), items AS (
+  DELETE FROM job_items i USING gone WHERE i.job_id = gone.job_id AND i.seq = gone.seq RETURNING i.job_id
+), counted AS (
+  SELECT job_id, count(*) AS n FROM items GROUP BY job_id
+)
+UPDATE jobs j SET purged = purged + counted.n FROM counted WHERE j.id = counted.job_id
+RETURNING counted.n
+""")
+
+_STALE = text("""
+WITH stale AS (
+  SELECT job_id, seq FROM job_items
+  WHERE state IN ('queued', 'running') AND updated_at < now() - make_interval(secs => :age)
+  ORDER BY updated_at LIMIT :limit FOR UPDATE SKIP LOCKED
+)
+UPDATE job_items j SET state = 'queued', updated_at = now()
+FROM stale WHERE j.job_id = stale.job_id AND j.seq = stale.seq
+RETURNING j.job_id, j.seq, j.ref
+""")
+
+_JOBS = text("SELECT id, kind, model, params FROM jobs WHERE id = ANY(CAST(:ids AS uuid[]))")
+
+# One reconciler at a time across all workers (the key is arbitrary but fixed).
+_RECONCILE_LOCK = text("SELECT pg_try_advisory_xact_lock(74657301)")
+
+
+@dataclass
+class CheckReport:
+    job: uuid.UUID
+    total: int = 0
+    done: int = 0
+    dead: int = 0
+    pending: int = 0
+    purged: int = 0
+    missing: int = 0
+    duplicates: int = 0
+    offenders: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.missing == 0 and self.duplicates == 0
+
+
+@dataclass(frozen=True, slots=True)
+class Republish:
+    """Items to publish again, with their job's model and parameters."""
+
+    job: uuid.UUID
+    kind: str
+    model: str
+    params: dict[str, Any]
+    items: list[tuple[int, str]]
+
+
+class Admin:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def check(self, job: uuid.UUID) -> CheckReport | None:
+        report = CheckReport(job)
+        with self.engine.connect() as conn:
+            totals = conn.execute(_CHECK_TOTALS, {"job": job}).mappings().first()
+            if totals is None:
+                return None
+            report.total, report.purged = totals["total"], totals["purged"]
+            report.done, report.dead, report.pending = totals["done"], totals["dead"], totals["pending"]
+            never_stored = report.total - report.purged - totals["items"]
+            if never_stored:
+                report.missing += abs(never_stored)
+                report.offenders.append(f"{never_stored} accepted items have no job_items row")
+            for row in conn.execute(_CHECK_ITEMS, {"job": job}).mappings():
+                report.missing += 1
+                problem = (
+                    "two outcomes (result and dead letter)" if row["has_result"] and row["has_dead_letter"]
+                    else f"state {row['state']} without its record"
+                    if row["state"] in ("done", "dead") else "pending item with a final record"
+                )
+                report.offenders.append(f"seq {row['seq']} {row['ref']}: {problem}")
+            for image_id, n in conn.execute(_CHECK_DUPLICATES, {"job": job}):
+                report.duplicates += n - 1
+                report.offenders.append(f"image {image_id}: {n} result rows for one identity")
+        return report
+
+    def dead_letters(self, *, code: str | None, job: uuid.UUID | None, limit: int = 100) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(_DLQ_LIST, {"code": code, "job": job, "limit": limit}).mappings()
+            return [dict(r) for r in rows]
+
+    def take_dead_letters(
+        self, *, code: str | None, job: uuid.UUID | None, seq: int | None
+    ) -> list[Republish]:
+        """Remove matching dead letters and reset their items to queued (attempts 0)."""
+        with self.engine.begin() as conn:
+            rows = conn.execute(_DLQ_TAKE, {"code": code, "job": job, "seq": seq}).all()
+            return self._with_jobs(conn, rows)
+
+    def purge(self, older_than: dt.timedelta) -> int:
+        with self.engine.begin() as conn:
+            return sum(n for (n,) in conn.execute(_DLQ_PURGE, {"age": older_than.total_seconds()}))
+
+    def take_stale(self, older_than_s: float, limit: int = 10_000) -> list[Republish] | None:
+        """Items queued or running for longer than ``older_than_s`` (their message was probably lost),
+        touched so that the next sweep skips them. None if another reconciler holds the lock."""
+        with self.engine.begin() as conn:
+            if not conn.execute(_RECONCILE_LOCK).scalar_one():
+                return None
+            rows = conn.execute(_STALE, {"age": older_than_s, "limit": limit}).all()
+            return self._with_jobs(conn, rows)
+
+    @staticmethod
+    def _with_jobs(conn: Any, rows: Sequence[Any]) -> list[Republish]:
+        by_job: dict[uuid.UUID, list[tuple[int, str]]] = {}
+        for job_id, seq, ref in rows:
+            by_job.setdefault(job_id, []).append((seq, ref))
+        if not by_job:
+            return []
+        jobs = {r.id: r for r in conn.execute(_JOBS, {"ids": list(by_job)})}
+        return [
+            Republish(job_id, jobs[job_id].kind, jobs[job_id].model, jobs[job_id].params, sorted(items))
+            for job_id, items in by_job.items()
+        ]
