@@ -315,13 +315,14 @@ def dlq_purge(
 def reconcile(
     older_than: Annotated[float | None, typer.Option(help="Seconds (default IMGQ_RECONCILE_AFTER_S).")] = None,
 ) -> None:
-    """Re-publish items queued or running for too long (their messages were lost). Workers also
-    do this periodically; this runs one sweep now."""
+    """Re-publish items queued or running for too long (their messages were lost). Workers do this
+    periodically once the queue has drained; this runs one sweep now, backlog or not."""
     from imgq.celeryconf import make_celery
     from imgq.publish import republish
 
     settings = _settings()
-    batches = _admin(settings).take_stale(older_than if older_than is not None else settings.reconcile_after_s)
+    age = older_than if older_than is not None else settings.reconcile_after_s
+    batches = _admin(settings).take_stale(queued_older_than_s=age, running_older_than_s=age)
     if batches is None:
         _fail("busy", "another reconciler is running", 1)
     republish(make_celery(settings), batches, queue=settings.queue, per_message=settings.refs_per_message)

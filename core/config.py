@@ -57,11 +57,11 @@ class Settings(BaseSettings):
     retry_base_s: float = Field(1.0, gt=0)
     retry_max_s: float = Field(300.0, gt=0)
     visibility_timeout_s: int = Field(
-        3600, ge=10, description="Redis redelivers an unacknowledged message after this long."
+        3600, ge=2, description="Redis redelivers an unacknowledged message after this long."
     )
     task_time_limit_s: int = Field(600, ge=1, description="Longest one message may take to settle.")
     reconcile_after_s: float = Field(
-        1200, gt=0, description="Re-publish items queued/running longer than this (lost messages)."
+        1200, gt=0, description="Once the queue has drained, re-publish items queued longer than this."
     )
     reconcile_interval_s: float = Field(60, gt=0, description="How often a worker looks for stale items.")
     shutdown_grace_s: float = Field(60, gt=0, description="SIGTERM: time to finish in-flight messages.")
@@ -85,10 +85,10 @@ class Settings(BaseSettings):
                 f"IMGQ_TASK_TIME_LIMIT_S ({self.task_time_limit_s}) + max wait; "
                 "otherwise running messages are delivered twice"
             )
-        if self.reconcile_after_s <= max(self.task_time_limit_s, self.retry_max_s):
+        if self.reconcile_after_s <= self.retry_max_s:
             raise ValueError(
-                f"IMGQ_RECONCILE_AFTER_S ({self.reconcile_after_s}) must exceed IMGQ_TASK_TIME_LIMIT_S and "
-                "IMGQ_RETRY_MAX_S; otherwise items in progress or waiting to retry are published twice"
+                f"IMGQ_RECONCILE_AFTER_S ({self.reconcile_after_s}) must exceed IMGQ_RETRY_MAX_S "
+                f"({self.retry_max_s}); otherwise items waiting to retry are published twice"
             )
         return self
 

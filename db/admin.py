@@ -73,10 +73,12 @@ UPDATE jobs j SET purged = purged + counted.n FROM counted WHERE j.id = counted.
 RETURNING counted.n
 """)
 
+# A NULL age leaves that state alone.
 _STALE = text("""
 WITH stale AS (
   SELECT job_id, seq FROM job_items
-  WHERE state IN ('queued', 'running') AND updated_at < now() - make_interval(secs => :age)
+  WHERE (state = 'queued' AND updated_at < now() - make_interval(secs => CAST(:queued_age AS float8)))
+     OR (state = 'running' AND updated_at < now() - make_interval(secs => CAST(:running_age AS float8)))
   ORDER BY updated_at LIMIT :limit FOR UPDATE SKIP LOCKED
 )
 UPDATE job_items j SET state = 'queued', updated_at = now()
@@ -164,13 +166,19 @@ class Admin:
         with self.engine.begin() as conn:
             return sum(n for (n,) in conn.execute(_DLQ_PURGE, {"age": older_than.total_seconds()}))
 
-    def take_stale(self, older_than_s: float, limit: int = 10_000) -> list[Republish] | None:
-        """Items queued or running for longer than ``older_than_s`` (their message was probably lost),
-        touched so that the next sweep skips them. None if another reconciler holds the lock."""
+    def take_stale(
+        self, *, queued_older_than_s: float | None, running_older_than_s: float | None, limit: int = 10_000
+    ) -> list[Republish] | None:
+        """Items whose message was probably lost: queued or running for longer than the given ages
+        (None = leave that state alone). They are touched, so the next sweep skips them. Returns
+        None if another reconciler holds the lock."""
         with self.engine.begin() as conn:
             if not conn.execute(_RECONCILE_LOCK).scalar_one():
                 return None
-            rows = conn.execute(_STALE, {"age": older_than_s, "limit": limit}).all()
+            rows = conn.execute(
+                _STALE,
+                {"queued_age": queued_older_than_s, "running_age": running_older_than_s, "limit": limit},
+            ).all()
             return self._with_jobs(conn, rows)
 
     @staticmethod

@@ -60,14 +60,27 @@ SET code = EXCLUDED.code, message = EXCLUDED.message, attempts = EXCLUDED.attemp
     worker = EXCLUDED.worker, created_at = now()
 """)
 
+# prev.state = 'running' means an earlier delivery claimed the item and never settled it.
 _CLAIM = text("""
-UPDATE job_items SET attempts = attempts + 1, state = 'running', worker = :worker, updated_at = now()
-WHERE job_id = :job AND seq = ANY(CAST(:seqs AS int[])) AND state IN ('queued', 'running')
-RETURNING seq, attempts
+WITH prev AS (
+  SELECT seq, state FROM job_items
+  WHERE job_id = :job AND seq = ANY(CAST(:seqs AS int[])) AND state IN ('queued', 'running')
+  FOR UPDATE
+)
+UPDATE job_items AS j SET attempts = attempts + 1, state = 'running', worker = :worker, updated_at = now()
+FROM prev WHERE j.job_id = :job AND j.seq = prev.seq
+RETURNING j.seq, j.attempts, prev.state = 'running' AS unsettled
 """)
 
 _RELEASE = text("""
 UPDATE job_items SET state = 'queued', updated_at = now()
+WHERE job_id = :job AND seq = ANY(CAST(:seqs AS int[])) AND state = 'running'
+""")
+
+# Undo a claim that did no work (a message split up for isolation): the delivery does not count,
+# and the items stay 'running' so their next claim still sees them as unsettled.
+_UNCLAIM = text("""
+UPDATE job_items SET attempts = greatest(attempts - 1, 0), updated_at = now()
 WHERE job_id = :job AND seq = ANY(CAST(:seqs AS int[])) AND state = 'running'
 """)
 
@@ -82,6 +95,12 @@ LEFT JOIN images im ON im.id = i.image_id
 LEFT JOIN dead_letters d ON d.job_id = i.job_id AND d.seq = i.seq
 WHERE i.job_id = :job ORDER BY i.seq
 """)
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    attempts: int  # deliveries so far, this one included
+    unsettled: bool  # an earlier delivery took the item and never settled it (a crash?)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,18 +174,23 @@ class Store:
         return job
 
     # -- worker ---------------------------------------------------------------------------------
-    def claim(self, job: uuid.UUID, seqs: Sequence[int], worker: str) -> dict[int, int]:
-        """Count a delivery of each unfinished item; returns {seq: attempts}. Finished items
-        (a duplicate delivery) are left out, so they are never processed twice."""
+    def claim(self, job: uuid.UUID, seqs: Sequence[int], worker: str) -> dict[int, Claim]:
+        """Count a delivery of each unfinished item. Finished items (a duplicate delivery) are
+        left out, so they are never processed twice."""
         with self.engine.begin() as conn:
             rows = conn.execute(_CLAIM, {"job": job, "seqs": list(seqs), "worker": worker})
-            return {seq: attempts for seq, attempts in rows}
+            return {seq: Claim(attempts, unsettled) for seq, attempts, unsettled in rows}
 
     def release(self, job: uuid.UUID, seqs: Sequence[int]) -> None:
         """Mark items queued again after their retry message was published."""
         if seqs:
             with self.engine.begin() as conn:
                 conn.execute(_RELEASE, {"job": job, "seqs": list(seqs)})
+
+    def unclaim(self, job: uuid.UUID, seqs: Sequence[int]) -> None:
+        if seqs:
+            with self.engine.begin() as conn:
+                conn.execute(_UNCLAIM, {"job": job, "seqs": list(seqs)})
 
     def write_captions(self, rows: Sequence[CaptionRow]) -> None:
         """Store a batch of results and finish their items, in one transaction."""

@@ -81,6 +81,7 @@ class WorkerRuntime:
         self.reconciler = Reconciler(
             admin=Admin(self.store.engine), app=app, queue=queue, per_message=self.settings.refs_per_message,
             older_than_s=self.settings.reconcile_after_s, interval_s=self.settings.reconcile_interval_s,
+            running_older_than_s=self.settings.visibility_timeout_s + self.settings.task_time_limit_s,
         ).start()
 
     def stop(self) -> None:
@@ -103,7 +104,7 @@ def make_worker_app(settings: Settings, runtime: WorkerRuntime) -> Celery:
         except Exception as exc:
             # Postgres or Redis is unreachable: nothing was settled, so hand the message back
             # (after a pause, so an outage is not a hot loop) rather than acknowledge it.
-            log.warning("message not settled, requeueing: %s", exc, extra={"action": "requeue"})
+            log.warning("message not settled, requeueing: %r", exc, extra={"action": "requeue"})
             time.sleep(2.0)
             raise Reject(str(exc), requeue=True) from exc
 

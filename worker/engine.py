@@ -102,6 +102,7 @@ class Engine:
         self._ready: queue.Queue[WorkItem] = queue.Queue()
         self._writes: queue.Queue[_Write | None] = queue.Queue()
         self._preparing = 0
+        self._inflight: dict[tuple[uuid.UUID, int], WorkItem] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads = [
@@ -127,12 +128,29 @@ class Engine:
     def submit(self, job: uuid.UUID, params: CaptionParams, items: Sequence[tuple[int, str]]) -> list[WorkItem]:
         params_hash = params.digest()
         self._beams[params_hash] = params.num_beams
-        work = [WorkItem(job, seq, ref, params, params_hash) for seq, ref in items]
-        for item in work:
+        work: list[WorkItem] = []
+        for seq, ref in items:
             with self._lock:
+                # A second delivery of an item this process is already working on (a requeued or
+                # duplicated message) waits for the same outcome instead of computing it again.
+                running = self._inflight.get((job, seq))
+                if running is not None:
+                    work.append(running)
+                    continue
+                item = self._inflight[(job, seq)] = WorkItem(job, seq, ref, params, params_hash)
                 self._preparing += 1
+            item.future.add_done_callback(lambda _f, key=(job, seq): self._forget(key))
+            work.append(item)
             self._pool.submit(self._prepare, item)
         return work
+
+    def in_flight(self, job: uuid.UUID, seqs: Sequence[int]) -> dict[int, WorkItem]:
+        with self._lock:
+            return {seq: item for seq in seqs if (item := self._inflight.get((job, seq))) is not None}
+
+    def _forget(self, key: tuple[uuid.UUID, int]) -> None:
+        with self._lock:
+            self._inflight.pop(key, None)
 
     def dead_letter(self, items: Sequence[WorkItem], error: errors.ImgqError) -> None:
         self._writes.put(_Write(dead=[(item, error) for item in items]))

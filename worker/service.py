@@ -21,6 +21,7 @@ from imgq.contract import TaskMessage
 from imgq.db.store import DeadRow, Store
 from imgq.retry import RetryPolicy, decide
 from imgq.worker.engine import Engine, Outcome
+from imgq.worker.quarantine import Quarantine
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class MessageService:
         self._policy = policy
         self._publish = publish
         self._time_limit_s = time_limit_s
+        self._quarantine = Quarantine()
 
     def handle(self, payload: Any) -> Summary:
         try:
@@ -63,36 +65,42 @@ class MessageService:
         except ValidationError as exc:
             return self._bad_message(payload, exc)
         job = uuid.UUID(msg.job)
-        seqs = [seq for seq, _ in msg.items]
-        attempts = self._store.claim(job, seqs, self._engine.worker_name)
-        todo = [(seq, ref) for seq, ref in msg.items if seq in attempts]
-        # An item seen more often than allowed has been killing workers (or its messages
+        # Items this process is already working on (a duplicate or requeued message) are awaited,
+        # not claimed again: a duplicate costs neither an attempt nor a second inference.
+        joined = self._engine.in_flight(job, [seq for seq, _ in msg.items])
+        claims = self._store.claim(job, [seq for seq, _ in msg.items if seq not in joined], self._engine.worker_name)
+        todo = [(seq, ref) for seq, ref in msg.items if seq in claims]
+        # An item delivered more often than allowed has been killing workers (or its messages
         # keep getting lost): stop here instead of looping forever.
-        worn = [(seq, ref) for seq, ref in todo if attempts[seq] > self._policy.max_attempts]
-        fresh = [(seq, ref) for seq, ref in todo if attempts[seq] <= self._policy.max_attempts]
+        worn = [(seq, ref) for seq, ref in todo if claims[seq].attempts > self._policy.max_attempts]
+        fresh = [(seq, ref) for seq, ref in todo if claims[seq].attempts <= self._policy.max_attempts]
+        skipped = len(msg.items) - len(todo) - len(joined)
         if worn:
             self._store.write_dead([
                 DeadRow(job, seq, "too_many_attempts",
-                        f"delivered {attempts[seq]} times without finishing (worker crashes?)",
+                        f"delivered {claims[seq].attempts} times without settling (it may crash workers)",
                         self._engine.worker_name)
                 for seq, _ in worn
             ])
-        if len(fresh) > 1 and any(attempts[seq] > 1 for seq, _ in fresh):
-            # A redelivery: the last worker may have died on one of these items. Alone, a poison
-            # item can only take itself down, and its batchmates finish on their own.
+        suspects = [pair for pair in fresh if claims[pair[0]].unsettled]
+        if suspects and len(fresh) > 1:
+            # The last worker died holding these items; one of them may be why. Each goes out
+            # again on its own, so a poison item cannot take its batchmates down with it.
+            self._store.unclaim(job, [seq for seq, _ in fresh])
             self._publish([msg.model_copy(update={"items": [pair]}) for pair in fresh], 0.0)
-            self._store.release(job, [seq for seq, _ in fresh])
-            return Summary(dead=len(worn), retried=len(fresh), skipped=len(msg.items) - len(todo))
-        work = self._engine.submit(job, msg.params, fresh)
-        deadline = time.monotonic() + self._time_limit_s
-        # Raises TimeoutError past the limit: the task then hands the message back unacknowledged.
-        outcomes: list[Outcome] = [item.future.result(max(0.0, deadline - time.monotonic())) for item in work]
-        retried, gave_up = self._settle_retries(msg, job, outcomes, attempts)
+            return Summary(dead=len(worn), retried=len(fresh), skipped=skipped)
+        with self._quarantine.exclusive() if suspects else self._quarantine.shared():
+            work = self._engine.submit(job, msg.params, fresh) + list(joined.values())
+            deadline = time.monotonic() + self._time_limit_s
+            # Past the limit this raises TimeoutError: the message goes back unacknowledged.
+            outcomes = [item.future.result(max(0.0, deadline - time.monotonic())) for item in work]
+        own = outcomes[: len(fresh)]
+        retried, gave_up = self._settle_retries(msg, job, own, {s: c.attempts for s, c in claims.items()})
         return Summary(
-            done=sum(o.state == "done" for o in outcomes),
-            dead=sum(o.state == "dead" for o in outcomes) + len(worn) + gave_up,
+            done=sum(o.state == "done" for o in own),
+            dead=sum(o.state == "dead" for o in own) + len(worn) + gave_up,
             retried=retried,
-            skipped=len(msg.items) - len(todo),
+            skipped=skipped + len(joined),
         )
 
     def _settle_retries(

@@ -39,18 +39,32 @@ def run_cli(
     return subprocess.run([*IMGQ, *args], env=env, capture_output=True, text=True, timeout=120, **kw)
 
 
+def start_worker(
+    settings: Any, model_dir: Path, log_dir: Path, name: str, *extra: str, env_extra: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """One real `imgq worker` subprocess (through tests/e2e/fault_worker.py when faults are asked for)."""
+    env = settings_env(settings) | {"IMGQ_CAPTION_MODEL": str(model_dir)} | (env_extra or {})
+    entry = [sys.executable, "-m", "tests.e2e.fault_worker"] if env.get("IMGQ_TEST_FAULTS") else IMGQ
+    with open(log_dir / f"worker-{name}.log", "ab") as log:
+        return subprocess.Popen([*entry, "worker", "--hostname", f"{name}@%h", *extra], env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @contextmanager
 def workers(
     settings: Any, model_dir: Path, log_dir: Path, n: int = 1, *extra: str
 ) -> Iterator[list[subprocess.Popen[bytes]]]:
-    env = settings_env(settings) | {"IMGQ_CAPTION_MODEL": str(model_dir)}
-    procs = []
-    logs = []
-    for i in range(n):
-        log = open(log_dir / f"worker{i}.log", "wb")  # noqa: SIM115
-        logs.append(log)
-        procs.append(subprocess.Popen([*IMGQ, "worker", "--hostname", f"w{i}@%h", *extra], env=env,
-                                      stdout=log, stderr=subprocess.STDOUT))
+    procs = [start_worker(settings, model_dir, log_dir, f"w{i}", *extra) for i in range(n)]
     try:
         yield procs
     finally:
@@ -63,8 +77,6 @@ def workers(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        for log in logs:
-            log.close()
 
 
 def wait_finished(store: Any, jobs: list[Any], timeout: float, procs: list[subprocess.Popen[bytes]] | None = None,
@@ -87,3 +99,11 @@ def wait_finished(store: Any, jobs: list[Any], timeout: float, procs: list[subpr
 
 def _tail(log_dir: Path) -> str:
     return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(log_dir.glob("worker*.log")))
+
+
+def check_job(settings: Any, job: str) -> str:
+    """`imgq check JOB` must pass: zero missing, zero duplicates."""
+    out = run_cli(settings, "check", job, "--require-finished")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "missing=0 duplicates=0" in out.stdout
+    return out.stdout

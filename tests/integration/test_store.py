@@ -5,7 +5,7 @@ import uuid
 import pytest
 from sqlalchemy import text
 
-from imgq.db.store import CaptionRow, DeadRow, ObjectInfo, Store
+from imgq.db.store import CaptionRow, Claim, DeadRow, ObjectInfo, Store
 
 pytestmark = pytest.mark.integration
 
@@ -38,14 +38,13 @@ def test_create_job_commits_every_item(store: Store):
 
 def test_claim_counts_deliveries_and_skips_finished(store: Store):
     job = new_job(store, ["s3://b/0", "s3://b/1", "s3://b/2"])
-    assert store.claim(job, [0, 1, 2], "w1") == {0: 1, 1: 1, 2: 1}
-    assert store.claim(job, [0, 1], "w2") == {0: 2, 1: 2}
+    assert store.claim(job, [0, 1, 2], "w1") == {s: Claim(1, False) for s in (0, 1, 2)}
+    assert store.claim(job, [0, 1], "w2") == {0: Claim(2, True), 1: Claim(2, True)}
     store.write_captions([row(job, 0, "0")])
     store.write_dead([DeadRow(job, 1, "not_found", "gone", "w2")])
-    assert store.claim(job, [0, 1, 2], "w3") == {2: 2}
-    assert store.counts(job) == {"queued": 0, "running": 1, "done": 1, "dead": 1}
     store.release(job, [2])
-    assert store.counts(job)["queued"] == 1
+    assert store.claim(job, [0, 1, 2], "w3") == {2: Claim(2, False)}
+    assert store.counts(job) == {"queued": 0, "running": 1, "done": 1, "dead": 1}
 
 
 def test_writes_are_idempotent(store: Store):
@@ -91,3 +90,11 @@ def test_pgvector_is_available(store: Store):
     with store.engine.begin() as conn:
         conn.execute(text("CREATE EXTENSION IF NOT EXISTS vector"))
         assert conn.execute(text("SELECT '[1,2,3]'::vector <-> '[1,2,4]'::vector")).scalar_one() == 1.0
+
+
+def test_unclaim_keeps_items_unsettled_without_counting(store: Store):
+    job = new_job(store, ["s3://b/0"])
+    store.claim(job, [0], "w1")
+    assert store.claim(job, [0], "w2") == {0: Claim(2, True)}
+    store.unclaim(job, [0])
+    assert store.claim(job, [0], "w3") == {0: Claim(2, True)}

@@ -1,0 +1,47 @@
+"""`imgq worker` with test-only faults injected, chosen by IMGQ_TEST_FAULTS (comma-separated):
+
+- ``poison``: an image whose bytes contain b"IMGQ-POISON" kills the process (SIGKILL) when decoded;
+- ``kill_before_commit``: the first result write after the file named by IMGQ_TEST_MARKER
+  appears kills the process after inference, before the commit (the file is removed first).
+
+Everything else is the real CLI entry point, unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+faults = set(filter(None, os.environ.get("IMGQ_TEST_FAULTS", "").split(",")))
+
+if "poison" in faults:
+    import imgq.worker.app as worker_app
+
+    real_decode = worker_app.decode
+
+    def decode(data: bytes, **kwargs):  # type: ignore[no-untyped-def]
+        if b"IMGQ-POISON" in data:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_decode(data, **kwargs)
+
+    worker_app.decode = decode
+
+if "kill_before_commit" in faults:
+    from imgq.db.store import Store
+
+    marker = Path(os.environ["IMGQ_TEST_MARKER"])
+    real_write = Store.write_captions
+
+    def write_captions(self, rows):  # type: ignore[no-untyped-def]
+        if rows and marker.exists():
+            marker.unlink()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_write(self, rows)
+
+    Store.write_captions = write_captions
+
+if __name__ == "__main__":
+    from imgq.cli import main
+
+    main()

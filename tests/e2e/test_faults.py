@@ -1,0 +1,196 @@
+"""Nothing lost: worker crashes, broker and database outages, duplicate deliveries.
+
+Real Redis, Postgres and `imgq worker` subprocesses; each test ends with `imgq check`.
+Timeouts are shortened (visibility 25 s, reconcile after 6 s) so recovery happens within a test.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from imgq.celeryconf import make_celery
+from imgq.contract import CaptionParams, TaskMessage
+from imgq.db.store import Store
+from imgq.publish import publish
+from tests.e2e.helpers import check_job, jpeg_bytes, run_cli, start_worker, stop, wait_finished
+
+pytestmark = pytest.mark.e2e
+
+FAST = {
+    "task_time_limit_s": 20, "visibility_timeout_s": 25, "retry_base_s": 0.2, "retry_max_s": 1.0,
+    "reconcile_after_s": 6, "reconcile_interval_s": 1, "max_attempts": 5, "shutdown_grace_s": 20,
+}
+
+
+def local_images(root: Path, n: int, size: tuple[int, int] = (160, 120), poison: int | None = None) -> list[str]:
+    refs = []
+    for i in range(n):
+        data = jpeg_bytes(*size, seed=i)
+        if i == poison:
+            data += b"IMGQ-POISON"  # after the JPEG end marker: still a valid image
+        path = root / f"img_{i:04d}.jpg"
+        path.write_bytes(data)
+        refs.append(str(path))
+    return refs
+
+
+def enqueue(settings: Any, tmp_path: Path, refs: list[str], per_message: int) -> str:
+    listing = tmp_path / f"refs-{time.monotonic_ns()}.txt"
+    listing.write_text("\n".join(refs))
+    out = run_cli(settings, "enqueue", "caption", "-f", str(listing), "--refs-per-message", str(per_message),
+                  "--max-new-tokens", "6")
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def wait_done_at_least(store: Store, job: str, n: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while store.counts(job)["done"] < n:
+        assert time.monotonic() < deadline, f"no progress: {store.counts(job)}"
+        time.sleep(0.1)
+
+
+def logs(tmp_path: Path) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in tmp_path.glob("worker-*.log"))
+
+
+def test_sigkill_mid_batch_work_completes_elsewhere(make_settings, image_root, tiny_model_dir, tmp_path):
+    settings = make_settings(**FAST)
+    job = enqueue(settings, tmp_path, local_images(image_root, 120), per_message=8)
+    store = Store.from_url(settings.database_url)
+    victim = start_worker(settings, tiny_model_dir, tmp_path, "victim")
+    wait_done_at_least(store, job, 8)
+    survivor = start_worker(settings, tiny_model_dir, tmp_path, "survivor")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    try:
+        totals = wait_finished(store, [job], timeout=120)
+    finally:
+        stop(survivor)
+    assert totals == {"queued": 0, "running": 0, "done": 120, "dead": 0}
+    check_job(settings, job)
+
+
+def test_sigkill_after_inference_before_commit(make_settings, image_root, tiny_model_dir, tmp_path):
+    settings = make_settings(**FAST)
+    marker = tmp_path / "kill-next-commit"
+    marker.touch()
+    job = enqueue(settings, tmp_path, local_images(image_root, 40), per_message=8)
+    store = Store.from_url(settings.database_url)
+    victim = start_worker(settings, tiny_model_dir, tmp_path, "victim",
+                          env_extra={"IMGQ_TEST_FAULTS": "kill_before_commit", "IMGQ_TEST_MARKER": str(marker)})
+    assert victim.wait(60) == -signal.SIGKILL and not marker.exists()
+    assert store.counts(job)["done"] == 0, "the killed batch must not have been committed"
+    survivor = start_worker(settings, tiny_model_dir, tmp_path, "survivor")
+    try:
+        totals = wait_finished(store, [job], timeout=120)
+    finally:
+        stop(survivor)
+    assert totals["done"] == 40 and totals["dead"] == 0
+    with store.engine.connect() as conn:
+        redelivered = conn.execute(text("SELECT count(*) FROM job_items WHERE attempts > 1")).scalar_one()
+    assert redelivered > 0
+    check_job(settings, job)
+
+
+def test_poison_item_is_dead_lettered_not_looped(make_settings, image_root, tiny_model_dir, tmp_path):
+    settings = make_settings(**{**FAST, "max_attempts": 3})
+    refs = local_images(image_root, 24, poison=5)
+    job = enqueue(settings, tmp_path, refs, per_message=4)
+    store = Store.from_url(settings.database_url)
+    crashes = 0
+    deadline = time.monotonic() + 150
+    worker = start_worker(settings, tiny_model_dir, tmp_path, "w0", "--concurrency", "2",
+                          env_extra={"IMGQ_TEST_FAULTS": "poison"})
+    try:
+        while True:  # a supervisor (systemd, Kubernetes) restarts a worker that died
+            counts = store.counts(job)
+            if counts["queued"] == counts["running"] == 0:
+                break
+            assert time.monotonic() < deadline, f"{counts} after {crashes} crashes\n{logs(tmp_path)[-3000:]}"
+            if worker.poll() is not None:
+                crashes += 1
+                worker = start_worker(settings, tiny_model_dir, tmp_path, f"w{crashes}", "--concurrency", "2",
+                                      env_extra={"IMGQ_TEST_FAULTS": "poison"})
+            time.sleep(0.2)
+    finally:
+        stop(worker)
+    rows = {r["ref"]: r for r in store.results(job)}
+    poison = rows[refs[5]]
+    assert (poison["state"], poison["error_code"]) == ("dead", "too_many_attempts")
+    assert [r for ref, r in rows.items() if ref != refs[5] and r["state"] != "done"] == []
+    assert 1 <= crashes <= settings.max_attempts + 1
+    check_job(settings, job)
+
+
+def test_redis_restarted_empty_mid_job(make_settings, redis_server, image_root, tiny_model_dir, tmp_path):
+    settings = make_settings(**FAST)
+    job = enqueue(settings, tmp_path, local_images(image_root, 80), per_message=4)
+    store = Store.from_url(settings.database_url)
+    worker = start_worker(settings, tiny_model_dir, tmp_path, "w0", "--concurrency", "2")
+    try:
+        wait_done_at_least(store, job, 4)
+        redis_server.stop(kill=True)  # no persistence: every queued message is gone
+        redis_server.start()
+        totals = wait_finished(store, [job], timeout=120)
+    finally:
+        stop(worker)
+    assert totals == {"queued": 0, "running": 0, "done": 80, "dead": 0}
+    assert "re-published" in logs(tmp_path)
+    check_job(settings, job)
+
+
+def test_postgres_down_for_30s_mid_job(make_settings, pg_server, image_root, tiny_model_dir, tmp_path):
+    settings = make_settings(**FAST)
+    job = enqueue(settings, tmp_path, local_images(image_root, 60), per_message=4)
+    store = Store.from_url(settings.database_url)
+    worker = start_worker(settings, tiny_model_dir, tmp_path, "w0", "--concurrency", "2")
+    try:
+        wait_done_at_least(store, job, 4)
+        pg_server.stop()
+        time.sleep(30)
+        assert worker.poll() is None, "the worker must ride out a database outage"
+        pg_server.start()
+        totals = wait_finished(store, [job], timeout=120)
+    finally:
+        stop(worker)
+        store.engine.dispose()
+    assert totals == {"queued": 0, "running": 0, "done": 60, "dead": 0}
+    check_job(settings, job)
+
+
+def test_same_message_delivered_three_times_at_once(make_settings, image_root, tiny_model_dir, tmp_path):
+    settings = make_settings(**FAST)
+    refs = local_images(image_root, 32)
+    store = Store.from_url(settings.database_url)
+    params = CaptionParams(max_new_tokens=6)
+    job = store.create_job(kind="caption", model=settings.caption_model, params=params.canonical(),
+                           params_hash=params.digest(), refs=refs)
+    message = TaskMessage(job=str(job), model=settings.caption_model, params=params, items=list(enumerate(refs)))
+    app = make_celery(settings)
+    threads = [threading.Thread(target=publish, args=(app, [message]), kwargs={"queue": settings.queue})
+               for _ in range(3)]
+    worker = start_worker(settings, tiny_model_dir, tmp_path, "w0", "--concurrency", "4")
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        totals = wait_finished(store, [job], timeout=120)
+        time.sleep(1.0)  # let the duplicates settle too
+    finally:
+        stop(worker)
+    assert totals == {"queued": 0, "running": 0, "done": 32, "dead": 0}
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM captions")).scalar_one() == 32
+    text_logs = logs(tmp_path)
+    for bad in ("IntegrityError", "UniqueViolation", "duplicate key", "Traceback"):
+        assert bad not in text_logs
+    check_job(settings, str(job))
