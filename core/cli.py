@@ -352,9 +352,14 @@ def dev_tiny_model(
 @app.command()
 def config() -> None:
     """Print the effective configuration (IMGQ_* variables)."""
+    import re
+
     settings = _settings()
     for name, value in settings.model_dump(mode="json").items():
-        typer.echo(f"IMGQ_{name.upper()}={value if not isinstance(value, list) else ','.join(map(str, value))}")
+        shown = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+        # Never print a password embedded in a URL.
+        shown = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", shown)
+        typer.echo(f"IMGQ_{name.upper()}={shown}")
 
 
 @app.command()
