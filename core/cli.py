@@ -91,7 +91,14 @@ def enqueue_caption(
     from imgq.producer.submit import collect_refs, submit
 
     settings = _settings(refs_per_message=refs_per_message)
-    raw: dict[str, Any] = json.loads(params_json) if params_json else {}
+    raw: dict[str, Any] = {}
+    if params_json:
+        try:
+            raw = json.loads(params_json)
+        except json.JSONDecodeError as exc:
+            _fail("bad_params", f"--params is not valid JSON: {exc}")
+        if not isinstance(raw, dict):
+            _fail("bad_params", "--params must be a JSON object, e.g. '{\"num_beams\": 3}'")
     flags = {"max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens, "num_beams": num_beams,
              "top_p": top_p, "top_k": top_k, "temperature": temperature,
              "repetition_penalty": repetition_penalty, "seed": seed, "prompt": prompt, "resize": resize}
