@@ -209,12 +209,12 @@ class Engine:
                 half = len(items) // 2
                 self._run(items[:half])
                 self._run(items[half:])
-                return
-            if not isinstance(error, errors.Retryable) or "OutOfMemory" not in error.message:
-                error = errors.ModelError(f"model failed on this item: {error.message}")
-            self._writes.put(_Write(dead=[(items[0], error)] if isinstance(error, errors.Permanent) else []))
-            if isinstance(error, errors.Retryable):
+            elif "OutOfMemory" in error.message:
+                # Out of memory even alone: the device is busy elsewhere; try again later.
                 items[0].future.set_result(Outcome(items[0].seq, "retry", error.code, error.message))
+            else:
+                failure = errors.ModelError(f"model failed on this item: {error.message}")
+                self._writes.put(_Write(dead=[(items[0], failure)]))
             return
         self.stats["batches"] += 1
         self.stats["items"] += len(items)
