@@ -29,7 +29,8 @@ app.conf.update(task_serializer="json", accept_content=["json"], task_ignore_res
 _pipe: Any = None
 _conn: Any = None
 
-DDL = "CREATE TABLE IF NOT EXISTS naive_captions (run text, ref text, caption text, created_at timestamptz DEFAULT now())"
+DDL = ("CREATE TABLE IF NOT EXISTS naive_captions "
+       "(run text, ref text, caption text, created_at timestamptz DEFAULT now())")
 
 
 def _plain_dsn(url: str) -> str:

@@ -24,9 +24,12 @@ def publish(
     sent = 0
     with app.producer_or_acquire() as producer:
         for message in messages:
+            body = message.to_json()
             app.send_task(
-                TASK_NAME, kwargs={"msg": message.to_json()}, queue=queue, countdown=countdown,
-                producer=producer,
+                TASK_NAME, kwargs={"msg": body}, queue=queue, countdown=countdown, producer=producer,
+                # Celery would otherwise build a saferepr of every body for Flower/logs: about
+                # 40% of publish time for 16-ref messages.
+                argsrepr="()", kwargsrepr=f"{{'msg': <job {message.job}, {len(message.items)} items>}}",
             )
             sent += 1
     return sent

@@ -14,32 +14,33 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, text
 
-_IMAGES_UPSERT = text("""
-INSERT INTO images (source, bucket, key, version, bytes, width, height)
-SELECT * FROM unnest(CAST(:source AS text[]), CAST(:bucket AS text[]), CAST(:key AS text[]),
-                     CAST(:version AS text[]), CAST(:bytes AS bigint[]), CAST(:width AS int[]),
-                     CAST(:height AS int[]))
-ON CONFLICT ON CONSTRAINT images_object_version DO UPDATE SET bytes = EXCLUDED.bytes
-RETURNING id, source, bucket, key, version
-""")
-
-# A no-op DO UPDATE returns the id of the row that won: a redelivered item keeps the first caption.
-_CAPTIONS_UPSERT = text("""
-INSERT INTO captions (image_id, model, model_revision, params_hash, params, text)
-SELECT image_id, model, rev, phash, CAST(params AS jsonb), txt
-FROM unnest(CAST(:image_id AS bigint[]), CAST(:model AS text[]), CAST(:rev AS text[]),
-            CAST(:phash AS text[]), CAST(:params AS text[]), CAST(:txt AS text[]))
-     AS v(image_id, model, rev, phash, params, txt)
-ON CONFLICT ON CONSTRAINT captions_identity DO UPDATE SET text = captions.text
-RETURNING id, image_id, model, model_revision, params_hash
-""")
-
-_ITEMS_DONE = text("""
+# One statement per batch: upsert the objects, upsert one caption per object (a no-op DO UPDATE
+# returns the id of the row that won, so a redelivered item keeps the first caption), and finish
+# the items. DISTINCT ON keeps each upsert from touching one row twice.
+_WRITE_CAPTIONS = text("""
+WITH v AS (
+  SELECT * FROM unnest(CAST(:job AS uuid[]), CAST(:seq AS int[]), CAST(:source AS text[]),
+                       CAST(:bucket AS text[]), CAST(:key AS text[]), CAST(:version AS text[]),
+                       CAST(:bytes AS bigint[]), CAST(:width AS int[]), CAST(:height AS int[]),
+                       CAST(:txt AS text[]))
+         AS v(job_id, seq, source, bucket, key, version, bytes, width, height, txt)
+), img AS (
+  INSERT INTO images (source, bucket, key, version, bytes, width, height)
+  SELECT DISTINCT ON (source, bucket, key, version) source, bucket, key, version, bytes, width, height
+  FROM v ORDER BY source, bucket, key, version
+  ON CONFLICT ON CONSTRAINT images_object_version DO UPDATE SET bytes = EXCLUDED.bytes
+  RETURNING id, source, bucket, key, version
+), cap AS (
+  INSERT INTO captions (image_id, model, model_revision, params_hash, params, text)
+  SELECT DISTINCT ON (img.id) img.id, :model, :rev, :phash, CAST(:params AS jsonb), v.txt
+  FROM v JOIN img USING (source, bucket, key, version)
+  ORDER BY img.id, v.seq
+  ON CONFLICT ON CONSTRAINT captions_identity DO UPDATE SET text = captions.text
+  RETURNING id, image_id
+)
 UPDATE job_items AS j
-SET state = 'done', image_id = v.image_id, caption_id = v.caption_id, worker = v.worker, updated_at = now()
-FROM unnest(CAST(:job AS uuid[]), CAST(:seq AS int[]), CAST(:image_id AS bigint[]),
-            CAST(:caption_id AS bigint[]), CAST(:worker AS text[]))
-     AS v(job_id, seq, image_id, caption_id, worker)
+SET state = 'done', image_id = img.id, caption_id = cap.id, worker = :worker, updated_at = now()
+FROM v JOIN img USING (source, bucket, key, version) JOIN cap ON cap.image_id = img.id
 WHERE j.job_id = v.job_id AND j.seq = v.seq AND j.state IN ('queued', 'running')
 """)
 
@@ -196,55 +197,31 @@ class Store:
         """Store a batch of results and finish their items, in one transaction."""
         if not rows:
             return
-        objects = list(dict.fromkeys(r.obj for r in rows))
+        groups: dict[tuple[str, str, str, str], list[CaptionRow]] = {}
+        for r in rows:
+            groups.setdefault((r.model, r.model_revision, r.params_hash, r.worker), []).append(r)
         with self.engine.begin() as conn:
-            image_ids = {
-                (src, bucket, key, version): image_id
-                for image_id, src, bucket, key, version in conn.execute(
-                    _IMAGES_UPSERT,
+            for (model, rev, phash, worker), group in groups.items():
+                conn.execute(
+                    _WRITE_CAPTIONS,
                     {
-                        "source": [o.source for o in objects],
-                        "bucket": [o.bucket for o in objects],
-                        "key": [o.key for o in objects],
-                        "version": [o.version for o in objects],
-                        "bytes": [o.bytes for o in objects],
-                        "width": [o.width for o in objects],
-                        "height": [o.height for o in objects],
+                        "job": [r.job for r in group],
+                        "seq": [r.seq for r in group],
+                        "source": [r.obj.source for r in group],
+                        "bucket": [r.obj.bucket for r in group],
+                        "key": [r.obj.key for r in group],
+                        "version": [r.obj.version for r in group],
+                        "bytes": [r.obj.bytes for r in group],
+                        "width": [r.obj.width for r in group],
+                        "height": [r.obj.height for r in group],
+                        "txt": [r.text for r in group],
+                        "model": model,
+                        "rev": rev,
+                        "phash": phash,
+                        "params": json.dumps(group[0].params),
+                        "worker": worker,
                     },
                 )
-            }
-
-            def image_of(r: CaptionRow) -> int:
-                return image_ids[(r.obj.source, r.obj.bucket, r.obj.key, r.obj.version)]
-
-            identity = {(image_of(r), r.model, r.model_revision, r.params_hash): r for r in rows}
-            firsts = list(identity.values())
-            caption_ids = {
-                (image_id, model, rev, phash): cid
-                for cid, image_id, model, rev, phash in conn.execute(
-                    _CAPTIONS_UPSERT,
-                    {
-                        "image_id": [image_of(r) for r in firsts],
-                        "model": [r.model for r in firsts],
-                        "rev": [r.model_revision for r in firsts],
-                        "phash": [r.params_hash for r in firsts],
-                        "params": [json.dumps(r.params) for r in firsts],
-                        "txt": [r.text for r in firsts],
-                    },
-                )
-            }
-            conn.execute(
-                _ITEMS_DONE,
-                {
-                    "job": [r.job for r in rows],
-                    "seq": [r.seq for r in rows],
-                    "image_id": [image_of(r) for r in rows],
-                    "caption_id": [
-                        caption_ids[(image_of(r), r.model, r.model_revision, r.params_hash)] for r in rows
-                    ],
-                    "worker": [r.worker for r in rows],
-                },
-            )
 
     def write_dead(self, rows: Sequence[DeadRow]) -> None:
         if not rows:

@@ -102,6 +102,9 @@ class Engine:
         self._ready: queue.Queue[WorkItem] = queue.Queue()
         self._writes: queue.Queue[_Write | None] = queue.Queue()
         self._preparing = 0
+        # Backpressure: at most this many decoded images wait for the model. Decode threads block
+        # here, so worker memory is bounded by the batch size, not by the messages in flight.
+        self._decoded = threading.BoundedSemaphore(max(8, 4 * max_batch))
         self._inflight: dict[tuple[uuid.UUID, int], WorkItem] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -157,6 +160,8 @@ class Engine:
 
     # -- decode threads -------------------------------------------------------------------------
     def _prepare(self, item: WorkItem) -> None:
+        self._decoded.acquire()
+        ready = False
         try:
             blob = self._fetch(item.ref)
             pixels, width, height = self._prepare_pixels(blob.data, item.params)
@@ -164,9 +169,12 @@ class Engine:
             item.obj = ObjectInfo(blob.source, blob.bucket, blob.key, blob.version, len(blob.data),
                                   width, height)
             self._ready.put(item)
+            ready = True
         except Exception as exc:
             self._fail(item, classify(exc))
         finally:
+            if not ready:
+                self._decoded.release()
             with self._lock:
                 self._preparing -= 1
 
@@ -194,7 +202,11 @@ class Engine:
             if (idle and self._ready.empty()) or self._stop.is_set():
                 batches += self._batcher.drain()
             for batch in batches:
-                self._run(batch.items)
+                try:
+                    self._run(batch.items)
+                finally:
+                    for _ in batch.items:
+                        self._decoded.release()
 
     def _run(self, items: list[WorkItem]) -> None:
         try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -132,3 +134,26 @@ def test_beam_search_caps_the_batch(results):
     run(engine, [f"img-0.{i}" for i in range(1, 9)], CaptionParams(num_beams=4))
     engine.stop()
     assert max(model.batches) <= 2
+
+
+def test_decoded_images_waiting_for_the_model_are_bounded(results):
+    """Backpressure: decode threads stop once 4 x max_batch images wait, however many are submitted."""
+    gate = threading.Event()
+    waiting: list[int] = []
+
+    class SlowModel(EchoModel):
+        def caption(self, pixel_values, params):  # type: ignore[no-untyped-def]
+            gate.wait(10)
+            return super().caption(pixel_values, params)
+
+    model = SlowModel()
+    engine = make_engine(model, results, max_batch=2)
+    work = engine.submit(JOB, CaptionParams(), [(i, f"img-0.{i}") for i in range(40)])
+    time.sleep(0.5)
+    waiting.append(sum(item.pixels is not None for item in work))
+    gate.set()
+    for item in work:
+        assert item.future.result(10).state == "done"
+    engine.stop()
+    assert waiting[0] <= 8  # 4 x max_batch
+    assert len(results.captions) == 40

@@ -1,0 +1,422 @@
+"""GPU bench for a lent H100/H200 (driven by bench/gpu_run.sh); runs on CPU too for validation.
+
+Needs only torch, transformers, numpy and Pillow (what the GPU image has): imgq is imported straight
+from the working tree (core/ -> imgq, worker/ -> imgq.worker), and where pydantic or sqlalchemy are
+missing, ``imgq.contract`` and ``imgq.db.store`` are replaced by small stand-ins with the same names
+(``--stub`` forces that here, to validate the GPU path on this machine).
+
+Phases (each timed, GPU utilisation sampled by nvidia-smi in the background and averaged per phase):
+1. model-only: ``CaptionModel.caption`` on pre-normalised float32 host arrays, bf16, greedy 20 tokens
+   (min = max = 20) at each ``--batches``, and beam 3 at ``--beam-batches``;
+2. pipeline in-process: ``Engine`` (decode thread pool -> dynamic batcher -> model -> writer) with an
+   in-memory store, fed 16-ref "messages" of real 640x480 JPEG bytes, no Redis/Postgres;
+3. naive: transformers ``pipeline("image-text-to-text")`` one image per call, text="".
+
+    python3 -m bench.gpu_bench --device cuda --arch base --out $OUT
+    .venv/bin/python -m bench.gpu_bench --device cpu --arch tiny --stub --batches 8 16 --beam-batches 8 \
+        --pipeline-images 64 --naive-images 8 --out .imgq/bench/gpu-cpu-check
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+import types
+import uuid
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+TOKENS = 20
+PHASES: list[tuple[str, float, float]] = []  # (name, wall start, wall end) in time.time()
+
+
+def log(msg: str) -> None:
+    print(f"[gpu-bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# -- importing imgq without its producer-side dependencies --------------------------------------------
+
+def _package(name: str, folder: Path) -> None:
+    mod = types.ModuleType(name)
+    mod.__path__ = [str(folder)]  # type: ignore[attr-defined]
+    mod.__file__ = str(folder / "__init__.py")
+    sys.modules[name] = mod
+    parent, _, child = name.rpartition(".")
+    if parent:
+        setattr(sys.modules[parent], child, mod)
+
+
+def _stub_contract() -> None:
+    mod = types.ModuleType("imgq.contract")
+
+    @dataclasses.dataclass(frozen=True)
+    class CaptionParams:  # the fields and methods of imgq.contract.CaptionParams that the worker uses
+        max_new_tokens: int = 30
+        min_new_tokens: int = 0
+        num_beams: int = 1
+        do_sample: bool = False
+        top_p: float = 1.0
+        top_k: int = 50
+        temperature: float = 1.0
+        repetition_penalty: float = 1.0
+        prompt: str | None = None
+        resize: str = "stretch"
+        seed: int | None = None
+
+        def canonical(self) -> dict[str, Any]:
+            return dataclasses.asdict(self)
+
+        def digest(self) -> str:
+            blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
+            return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    mod.CaptionParams = CaptionParams  # type: ignore[attr-defined]
+    mod.ResizeMode = str  # type: ignore[attr-defined]
+    mod.Kind = str  # type: ignore[attr-defined]
+    sys.modules["imgq.contract"] = mod
+
+
+def _stub_store() -> None:
+    mod = types.ModuleType("imgq.db.store")
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class ObjectInfo:
+        source: str
+        bucket: str
+        key: str
+        version: str
+        bytes: int
+        width: int
+        height: int
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class CaptionRow:
+        job: Any
+        seq: int
+        obj: Any
+        model: str
+        model_revision: str
+        params_hash: str
+        params: dict[str, Any]
+        text: str
+        worker: str
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class DeadRow:
+        job: Any
+        seq: int
+        code: str
+        message: str
+        worker: str
+
+    class Store:  # only named by type hints in the engine
+        pass
+
+    for cls in (ObjectInfo, CaptionRow, DeadRow, Store):
+        setattr(mod, cls.__name__, cls)
+    sys.modules["imgq.db.store"] = mod
+
+
+def import_imgq(force_stub: bool) -> dict[str, bool]:
+    def present(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            return False
+
+    have = {name: present(name) for name in ("pydantic", "sqlalchemy")}
+    if force_stub or not present("imgq"):
+        for name in [m for m in sys.modules if m == "imgq" or m.startswith("imgq.")]:
+            del sys.modules[name]
+        _package("imgq", REPO / "core")
+        _package("imgq.worker", REPO / "worker")
+        _package("imgq.db", REPO / "db")
+    stubbed = {"contract": False, "store": False}
+    if force_stub or not have["pydantic"]:
+        _stub_contract()
+        stubbed["contract"] = True
+    if force_stub or not have["sqlalchemy"]:
+        _stub_store()
+        stubbed["store"] = True
+    return stubbed
+
+
+# -- inputs -------------------------------------------------------------------------------------------
+
+def jpeg_images(n: int) -> list[bytes]:
+    """Deterministic structured 640x480 JPEGs, the same generator as bench.common.image_bytes."""
+    sys.path.insert(0, str(REPO))
+    from bench.common import image_bytes
+
+    distinct = [image_bytes(i) for i in range(min(n, 256))]
+    return [distinct[i % len(distinct)] for i in range(n)]
+
+
+def checkpoint(arch: str, workdir: Path) -> Path:
+    sys.path.insert(0, str(REPO))
+    import bench.common as common
+
+    common.WORK = workdir  # write the checkpoints under the run's own folder
+    return common.checkpoint(arch)
+
+
+class Phase:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __enter__(self) -> Phase:
+        self.t0 = time.time()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        PHASES.append((self.name, self.t0, time.time()))
+
+
+# -- GPU sampling -------------------------------------------------------------------------------------
+
+def start_smi(out: Path) -> subprocess.Popen[bytes] | None:
+    try:
+        fh = open(out / "smi.csv", "wb")  # noqa: SIM115
+        return subprocess.Popen(
+            ["nvidia-smi", "--query-gpu=timestamp,utilization.gpu,memory.used,power.draw,clocks.sm",
+             "--format=csv,noheader,nounits", "-lms", "200"], stdout=fh, stderr=subprocess.DEVNULL)
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def smi_by_phase(path: Path) -> dict[str, dict[str, float]]:
+    from datetime import datetime
+
+    rows = []
+    if not path.exists():
+        return {}
+    for line in path.read_text().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        try:
+            ts = datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
+            rows.append((ts, float(parts[1]), float(parts[2]), float(parts[3])))
+        except (ValueError, IndexError):
+            continue
+    out = {}
+    for name, t0, t1 in PHASES:
+        inside = [r for r in rows if t0 <= r[0] <= t1]
+        if inside:
+            out[name] = {"gpu_util_pct": sum(r[1] for r in inside) / len(inside),
+                         "mem_used_mib_max": max(r[2] for r in inside),
+                         "power_w_mean": sum(r[3] for r in inside) / len(inside), "samples": len(inside)}
+    return out
+
+
+# -- phases -------------------------------------------------------------------------------------------
+
+def bench_model(model: Any, params_cls: Any, batches: list[int], beams: int, seconds: float) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(0)
+    params = params_cls(max_new_tokens=TOKENS, min_new_tokens=TOKENS, num_beams=beams)
+    results = {}
+    for batch in batches:
+        x = rng.standard_normal((batch, 3, 384, 384), dtype=np.float32)
+        name = f"model-only beams={beams} batch={batch}"
+        try:
+            model.caption(x, params)  # warm-up (allocator, kernels)
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            with Phase(name):
+                t0 = time.perf_counter()
+                runs = 0
+                while runs < 2 or time.perf_counter() - t0 < seconds:
+                    model.caption(x, params)
+                    runs += 1
+                dt = time.perf_counter() - t0
+            peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+            results[name] = {"img_s": runs * batch / dt, "batch_s": dt / runs, "runs": runs, "peak_gib": peak}
+            log(f"{name}: {runs * batch / dt:,.1f} img/s ({dt / runs * 1000:.0f} ms/batch, peak {peak:.1f} GiB)")
+        except Exception as exc:  # e.g. out of memory at the largest batch: report and go on
+            results[name] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+            log(f"{name}: FAILED {results[name]['error']}")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    return results
+
+
+class MemoryStore:
+    """What the engine calls on a Store, in memory: counts rows, keeps nothing else."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.dead = 0
+
+    def write_captions(self, rows: Any) -> None:
+        self.rows += len(rows)
+
+    def write_dead(self, rows: Any) -> None:
+        self.dead += len(rows)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Blob:
+    data: bytes
+    source: str
+    bucket: str
+    key: str
+    version: str
+
+
+def bench_engine(model: Any, params_cls: Any, blobs: list[bytes], max_batch: int, threads: int,
+                 max_wait_ms: int, per_message: int = 16) -> dict[str, Any]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from imgq.worker.decode import decode
+    from imgq.worker.engine import Engine
+    from imgq.worker.preprocess import Preprocessor
+
+    pre = Preprocessor.from_image_processor(model.image_processor)
+
+    def prepare(data: bytes, params: Any) -> tuple[Any, int, int]:  # as WorkerRuntime.start wires it
+        image = decode(data, max_pixels=40_000_000, target=pre.size)
+        return pre(image.image, params.resize), image.width, image.height
+
+    def fetch(ref: str) -> Blob:
+        data = blobs[int(ref)]
+        return Blob(data, "local", "", ref, hashlib.sha256(data).hexdigest()[:32])
+
+    # decode+preprocess alone, same thread count: the CPU side's ceiling on this machine
+    with ThreadPoolExecutor(threads) as pool:
+        sample = blobs[: min(len(blobs), 1024)]
+        t = time.perf_counter()
+        list(pool.map(lambda b: prepare(b, params_cls()), sample))
+        prep_img_s = len(sample) / (time.perf_counter() - t)
+    log(f"decode+preprocess alone, {threads} threads: {prep_img_s:,.0f} img/s")
+
+    params = params_cls(max_new_tokens=TOKENS, min_new_tokens=TOKENS)
+    store = MemoryStore()
+    engine = Engine(store=store, model=model, fetch=fetch, prepare=prepare, worker_name="gpu-bench",  # type: ignore[arg-type]
+                    max_batch=max_batch, max_wait_s=max_wait_ms / 1000, decode_threads=threads).start()
+    try:
+        job = uuid.uuid4()
+        warm = engine.submit(job, params, [(i, str(i)) for i in range(min(max_batch, len(blobs)))])
+        [w.future.result() for w in warm]
+        engine.stats.update(batches=0, items=0)
+        n = len(blobs)
+        name = f"pipeline in-process batch<={max_batch} threads={threads}"
+        with Phase(name):
+            t0 = time.perf_counter()
+            # Celery task threads would each submit one message: submit per 16 refs, as they do.
+            work = []
+            for start in range(0, n, per_message):
+                work += engine.submit(job, params, [(i, str(i)) for i in range(start, min(n, start + per_message))])
+            outcomes = [w.future.result() for w in work]
+            dt = time.perf_counter() - t0
+        done = sum(o.state == "done" for o in outcomes)
+        stats = dict(engine.stats)
+    finally:
+        engine.stop()
+    mean_batch = stats["items"] / max(1, stats["batches"])
+    log(f"{name}: {done / dt:,.1f} img/s ({done}/{n} done, mean batch {mean_batch:.0f})")
+    return {name: {"img_s": done / dt, "done": done, "images": n, "mean_batch": mean_batch,
+                   "prep_only_img_s": prep_img_s}}
+
+
+def bench_naive(ckpt: Path, device: str, dtype: Any, blobs: list[bytes]) -> dict[str, Any]:
+    import io
+
+    from PIL import Image
+    from transformers import pipeline
+
+    pipe = pipeline("image-text-to-text", model=str(ckpt), device=device, dtype=dtype)
+    kw = {"max_new_tokens": TOKENS, "min_new_tokens": TOKENS}
+    pipe(images=Image.open(io.BytesIO(blobs[0])).convert("RGB"), text="", generate_kwargs=kw)
+    name = "naive pipeline (1 image/call)"
+    with Phase(name):
+        t0 = time.perf_counter()
+        for data in blobs:
+            image = Image.open(io.BytesIO(data)).convert("RGB")
+            pipe(images=image, text="", generate_kwargs=kw)
+        dt = time.perf_counter() - t0
+    log(f"{name}: {len(blobs) / dt:,.1f} img/s")
+    return {name: {"img_s": len(blobs) / dt, "images": len(blobs)}}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.gpu_bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--arch", choices=["tiny", "base"], default="base")
+    ap.add_argument("--dtype", default=None, help="default bfloat16 on cuda, float32 on cpu")
+    ap.add_argument("--batches", type=int, nargs="+", default=[64, 128, 256, 512])
+    ap.add_argument("--beam-batches", type=int, nargs="+", default=[64, 128, 256])
+    ap.add_argument("--seconds", type=float, default=6.0, help="minimum timed seconds per model-only point")
+    ap.add_argument("--pipeline-images", type=int, default=8192)
+    ap.add_argument("--pipeline-batch", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 2))
+    ap.add_argument("--max-wait-ms", type=int, default=50)
+    ap.add_argument("--naive-images", type=int, default=128)
+    ap.add_argument("--skip", nargs="*", default=[], choices=["model", "beam", "pipeline", "naive"])
+    ap.add_argument("--stub", action="store_true", help="use the stand-ins even where pydantic/sqlalchemy exist")
+    ap.add_argument("--out", type=Path, default=REPO / ".imgq" / "bench" / "gpu-out")
+    args = ap.parse_args()
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stubbed = import_imgq(args.stub)
+    import torch
+    import transformers
+
+    from imgq.contract import CaptionParams
+    from imgq.worker.model import CaptionModel
+
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    info = {"torch": torch.__version__, "transformers": transformers.__version__, "device": args.device,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "dtype": dtype,
+            "arch": args.arch, "cpus": os.cpu_count(), "stubbed": stubbed, "tokens": TOKENS,
+            "command": " ".join(sys.argv)}
+    log(json.dumps(info))
+    smi = start_smi(args.out) if args.device.startswith("cuda") else None
+    results: dict[str, Any] = {"info": info}
+    t_start = time.perf_counter()
+    try:
+        ckpt = checkpoint(args.arch, REPO / ".imgq" / "bench" / "gpu-ckpt")
+        model = CaptionModel(str(ckpt), device=args.device, dtype=dtype)
+        model.load()
+        if "model" not in args.skip:
+            results.update(bench_model(model, CaptionParams, args.batches, 1, args.seconds))
+        if "beam" not in args.skip:
+            results.update(bench_model(model, CaptionParams, args.beam_batches, 3, args.seconds))
+        if "pipeline" not in args.skip:
+            blobs = jpeg_images(args.pipeline_images)
+            results.update(bench_engine(model, CaptionParams, blobs, args.pipeline_batch, args.threads,
+                                        args.max_wait_ms))
+        if "naive" not in args.skip:
+            del model
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            results.update(bench_naive(ckpt, args.device, getattr(torch, dtype), jpeg_images(args.naive_images)))
+    finally:
+        if smi is not None:
+            time.sleep(0.5)
+            smi.terminate()
+            smi.wait(5)
+        results["gpu_by_phase"] = smi_by_phase(args.out / "smi.csv")
+        results["total_s"] = time.perf_counter() - t_start
+        (args.out / "gpu.json").write_text(json.dumps(results, indent=1, default=str))
+    print("\n# summary (images/s; GPU util % = nvidia-smi mean over the phase)")
+    for name, value in results.items():
+        if isinstance(value, dict) and "img_s" in value:
+            util = results["gpu_by_phase"].get(name, {}).get("gpu_util_pct")
+            print(f"{name:60s} {value['img_s']:10,.1f}" + (f"   GPU {util:5.1f}%" if util is not None else ""))
+    print(f"total {results['total_s']:.0f}s; json: {args.out / 'gpu.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
