@@ -88,7 +88,7 @@ def enqueue_caption(
     """Caption images. Prints the job id once every item is committed and published."""
     from imgq.celeryconf import make_celery
     from imgq.contract import parse_params
-    from imgq.producer.submit import collect_refs, submit
+    from imgq.producer.submit import accept_refs, submit
 
     settings = _settings(refs_per_message=refs_per_message)
     raw: dict[str, Any] = {}
@@ -112,9 +112,10 @@ def enqueue_caption(
             given = _read_lines("-")
         if from_file is not None:
             given += _read_lines(str(from_file))
-        accepted, rejected = collect_refs(given, settings, skip_invalid=skip_invalid)
+        rejected: list[tuple[str, str]] = []
+        refs_stream = accept_refs(given, settings, skip_invalid=skip_invalid, rejected=rejected)
         result = submit(settings=settings, store=_store(settings), app=make_celery(settings),
-                        refs=accepted, params=params, rejected=rejected)
+                        refs=refs_stream, params=params, rejected=rejected)
     except errors.ImgqError as exc:
         _fail(exc.code, exc.message)
     for ref, reason in result.rejected:

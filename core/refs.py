@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from imgq.errors import RefRefused
 
 _S3 = "s3://"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _REFUSED_SCHEMES = ("http://", "https://", "file://", "ftp://", "gs://", "data:")
 
 
@@ -35,7 +37,7 @@ Ref = S3Ref | LocalRef
 def _check_text(raw: str) -> str:
     if not raw or not raw.strip():
         raise RefRefused("empty reference")
-    if any(ord(ch) < 32 for ch in raw):
+    if _CONTROL.search(raw):
         raise RefRefused(f"reference contains control characters: {raw!r}")
     if len(raw) > 2048:
         raise RefRefused("reference longer than 2048 characters")

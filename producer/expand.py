@@ -34,20 +34,33 @@ def _walk(root: Path, roots: list[Path]) -> Iterator[str]:
                 continue
 
 
-def expand(raw_refs: Iterable[str], settings: Settings, s3_client: Any = None) -> Iterator[str]:
-    """Yield canonical single-object refs; raise :class:`RefRefused` on the first bad one."""
-    for raw in raw_refs:
+class Expander:
+    """Turns one user reference into object references; the S3 client is made once, on demand."""
+
+    def __init__(self, settings: Settings, s3_client: Any = None) -> None:
+        self._settings = settings
+        self._s3 = s3_client
+
+    def __call__(self, raw: str) -> list[str]:
+        """Canonical single-object refs for ``raw``; raises :class:`RefRefused` if it is bad."""
         raw = raw.strip()
         if not raw or raw.startswith("#"):
-            continue
-        if raw.lower().startswith("s3://") and raw.endswith("/"):
-            bucket, prefix = split_s3(raw, settings.allowed_buckets)
-            if s3_client is None:
-                s3_client = make_s3_client(settings)
-            yield from _list_s3(s3_client, bucket, prefix)
-            continue
+            return []
+        settings = self._settings
+        if raw.lower().startswith("s3://"):
+            if raw.endswith("/"):
+                bucket, prefix = split_s3(raw, settings.allowed_buckets)
+                if self._s3 is None:
+                    self._s3 = make_s3_client(settings)
+                return list(_list_s3(self._s3, bucket, prefix))
+            return [str(parse_ref(raw, allowed_buckets=settings.allowed_buckets, local_roots=[]))]
         ref = parse_ref(raw, allowed_buckets=settings.allowed_buckets, local_roots=settings.local_roots)
-        if not raw.lower().startswith("s3://") and Path(str(ref)).is_dir():
-            yield from _walk(Path(str(ref)), settings.local_roots)
-        else:
-            yield str(ref)
+        path = Path(str(ref))
+        return list(_walk(path, settings.local_roots)) if path.is_dir() else [str(ref)]
+
+
+def expand(raw_refs: Iterable[str], settings: Settings, s3_client: Any = None) -> Iterator[str]:
+    """Yield canonical single-object refs; raise :class:`RefRefused` on the first bad one."""
+    one = Expander(settings, s3_client)
+    for raw in raw_refs:
+        yield from one(raw)

@@ -7,7 +7,7 @@ leaves ``queued`` items that the reconciler re-publishes; it never loses them.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,9 +15,9 @@ from celery import Celery
 
 from imgq.config import Settings
 from imgq.contract import CaptionParams
-from imgq.db.store import Store
+from imgq.db.store import EmptyJob, Store
 from imgq.errors import RefRefused
-from imgq.producer.expand import expand
+from imgq.producer.expand import Expander
 from imgq.publish import chunk_messages, publish
 
 
@@ -29,20 +29,24 @@ class Submitted:
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (ref, reason)
 
 
-def collect_refs(
-    raw_refs: Iterable[str], settings: Settings, *, skip_invalid: bool, s3_client: Any = None
-) -> tuple[list[str], list[tuple[str, str]]]:
-    """Expand and validate refs. With ``skip_invalid`` bad refs are returned, else the first raises."""
-    accepted: list[str] = []
-    rejected: list[tuple[str, str]] = []
+def accept_refs(
+    raw_refs: Iterable[str],
+    settings: Settings,
+    *,
+    skip_invalid: bool,
+    rejected: list[tuple[str, str]],
+    s3_client: Any = None,
+) -> Iterator[str]:
+    """Expand and validate refs lazily. With ``skip_invalid`` bad refs go to ``rejected``;
+    otherwise the first one raises :class:`RefRefused`."""
+    expand_one = Expander(settings, s3_client)
     for raw in raw_refs:
         try:
-            accepted.extend(expand([raw], settings, s3_client))
+            yield from expand_one(raw)
         except RefRefused as exc:
             if not skip_invalid:
                 raise
             rejected.append((raw, exc.message))
-    return accepted, rejected
 
 
 def submit(
@@ -50,16 +54,26 @@ def submit(
     settings: Settings,
     store: Store,
     app: Celery,
-    refs: Sequence[str],
+    refs: Iterable[str],
     params: CaptionParams,
     refs_per_message: int | None = None,
     rejected: list[tuple[str, str]] | None = None,
 ) -> Submitted:
-    if not refs:
-        raise RefRefused("no image references to enqueue")
-    job = store.create_job(kind="caption", model=settings.caption_model, params=params.canonical(),
-                           params_hash=params.digest(), refs=refs)
+    """Accept ``refs`` (validated while they are copied into Postgres), then publish them."""
+    accepted: list[str] = []
+
+    def keep(stream: Iterable[str]) -> Iterator[str]:
+        for ref in stream:
+            accepted.append(ref)
+            yield ref
+
+    try:
+        job = store.create_job(kind="caption", model=settings.caption_model, params=params.canonical(),
+                               params_hash=params.digest(), refs=keep(refs))
+    except EmptyJob:
+        raise RefRefused("no image references to enqueue") from None
     messages = chunk_messages(job=str(job), model=settings.caption_model, params=params,
-                              items=list(enumerate(refs)), per_message=refs_per_message or settings.refs_per_message)
+                              items=list(enumerate(accepted)),
+                              per_message=refs_per_message or settings.refs_per_message)
     sent = publish(app, messages, queue=settings.queue)
-    return Submitted(job=job, items=len(refs), messages=sent, rejected=rejected or [])
+    return Submitted(job=job, items=len(accepted), messages=sent, rejected=rejected or [])

@@ -5,7 +5,7 @@ import uuid
 import pytest
 from sqlalchemy import text
 
-from imgq.db.store import CaptionRow, Claim, DeadRow, ObjectInfo, Store
+from imgq.db.store import CaptionRow, Claim, DeadRow, EmptyJob, ObjectInfo, Store
 
 pytestmark = pytest.mark.integration
 
@@ -98,3 +98,21 @@ def test_unclaim_keeps_items_unsettled_without_counting(store: Store):
     assert store.claim(job, [0], "w2") == {0: Claim(2, True)}
     store.unclaim(job, [0])
     assert store.claim(job, [0], "w3") == {0: Claim(2, True)}
+
+
+def test_copy_keeps_refs_byte_for_byte(store: Store):
+    refs = ["s3://b/back\\slash.jpg", "s3://b/tab\there", "/srv/ünïcode/ok.jpg", "s3://b/\\N"]
+    job = new_job(store, refs)
+    assert [r["ref"] for r in store.results(job)] == refs
+
+
+def test_a_failure_while_streaming_refs_commits_nothing(store: Store):
+    def refs():
+        yield from (f"s3://b/{i}" for i in range(12_000))
+        raise RuntimeError("bad ref found late")
+
+    with pytest.raises(RuntimeError):
+        store.create_job(kind="caption", model="m", params={}, params_hash="h", refs=refs())
+    with pytest.raises(EmptyJob):
+        store.create_job(kind="caption", model="m", params={}, params_hash="h", refs=iter([]))
+    assert count(store, "jobs") == 0 and count(store, "job_items") == 0
