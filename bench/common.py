@@ -198,15 +198,8 @@ class Services:
 
 
 def settings_env(settings: Any, **extra: str) -> dict[str, str]:
-    """The IMGQ_* environment that reproduces ``settings`` in a subprocess."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGQ_")}
-    for name, value in settings.model_dump(mode="json").items():
-        if value is None:
-            continue
-        if isinstance(value, list):
-            value = ",".join(map(str, value))
-        env[f"IMGQ_{name.upper()}"] = str(value)
-    env.update(extra)
+    """The environment that reproduces ``settings`` in a subprocess (no stray IMGQ_* leaks in)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGQ_")} | settings.as_env() | extra
     env.setdefault("HF_HUB_OFFLINE", "1")
     return env
 

@@ -92,6 +92,14 @@ class Settings(BaseSettings):
             )
         return self
 
+    def as_env(self) -> dict[str, str]:
+        """The ``IMGQ_*`` variables that reproduce these settings in another process."""
+        env: dict[str, str] = {}
+        for name, value in self.model_dump(mode="json").items():
+            if value is not None:
+                env[f"IMGQ_{name.upper()}"] = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+        return env
+
     @property
     def sync_database_url(self) -> str:
         """The URL with the psycopg 3 driver, whatever the user wrote."""

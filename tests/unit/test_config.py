@@ -31,3 +31,10 @@ def test_inconsistent_visibility_timeout_is_refused():
 )
 def test_database_url_uses_psycopg3(url, expected):
     assert Settings(_env_file=None, database_url=url).sync_database_url == expected
+
+
+def test_as_env_round_trips(monkeypatch, tmp_path: Path):
+    original = Settings(_env_file=None, allowed_buckets=["a", "b"], local_roots=[tmp_path], max_batch=7)
+    for key, value in original.as_env().items():
+        monkeypatch.setenv(key, value)
+    assert Settings(_env_file=None) == original
