@@ -285,7 +285,7 @@ def bench_engine(model: Any, params_cls: Any, blobs: list[bytes], max_batch: int
 
     def prepare(data: bytes, params: Any) -> tuple[Any, int, int]:  # as WorkerRuntime.start wires it
         image = decode(data, max_pixels=40_000_000, target=pre.size)
-        return pre(image.image, params.resize), image.width, image.height
+        return pre.pixels(image.image, params.resize), image.width, image.height
 
     def fetch(ref: str) -> Blob:
         data = blobs[int(ref)]

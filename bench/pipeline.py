@@ -105,7 +105,7 @@ def prepare_arrays(model: Any, paths: list[Path], threads: int) -> tuple[Any, di
     blobs = [p.read_bytes() for p in paths]
 
     def prep(data: bytes) -> Any:
-        return pre(decode(data, max_pixels=40_000_000, target=pre.size).image, "stretch")
+        return pre.pixels(decode(data, max_pixels=40_000_000, target=pre.size).image, "stretch")
 
     t = time.perf_counter()
     arrays = [prep(b) for b in blobs]

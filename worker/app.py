@@ -63,7 +63,7 @@ class WorkerRuntime:
 
         def prepare(data: bytes, params: CaptionParams) -> tuple[Any, int, int]:
             image = decode(data, max_pixels=max_pixels, target=pre.size)
-            return pre(image.image, params.resize), image.width, image.height
+            return pre.pixels(image.image, params.resize), image.width, image.height
 
         self.engine = Engine(
             store=self.store, model=self.model, fetch=self.fetcher.fetch, prepare=prepare,

@@ -95,6 +95,7 @@ class CaptionModel:
         self._model: BlipForConditionalGeneration | None = None
         self._processor: BlipProcessor | None = None
         self._revision: str | None = None
+        self._norm: tuple[float, torch.Tensor, torch.Tensor] | None = None
         self.device = self._resolve_device(device)
         self.dtype = self._resolve_dtype(dtype, self.device)
 
@@ -232,11 +233,7 @@ class CaptionModel:
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
             raise ValueError(f"pixel_values must be (B, 3, H, W), got {tuple(pixel_values.shape)}")
         batch = len(pixel_values)
-        pixels = torch.from_numpy(np.ascontiguousarray(pixel_values, dtype=np.float32))
-        if self.device.startswith("cuda"):
-            # Pinned host memory lets the copy overlap; the dtype cast then runs on the GPU.
-            pixels = pixels.pin_memory().to(self.device, non_blocking=True)
-        pixels = pixels.to(self.dtype)
+        pixels = self.model_input(pixel_values)
 
         kwargs: dict[str, Any] = {
             "max_new_tokens": params.max_new_tokens,
@@ -263,8 +260,34 @@ class CaptionModel:
                     out = self._model.generate(pixel_values=pixels, **kwargs)
         return out.cpu()
 
+    def model_input(self, pixel_values: np.ndarray) -> torch.Tensor:
+        """The batch on the model's device and dtype. uint8 pixels (B, 3, H, W) are rescaled and
+        normalised there, in float32, with the processor's constants; float32 input is taken as
+        already normalised."""
+        self.load()
+        if pixel_values.dtype == np.uint8:
+            pixels = torch.from_numpy(np.ascontiguousarray(pixel_values))
+        else:
+            pixels = torch.from_numpy(np.ascontiguousarray(pixel_values, dtype=np.float32))
+        if self.device.startswith("cuda"):
+            # Pinned host memory lets the copy overlap; the casts then run on the GPU.
+            pixels = pixels.pin_memory().to(self.device, non_blocking=True)
+        if pixels.dtype == torch.uint8:
+            scale, mean, std = self._normalizer()
+            pixels = (pixels.to(torch.float32) * scale - mean) / std
+        return pixels.to(self.dtype)
+
+    def _normalizer(self) -> tuple[float, torch.Tensor, torch.Tensor]:
+        if self._norm is None:
+            p = self.image_processor
+            shape = (1, 3, 1, 1)
+            mean = torch.tensor(p.image_mean, dtype=torch.float32, device=self.device).reshape(shape)
+            std = torch.tensor(p.image_std, dtype=torch.float32, device=self.device).reshape(shape)
+            self._norm = (float(p.rescale_factor), mean, std)
+        return self._norm
+
     def caption(self, pixel_values: np.ndarray, params: CaptionParams) -> list[str]:
-        """One caption per image of a float32 (B, 3, H, W) batch already normalised for the model."""
+        """One caption per image of a (B, 3, H, W) batch: uint8 pixels, or float32 already normalised."""
         ids = self.generate_ids(pixel_values, params)
         return [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 

@@ -156,3 +156,23 @@ def test_hub_id_offline_fails_fast(monkeypatch) -> None:
     assert time.monotonic() - start < 5
     message = info.value.message
     assert "offline" in message and "IMGQ_CAPTION_MODEL" in message and "\n" not in message
+
+
+def test_uint8_pixels_normalised_on_the_device_match_the_processor(tiny_model_dir):
+    """The worker carries uint8 pixels (4x smaller); the model normalises them like the processor."""
+    from imgq.worker.preprocess import Preprocessor
+
+    model = CaptionModel(str(tiny_model_dir), device="cpu")
+    pre = Preprocessor.from_image_processor(model.image_processor)
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((480, 640), (97, 131))]
+    for mode in ("stretch", "center_crop"):
+        raw = np.stack([pre.pixels(im, mode) for im in images])
+        assert raw.dtype == np.uint8 and raw.shape == (2, 3, pre.size, pre.size)
+        reference = np.stack([pre(im, mode) for im in images])
+        got = model.model_input(raw).numpy()
+        assert np.abs(got - reference).max() < 1e-5
+    assert pre.pixels(images[0], "letterbox").dtype == np.float32
+    params = CaptionParams(max_new_tokens=5)
+    batch = np.stack([pre.pixels(im, "stretch") for im in images])
+    assert model.caption(batch, params) == model.caption(np.stack([pre(im) for im in images]), params)
