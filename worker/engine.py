@@ -91,6 +91,7 @@ class Engine:
         self._model = model
         self._fetch = fetch
         self._prepare_pixels = prepare
+        self._clock = clock
         self.worker_name = worker_name
         self._db_retry_s = db_retry_s
         # Beam search holds num_beams sequences per image: keep the sequence count near max_batch.
@@ -155,9 +156,6 @@ class Engine:
         with self._lock:
             self._inflight.pop(key, None)
 
-    def dead_letter(self, items: Sequence[WorkItem], error: errors.ImgqError) -> None:
-        self._writes.put(_Write(dead=[(item, error) for item in items]))
-
     # -- decode threads -------------------------------------------------------------------------
     def _prepare(self, item: WorkItem) -> None:
         self._decoded.acquire()
@@ -188,7 +186,7 @@ class Engine:
     def _infer_loop(self) -> None:
         while not (self._stop.is_set() and self._ready.empty() and not len(self._batcher)):
             deadline = self._batcher.next_deadline()
-            timeout = 0.2 if deadline is None else max(0.0, deadline - time.monotonic())
+            timeout = 0.2 if deadline is None else max(0.0, deadline - self._clock())
             batches: list[Batch[BatchKey, WorkItem]] = []
             try:
                 item = self._ready.get(timeout=timeout)
