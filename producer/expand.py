@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +58,3 @@ class Expander:
         path = Path(str(ref))
         return list(_walk(path, settings.local_roots)) if path.is_dir() else [str(ref)]
 
-
-def expand(raw_refs: Iterable[str], settings: Settings, s3_client: Any = None) -> Iterator[str]:
-    """Yield canonical single-object refs; raise :class:`RefRefused` on the first bad one."""
-    one = Expander(settings, s3_client)
-    for raw in raw_refs:
-        yield from one(raw)
