@@ -118,9 +118,20 @@ def enqueue_caption(
                         refs=refs_stream, params=params, rejected=rejected)
     except errors.ImgqError as exc:
         _fail(exc.code, exc.message)
+    except OSError as exc:
+        _fail("bad_file", f"cannot read {exc.filename or 'input'}: {exc.strerror or exc}")
+    except Exception as exc:
+        if type(exc).__name__ not in ("OperationalError", "InterfaceError"):
+            raise
+        _fail("db_unavailable", f"nothing was accepted; Postgres is unreachable: {str(exc).splitlines()[0]}", 1)
     for ref, reason in result.rejected:
         typer.echo(f"refused[bad_ref]: {ref}: {reason}", err=True)
-    typer.echo(f"accepted {result.items} items in {result.messages} messages", err=True)
+    if result.publish_error:
+        typer.echo(f"warning[publish_failed]: job {result.job} is accepted ({result.items} items committed) but "
+                   f"the broker refused its messages ({result.publish_error}). Workers re-publish it once "
+                   "IMGQ_RECONCILE_AFTER_S has passed; `imgq reconcile --older-than 0` does it now.", err=True)
+    else:
+        typer.echo(f"accepted {result.items} items in {result.messages} messages", err=True)
     typer.echo(str(result.job))
 
 

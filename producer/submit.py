@@ -27,6 +27,7 @@ class Submitted:
     items: int
     messages: int
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (ref, reason)
+    publish_error: str | None = None  # the job is committed but its messages were not all sent
 
 
 def accept_refs(
@@ -75,5 +76,11 @@ def submit(
     messages = chunk_messages(job=str(job), model=settings.caption_model, params=params,
                               items=list(enumerate(accepted)),
                               per_message=refs_per_message or settings.refs_per_message)
-    sent = publish(app, messages, queue=settings.queue)
+    try:
+        sent = publish(app, messages, queue=settings.queue)
+    except Exception as exc:
+        # The job is accepted (committed); only its transport failed. Nothing is lost: the
+        # reconciler publishes queued items once they are old enough (or `imgq reconcile`).
+        return Submitted(job=job, items=len(accepted), messages=0, rejected=rejected or [],
+                         publish_error=f"{type(exc).__name__}: {exc}")
     return Submitted(job=job, items=len(accepted), messages=sent, rejected=rejected or [])
