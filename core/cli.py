@@ -86,6 +86,8 @@ def enqueue_caption(
                                                "(default: refuse the whole job).")] = False,
 ) -> None:
     """Caption images. Prints the job id once every item is committed and published."""
+    from tqdm import tqdm
+
     from imgq.celeryconf import make_celery
     from imgq.contract import parse_params
     from imgq.producer.submit import accept_refs, submit
@@ -113,7 +115,9 @@ def enqueue_caption(
         if from_file is not None:
             given += _read_lines(str(from_file))
         rejected: list[tuple[str, str]] = []
-        refs_stream = accept_refs(given, settings, skip_invalid=skip_invalid, rejected=rejected)
+        # A progress bar on a terminal only (disable=None): backfills of millions of refs take a while.
+        refs_stream = tqdm(accept_refs(given, settings, skip_invalid=skip_invalid, rejected=rejected),
+                           desc="accepting", unit="ref", file=sys.stderr, disable=None, mininterval=0.5)
         result = submit(settings=settings, store=_store(settings), app=make_celery(settings),
                         refs=refs_stream, params=params, rejected=rejected)
     except errors.ImgqError as exc:
@@ -123,7 +127,7 @@ def enqueue_caption(
     except Exception as exc:
         if type(exc).__name__ not in ("OperationalError", "InterfaceError"):
             raise
-        _fail("db_unavailable", f"nothing was accepted; Postgres is unreachable: {str(exc).splitlines()[0]}", 1)
+        _fail("db_unavailable", f"nothing was accepted; cannot use Postgres: {str(exc).splitlines()[0]}", 1)
     for ref, reason in result.rejected:
         typer.echo(f"refused[bad_ref]: {ref}: {reason}", err=True)
     if result.publish_error:

@@ -38,7 +38,7 @@ def test_database_down_at_enqueue_accepts_nothing(make_settings, image_root: Pat
     settings = make_settings(database_url=f"postgresql+psycopg://postgres@/imgq?host={tmp_path}")
     out = run_cli(settings, "enqueue", "caption", str(image_root / "a.jpg"))
     assert out.returncode == 1
-    assert out.stderr.startswith("error[db_unavailable]: nothing was accepted")
+    assert out.stderr.startswith("error[db_unavailable]: nothing was accepted; cannot use Postgres")
     assert "Traceback" not in out.stderr
 
 
