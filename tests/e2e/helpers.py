@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import random
 import signal
 import subprocess
 import sys
@@ -13,23 +11,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tests.corpus import scene as jpeg_bytes  # noqa: F401  (re-exported for the e2e tests)
 from tests.fixtures.services import settings_env
 
 IMGQ = [sys.executable, "-m", "imgq.cli"]
-
-
-def jpeg_bytes(width: int, height: int, seed: int, fmt: str = "JPEG") -> bytes:
-    from PIL import Image, ImageDraw
-
-    rng = random.Random(seed)
-    img = Image.new("RGB", (width, height), tuple(rng.randrange(256) for _ in range(3)))
-    draw = ImageDraw.Draw(img)
-    for _ in range(4):
-        x0, y0 = rng.randrange(width), rng.randrange(height)
-        draw.rectangle((x0, y0, x0 + width // 3, y0 + height // 3), fill=tuple(rng.randrange(256) for _ in range(3)))
-    buf = io.BytesIO()
-    img.save(buf, fmt)
-    return buf.getvalue()
 
 
 def run_cli(
