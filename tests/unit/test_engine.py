@@ -6,6 +6,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 
 import numpy as np
 import pytest
@@ -116,13 +117,25 @@ def test_write_outage_past_the_limit_asks_for_retry(results):
     engine.stop()
 
 
+@dataclass
+class GatedModel(EchoModel):
+    """Holds every batch until ``gate`` is set, so an item stays in flight as long as a test needs."""
+
+    gate: threading.Event = dataclass_field(default_factory=threading.Event)
+
+    def caption(self, pixel_values: np.ndarray, params: CaptionParams) -> list[str]:
+        assert self.gate.wait(10), "test never opened the gate"
+        return super().caption(pixel_values, params)
+
+
 def test_duplicate_submission_joins_the_item_in_flight(results):
-    model = EchoModel()
+    model = GatedModel()
     engine = make_engine(model, results)
     first = engine.submit(JOB, CaptionParams(), [(0, "img-0.1")])
     assert engine.in_flight(JOB, [0, 1]) == {0: first[0]}
     second = engine.submit(JOB, CaptionParams(), [(0, "img-0.1")])
     assert second[0] is first[0]
+    model.gate.set()
     first[0].future.result(10)
     engine.stop()
     assert sum(model.batches) == 1 and len(results.captions) == 1
@@ -138,22 +151,14 @@ def test_beam_search_caps_the_batch(results):
 
 def test_decoded_images_waiting_for_the_model_are_bounded(results):
     """Backpressure: decode threads stop once 4 x max_batch images wait, however many are submitted."""
-    gate = threading.Event()
-    waiting: list[int] = []
-
-    class SlowModel(EchoModel):
-        def caption(self, pixel_values, params):  # type: ignore[no-untyped-def]
-            gate.wait(10)
-            return super().caption(pixel_values, params)
-
-    model = SlowModel()
+    model = GatedModel()
     engine = make_engine(model, results, max_batch=2)
     work = engine.submit(JOB, CaptionParams(), [(i, f"img-0.{i}") for i in range(40)])
     time.sleep(0.5)
-    waiting.append(sum(item.pixels is not None for item in work))
-    gate.set()
+    waiting = sum(item.pixels is not None for item in work)
+    model.gate.set()
     for item in work:
         assert item.future.result(10).state == "done"
     engine.stop()
-    assert waiting[0] <= 8  # 4 x max_batch
+    assert waiting <= 8  # 4 x max_batch
     assert len(results.captions) == 40
