@@ -77,10 +77,12 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "preprocessor_config.json", "processor_config.json")
 
 
-def tiny_checkpoint() -> Path:
-    from imgq.worker.tiny import write_tiny_checkpoint
+def tiny_checkpoint(patch_size: int | None = None) -> Path:
+    """imgq's tiny checkpoint; ``patch_size=16`` gives the pre-2026-11-27 one (577 vision tokens)."""
+    from imgq.worker.tiny import PATCH_SIZE, write_tiny_checkpoint
 
-    return write_tiny_checkpoint(WORK / "tiny")
+    patch = patch_size or PATCH_SIZE
+    return write_tiny_checkpoint(WORK / ("tiny" if patch == PATCH_SIZE else f"tiny-p{patch}"), patch_size=patch)
 
 
 def base_checkpoint() -> Path:

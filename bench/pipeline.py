@@ -313,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mem-refs", type=int, default=0, help="enqueue this many refs and watch worker RSS")
     ap.add_argument("--mem-seconds", type=float, default=60)
     ap.add_argument("--decode-threads", type=int, default=None)
+    ap.add_argument("--torch-threads", type=int, default=None,
+                    help="IMGQ_TORCH_THREADS, for the worker and the model-only pass alike")
     ap.add_argument("--in-flight", type=int, default=None, help="IMGQ_MESSAGES_IN_FLIGHT")
     ap.add_argument("--refs-per-message", type=int, default=None)
     ap.add_argument("--max-wait-ms", type=int, default=None)
@@ -341,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
 
         overrides: dict[str, Any] = {"max_batch": batch}
         for key, value in (("decode_threads", args.decode_threads), ("messages_in_flight", args.in_flight),
-                           ("refs_per_message", args.refs_per_message), ("max_wait_ms", args.max_wait_ms)):
+                           ("refs_per_message", args.refs_per_message), ("max_wait_ms", args.max_wait_ms),
+                           ("torch_threads", args.torch_threads)):
             if value is not None:
                 overrides[key] = value
         bucket = None
@@ -350,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides["allowed_buckets"] = [bucket]
         settings = svc.settings(**overrides)
         result["settings"] = {k: getattr(settings, k) for k in ("max_batch", "max_wait_ms", "decode_threads",
-                                                                "messages_in_flight", "refs_per_message")}
+                                                                "messages_in_flight", "refs_per_message",
+                                                                "torch_threads")}
         store = Store.from_url(settings.sync_database_url, pool_size=2)
         app = make_celery(settings)
         svc.redis_client().delete(settings.queue)
@@ -376,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
                 naive_worker = start_naive(svc, ckpt)
                 procs.append(naive_worker)
             log("loading the model in-process for model-only timing; preparing arrays")
-            model = CaptionModel(str(ckpt), device="cpu")
+            model = CaptionModel(str(ckpt), device="cpu", threads=settings.torch_threads)
             model.load()
             arrays, prep = prepare_arrays(model, paths[:n], settings.decode_threads)
             result["prep"] = prep
@@ -475,7 +479,7 @@ def machine() -> str:
     import torch
 
     return (f"{os.cpu_count()} CPU ({platform.processor() or platform.machine()}), torch {torch.__version__} "
-            f"threads={torch.get_num_threads()}, python {platform.python_version()}")
+            f"default threads={torch.get_num_threads()}, python {platform.python_version()}")
 
 
 def print_table(r: dict[str, Any]) -> None:

@@ -57,7 +57,8 @@ def install() -> None:
 
     Fetcher.fetch = timed("fetch", Fetcher.fetch)
     worker_app.decode = timed("decode (Pillow, draft)", worker_app.decode)
-    Preprocessor.__call__ = timed("preprocess (resize+normalise)", Preprocessor.__call__)
+    Preprocessor.__call__ = timed("preprocess (resize+normalise, letterbox)", Preprocessor.__call__)
+    Preprocessor.pixels = timed("preprocess pixels (resize to uint8)", Preprocessor.pixels)
     CaptionModel.generate_ids = timed("model generate", CaptionModel.generate_ids)
     CaptionModel.caption = timed("model caption (generate + detokenise)", CaptionModel.caption)
     Store.claim = timed("db claim", Store.claim)

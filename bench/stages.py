@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import CAPTION_TOKENS, checkpoint, make_images, median
+from bench.common import CAPTION_TOKENS, checkpoint, make_images, median, tiny_checkpoint
 
 
 def per_image_ms(fn: Any, items: list[Any], repeats: int) -> float:
@@ -66,21 +66,36 @@ def main() -> int:
     out["normalise (LUT np.take -> float32 CHW)"] = per_image_ms(pre._normalize, resized, r)
     out["  uint8 HWC -> CHW only (normalise on device instead)"] = per_image_ms(
         lambda im: np.ascontiguousarray(np.asarray(im).transpose(2, 0, 1)), resized, r)
+    out["  the Image.copy() decode() no longer makes of an upright RGB JPEG"] = per_image_ms(
+        lambda im: im.copy(), decoded, r)
     out["Preprocessor.__call__ total (resize + normalise)"] = per_image_ms(lambda im: pre(im, "stretch"), decoded, r)
     proc = model.image_processor
     out["  HF BlipImageProcessor (naive path), per image"] = per_image_ms(
         lambda im: proc(images=im, return_tensors="np"), decoded[:64], max(1, r // 2))
 
+    import torch
+
+    uint8 = np.stack([pre.pixels(im, "stretch") for im in decoded[:32]])
+    batch = [uint8]
+    model.model_input(uint8)
+    mean, std = (torch.tensor(v).reshape(1, 3, 1, 1) for v in (pre.mean, pre.std))
+    out["device normalise, batch 32: in place x*gain+offset (model_input)"] = per_image_ms(
+        model.model_input, batch, r) / 32
+    out["  textbook (x*scale - mean)/std, as before 2026-11-27"] = per_image_ms(
+        lambda b: (torch.from_numpy(b).to(torch.float32) * pre.rescale_factor - mean) / std, batch, r) / 32
+
     params = CaptionParams(max_new_tokens=CAPTION_TOKENS, min_new_tokens=CAPTION_TOKENS)
-    arrays = np.stack([pre(im, "stretch") for im in decoded[:64]])
-    model.caption(arrays[:32], params)
-    runs = []
-    for _ in range(max(2, r // 2)):
-        t = time.process_time()
-        for s in range(0, 64, 32):
-            model.caption(arrays[s : s + 32], params)
-        runs.append((time.process_time() - t) * 1000 / 64)
-    out["tiny model caption, batch 32, 20 tokens (process CPU, 2 torch threads)"] = median(runs)
+    threads = torch.get_num_threads()
+    old_tiny = CaptionModel(str(tiny_checkpoint(16)), device="cpu")
+    for label, tiny in (("tiny (patch 64, 37 vision tokens)", model),
+                        ("  old tiny (patch 16, 577 vision tokens)", old_tiny)):
+        tiny.caption(uint8, params)
+        runs = []
+        for _ in range(max(2, r // 2)):
+            t = time.process_time()
+            tiny.caption(uint8, params)
+            runs.append((time.process_time() - t) * 1000 / len(uint8))
+        out[f"{label} caption, batch 32, 20 tokens (process CPU, {threads} torch threads)"] = median(runs)
 
     command = "python -m bench.stages " + shlex.join(sys.argv[1:])
     if args.json:

@@ -218,12 +218,16 @@ def worker(
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda (IMGQ_DEVICE).")] = None,
     concurrency: Annotated[int | None, typer.Option(help="Messages held at once (IMGQ_MESSAGES_IN_FLIGHT).")] = None,
     decode_threads: Annotated[int | None, typer.Option(help="Fetch/decode threads (IMGQ_DECODE_THREADS).")] = None,
+    torch_threads: Annotated[
+        int | None, typer.Option(help="torch CPU threads, 0 = one per core (IMGQ_TORCH_THREADS).")
+    ] = None,
     loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
     hostname: Annotated[str | None, typer.Option(help="Celery node name.")] = None,
 ) -> None:
     """Run a batching caption worker (a Celery worker with a thread pool and one model)."""
     settings = _settings(max_batch=max_batch, max_wait_ms=max_wait_ms, device=device,
-                         messages_in_flight=concurrency, decode_threads=decode_threads)
+                         messages_in_flight=concurrency, decode_threads=decode_threads,
+                         torch_threads=torch_threads)
     try:
         from imgq.worker.app import WorkerRuntime, make_worker_app
     except ImportError as exc:

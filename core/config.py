@@ -47,6 +47,13 @@ class Settings(BaseSettings):
     max_batch: int = Field(32, ge=1, le=4096, description="Largest model batch.")
     max_wait_ms: int = Field(50, ge=0, le=60_000, description="Longest an item waits for batchmates.")
     decode_threads: int = Field(4, ge=1, le=256, description="Fetch/decode threads per worker.")
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="torch intra-op CPU threads; 0 = torch's default (one per core). On a CPU-only "
+        "host with a small model, 1 leaves the other cores to decoding (see docs/performance.md).",
+    )
     messages_in_flight: int = Field(
         16, ge=1, le=1024, description="Messages a worker holds at once (Celery thread pool size)."
     )

@@ -41,7 +41,7 @@ class WorkerRuntime:
             from imgq.worker.model import CaptionModel
 
             model = CaptionModel(settings.caption_model, revision=settings.model_revision,
-                                 device=settings.device, dtype=settings.dtype)
+                                 device=settings.device, dtype=settings.dtype, threads=settings.torch_threads)
         self.model = model
         self.store = Store.from_url(settings.sync_database_url, pool_size=4, max_overflow=8)
         self.fetcher = Fetcher(settings, s3_client)

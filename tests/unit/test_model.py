@@ -176,3 +176,20 @@ def test_uint8_pixels_normalised_on_the_device_match_the_processor(tiny_model_di
     params = CaptionParams(max_new_tokens=5)
     batch = np.stack([pre.pixels(im, "stretch") for im in images])
     assert model.caption(batch, params) == model.caption(np.stack([pre(im) for im in images]), params)
+
+
+def test_threads_setting_caps_torch_cpu_threads(tiny_model_dir) -> None:
+    before = torch.get_num_threads()
+    try:
+        CaptionModel(str(tiny_model_dir), device="cpu", threads=1).load()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_tiny_captions_are_never_empty(tiny_model_dir) -> None:
+    """The tiny checkpoint never emits special tokens, so an empty caption always means a bug."""
+    model = CaptionModel(str(tiny_model_dir), device="cpu")
+    flat = np.stack([np.full((3, 384, 384), v, dtype=np.uint8) for v in (0, 40, 128, 255)])
+    captions = model.caption(flat, CaptionParams(max_new_tokens=3))
+    assert all(len(c.split()) >= 1 for c in captions), captions
