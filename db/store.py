@@ -62,6 +62,9 @@ SET code = EXCLUDED.code, message = EXCLUDED.message, attempts = EXCLUDED.attemp
 """)
 
 # prev.state = 'running' means an earlier delivery claimed the item and never settled it.
+# The repeated seq = ANY(...) keeps both key columns in the index condition of the UPDATE's scan:
+# joined on prev.seq alone, a planner that expects a handful of rows per job (a new job id that
+# the statistics have not seen) walks every item of the job, 1.2 s per claim with 1M items.
 _CLAIM = text("""
 WITH prev AS (
   SELECT seq, state FROM job_items
@@ -69,7 +72,7 @@ WITH prev AS (
   FOR UPDATE
 )
 UPDATE job_items AS j SET attempts = attempts + 1, state = 'running', worker = :worker, updated_at = now()
-FROM prev WHERE j.job_id = :job AND j.seq = prev.seq
+FROM prev WHERE j.job_id = :job AND j.seq = ANY(CAST(:seqs AS int[])) AND j.seq = prev.seq
 RETURNING j.seq, j.attempts, prev.state = 'running' AS unsettled
 """)
 

@@ -116,3 +116,49 @@ def test_a_failure_while_streaming_refs_commits_nothing(store: Store):
     with pytest.raises(EmptyJob):
         store.create_job(kind="caption", model="m", params={}, params_hash="h", refs=iter([]))
     assert count(store, "jobs") == 0 and count(store, "job_items") == 0
+
+
+def _job_items_rows_read(plan: dict) -> int:
+    """Rows that plan nodes reading job_items produced, over all their loops."""
+    own = plan.get("Actual Rows", 0) * plan.get("Actual Loops", 1) if plan.get("Relation Name") == "job_items" else 0
+    return own + sum(_job_items_rows_read(child) for child in plan.get("Plans", []))
+
+
+def test_per_message_statements_touch_only_their_items_in_a_new_big_job(store: Store):
+    """The planner last analysed job_items when it held an earlier backfill; a new one of 100k
+    items lands (autoanalyze waits for 10 % of the table to change). Its job id is not in the
+    statistics, so the planner expects a row or two per job. Every per-message statement must
+    still find its items by (job, seq), not walk the whole job: a claim that did that cost 1.2 s
+    per message with 1M items."""
+    from sqlalchemy import event
+
+    new_job(store, [f"s3://b/old-{i}.jpg" for i in range(100_000)])
+    with store.engine.begin() as conn:
+        conn.execute(text("ANALYZE job_items"))
+    job = new_job(store, [f"s3://b/{i}.jpg" for i in range(100_000)])
+    captured: list[tuple[str, object]] = []
+
+    def grab(conn, cursor, statement, parameters, context, executemany):
+        if "job_items" in statement and statement.lstrip().upper().startswith(("WITH", "UPDATE")):
+            captured.append((statement, parameters))
+
+    event.listen(store.engine, "before_cursor_execute", grab)
+    try:
+        seqs = list(range(50_000, 50_016))
+        store.claim(job, seqs, "w1")
+        store.unclaim(job, seqs[:2])
+        store.write_captions([row(job, s, str(s)) for s in seqs[:8]])
+        store.write_dead([DeadRow(job, s, "not_found", "gone", "w1") for s in seqs[8:12]])
+        store.release(job, seqs[12:])
+    finally:
+        event.remove(store.engine, "before_cursor_execute", grab)
+    assert len(captured) == 5
+    slow = []
+    for statement, parameters in captured:
+        with store.engine.connect() as conn, conn.begin() as tx:
+            plan = conn.exec_driver_sql("EXPLAIN (ANALYZE, FORMAT JSON) " + statement, parameters).scalar_one()
+            tx.rollback()
+        read = _job_items_rows_read(plan[0]["Plan"])
+        if read > 64:
+            slow.append(f"{read:.0f} job_items rows read by:\n{statement}")
+    assert not slow, "\n\n".join(slow)

@@ -38,3 +38,11 @@ def test_as_env_round_trips(monkeypatch, tmp_path: Path):
     for key, value in original.as_env().items():
         monkeypatch.setenv(key, value)
     assert Settings(_env_file=None) == original
+
+
+def test_decode_threads_default_to_the_usable_cores(monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert Settings(_env_file=None).decode_threads == 3
+    assert Settings(_env_file=None, decode_threads=5).decode_threads == 5
