@@ -9,13 +9,17 @@ import time
 import pytest
 
 from imgq.db.store import Store
+from imgq.worker.tiny import write_tiny_checkpoint
 from tests.e2e.helpers import check_job, jpeg_bytes, run_cli, start_worker, stop
 from tests.e2e.test_faults import FAST
 
 pytestmark = [pytest.mark.e2e, pytest.mark.soak]
 
 
-def test_chaos_kills_during_a_2000_image_job(make_settings, image_root, tiny_model_dir, tmp_path):
+def test_chaos_kills_during_a_2000_image_job(make_settings, image_root, tmp_path):
+    # The tiny checkpoint with 16 px patches costs ~25 ms of CPU per image (the default tiny, 3 ms):
+    # a job that lasts long enough for every kill to land while work is in flight.
+    model_dir = write_tiny_checkpoint(tmp_path / "tiny-p16", patch_size=16)
     settings = make_settings(**{**FAST, "max_attempts": 8})
     refs = []
     for i in range(2000):
@@ -29,24 +33,27 @@ def test_chaos_kills_during_a_2000_image_job(make_settings, image_root, tiny_mod
     job = out.stdout.strip()
     store = Store.from_url(settings.database_url)
     rng = random.Random(7)
-    procs = [start_worker(settings, tiny_model_dir, tmp_path, f"w{i}", "--concurrency", "4") for i in range(2)]
+    procs = [start_worker(settings, model_dir, tmp_path, f"w{i}", "--concurrency", "4") for i in range(2)]
     kills = 0
-    deadline = time.monotonic() + 1200
+    started = time.monotonic()
+    deadline = started + 1200
     try:
         while True:
             counts = store.counts(job)
             if counts["queued"] == counts["running"] == 0:
                 break
             assert time.monotonic() < deadline, counts
-            time.sleep(rng.uniform(5, 15))
+            time.sleep(rng.uniform(3, 10))
             if kills < 6:
                 victim = rng.randrange(len(procs))
                 procs[victim].send_signal(signal.SIGKILL)
                 procs[victim].wait()
                 kills += 1
-                procs[victim] = start_worker(settings, tiny_model_dir, tmp_path, f"r{kills}", "--concurrency", "4")
+                procs[victim] = start_worker(settings, model_dir, tmp_path, f"r{kills}", "--concurrency", "4")
     finally:
         for proc in procs:
             stop(proc)
+    print(f"\nsoak: 2000 images, {kills} SIGKILLs during the job, {time.monotonic() - started:.0f} s")
+    assert kills == 6, f"the job finished after only {kills} kills; the soak needs a longer job"
     assert store.counts(job) == {"queued": 0, "running": 0, "done": 2000, "dead": 0}
     check_job(settings, job)
