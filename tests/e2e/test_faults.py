@@ -61,13 +61,13 @@ def logs(tmp_path: Path) -> str:
     return "\n".join(p.read_text(errors="replace") for p in tmp_path.glob("worker-*.log"))
 
 
-def test_sigkill_mid_batch_work_completes_elsewhere(make_settings, image_root, tiny_model_dir, tmp_path):
+def test_sigkill_mid_batch_work_completes_elsewhere(make_settings, image_root, slow_tiny_model_dir, tmp_path):
     settings = make_settings(**FAST)
     job = enqueue(settings, tmp_path, local_images(image_root, 120), per_message=8)
     store = Store.from_url(settings.database_url)
-    victim = start_worker(settings, tiny_model_dir, tmp_path, "victim")
+    victim = start_worker(settings, slow_tiny_model_dir, tmp_path, "victim")
     wait_done_at_least(store, job, 8)
-    survivor = start_worker(settings, tiny_model_dir, tmp_path, "survivor")
+    survivor = start_worker(settings, slow_tiny_model_dir, tmp_path, "survivor")
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     try:
@@ -75,20 +75,23 @@ def test_sigkill_mid_batch_work_completes_elsewhere(make_settings, image_root, t
     finally:
         stop(survivor)
     assert totals == {"queued": 0, "running": 0, "done": 120, "dead": 0}
+    with store.engine.connect() as conn:
+        redelivered = conn.execute(text("SELECT count(*) FROM job_items WHERE attempts > 1")).scalar_one()
+    assert redelivered > 0, "the kill must hit work in flight, or this test proves nothing"
     check_job(settings, job)
 
 
-def test_sigkill_after_inference_before_commit(make_settings, image_root, tiny_model_dir, tmp_path):
+def test_sigkill_after_inference_before_commit(make_settings, image_root, slow_tiny_model_dir, tmp_path):
     settings = make_settings(**FAST)
     marker = tmp_path / "kill-next-commit"
     marker.touch()
     job = enqueue(settings, tmp_path, local_images(image_root, 40), per_message=8)
     store = Store.from_url(settings.database_url)
-    victim = start_worker(settings, tiny_model_dir, tmp_path, "victim",
+    victim = start_worker(settings, slow_tiny_model_dir, tmp_path, "victim",
                           env_extra={"IMGQ_TEST_FAULTS": "kill_before_commit", "IMGQ_TEST_MARKER": str(marker)})
     assert victim.wait(60) == -signal.SIGKILL and not marker.exists()
     assert store.counts(job)["done"] == 0, "the killed batch must not have been committed"
-    survivor = start_worker(settings, tiny_model_dir, tmp_path, "survivor")
+    survivor = start_worker(settings, slow_tiny_model_dir, tmp_path, "survivor")
     try:
         totals = wait_finished(store, [job], timeout=120)
     finally:
@@ -100,14 +103,14 @@ def test_sigkill_after_inference_before_commit(make_settings, image_root, tiny_m
     check_job(settings, job)
 
 
-def test_poison_item_is_dead_lettered_not_looped(make_settings, image_root, tiny_model_dir, tmp_path):
+def test_poison_item_is_dead_lettered_not_looped(make_settings, image_root, slow_tiny_model_dir, tmp_path):
     settings = make_settings(**{**FAST, "max_attempts": 3})
     refs = local_images(image_root, 24, poison=5)
     job = enqueue(settings, tmp_path, refs, per_message=4)
     store = Store.from_url(settings.database_url)
     crashes = 0
     deadline = time.monotonic() + 150
-    worker = start_worker(settings, tiny_model_dir, tmp_path, "w0", "--concurrency", "2",
+    worker = start_worker(settings, slow_tiny_model_dir, tmp_path, "w0", "--concurrency", "2",
                           env_extra={"IMGQ_TEST_FAULTS": "poison"})
     try:
         while True:  # a supervisor (systemd, Kubernetes) restarts a worker that died
@@ -117,7 +120,7 @@ def test_poison_item_is_dead_lettered_not_looped(make_settings, image_root, tiny
             assert time.monotonic() < deadline, f"{counts} after {crashes} crashes\n{logs(tmp_path)[-3000:]}"
             if worker.poll() is not None:
                 crashes += 1
-                worker = start_worker(settings, tiny_model_dir, tmp_path, f"w{crashes}", "--concurrency", "2",
+                worker = start_worker(settings, slow_tiny_model_dir, tmp_path, f"w{crashes}", "--concurrency", "2",
                                       env_extra={"IMGQ_TEST_FAULTS": "poison"})
             time.sleep(0.2)
     finally:
@@ -130,11 +133,11 @@ def test_poison_item_is_dead_lettered_not_looped(make_settings, image_root, tiny
     check_job(settings, job)
 
 
-def test_redis_restarted_empty_mid_job(make_settings, redis_server, image_root, tiny_model_dir, tmp_path):
+def test_redis_restarted_empty_mid_job(make_settings, redis_server, image_root, slow_tiny_model_dir, tmp_path):
     settings = make_settings(**FAST)
     job = enqueue(settings, tmp_path, local_images(image_root, 80), per_message=4)
     store = Store.from_url(settings.database_url)
-    worker = start_worker(settings, tiny_model_dir, tmp_path, "w0", "--concurrency", "2")
+    worker = start_worker(settings, slow_tiny_model_dir, tmp_path, "w0", "--concurrency", "2")
     try:
         wait_done_at_least(store, job, 4)
         redis_server.stop(kill=True)  # no persistence: every queued message is gone
@@ -147,13 +150,14 @@ def test_redis_restarted_empty_mid_job(make_settings, redis_server, image_root, 
     check_job(settings, job)
 
 
-def test_postgres_down_for_30s_mid_job(make_settings, pg_server, image_root, tiny_model_dir, tmp_path):
+def test_postgres_down_for_30s_mid_job(make_settings, pg_server, image_root, slow_tiny_model_dir, tmp_path):
     settings = make_settings(**FAST)
     job = enqueue(settings, tmp_path, local_images(image_root, 60), per_message=4)
     store = Store.from_url(settings.database_url)
-    worker = start_worker(settings, tiny_model_dir, tmp_path, "w0", "--concurrency", "2")
+    worker = start_worker(settings, slow_tiny_model_dir, tmp_path, "w0", "--concurrency", "2")
     try:
         wait_done_at_least(store, job, 4)
+        assert store.counts(job)["done"] < 60, "the outage must start while work is in flight"
         pg_server.stop()
         time.sleep(30)
         assert worker.poll() is None, "the worker must ride out a database outage"
@@ -166,7 +170,7 @@ def test_postgres_down_for_30s_mid_job(make_settings, pg_server, image_root, tin
     check_job(settings, job)
 
 
-def test_same_message_delivered_three_times_at_once(make_settings, image_root, tiny_model_dir, tmp_path):
+def test_same_message_delivered_three_times_at_once(make_settings, image_root, slow_tiny_model_dir, tmp_path):
     settings = make_settings(**FAST)
     refs = local_images(image_root, 32)
     store = Store.from_url(settings.database_url)
@@ -177,7 +181,7 @@ def test_same_message_delivered_three_times_at_once(make_settings, image_root, t
     app = make_celery(settings)
     threads = [threading.Thread(target=publish, args=(app, [message]), kwargs={"queue": settings.queue})
                for _ in range(3)]
-    worker = start_worker(settings, tiny_model_dir, tmp_path, "w0", "--concurrency", "4")
+    worker = start_worker(settings, slow_tiny_model_dir, tmp_path, "w0", "--concurrency", "4")
     try:
         for t in threads:
             t.start()

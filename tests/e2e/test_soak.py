@@ -9,17 +9,14 @@ import time
 import pytest
 
 from imgq.db.store import Store
-from imgq.worker.tiny import write_tiny_checkpoint
 from tests.e2e.helpers import check_job, jpeg_bytes, run_cli, start_worker, stop
 from tests.e2e.test_faults import FAST
 
 pytestmark = [pytest.mark.e2e, pytest.mark.soak]
 
 
-def test_chaos_kills_during_a_2000_image_job(make_settings, image_root, tmp_path):
-    # The tiny checkpoint with 16 px patches costs ~25 ms of CPU per image (the default tiny, 3 ms):
-    # a job that lasts long enough for every kill to land while work is in flight.
-    model_dir = write_tiny_checkpoint(tmp_path / "tiny-p16", patch_size=16)
+def test_chaos_kills_during_a_2000_image_job(make_settings, image_root, slow_tiny_model_dir, tmp_path):
+    model_dir = slow_tiny_model_dir  # slow enough that every kill lands while work is in flight
     settings = make_settings(**{**FAST, "max_attempts": 8})
     refs = []
     for i in range(2000):
