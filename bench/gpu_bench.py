@@ -328,6 +328,58 @@ def bench_engine(model: Any, params_cls: Any, blobs: list[bytes], max_batch: int
                    "prep_only_img_s": prep_img_s}}
 
 
+def bench_gpu_decode(model: Any, blobs: list[bytes], device: str, batch: int = 64) -> dict[str, Any]:
+    """nvJPEG decode (``torchvision.io.decode_jpeg`` on the GPU) + bicubic antialiased resize to the
+    model's input, against the CPU path's output: is it worth moving decode off the CPU?
+
+    Guarded: torchvision is optional (absent here, so this never ran on the 2-core CPU machine),
+    and a failure is recorded instead of ending the run."""
+    name = f"nvJPEG decode + GPU resize, batches of {batch}"
+    try:
+        import numpy as np
+        import torch
+        import torch.nn.functional as F
+        from torchvision.io import decode_jpeg
+    except ImportError as exc:
+        log(f"{name}: skipped ({exc})")
+        return {}
+    if not device.startswith("cuda"):
+        log(f"{name}: skipped (device {device})")
+        return {}
+    try:
+        from imgq.worker.decode import decode
+        from imgq.worker.preprocess import Preprocessor
+
+        pre = Preprocessor.from_image_processor(model.image_processor)
+        sample = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs[:1024]]
+
+        def run(chunk: list[Any]) -> Any:
+            images = torch.stack(decode_jpeg(chunk, device=device))  # all 640x480 here
+            return F.interpolate(images.float(), size=(pre.size, pre.size), mode="bicubic",
+                                 antialias=True, align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
+
+        run(sample[:batch])
+        torch.cuda.synchronize()
+        with Phase(name):
+            t0 = time.perf_counter()
+            for start in range(0, len(sample), batch):
+                out = run(sample[start : start + batch])
+            torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+        gpu = run(sample[:16]).cpu().numpy().astype(int)
+        cpu = np.stack([pre.pixels(decode(b, max_pixels=40_000_000).image) for b in blobs[:16]]).astype(int)
+        diff = np.abs(gpu - cpu)
+        result = {"img_s": len(sample) / dt, "images": len(sample), "batch": batch,
+                  "vs_cpu_path_max_abs_levels": int(diff.max()), "vs_cpu_path_mean_abs_levels": float(diff.mean())}
+        del out
+        log(f"{name}: {result['img_s']:,.0f} img/s; vs Pillow path: max |diff| {diff.max()} levels, "
+            f"mean {diff.mean():.2f}")
+        return {name: result}
+    except Exception as exc:  # an optional measurement must not cost the rest of the run
+        log(f"{name}: failed: {type(exc).__name__}: {exc}")
+        return {name: {"error": f"{type(exc).__name__}: {exc}"}}
+
+
 def bench_naive(ckpt: Path, device: str, dtype: Any, blobs: list[bytes]) -> dict[str, Any]:
     import io
 
@@ -362,7 +414,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     ap.add_argument("--max-wait-ms", type=int, default=50)
     ap.add_argument("--naive-images", type=int, default=128)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["model", "beam", "pipeline", "naive"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["model", "beam", "pipeline", "decode", "naive"])
     ap.add_argument("--stub", action="store_true", help="use the stand-ins even where pydantic/sqlalchemy exist")
     ap.add_argument("--out", type=Path, default=REPO / ".imgq" / "bench" / "gpu-out")
     args = ap.parse_args()
@@ -396,6 +448,8 @@ def main() -> int:
             blobs = jpeg_images(args.pipeline_images)
             results.update(bench_engine(model, CaptionParams, blobs, args.pipeline_batch, args.threads,
                                         args.max_wait_ms))
+        if "decode" not in args.skip:
+            results.update(bench_gpu_decode(model, jpeg_images(1024), args.device))
         if "naive" not in args.skip:
             del model
             if torch.cuda.is_available():

@@ -5,8 +5,9 @@
 #
 # Prints model-only images/s (BLIP-base architecture, random weights, bf16, greedy 20 tokens at batch
 # 64..512, and beam 3 at 64..256), the in-process pipeline images/s (decode thread pool -> batcher ->
-# model -> in-memory store; no Redis/Postgres there), the naive transformers-pipeline images/s, and
-# nvidia-smi GPU utilisation per phase. Needs only what the GPU image has (torch, transformers,
+# model -> in-memory store; no Redis/Postgres there), nvJPEG decode + GPU resize images/s and its
+# difference from the Pillow path (if torchvision is there), the naive transformers-pipeline
+# images/s, and nvidia-smi GPU utilisation per phase. Needs only what the GPU image has (torch, transformers,
 # numpy, Pillow, nvidia-smi): no wheels to carry. Results: $OUT/gpu.json, $OUT/gpu.log, $OUT/smi.csv.
 #
 # Validated on CPU with:  .venv/bin/python -m bench.gpu_bench --device cpu --arch tiny --stub \
