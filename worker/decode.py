@@ -63,7 +63,7 @@ def decode(data: bytes, *, max_pixels: int, target: int | None = None) -> Decode
     if rgb is not im:
         im.close()
     # else: the common case, an upright RGB JPEG, is returned as loaded. Its pixels are in memory
-    # and its file is a BytesIO, so there is nothing to close, and copying (0.3 ms) would be waste.
+    # and its file is a BytesIO, so there is nothing to close, and a copy would be waste.
     # MPO is how Pillow names a JPEG carrying extra pictures (most phone cameras): still a JPEG.
     fmt = "JPEG" if im.format == "MPO" else str(im.format)
     return DecodedImage(image=rgb, width=width, height=height, format=fmt)
