@@ -17,12 +17,23 @@ def chunk_messages(
         yield TaskMessage(job=job, model=model, params=params, items=list(items[start : start + per_message]))
 
 
+# Redis commands per pipelined round trip (kombu's Producer.batch; one LPUSH per message).
+PIPELINE = 1000
+
+
 def publish(
     app: Celery, messages: Iterable[TaskMessage], *, queue: str, countdown: float | None = None
 ) -> int:
-    """Publish over one pooled connection; returns the number of messages sent."""
+    """Publish over one pooled connection, pipelined; returns the number of messages handed over.
+
+    kombu's ``Producer.batch`` sends up to ``PIPELINE`` LPUSHes per round trip, and without it the
+    Redis transport builds a client per message: 2.6x the publish rate at 16 refs per message
+    (docs/performance.md). A failed flush raises; some messages of the batch may have been
+    delivered. That is safe: Postgres holds the job, duplicates are idempotent, and the
+    reconciler re-publishes what is missing.
+    """
     sent = 0
-    with app.producer_or_acquire() as producer:
+    with app.producer_or_acquire() as producer, producer.batch(max_size=PIPELINE):
         for message in messages:
             body = message.to_json()
             app.send_task(
