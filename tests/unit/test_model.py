@@ -188,8 +188,15 @@ def test_threads_setting_caps_torch_cpu_threads(tiny_model_dir) -> None:
 
 
 def test_tiny_captions_are_never_empty(tiny_model_dir) -> None:
-    """The tiny checkpoint never emits special tokens, so an empty caption always means a bug."""
+    """The tiny checkpoint never emits special tokens, so an empty caption always means a bug.
+    (Without that, 1 of these 64 images got an empty caption: the e2e tests would flake.)"""
     model = CaptionModel(str(tiny_model_dir), device="cpu")
-    flat = np.stack([np.full((3, 384, 384), v, dtype=np.uint8) for v in (0, 40, 128, 255)])
-    captions = model.caption(flat, CaptionParams(max_new_tokens=3))
-    assert all(len(c.split()) >= 1 for c in captions), captions
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(64):
+        base = rng.integers(0, 256, 3)[:, None, None]
+        ramp = np.linspace(0, 1, 384)[None, None, :] * rng.integers(-128, 128, 3)[:, None, None]
+        noise = rng.normal(0, 20 * (i % 4), (3, 384, 384))
+        images.append(np.clip(base + ramp + noise, 0, 255).astype(np.uint8))
+    captions = model.caption(np.stack(images), CaptionParams(max_new_tokens=8))
+    assert [c for c in captions if not c.strip()] == []
