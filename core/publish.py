@@ -27,7 +27,7 @@ def publish(
     """Publish over one pooled connection, pipelined; returns the number of messages handed over.
 
     kombu's ``Producer.batch`` sends up to ``PIPELINE`` LPUSHes per round trip, and without it the
-    Redis transport builds a client per message: 2.6x the publish rate at 16 refs per message
+    Redis transport builds a client per message: x2.47 the publish rate at 16 refs per message
     (docs/performance.md). A failed flush raises; some messages of the batch may have been
     delivered. That is safe: Postgres holds the job, duplicates are idempotent, and the
     reconciler re-publishes what is missing.
