@@ -1,4 +1,5 @@
-"""Shared bench helpers: embedded services, deterministic images, tiny and full-size checkpoints."""
+"""Shared bench helpers: embedded services, deterministic images, tiny and full-size checkpoints,
+and jobs built the way the producer builds them."""
 
 from __future__ import annotations
 
@@ -118,8 +119,56 @@ def base_checkpoint() -> Path:
     return out
 
 
-def checkpoint(arch: str) -> Path:
+def retrieval_checkpoint(arch: str) -> Path:
+    """The tiny retrieval checkpoint, or BLIP-base's retrieval architecture with random weights:
+    ``bench.gpu_embed.retrieval_checkpoint`` (one builder for both benches), under ``WORK``."""
+    from bench.gpu_embed import retrieval_checkpoint as build
+
+    return build(arch, WORK)
+
+
+def checkpoint(arch: str, kind: str = "caption") -> Path:
+    """The checkpoint that serves ``kind``: captioning, or retrieval for embed and validate."""
+    if kind != "caption":
+        return retrieval_checkpoint(arch)
     return tiny_checkpoint() if arch == "tiny" else base_checkpoint()
+
+
+# -- jobs ---------------------------------------------------------------------------------------------
+
+def caption_params() -> Any:
+    """The caption parameters every bench uses: exactly ``CAPTION_TOKENS`` tokens, greedy."""
+    from imgq.contract import CaptionParams
+
+    return CaptionParams(max_new_tokens=CAPTION_TOKENS, min_new_tokens=CAPTION_TOKENS)
+
+
+def bench_task(kind: str, model: str) -> Any:
+    """A message task for ``kind`` on ``model`` (caption: ``caption_params()``; others: defaults)."""
+    from imgq.contract import make_task
+    from imgq.kinds import spec
+
+    params = caption_params() if kind == "caption" else spec(kind).params()
+    return make_task(kind, model, params)
+
+
+def task_record(task: Any) -> dict[str, Any]:
+    """The ``jobs.tasks`` entry of a task, as ``producer.submit`` stores it (``Store.create_job``)."""
+    return {"kind": task.kind, "model": task.model, "params": task.params.canonical(),
+            "params_hash": task.params.digest()}
+
+
+def create_job(store: Any, tasks: list[Any], refs: Any) -> Any:
+    return store.create_job(tasks=[task_record(t) for t in tasks], refs=refs)
+
+
+def caption_done(job: Any, seq: int, obj: Any, task: Any, text: str, *, worker: str = "w1:1",
+                 revision: str = "local-0123456789ab") -> Any:
+    """A ``DoneItem`` with one caption result, as the engine hands it to ``Store.write_done``."""
+    from imgq.ports import DoneItem
+
+    return DoneItem(job, seq, obj, worker,
+                    {"caption": (task.model, revision, task.params.digest(), task.params.canonical(), text)})
 
 
 # -- services ---------------------------------------------------------------------------------------
@@ -191,7 +240,7 @@ class Services:
         from sqlalchemy import text
 
         with store.engine.begin() as conn:
-            conn.execute(text("TRUNCATE dead_letters, job_items, jobs, captions, images"))
+            conn.execute(text("TRUNCATE dead_letters, job_items, jobs, captions, embeddings, matches, images"))
 
     def redis_client(self) -> Any:
         import redis

@@ -1,26 +1,30 @@
 """GPU bench for a lent H100/H200 (driven by bench/gpu_run.sh); runs on CPU too for validation.
 
-Needs only torch, transformers, numpy and Pillow (what the GPU image has): imgq is imported straight
-from the working tree (core/ -> imgq, worker/ -> imgq.worker), and where pydantic or sqlalchemy are
-missing, ``imgq.contract`` and ``imgq.db.store`` are replaced by small stand-ins with the same names
-(``--stub`` forces that here, to validate the GPU path on this machine).
+Needs torch, transformers, numpy and Pillow (what the GPU image has) plus pydantic and
+pydantic-settings, which bench/gpu_run.sh installs from the wheels that bench/gpu_wheels.sh fetches
+here (carry ``.whl``). imgq is imported straight from the working tree (core/ -> imgq, worker/ ->
+imgq.worker); nothing imports SQL, so the worker's real engine, runners and contract run unchanged.
 
 Phases (each timed, GPU utilisation sampled by nvidia-smi in the background and averaged per phase):
 1. model-only: ``CaptionModel.caption`` on pre-normalised float32 host arrays, bf16, greedy 20 tokens
    (min = max = 20) at each ``--batches``, and beam 3 at ``--beam-batches``;
-2. pipeline in-process: ``Engine`` (decode thread pool -> dynamic batcher -> model -> writer) with an
-   in-memory store, fed 16-ref "messages" of real 640x480 JPEG bytes, no Redis/Postgres;
-3. naive: transformers ``pipeline("image-text-to-text")`` one image per call, text="".
+2. pipeline in-process: the worker's ``Engine`` and ``CaptionRunner`` (decode thread pool -> dynamic
+   batcher -> model -> writer) with the in-memory ``MemoryResults`` store, fed 16-ref "messages" of
+   real 640x480 JPEG bytes, no Redis/Postgres;
+3. naive: transformers ``pipeline("image-text-to-text")`` one image per call, text="";
+4. embed: ``RetrievalModel.embed_images``/``embed_texts`` on the BLIP-base retrieval architecture
+   (bench/gpu_embed.py). ``--phases embed`` runs it alone (no caption checkpoint is built then).
 
     python3 -m bench.gpu_bench --device cuda --arch base --out $OUT
-    .venv/bin/python -m bench.gpu_bench --device cpu --arch tiny --stub --batches 8 16 --beam-batches 8 \
+    .venv/bin/python -m bench.gpu_bench --device cpu --arch tiny --batches 8 16 --beam-batches 8 \
         --pipeline-images 64 --naive-images 8 --out .imgq/bench/gpu-cpu-check
+    .venv/bin/python -m bench.gpu_bench --device cpu --arch tiny --phases embed --embed-batches 8 16 \
+        --text-batch 64 --embed-seconds 0.5 --out .imgq/bench/gpu-cpu-check
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import importlib
 import importlib.util
@@ -35,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+CAPTION_PHASES = ["model", "beam", "pipeline", "decode", "naive"]
 TOKENS = 20
 PHASES: list[tuple[str, float, float]] = []  # (name, wall start, wall end) in time.time()
 
@@ -55,99 +60,24 @@ def _package(name: str, folder: Path) -> None:
         setattr(sys.modules[parent], child, mod)
 
 
-def _stub_contract() -> None:
-    mod = types.ModuleType("imgq.contract")
-
-    @dataclasses.dataclass(frozen=True)
-    class CaptionParams:  # the fields and methods of imgq.contract.CaptionParams that the worker uses
-        max_new_tokens: int = 30
-        min_new_tokens: int = 0
-        num_beams: int = 1
-        do_sample: bool = False
-        top_p: float = 1.0
-        top_k: int = 50
-        temperature: float = 1.0
-        repetition_penalty: float = 1.0
-        prompt: str | None = None
-        resize: str = "stretch"
-        seed: int | None = None
-
-        def canonical(self) -> dict[str, Any]:
-            return dataclasses.asdict(self)
-
-        def digest(self) -> str:
-            blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
-            return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-    mod.CaptionParams = CaptionParams  # type: ignore[attr-defined]
-    mod.ResizeMode = str  # type: ignore[attr-defined]
-    mod.Kind = str  # type: ignore[attr-defined]
-    sys.modules["imgq.contract"] = mod
-
-
-def _stub_store() -> None:
-    mod = types.ModuleType("imgq.db.store")
-
-    @dataclasses.dataclass(frozen=True, slots=True)
-    class ObjectInfo:
-        source: str
-        bucket: str
-        key: str
-        version: str
-        bytes: int
-        width: int
-        height: int
-
-    @dataclasses.dataclass(frozen=True, slots=True)
-    class CaptionRow:
-        job: Any
-        seq: int
-        obj: Any
-        model: str
-        model_revision: str
-        params_hash: str
-        params: dict[str, Any]
-        text: str
-        worker: str
-
-    @dataclasses.dataclass(frozen=True, slots=True)
-    class DeadRow:
-        job: Any
-        seq: int
-        code: str
-        message: str
-        worker: str
-
-    class Store:  # only named by type hints in the engine
-        pass
-
-    for cls in (ObjectInfo, CaptionRow, DeadRow, Store):
-        setattr(mod, cls.__name__, cls)
-    sys.modules["imgq.db.store"] = mod
-
-
-def import_imgq(force_stub: bool) -> dict[str, bool]:
+def import_imgq() -> dict[str, bool]:
+    """imgq straight from the working tree. The engine's contract needs pydantic: on the GPU image,
+    which lacks it, bench/gpu_run.sh installs the wheels that bench/gpu_wheels.sh fetched."""
     def present(name: str) -> bool:
         try:
             return importlib.util.find_spec(name) is not None
         except (ImportError, ValueError):
             return False
 
-    have = {name: present(name) for name in ("pydantic", "sqlalchemy")}
-    if force_stub or not present("imgq"):
-        for name in [m for m in sys.modules if m == "imgq" or m.startswith("imgq.")]:
-            del sys.modules[name]
+    if not present("imgq"):
         _package("imgq", REPO / "core")
         _package("imgq.worker", REPO / "worker")
         _package("imgq.db", REPO / "db")
-    stubbed = {"contract": False, "store": False}
-    if force_stub or not have["pydantic"]:
-        _stub_contract()
-        stubbed["contract"] = True
-    if force_stub or not have["sqlalchemy"]:
-        _stub_store()
-        stubbed["store"] = True
-    return stubbed
+    have = {name: present(name) for name in ("pydantic", "pydantic_settings", "sqlalchemy")}
+    if not (have["pydantic"] and have["pydantic_settings"]):
+        log("pydantic / pydantic-settings missing: only the model-only and embed phases can run "
+            "(run bench/gpu_wheels.sh here and carry .whl)")
+    return have
 
 
 # -- inputs -------------------------------------------------------------------------------------------
@@ -250,42 +180,22 @@ def bench_model(model: Any, params_cls: Any, batches: list[int], beams: int, sec
     return results
 
 
-class MemoryStore:
-    """What the engine calls on a Store, in memory: counts rows, keeps nothing else."""
-
-    def __init__(self) -> None:
-        self.rows = 0
-        self.dead = 0
-
-    def write_captions(self, rows: Any) -> None:
-        self.rows += len(rows)
-
-    def write_dead(self, rows: Any) -> None:
-        self.dead += len(rows)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Blob:
-    data: bytes
-    source: str
-    bucket: str
-    key: str
-    version: str
-
-
-def bench_engine(model: Any, params_cls: Any, blobs: list[bytes], max_batch: int, threads: int,
+def bench_engine(model: Any, blobs: list[bytes], max_batch: int, threads: int,
                  max_wait_ms: int, per_message: int = 16) -> dict[str, Any]:
+    """The worker's real Engine and CaptionRunner, with an in-memory store (no Redis/Postgres)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from imgq.contract import CaptionParams, make_task
+    from imgq.ports import Blob
     from imgq.worker.decode import decode
     from imgq.worker.engine import Engine
-    from imgq.worker.preprocess import Preprocessor
+    from imgq.worker.fakes import MemoryResults
+    from imgq.worker.runners import CaptionRunner
 
-    pre = Preprocessor.from_image_processor(model.image_processor)
+    runner = CaptionRunner(model)
 
-    def prepare(data: bytes, params: Any) -> tuple[Any, int, int]:  # as WorkerRuntime.start wires it
-        image = decode(data, max_pixels=40_000_000, target=pre.size)
-        return pre.pixels(image.image, params.resize), image.width, image.height
+    def decode_once(data: bytes) -> Any:  # as WorkerRuntime.start wires it
+        return decode(data, max_pixels=40_000_000, target=runner.input_size)
 
     def fetch(ref: str) -> Blob:
         data = blobs[int(ref)]
@@ -295,17 +205,18 @@ def bench_engine(model: Any, params_cls: Any, blobs: list[bytes], max_batch: int
     with ThreadPoolExecutor(threads) as pool:
         sample = blobs[: min(len(blobs), 1024)]
         t = time.perf_counter()
-        list(pool.map(lambda b: prepare(b, params_cls()), sample))
+        list(pool.map(lambda b: runner.prepare(decode_once(b).image, CaptionParams()), sample))
         prep_img_s = len(sample) / (time.perf_counter() - t)
     log(f"decode+preprocess alone, {threads} threads: {prep_img_s:,.0f} img/s")
 
-    params = params_cls(max_new_tokens=TOKENS, min_new_tokens=TOKENS)
-    store = MemoryStore()
-    engine = Engine(store=store, model=model, fetch=fetch, prepare=prepare, worker_name="gpu-bench",  # type: ignore[arg-type]
-                    max_batch=max_batch, max_wait_s=max_wait_ms / 1000, decode_threads=threads).start()
+    tasks = [make_task("caption", runner.name, CaptionParams(max_new_tokens=TOKENS, min_new_tokens=TOKENS))]
+    store = MemoryResults()
+    engine = Engine(store=store, runners={"caption": runner}, fetch=fetch, decode=decode_once,
+                    worker_name="gpu-bench", max_batch=max_batch, max_wait_s=max_wait_ms / 1000,
+                    decode_threads=threads).start()
     try:
         job = uuid.uuid4()
-        warm = engine.submit(job, params, [(i, str(i)) for i in range(min(max_batch, len(blobs)))])
+        warm = engine.submit(job, tasks, [(i, str(i)) for i in range(min(max_batch, len(blobs)))])
         [w.future.result() for w in warm]
         engine.stats.update(batches=0, items=0)
         n = len(blobs)
@@ -314,8 +225,9 @@ def bench_engine(model: Any, params_cls: Any, blobs: list[bytes], max_batch: int
             t0 = time.perf_counter()
             # Celery task threads would each submit one message: submit per 16 refs, as they do.
             work = []
+            job = uuid.uuid4()
             for start in range(0, n, per_message):
-                work += engine.submit(job, params, [(i, str(i)) for i in range(start, min(n, start + per_message))])
+                work += engine.submit(job, tasks, [(i, str(i)) for i in range(start, min(n, start + per_message))])
             outcomes = [w.future.result() for w in work]
             dt = time.perf_counter() - t0
         done = sum(o.state == "done" for o in outcomes)
@@ -400,6 +312,30 @@ def bench_naive(ckpt: Path, device: str, dtype: Any, blobs: list[bytes]) -> dict
     return {name: {"img_s": len(blobs) / dt, "images": len(blobs)}}
 
 
+def run_caption_phases(args: Any, phases: list[str], results: dict[str, Any], dtype: str, caption_model: Any,
+                       params_cls: Any) -> None:
+    import torch
+
+    ckpt = checkpoint(args.arch, REPO / ".imgq" / "bench" / "gpu-ckpt")
+    model = caption_model(str(ckpt), device=args.device, dtype=dtype)
+    model.load()
+    if "model" in phases:
+        results.update(bench_model(model, params_cls, args.batches, 1, args.seconds))
+    if "beam" in phases:
+        results.update(bench_model(model, params_cls, args.beam_batches, 3, args.seconds))
+    blobs = jpeg_images(max(args.pipeline_images, 1024))  # 256 distinct, repeated: cheap
+    if "pipeline" in phases:
+        results.update(bench_engine(model, blobs[: args.pipeline_images], args.pipeline_batch,
+                                    args.threads, args.max_wait_ms))
+    if "decode" in phases:
+        results.update(bench_gpu_decode(model, blobs, args.device))
+    if "naive" in phases:
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        results.update(bench_naive(ckpt, args.device, getattr(torch, dtype), jpeg_images(args.naive_images)))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.gpu_bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -415,12 +351,17 @@ def main() -> int:
     ap.add_argument("--max-wait-ms", type=int, default=50)
     ap.add_argument("--naive-images", type=int, default=128)
     ap.add_argument("--skip", nargs="*", default=[], choices=["model", "beam", "pipeline", "decode", "naive"])
-    ap.add_argument("--stub", action="store_true", help="use the stand-ins even where pydantic/sqlalchemy exist")
+    ap.add_argument("--phases", nargs="+", default=[*CAPTION_PHASES, "embed"], choices=[*CAPTION_PHASES, "embed"],
+                    help="phases to run (default: all); --skip still removes some")
+    ap.add_argument("--embed-batches", type=int, nargs="+", default=[128, 256, 512, 1024])
+    ap.add_argument("--embed-seconds", type=float, default=2.5, help="minimum timed seconds per embed point")
+    ap.add_argument("--text-batch", type=int, default=1024)
+    ap.add_argument("--embed-budget", type=float, default=80.0, help="embed points starting later are skipped")
     ap.add_argument("--out", type=Path, default=REPO / ".imgq" / "bench" / "gpu-out")
     args = ap.parse_args()
 
     args.out.mkdir(parents=True, exist_ok=True)
-    stubbed = import_imgq(args.stub)
+    have = import_imgq()
     import torch
     import transformers
 
@@ -430,31 +371,31 @@ def main() -> int:
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     info = {"torch": torch.__version__, "transformers": transformers.__version__, "device": args.device,
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "dtype": dtype,
-            "arch": args.arch, "cpus": os.cpu_count(), "stubbed": stubbed, "tokens": TOKENS,
+            "arch": args.arch, "cpus": os.cpu_count(), "have": have, "tokens": TOKENS,
             "command": " ".join(sys.argv)}
     log(json.dumps(info))
     smi = start_smi(args.out) if args.device.startswith("cuda") else None
     results: dict[str, Any] = {"info": info}
     t_start = time.perf_counter()
     try:
-        ckpt = checkpoint(args.arch, REPO / ".imgq" / "bench" / "gpu-ckpt")
-        model = CaptionModel(str(ckpt), device=args.device, dtype=dtype)
-        model.load()
-        if "model" not in args.skip:
-            results.update(bench_model(model, CaptionParams, args.batches, 1, args.seconds))
-        if "beam" not in args.skip:
-            results.update(bench_model(model, CaptionParams, args.beam_batches, 3, args.seconds))
-        blobs = jpeg_images(max(args.pipeline_images, 1024))  # 256 distinct, repeated: cheap
-        if "pipeline" not in args.skip:
-            results.update(bench_engine(model, CaptionParams, blobs[: args.pipeline_images], args.pipeline_batch,
-                                        args.threads, args.max_wait_ms))
-        if "decode" not in args.skip:
-            results.update(bench_gpu_decode(model, blobs, args.device))
-        if "naive" not in args.skip:
-            del model
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            results.update(bench_naive(ckpt, args.device, getattr(torch, dtype), jpeg_images(args.naive_images)))
+        phases = [p for p in args.phases if p not in args.skip]
+        caption_error: Exception | None = None
+        if set(phases) & set(CAPTION_PHASES):
+            try:
+                run_caption_phases(args, phases, results, dtype, CaptionModel, CaptionParams)
+            except Exception as exc:  # the embed phase still runs; the run fails at the end as before
+                caption_error = exc
+                results["caption phases"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                log(f"caption phases FAILED: {results['caption phases']['error']}")
+        if "embed" in phases:
+            from bench.gpu_embed import bench_embed
+
+            results.update(bench_embed(device=args.device, dtype=dtype, arch=args.arch,
+                                       workdir=REPO / ".imgq" / "bench" / "gpu-ckpt", batches=args.embed_batches,
+                                       seconds=args.embed_seconds, text_batch=args.text_batch,
+                                       budget_s=args.embed_budget, phase=Phase, log=log))
+        if caption_error is not None:
+            raise caption_error
     finally:
         if smi is not None:
             time.sleep(0.5)
@@ -465,9 +406,10 @@ def main() -> int:
         (args.out / "gpu.json").write_text(json.dumps(results, indent=1, default=str))
     print("\n# summary (images/s; GPU util % = nvidia-smi mean over the phase)")
     for name, value in results.items():
-        if isinstance(value, dict) and "img_s" in value:
+        rate = value.get("img_s", value.get("texts_s")) if isinstance(value, dict) else None
+        if rate is not None:
             util = results["gpu_by_phase"].get(name, {}).get("gpu_util_pct")
-            print(f"{name:60s} {value['img_s']:10,.1f}" + (f"   GPU {util:5.1f}%" if util is not None else ""))
+            print(f"{name:60s} {rate:10,.1f}" + (f"   GPU {util:5.1f}%" if util is not None else ""))
     print(f"total {results['total_s']:.0f}s; json: {args.out / 'gpu.json'}")
     return 0
 

@@ -1,30 +1,42 @@
 #!/usr/bin/env bash
 # One prepared GPU check for a lent H100/H200 (the device tool runs it from the repo root):
 #
-#     bash bench/gpu_run.sh            # timeout_s=540 is enough; it budgets itself to < 8 minutes
+#     bash bench/gpu_wheels.sh               # here, once: pydantic wheels into .whl (the GPU image lacks them)
+#     bash bench/gpu_run.sh                  # on the device, carry [".whl"]; timeout_s=540; < 8 minutes
+#     bash bench/gpu_run.sh --phases embed   # the embed phase alone: < 90 s of bench, timeout_s=240
 #
 # Prints model-only images/s (BLIP-base architecture, random weights, bf16, greedy 20 tokens at batch
 # 64..512, and beam 3 at 64..256), the in-process pipeline images/s (decode thread pool -> batcher ->
 # model -> in-memory store; no Redis/Postgres there), nvJPEG decode + GPU resize images/s and its
 # difference from the Pillow path (if torchvision is there), the naive transformers-pipeline
-# images/s, and nvidia-smi GPU utilisation per phase. Needs only what the GPU image has (torch, transformers,
-# numpy, Pillow, nvidia-smi): no wheels to carry. Results: $OUT/gpu.json, $OUT/gpu.log, $OUT/smi.csv.
+# images/s, the embed phase (RetrievalModel on the BLIP-base retrieval architecture, random weights, bf16:
+# embed_images images/s from host uint8 at batch 128..1024, the same on device-resident input, SDPA
+# attention tried on the vision encoder at one batch, and embed_texts texts/s at batch 1024; peak
+# memory per point), and nvidia-smi GPU utilisation per phase. Needs what the GPU image has (torch,
+# transformers, numpy, Pillow, nvidia-smi) plus the pydantic wheels in .whl, installed below into
+# /tmp/site. Results: $OUT/gpu.json, $OUT/gpu.log, $OUT/smi.csv.
 #
-# Validated on CPU with:  .venv/bin/python -m bench.gpu_bench --device cpu --arch tiny --stub \
-#     --batches 8 16 --beam-batches 8 --pipeline-images 64 --pipeline-batch 16 --naive-images 8 --seconds 1
+# Validated on CPU with:  .venv/bin/python -m bench.gpu_bench --device cpu --arch tiny \
+#     --batches 8 16 --beam-batches 8 --pipeline-images 64 --pipeline-batch 16 --naive-images 8 --seconds 1 \
+#     --embed-batches 8 16 --text-batch 64 --embed-seconds 0.5
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/.imgq/bench/gpu-out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PY="${PYTHON:-python3}"
+if ls .whl/*.whl >/dev/null 2>&1 && ! "$PY" -c 'import pydantic_settings' 2>/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 {
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
   "$PY" -c 'import sys, torch, transformers, PIL, numpy; print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__, "pillow", PIL.__version__, "numpy", numpy.__version__, "cpus", __import__("os").cpu_count())'
 } 2>&1 | tee "$OUT/env.txt"
 # Budget (H100, estimated): checkpoint ~15 s, model-only 4 points x (warm-up + >=6 s) ~50 s,
-# beam 3 points ~40 s, pipeline 8192 images ~30-60 s, naive 128 images ~30 s. Hard cap 450 s.
+# beam 3 points ~40 s, pipeline 8192 images ~30-60 s, naive 128 images ~30 s, embed <= 90 s (its points
+# stop starting after --embed-budget 80 s). Hard cap 450 s.
 timeout -k 10 450 "$PY" -m bench.gpu_bench --device cuda --arch base --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu.log"
 rc=${PIPESTATUS[0]}
 echo "gpu_bench exit $rc"

@@ -4,8 +4,9 @@
 
 1. publish: cProfile split of ``publish`` (Celery ``send_task`` per message) and refs/s at 16 vs 64
    refs per message (a setting, IMGQ_REFS_PER_MESSAGE);
-2. write_captions: client-side (Python/SQLAlchemy) vs server time, and rows/s when ``job_items``
-   holds 1M other rows (the deep-queue case): EXPLAIN of the done-UPDATE shows the plan.
+2. ``Store.write_done`` of caption results: client-side (Python/SQLAlchemy) vs server time, and
+   rows/s when ``job_items`` holds 1M other rows (the deep-queue case): EXPLAIN of the done-UPDATE
+   shows the plan.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pstats
 import time
 from typing import Any
 
-from bench.common import CAPTION_TOKENS, Services, median
+from bench.common import Services, bench_task, caption_done, create_job, median
 
 
 def publish_unpipelined(app: Any, messages: Any, *, queue: str) -> int:
@@ -50,8 +51,8 @@ def main() -> int:
     from sqlalchemy import text
 
     from imgq.celeryconf import make_celery
-    from imgq.contract import CaptionParams
-    from imgq.db.store import CaptionRow, ObjectInfo, Store
+    from imgq.db.store import Store
+    from imgq.ports import ObjectInfo
     from imgq.publish import chunk_messages, publish
 
     svc = Services.start()
@@ -60,7 +61,8 @@ def main() -> int:
         store = Store.from_url(settings.sync_database_url, pool_size=2)
         app = make_celery(settings)
         rc = svc.redis_client()
-        params = CaptionParams(max_new_tokens=CAPTION_TOKENS, min_new_tokens=CAPTION_TOKENS)
+        tasks = [bench_task("caption", "m")]
+        task = bench_task("caption", "bench")
         refs = [f"/x/ref_{i:07d}.jpg" for i in range(args.refs)]
         items = list(enumerate(refs))
         job = "00000000-0000-0000-0000-000000000001"
@@ -71,7 +73,7 @@ def main() -> int:
             for _ in range(args.repeats):  # alternate, so noise hits both alike
                 for variant, fn in (("pipelined", publish), ("per message", publish_unpipelined)):
                     t = time.perf_counter()
-                    fn(app, chunk_messages(job=job, model="m", params=params, items=items, per_message=per),
+                    fn(app, chunk_messages(job=job, tasks=tasks, items=items, per_message=per),
                        queue="bench-opt")
                     speeds[variant].append(args.refs / (time.perf_counter() - t))
                     assert rc.llen("bench-opt") == -(-args.refs // per), "every message must arrive"
@@ -81,37 +83,35 @@ def main() -> int:
                   f"per message {b:>10,.0f} ({b / per:,.0f} msg/s): x{a / b:.2f}")
         prof = cProfile.Profile()
         prof.enable()
-        publish(app, chunk_messages(job=job, model="m", params=params, items=items[:32000], per_message=16),
+        publish(app, chunk_messages(job=job, tasks=tasks, items=items[:32000], per_message=16),
                 queue="bench-opt")
         prof.disable()
         rc.delete("bench-opt")
         print(top(prof))
 
-        print("\n== write_captions ==")
+        print("\n== write_done (caption results) ==")
 
         def rows_for(job_id: Any, n: int, tag: str) -> list[Any]:
-            return [CaptionRow(job_id, i, ObjectInfo("local", "", f"/w/{tag}_{i:07d}.jpg", f"{tag}{i:030x}", 98765,
-                                                     640, 480), "bench", "local-0123456789ab", params.digest(),
-                               params.canonical(), "a man riding a horse on a beach next to the ocean", "w1:1")
+            return [caption_done(job_id, i, ObjectInfo("local", "", f"/w/{tag}_{i:07d}.jpg", f"{tag}{i:030x}", 98765,
+                                                       640, 480), task,
+                                 "a man riding a horse on a beach next to the ocean")
                     for i in range(n)]
 
         for big in (0, args.big):
             svc.truncate(store)
             if big:
-                store.create_job(kind="caption", model="bench", params=params.canonical(),
-                                 params_hash=params.digest(), refs=[f"/big/{i}" for i in range(big)])
+                create_job(store, [task], [f"/big/{i}" for i in range(big)])
                 with store.engine.begin() as conn:
                     conn.execute(text("ANALYZE job_items"))
             for batch in (32, 512):
                 speeds, client = [], []
                 for rep in range(args.repeats):
-                    job_id = store.create_job(kind="caption", model="bench", params=params.canonical(),
-                                              params_hash=params.digest(), refs=[f"/w/{i}" for i in range(args.rows)])
+                    job_id = create_job(store, [task], [f"/w/{i}" for i in range(args.rows)])
                     rows = rows_for(job_id, args.rows, f"b{batch}r{rep}x{big}")
                     c = time.thread_time()
                     t = time.perf_counter()
                     for s in range(0, args.rows, batch):
-                        store.write_captions(rows[s : s + batch])
+                        store.write_done(rows[s : s + batch])
                     dt = time.perf_counter() - t
                     speeds.append(args.rows / dt)
                     client.append((time.thread_time() - c) / dt)
@@ -126,12 +126,11 @@ def main() -> int:
                         {"job": [job_id] * 32, "seq": list(range(32))}).all()
                 print("plan of the done-UPDATE with 32 rows:\n  " + "\n  ".join(r[0] for r in plan))
         prof = cProfile.Profile()
-        job_id = store.create_job(kind="caption", model="bench", params=params.canonical(),
-                                  params_hash=params.digest(), refs=[f"/w/{i}" for i in range(2048)])
+        job_id = create_job(store, [task], [f"/w/{i}" for i in range(2048)])
         rows = rows_for(job_id, 2048, "prof")
         prof.enable()
         for s in range(0, 2048, 32):
-            store.write_captions(rows[s : s + 32])
+            store.write_done(rows[s : s + 32])
         prof.disable()
         print(top(prof))
         store.engine.dispose()

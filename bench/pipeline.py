@@ -1,16 +1,20 @@
 """imgq throughput bench: model-only vs end-to-end, enqueue, result writes, worker memory, naive baseline.
 
-    .venv/bin/python -m bench.pipeline [--arch tiny|base] [--images N] [--repeats R] [--batch B]
-        [--refs 100000] [--naive] [--s3-images M] [--mem-refs 1000000 --mem-seconds 60] [--json]
+    .venv/bin/python -m bench.pipeline [--kind caption|embed] [--arch tiny|base] [--images N] [--repeats R]
+        [--batch B] [--refs 100000] [--naive] [--s3-images M] [--mem-refs 1000000 --mem-seconds 60] [--json]
 
 Everything runs in one process tree, side by side, on embedded services this script starts and stops:
-(a) model-only images/s: ``CaptionModel.caption`` on pre-decoded, pre-normalised arrays, batch B;
-(b) end-to-end images/s: ``submit`` -> Redis -> a real ``imgq worker`` subprocess -> Postgres, timed
-    from the call to ``submit`` until ``Store.counts`` shows every item done (worker already warm);
+(a) model-only images/s on pre-decoded uint8 arrays (resized as the worker does), batch B:
+    ``CaptionModel.caption`` (``--kind caption``, exactly 20 tokens) or ``RetrievalModel.embed_images``
+    (``--kind embed``, 256-d normalised vectors);
+(b) end-to-end images/s: ``submit`` with one task of that kind -> Redis -> a real ``imgq worker``
+    subprocess (IMGQ_KINDS = the kind, its model setting = the checkpoint) -> Postgres (captions, or
+    pgvector embeddings with the HNSW index present), timed from the call to ``submit`` until
+    ``Store.counts`` shows every item done (worker already warm);
 (c) b/a; (d) enqueue refs/s for ``--refs`` refs, split into acceptance (COPY) and publish;
-(e) ``Store.write_captions`` rows/s at batches of 32 and 512; optional S3 (moto), naive baseline
-and worker RSS with a deep queue. Repeats alternate (a), (b) and the naive run so noise hits all alike;
-medians are reported.
+(e) ``Store.write_done`` rows/s for caption results at batches of 32 and 512; optional S3 (moto),
+naive baseline (caption only) and worker RSS with a deep queue. Repeats alternate (a), (b) and the
+naive run so noise hits all alike; medians are reported.
 """
 
 from __future__ import annotations
@@ -27,7 +31,19 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.common import CAPTION_TOKENS, WORK, Services, checkpoint, make_images, median, settings_env, wait_done
+from bench.common import (
+    CAPTION_TOKENS,
+    WORK,
+    Services,
+    bench_task,
+    caption_done,
+    checkpoint,
+    create_job,
+    make_images,
+    median,
+    settings_env,
+    wait_done,
+)
 
 PY = sys.executable
 
@@ -117,19 +133,28 @@ def prepare_arrays(model: Any, paths: list[Path], threads: int) -> tuple[Any, di
     return np.stack(arrays), {"prep_1thread_img_s": one, f"prep_{threads}threads_img_s": many}
 
 
-def model_only(model: Any, arrays: Any, params: Any, batch: int) -> tuple[float, float]:
-    """(images/s, process CPU-seconds per image): CPU time is robust to a noisy shared machine."""
+def model_only(model: Any, arrays: Any, task: Any, batch: int) -> tuple[float, float]:
+    """(images/s, process CPU-seconds per image): CPU time is robust to a noisy shared machine.
+    The call the worker's runner makes for the task's kind, on each slice of ``batch`` images."""
+    if task.kind == "caption":
+        def run(pixels: Any) -> Any:
+            return model.caption(pixels, task.params)
+    elif task.kind == "embed":
+        run = model.embed_images
+    else:
+        raise ValueError(f"no model-only pass for kind {task.kind!r}")
     c = time.process_time()
     t = time.perf_counter()
     for start in range(0, len(arrays), batch):
-        model.caption(arrays[start : start + batch], params)
+        run(arrays[start : start + batch])
     return len(arrays) / (time.perf_counter() - t), (time.process_time() - c) / len(arrays)
 
 
 # -- (b) end to end ---------------------------------------------------------------------------------
 
-def start_worker(settings: Any, ckpt: Path, name: str, profile_dir: Path | None = None) -> Proc:
-    env = settings_env(settings, IMGQ_CAPTION_MODEL=str(ckpt))
+def start_worker(settings: Any, name: str, profile_dir: Path | None = None) -> Proc:
+    """``imgq worker`` with exactly ``settings`` (IMGQ_KINDS and the models included)."""
+    env = settings_env(settings)
     if profile_dir is not None:
         env["BENCH_PROFILE_DIR"] = str(profile_dir)
         argv = [PY, "-m", "bench.profile_worker", "worker", "--loglevel", "WARNING", "--hostname", f"{name}@%h"]
@@ -138,13 +163,13 @@ def start_worker(settings: Any, ckpt: Path, name: str, profile_dir: Path | None 
     return Proc(argv, env, WORK / f"{name}.log")
 
 
-def run_job(settings: Any, store: Any, app: Any, refs: list[str], params: Any, timeout: float,
+def run_job(settings: Any, store: Any, app: Any, refs: list[str], task: Any, timeout: float,
             worker: Proc, watch: dict[str, list[int]] | None = None) -> dict[str, Any]:
     from imgq.producer.submit import submit
 
     cpu0 = {k: cpu_seconds(v) for k, v in (watch or {}).items()}
     t0 = time.monotonic()
-    sub = submit(settings=settings, store=store, app=app, refs=refs, params=params)
+    sub = submit(settings=settings, store=store, app=app, refs=refs, tasks=[task])
     t_sub = time.monotonic() - t0
     end, counts = wait_done(store, sub.job, len(refs), timeout, alive=worker.alive)
     elapsed = end - t0
@@ -153,14 +178,37 @@ def run_job(settings: Any, store: Any, app: Any, refs: list[str], params: Any, t
         out["cpu_s"] = {k: cpu_seconds(v) - cpu0[k] for k, v in watch.items()}
     if counts["dead"]:
         raise RuntimeError(f"{counts['dead']} items dead-lettered: see {worker.log_path}\n{worker.tail()}")
+    linked = stored_results(store, sub.job, task.kind)
+    if linked != len(refs):
+        raise RuntimeError(f"{linked} of {len(refs)} items link a stored {task.kind} result")
     return out
+
+
+def stored_results(store: Any, job: Any, kind: str) -> int:
+    """Items of ``job`` whose result row of ``kind`` is stored and linked (checked after timing)."""
+    from sqlalchemy import text
+
+    from imgq.db.results import writer
+
+    column = writer(kind).link_column
+    with store.engine.connect() as conn:
+        return int(conn.execute(text(f"SELECT count({column}) FROM job_items WHERE job_id = :job"),
+                                {"job": job}).scalar_one())
+
+
+def hnsw_indexes(store: Any) -> list[str]:
+    """The HNSW indexes on ``embeddings``: e2e embed writes are timed with them in place."""
+    from sqlalchemy import text
+
+    with store.engine.connect() as conn:
+        return [r[0] for r in conn.execute(text(
+            "SELECT indexname FROM pg_indexes WHERE tablename = 'embeddings' AND indexdef ILIKE '%USING hnsw%'"))]
 
 
 # -- (d) enqueue ------------------------------------------------------------------------------------
 
 def bench_enqueue(svc: Services, n_refs: int, repeats: int) -> dict[str, Any]:
     from imgq.celeryconf import make_celery
-    from imgq.contract import CaptionParams
     from imgq.db.store import Store
     from imgq.producer.submit import submit
     from imgq.publish import chunk_messages, publish
@@ -170,27 +218,26 @@ def bench_enqueue(svc: Services, n_refs: int, repeats: int) -> dict[str, Any]:
     store = Store.from_url(settings.sync_database_url)
     app = make_celery(settings)
     rc = svc.redis_client()
-    params = CaptionParams(max_new_tokens=CAPTION_TOKENS, min_new_tokens=CAPTION_TOKENS)
+    tasks = [bench_task("caption", settings.caption_model)]
     refs = [str(WORK / "images" / f"ref_{i:07d}.jpg") for i in range(n_refs)]
     res: dict[str, list[float]] = {"submit": [], "accept_copy": [], "publish": [], "build_messages": []}
     for _ in range(repeats):
         svc.truncate(store)
         t = time.perf_counter()
-        submit(settings=settings, store=store, app=app, refs=refs, params=params)
+        submit(settings=settings, store=store, app=app, refs=refs, tasks=tasks)
         res["submit"].append(n_refs / (time.perf_counter() - t))
         rc.delete(queue)
         t = time.perf_counter()
-        job = store.create_job(kind="caption", model=settings.caption_model, params=params.canonical(),
-                               params_hash=params.digest(), refs=refs)
+        job = create_job(store, tasks, refs)
         res["accept_copy"].append(n_refs / (time.perf_counter() - t))
         items = list(enumerate(refs))
         t = time.perf_counter()
-        msgs = [m.to_json() for m in chunk_messages(job=str(job), model=settings.caption_model, params=params,
-                                                    items=items, per_message=settings.refs_per_message)]
+        msgs = [m.to_json() for m in chunk_messages(job=str(job), tasks=tasks, items=items,
+                                                    per_message=settings.refs_per_message)]
         res["build_messages"].append(n_refs / (time.perf_counter() - t))
         del msgs
         t = time.perf_counter()
-        publish(app, chunk_messages(job=str(job), model=settings.caption_model, params=params, items=items,
+        publish(app, chunk_messages(job=str(job), tasks=tasks, items=items,
                                     per_message=settings.refs_per_message), queue=queue)
         res["publish"].append(n_refs / (time.perf_counter() - t))
         rc.delete(queue)
@@ -206,27 +253,26 @@ def bench_enqueue(svc: Services, n_refs: int, repeats: int) -> dict[str, Any]:
 # -- (e) result writes ------------------------------------------------------------------------------
 
 def bench_writes(svc: Services, rows_total: int, batches: list[int], repeats: int) -> dict[str, Any]:
-    from imgq.contract import CaptionParams
-    from imgq.db.store import CaptionRow, ObjectInfo, Store
+    """``Store.write_done`` of caption results (images upsert, caption statement, finish)."""
+    from imgq.db.store import Store
+    from imgq.ports import ObjectInfo
 
     settings = svc.settings()
     store = Store.from_url(settings.sync_database_url, pool_size=2)
-    params = CaptionParams(max_new_tokens=CAPTION_TOKENS, min_new_tokens=CAPTION_TOKENS)
+    task = bench_task("caption", "bench")
     out: dict[str, Any] = {}
     for batch in batches:
         speeds = []
         for _ in range(repeats):
             svc.truncate(store)
             refs = [f"/bench/w_{i:07d}.jpg" for i in range(rows_total)]
-            job = store.create_job(kind="caption", model="bench", params=params.canonical(),
-                                   params_hash=params.digest(), refs=refs)
-            rows = [CaptionRow(job, i, ObjectInfo("local", "", ref, f"{i:032x}", 98765, 640, 480), "bench",
-                               "local-0123456789ab", params.digest(), params.canonical(),
-                               "a man riding a horse on a beach next to the ocean with a dog", "w1:1")
+            job = create_job(store, [task], refs)
+            rows = [caption_done(job, i, ObjectInfo("local", "", ref, f"{i:032x}", 98765, 640, 480), task,
+                                 "a man riding a horse on a beach next to the ocean with a dog")
                     for i, ref in enumerate(refs)]
             t = time.perf_counter()
             for start in range(0, rows_total, batch):
-                store.write_captions(rows[start : start + batch])
+                store.write_done(rows[start : start + batch])
             speeds.append(rows_total / (time.perf_counter() - t))
         out[f"batch_{batch}_rows_s"] = median(speeds)
         out[f"batch_{batch}_raw"] = speeds
@@ -266,7 +312,7 @@ def run_naive(svc: Services, refs: list[str], timeout: float, worker: Proc) -> d
 # -- worker memory with a deep queue ------------------------------------------------------------------
 
 def bench_memory(svc: Services, settings: Any, store: Any, app: Any, worker: Proc, paths: list[Path],
-                 n_refs: int, seconds: float, params: Any) -> dict[str, Any]:
+                 n_refs: int, seconds: float, task: Any) -> dict[str, Any]:
     from imgq.producer.submit import submit
 
     rc = svc.redis_client()
@@ -274,7 +320,7 @@ def bench_memory(svc: Services, settings: Any, store: Any, app: Any, worker: Pro
     rss0 = rss_mb(worker.p.pid)
     redis0 = rc.info("memory")["used_memory"] / 2**20
     t = time.perf_counter()
-    sub = submit(settings=settings, store=store, app=app, refs=refs, params=params)
+    sub = submit(settings=settings, store=store, app=app, refs=refs, tasks=[task])
     enqueue_s = time.perf_counter() - t
     del refs
     log(f"memory: {n_refs} refs enqueued in {enqueue_s:.1f}s; sampling worker RSS for {seconds:.0f}s")
@@ -298,9 +344,22 @@ def bench_memory(svc: Services, settings: Any, store: Any, app: Any, worker: Pro
 
 # -- main -------------------------------------------------------------------------------------------
 
+def load_model(kind: str, ckpt: Path, threads: int) -> Any:
+    """The model the worker's runner for ``kind`` wraps, loaded in this process on the CPU."""
+    if kind == "caption":
+        from imgq.worker.model import CaptionModel as Model
+    else:
+        from imgq.worker.retrieval import RetrievalModel as Model  # type: ignore[assignment]
+    model = Model(str(ckpt), device="cpu", threads=threads)
+    model.load()
+    return model
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kind", choices=["caption", "embed"], default="caption",
+                    help="the job kind for (a)-(c), the S3 run and the memory run (enqueue and writes: caption)")
     ap.add_argument("--arch", choices=["tiny", "base"], default="tiny")
     ap.add_argument("--images", type=int, default=None, help="default 1024 (tiny) / 32 (base)")
     ap.add_argument("--repeats", type=int, default=3)
@@ -322,26 +381,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="run the worker under bench.profile_worker (cProfile + stage timers); figures are slower")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    ap.add_argument("--json-out", type=Path, default=None, help="also write the JSON object to this file")
     args = ap.parse_args(argv)
 
     tiny = args.arch == "tiny"
     n = args.images or (1024 if tiny else 32)
     batch = args.batch or (32 if tiny else 8)
+    if args.naive and args.kind != "caption":
+        ap.error("--naive is a captioning baseline: use it with --kind caption")
     command = "python -m bench.pipeline " + shlex.join(argv if argv is not None else sys.argv[1:])
-    result: dict[str, Any] = {"command": command, "arch": args.arch, "images": n, "batch": batch,
-                              "repeats": args.repeats, "tokens": CAPTION_TOKENS, "machine": machine()}
+    result: dict[str, Any] = {"command": command, "kind": args.kind, "arch": args.arch, "images": n,
+                              "batch": batch, "repeats": args.repeats, "machine": machine()}
+    if args.kind == "caption":
+        result["tokens"] = CAPTION_TOKENS
     timeout = 60 + n * (0.2 if tiny else 10)
 
     paths = make_images(max(n, args.naive_images or 0))
-    ckpt = checkpoint(args.arch)
+    ckpt = checkpoint(args.arch, args.kind)
     svc = Services.start(s3=args.s3_images > 0)
     procs: list[Proc] = []
     try:
         from imgq.celeryconf import make_celery
-        from imgq.contract import CaptionParams
         from imgq.db.store import Store
 
-        overrides: dict[str, Any] = {"max_batch": batch}
+        # The worker serves exactly this kind with this checkpoint, and the task names the same
+        # model (a worker dead-letters tasks for another model as wrong_model).
+        model_setting = "caption_model" if args.kind == "caption" else "embed_model"
+        overrides: dict[str, Any] = {"max_batch": batch, "kinds": [args.kind], model_setting: str(ckpt)}
         for key, value in (("decode_threads", args.decode_threads), ("messages_in_flight", args.in_flight),
                            ("refs_per_message", args.refs_per_message), ("max_wait_ms", args.max_wait_ms),
                            ("torch_threads", args.torch_threads)):
@@ -352,14 +418,18 @@ def main(argv: list[str] | None = None) -> int:
             bucket = "imgq-bench"
             overrides["allowed_buckets"] = [bucket]
         settings = svc.settings(**overrides)
-        result["settings"] = {k: getattr(settings, k) for k in ("max_batch", "max_wait_ms", "decode_threads",
+        result["settings"] = {k: getattr(settings, k) for k in ("kinds", "max_batch", "max_wait_ms", "decode_threads",
                                                                 "messages_in_flight", "refs_per_message",
                                                                 "torch_threads")}
         store = Store.from_url(settings.sync_database_url, pool_size=2)
         app = make_celery(settings)
         svc.redis_client().delete(settings.queue)
-        params = CaptionParams(max_new_tokens=CAPTION_TOKENS, min_new_tokens=CAPTION_TOKENS)
+        task = bench_task(args.kind, settings.model_for(args.kind))
         refs = [str(p) for p in paths[:n]]
+        if args.kind == "embed":
+            result["hnsw_indexes"] = hnsw_indexes(store)
+            if not result["hnsw_indexes"]:
+                raise RuntimeError("no HNSW index on embeddings: run the migrations (imgq db upgrade)")
 
         if args.refs:
             log(f"enqueue bench: {args.refs} refs x {args.repeats}")
@@ -370,24 +440,21 @@ def main(argv: list[str] | None = None) -> int:
 
         need_worker = not args.no_e2e or args.s3_images or args.mem_refs
         if need_worker:
-            from imgq.worker.model import CaptionModel
-
             profile_dir = WORK / "profile" if args.profile else None
-            worker = start_worker(settings, ckpt, "imgq-worker", profile_dir)
+            worker = start_worker(settings, "imgq-worker", profile_dir)
             procs.append(worker)
             naive_worker = None
             if args.naive:
                 naive_worker = start_naive(svc, ckpt)
                 procs.append(naive_worker)
             log("loading the model in-process for model-only timing; preparing arrays")
-            model = CaptionModel(str(ckpt), device="cpu", threads=settings.torch_threads)
-            model.load()
+            model = load_model(args.kind, ckpt, settings.torch_threads)
             arrays, prep = prepare_arrays(model, paths[:n], settings.decode_threads)
             result["prep"] = prep
-            model_only(model, arrays[:batch], params, batch)  # warm-up
+            model_only(model, arrays[:batch], task, batch)  # warm-up
             log("warming the worker (first job pays model load)")
             svc.truncate(store)
-            run_job(settings, store, app, refs[: max(batch, 16)], params, 600, worker)
+            run_job(settings, store, app, refs[: max(batch, 16)], task, 600, worker)
             if naive_worker is not None:
                 run_naive(svc, refs[:2], 600, naive_worker)
             watch = {"worker": [worker.p.pid], **svc.pids()}
@@ -398,11 +465,11 @@ def main(argv: list[str] | None = None) -> int:
             nn = args.naive_images or n
             if not args.no_e2e:
                 for r in range(args.repeats):
-                    speed, cpu = model_only(model, arrays, params, batch)
+                    speed, cpu = model_only(model, arrays, task, batch)
                     a_runs.append(speed)
                     a_cpu.append(cpu)
                     svc.truncate(store)
-                    b_runs.append(run_job(settings, store, app, refs, params, timeout, worker, watch))
+                    b_runs.append(run_job(settings, store, app, refs, task, timeout, worker, watch))
                     msg = f"repeat {r + 1}: model-only {a_runs[-1]:.2f} img/s, e2e {b_runs[-1]['img_s']:.2f} img/s"
                     if naive_worker is not None:
                         naive_runs.append(run_naive(svc, [str(p) for p in paths[:nn]], timeout * 3, naive_worker))
@@ -419,7 +486,9 @@ def main(argv: list[str] | None = None) -> int:
                 result["e2e_cpu_s"] = {k: median([x["cpu_s"][k] for x in b_runs]) for k in watch}
                 result["model_only_cpu_ms_per_img"] = 1000 * median(a_cpu)
                 result["e2e_cpu_ms_per_img"] = {k: 1000 * v / n for k, v in result["e2e_cpu_s"].items()}
-                result["raw"] = {"model_only": a_runs, "e2e": [x["img_s"] for x in b_runs]}
+                result["raw"] = {"model_only": a_runs, "e2e": [x["img_s"] for x in b_runs],
+                                 "model_only_cpu_ms_per_img": [1000 * c for c in a_cpu],
+                                 "e2e_worker_cpu_ms_per_img": [1000 * x["cpu_s"]["worker"] / n for x in b_runs]}
                 if naive_runs:
                     result["naive_img_s"] = median([x["img_s"] for x in naive_runs])
                     result["naive_images"] = nn
@@ -427,11 +496,11 @@ def main(argv: list[str] | None = None) -> int:
                     result["raw"]["naive"] = [x["img_s"] for x in naive_runs]
             del model, arrays
             if args.s3_images:
-                result["s3"] = bench_s3(svc, settings, store, app, worker, bucket or "", args, params, timeout)
+                result["s3"] = bench_s3(svc, settings, store, app, worker, bucket or "", args, task, timeout)
             if args.mem_refs:
                 svc.truncate(store)
                 result["memory"] = bench_memory(svc, settings, store, app, worker, paths[:n], args.mem_refs,
-                                                args.mem_seconds, params)
+                                                args.mem_seconds, task)
             worker.stop(60)
             if args.profile:
                 result["profile_dir"] = str(profile_dir)
@@ -441,6 +510,9 @@ def main(argv: list[str] | None = None) -> int:
             proc.stop()
         svc.stop()
 
+    if args.json_out is not None:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(result, indent=1, default=str))
     if args.json:
         print(json.dumps(result, indent=1, default=str))
     else:
@@ -449,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def bench_s3(svc: Services, settings: Any, store: Any, app: Any, worker: Proc, bucket: str, args: Any,
-             params: Any, timeout: float) -> dict[str, Any]:
+             task: Any, timeout: float) -> dict[str, Any]:
     from concurrent.futures import ThreadPoolExecutor
 
     import boto3
@@ -468,7 +540,7 @@ def bench_s3(svc: Services, settings: Any, store: Any, app: Any, worker: Proc, b
     runs = []
     for _ in range(args.repeats):
         svc.truncate(store)
-        runs.append(run_job(settings, store, app, refs, params, timeout * 4, worker)["img_s"])
+        runs.append(run_job(settings, store, app, refs, task, timeout * 4, worker)["img_s"])
     log(f"s3: e2e {median(runs):.1f} img/s; raw moto GET {get_s:.1f}/s")
     return {"images": len(refs), "e2e_img_s": median(runs), "raw": runs, "moto_get_s": get_s}
 
@@ -489,11 +561,16 @@ def print_table(r: dict[str, Any]) -> None:
         rows.append((name, fmt.format(value) if isinstance(value, int | float) else str(value)))
 
     if "model_only_img_s" in r:
-        add(f"(a) model-only img/s (batch {r['batch']})", r["model_only_img_s"], "{:,.2f}")
+        call = "CaptionModel.caption" if r.get("kind", "caption") == "caption" else "RetrievalModel.embed_images"
+        add(f"(a) model-only img/s, {call} (batch {r['batch']})", r["model_only_img_s"], "{:,.2f}")
         add("(b) end-to-end img/s (local folder)", r["e2e_img_s"], "{:,.2f}")
         add("(c) e2e / model-only (ratio of medians)", r["e2e_over_model"], "{:.3f}")
         if "e2e_over_model_paired" in r:
             add("    median of per-repeat ratios", r["e2e_over_model_paired"], "{:.3f}")
+        raw = r.get("raw", {})
+        if raw:
+            add("    raw per repeat: model-only / e2e", " / ".join(
+                ", ".join(f"{v:.3g}" for v in raw[k]) for k in ("model_only", "e2e")), "")
         for k, v in r.get("prep", {}).items():
             add(f"    decode+preprocess {k.replace('prep_', '').replace('_img_s', '')} img/s", v)
         cpu = r.get("e2e_cpu_s", {})
@@ -516,7 +593,7 @@ def print_table(r: dict[str, Any]) -> None:
     if "writes" in r:
         for k, v in r["writes"].items():
             if k.endswith("_rows_s"):
-                add(f"(e) write_captions rows/s, {k.split('_')[1]} rows/batch", v, "{:,.0f}")
+                add(f"(e) write_done (captions) rows/s, {k.split('_')[1]} rows/batch", v, "{:,.0f}")
     if "memory" in r:
         m = r["memory"]
         add(f"worker RSS MB with {m['refs']:,} refs queued: before / 1st half max / 2nd half max",
@@ -527,8 +604,11 @@ def print_table(r: dict[str, Any]) -> None:
             f"{m['redis_used_mb_before']:.0f} / {m['redis_used_mb_after']:.0f}")
     width = max(len(k) for k, _ in rows)
     print(f"# {r['command']}")
-    print(f"# {r['machine']}; arch={r['arch']} images={r['images']} batch={r['batch']} tokens={r['tokens']} "
-          f"repeats={r['repeats']} (medians)")
+    tokens = f" tokens={r['tokens']}" if "tokens" in r else ""
+    print(f"# {r['machine']}; kind={r.get('kind', 'caption')} arch={r['arch']} images={r['images']} "
+          f"batch={r['batch']}{tokens} repeats={r['repeats']} (medians)")
+    if r.get("hnsw_indexes"):
+        print(f"# embeddings written with HNSW index(es) present: {', '.join(r['hnsw_indexes'])}")
     if "settings" in r:
         print(f"# worker settings: {r['settings']}")
     for k, v in rows:

@@ -3,9 +3,10 @@
 Same CLI as ``python -m imgq.cli``; nothing in imgq is edited: the stages are wrapped by monkeypatching.
 Writes to $BENCH_PROFILE_DIR at exit (SIGTERM -> Celery warm shutdown):
 
-* ``stages.json``: per stage (fetch, decode, preprocess, generate, tokenizer decode, DB claim, DB
-  write, message handling, Celery task): calls, wall seconds, and the calling thread's CPU seconds
-  (torch's extra intra-op threads are not in the latter; the process total is);
+* ``stages.json``: per stage (fetch, decode, preprocess, caption generate and detokenise or
+  ``embed_images``, the engine's model batches, DB claim, DB write, message handling): calls, wall
+  seconds, and the calling thread's CPU seconds (torch's extra intra-op threads are not in the
+  latter; the process total is); and ``batch_sizes``: how many model batches of each size ran;
 * ``cprofile.txt`` (with BENCH_CPROFILE=1): every thread's cProfile merged, top functions by tottime.
 """
 
@@ -27,6 +28,7 @@ OUT = Path(os.environ.get("BENCH_PROFILE_DIR", ".imgq/bench/profile"))
 STAGES: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])
 _LOCK = threading.Lock()
 _PROFILES: list[cProfile.Profile] = []
+BATCH_SIZES: dict[int, int] = defaultdict(int)
 _T0 = time.monotonic()
 
 
@@ -47,13 +49,25 @@ def timed(name: str, fn: Any) -> Any:
     return wrapper
 
 
+def _count_batches(fn: Any) -> Any:
+    @functools.wraps(fn)
+    def wrapper(self: Any, entries: list[Any]) -> Any:
+        with _LOCK:
+            BATCH_SIZES[len(entries)] += 1
+        return fn(self, entries)
+
+    return wrapper
+
+
 def install() -> None:
     from imgq.db.store import Store
     from imgq.worker import app as worker_app
     from imgq.worker import service
+    from imgq.worker.engine import Engine
     from imgq.worker.fetch import Fetcher
     from imgq.worker.model import CaptionModel
     from imgq.worker.preprocess import Preprocessor
+    from imgq.worker.retrieval import RetrievalModel
 
     Fetcher.fetch = timed("fetch", Fetcher.fetch)
     worker_app.decode = timed("decode (Pillow, draft)", worker_app.decode)
@@ -61,8 +75,10 @@ def install() -> None:
     Preprocessor.pixels = timed("preprocess pixels (resize to uint8)", Preprocessor.pixels)
     CaptionModel.generate_ids = timed("model generate", CaptionModel.generate_ids)
     CaptionModel.caption = timed("model caption (generate + detokenise)", CaptionModel.caption)
+    RetrievalModel.embed_images = timed("model embed_images", RetrievalModel.embed_images)
+    Engine._run = timed("engine model batch (stack + runner.run)", _count_batches(Engine._run))
     Store.claim = timed("db claim", Store.claim)
-    Store.write_captions = timed("db write_captions", Store.write_captions)
+    Store.write_done = timed("db write_done", Store.write_done)
     Store.write_dead = timed("db write_dead", Store.write_dead)
     Store.release = timed("db release", Store.release)
     service.MessageService.handle = timed("message handle (wall, incl. waiting)", service.MessageService.handle)
@@ -90,7 +106,8 @@ def dump(main_prof: cProfile.Profile | None) -> None:
 
     cpu = psutil.Process().cpu_times()
     data = {"uptime_s": time.monotonic() - _T0, "process_cpu_s": cpu.user + cpu.system,
-            "stages": {k: {"calls": int(v[0]), "wall_s": v[1], "thread_cpu_s": v[2]} for k, v in STAGES.items()}}
+            "stages": {k: {"calls": int(v[0]), "wall_s": v[1], "thread_cpu_s": v[2]} for k, v in STAGES.items()},
+            "batch_sizes": dict(sorted(BATCH_SIZES.items()))}
     (OUT / "stages.json").write_text(json.dumps(data, indent=1))
     profs = list(_PROFILES) + ([main_prof] if main_prof else [])
     if profs:

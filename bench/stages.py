@@ -97,6 +97,17 @@ def main() -> int:
             runs.append((time.process_time() - t) * 1000 / len(uint8))
         out[f"{label} caption, batch 32, 20 tokens (process CPU, {threads} torch threads)"] = median(runs)
 
+    from imgq.worker.retrieval import RetrievalModel
+
+    retrieval = RetrievalModel(str(checkpoint("tiny", "embed")), device="cpu")
+    retrieval.embed_images(uint8)
+    runs = []
+    for _ in range(max(2, r // 2)):
+        t = time.process_time()
+        retrieval.embed_images(uint8)
+        runs.append((time.process_time() - t) * 1000 / len(uint8))
+    out[f"tiny retrieval embed_images, batch 32 (process CPU, {threads} torch threads)"] = median(runs)
+
     command = "python -m bench.stages " + shlex.join(sys.argv[1:])
     if args.json:
         print(json.dumps({"command": command, "cpu_ms_per_image": out}, indent=1))

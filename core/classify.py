@@ -20,8 +20,6 @@ _TRANSIENT_NAMES = {
     # database and broker outages
     "OperationalError", "InterfaceError", "DisconnectionError", "ConnectionError",
     "TimeoutError", "BusyLoadingError",
-    # accelerator memory: retried at a smaller batch by the engine
-    "OutOfMemoryError",
 }
 
 
@@ -59,6 +57,8 @@ def classify(exc: BaseException) -> errors.ImgqError:
         return errors.NotFound(f"no such file: {getattr(exc, 'filename', '') or text}")
     if "PermissionError" in names:
         return errors.AccessDenied(f"permission denied: {getattr(exc, 'filename', '') or text}")
+    if "OutOfMemoryError" in names:  # torch.OutOfMemoryError: the engine retries smaller batches
+        return errors.OutOfMemory(f"{type(exc).__name__}: {text}")
     if names & _TRANSIENT_NAMES:
         return errors.Retryable(f"{type(exc).__name__}: {text}")
     return errors.Retryable(f"{type(exc).__name__}: {text}")

@@ -17,17 +17,15 @@ from imgq import errors
 from imgq.config import Settings
 
 app = typer.Typer(
-    help="imgq: caption images in S3 and local folders with BLIP, at scale.\n\n"
+    help="imgq: caption, embed and search images in S3 and local folders with BLIP, at scale.\n\n"
     "Configuration comes from IMGQ_* environment variables (or .env); see `imgq config`.",
     no_args_is_help=True,
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
-enqueue_app = typer.Typer(help="Submit a job of image references.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
 dlq_app = typer.Typer(help="The dead-letter store: list, retry, purge.", no_args_is_help=True)
 dev_app = typer.Typer(help="Developer tools: tiny checkpoints, embedded services.", no_args_is_help=True)
-app.add_typer(enqueue_app, name="enqueue")
 app.add_typer(db_app, name="db")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(dev_app, name="dev")
@@ -64,34 +62,66 @@ def _read_lines(path: str) -> list[str]:
         return [line.strip() for line in stream if line.strip() and not line.lstrip().startswith("#")]
 
 
-@enqueue_app.command("caption")
-def enqueue_caption(
+def _enqueue_params(settings: Settings, kinds: list[str], raw: dict[str, Any]) -> list[Any]:
+    """One task per kind; each kind takes the parameters its model declares (resize applies to all)."""
+    from imgq.contract import make_task
+    from imgq.kinds import spec
+
+    settings_model = {kind: spec(kind).params for kind in kinds}
+    unknown = sorted(set(raw) - {f for cls in settings_model.values() for f in cls.model_fields})
+    if unknown:
+        raise errors.BadParams(f"invalid parameters: {', '.join(unknown)} apply to none of the kinds "
+                               f"{','.join(kinds)}")
+    return [make_task(kind, settings.model_for(kind),
+                      spec(kind).parse({k: v for k, v in raw.items() if k in cls.model_fields}))
+            for kind, cls in settings_model.items()]
+
+
+@app.command("enqueue")
+def enqueue(
+    kinds: Annotated[str, typer.Argument(help="What to compute: caption, embed, validate, or several joined "
+                                         "by commas (caption,embed fetches and decodes each image once).")],
     refs: Annotated[list[str] | None, typer.Argument(help="s3://bucket/key, s3://bucket/prefix/, a local "
                                                    "file or folder under IMGQ_LOCAL_ROOTS, or - for stdin.")] = None,
     from_file: Annotated[Path | None, typer.Option("--from-file", "-f", help="File with one ref per line.")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(help="Longest caption, in tokens (default 30).")] = None,
-    min_new_tokens: Annotated[int | None, typer.Option(help="Shortest caption, in tokens.")] = None,
-    num_beams: Annotated[int | None, typer.Option(help="Beam search width (1 = greedy).")] = None,
-    do_sample: Annotated[bool, typer.Option("--sample", help="Sample instead of greedy/beam search.")] = False,
-    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass (with --sample).")] = None,
-    top_k: Annotated[int | None, typer.Option(help="Top-k sampling (with --sample).")] = None,
-    temperature: Annotated[float | None, typer.Option(help="Sampling temperature (with --sample).")] = None,
-    repetition_penalty: Annotated[float | None, typer.Option(help="Penalty for repeated tokens.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
-    prompt: Annotated[str | None, typer.Option(help="Text the caption continues, e.g. 'a photo of'.")] = None,
+    pairs: Annotated[str | None, typer.Option("--pairs", help="validate: CSV with columns ref,text (- for stdin); "
+                                              "bad rows are refused with their row number.")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="caption: longest caption in tokens (default 30).")] = None,
+    min_new_tokens: Annotated[int | None, typer.Option(help="caption: shortest caption, in tokens.")] = None,
+    num_beams: Annotated[int | None, typer.Option(help="caption: beam search width (1 = greedy).")] = None,
+    do_sample: Annotated[bool, typer.Option("--sample", help="caption: sample instead of greedy/beam search.")] = False,
+    top_p: Annotated[float | None, typer.Option(help="caption: nucleus sampling mass (with --sample).")] = None,
+    top_k: Annotated[int | None, typer.Option(help="caption: top-k sampling (with --sample).")] = None,
+    temperature: Annotated[float | None, typer.Option(help="caption: sampling temperature (with --sample).")] = None,
+    repetition_penalty: Annotated[float | None, typer.Option(help="caption: penalty for repeated tokens.")] = None,
+    seed: Annotated[int | None, typer.Option(help="caption: seed for reproducible sampling.")] = None,
+    prompt: Annotated[str | None, typer.Option(help="caption: text the caption continues, e.g. 'a photo of'.")] = None,
     resize: Annotated[str | None, typer.Option(help="stretch (model default) | center_crop | letterbox.")] = None,
-    params_json: Annotated[str | None, typer.Option("--params", help="All parameters as one JSON object.")] = None,
+    params_json: Annotated[str | None, typer.Option("--params", help="Parameters as one JSON object.")] = None,
     refs_per_message: Annotated[int | None, typer.Option(help="Refs per broker message.")] = None,
     skip_invalid: Annotated[bool, typer.Option(help="Accept the valid refs and list the refused ones "
                                                "(default: refuse the whole job).")] = False,
 ) -> None:
-    """Caption images. Prints the job id once every item is committed and published."""
+    """Submit a job: every image gets every kind. Prints the job id once every item is committed
+    and published.
+
+    \b
+      imgq enqueue caption s3://photos/2026/ --num-beams 3
+      imgq enqueue caption,embed /data/archive/
+      imgq enqueue validate --pairs alt-texts.csv
+    """
+    given_flags = dict(locals())  # before any other local: the caption flags, by parameter name
     from tqdm import tqdm
 
     from imgq.celeryconf import make_celery
-    from imgq.contract import parse_params
+    from imgq.kinds import parse_kinds, spec
+    from imgq.params import CaptionParams
+    from imgq.producer.expand import Expander
+    from imgq.producer.pairs import accept_pairs, read_pairs
     from imgq.producer.submit import accept_refs, submit
 
+    flags = {name: value for name, value in given_flags.items()
+             if name in CaptionParams.model_fields and name != "do_sample"}
     settings = _settings(refs_per_message=refs_per_message)
     raw: dict[str, Any] = {}
     if params_json:
@@ -101,25 +131,34 @@ def enqueue_caption(
             _fail("bad_params", f"--params is not valid JSON: {exc}")
         if not isinstance(raw, dict):
             _fail("bad_params", "--params must be a JSON object, e.g. '{\"num_beams\": 3}'")
-    flags = {"max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens, "num_beams": num_beams,
-             "top_p": top_p, "top_k": top_k, "temperature": temperature,
-             "repetition_penalty": repetition_penalty, "seed": seed, "prompt": prompt, "resize": resize}
     raw.update({k: v for k, v in flags.items() if v is not None})
     if do_sample:
         raw["do_sample"] = True
     try:
-        params = parse_params(raw)
-        given = list(refs or [])
-        if given == ["-"]:
-            given = _read_lines("-")
-        if from_file is not None:
-            given += _read_lines(str(from_file))
+        names = parse_kinds(kinds)
+        tasks = _enqueue_params(settings, names, raw)
+        paired = any(spec(k).input == "pair" for k in names)
         rejected: list[tuple[str, str]] = []
+        if paired:
+            if pairs is None or refs or from_file:
+                _fail("bad_request", f"{kinds} scores image-text pairs: give them with --pairs FILE.csv "
+                      "(columns ref,text), not as refs")
+            stream = sys.stdin if pairs == "-" else open(pairs, encoding="utf-8", newline="")  # noqa: SIM115
+            with stream:
+                items: Any = list(accept_pairs(read_pairs(stream), Expander(settings)))
+        else:
+            if pairs is not None:
+                _fail("bad_request", "--pairs is for validate jobs; give image refs as arguments")
+            given = list(refs or [])
+            if given == ["-"]:
+                given = _read_lines("-")
+            if from_file is not None:
+                given += _read_lines(str(from_file))
+            items = accept_refs(given, settings, skip_invalid=skip_invalid, rejected=rejected)
         # A progress bar on a terminal only (disable=None): backfills of millions of refs take a while.
-        refs_stream = tqdm(accept_refs(given, settings, skip_invalid=skip_invalid, rejected=rejected),
-                           desc="accepting", unit="ref", file=sys.stderr, disable=None, mininterval=0.5)
+        refs_stream = tqdm(items, desc="accepting", unit="ref", file=sys.stderr, disable=None, mininterval=0.5)
         result = submit(settings=settings, store=_store(settings), app=make_celery(settings),
-                        refs=refs_stream, params=params, rejected=rejected)
+                        refs=refs_stream, tasks=tasks, rejected=rejected)
     except errors.ImgqError as exc:
         _fail(exc.code, exc.message)
     except OSError as exc:
@@ -188,23 +227,23 @@ def results(
     fmt: Annotated[str, typer.Option("--format", help="jsonl or csv.")] = "jsonl",
     output: Annotated[Path | None, typer.Option("--output", "-o", help="File to write (default stdout).")] = None,
 ) -> None:
-    """Export a job's items with their captions or dead-letter codes."""
+    """Export a job's items with their results (a column per kind) or dead-letter codes."""
     if fmt not in ("jsonl", "csv"):
         _fail("bad_format", f"--format must be jsonl or csv, not {fmt!r}")
     settings = _settings()
     store = _store(settings)
     job_id = _job_id(job)
     out = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout  # noqa: SIM115
-    fields = ["seq", "ref", "state", "attempts", "caption", "width", "height", "error_code", "error"]
     try:
-        writer = csv.DictWriter(out, fieldnames=fields) if fmt == "csv" else None
-        if writer:
-            writer.writeheader()
+        writer: csv.DictWriter[str] | None = None
         for row in store.results(job_id):
-            if writer:
+            if fmt == "csv":
+                if writer is None:  # the columns depend on the job's kinds
+                    writer = csv.DictWriter(out, fieldnames=list(row))
+                    writer.writeheader()
                 writer.writerow(row)
             else:
-                out.write(json.dumps(row) + "\n")
+                out.write(json.dumps(row, default=str) + "\n")
     finally:
         if output:
             out.close()
@@ -213,6 +252,7 @@ def results(
 @app.command()
 def worker(
     queues: Annotated[str | None, typer.Option(help="Comma-separated queues (default IMGQ_QUEUE).")] = None,
+    kinds: Annotated[str | None, typer.Option(help="Kinds to serve, e.g. caption,embed (IMGQ_KINDS).")] = None,
     max_batch: Annotated[int | None, typer.Option(help="Largest model batch (IMGQ_MAX_BATCH).")] = None,
     max_wait_ms: Annotated[int | None, typer.Option(help="Longest wait for batchmates (IMGQ_MAX_WAIT_MS).")] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda (IMGQ_DEVICE).")] = None,
@@ -224,17 +264,18 @@ def worker(
     loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
     hostname: Annotated[str | None, typer.Option(help="Celery node name.")] = None,
 ) -> None:
-    """Run a batching caption worker (a Celery worker with a thread pool and one model)."""
+    """Run a batching worker (a Celery worker with a thread pool) for the kinds in IMGQ_KINDS,
+    one model per family."""
     settings = _settings(max_batch=max_batch, max_wait_ms=max_wait_ms, device=device,
                          messages_in_flight=concurrency, decode_threads=decode_threads,
-                         torch_threads=torch_threads)
+                         torch_threads=torch_threads, kinds=kinds)
     try:
         from imgq.worker.app import WorkerRuntime, make_worker_app
     except ImportError as exc:
         _fail("missing_extra", f"the worker needs the worker extra: pip install 'imgq[worker]' ({exc})")
-    runtime = WorkerRuntime(settings)
-    celery_app = make_worker_app(settings, runtime)
     try:
+        runtime = WorkerRuntime(settings)
+        celery_app = make_worker_app(settings, runtime)
         runtime.start(celery_app)
     except errors.ModelUnavailable as exc:
         _fail(exc.code, exc.message, 1)
@@ -356,6 +397,83 @@ def reconcile(
     typer.echo(f"re-published {sum(len(b.items) for b in batches)} items")
 
 
+def _image_vector(settings: Settings, engine: Any, ref: str, model: str) -> tuple[Any, str, int | None]:
+    """The query vector for ``search --image``: the stored embedding of the image's newest version
+    if there is one (no torch needed), else one computed now. Returns (vector, revision, image id)."""
+    from imgq.db.search import stored_vector
+    from imgq.refs import S3Ref, parse_ref
+
+    parsed = parse_ref(ref, allowed_buckets=settings.allowed_buckets, local_roots=settings.local_roots)
+    source, bucket, key = ("s3", parsed.bucket, parsed.key) if isinstance(parsed, S3Ref) else ("local", "", str(parsed))
+    found = stored_vector(engine, model=model, revision=None, source=source, bucket=bucket, key=key)
+    if found is not None:
+        image_id, vector, revision = found
+        return vector, revision, image_id
+    runner = _embed_runner(settings, model)
+    from imgq.worker.decode import decode
+    from imgq.worker.fetch import Fetcher
+
+    blob = Fetcher(settings).fetch(str(parsed))
+    image = decode(blob.data, max_pixels=settings.max_pixels, target=runner.input_size).image
+    return runner.model.embed_images(runner.prepare(image, runner.kind_params())[None])[0], runner.revision, None
+
+
+def _embed_runner(settings: Settings, model: str) -> Any:
+    try:
+        from imgq.worker.runners import EmbedRunner
+    except ImportError as exc:
+        _fail("missing_extra", f"encoding a query needs the worker extra: pip install 'imgq[worker]' ({exc})")
+    runner = EmbedRunner(EmbedRunner.make_model(settings.model_copy(update={"embed_model": model})))
+    runner.load()
+    return runner
+
+
+@app.command()
+def search(
+    query: Annotated[str | None, typer.Argument(help="Text to search for, e.g. 'a dog on a beach'.")] = None,
+    image: Annotated[str | None, typer.Option("--image", help="Find images similar to this ref instead.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="Number of results.")] = 20,
+    bucket: Annotated[str | None, typer.Option(help="Only images in this S3 bucket.")] = None,
+    prefix: Annotated[str | None, typer.Option(help="Only keys (or local paths) starting with this.")] = None,
+    model: Annotated[str | None, typer.Option(help="Retrieval model whose vectors to search "
+                                              "(default IMGQ_EMBED_MODEL).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """Nearest images by cosine similarity of BLIP embeddings (pgvector HNSW), with their captions.
+
+    A text query is encoded with the same retrieval model (and revision) that embedded the images,
+    which needs the worker extra. `--image` uses the image's stored embedding when there is one."""
+    from imgq.db.search import search as nearest
+    from imgq.db.store import make_engine
+
+    settings = _settings()
+    name = model or settings.embed_model
+    if (query is None) == (image is None):
+        _fail("bad_request", "give a text query or --image REF (one of them)")
+    engine = make_engine(settings.sync_database_url)
+    try:
+        exclude = None
+        if image is not None:
+            vector, revision, exclude = _image_vector(settings, engine, image, name)
+        else:
+            if not query or not query.strip():
+                raise errors.EmptyQuery("the search text is empty")
+            runner = _embed_runner(settings, name)
+            vector, revision = runner.model.embed_texts([query])[0], runner.revision
+        hits = nearest(engine, vector, model=name, revision=revision, limit=limit, bucket=bucket, prefix=prefix,
+                       exclude_image_id=exclude)
+    except errors.ImgqError as exc:
+        _fail(exc.code, exc.message, 1 if isinstance(exc, errors.Permanent | errors.ModelUnavailable) else 2)
+    finally:
+        engine.dispose()
+    for hit in hits:
+        if as_json:
+            typer.echo(json.dumps({"ref": hit.ref, "similarity": round(hit.similarity, 6), "caption": hit.caption,
+                                   "image_id": hit.image_id, "model_revision": hit.model_revision}))
+        else:
+            typer.echo(f"{hit.similarity:7.4f}  {hit.ref}  {hit.caption or ''}")
+
+
 @db_app.command("upgrade")
 def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
     """Create or migrate the schema to the latest revision."""
@@ -368,12 +486,18 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")]
 
 @dev_app.command("tiny-model")
 def dev_tiny_model(
-    directory: Path, seed: Annotated[int, typer.Option(help="Random seed for the weights.")] = 0
+    directory: Path,
+    seed: Annotated[int, typer.Option(help="Random seed for the weights.")] = 0,
+    kind: Annotated[str, typer.Option(help="caption (BlipForConditionalGeneration) or retrieval "
+                                      "(BlipForImageTextRetrieval: embed, validate, search).")] = "caption",
 ) -> None:
-    """Write a tiny random BLIP captioning checkpoint (offline tests and demos; captions are noise)."""
-    from imgq.worker.tiny import write_tiny_checkpoint
+    """Write a tiny random BLIP checkpoint (offline tests and demos; its outputs are noise)."""
+    from imgq.worker.tiny import write_tiny_checkpoint, write_tiny_retrieval_checkpoint
 
-    typer.echo(str(write_tiny_checkpoint(directory, seed=seed)))
+    writers = {"caption": write_tiny_checkpoint, "retrieval": write_tiny_retrieval_checkpoint}
+    if kind not in writers:
+        _fail("bad_kind", f"--kind must be caption or retrieval, not {kind!r}")
+    typer.echo(str(writers[kind](directory, seed=seed)))
 
 
 @app.command()

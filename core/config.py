@@ -10,6 +10,8 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_CAPTION_MODEL = "Salesforce/blip-image-captioning-base"
+# The captioning checkpoint has no contrastive heads; embeddings and match scores need a retrieval one.
+DEFAULT_EMBED_MODEL = "Salesforce/blip-itm-base-coco"
 
 
 def _usable_cpus() -> int:
@@ -42,8 +44,21 @@ class Settings(BaseSettings):
         default_factory=list, description="Comma-separated folders local refs must resolve inside."
     )
 
-    caption_model: str = Field(DEFAULT_CAPTION_MODEL, description="Hub id or local checkpoint dir.")
-    model_revision: str | None = Field(None, description="Hub revision (commit) to pin.")
+    kinds: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["caption"],
+        description="Comma-separated job kinds a worker serves (caption, embed, validate); it loads "
+        "one model per family: caption -> IMGQ_CAPTION_MODEL, embed/validate -> IMGQ_EMBED_MODEL.",
+    )
+    caption_model: str = Field(DEFAULT_CAPTION_MODEL, description="Captioning model: hub id or local checkpoint dir.")
+    model_revision: str | None = Field(None, description="Hub revision (commit) of the caption model to pin.")
+    embed_model: str = Field(
+        DEFAULT_EMBED_MODEL, description="BLIP retrieval model (embed, validate, search): hub id or local dir."
+    )
+    embed_model_revision: str | None = Field(None, description="Hub revision (commit) of the embed model to pin.")
+    attention: Literal["eager", "sdpa"] = Field(
+        "sdpa", description="Vision-encoder attention of the embed model: sdpa (fused, 2.2x on a GPU) or eager "
+        "(transformers' own). Captioning stays eager.",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="auto = bfloat16 on CUDA (fp16 if unsupported), float32 on CPU."
@@ -82,10 +97,21 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = Field(60, gt=0, description="How often a worker looks for stale items.")
     shutdown_grace_s: float = Field(60, gt=0, description="SIGTERM: time to finish in-flight messages.")
 
-    @field_validator("allowed_buckets", "local_roots", mode="before")
+    @field_validator("allowed_buckets", "local_roots", "kinds", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("kinds")
+    @classmethod
+    def _known_kinds(cls, kinds: list[str]) -> list[str]:
+        from imgq.errors import BadParams
+        from imgq.kinds import parse_kinds
+
+        try:
+            return parse_kinds(kinds)
+        except BadParams as exc:
+            raise ValueError(exc.message) from None
 
     @field_validator("local_roots")
     @classmethod
@@ -114,6 +140,17 @@ class Settings(BaseSettings):
                 f"({self.retry_max_s}); otherwise items waiting to retry are published twice"
             )
         return self
+
+    def model_for(self, kind: str) -> str:
+        """The model a kind's tasks name at enqueue and a worker serves for it."""
+        from imgq.kinds import spec
+
+        return str(getattr(self, spec(kind).model_setting))
+
+    def revision_for(self, kind: str) -> str | None:
+        from imgq.kinds import spec
+
+        return self.model_revision if spec(kind).model_setting == "caption_model" else self.embed_model_revision
 
     def as_env(self) -> dict[str, str]:
         """The ``IMGQ_*`` variables that reproduce these settings in another process."""

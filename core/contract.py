@@ -1,90 +1,93 @@
 """The message contract between producers and workers. Importable without torch or celery.
 
-Versioning: ``v`` is bumped on any incompatible change; a worker refuses versions it does not
-know (the items are dead-lettered with code ``bad_message``, never dropped).
+A message carries one job's tasks (a union discriminated on ``kind``: every item gets every task,
+so ``caption,embed`` fetches and decodes each image once) and up to ``IMGQ_REFS_PER_MESSAGE``
+items, as ``[seq, ref]`` pairs, or ``[seq, ref, text]`` for kinds whose input is an image-text pair.
+
+Versioning: ``v`` is bumped on any incompatible change. Version 1 messages (one caption task,
+from before job kinds) are still read; a worker refuses versions it does not know (the items are
+dead-lettered with code ``bad_message``, never dropped).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from typing import Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from imgq.errors import BadParams
+from imgq.kinds import KINDS
+from imgq.params import CaptionParams, Params, ResizeMode, parse_params
 
-MESSAGE_VERSION = 1
+__all__ = ["MESSAGE_VERSION", "TASK_NAME", "CaptionParams", "ResizeMode", "Task", "TaskMessage", "TaskSpec",
+           "make_task", "parse_params"]
+
+MESSAGE_VERSION = 2
 TASK_NAME = "imgq.process"
-RECONCILE_TASK_NAME = "imgq.reconcile"
-
-Kind = Literal["caption"]
-ResizeMode = Literal["stretch", "center_crop", "letterbox"]
 
 
-class CaptionParams(BaseModel):
-    """Generation parameters of a captioning job (the ``transformers`` ``generate`` names)."""
+class TaskSpec(BaseModel):
+    """One kind of work for every item of a message: the kind, the model it names, its parameters."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_new_tokens: int = Field(30, ge=1, le=512)
-    min_new_tokens: int = Field(0, ge=0, le=512)
-    num_beams: int = Field(1, ge=1, le=16)
-    do_sample: bool = False
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(50, ge=0, le=10_000)
-    temperature: float = Field(1.0, gt=0.0, le=100.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0)
-    prompt: str | None = Field(None, max_length=512, description="Text the caption continues from.")
-    resize: ResizeMode = "stretch"
-    seed: int | None = Field(None, ge=0, description="Seed for sampling; fixes results per batch.")
-
-    @model_validator(mode="after")
-    def _coherent(self) -> CaptionParams:
-        if self.min_new_tokens > self.max_new_tokens:
-            raise ValueError(
-                f"min_new_tokens ({self.min_new_tokens}) exceeds max_new_tokens ({self.max_new_tokens})"
-            )
-        if not self.do_sample:
-            for name, neutral in (("top_p", 1.0), ("top_k", 50), ("temperature", 1.0), ("seed", None)):
-                if getattr(self, name) != neutral:
-                    raise ValueError(f"{name} only applies with do_sample=true")
-        if self.prompt is not None and not self.prompt.strip():
-            raise ValueError("prompt must not be blank; omit it for unconditional captions")
-        return self
-
-    def canonical(self) -> dict[str, object]:
-        return self.model_dump(mode="json")
-
-    def digest(self) -> str:
-        """A stable hash of the parameters: part of a result's identity."""
-        blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    kind: str
+    model: str = Field(min_length=1)
+    params: Params
 
 
-def parse_params(raw: dict[str, object] | None) -> CaptionParams:
-    """Validate user parameters, raising :class:`BadParams` with every problem in one line."""
-    try:
-        return CaptionParams.model_validate(raw or {})
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'params'}: {err['msg']}" for err in exc.errors()
-        )
-        raise BadParams(f"invalid generation parameters: {problems}") from None
+def _task_model(name: str, params: type[Params]) -> type[TaskSpec]:
+    return create_model(  # type: ignore[call-overload,no-any-return]
+        f"{name.capitalize()}Task", __base__=TaskSpec, kind=(Literal[name], ...), params=(params, ...)
+    )
+
+
+_TASKS = {name: _task_model(name, spec.params) for name, spec in KINDS.items()}
+Task = Annotated[Union[tuple(_TASKS.values())], Field(discriminator="kind")]  # type: ignore[valid-type]  # noqa: UP007
+
+
+def make_task(kind: str, model: str, params: Params) -> TaskSpec:
+    return _TASKS[kind](kind=kind, model=model, params=params)
+
+
+Item = tuple[int, str] | tuple[int, str, str]
 
 
 class TaskMessage(BaseModel):
-    """One broker message: up to ``IMGQ_REFS_PER_MESSAGE`` items of one job."""
+    """One broker message: the tasks and some items of one job."""
 
     model_config = ConfigDict(extra="forbid")
 
-    v: Literal[1] = MESSAGE_VERSION
+    v: Literal[2] = MESSAGE_VERSION
     job: str
-    kind: Kind = "caption"
-    model: str
-    params: CaptionParams
-    # [seq, ref] pairs; seq identifies the item inside its job.
-    items: list[tuple[int, str]] = Field(min_length=1)
+    tasks: list[Task] = Field(min_length=1)  # type: ignore[valid-type]
+    items: list[Item] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade_v1(cls, data: Any) -> Any:
+        # v1: {"v": 1, "job", "kind": "caption", "model", "params", "items"} (in flight across an upgrade).
+        if isinstance(data, dict) and data.get("v") == 1:
+            data = dict(data)
+            data["tasks"] = [{"kind": data.pop("kind", "caption"), "model": data.pop("model", None),
+                              "params": data.pop("params", {})}]
+            data["v"] = MESSAGE_VERSION
+        return data
+
+    @model_validator(mode="after")
+    def _coherent(self) -> TaskMessage:
+        kinds = [t.kind for t in self.tasks]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"a kind appears twice in tasks: {kinds}")
+        if any(KINDS[k].input == "pair" for k in kinds):
+            if any(len(item) != 3 for item in self.items):
+                raise ValueError("image-text pair kinds need [seq, ref, text] items")
+        elif any(len(item) != 2 for item in self.items):
+            raise ValueError("items must be [seq, ref] pairs")
+        return self
+
+    @property
+    def kinds(self) -> list[str]:
+        return [t.kind for t in self.tasks]
 
     def to_json(self) -> dict[str, object]:
         return self.model_dump(mode="json")

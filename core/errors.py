@@ -34,21 +34,83 @@ class InvalidRequest(ImgqError):
     code = "invalid_request"
 
 
-def _permanent(code: str, doc: str) -> type[Permanent]:
-    return type(f"Permanent_{code}", (Permanent,), {"code": code, "__doc__": doc})
-
-
 # Stable codes: documented in README "Error codes"; never rename one.
-NotFound = _permanent("not_found", "The object or file does not exist.")
-AccessDenied = _permanent("access_denied", "The store refused access to the object.")
-Empty = _permanent("empty", "The object has zero bytes.")
-TooLarge = _permanent("too_large", "The object is larger than IMGQ_MAX_OBJECT_BYTES.")
-NotAnImage = _permanent("not_an_image", "The bytes are not an image Pillow recognises.")
-UnsupportedFormat = _permanent("unsupported_format", "The image format is not on the decoder allow-list.")
-Truncated = _permanent("truncated", "The image data ends early or is corrupt.")
-TooManyPixels = _permanent("too_many_pixels", "The image exceeds IMGQ_MAX_PIXELS (decompression-bomb guard).")
-BadRef = _permanent("bad_ref", "The reference is malformed or outside the allow-lists.")
-ModelError = _permanent("model_error", "The model failed on this single item.")
+class NotFound(Permanent):
+    """The object or file does not exist."""
+
+    code = "not_found"
+
+
+class AccessDenied(Permanent):
+    """The store refused access to the object."""
+
+    code = "access_denied"
+
+
+class Empty(Permanent):
+    """The object has zero bytes."""
+
+    code = "empty"
+
+
+class TooLarge(Permanent):
+    """The object is larger than IMGQ_MAX_OBJECT_BYTES."""
+
+    code = "too_large"
+
+
+class NotAnImage(Permanent):
+    """The bytes are not an image Pillow recognises."""
+
+    code = "not_an_image"
+
+
+class UnsupportedFormat(Permanent):
+    """The image format is not on the decoder allow-list."""
+
+    code = "unsupported_format"
+
+
+class Truncated(Permanent):
+    """The image data ends early or is corrupt."""
+
+    code = "truncated"
+
+
+class TooManyPixels(Permanent):
+    """The image exceeds IMGQ_MAX_PIXELS (decompression-bomb guard)."""
+
+    code = "too_many_pixels"
+
+
+class BadRef(Permanent):
+    """The reference is malformed or outside the allow-lists."""
+
+    code = "bad_ref"
+
+
+class ModelError(Permanent):
+    """The model failed on this single item."""
+
+    code = "model_error"
+
+
+class BadText(Permanent):
+    """The pair's text is empty or longer than the model's text positions."""
+
+    code = "bad_text"
+
+
+class WrongModel(Permanent):
+    """No task of the message is one this worker serves (kind or model differs)."""
+
+    code = "wrong_model"
+
+
+class OutOfMemory(Retryable):
+    """The accelerator ran out of memory even for a single item; tried again later."""
+
+    code = "out_of_memory"
 
 
 class BadParams(InvalidRequest):
@@ -73,3 +135,27 @@ class ConfigError(ImgqError):
     """The configuration is inconsistent."""
 
     code = "config_error"
+
+
+class SearchError(InvalidRequest):
+    """A search cannot be answered as asked."""
+
+    code = "search_error"
+
+
+class NoEmbeddings(SearchError):
+    """No stored embeddings for this model (and revision)."""
+
+    code = "no_embeddings"
+
+
+class DimensionMismatch(SearchError):
+    """The query vector's dimension differs from the stored embeddings'."""
+
+    code = "dim_mismatch"
+
+
+class EmptyQuery(SearchError):
+    """The search query is empty."""
+
+    code = "empty_query"

@@ -7,14 +7,21 @@ from typing import Any
 
 from celery import Celery
 
-from imgq.contract import TASK_NAME, CaptionParams, TaskMessage
+from imgq.contract import TASK_NAME, TaskMessage, TaskSpec, make_task
+from imgq.kinds import spec
 
 
 def chunk_messages(
-    *, job: str, model: str, params: CaptionParams, items: Sequence[tuple[int, str]], per_message: int
+    *, job: str, tasks: Sequence[TaskSpec], items: Sequence[Any], per_message: int
 ) -> Iterator[TaskMessage]:
+    """Messages of at most ``per_message`` items each, the last one partial; every item once."""
     for start in range(0, len(items), per_message):
-        yield TaskMessage(job=job, model=model, params=params, items=list(items[start : start + per_message]))
+        yield TaskMessage(job=job, tasks=list(tasks), items=list(items[start : start + per_message]))
+
+
+def tasks_from_record(records: Sequence[dict[str, Any]]) -> list[TaskSpec]:
+    """A job's stored ``tasks`` column back into message tasks (params validated again)."""
+    return [make_task(r["kind"], r["model"], spec(r["kind"]).parse(r["params"])) for r in records]
 
 
 # Redis commands per pipelined round trip (kombu's Producer.batch; one LPUSH per message).
@@ -47,11 +54,10 @@ def publish(
 
 
 def republish(app: Celery, batches: Iterable[Any], *, queue: str, per_message: int) -> int:
-    """Publish items again (dead-letter retry, reconciliation); ``batches`` are ``db.admin.Republish``."""
-    from imgq.contract import parse_params
-
+    """Publish items again (dead-letter retry, reconciliation) with every task of their job;
+    ``batches`` are ``db.admin.Republish``."""
     messages: list[TaskMessage] = []
     for batch in batches:
-        messages += chunk_messages(job=str(batch.job), model=batch.model, params=parse_params(batch.params),
-                                   items=batch.items, per_message=per_message)
+        messages += chunk_messages(job=str(batch.job), tasks=tasks_from_record(batch.tasks), items=batch.items,
+                                   per_message=per_message)
     return publish(app, messages, queue=queue)

@@ -10,26 +10,41 @@ from typing import Any
 
 from sqlalchemy import Engine, text
 
-_CHECK_ITEMS = text("""
-SELECT i.seq, i.ref, i.state,
-       (c.id IS NOT NULL) AS has_result,
-       (d.job_id IS NOT NULL) AS has_dead_letter
+_JOB_KINDS = text("SELECT tasks FROM jobs WHERE id = :job")
+
+
+def check_items_sql(kinds: Sequence[str]) -> str:
+    """Items whose state disagrees with their records. A done item has one result per kind of
+    its job (each kind's writer names its link column) and no dead letter; a dead item has a dead
+    letter; a pending item has neither."""
+    from imgq.db.results import writer
+
+    links = [f"i.{writer(kind).link_column}" for kind in kinds] or ["NULL"]
+    has_all = " AND ".join(f"{link} IS NOT NULL" for link in links)
+    has_any = " OR ".join(f"{link} IS NOT NULL" for link in links)
+    return f"""
+SELECT i.seq, i.ref, i.state, ({has_all}) AS has_result, (d.job_id IS NOT NULL) AS has_dead_letter
 FROM job_items i
-LEFT JOIN captions c ON c.id = i.caption_id
 LEFT JOIN dead_letters d ON d.job_id = i.job_id AND d.seq = i.seq
 WHERE i.job_id = :job
-  AND ((i.state = 'done' AND (c.id IS NULL OR d.job_id IS NOT NULL))
+  AND ((i.state = 'done' AND (NOT ({has_all}) OR d.job_id IS NOT NULL))
     OR (i.state = 'dead' AND d.job_id IS NULL)
-    OR (i.state IN ('queued', 'running') AND (c.id IS NOT NULL OR d.job_id IS NOT NULL)))
+    OR (i.state IN ('queued', 'running') AND ({has_any} OR d.job_id IS NOT NULL)))
 ORDER BY i.seq LIMIT 1000
-""")
+"""
 
-# Two result rows for one identity cannot exist while captions_identity holds; the check proves it.
-_CHECK_DUPLICATES = text("""
-SELECT c.image_id, count(*) FROM captions c
-WHERE c.image_id IN (SELECT image_id FROM job_items WHERE job_id = :job AND image_id IS NOT NULL)
-GROUP BY c.image_id, c.model, c.model_revision, c.params_hash HAVING count(*) > 1
-""")
+
+def check_duplicates_sql(kind: str) -> str:
+    """Two result rows for one identity cannot exist while the unique constraint holds; the check
+    proves it for the images of this job."""
+    from imgq.db.results import identity, writer
+
+    return f"""
+SELECT r.image_id, count(*) FROM {writer(kind).table} r
+WHERE r.image_id IN (SELECT image_id FROM job_items WHERE job_id = :job AND image_id IS NOT NULL)
+GROUP BY {", ".join("r." + c.strip() for c in identity(kind).split(","))} HAVING count(*) > 1
+"""
+
 
 _CHECK_TOTALS = text("""
 SELECT j.total, j.purged, count(i.seq) AS items,
@@ -58,7 +73,7 @@ WITH taken AS (
 )
 UPDATE job_items i SET state = 'queued', attempts = 0, updated_at = now()
 FROM taken WHERE i.job_id = taken.job_id AND i.seq = taken.seq AND i.state = 'dead'
-RETURNING i.job_id, i.seq, i.ref
+RETURNING i.job_id, i.seq, i.ref, i.text
 """)
 
 _DLQ_PURGE = text("""
@@ -83,10 +98,10 @@ WITH stale AS (
 )
 UPDATE job_items j SET state = 'queued', updated_at = now()
 FROM stale WHERE j.job_id = stale.job_id AND j.seq = stale.seq
-RETURNING j.job_id, j.seq, j.ref
+RETURNING j.job_id, j.seq, j.ref, j.text
 """)
 
-_JOBS = text("SELECT id, kind, model, params FROM jobs WHERE id = ANY(CAST(:ids AS uuid[]))")
+_JOBS = text("SELECT id, tasks FROM jobs WHERE id = ANY(CAST(:ids AS uuid[]))")
 
 # One reconciler at a time across all workers (the key is arbitrary but fixed).
 _RECONCILE_LOCK = text("SELECT pg_try_advisory_xact_lock(74657301)")
@@ -111,13 +126,11 @@ class CheckReport:
 
 @dataclass(frozen=True, slots=True)
 class Republish:
-    """Items to publish again, with their job's model and parameters."""
+    """Items to publish again, with their job's tasks (``{kind, model, params, params_hash}``)."""
 
     job: uuid.UUID
-    kind: str
-    model: str
-    params: dict[str, Any]
-    items: list[tuple[int, str]]
+    tasks: list[dict[str, Any]]
+    items: list[tuple[int, str] | tuple[int, str, str]]  # [seq, ref] or [seq, ref, text]
 
 
 class Admin:
@@ -136,7 +149,8 @@ class Admin:
             if never_stored:
                 report.missing += abs(never_stored)
                 report.offenders.append(f"{never_stored} accepted items have no job_items row")
-            for row in conn.execute(_CHECK_ITEMS, {"job": job}).mappings():
+            kinds = [t["kind"] for t in conn.execute(_JOB_KINDS, {"job": job}).scalar_one()]
+            for row in conn.execute(text(check_items_sql(kinds)), {"job": job}).mappings():
                 report.missing += 1
                 problem = (
                     "two outcomes (result and dead letter)" if row["has_result"] and row["has_dead_letter"]
@@ -144,9 +158,10 @@ class Admin:
                     if row["state"] in ("done", "dead") else "pending item with a final record"
                 )
                 report.offenders.append(f"seq {row['seq']} {row['ref']}: {problem}")
-            for image_id, n in conn.execute(_CHECK_DUPLICATES, {"job": job}):
-                report.duplicates += n - 1
-                report.offenders.append(f"image {image_id}: {n} result rows for one identity")
+            for kind in kinds:
+                for image_id, n in conn.execute(text(check_duplicates_sql(kind)), {"job": job}):
+                    report.duplicates += n - 1
+                    report.offenders.append(f"image {image_id}: {n} {kind} rows for one identity")
         return report
 
     def dead_letters(self, *, code: str | None, job: uuid.UUID | None, limit: int = 100) -> list[dict[str, Any]]:
@@ -183,13 +198,10 @@ class Admin:
 
     @staticmethod
     def _with_jobs(conn: Any, rows: Sequence[Any]) -> list[Republish]:
-        by_job: dict[uuid.UUID, list[tuple[int, str]]] = {}
-        for job_id, seq, ref in rows:
-            by_job.setdefault(job_id, []).append((seq, ref))
+        by_job: dict[uuid.UUID, list[Any]] = {}
+        for job_id, seq, ref, pair_text in rows:
+            by_job.setdefault(job_id, []).append((seq, ref) if pair_text is None else (seq, ref, pair_text))
         if not by_job:
             return []
-        jobs = {r.id: r for r in conn.execute(_JOBS, {"ids": list(by_job)})}
-        return [
-            Republish(job_id, jobs[job_id].kind, jobs[job_id].model, jobs[job_id].params, sorted(items))
-            for job_id, items in by_job.items()
-        ]
+        tasks = dict(conn.execute(_JOBS, {"ids": list(by_job)}).all())
+        return [Republish(job_id, tasks[job_id], sorted(items)) for job_id, items in by_job.items()]

@@ -5,10 +5,12 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 
+from pgvector.sqlalchemy import Vector
 from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     DateTime,
+    Float,
     ForeignKey,
     ForeignKeyConstraint,
     Identity,
@@ -37,6 +39,9 @@ class Job(Base):
     model: Mapped[str] = mapped_column(Text)
     params: Mapped[dict] = mapped_column(JSONB)
     params_hash: Mapped[str] = mapped_column(Text)
+    # [{kind, model, params, params_hash}, ...]: what every item of the job gets. kind, model and
+    # params above are those of a single-kind job (kind is "caption,embed" for a combined one).
+    tasks: Mapped[list] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
     total: Mapped[int] = mapped_column(Integer)
     purged: Mapped[int] = mapped_column(Integer, server_default="0")  # dead letters removed by `dlq purge`
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
@@ -75,6 +80,49 @@ class Caption(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
+class Embedding(Base):
+    """The L2-normalised image projection of a retrieval model. Spaces never mix: a new model or
+    revision gives new rows."""
+
+    __tablename__ = "embeddings"
+    __table_args__ = (
+        UniqueConstraint("image_id", "model", "model_revision", "params_hash", name="embeddings_identity"),
+        CheckConstraint("vector_dims(embedding) = dim", name="embeddings_dim"),
+        Index("embeddings_model", "model", "model_revision", "dim"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"))
+    model: Mapped[str] = mapped_column(Text)
+    model_revision: Mapped[str] = mapped_column(Text)
+    params_hash: Mapped[str] = mapped_column(Text)
+    params: Mapped[dict] = mapped_column(JSONB)
+    dim: Mapped[int] = mapped_column(Integer)
+    embedding: Mapped[list] = mapped_column(Vector())
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Match(Base):
+    """An image-text pair's ITM match probability and the cosine of their projections."""
+
+    __tablename__ = "matches"
+    __table_args__ = (
+        UniqueConstraint("image_id", "model", "model_revision", "params_hash", "text_hash", name="matches_identity"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"))
+    model: Mapped[str] = mapped_column(Text)
+    model_revision: Mapped[str] = mapped_column(Text)
+    params_hash: Mapped[str] = mapped_column(Text)
+    params: Mapped[dict] = mapped_column(JSONB)
+    text_hash: Mapped[str] = mapped_column(Text)
+    text: Mapped[str] = mapped_column(Text)
+    itm_score: Mapped[float] = mapped_column(Float)
+    cosine: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
 class JobItem(Base):
     """One accepted reference. Its state is the system of record; Redis is only transport."""
 
@@ -91,7 +139,11 @@ class JobItem(Base):
     attempts: Mapped[int] = mapped_column(Integer, server_default="0")
     worker: Mapped[str | None] = mapped_column(Text)
     image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id"))
+    text: Mapped[str | None] = mapped_column(Text)  # the pair's text, for validate jobs
+    # One link per kind: a kind's result writer sets its column, and `imgq check` follows it.
     caption_id: Mapped[int | None] = mapped_column(ForeignKey("captions.id"))
+    embedding_id: Mapped[int | None] = mapped_column(ForeignKey("embeddings.id"))
+    match_id: Mapped[int | None] = mapped_column(ForeignKey("matches.id"))
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 

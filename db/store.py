@@ -9,38 +9,32 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, text
 
-# One statement per batch: upsert the objects, upsert one caption per object (a no-op DO UPDATE
-# returns the id of the row that won, so a redelivered item keeps the first caption), and finish
-# the items. DISTINCT ON keeps each upsert from touching one row twice.
-_WRITE_CAPTIONS = text("""
-WITH v AS (
-  SELECT * FROM unnest(CAST(:job AS uuid[]), CAST(:seq AS int[]), CAST(:source AS text[]),
-                       CAST(:bucket AS text[]), CAST(:key AS text[]), CAST(:version AS text[]),
-                       CAST(:bytes AS bigint[]), CAST(:width AS int[]), CAST(:height AS int[]),
-                       CAST(:txt AS text[]))
-         AS v(job_id, seq, source, bucket, key, version, bytes, width, height, txt)
-), img AS (
-  INSERT INTO images (source, bucket, key, version, bytes, width, height)
-  SELECT DISTINCT ON (source, bucket, key, version) source, bucket, key, version, bytes, width, height
-  FROM v ORDER BY source, bucket, key, version
-  ON CONFLICT ON CONSTRAINT images_object_version DO UPDATE SET bytes = EXCLUDED.bytes
-  RETURNING id, source, bucket, key, version
-), cap AS (
-  INSERT INTO captions (image_id, model, model_revision, params_hash, params, text)
-  SELECT DISTINCT ON (img.id) img.id, :model, :rev, :phash, CAST(:params AS jsonb), v.txt
-  FROM v JOIN img USING (source, bucket, key, version)
-  ORDER BY img.id, v.seq
-  ON CONFLICT ON CONSTRAINT captions_identity DO UPDATE SET text = captions.text
-  RETURNING id, image_id
-)
-UPDATE job_items AS j
-SET state = 'done', image_id = img.id, caption_id = cap.id, worker = :worker, updated_at = now()
-FROM v JOIN img USING (source, bucket, key, version) JOIN cap ON cap.image_id = img.id
+from imgq.ports import Claim, DeadRow, DoneItem, ObjectInfo, ResultRow
+
+__all__ = ["Claim", "DeadRow", "DoneItem", "EmptyJob", "ObjectInfo", "Store", "make_engine"]
+
+# Objects first (their ids feed every kind's writer); DISTINCT ON keeps the upsert from touching
+# one row twice, and a no-op DO UPDATE returns the id of an existing row.
+_UPSERT_IMAGES = text("""
+INSERT INTO images (source, bucket, key, version, bytes, width, height)
+SELECT DISTINCT ON (source, bucket, key, version) source, bucket, key, version, bytes, width, height
+FROM unnest(CAST(:source AS text[]), CAST(:bucket AS text[]), CAST(:key AS text[]), CAST(:version AS text[]),
+            CAST(:bytes AS bigint[]), CAST(:width AS int[]), CAST(:height AS int[]))
+     AS v(source, bucket, key, version, bytes, width, height)
+ORDER BY source, bucket, key, version
+ON CONFLICT ON CONSTRAINT images_object_version DO UPDATE SET bytes = EXCLUDED.bytes
+RETURNING id, source, bucket, key, version
+""")
+
+# Last in the transaction: every kind's row is linked by now.
+_FINISH = text("""
+UPDATE job_items AS j SET state = 'done', image_id = v.image_id, worker = v.worker, updated_at = now()
+FROM unnest(CAST(:job AS uuid[]), CAST(:seq AS int[]), CAST(:image_id AS bigint[]), CAST(:worker AS text[]))
+     AS v(job_id, seq, image_id, worker)
 WHERE j.job_id = v.job_id AND j.seq = v.seq AND j.state IN ('queued', 'running')
 """)
 
@@ -90,64 +84,35 @@ WHERE job_id = :job AND seq = ANY(CAST(:seqs AS int[])) AND state = 'running'
 
 _COUNTS = text("SELECT state, count(*) FROM job_items WHERE job_id = :job GROUP BY state")
 
-_RESULTS = text("""
-SELECT i.seq, i.ref, i.state, i.attempts, c.text AS caption, im.width, im.height,
-       d.code AS error_code, d.message AS error
+_JOB_TASKS = text("SELECT tasks FROM jobs WHERE id = :job")
+
+
+def results_sql(kinds: Sequence[str]) -> str:
+    """`imgq results` for a job of these kinds: each kind's writer adds its columns and join."""
+    from imgq.db.results import writer
+
+    columns, joins = [], []
+    for kind in kinds:
+        w = writer(kind)
+        columns.append(w.results_columns)
+        joins.append(f"LEFT JOIN {w.table} r_{kind} ON r_{kind}.id = i.{w.link_column}")
+    return f"""
+SELECT i.seq, i.ref, i.state, i.attempts, {", ".join(columns) + "," if columns else ""}
+       im.width, im.height, d.code AS error_code, d.message AS error
 FROM job_items i
-LEFT JOIN captions c ON c.id = i.caption_id
+{chr(10).join(joins)}
 LEFT JOIN images im ON im.id = i.image_id
 LEFT JOIN dead_letters d ON d.job_id = i.job_id AND d.seq = i.seq
 WHERE i.job_id = :job ORDER BY i.seq
-""")
+"""
 
 
 class EmptyJob(ValueError):
     """A job with no items is refused, not committed."""
 
 
-@dataclass(frozen=True, slots=True)
-class Claim:
-    attempts: int  # deliveries so far, this one included
-    unsettled: bool  # an earlier delivery took the item and never settled it (a crash?)
-
-
-@dataclass(frozen=True, slots=True)
-class ObjectInfo:
-    """What the worker learned about the stored object it captioned."""
-
-    source: str  # "s3" | "local"
-    bucket: str
-    key: str
-    version: str
-    bytes: int
-    width: int
-    height: int
-
-
-@dataclass(frozen=True, slots=True)
-class CaptionRow:
-    job: uuid.UUID
-    seq: int
-    obj: ObjectInfo
-    model: str
-    model_revision: str
-    params_hash: str
-    params: dict[str, Any]
-    text: str
-    worker: str
-
-
-@dataclass(frozen=True, slots=True)
-class DeadRow:
-    job: uuid.UUID
-    seq: int
-    code: str
-    message: str
-    worker: str
-
-
-def _chunks(values: Iterable[str], size: int) -> Iterator[list[str]]:
-    chunk: list[str] = []
+def _chunks(values: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
     for value in values:
         chunk.append(value)
         if len(chunk) == size:
@@ -155,6 +120,13 @@ def _chunks(values: Iterable[str], size: int) -> Iterator[list[str]]:
             chunk = []
     if chunk:
         yield chunk
+
+
+def _copy_row(ref: str | tuple[str, str]) -> str:
+    """``ref\ttext`` in COPY text format; ``\\N`` (NULL) when there is no text."""
+    if isinstance(ref, tuple):
+        return f"{_copy_text(ref[0])}\t{_copy_text(ref[1])}"
+    return f"{_copy_text(ref)}\t\\N"
 
 
 def _copy_text(value: str) -> str:
@@ -178,28 +150,33 @@ class Store:
 
     # -- acceptance ---------------------------------------------------------------------------
     def create_job(
-        self, *, kind: str, model: str, params: dict[str, Any], params_hash: str, refs: Iterable[str]
+        self, *, tasks: Sequence[dict[str, Any]], refs: Iterable[str] | Iterable[tuple[str, str]],
     ) -> uuid.UUID:
         """Commit the job and all its items (COPY) before anything is published.
 
-        ``refs`` is consumed once, in chunks, so validating the next chunk overlaps with the server
-        loading the last one. An exception raised while iterating rolls everything back; a job
-        with no refs is refused (ValueError) rather than committed empty."""
+        ``tasks`` are ``{kind, model, params, params_hash}`` dicts; ``refs`` are refs, or
+        ``(ref, text)`` pairs for pair kinds. They are consumed once, in chunks, so validating the
+        next chunk overlaps with the server loading the last one. An exception raised while
+        iterating rolls everything back; a job with no refs is refused (ValueError) rather than
+        committed empty."""
         job = uuid.uuid4()
+        first = tasks[0]
         raw = self.engine.raw_connection()
         try:
             with raw.cursor() as cur:
                 cur.execute(
-                    "INSERT INTO jobs (id, kind, model, params, params_hash, total) VALUES (%s, %s, %s, %s, %s, 0)",
-                    (job, kind, model, json.dumps(params), params_hash),
+                    "INSERT INTO jobs (id, kind, model, params, params_hash, tasks, total) "
+                    "VALUES (%s, %s, %s, %s, %s, %s, 0)",
+                    (job, ",".join(t["kind"] for t in tasks), first["model"], json.dumps(first["params"]),
+                     first["params_hash"], json.dumps(list(tasks))),
                 )
                 total = 0
-                with cur.copy("COPY job_items (job_id, seq, ref) FROM STDIN") as copy:
+                with cur.copy("COPY job_items (job_id, seq, ref, text) FROM STDIN") as copy:
                     # COPY's text format built in one buffer per chunk: ~3x faster than write_row.
                     prefix = f"{job}\t"
                     for chunk in _chunks(refs, 5_000):
                         copy.write("".join(
-                            f"{prefix}{seq}\t{_copy_text(ref)}\n" for seq, ref in enumerate(chunk, total)
+                            f"{prefix}{seq}\t{_copy_row(ref)}\n" for seq, ref in enumerate(chunk, total)
                         ))
                         total += len(chunk)
                 if total == 0:
@@ -232,35 +209,34 @@ class Store:
             with self.engine.begin() as conn:
                 conn.execute(_UNCLAIM, {"job": job, "seqs": list(seqs)})
 
-    def write_captions(self, rows: Sequence[CaptionRow]) -> None:
-        """Store a batch of results and finish their items, in one transaction."""
-        if not rows:
+    def write_done(self, items: Sequence[DoneItem]) -> None:
+        """Store every kind's result of a batch of items and finish them, in one transaction:
+        objects, then one statement per kind and parameter group, then the items' state."""
+        if not items:
             return
-        groups: dict[tuple[str, str, str, str], list[CaptionRow]] = {}
-        for r in rows:
-            groups.setdefault((r.model, r.model_revision, r.params_hash, r.worker), []).append(r)
+        from imgq.db.results import writer
+
         with self.engine.begin() as conn:
-            for (model, rev, phash, worker), group in groups.items():
-                conn.execute(
-                    _WRITE_CAPTIONS,
-                    {
-                        "job": [r.job for r in group],
-                        "seq": [r.seq for r in group],
-                        "source": [r.obj.source for r in group],
-                        "bucket": [r.obj.bucket for r in group],
-                        "key": [r.obj.key for r in group],
-                        "version": [r.obj.version for r in group],
-                        "bytes": [r.obj.bytes for r in group],
-                        "width": [r.obj.width for r in group],
-                        "height": [r.obj.height for r in group],
-                        "txt": [r.text for r in group],
-                        "model": model,
-                        "rev": rev,
-                        "phash": phash,
-                        "params": json.dumps(group[0].params),
-                        "worker": worker,
-                    },
-                )
+            objs = [item.obj for item in items]
+            ids = {
+                (src, bucket, key, version): image_id
+                for image_id, src, bucket, key, version in conn.execute(_UPSERT_IMAGES, {
+                    "source": [o.source for o in objs], "bucket": [o.bucket for o in objs],
+                    "key": [o.key for o in objs], "version": [o.version for o in objs],
+                    "bytes": [o.bytes for o in objs], "width": [o.width for o in objs],
+                    "height": [o.height for o in objs],
+                })
+            }
+            image_of = [ids[(o.source, o.bucket, o.key, o.version)] for o in objs]
+            by_kind: dict[str, list[ResultRow]] = {}
+            for item, image_id in zip(items, image_of, strict=True):
+                for kind, (model, rev, phash, params, value) in item.results.items():
+                    by_kind.setdefault(kind, []).append(
+                        ResultRow(item.job, item.seq, image_id, model, rev, phash, params, value, item.text))
+            for kind, rows in by_kind.items():
+                writer(kind).write(conn, rows)
+            conn.execute(_FINISH, {"job": [i.job for i in items], "seq": [i.seq for i in items],
+                                   "image_id": image_of, "worker": [i.worker for i in items]})
 
     def write_dead(self, rows: Sequence[DeadRow]) -> None:
         if not rows:
@@ -287,8 +263,14 @@ class Store:
             found = dict(conn.execute(_COUNTS, {"job": job}).all())
         return {state: int(found.get(state, 0)) for state in ("queued", "running", "done", "dead")}
 
-    def results(self, job: uuid.UUID) -> Iterator[dict[str, Any]]:
+    def kinds(self, job: uuid.UUID) -> list[str]:
         with self.engine.connect() as conn:
-            result = conn.execution_options(stream_results=True, yield_per=2000).execute(_RESULTS, {"job": job})
+            tasks = conn.execute(_JOB_TASKS, {"job": job}).scalar_one_or_none()
+        return [t["kind"] for t in tasks or []]
+
+    def results(self, job: uuid.UUID) -> Iterator[dict[str, Any]]:
+        query = text(results_sql(self.kinds(job)))
+        with self.engine.connect() as conn:
+            result = conn.execution_options(stream_results=True, yield_per=2000).execute(query, {"job": job})
             for row in result.mappings():
                 yield dict(row)

@@ -14,7 +14,7 @@ from typing import Any
 from celery import Celery
 
 from imgq.config import Settings
-from imgq.contract import CaptionParams
+from imgq.contract import TaskSpec
 from imgq.db.store import EmptyJob, Store
 from imgq.errors import RefRefused
 from imgq.producer.expand import Expander
@@ -55,26 +55,28 @@ def submit(
     settings: Settings,
     store: Store,
     app: Celery,
-    refs: Iterable[str],
-    params: CaptionParams,
+    refs: Iterable[str] | Iterable[tuple[str, str]],
+    tasks: list[TaskSpec],
     refs_per_message: int | None = None,
     rejected: list[tuple[str, str]] | None = None,
 ) -> Submitted:
-    """Accept ``refs`` (validated while they are copied into Postgres), then publish them."""
-    accepted: list[str] = []
+    """Accept ``refs`` (or ``(ref, text)`` pairs; validated while they are copied into Postgres),
+    then publish them with every task."""
+    accepted: list[Any] = []
 
-    def keep(stream: Iterable[str]) -> Iterator[str]:
+    def keep(stream: Iterable[Any]) -> Iterator[Any]:
         for ref in stream:
             accepted.append(ref)
             yield ref
 
+    records = [{"kind": t.kind, "model": t.model, "params": t.params.canonical(), "params_hash": t.params.digest()}
+               for t in tasks]
     try:
-        job = store.create_job(kind="caption", model=settings.caption_model, params=params.canonical(),
-                               params_hash=params.digest(), refs=keep(refs))
+        job = store.create_job(tasks=records, refs=keep(refs))
     except EmptyJob:
         raise RefRefused("no image references to enqueue") from None
-    messages = chunk_messages(job=str(job), model=settings.caption_model, params=params,
-                              items=list(enumerate(accepted)),
+    items = [(seq, *ref) if isinstance(ref, tuple) else (seq, ref) for seq, ref in enumerate(accepted)]
+    messages = chunk_messages(job=str(job), tasks=tasks, items=items,
                               per_message=refs_per_message or settings.refs_per_message)
     try:
         sent = publish(app, messages, queue=settings.queue)

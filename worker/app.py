@@ -15,34 +15,32 @@ from celery.exceptions import Reject
 
 from imgq.celeryconf import make_celery
 from imgq.config import Settings
-from imgq.contract import TASK_NAME, CaptionParams, TaskMessage
+from imgq.contract import TASK_NAME, TaskMessage
 from imgq.db.admin import Admin
 from imgq.db.store import Store
+from imgq.ports import Runner
 from imgq.publish import publish
 from imgq.retry import RetryPolicy
-from imgq.worker.decode import decode
-from imgq.worker.engine import CaptionRunner, Engine
+from imgq.worker.decode import DecodedImage, decode
+from imgq.worker.engine import Engine
 from imgq.worker.fetch import Fetcher
-from imgq.worker.preprocess import Preprocessor
 from imgq.worker.reconciler import Reconciler
+from imgq.worker.runners import build_runners
 from imgq.worker.service import MessageService
 
 log = logging.getLogger(__name__)
 
 
 class WorkerRuntime:
-    """Everything one worker process owns. The model loads in this process (threads pool: no
-    fork follows), once, before the first message is taken."""
+    """Everything one worker process owns. The models load in this process (threads pool: no
+    fork follows), once each, before the first message is taken."""
 
-    def __init__(self, settings: Settings, *, model: CaptionRunner | None = None, s3_client: Any = None) -> None:
+    def __init__(
+        self, settings: Settings, *, runners: dict[str, Runner] | None = None, s3_client: Any = None
+    ) -> None:
         self.settings = settings
         self.name = f"{socket.gethostname()}:{os.getpid()}"
-        if model is None:
-            from imgq.worker.model import CaptionModel
-
-            model = CaptionModel(settings.caption_model, revision=settings.model_revision,
-                                 device=settings.device, dtype=settings.dtype, threads=settings.torch_threads)
-        self.model = model
+        self.runners = runners if runners is not None else build_runners(settings)
         self.store = Store.from_url(settings.sync_database_url, pool_size=4, max_overflow=8)
         self.fetcher = Fetcher(settings, s3_client)
         self.app: Celery | None = None
@@ -51,22 +49,24 @@ class WorkerRuntime:
         self.reconciler: Reconciler | None = None
 
     def load(self) -> None:
-        load = getattr(self.model, "load", None)
-        if load is not None:
-            load()
+        for kind, runner in self.runners.items():
+            load = getattr(runner, "load", None)
+            if load is not None:
+                load()
+            log.info("serving %s with %s (revision %s)", kind, runner.name, runner.revision,
+                     extra={"action": "serve", "kind": kind, "model": runner.name})
 
     def start(self, app: Celery) -> None:
         self.load()
-        processor = getattr(self.model, "image_processor", None)
-        pre = Preprocessor.from_image_processor(processor) if processor is not None else Preprocessor()
         max_pixels = self.settings.max_pixels
+        # One decode per image for every kind: JPEG draft decoding stops at the largest input.
+        target = max(runner.input_size for runner in self.runners.values())
 
-        def prepare(data: bytes, params: CaptionParams) -> tuple[Any, int, int]:
-            image = decode(data, max_pixels=max_pixels, target=pre.size)
-            return pre.pixels(image.image, params.resize), image.width, image.height
+        def decode_once(data: bytes) -> DecodedImage:
+            return decode(data, max_pixels=max_pixels, target=target)
 
         self.engine = Engine(
-            store=self.store, model=self.model, fetch=self.fetcher.fetch, prepare=prepare,
+            store=self.store, runners=self.runners, fetch=self.fetcher.fetch, decode=decode_once,
             worker_name=self.name, max_batch=self.settings.max_batch,
             max_wait_s=self.settings.max_wait_ms / 1000, decode_threads=self.settings.decode_threads,
         ).start()
@@ -108,25 +108,40 @@ def make_worker_app(settings: Settings, runtime: WorkerRuntime) -> Celery:
             time.sleep(2.0)
             raise Reject(str(exc), requeue=True) from exc
 
-    @signals.worker_ready.connect(weak=False)
-    def _ready(**_: Any) -> None:
-        log.info("worker ready", extra={"action": "ready", "worker": runtime.name})
-
-    @signals.worker_shutting_down.connect(weak=False)
-    def _grace(**_: Any) -> None:
-        # Warm shutdown waits for in-flight messages; past the grace period, exit anyway. Their
-        # messages were never acknowledged, so Redis hands them to another worker.
-        def expire() -> None:
-            log.error("shutdown grace of %.0fs expired; exiting with messages unacknowledged",
-                      settings.shutdown_grace_s)
-            os._exit(70)
-
-        timer = threading.Timer(settings.shutdown_grace_s, expire)
-        timer.daemon = True
-        timer.start()
-
-    @signals.worker_shutdown.connect(weak=False)
-    def _shutdown(**_: Any) -> None:
-        runtime.stop()
-
+    global _current
+    _current = runtime
     return app
+
+
+# Connected once per process (dispatch_uid), acting on the runtime of the latest app: connecting
+# per make_worker_app piled up handlers, each holding an old runtime.
+_current: WorkerRuntime | None = None
+
+
+@signals.worker_ready.connect(weak=False, dispatch_uid="imgq-worker-ready")
+def _ready(**_: Any) -> None:
+    if _current is not None:
+        log.info("worker ready", extra={"action": "ready", "worker": _current.name})
+
+
+@signals.worker_shutting_down.connect(weak=False, dispatch_uid="imgq-worker-grace")
+def _grace(**_: Any) -> None:
+    # Warm shutdown waits for in-flight messages; past the grace period, exit anyway. Their
+    # messages were never acknowledged, so Redis hands them to another worker.
+    if _current is None:
+        return
+    grace = _current.settings.shutdown_grace_s
+
+    def expire() -> None:
+        log.error("shutdown grace of %.0fs expired; exiting with messages unacknowledged", grace)
+        os._exit(70)
+
+    timer = threading.Timer(grace, expire)
+    timer.daemon = True
+    timer.start()
+
+
+@signals.worker_shutdown.connect(weak=False, dispatch_uid="imgq-worker-shutdown")
+def _shutdown(**_: Any) -> None:
+    if _current is not None:
+        _current.stop()

@@ -1,10 +1,14 @@
-"""The worker's data path: fetch+decode pool -> dynamic batcher -> model -> bulk result writes.
+"""The worker's data path: fetch+decode pool -> dynamic batcher -> runners -> bulk result writes.
 
-Three kinds of threads, so the model never waits on I/O while work is queued:
-- decode threads fetch bytes and decode/preprocess them (Pillow and boto3 release the GIL);
-- one inference thread owns the batcher and the model;
+Three kinds of threads, so the models never wait on I/O while work is queued:
+- decode threads fetch bytes, decode them once and prepare each task's input (Pillow and boto3
+  release the GIL);
+- one inference thread owns the batcher and the runners;
 - one writer thread commits results in bulk and only then resolves the items' futures.
 Celery task threads call :meth:`Engine.submit` and wait on the futures before acknowledging.
+
+An item of a ``caption,embed`` job is fetched and decoded once and enters one batch per kind; it
+is written, all kinds in one transaction, only once every kind has a value.
 """
 
 from __future__ import annotations
@@ -14,32 +18,23 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
 
 from imgq import errors
 from imgq.batching import Batch, Batcher
 from imgq.classify import classify
-from imgq.contract import CaptionParams
-from imgq.db.store import CaptionRow, DeadRow, ObjectInfo, Store
+from imgq.contract import TaskSpec
+from imgq.ports import Blob, DeadRow, Decoded, DoneItem, ItemStore, ObjectInfo, Runner
 
 log = logging.getLogger(__name__)
 
 State = Literal["done", "dead", "retry"]
-BatchKey = tuple[str, str, str, str]  # (kind, model, params hash, resize mode)
-
-
-class CaptionRunner(Protocol):
-    name: str
-
-    @property
-    def revision(self) -> str: ...
-
-    def caption(self, pixel_values: np.ndarray, params: CaptionParams) -> list[str]: ...
+BatchKey = tuple[str, str]  # (kind, params digest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,31 +50,42 @@ class WorkItem:
     job: uuid.UUID
     seq: int
     ref: str
-    params: CaptionParams
-    params_hash: str
+    tasks: tuple[TaskSpec, ...]
+    text: str | None = None
     future: Future[Outcome] = field(default_factory=Future)
-    pixels: np.ndarray | None = None
+    inputs: dict[Any, Any] = field(default_factory=dict)  # prep key -> prepared array
+    results: dict[str, Any] = field(default_factory=dict)  # kind -> value
     obj: ObjectInfo | None = None
+    failed: bool = False
 
-    @property
-    def key(self) -> BatchKey:
-        return ("caption", "", self.params_hash, self.params.resize)
+    def input_for(self, runner: Runner, task: TaskSpec) -> Any:
+        return self.inputs[runner.prep_key(task.params)]
+
+
+@dataclass(slots=True)
+class _Entry:
+    """One task of one item, as the batcher holds it."""
+
+    item: WorkItem
+    task: TaskSpec
 
 
 @dataclass(slots=True)
 class _Write:
-    done: list[tuple[WorkItem, str]] = field(default_factory=list)  # (item, caption)
+    done: list[WorkItem] = field(default_factory=list)
     dead: list[tuple[WorkItem, errors.ImgqError]] = field(default_factory=list)
 
 
 class Engine:
+    """Owns the decode pool, the batcher, the runners' thread and the writer thread."""
+
     def __init__(
         self,
         *,
-        store: Store,
-        model: CaptionRunner,
-        fetch: Callable[[str], Any],
-        prepare: Callable[[bytes, CaptionParams], tuple[np.ndarray, int, int]],
+        store: ItemStore,
+        runners: Mapping[str, Runner],
+        fetch: Callable[[str], Blob],
+        decode: Callable[[bytes], Decoded],
         worker_name: str,
         max_batch: int,
         max_wait_s: float,
@@ -88,32 +94,33 @@ class Engine:
         db_retry_s: float = 120.0,
     ) -> None:
         self._store = store
-        self._model = model
+        self.runners = dict(runners)
         self._fetch = fetch
-        self._prepare_pixels = prepare
+        self._decode = decode
         self._clock = clock
         self.worker_name = worker_name
         self._db_retry_s = db_retry_s
         # Beam search holds num_beams sequences per image: keep the sequence count near max_batch.
-        self._batcher: Batcher[BatchKey, WorkItem] = Batcher(
-            max_batch, max_wait_s, clock, limit=lambda key: max_batch // self._beams.get(key[2], 1)
+        self._costs: dict[BatchKey, int] = {}
+        self._batcher: Batcher[BatchKey, _Entry] = Batcher(
+            max_batch, max_wait_s, clock, limit=lambda key: max_batch // self._costs.get(key, 1)
         )
-        self._beams: dict[str, int] = {}
         self._pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="imgq-decode")
-        self._ready: queue.Queue[WorkItem] = queue.Queue()
+        self._ready: queue.Queue[_Entry] = queue.Queue()
         self._writes: queue.Queue[_Write | None] = queue.Queue()
         self._preparing = 0
-        # Backpressure: at most this many decoded images wait for the model. Decode threads block
+        # Backpressure: at most this many decoded items wait for the models. Decode threads block
         # here, so worker memory is bounded by the batch size, not by the messages in flight.
         self._decoded = threading.BoundedSemaphore(max(8, 4 * max_batch))
         self._inflight: dict[tuple[uuid.UUID, int], WorkItem] = {}
+        self._remaining: dict[int, int] = {}  # id(item) -> tasks not yet run
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads = [
             threading.Thread(target=self._infer_loop, name="imgq-infer", daemon=True),
             threading.Thread(target=self._write_loop, name="imgq-write", daemon=True),
         ]
-        self.stats = {"batches": 0, "items": 0, "split": 0}
+        self.stats = {"batches": 0, "items": 0, "split": 0, "decodes": 0}
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -128,12 +135,17 @@ class Engine:
         self._writes.put(None)
         self._threads[1].join(timeout)
 
+    def serves(self, task: TaskSpec) -> bool:
+        runner = self.runners.get(task.kind)
+        return runner is not None and runner.name == task.model
+
     # -- entry point for task threads ---------------------------------------------------------------
-    def submit(self, job: uuid.UUID, params: CaptionParams, items: Sequence[tuple[int, str]]) -> list[WorkItem]:
-        params_hash = params.digest()
-        self._beams[params_hash] = params.num_beams
+    def submit(self, job: uuid.UUID, tasks: Sequence[TaskSpec], items: Sequence[Sequence[Any]]) -> list[WorkItem]:
+        """Start work on ``[seq, ref]`` (or ``[seq, ref, text]``) items; every task must be served."""
+        for task in tasks:
+            self._costs[(task.kind, task.params.digest())] = task.params.batch_cost()
         work: list[WorkItem] = []
-        for seq, ref in items:
+        for seq, ref, *rest in items:
             with self._lock:
                 # A second delivery of an item this process is already working on (a requeued or
                 # duplicated message) waits for the same outcome instead of computing it again.
@@ -141,7 +153,7 @@ class Engine:
                 if running is not None:
                     work.append(running)
                     continue
-                item = self._inflight[(job, seq)] = WorkItem(job, seq, ref, params, params_hash)
+                item = self._inflight[(job, seq)] = WorkItem(job, seq, ref, tuple(tasks), rest[0] if rest else None)
                 self._preparing += 1
             item.future.add_done_callback(lambda _f, key=(job, seq): self._forget(key))
             work.append(item)
@@ -162,11 +174,22 @@ class Engine:
         ready = False
         try:
             blob = self._fetch(item.ref)
-            pixels, width, height = self._prepare_pixels(blob.data, item.params)
-            item.pixels = pixels
+            decoded = self._decode(blob.data)
+            for task in item.tasks:
+                runner = self.runners[task.kind]
+                if item.text is not None:
+                    runner.check_text(item.text)
+                # Kinds whose models take the same input (size, normalisation, resize) share it.
+                key = runner.prep_key(task.params)
+                if key not in item.inputs:
+                    item.inputs[key] = runner.prepare(decoded.image, task.params)
             item.obj = ObjectInfo(blob.source, blob.bucket, blob.key, blob.version, len(blob.data),
-                                  width, height)
-            self._ready.put(item)
+                                  decoded.width, decoded.height)
+            with self._lock:
+                self._remaining[id(item)] = len(item.tasks)
+                self.stats["decodes"] += 1
+            for task in item.tasks:
+                self._ready.put(_Entry(item, task))
             ready = True
         except Exception as exc:
             self._fail(item, classify(exc))
@@ -177,6 +200,11 @@ class Engine:
                 self._preparing -= 1
 
     def _fail(self, item: WorkItem, error: errors.ImgqError) -> None:
+        """Settle an item that cannot finish (first failure wins; its other tasks are dropped)."""
+        with self._lock:
+            if item.failed:
+                return
+            item.failed = True
         if isinstance(error, errors.Permanent):
             self._writes.put(_Write(dead=[(item, error)]))
         else:
@@ -187,10 +215,10 @@ class Engine:
         while not (self._stop.is_set() and self._ready.empty() and not len(self._batcher)):
             deadline = self._batcher.next_deadline()
             timeout = 0.2 if deadline is None else max(0.0, deadline - self._clock())
-            batches: list[Batch[BatchKey, WorkItem]] = []
+            batches: list[Batch[BatchKey, _Entry]] = []
             try:
-                item = self._ready.get(timeout=timeout)
-                batches += self._batcher.add(item.key, item)
+                entry = self._ready.get(timeout=timeout)
+                batches += self._batcher.add((entry.task.kind, entry.task.params.digest()), entry)
             except queue.Empty:
                 pass
             batches += self._batcher.due()
@@ -200,37 +228,53 @@ class Engine:
             if (idle and self._ready.empty()) or self._stop.is_set():
                 batches += self._batcher.drain()
             for batch in batches:
-                try:
-                    self._run(batch.items)
-                finally:
-                    for _ in batch.items:
-                        self._decoded.release()
+                self._run(batch.items)
 
-    def _run(self, items: list[WorkItem]) -> None:
+    def _run(self, entries: list[_Entry]) -> None:
+        task = entries[0].task
+        runner = self.runners[task.kind]
         try:
-            pixels = np.stack([item.pixels for item in items])  # type: ignore[misc]
-            texts = self._model.caption(pixels, items[0].params)
+            pixels = np.stack([e.item.input_for(runner, task) for e in entries])
+            texts = [e.item.text or "" for e in entries] if entries[0].item.text is not None else None
+            values = runner.run(pixels, texts, task.params)
         except Exception as exc:
             error = classify(exc)
-            if len(items) > 1:
+            if len(entries) > 1:
                 # One bad item (or an out-of-memory batch) must not fail its batchmates.
                 self.stats["split"] += 1
-                log.warning("batch of %d failed (%s); retrying halves", len(items), error.message)
-                half = len(items) // 2
-                self._run(items[:half])
-                self._run(items[half:])
-            elif "OutOfMemory" in error.message:
+                log.warning("%s batch of %d failed (%s); retrying halves", task.kind, len(entries), error.message)
+                half = len(entries) // 2
+                self._run(entries[:half])
+                self._run(entries[half:])
+                return
+            if isinstance(error, errors.OutOfMemory):
                 # Out of memory even alone: the device is busy elsewhere; try again later.
-                items[0].future.set_result(Outcome(items[0].seq, "retry", error.code, error.message))
+                self._fail(entries[0].item, error)
             else:
-                failure = errors.ModelError(f"model failed on this item: {error.message}")
-                self._writes.put(_Write(dead=[(items[0], failure)]))
+                self._fail(entries[0].item, errors.ModelError(f"{task.kind} model failed on this item: "
+                                                              f"{error.message}"))
+            self._finish_task(entries[0].item)
             return
         self.stats["batches"] += 1
-        self.stats["items"] += len(items)
-        for item in items:
-            item.pixels = None  # release memory before the write
-        self._writes.put(_Write(done=list(zip(items, texts, strict=True))))
+        self.stats["items"] += len(entries)
+        done: list[WorkItem] = []
+        for entry, value in zip(entries, values, strict=True):
+            entry.item.results[task.kind] = value
+            if self._finish_task(entry.item) and not entry.item.failed:
+                done.append(entry.item)
+        if done:
+            self._writes.put(_Write(done=done))
+
+    def _finish_task(self, item: WorkItem) -> bool:
+        """Count one task of ``item`` as run; True once all have (its input memory is then freed)."""
+        with self._lock:
+            left = self._remaining[id(item)] = self._remaining[id(item)] - 1
+            if left:
+                return False
+            del self._remaining[id(item)]
+        item.inputs.clear()
+        self._decoded.release()
+        return True
 
     # -- writer thread --------------------------------------------------------------------------
     def _write_loop(self) -> None:
@@ -255,31 +299,36 @@ class Engine:
                 merged.dead += w.dead
             self._commit(merged)
 
+    def _done_row(self, item: WorkItem) -> DoneItem:
+        results = {}
+        for task in item.tasks:
+            runner = self.runners[task.kind]
+            results[task.kind] = (runner.name, runner.revision, task.params.digest(), task.params.canonical(),
+                                  item.results[task.kind])
+        assert item.obj is not None
+        return DoneItem(item.job, item.seq, item.obj, self.worker_name, results, item.text)
+
     def _commit(self, write: _Write) -> None:
-        rows = [
-            CaptionRow(item.job, item.seq, item.obj, self._model.name, self._model.revision,  # type: ignore[arg-type]
-                       item.params_hash, item.params.canonical(), text, self.worker_name)
-            for item, text in write.done
-        ]
+        done = [self._done_row(item) for item in write.done]
         dead = [DeadRow(item.job, item.seq, err.code, err.message, self.worker_name) for item, err in write.dead]
         deadline = time.monotonic() + self._db_retry_s
         delay = 0.2
         while True:
             try:
-                self._store.write_captions(rows)
+                self._store.write_done(done)
                 self._store.write_dead(dead)
                 break
             except Exception as exc:
                 if time.monotonic() + delay > deadline:
-                    log.error("result write failed for %d items; asking for retry: %s", len(rows) + len(dead), exc)
-                    for item, _ in write.done + write.dead:  # type: ignore[operator]
+                    log.error("result write failed for %d items; asking for retry: %s", len(done) + len(dead), exc)
+                    for item in [*write.done, *(item for item, _ in write.dead)]:
                         if not item.future.done():
                             item.future.set_result(Outcome(item.seq, "retry", "db_unavailable", str(exc)))
                     return
                 log.warning("result write failed, retrying in %.1fs: %s", delay, exc)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        for item, _ in write.done:
+        for item in write.done:
             item.future.set_result(Outcome(item.seq, "done"))
         for item, err in write.dead:
             item.future.set_result(Outcome(item.seq, "dead", err.code, err.message))

@@ -7,20 +7,22 @@ tests can use them too.
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from imgq.contract import CaptionParams
-from imgq.db.store import CaptionRow, DeadRow
+from imgq.ports import Claim, DeadRow, DoneItem
 
 
 @dataclass
 class MemoryResults:
-    """Records what the engine writes; ``fail_next`` makes the next N writes raise."""
+    """An ``ItemStore`` that records what the engine writes; ``fail_next`` makes the next N writes
+    raise. Claims always succeed (every item is new)."""
 
-    captions: list[CaptionRow] = field(default_factory=list)
+    done: list[DoneItem] = field(default_factory=list)
     dead: list[DeadRow] = field(default_factory=list)
     fail_next: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -31,11 +33,20 @@ class MemoryResults:
                 self.fail_next -= 1
                 raise ConnectionError("database unavailable (injected)")
 
-    def write_captions(self, rows: Sequence[CaptionRow]) -> None:
-        if rows:
+    def claim(self, job: uuid.UUID, seqs: Sequence[int], worker: str) -> dict[int, Claim]:
+        return {seq: Claim(1, False) for seq in seqs}
+
+    def release(self, job: uuid.UUID, seqs: Sequence[int]) -> None:
+        pass
+
+    def unclaim(self, job: uuid.UUID, seqs: Sequence[int]) -> None:
+        pass
+
+    def write_done(self, items: Sequence[DoneItem]) -> None:
+        if items:
             self._maybe_fail()
             with self._lock:
-                self.captions.extend(rows)
+                self.done.extend(items)
 
     def write_dead(self, rows: Sequence[DeadRow]) -> None:
         if rows:
@@ -43,31 +54,55 @@ class MemoryResults:
             with self._lock:
                 self.dead.extend(rows)
 
+    def values(self, kind: str) -> dict[int, Any]:
+        """seq -> the stored value of ``kind``."""
+        with self._lock:
+            return {d.seq: d.results[kind][4] for d in self.done}
+
 
 class OutOfMemoryError(RuntimeError):
     """Named like torch's, which is how error classification recognises it."""
 
 
 @dataclass
-class EchoModel:
-    """Captions each image with its mean pixel value. A pixel value of ``poison`` makes the whole
-    batch fail, as a model error on one item would; batches larger than ``oom_above`` run out of
-    memory."""
+class EchoRunner:
+    """A ``Runner`` without a model: its value for an image is its mean pixel value (caption:
+    ``"mean 0.250"``; embed: a unit vector built from it). A pixel value of ``poison`` makes the
+    whole batch fail, as a model error on one item would; batches larger than ``oom_above`` run out
+    of memory. ``prepare`` takes any array-like "image" and returns it as float32."""
 
+    kind: str = "caption"
     name: str = "echo"
     poison: float | None = None
     oom_above: int | None = None
+    input_size: int = 4
     batches: list[int] = field(default_factory=list)
+    prepared: int = 0
 
     @property
     def revision(self) -> str:
         return "echo-1"
 
-    def caption(self, pixel_values: np.ndarray, params: CaptionParams) -> list[str]:
-        self.batches.append(len(pixel_values))
-        if self.oom_above is not None and len(pixel_values) > self.oom_above:
-            raise OutOfMemoryError(f"batch of {len(pixel_values)} does not fit")
-        means = pixel_values.reshape(len(pixel_values), -1).mean(axis=1)
+    def prep_key(self, params: Any) -> tuple[Any, ...]:
+        return ("echo", params.resize)
+
+    def prepare(self, image: Any, params: Any) -> np.ndarray:
+        self.prepared += 1
+        return np.asarray(image, dtype=np.float32)
+
+    def check_text(self, text: str) -> None:
+        pass
+
+    def run(self, pixels: np.ndarray, texts: list[str] | None, params: Any) -> list[Any]:
+        self.batches.append(len(pixels))
+        if self.oom_above is not None and len(pixels) > self.oom_above:
+            raise OutOfMemoryError(f"batch of {len(pixels)} does not fit")
+        means = pixels.reshape(len(pixels), -1).mean(axis=1)
         if self.poison is not None and np.any(np.isclose(means, self.poison)):
             raise ValueError("model failed on a poison input")
+        if self.kind == "embed":
+            return [np.array([m, np.sqrt(max(0.0, 1 - m * m))], dtype=np.float32) for m in means]
+        if self.kind == "validate":
+            return [(float(m), float(len(t or "")) / 100) for m, t in zip(means, texts or [""] * len(means),
+                                                                          strict=True)]
         return [f"mean {m:.3f}" for m in means]

@@ -5,24 +5,15 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from imgq import errors
 from imgq.classify import classify
 from imgq.config import Settings
+from imgq.ports import Blob
 from imgq.refs import LocalRef, S3Ref, parse_ref
 from imgq.s3 import make_s3_client
-
-
-@dataclass(frozen=True, slots=True)
-class Blob:
-    data: bytes
-    source: str
-    bucket: str
-    key: str
-    version: str
 
 
 class Fetcher:

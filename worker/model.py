@@ -11,230 +11,33 @@ Notes checked against the installed transformers (5.24):
   keys/values are projected once per ``generate``, not once per token.
 * BLIP has no SDPA attention (``_supports_sdpa`` is False); asking for it raises, so it is only
   requested where the class supports it.
-* When the hub is unreachable each file lookup is retried with back-off (about 23 s per file here,
-  over 200 s for the processor), so an unreachable hub is detected first and only the cache is used.
+* Loading (device/dtype, local or hub, offline detection, uint8 normalisation) is shared with the
+  retrieval model in :mod:`imgq.worker.loading`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
-import re
-import socket
 import threading
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
-from transformers import BlipForConditionalGeneration, BlipProcessor
+from transformers import BlipForConditionalGeneration
 
 from imgq.contract import CaptionParams
-from imgq.errors import ConfigError, ModelUnavailable
-
-logger = logging.getLogger(__name__)
-
-_HINT = (
-    "Set IMGQ_CAPTION_MODEL to a local checkpoint directory (e.g. one written by `imgq dev tiny-model DIR`)."
-)
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_PROBE_TIMEOUT_S = 3.0
-_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+from imgq.worker.loading import BlipBase
 
 # torch's sampling RNG is process-global: a seeded batch must not interleave with another
 # sampling batch, or neither is reproducible.
 _RNG_LOCK = threading.Lock()
 
 
-def _env_true(*names: str) -> bool:
-    return any(os.environ.get(n, "").strip().lower() in {"1", "true", "yes", "on"} for n in names)
-
-
-def _hub_reachable() -> bool:
-    """A fast TCP check of the hub endpoint (no retries). Assumes reachable behind a proxy,
-    where a direct connection says nothing about what the HTTP client can reach."""
-    if any(os.environ.get(n) for n in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname or "", port), timeout=_PROBE_TIMEOUT_S):
-            return True
-    except OSError:
-        return False
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _local_revision(directory: Path) -> str:
-    """Identity of a local checkpoint: its config plus the sizes of its weight files."""
-    digest = hashlib.sha256((directory / "config.json").read_bytes())
-    for path in sorted(directory.iterdir()):
-        if path.name.endswith(_WEIGHT_SUFFIXES):
-            digest.update(f"\0{path.name}\0{path.stat().st_size}".encode())
-    return "local-" + digest.hexdigest()[:12]
-
-
-class CaptionModel:
+class CaptionModel(BlipBase):
     """A BLIP captioning checkpoint (hub id or local directory); loads on first use."""
 
-    def __init__(
-        self,
-        name_or_path: str,
-        *,
-        revision: str | None = None,
-        device: str = "auto",
-        dtype: str = "auto",
-        threads: int = 0,
-    ) -> None:
-        self.name = name_or_path
-        self._threads = threads
-        self._requested_revision = revision
-        self._device_arg = device
-        self._dtype_arg = dtype
-        self._lock = threading.Lock()
-        self._model: BlipForConditionalGeneration | None = None
-        self._processor: BlipProcessor | None = None
-        self._revision: str | None = None
-        self._norm: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.device = self._resolve_device(device)
-        self.dtype = self._resolve_dtype(dtype, self.device)
-
-    # -- loading -------------------------------------------------------------------------------
-
-    @staticmethod
-    def _resolve_device(device: str) -> str:
-        if device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return device
-
-    @staticmethod
-    def _resolve_dtype(dtype: str, device: str) -> torch.dtype:
-        if dtype != "auto":
-            if dtype not in _DTYPES:
-                raise ConfigError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(_DTYPES)}")
-            return _DTYPES[dtype]
-        if device.startswith("cuda"):
-            # Checked lazily: is_bf16_supported() initialises CUDA, which must wait until after fork.
-            return torch.bfloat16
-        return torch.float32
-
-    def load(self) -> None:
-        """Load model and processor once; safe to call from many threads."""
-        if self._model is not None:
-            return
-        with self._lock:
-            if self._model is None:
-                self._load_locked()
-
-    def _load_locked(self) -> None:
-        if self._threads > 0:
-            # Process-wide, and set here because the model loads in the worker process itself.
-            # Fewer intra-op threads than cores also stops idle OpenMP threads spinning on the
-            # cores that the decode threads need.
-            torch.set_num_threads(self._threads)
-        if self.device.startswith("cuda"):
-            if not torch.cuda.is_available():
-                raise ModelUnavailable(
-                    f"cannot load caption model {self.name!r}: device {self.device!r} requested "
-                    "but CUDA is not available"
-                )
-            if self._dtype_arg == "auto" and not torch.cuda.is_bf16_supported():
-                self.dtype = torch.float16
-        local = self._local_dir()
-        if local is not None:
-            try:
-                model, processor = self._from_pretrained(str(local), local_files_only=True)
-            except Exception as exc:
-                raise ModelUnavailable(
-                    f"cannot load caption model {self.name!r} from {str(local)!r}: "
-                    f"{_first_line(exc)}. {_HINT}"
-                ) from None
-            self._revision = _local_revision(local)
-        else:
-            offline = _env_true("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") or not _hub_reachable()
-            try:
-                model, processor = self._from_pretrained(self.name, local_files_only=offline)
-            except Exception as exc:
-                if offline:
-                    raise ModelUnavailable(
-                        f"cannot load caption model {self.name!r}: not in the local cache and the model hub "
-                        f"is unreachable (offline). {_HINT}"
-                    ) from None
-                raise ModelUnavailable(
-                    f"cannot load caption model {self.name!r} from the model hub: {_first_line(exc)}. {_HINT}"
-                ) from None
-            commit = getattr(model.config, "_commit_hash", None)
-            self._revision = commit or self._requested_revision or "unknown"
-        model.to(self.device)
-        model.eval()
-        self._model, self._processor = model, processor
-        logger.info(
-            "caption model loaded",
-            extra={
-                "action": "model_loaded",
-                "model": self.name,
-                "revision": self._revision,
-                "device": self.device,
-                "dtype": str(self.dtype),
-            },
-        )
-
-    def _local_dir(self) -> Path | None:
-        """The checkpoint directory if ``name`` names one; raises if it names a path that is unusable."""
-        path = Path(self.name).expanduser()
-        if not path.exists() and _HUB_ID.match(self.name):
-            return None  # a hub id such as "Salesforce/blip-image-captioning-base"
-        if not path.is_dir():
-            raise ModelUnavailable(
-                f"cannot load caption model {self.name!r}: local directory {str(path.absolute())!r} "
-                f"does not exist. {_HINT}"
-            )
-        if not (path / "config.json").is_file():
-            raise ModelUnavailable(
-                f"cannot load caption model {self.name!r}: {str(path.absolute())!r} is not a model "
-                f"checkpoint (no config.json). {_HINT}"
-            )
-        return path.resolve()
-
-    def _from_pretrained(
-        self, source: str, *, local_files_only: bool
-    ) -> tuple[BlipForConditionalGeneration, BlipProcessor]:
-        kwargs: dict[str, Any] = {"revision": self._requested_revision, "local_files_only": local_files_only}
-        model_kwargs: dict[str, Any] = {"dtype": self.dtype}
-        if BlipForConditionalGeneration._supports_sdpa:
-            model_kwargs["attn_implementation"] = "sdpa"
-        model = BlipForConditionalGeneration.from_pretrained(source, **kwargs, **model_kwargs)
-        processor = BlipProcessor.from_pretrained(source, **kwargs)
-        return model, processor
-
-    # -- properties that need the loaded model ---------------------------------------------------
-
-    @property
-    def revision(self) -> str:
-        """The hub commit hash, or ``local-<sha>`` of a local checkpoint's config and weight sizes."""
-        self.load()
-        assert self._revision is not None
-        return self._revision
-
-    @property
-    def image_processor(self) -> Any:
-        """The transformers image processor (size, mean and std for a fast preprocessor)."""
-        self.load()
-        assert self._processor is not None
-        return self._processor.image_processor
-
-    @property
-    def tokenizer(self) -> Any:
-        self.load()
-        assert self._processor is not None
-        return self._processor.tokenizer
+    model_class = BlipForConditionalGeneration
+    kind = "caption model"
+    hint = "Set IMGQ_CAPTION_MODEL to a local checkpoint directory (e.g. one written by `imgq dev tiny-model DIR`)."
 
     # -- inference -------------------------------------------------------------------------------
 
@@ -242,8 +45,7 @@ class CaptionModel:
         """Token ids (B, T) on the CPU: the bos token, the prompt tokens if any, then the caption."""
         self.load()
         assert self._model is not None
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
-            raise ValueError(f"pixel_values must be (B, 3, H, W), got {tuple(pixel_values.shape)}")
+        self.check_pixels(pixel_values)
         batch = len(pixel_values)
         pixels = self.model_input(pixel_values)
 
@@ -271,38 +73,6 @@ class CaptionModel:
                         torch.manual_seed(params.seed)
                     out = self._model.generate(pixel_values=pixels, **kwargs)
         return out.cpu()
-
-    def model_input(self, pixel_values: np.ndarray) -> torch.Tensor:
-        """The batch on the model's device and dtype. uint8 pixels (B, 3, H, W) are rescaled and
-        normalised there, in float32, with the processor's constants; float32 input is taken as
-        already normalised."""
-        self.load()
-        if pixel_values.dtype == np.uint8:
-            pixels = torch.from_numpy(np.ascontiguousarray(pixel_values))
-        else:
-            pixels = torch.from_numpy(np.ascontiguousarray(pixel_values, dtype=np.float32))
-        if self.device.startswith("cuda"):
-            # Pinned host memory lets the copy overlap; the casts then run on the GPU.
-            pixels = pixels.pin_memory().to(self.device, non_blocking=True)
-        if pixels.dtype == torch.uint8:
-            # x * (scale / std) + (-mean / std), in place: one float32 buffer and two passes over it,
-            # 3x less CPU than the textbook (x * scale - mean) / std; within 5e-7 of it.
-            gain, offset = self._normalizer()
-            pixels = pixels.to(torch.float32).mul_(gain).add_(offset)
-        return pixels.to(self.dtype)
-
-    def _normalizer(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._norm is None:
-            p = self.image_processor
-            shape = (1, 3, 1, 1)
-            mean = torch.tensor(p.image_mean, dtype=torch.float64).reshape(shape)
-            std = torch.tensor(p.image_std, dtype=torch.float64).reshape(shape)
-            gain = float(p.rescale_factor) / std
-            self._norm = (
-                gain.to(torch.float32).to(self.device),
-                (-mean / std).to(torch.float32).to(self.device),
-            )
-        return self._norm
 
     def caption(self, pixel_values: np.ndarray, params: CaptionParams) -> list[str]:
         """One caption per image of a (B, 3, H, W) batch: uint8 pixels, or float32 already normalised."""

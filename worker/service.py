@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,14 +17,12 @@ from pydantic import ValidationError
 
 from imgq import errors
 from imgq.contract import TaskMessage
-from imgq.db.store import DeadRow, Store
+from imgq.ports import DeadRow, ItemStore, Publisher
 from imgq.retry import RetryPolicy, decide
 from imgq.worker.engine import Engine, Outcome
 from imgq.worker.quarantine import Quarantine
 
 log = logging.getLogger(__name__)
-
-Publish = Callable[[Iterable[TaskMessage], float], Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,8 +46,11 @@ def _salvage(payload: Any) -> tuple[uuid.UUID, list[int]] | None:
 
 
 class MessageService:
+    """Settles every item of one message: claim, process (or refuse), retry or dead-letter."""
+
     def __init__(
-        self, *, store: Store, engine: Engine, policy: RetryPolicy, publish: Publish, time_limit_s: float = 600
+        self, *, store: ItemStore, engine: Engine, policy: RetryPolicy, publish: Publisher,
+        time_limit_s: float = 600,
     ) -> None:
         self._store = store
         self._engine = engine
@@ -65,32 +65,36 @@ class MessageService:
         except ValidationError as exc:
             return self._bad_message(payload, exc)
         job = uuid.UUID(msg.job)
+        unserved = [t for t in msg.tasks if not self._engine.serves(t)]
+        if unserved:
+            return self._wrong_model(msg, job, unserved)
         # Items this process is already working on (a duplicate or requeued message) are awaited,
         # not claimed again: a duplicate costs neither an attempt nor a second inference.
-        joined = self._engine.in_flight(job, [seq for seq, _ in msg.items])
-        claims = self._store.claim(job, [seq for seq, _ in msg.items if seq not in joined], self._engine.worker_name)
-        todo = [(seq, ref) for seq, ref in msg.items if seq in claims]
+        joined = self._engine.in_flight(job, [item[0] for item in msg.items])
+        claims = self._store.claim(job, [item[0] for item in msg.items if item[0] not in joined],
+                                  self._engine.worker_name)
+        todo = [item for item in msg.items if item[0] in claims]
         # An item delivered more often than allowed has been killing workers (or its messages
         # keep getting lost): stop here instead of looping forever.
-        worn = [(seq, ref) for seq, ref in todo if claims[seq].attempts > self._policy.max_attempts]
-        fresh = [(seq, ref) for seq, ref in todo if claims[seq].attempts <= self._policy.max_attempts]
+        worn = [item for item in todo if claims[item[0]].attempts > self._policy.max_attempts]
+        fresh = [item for item in todo if claims[item[0]].attempts <= self._policy.max_attempts]
         skipped = len(msg.items) - len(todo) - len(joined)
         if worn:
             self._store.write_dead([
                 DeadRow(job, seq, "too_many_attempts",
                         f"delivered {claims[seq].attempts} times without settling (it may crash workers)",
                         self._engine.worker_name)
-                for seq, _ in worn
+                for seq, *_ in worn
             ])
         suspects = [pair for pair in fresh if claims[pair[0]].unsettled]
         if suspects and len(fresh) > 1:
             # The last worker died holding these items; one of them may be why. Each goes out
             # again on its own, so a poison item cannot take its batchmates down with it.
-            self._store.unclaim(job, [seq for seq, _ in fresh])
+            self._store.unclaim(job, [item[0] for item in fresh])
             self._publish([msg.model_copy(update={"items": [pair]}) for pair in fresh], 0.0)
             return Summary(dead=len(worn), retried=len(fresh), skipped=skipped)
         with self._quarantine.exclusive() if suspects else self._quarantine.shared():
-            work = self._engine.submit(job, msg.params, fresh) + list(joined.values())
+            work = self._engine.submit(job, msg.tasks, fresh) + list(joined.values())
             deadline = time.monotonic() + self._time_limit_s
             # Past the limit this raises TimeoutError: the message goes back unacknowledged.
             outcomes = [item.future.result(max(0.0, deadline - time.monotonic())) for item in work]
@@ -106,8 +110,8 @@ class MessageService:
     def _settle_retries(
         self, msg: TaskMessage, job: uuid.UUID, outcomes: list[Outcome], attempts: dict[int, int]
     ) -> tuple[int, int]:
-        refs = dict(msg.items)
-        again: list[tuple[int, str]] = []
+        by_seq = {item[0]: item for item in msg.items}
+        again: list[Any] = []
         dead: list[DeadRow] = []
         delay = 0.0
         for outcome in outcomes:
@@ -119,13 +123,27 @@ class MessageService:
                                     f"gave up after {attempts[outcome.seq]} attempts: {outcome.message}",
                                     self._engine.worker_name))
             else:
-                again.append((outcome.seq, refs[outcome.seq]))
+                again.append(by_seq[outcome.seq])
                 delay = max(delay, decision.delay_s)
         if again:
             self._publish([msg.model_copy(update={"items": again})], delay)
-            self._store.release(job, [seq for seq, _ in again])
+            self._store.release(job, [item[0] for item in again])
         self._store.write_dead(dead)
         return len(again), len(dead)
+
+    def _wrong_model(self, msg: TaskMessage, job: uuid.UUID, unserved: list[Any]) -> Summary:
+        # Dead-lettered, not requeued: on a shared queue a requeue could circle for ever when no
+        # worker serves the model. `imgq dlq retry --code wrong_model` sends them again once one does.
+        served = ", ".join(f"{kind} ({runner.name})" for kind, runner in self._engine.runners.items())
+        asked = ", ".join(f"{t.kind} ({t.model})" for t in unserved)
+        message = (f"this worker serves {served or 'nothing'}; the job asks for {asked}. Start a worker with "
+                   "that IMGQ_KINDS and model (or on its own IMGQ_QUEUE), then `imgq dlq retry --code wrong_model`")
+        log.error("refusing message of job %s: %s", job, message, extra={"action": "wrong_model", "job_id": str(job)})
+        seqs = [item[0] for item in msg.items]
+        claims = self._store.claim(job, seqs, self._engine.worker_name)
+        self._store.write_dead([DeadRow(job, seq, errors.WrongModel.code, message, self._engine.worker_name)
+                                for seq in seqs if seq in claims])
+        return Summary(dead=len(claims), skipped=len(seqs) - len(claims))
 
     def _bad_message(self, payload: Any, exc: ValidationError) -> Summary:
         salvaged = _salvage(payload)

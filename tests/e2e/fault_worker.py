@@ -31,15 +31,15 @@ if "kill_before_commit" in faults:
     from imgq.db.store import Store
 
     marker = Path(os.environ["IMGQ_TEST_MARKER"])
-    real_write = Store.write_captions
+    real_write = Store.write_done
 
-    def write_captions(self, rows):  # type: ignore[no-untyped-def]
-        if rows and marker.exists():
+    def write_done(self, items):  # type: ignore[no-untyped-def]
+        if items and marker.exists():
             marker.unlink()
             os.kill(os.getpid(), signal.SIGKILL)
-        return real_write(self, rows)
+        return real_write(self, items)
 
-    Store.write_captions = write_captions
+    Store.write_done = write_done
 
 if __name__ == "__main__":
     from imgq.cli import main

@@ -28,7 +28,9 @@ def start_worker(
     settings: Any, model_dir: Path, log_dir: Path, name: str, *extra: str, env_extra: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
     """One real `imgq worker` subprocess (through tests/e2e/fault_worker.py when faults are asked for)."""
-    env = settings_env(settings) | {"IMGQ_CAPTION_MODEL": str(model_dir)} | (env_extra or {})
+    # A worker refuses (wrong_model) jobs that name another model than it serves.
+    assert settings.caption_model == str(model_dir), "enqueue and worker settings must name the same model"
+    env = settings_env(settings) | (env_extra or {})
     entry = [sys.executable, "-m", "tests.e2e.fault_worker"] if env.get("IMGQ_TEST_FAULTS") else IMGQ
     with open(log_dir / f"worker-{name}.log", "ab") as log:
         return subprocess.Popen([*entry, "worker", "--hostname", f"{name}@%h", *extra], env=env,

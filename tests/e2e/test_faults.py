@@ -16,10 +16,12 @@ import pytest
 from sqlalchemy import text
 
 from imgq.celeryconf import make_celery
-from imgq.contract import CaptionParams, TaskMessage
+from imgq.contract import CaptionParams
 from imgq.db.store import Store
 from imgq.publish import publish
 from tests.e2e.helpers import check_job, jpeg_bytes, run_cli, start_worker, stop, wait_finished
+from tests.jobs import caption_task, create_job
+from tests.jobs import message as make_message
 
 pytestmark = pytest.mark.e2e
 
@@ -62,7 +64,7 @@ def logs(tmp_path: Path) -> str:
 
 
 def test_sigkill_mid_batch_work_completes_elsewhere(make_settings, image_root, slow_tiny_model_dir, tmp_path):
-    settings = make_settings(**FAST)
+    settings = make_settings(caption_model=str(slow_tiny_model_dir), **FAST)
     job = enqueue(settings, tmp_path, local_images(image_root, 120), per_message=8)
     store = Store.from_url(settings.database_url)
     victim = start_worker(settings, slow_tiny_model_dir, tmp_path, "victim")
@@ -82,7 +84,7 @@ def test_sigkill_mid_batch_work_completes_elsewhere(make_settings, image_root, s
 
 
 def test_sigkill_after_inference_before_commit(make_settings, image_root, slow_tiny_model_dir, tmp_path):
-    settings = make_settings(**FAST)
+    settings = make_settings(caption_model=str(slow_tiny_model_dir), **FAST)
     marker = tmp_path / "kill-next-commit"
     marker.touch()
     job = enqueue(settings, tmp_path, local_images(image_root, 40), per_message=8)
@@ -104,7 +106,7 @@ def test_sigkill_after_inference_before_commit(make_settings, image_root, slow_t
 
 
 def test_poison_item_is_dead_lettered_not_looped(make_settings, image_root, slow_tiny_model_dir, tmp_path):
-    settings = make_settings(**{**FAST, "max_attempts": 3})
+    settings = make_settings(caption_model=str(slow_tiny_model_dir), **{**FAST, "max_attempts": 3})
     refs = local_images(image_root, 24, poison=5)
     job = enqueue(settings, tmp_path, refs, per_message=4)
     store = Store.from_url(settings.database_url)
@@ -134,7 +136,7 @@ def test_poison_item_is_dead_lettered_not_looped(make_settings, image_root, slow
 
 
 def test_redis_restarted_empty_mid_job(make_settings, redis_server, image_root, slow_tiny_model_dir, tmp_path):
-    settings = make_settings(**FAST)
+    settings = make_settings(caption_model=str(slow_tiny_model_dir), **FAST)
     job = enqueue(settings, tmp_path, local_images(image_root, 80), per_message=4)
     store = Store.from_url(settings.database_url)
     worker = start_worker(settings, slow_tiny_model_dir, tmp_path, "w0", "--concurrency", "2")
@@ -151,7 +153,7 @@ def test_redis_restarted_empty_mid_job(make_settings, redis_server, image_root, 
 
 
 def test_postgres_down_for_30s_mid_job(make_settings, pg_server, image_root, slow_tiny_model_dir, tmp_path):
-    settings = make_settings(**FAST)
+    settings = make_settings(caption_model=str(slow_tiny_model_dir), **FAST)
     job = enqueue(settings, tmp_path, local_images(image_root, 60), per_message=4)
     store = Store.from_url(settings.database_url)
     worker = start_worker(settings, slow_tiny_model_dir, tmp_path, "w0", "--concurrency", "2")
@@ -171,13 +173,13 @@ def test_postgres_down_for_30s_mid_job(make_settings, pg_server, image_root, slo
 
 
 def test_same_message_delivered_three_times_at_once(make_settings, image_root, slow_tiny_model_dir, tmp_path):
-    settings = make_settings(**FAST)
+    settings = make_settings(caption_model=str(slow_tiny_model_dir), **FAST)
     refs = local_images(image_root, 32)
     store = Store.from_url(settings.database_url)
     params = CaptionParams(max_new_tokens=6)
-    job = store.create_job(kind="caption", model=settings.caption_model, params=params.canonical(),
-                           params_hash=params.digest(), refs=refs)
-    message = TaskMessage(job=str(job), model=settings.caption_model, params=params, items=list(enumerate(refs)))
+    tasks = [caption_task(settings.caption_model, params)]
+    job = create_job(store, tasks, refs)
+    message = make_message(job, tasks, refs)
     app = make_celery(settings)
     threads = [threading.Thread(target=publish, args=(app, [message]), kwargs={"queue": settings.queue})
                for _ in range(3)]

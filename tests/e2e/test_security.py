@@ -24,6 +24,7 @@ from imgq.publish import chunk_messages, publish
 from tests.corpus import scene
 from tests.e2e.helpers import run_cli, wait_finished, workers
 from tests.fixtures.services import settings_env
+from tests.jobs import caption_task, create_job
 
 pytestmark = pytest.mark.e2e
 
@@ -252,10 +253,10 @@ def test_forged_refs_and_pickle_messages_are_refused_by_the_worker(
     refs = good[:1] + forged + good[1:]  # the good ones share the forged ones' message
     params = CaptionParams(max_new_tokens=8)
     store = Store.from_url(settings.database_url)
-    forged_job = store.create_job(kind="caption", model=settings.caption_model, params=params.canonical(),
-                                  params_hash=params.digest(), refs=refs)
+    tasks = [caption_task(settings.caption_model, params)]
+    forged_job = create_job(store, tasks, refs)
     app = make_celery(settings)
-    publish(app, chunk_messages(job=str(forged_job), model=settings.caption_model, params=params,
+    publish(app, chunk_messages(job=str(forged_job), tasks=tasks,
                                 items=list(enumerate(refs)), per_message=len(refs)), queue=settings.queue)
 
     import redis

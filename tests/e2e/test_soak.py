@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.soak]
 
 def test_chaos_kills_during_a_2000_image_job(make_settings, image_root, slow_tiny_model_dir, tmp_path):
     model_dir = slow_tiny_model_dir  # slow enough that every kill lands while work is in flight
-    settings = make_settings(**{**FAST, "max_attempts": 8})
+    settings = make_settings(caption_model=str(slow_tiny_model_dir), **{**FAST, "max_attempts": 8})
     refs = []
     for i in range(2000):
         path = image_root / f"soak_{i:05d}.jpg"

@@ -10,7 +10,11 @@ import redis
 from imgq.celeryconf import make_celery
 from imgq.config import Settings
 from imgq.contract import CaptionParams, TaskMessage
-from imgq.publish import PIPELINE, chunk_messages, publish
+from imgq.db.admin import Admin
+from imgq.db.store import DeadRow, Store
+from imgq.params import EmbedParams, ValidateParams
+from imgq.publish import PIPELINE, chunk_messages, publish, republish
+from tests.jobs import caption_task, create_job
 
 pytestmark = pytest.mark.integration
 
@@ -21,7 +25,7 @@ def test_every_message_arrives_in_order_across_pipeline_flushes(broker_url: str,
     job = str(uuid.uuid4())
     n_messages = 2 * PIPELINE + 37  # two full flushes and a partial one at the end
     items = [(seq, f"s3://bucket/{seq:06d}.jpg") for seq in range(n_messages * 3)]
-    sent = publish(app, chunk_messages(job=job, model="m", params=CaptionParams(), items=items, per_message=3),
+    sent = publish(app, chunk_messages(job=job, tasks=[caption_task("m")], items=items, per_message=3),
                    queue="publish-test")
     assert sent == n_messages
     client = redis.Redis(unix_socket_path=str(redis_server.socket_path))
@@ -42,3 +46,51 @@ def _task_kwargs(raw: bytes) -> dict:
         body = base64.b64decode(body).decode()
     _args, kwargs, _embed = json.loads(body)
     return kwargs
+
+
+def _queued(redis_server, queue: str) -> list[TaskMessage]:
+    client = redis.Redis(unix_socket_path=str(redis_server.socket_path))
+    raw = client.lrange(queue, 0, -1)
+    client.close()
+    return [TaskMessage.model_validate(_task_kwargs(r)["msg"]) for r in reversed(raw)]
+
+
+@pytest.mark.parametrize("kinds", [["embed"], ["caption", "embed"], ["validate"]])
+def test_dead_letter_retry_and_reconciler_sweep_go_out_with_every_task_of_the_job(
+    kinds: list[str], broker_url: str, redis_server, database_url: str
+) -> None:
+    from imgq.contract import make_task
+
+    settings = Settings(_env_file=None, broker_url=broker_url, queue="republish-test")
+    app = make_celery(settings)
+    store = Store.from_url(database_url)
+    params = {"caption": CaptionParams(num_beams=2), "embed": EmbedParams(resize="letterbox"),
+              "validate": ValidateParams()}
+    tasks = [make_task(k, f"model-{k}", params[k]) for k in kinds]
+    refs = [("s3://b/0.jpg", "a dog"), ("s3://b/1.jpg", "a cat")] if kinds == ["validate"] else ["s3://b/0.jpg",
+                                                                                                  "s3://b/1.jpg"]
+    job = create_job(store, tasks, refs)
+    admin = Admin(store.engine)
+
+    store.claim(job, [0], "w")
+    store.write_dead([DeadRow(job, 0, "wrong_model", "no worker served it", "w")])
+    republish(app, admin.take_dead_letters(code="wrong_model", job=None, seq=None), queue="republish-test",
+              per_message=16)
+    republish(app, admin.take_stale(queued_older_than_s=0, running_older_than_s=None) or [],
+              queue="republish-test", per_message=16)
+    messages = _queued(redis_server, "republish-test")
+    store.engine.dispose()
+    assert len(messages) == 2  # the retried item, then the sweep (which sees both queued items)
+    for msg in messages:
+        assert msg.tasks == tasks, "a re-published item must keep its job's kinds, models and params"
+    retried, swept = messages
+    expected = [(0, *refs[0])] if isinstance(refs[0], tuple) else [(0, refs[0])]
+    assert retried.items == expected
+    assert [item[0] for item in swept.items] == [0, 1]
+
+
+def test_chunking_keeps_the_last_partial_chunk() -> None:
+    items = [(seq, f"/x/{seq}") for seq in range(10)]
+    chunks = list(chunk_messages(job="j", tasks=[caption_task("m")], items=items, per_message=4))
+    assert [len(c.items) for c in chunks] == [4, 4, 2]
+    assert [item for c in chunks for item in c.items] == items

@@ -24,6 +24,7 @@ from imgq.worker.fetch import Fetcher
 from tests.corpus import scene
 from tests.e2e.helpers import run_cli, wait_finished, workers
 from tests.fixtures.faulty_s3 import FaultyS3
+from tests.jobs import caption_task, create_job, message
 
 pytestmark = pytest.mark.integration
 
@@ -137,16 +138,21 @@ class _AlwaysTransient:
     def __init__(self) -> None:
         self.tries: Counter[int] = Counter()
 
+    runners: dict = {}  # noqa: RUF012
+
     def in_flight(self, job, seqs) -> dict:  # newer Engine API: nothing is ever in flight here
         return {}
 
-    def submit(self, job, params, items):
+    def serves(self, task) -> bool:
+        return True
+
+    def submit(self, job, tasks, items):
         from imgq.worker.engine import Outcome, WorkItem
 
         work = []
         for seq, ref in items:
             self.tries[seq] += 1
-            item = WorkItem(job, seq, ref, params, params.digest())
+            item = WorkItem(job, seq, ref, tuple(tasks))
             item.future.set_result(Outcome(seq, "retry", "transient", "S3 error InternalError"))
             work.append(item)
         return work
@@ -162,9 +168,9 @@ def test_grouped_transient_failures_get_every_attempt(database_url: str):
     store = Store.from_url(database_url)
     refs = ["s3://b/always-500-a.jpg", "s3://b/always-500-b.jpg"]
     params = CaptionParams()
-    job = store.create_job(kind="caption", model="m", params=params.canonical(), params_hash=params.digest(),
-                           refs=refs)
-    broker: list[TaskMessage] = [TaskMessage(job=str(job), model="m", params=params, items=list(enumerate(refs)))]
+    tasks = [caption_task("m", params)]
+    job = create_job(store, tasks, refs)
+    broker: list[TaskMessage] = [message(job, tasks, refs)]
     engine = _AlwaysTransient()
     service = MessageService(store=store, engine=engine, policy=RetryPolicy(2, 0.01, 0.01),  # type: ignore[arg-type]
                              publish=lambda messages, delay: broker.extend(messages))

@@ -5,7 +5,7 @@ import uuid
 import pytest
 from sqlalchemy import text
 
-from imgq.db.store import CaptionRow, Claim, DeadRow, EmptyJob, ObjectInfo, Store
+from imgq.db.store import Claim, DeadRow, DoneItem, EmptyJob, ObjectInfo, Store
 
 pytestmark = pytest.mark.integration
 
@@ -17,13 +17,16 @@ def store(database_url: str) -> Store:
     s.engine.dispose()
 
 
+CAPTION_TASK = {"kind": "caption", "model": "m", "params": {"num_beams": 1}, "params_hash": "h"}
+
+
 def new_job(store: Store, refs: list[str]) -> uuid.UUID:
-    return store.create_job(kind="caption", model="m", params={"num_beams": 1}, params_hash="h", refs=refs)
+    return store.create_job(tasks=[CAPTION_TASK], refs=refs)
 
 
-def row(job: uuid.UUID, seq: int, key: str, text_: str = "a cat", version: str = "v1") -> CaptionRow:
+def row(job: uuid.UUID, seq: int, key: str, text_: str = "a cat", version: str = "v1") -> DoneItem:
     obj = ObjectInfo("s3", "b", key, version, 10, 640, 480)
-    return CaptionRow(job, seq, obj, "m", "rev", "h", {"num_beams": 1}, text_, "w1")
+    return DoneItem(job, seq, obj, "w1", {"caption": ("m", "rev", "h", {"num_beams": 1}, text_)})
 
 
 def count(store: Store, table: str) -> int:
@@ -40,7 +43,7 @@ def test_claim_counts_deliveries_and_skips_finished(store: Store):
     job = new_job(store, ["s3://b/0", "s3://b/1", "s3://b/2"])
     assert store.claim(job, [0, 1, 2], "w1") == {s: Claim(1, False) for s in (0, 1, 2)}
     assert store.claim(job, [0, 1], "w2") == {0: Claim(2, True), 1: Claim(2, True)}
-    store.write_captions([row(job, 0, "0")])
+    store.write_done([row(job, 0, "0")])
     store.write_dead([DeadRow(job, 1, "not_found", "gone", "w2")])
     store.release(job, [2])
     assert store.claim(job, [0, 1, 2], "w3") == {2: Claim(2, False)}
@@ -51,9 +54,9 @@ def test_writes_are_idempotent(store: Store):
     job = new_job(store, ["s3://b/0", "s3://b/1"])
     store.claim(job, [0, 1], "w1")
     batch = [row(job, 0, "0", "first"), row(job, 1, "1", "second")]
-    store.write_captions(batch)
+    store.write_done(batch)
     # A redelivered message (different sampled text) must leave the first result alone.
-    store.write_captions([row(job, 0, "0", "again"), row(job, 1, "1", "again")])
+    store.write_done([row(job, 0, "0", "again"), row(job, 1, "1", "again")])
     assert count(store, "captions") == 2 and count(store, "images") == 2
     texts = [r["caption"] for r in store.results(job)]
     assert texts == ["first", "second"]
@@ -62,15 +65,15 @@ def test_writes_are_idempotent(store: Store):
 def test_same_image_twice_in_one_batch(store: Store):
     job = new_job(store, ["s3://b/0", "s3://b/0"])
     store.claim(job, [0, 1], "w1")
-    store.write_captions([row(job, 0, "0"), row(job, 1, "0")])
+    store.write_done([row(job, 0, "0"), row(job, 1, "0")])
     assert count(store, "captions") == 1
     assert store.counts(job)["done"] == 2
 
 
 def test_new_object_version_is_a_new_result(store: Store):
     job = new_job(store, ["s3://b/0", "s3://b/0"])
-    store.write_captions([row(job, 0, "0", "old", version="v1")])
-    store.write_captions([row(job, 1, "0", "new", version="v2")])
+    store.write_done([row(job, 0, "0", "old", version="v1")])
+    store.write_done([row(job, 1, "0", "new", version="v2")])
     assert count(store, "images") == 2 and count(store, "captions") == 2
 
 
@@ -82,7 +85,7 @@ def test_dead_letters_keep_the_error_and_attempts(store: Store):
     [result] = list(store.results(job))
     assert (result["state"], result["error_code"], result["attempts"]) == ("dead", "truncated", 2)
     # A late duplicate result does not resurrect a dead item into two states.
-    store.write_captions([row(job, 0, "0")])
+    store.write_done([row(job, 0, "0")])
     assert store.counts(job) == {"queued": 0, "running": 0, "done": 0, "dead": 1}
 
 
@@ -112,9 +115,9 @@ def test_a_failure_while_streaming_refs_commits_nothing(store: Store):
         raise RuntimeError("bad ref found late")
 
     with pytest.raises(RuntimeError):
-        store.create_job(kind="caption", model="m", params={}, params_hash="h", refs=refs())
+        store.create_job(tasks=[CAPTION_TASK], refs=refs())
     with pytest.raises(EmptyJob):
-        store.create_job(kind="caption", model="m", params={}, params_hash="h", refs=iter([]))
+        store.create_job(tasks=[CAPTION_TASK], refs=iter([]))
     assert count(store, "jobs") == 0 and count(store, "job_items") == 0
 
 
@@ -147,12 +150,12 @@ def test_per_message_statements_touch_only_their_items_in_a_new_big_job(store: S
         seqs = list(range(50_000, 50_016))
         store.claim(job, seqs, "w1")
         store.unclaim(job, seqs[:2])
-        store.write_captions([row(job, s, str(s)) for s in seqs[:8]])
+        store.write_done([row(job, s, str(s)) for s in seqs[:8]])
         store.write_dead([DeadRow(job, s, "not_found", "gone", "w1") for s in seqs[8:12]])
         store.release(job, seqs[12:])
     finally:
         event.remove(store.engine, "before_cursor_execute", grab)
-    assert len(captured) == 5
+    assert len(captured) == 6  # claim, unclaim, caption link, finish, dead, release
     slow = []
     for statement, parameters in captured:
         with store.engine.connect() as conn, conn.begin() as tx:

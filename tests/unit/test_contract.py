@@ -1,7 +1,9 @@
 import pytest
 
-from imgq.contract import MESSAGE_VERSION, CaptionParams, TaskMessage, parse_params
+from imgq.contract import MESSAGE_VERSION, CaptionParams, TaskMessage, make_task, parse_params
 from imgq.errors import BadParams
+from imgq.kinds import KINDS, parse_kinds, spec
+from imgq.params import EmbedParams, ValidateParams
 
 
 def test_defaults_are_greedy_captioning():
@@ -15,7 +17,7 @@ def test_defaults_are_greedy_captioning():
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"min_new_tokens": 40, "max_new_tokens": 20}, "exceeds max_new_tokens"),
         ({"num_beams": 99}, "num_beams"),
-        ({"temperature": 0.7}, "temperature only applies with do_sample"),
+        ({"temperature": 0.7}, "temperature only applies with sampling (--sample"),
         ({"do_sample": True, "top_p": 1.5}, "top_p"),
         ({"do_sample": True, "temperature": 0}, "temperature"),
         ({"resize": "squash"}, "resize"),
@@ -39,7 +41,8 @@ def test_digest_is_stable_and_distinguishes_params():
 
 
 def test_message_round_trips_through_json():
-    msg = TaskMessage(job="j", model="m", params=CaptionParams(num_beams=2), items=[(0, "s3://b/k"), (5, "/x")])
+    msg = TaskMessage(job="j", tasks=[make_task("caption", "m", CaptionParams(num_beams=2))],
+                      items=[(0, "s3://b/k"), (5, "/x")])
     data = msg.to_json()
     assert data["v"] == MESSAGE_VERSION
     again = TaskMessage.model_validate(data)
@@ -48,3 +51,58 @@ def test_message_round_trips_through_json():
         TaskMessage.model_validate({**data, "v": 99})
     with pytest.raises(ValueError):
         TaskMessage.model_validate({**data, "items": []})
+
+
+def test_every_problem_is_named_in_one_line():
+    with pytest.raises(BadParams) as info:
+        parse_params({"temperature": 0.5, "top_k": 3, "num_beams": 0})
+    message = info.value.message
+    assert "num_beams" in message and "temperature only applies" in message and "top_k only applies" in message
+    assert "\n" not in message
+
+
+def test_tasks_are_a_union_discriminated_on_kind():
+    data = {"job": "j", "items": [[0, "/x"]], "tasks": [
+        {"kind": "caption", "model": "c", "params": {"num_beams": 3}},
+        {"kind": "embed", "model": "e", "params": {"resize": "letterbox"}},
+    ]}
+    msg = TaskMessage.model_validate(data)
+    assert [type(t.params) for t in msg.tasks] == [CaptionParams, EmbedParams]
+    assert msg.kinds == ["caption", "embed"]
+    with pytest.raises(ValueError, match="Extra inputs"):  # embed has no generation parameters
+        TaskMessage.model_validate({**data, "tasks": [{"kind": "embed", "model": "e", "params": {"num_beams": 3}}]})
+    with pytest.raises(ValueError, match="appears twice"):
+        TaskMessage.model_validate({**data, "tasks": [data["tasks"][0], data["tasks"][0]]})
+    with pytest.raises(ValueError):
+        TaskMessage.model_validate({**data, "tasks": [{"kind": "translate", "model": "t", "params": {}}]})
+
+
+def test_pair_kinds_need_a_text_per_item_and_image_kinds_refuse_one():
+    validate = {"kind": "validate", "model": "r", "params": {}}
+    msg = TaskMessage.model_validate({"job": "j", "tasks": [validate], "items": [[0, "/x", "a dog"]]})
+    assert msg.items == [(0, "/x", "a dog")] and isinstance(msg.tasks[0].params, ValidateParams)
+    with pytest.raises(ValueError, match="need"):
+        TaskMessage.model_validate({"job": "j", "tasks": [validate], "items": [[0, "/x"]]})
+    with pytest.raises(ValueError, match="pairs"):
+        TaskMessage.model_validate({"job": "j", "tasks": [{"kind": "embed", "model": "r", "params": {}}],
+                                    "items": [[0, "/x", "text"]]})
+
+
+def test_version_1_messages_in_flight_across_an_upgrade_are_read_as_caption_tasks():
+    v1 = {"v": 1, "job": "j", "kind": "caption", "model": "m", "params": {"num_beams": 2}, "items": [[0, "/x"]]}
+    msg = TaskMessage.model_validate(v1)
+    assert msg.v == 2 and msg.tasks == [make_task("caption", "m", CaptionParams(num_beams=2))]
+
+
+def test_kind_registry_names_every_part_of_a_kind():
+    assert parse_kinds("embed, caption,embed") == ["caption", "embed"]
+    with pytest.raises(BadParams, match="unknown job kind 'nope'"):
+        parse_kinds("caption,nope")
+    with pytest.raises(BadParams):
+        parse_kinds(" , ")
+    assert spec("validate").input == "pair" and spec("embed").family == spec("validate").family
+    for kind in KINDS.values():  # every runner and writer path names a real class
+        module, _, attr = kind.writer.partition(":")
+        assert attr and module.startswith("imgq.db.results.")
+        assert kind.runner.startswith("imgq.worker.runners:")
+    assert CaptionParams(num_beams=4).batch_cost() == 4 and EmbedParams().batch_cost() == 1

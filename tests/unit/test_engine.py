@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from imgq import errors
-from imgq.contract import CaptionParams
+from imgq.contract import CaptionParams, TaskSpec, make_task
+from imgq.params import EmbedParams, ValidateParams
 from imgq.worker.engine import Engine
-from imgq.worker.fakes import EchoModel, MemoryResults
+from imgq.worker.fakes import EchoRunner, MemoryResults
 
 JOB = uuid.uuid4()
 
@@ -36,18 +37,35 @@ def fetch(ref: str) -> Blob:
     return Blob(ref.encode(), key=ref)
 
 
-def prepare(data: bytes, params: CaptionParams) -> tuple[np.ndarray, int, int]:
+@dataclass
+class Decoded:
+    image: np.ndarray
+    width: int = 4
+    height: int = 4
+
+
+DECODES: list[str] = []
+
+
+def decode(data: bytes) -> Decoded:
+    DECODES.append(data.decode())
     value = float(data.decode().split("-")[-1])  # refs look like "img-0.25"
-    return np.full((3, 4, 4), value, dtype=np.float32), 4, 4
+    return Decoded(np.full((3, 4, 4), value, dtype=np.float32))
 
 
-def make_engine(model: EchoModel, results: MemoryResults, max_batch: int = 4) -> Engine:
-    return Engine(store=results, model=model, fetch=fetch, prepare=prepare, worker_name="w",  # type: ignore[arg-type]
+def make_engine(model: EchoRunner, results: MemoryResults, max_batch: int = 4, *more: EchoRunner) -> Engine:
+    runners = {r.kind: r for r in (model, *more)}
+    return Engine(store=results, runners=runners, fetch=fetch, decode=decode, worker_name="w",  # type: ignore[arg-type]
                   max_batch=max_batch, max_wait_s=0.01, decode_threads=2, db_retry_s=2.0).start()
 
 
-def run(engine: Engine, refs: list[str], params: CaptionParams | None = None) -> dict[int, tuple[str, str | None]]:
-    work = engine.submit(JOB, params or CaptionParams(), list(enumerate(refs)))
+def caption(params: CaptionParams | None = None) -> TaskSpec:
+    return make_task("caption", "echo", params or CaptionParams())
+
+
+def run(engine: Engine, refs: list[str], params: CaptionParams | None = None,
+        tasks: list[TaskSpec] | None = None) -> dict[int, tuple[str, str | None]]:
+    work = engine.submit(JOB, tasks or [caption(params)], list(enumerate(refs)))
     outcomes = {item.seq: item.future.result(10) for item in work}
     return {seq: (o.state, o.code) for seq, o in outcomes.items()}
 
@@ -58,18 +76,19 @@ def results() -> MemoryResults:
 
 
 def test_every_item_captioned_in_bounded_batches(results):
-    model = EchoModel()
+    model = EchoRunner()
     engine = make_engine(model, results, max_batch=4)
     outcomes = run(engine, [f"img-{i / 100}" for i in range(10)])
     engine.stop()
     assert set(outcomes.values()) == {("done", None)}
     assert sum(model.batches) == 10 and max(model.batches) <= 4
-    assert sorted(r.seq for r in results.captions) == list(range(10))
-    assert {r.seq: r.text for r in results.captions}[7] == "mean 0.070"
+    assert sorted(results.values("caption")) == list(range(10))
+    assert results.values("caption")[7] == "mean 0.070"
+    assert {d.results["caption"][:2] for d in results.done} == {("echo", "echo-1")}
 
 
 def test_one_bad_item_does_not_fail_its_batchmates(results):
-    model = EchoModel(poison=0.5)
+    model = EchoRunner(poison=0.5)
     engine = make_engine(model, results, max_batch=8)
     outcomes = run(engine, ["img-0.1", "img-0.2", "img-0.5", "img-0.3"])
     engine.stop()
@@ -79,7 +98,7 @@ def test_one_bad_item_does_not_fail_its_batchmates(results):
 
 
 def test_out_of_memory_splits_the_batch(results):
-    model = EchoModel(oom_above=2)
+    model = EchoRunner(oom_above=2)
     engine = make_engine(model, results, max_batch=8)
     outcomes = run(engine, [f"img-0.{i}" for i in range(1, 9)])
     engine.stop()
@@ -88,14 +107,14 @@ def test_out_of_memory_splits_the_batch(results):
 
 
 def test_out_of_memory_alone_asks_for_a_retry(results):
-    engine = make_engine(EchoModel(oom_above=0), results)
-    assert run(engine, ["img-0.1"]) == {0: ("retry", "transient")}
+    engine = make_engine(EchoRunner(oom_above=0), results)
+    assert run(engine, ["img-0.1"]) == {0: ("retry", "out_of_memory")}
     engine.stop()
-    assert results.dead == [] and results.captions == []
+    assert results.dead == [] and results.done == []
 
 
 def test_fetch_errors_are_classified(results):
-    engine = make_engine(EchoModel(), results)
+    engine = make_engine(EchoRunner(), results)
     outcomes = run(engine, ["missing-1", "flaky-1", "img-0.1"])
     engine.stop()
     assert outcomes == {0: ("dead", "not_found"), 1: ("retry", "transient"), 2: ("done", None)}
@@ -103,46 +122,46 @@ def test_fetch_errors_are_classified(results):
 
 def test_write_outage_is_ridden_out(results):
     results.fail_next = 2
-    engine = make_engine(EchoModel(), results)
+    engine = make_engine(EchoRunner(), results)
     outcomes = run(engine, ["img-0.1", "img-0.2"])
     engine.stop()
     assert set(outcomes.values()) == {("done", None)}
-    assert len(results.captions) == 2
+    assert len(results.done) == 2
 
 
 def test_write_outage_past_the_limit_asks_for_retry(results):
     results.fail_next = 1000
-    engine = make_engine(EchoModel(), results)
+    engine = make_engine(EchoRunner(), results)
     assert set(run(engine, ["img-0.1"]).values()) == {("retry", "db_unavailable")}
     engine.stop()
 
 
 @dataclass
-class GatedModel(EchoModel):
+class GatedModel(EchoRunner):
     """Holds every batch until ``gate`` is set, so an item stays in flight as long as a test needs."""
 
     gate: threading.Event = dataclass_field(default_factory=threading.Event)
 
-    def caption(self, pixel_values: np.ndarray, params: CaptionParams) -> list[str]:
+    def run(self, pixels: np.ndarray, texts: list[str] | None, params: object) -> list[object]:
         assert self.gate.wait(10), "test never opened the gate"
-        return super().caption(pixel_values, params)
+        return super().run(pixels, texts, params)
 
 
 def test_duplicate_submission_joins_the_item_in_flight(results):
     model = GatedModel()
     engine = make_engine(model, results)
-    first = engine.submit(JOB, CaptionParams(), [(0, "img-0.1")])
+    first = engine.submit(JOB, [caption()], [(0, "img-0.1")])
     assert engine.in_flight(JOB, [0, 1]) == {0: first[0]}
-    second = engine.submit(JOB, CaptionParams(), [(0, "img-0.1")])
+    second = engine.submit(JOB, [caption()], [(0, "img-0.1")])
     assert second[0] is first[0]
     model.gate.set()
     first[0].future.result(10)
     engine.stop()
-    assert sum(model.batches) == 1 and len(results.captions) == 1
+    assert sum(model.batches) == 1 and len(results.done) == 1
 
 
 def test_beam_search_caps_the_batch(results):
-    model = EchoModel()
+    model = EchoRunner()
     engine = make_engine(model, results, max_batch=8)
     run(engine, [f"img-0.{i}" for i in range(1, 9)], CaptionParams(num_beams=4))
     engine.stop()
@@ -153,12 +172,67 @@ def test_decoded_images_waiting_for_the_model_are_bounded(results):
     """Backpressure: decode threads stop once 4 x max_batch images wait, however many are submitted."""
     model = GatedModel()
     engine = make_engine(model, results, max_batch=2)
-    work = engine.submit(JOB, CaptionParams(), [(i, f"img-0.{i}") for i in range(40)])
+    work = engine.submit(JOB, [caption()], [(i, f"img-0.{i}") for i in range(40)])
     time.sleep(0.5)
-    waiting = sum(item.pixels is not None for item in work)
+    waiting = sum(bool(item.inputs) for item in work)
     model.gate.set()
     for item in work:
         assert item.future.result(10).state == "done"
     engine.stop()
     assert waiting <= 8  # 4 x max_batch
-    assert len(results.captions) == 40
+    assert len(results.done) == 40
+
+
+def test_caption_and_embed_decode_each_image_once_and_write_both_together(results):
+    cap, emb = EchoRunner(), EchoRunner(kind="embed", name="echo-embed")
+    engine = make_engine(cap, results, 4, emb)
+    DECODES.clear()
+    refs = [f"img-0.{i}" for i in range(1, 7)]
+    outcomes = run(engine, refs, tasks=[caption(), make_task("embed", "echo-embed", EmbedParams())])
+    engine.stop()
+    assert set(outcomes.values()) == {("done", None)}
+    assert sorted(DECODES) == sorted(refs)  # one decode per image for both kinds
+    # Equal preprocessing (same prep key) is done once per item and shared by both kinds...
+    assert cap.prepared + emb.prepared == 6
+    assert sum(cap.batches) == 6 and sum(emb.batches) == 6
+    # ...and each item is written once, with both results in the same row set.
+    assert sorted(d.seq for d in results.done) == list(range(6))
+    assert all(set(d.results) == {"caption", "embed"} for d in results.done)
+    vec = results.values("embed")[0]
+    assert abs(float(np.linalg.norm(vec)) - 1) < 1e-6
+
+
+def test_a_kind_failing_on_an_item_dead_letters_the_whole_item(results):
+    cap, emb = EchoRunner(), EchoRunner(kind="embed", name="echo-embed", poison=0.5)
+    engine = make_engine(cap, results, 4, emb)
+    outcomes = run(engine, ["img-0.1", "img-0.5"], tasks=[caption(), make_task("embed", "echo-embed", EmbedParams())])
+    engine.stop()
+    assert outcomes == {0: ("done", None), 1: ("dead", "model_error")}
+    assert [d.seq for d in results.done] == [0] and [d.seq for d in results.dead] == [1]
+
+
+def test_pair_items_carry_their_text_to_the_runner_and_the_store(results):
+    val = EchoRunner(kind="validate", name="echo-itm")
+    engine = make_engine(val, results)
+    work = engine.submit(JOB, [make_task("validate", "echo-itm", ValidateParams())],
+                         [(0, "img-0.1", "a dog"), (1, "img-0.2", "two cats here")])
+    assert [w.future.result(10).state for w in work] == ["done", "done"]
+    engine.stop()
+    assert results.values("validate") == {0: (np.float32(0.1).item(), 0.05), 1: (np.float32(0.2).item(), 0.13)}
+    assert {d.seq: d.text for d in results.done} == {0: "a dog", 1: "two cats here"}
+
+
+def test_a_text_the_runner_refuses_is_dead_lettered_before_inference(results):
+    class Strict(EchoRunner):
+        def check_text(self, text: str) -> None:
+            if len(text) > 5:
+                raise errors.BadText("too long")
+
+    val = Strict(kind="validate", name="echo-itm")
+    engine = make_engine(val, results)
+    work = engine.submit(JOB, [make_task("validate", "echo-itm", ValidateParams())],
+                         [(0, "img-0.1", "short"), (1, "img-0.2", "much too long")])
+    states = [(w.future.result(10).state, w.future.result(10).code) for w in work]
+    engine.stop()
+    assert states == [("done", None), ("dead", "bad_text")]
+    assert sum(val.batches) == 1

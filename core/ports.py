@@ -1,0 +1,158 @@
+"""The engine's ports: the row types it exchanges and the interfaces of what it talks to.
+
+Pure: no SQL, torch, boto3 or celery. The worker's engine and service, the in-memory fakes and
+the real adapters (``imgq.db.store``, ``imgq.worker.fetch``, ``imgq.publish``) all meet here, so
+the data path can run against fakes without planting modules.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Blob:
+    """An object's bytes and the identity of the version that was read."""
+
+    data: bytes
+    source: str  # "s3" | "local"
+    bucket: str
+    key: str
+    version: str
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """What the worker learned about the stored object it processed."""
+
+    source: str  # "s3" | "local"
+    bucket: str
+    key: str
+    version: str
+    bytes: int
+    width: int
+    height: int
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    attempts: int  # deliveries so far, this one included
+    unsettled: bool  # an earlier delivery took the item and never settled it (a crash?)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadRow:
+    job: uuid.UUID
+    seq: int
+    code: str
+    message: str
+    worker: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResultRow:
+    """One kind's result for one item, ready to store (``image_id`` is filled in by the store)."""
+
+    job: uuid.UUID
+    seq: int
+    image_id: int
+    model: str
+    model_revision: str
+    params_hash: str
+    params: dict[str, Any]
+    value: Any  # caption: str; embed: 1-D float32 array; validate: (itm_score, cosine)
+    text: str | None = None  # the pair's text (validate)
+
+
+@dataclass(frozen=True, slots=True)
+class DoneItem:
+    """An item whose every task produced a value: stored in one transaction, then finished."""
+
+    job: uuid.UUID
+    seq: int
+    obj: ObjectInfo
+    worker: str
+    # kind -> (model, model_revision, params_hash, params, value)
+    results: dict[str, tuple[str, str, str, dict[str, Any], Any]]
+    text: str | None = None
+
+
+class ResultWriter(Protocol):
+    """Owns one kind's result table: its bulk write and the SQL fragments that read it back."""
+
+    kind: str
+    table: str  # the result table
+    link_column: str  # the job_items column that points at this kind's row
+    # Select-list for `imgq results`, reading the table under the alias ``r_<kind>``.
+    results_columns: str
+
+    def write(self, conn: Any, rows: Sequence[ResultRow]) -> None:
+        """Upsert ``rows`` (one statement per model/params group, never one per row) and set each
+        item's ``link_column``. The first stored result for an identity wins."""
+        ...
+
+
+class ItemStore(Protocol):
+    """The worker's view of the system of record."""
+
+    def claim(self, job: uuid.UUID, seqs: Sequence[int], worker: str) -> dict[int, Claim]: ...
+
+    def release(self, job: uuid.UUID, seqs: Sequence[int]) -> None: ...
+
+    def unclaim(self, job: uuid.UUID, seqs: Sequence[int]) -> None: ...
+
+    def write_done(self, items: Sequence[DoneItem]) -> None: ...
+
+    def write_dead(self, rows: Sequence[DeadRow]) -> None: ...
+
+
+class BlobSource(Protocol):
+    def fetch(self, ref: str) -> Blob: ...
+
+
+class Publisher(Protocol):
+    """Hands messages to the broker, ``delay_s`` from now."""
+
+    def __call__(self, messages: Iterable[Any], delay_s: float) -> Any: ...
+
+
+class Decoded(Protocol):
+    """A decoded image: the RGB picture (possibly draft-reduced) and the original's size."""
+
+    image: Any
+    width: int
+    height: int
+
+
+class Runner(Protocol):
+    """One job kind on one loaded model (see ``imgq.worker.runners``)."""
+
+    kind: str
+    name: str  # the model name it serves; a task naming another model is not served
+
+    @property
+    def revision(self) -> str: ...
+
+    @property
+    def input_size(self) -> int:
+        """Side of the square model input: decoding may reduce a JPEG down to it."""
+        ...
+
+    def prep_key(self, params: Any) -> Any:
+        """Identity of the prepared input: tasks with equal keys share one preprocessed array."""
+        ...
+
+    def prepare(self, image: Any, params: Any) -> Any:
+        """A decoded image -> this model's input array (runs on decode threads)."""
+        ...
+
+    def check_text(self, text: str) -> None:
+        """Raise a ``Permanent`` error for a text this model cannot take (pair kinds)."""
+        ...
+
+    def run(self, pixels: Any, texts: list[str] | None, params: Any) -> list[Any]:
+        """One value per image of a batch (texts: one per image, for pair kinds)."""
+        ...

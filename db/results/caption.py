@@ -1,0 +1,54 @@
+"""Captions: one row per (image version, model, revision, params); the first stored text wins."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import text
+
+from imgq.ports import ResultRow
+
+# DISTINCT ON keeps the upsert from touching one row twice; a no-op DO UPDATE returns the id of
+# the row that won, so a redelivered item links to the first caption.
+_WRITE = text("""
+WITH v AS (
+  SELECT * FROM unnest(CAST(:job AS uuid[]), CAST(:seq AS int[]), CAST(:image_id AS bigint[]),
+                       CAST(:txt AS text[])) AS v(job_id, seq, image_id, txt)
+), r AS (
+  INSERT INTO captions (image_id, model, model_revision, params_hash, params, text)
+  SELECT DISTINCT ON (image_id) image_id, :model, :rev, :phash, CAST(:params AS jsonb), txt
+  FROM v ORDER BY image_id, seq
+  ON CONFLICT ON CONSTRAINT captions_identity DO UPDATE SET text = captions.text
+  RETURNING id, image_id
+)
+UPDATE job_items AS j SET caption_id = r.id
+FROM v JOIN r USING (image_id)
+WHERE j.job_id = v.job_id AND j.seq = v.seq AND j.state IN ('queued', 'running')
+""")
+
+
+def groups(rows: Sequence[ResultRow]) -> dict[tuple[str, str, str], list[ResultRow]]:
+    """Rows by (model, revision, params hash): one statement per group, constant SQL text."""
+    out: dict[tuple[str, str, str], list[ResultRow]] = {}
+    for row in rows:
+        out.setdefault((row.model, row.model_revision, row.params_hash), []).append(row)
+    return out
+
+
+class CaptionWriter:
+    """Writes the ``captions`` table and links ``job_items.caption_id``."""
+
+    kind = "caption"
+    table = "captions"
+    link_column = "caption_id"
+    results_columns = "r_caption.text AS caption"
+
+    def write(self, conn: Any, rows: Sequence[ResultRow]) -> None:
+        for (model, rev, phash), group in groups(rows).items():
+            conn.execute(_WRITE, {
+                "job": [r.job for r in group], "seq": [r.seq for r in group],
+                "image_id": [r.image_id for r in group], "txt": [str(r.value) for r in group],
+                "model": model, "rev": rev, "phash": phash, "params": json.dumps(group[0].params),
+            })

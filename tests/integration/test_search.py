@@ -1,0 +1,265 @@
+"""Nearest-neighbour search (imgq.db.search) against a real Postgres with pgvector's HNSW index."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from sqlalchemy import Engine, create_engine, text
+
+from imgq import errors
+from imgq.db import search as S
+from imgq.db.results.embedding import EmbeddingWriter
+from imgq.ports import ResultRow
+from tests.fixtures.services import TEMPLATE, _admin
+
+pytestmark = pytest.mark.integration
+
+N = 3000
+MODEL, REV = "blip-itm", "r1"
+LOCAL = 7  # the one local file
+
+
+def key_of(i: int) -> tuple[str, str, str]:
+    """(source, bucket, key): 2 % in bucket 'rare', 2 % under 'cats/', and look-alike prefixes."""
+    if i == LOCAL:
+        return "local", "", f"/data/local/{i}.jpg"
+    if i % 50 == 0:
+        return "s3", "rare", f"img/{i}.jpg"
+    if i % 50 == 1:
+        return "s3", "photos", f"cats/{i}.jpg"
+    if i % 50 == 2 and i < 500:
+        return "s3", "photos", f"a_b/{i}.jpg"
+    if i % 50 == 3 and i < 500:
+        return "s3", "photos", f"axb/{i}.jpg"  # matched by an unescaped LIKE 'a_b/%'
+    return "s3", "photos", f"img/{i}.jpg"
+
+
+def clustered(n: int, dim: int, seed: int) -> np.ndarray:
+    """Unit vectors around 60 Gaussian centres: real embeddings are clustered, not uniform."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((60, dim)).astype(np.float32)
+    x = centres[rng.integers(0, 60, n)] + 0.6 * rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def write_embeddings(engine: Engine, image_ids: list[int], x: np.ndarray, model: str, rev: str) -> None:
+    job = uuid.uuid4()
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO jobs (id, kind, model, params, params_hash, total) "
+                          "VALUES (:job, 'embed', :model, '{}', 'h', :n)"), {"job": job, "model": model, "n": len(x)})
+        conn.execute(text("INSERT INTO job_items (job_id, seq, ref) "
+                          "SELECT :job, g, 'x' FROM generate_series(0, :n - 1) g"), {"job": job, "n": len(x)})
+    writer = EmbeddingWriter()
+    for start in range(0, len(x), 500):
+        with engine.begin() as conn:
+            writer.write(conn, [ResultRow(job, i, image_ids[i], model, rev, "h", {}, x[i])
+                                for i in range(start, min(start + 500, len(x)))])
+
+
+@dataclass
+class Seeded:
+    engine: Engine
+    url: str
+    x: np.ndarray  # row i is image ids[i]
+    ids: list[int]
+
+
+@pytest.fixture(scope="module")
+def seeded(pg_server) -> Iterator[Seeded]:  # type: ignore[no-untyped-def]
+    """One database for the read-only tests: seeding 3,000 vectors through the index takes seconds."""
+    name = f"t_search_{os.getpid()}"
+    _admin(pg_server, f'CREATE DATABASE "{name}" TEMPLATE {TEMPLATE}')
+    url = pg_server.url.replace(f"/{TEMPLATE}?", f"/{name}?")
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        keys = [key_of(i) for i in range(N)]
+        by_key = dict(conn.execute(text(
+            "INSERT INTO images (source, bucket, key, version, bytes, width, height) "
+            "SELECT source, bucket, key, 'v1', 100, 640, 480 "
+            "FROM unnest(CAST(:source AS text[]), CAST(:bucket AS text[]), CAST(:key AS text[])) "
+            "  AS t(source, bucket, key) "
+            "RETURNING key, id"), {"source": [k[0] for k in keys], "bucket": [k[1] for k in keys],
+                                   "key": [k[2] for k in keys]}).all())
+        ids = [by_key[k[2]] for k in keys]
+        conn.execute(text("INSERT INTO captions (image_id, model, model_revision, params_hash, params, text, "
+                          "created_at) VALUES (:id, 'cap-a', 'r', 'h', '{}', 'older', now() - interval '1 day'), "
+                          "(:id, 'cap-b', 'r', 'h', '{}', 'newer', now())"), {"id": ids[0]})
+    x = clustered(N, 256, seed=0)
+    write_embeddings(engine, ids, x, MODEL, REV)
+    write_embeddings(engine, ids[:40], clustered(40, 8, seed=1), "tiny8", "t1")  # an un-indexed dimension
+    with engine.begin() as conn:
+        conn.execute(text("ANALYZE"))
+    yield Seeded(engine, url, x, ids)
+    engine.dispose()
+
+
+def ref_of(i: int) -> str:
+    source, bucket, key = key_of(i)
+    return key if source == "local" else f"s3://{bucket}/{key}"
+
+
+def test_exact_nearest_vector_is_the_top_hit(seeded: Seeded):
+    for i in (0, 123, 2999):
+        hits = S.search(seeded.engine, seeded.x[i], model=MODEL, revision=REV, limit=10)
+        assert len(hits) == 10
+        assert hits[0].image_id == seeded.ids[i] and hits[0].similarity == pytest.approx(1.0, abs=1e-5)
+        assert hits[0].ref == ref_of(i) and (hits[0].width, hits[0].height) == (640, 480)
+        assert [h.similarity for h in hits] == sorted((h.similarity for h in hits), reverse=True)
+        # Similarities are cosines: check them against numpy for every hit.
+        pos = {image_id: n for n, image_id in enumerate(seeded.ids)}
+        want = [float(seeded.x[pos[h.image_id]] @ seeded.x[i]) for h in hits]
+        assert [h.similarity for h in hits] == pytest.approx(want, abs=1e-5)
+
+
+def test_hit_carries_newest_caption_and_local_path(seeded: Seeded):
+    assert S.search(seeded.engine, seeded.x[0], model=MODEL, revision=REV, limit=1)[0].caption == "newer"
+    local = S.search(seeded.engine, seeded.x[LOCAL], model=MODEL, revision=REV, limit=1)[0]
+    assert (local.ref, local.caption, local.model_revision) == (f"/data/local/{LOCAL}.jpg", None, REV)
+
+
+def test_exclude_image_id(seeded: Seeded):
+    hits = S.search(seeded.engine, seeded.x[5], model=MODEL, revision=REV, limit=5, exclude_image_id=seeded.ids[5])
+    assert seeded.ids[5] not in [h.image_id for h in hits] and len(hits) == 5
+
+
+def hnsw_ran(plan: str) -> bool:
+    return any("embeddings_hnsw_256" in line and "never executed" not in line for line in plan.splitlines())
+
+
+@pytest.mark.parametrize("strategy", ["exact", "hnsw"])
+def test_selective_filters_still_fill_the_limit(seeded: Seeded, strategy: str, monkeypatch: pytest.MonkeyPatch):
+    """Filters matching 2 % of images still fill the limit, with only matching images: a bucket is
+    searched exactly among its images (fewer than EXACT_FILTER_MAX), or, with the threshold
+    lowered, through the HNSW iterative scan (enable_sort=off keeps the planner from sorting the
+    filtered rows instead, as it may on a table this small)."""
+    engine = seeded.engine
+    if strategy == "hnsw":
+        monkeypatch.setattr(S, "EXACT_FILTER_MAX", 10)
+        engine = create_engine(seeded.url, connect_args={"options": "-c enable_sort=off"})
+    try:
+        q = seeded.x[17]
+
+        def best(match: Callable[[int], bool]) -> list[int]:
+            rows = sorted((n for n in range(N) if match(n)), key=lambda n: -float(seeded.x[n] @ q))
+            return [seeded.ids[n] for n in rows[:20]]
+
+        def check(hits: list[S.Hit], want: list[int], exact: bool) -> None:
+            assert len(hits) == len(want)
+            got = [h.image_id for h in hits]
+            # All of the true best when exact, nearly all through HNSW (approximate).
+            assert got == want if exact else len(set(got) & set(want)) >= 0.8 * len(want)
+
+        exact = strategy == "exact"
+        check(S.search(engine, q, model=MODEL, revision=REV, limit=20, bucket="rare"),
+              best(lambda n: key_of(n)[1] == "rare"), exact)
+        check(S.search(engine, q, model=MODEL, revision=REV, limit=20, bucket="photos", prefix="cats/"),
+              best(lambda n: key_of(n)[2].startswith("cats/")), exact)
+        # A prefix alone goes through the index scan; '_' is literal (the axb/ keys must not match).
+        check(S.search(engine, q, model=MODEL, revision=REV, limit=20, prefix="cats/"),
+              best(lambda n: key_of(n)[2].startswith("cats/")), False)
+        check(S.search(engine, q, model=MODEL, revision=REV, limit=20, prefix="a_b/"),
+              best(lambda n: key_of(n)[2].startswith("a_b/")), False)
+        assert hnsw_ran(S.explain(engine, q, model=MODEL, revision=REV, limit=20, bucket="rare")) == (not exact)
+    finally:
+        if engine is not seeded.engine:
+            engine.dispose()
+
+
+def test_without_iterative_scan_the_filtered_index_scan_comes_up_short(seeded: Seeded):
+    """Why search() turns on hnsw.iterative_scan: the plain scan stops after ef_search candidates."""
+    engine = create_engine(seeded.url, connect_args={"options": "-c enable_sort=off"})
+    try:
+        params = S._params(seeded.x[17], MODEL, REV, 20, "rare", None, None)
+        with engine.begin() as conn:
+            conn.execute(text("SET LOCAL hnsw.iterative_scan = off"))
+            assert len(conn.execute(S.SEARCH_INDEXED, params).all()) < 20
+    finally:
+        engine.dispose()
+
+
+def test_unfiltered_search_uses_the_hnsw_index(seeded: Seeded):
+    plan = S.explain(seeded.engine, seeded.x[3], model=MODEL, revision=REV, limit=10)
+    assert "Index Scan using embeddings_hnsw_256" in plan, plan
+
+
+def test_repeated_searches_on_one_connection_keep_custom_plans(seeded: Seeded):
+    """psycopg prepares a statement after 5 runs; a generic plan of the search can't see the LIMIT
+    or which filters are NULL and sorted the whole space (8x slower). search() forces custom plans."""
+    engine = create_engine(seeded.url, pool_size=1, max_overflow=0)
+    try:
+        for i in range(12):
+            S.search(engine, seeded.x[i], model=MODEL, revision=REV, limit=10, bucket="rare" if i % 2 else None)
+        with engine.connect() as conn:
+            plans = conn.execute(text("SELECT generic_plans, custom_plans FROM pg_prepared_statements "
+                                      "WHERE statement LIKE '%WITH nn AS MATERIALIZED%'")).all()
+        assert plans and plans[0][0] == 0 and plans[0][1] > 0
+    finally:
+        engine.dispose()
+
+
+def test_other_dimensions_are_an_exact_scan(seeded: Seeded):
+    x8 = clustered(40, 8, seed=1)
+    hits = S.search(seeded.engine, x8[4], model="tiny8", revision="t1", limit=40)
+    want = sorted(range(40), key=lambda n: -float(x8[n] @ x8[4]))
+    assert [h.image_id for h in hits] == [seeded.ids[n] for n in want]
+    assert "hnsw" not in S.explain(seeded.engine, x8[4], model="tiny8", revision="t1", limit=5)
+
+
+def test_sql_function_agrees_with_search(seeded: Seeded):
+    q = seeded.x[42]
+    with seeded.engine.connect() as conn:
+        top = conn.execute(text("SELECT image_id, similarity FROM imgq_similar(CAST(:q AS vector), :model, 5)"),
+                           {"q": S.vector_literal(q), "model": MODEL}).all()
+    hits = S.search(seeded.engine, q, model=MODEL, revision=REV, limit=5)
+    assert top[0][0] == hits[0].image_id == seeded.ids[42]
+    assert top[0][1] == pytest.approx(hits[0].similarity, abs=1e-6)
+
+
+def test_spaces(seeded: Seeded):
+    assert S.spaces(seeded.engine, MODEL) == [(REV, 256, N)]
+    assert S.spaces(seeded.engine, "tiny8") == [("t1", 8, 40)]
+    assert S.spaces(seeded.engine, "nope") == []
+
+
+def test_errors_have_codes_and_say_what_exists(seeded: Seeded):
+    with pytest.raises(errors.DimensionMismatch, match=r"query vector has 128 dimensions .* stores 256") as exc:
+        S.search(seeded.engine, np.ones(128), model=MODEL, revision=REV)
+    assert exc.value.code == "dim_mismatch"
+    with pytest.raises(errors.NoEmbeddings, match=r"revision 'r9'; stored revisions: r1 \(256-d, 3,000 images\)"):
+        S.search(seeded.engine, seeded.x[0], model=MODEL, revision="r9")
+    with pytest.raises(errors.NoEmbeddings, match="nothing is stored for model 'other'") as exc:
+        S.search(seeded.engine, seeded.x[0], model="other", revision=REV)
+    assert exc.value.code == "no_embeddings"
+    for empty in ([], np.array([], dtype=np.float32), np.zeros(256)):
+        with pytest.raises(errors.EmptyQuery) as exc:
+            S.search(seeded.engine, empty, model=MODEL, revision=REV)
+        assert exc.value.code == "empty_query" and "\n" not in exc.value.message
+    with pytest.raises(errors.SearchError, match="NaN"):
+        S.search(seeded.engine, np.full(256, np.nan), model=MODEL, revision=REV)
+
+
+def test_stored_vector_takes_the_newest_version_with_an_embedding(database_url: str):
+    engine = create_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            ids = list(conn.execute(text(
+                "INSERT INTO images (source, bucket, key, version, bytes, width, height, first_seen) VALUES "
+                "('s3', 'b', 'k.jpg', 'v1', 1, 10, 10, now() - interval '2 days'), "
+                "('s3', 'b', 'k.jpg', 'v2', 1, 10, 10, now() - interval '1 day'), "
+                "('s3', 'b', 'k.jpg', 'v3', 1, 10, 10, now()) RETURNING id")).scalars())
+        x = clustered(3, 256, seed=5)
+        write_embeddings(engine, ids[:2], x[:2], MODEL, "r1")  # v3 is not embedded yet
+        write_embeddings(engine, ids[:1], x[2:], MODEL, "r0")
+        got = S.stored_vector(engine, model=MODEL, revision=None, source="s3", bucket="b", key="k.jpg")
+        assert got is not None and got[0] == ids[1] and got[2] == "r1" and np.array_equal(got[1], x[1])
+        got = S.stored_vector(engine, model=MODEL, revision="r0", source="s3", bucket="b", key="k.jpg")
+        assert got is not None and got[0] == ids[0] and np.array_equal(got[1], x[2])
+        assert S.stored_vector(engine, model=MODEL, revision="r1", source="s3", bucket="b", key="nope") is None
+        assert S.stored_vector(engine, model="other", revision=None, source="s3", bucket="b", key="k.jpg") is None
+    finally:
+        engine.dispose()
