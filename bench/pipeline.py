@@ -100,6 +100,15 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
+def machine_busy_s() -> float:
+    """CPU-seconds the whole machine spent busy (every process, ours and other tenants'), plus
+    time stolen by the hypervisor: the noise gauge of a shared machine."""
+    import psutil
+
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
+
+
 def rss_mb(pid: int) -> float:
     import psutil
 
@@ -133,9 +142,11 @@ def prepare_arrays(model: Any, paths: list[Path], threads: int) -> tuple[Any, di
     return np.stack(arrays), {"prep_1thread_img_s": one, f"prep_{threads}threads_img_s": many}
 
 
-def model_only(model: Any, arrays: Any, task: Any, batch: int) -> tuple[float, float]:
+def model_only(model: Any, arrays: Any, task: Any, batch: int,
+               others: list[float] | None = None) -> tuple[float, float]:
     """(images/s, process CPU-seconds per image): CPU time is robust to a noisy shared machine.
-    The call the worker's runner makes for the task's kind, on each slice of ``batch`` images."""
+    The call the worker's runner makes for the task's kind, on each slice of ``batch`` images.
+    ``others`` gets the cores that everything but this process kept busy meanwhile."""
     if task.kind == "caption":
         def run(pixels: Any) -> Any:
             return model.caption(pixels, task.params)
@@ -143,11 +154,16 @@ def model_only(model: Any, arrays: Any, task: Any, batch: int) -> tuple[float, f
         run = model.embed_images
     else:
         raise ValueError(f"no model-only pass for kind {task.kind!r}")
+    busy = machine_busy_s()
     c = time.process_time()
     t = time.perf_counter()
     for start in range(0, len(arrays), batch):
         run(arrays[start : start + batch])
-    return len(arrays) / (time.perf_counter() - t), (time.process_time() - c) / len(arrays)
+    dt = time.perf_counter() - t
+    cpu = time.process_time() - c
+    if others is not None:
+        others.append((machine_busy_s() - busy - cpu) / dt)
+    return len(arrays) / dt, cpu / len(arrays)
 
 
 # -- (b) end to end ---------------------------------------------------------------------------------
@@ -168,14 +184,18 @@ def run_job(settings: Any, store: Any, app: Any, refs: list[str], task: Any, tim
     from imgq.producer.submit import submit
 
     cpu0 = {k: cpu_seconds(v) for k, v in (watch or {}).items()}
+    busy0, own0 = machine_busy_s(), time.process_time()
     t0 = time.monotonic()
     sub = submit(settings=settings, store=store, app=app, refs=refs, tasks=[task])
     t_sub = time.monotonic() - t0
     end, counts = wait_done(store, sub.job, len(refs), timeout, alive=worker.alive)
     elapsed = end - t0
+    busy, own = machine_busy_s() - busy0, time.process_time() - own0
     out = {"img_s": len(refs) / elapsed, "seconds": elapsed, "submit_s": t_sub, "counts": counts}
     if watch:
         out["cpu_s"] = {k: cpu_seconds(v) - cpu0[k] for k, v in watch.items()}
+        # Everything else on the machine: other tenants (this bench process's submit and polling excluded).
+        out["others_cores"] = (busy - own - sum(out["cpu_s"].values())) / elapsed
     if counts["dead"]:
         raise RuntimeError(f"{counts['dead']} items dead-lettered: see {worker.log_path}\n{worker.tail()}")
     linked = stored_results(store, sub.job, task.kind)
@@ -460,17 +480,19 @@ def main(argv: list[str] | None = None) -> int:
             watch = {"worker": [worker.p.pid], **svc.pids()}
             a_runs: list[float] = []
             a_cpu: list[float] = []
+            a_others: list[float] = []
             b_runs: list[dict[str, Any]] = []
             naive_runs: list[dict[str, Any]] = []
             nn = args.naive_images or n
             if not args.no_e2e:
                 for r in range(args.repeats):
-                    speed, cpu = model_only(model, arrays, task, batch)
+                    speed, cpu = model_only(model, arrays, task, batch, a_others)
                     a_runs.append(speed)
                     a_cpu.append(cpu)
                     svc.truncate(store)
                     b_runs.append(run_job(settings, store, app, refs, task, timeout, worker, watch))
-                    msg = f"repeat {r + 1}: model-only {a_runs[-1]:.2f} img/s, e2e {b_runs[-1]['img_s']:.2f} img/s"
+                    msg = (f"repeat {r + 1}: model-only {a_runs[-1]:.2f} img/s, e2e {b_runs[-1]['img_s']:.2f} img/s "
+                           f"(other tenants' cores: {a_others[-1]:.2f} / {b_runs[-1]['others_cores']:.2f})")
                     if naive_worker is not None:
                         naive_runs.append(run_naive(svc, [str(p) for p in paths[:nn]], timeout * 3, naive_worker))
                         msg += f", naive {naive_runs[-1]['img_s']:.2f} img/s"
@@ -488,7 +510,12 @@ def main(argv: list[str] | None = None) -> int:
                 result["e2e_cpu_ms_per_img"] = {k: 1000 * v / n for k, v in result["e2e_cpu_s"].items()}
                 result["raw"] = {"model_only": a_runs, "e2e": [x["img_s"] for x in b_runs],
                                  "model_only_cpu_ms_per_img": [1000 * c for c in a_cpu],
-                                 "e2e_worker_cpu_ms_per_img": [1000 * x["cpu_s"]["worker"] / n for x in b_runs]}
+                                 "e2e_worker_cpu_ms_per_img": [1000 * x["cpu_s"]["worker"] / n for x in b_runs],
+                                 "others_cores_model_only": a_others,
+                                 "others_cores_e2e": [x["others_cores"] for x in b_runs]}
+                # Noise gauge: cores other tenants kept busy during each pass (2 = all of this machine).
+                result["others_cores"] = {"model_only": median(a_others),
+                                          "e2e": median([x["others_cores"] for x in b_runs])}
                 if naive_runs:
                     result["naive_img_s"] = median([x["img_s"] for x in naive_runs])
                     result["naive_images"] = nn
@@ -571,6 +598,9 @@ def print_table(r: dict[str, Any]) -> None:
         if raw:
             add("    raw per repeat: model-only / e2e", " / ".join(
                 ", ".join(f"{v:.3g}" for v in raw[k]) for k in ("model_only", "e2e")), "")
+            if "others_cores_e2e" in raw:
+                add("    other tenants' busy cores per repeat: model-only / e2e", " / ".join(
+                    ", ".join(f"{v:.2f}" for v in raw[k]) for k in ("others_cores_model_only", "others_cores_e2e")), "")
         for k, v in r.get("prep", {}).items():
             add(f"    decode+preprocess {k.replace('prep_', '').replace('_img_s', '')} img/s", v)
         cpu = r.get("e2e_cpu_s", {})

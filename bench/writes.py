@@ -10,8 +10,13 @@ Variants, each one transaction per call:
   finishing UPDATE of the items: three statements.
 * ``one CTE (before kinds)``: the previous ``Store.write_captions``, one data-modifying CTE per
   group (images -> captions -> items), kept here verbatim as the baseline the refactor replaced.
-* ``three statements (before the CTE)``: the ``write_captions`` before that one (images,
-  captions, items as separate statements), the baseline of the earlier W figures.
+* ``three statements (older)``: the ``write_captions`` before that one (images, captions, items
+  as separate statements), the baseline of the earlier W figures.
+``--stale-stats N`` times each variant's first writes into a new job of N items when ``job_items``
+was analysed while the queue was drained, so the statistics say the partial index
+``job_items_pending`` is nearly empty (autovacuum is paused on ``job_items`` for that part, then
+reset). ``write_done``'s caption statement and its finishing UPDATE are then planned over that
+index, and read every pending item of the table on each call.
 
 Client thread CPU as a share of wall time is printed too: the rest is round trips and the server.
 """
@@ -146,11 +151,38 @@ def items_for(store: Store, n: int, tag: str) -> list[DoneItem]:
                          f"a caption number {i}", worker="w") for i in range(n)]
 
 
+def stale_stats(store: Store, n: int, batches: list[int], calls: int = 4) -> None:
+    """Each variant's first ``calls`` writes per batch size into a fresh job of ``n`` queued items,
+    with ``job_items`` analysed beforehand, when every item was settled (run after the main bench)."""
+    with store.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE job_items SET (autovacuum_enabled = false)"))
+    try:
+        with store.engine.begin() as conn:
+            conn.execute(text("ANALYZE job_items"))
+        jobs = {name: items_for(store, n, f"stale-{i}-{uuid.uuid4().hex[:6]}") for i, name in enumerate(VARIANTS)}
+        for batch in batches:
+            for name, write in VARIANTS.items():
+                items = jobs[name]
+                start = batches.index(batch) * calls * max(batches)
+                t = time.perf_counter()
+                for k in range(calls):
+                    write(store, items[start + k * batch : start + (k + 1) * batch])
+                dt = time.perf_counter() - t
+                print(f"stale statistics, new job of {n:,} items, batch {batch:>4}  {name:30s} "
+                      f"{calls * batch / dt:>9,.0f} rows/s  ({1000 * dt / calls:,.1f} ms per call)")
+    finally:
+        with store.engine.begin() as conn:
+            conn.execute(text("ALTER TABLE job_items RESET (autovacuum_enabled)"))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=8192)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batches", type=int, nargs="+", default=[32, 512])
+    ap.add_argument("--stale-stats", type=int, default=0, metavar="N",
+                    help="also time each variant's first writes into a new job of N items that the "
+                    "statistics have not seen (0 = skip)")
     args = ap.parse_args()
     print(f"# python -m bench.writes {shlex.join(sys.argv[1:])}")
     svc = Services.start()
@@ -176,13 +208,18 @@ def main() -> int:
             base = median(res[BASELINE])
             for name, values in res.items():
                 paired = median([v / b for v, b in zip(values, res[BASELINE], strict=True)])
-                print(f"batch {batch:>4}  {name:26s} {median(values):>9,.0f} rows/s  x{median(values) / base:.2f} "
+                print(f"batch {batch:>4}  {name:30s} {median(values):>9,.0f} rows/s  x{median(values) / base:.2f} "
                       f"of {BASELINE} (paired x{paired:.2f}); client CPU {100 * median(client[name]):.0f}% "
                       f"of wall; raw {[round(v) for v in values]}")
+        if args.stale_stats:
+            stale_stats(store, args.stale_stats, args.batches)
         with store.engine.connect() as conn:
-            states = dict(conn.execute(text("SELECT state, count(*) FROM job_items GROUP BY state")).all())
-            linked = conn.execute(text("SELECT count(*) FROM job_items WHERE caption_id IS NULL")).scalar_one()
-        print(f"job_items by state after the run (every row must be done): {states}; without caption: {linked}")
+            states = dict(conn.execute(text("SELECT state, count(*) FROM job_items WHERE state <> 'queued' "
+                                            "GROUP BY state")).all())
+            linked = conn.execute(text("SELECT count(*) FROM job_items WHERE state = 'done' AND caption_id IS NULL")
+                                  ).scalar_one()
+        print(f"job_items written by the run, by state (every one must be done): {states}; "
+              f"items without a caption: {linked}")
         svc.truncate(store)
         store.engine.dispose()
     finally:

@@ -73,3 +73,15 @@ def classify_decode(exc: BaseException) -> errors.ImgqError:
     if "truncated" in text.lower() or "premature end" in text.lower():
         return errors.Truncated(text)
     return errors.Truncated(f"corrupt image data ({type(exc).__name__}: {text})")
+
+
+# Outages of the services a worker depends on: nothing was settled, so the message goes back.
+_OUTAGE_NAMES = {"OperationalError", "InterfaceError", "DisconnectionError", "ConnectionError",
+                 "TimeoutError", "BusyLoadingError", "OperationalException", "ConnectionRefusedError",
+                 "RedisError", "BrokenPipeError"}
+
+
+def is_outage(exc: BaseException) -> bool:
+    """True for Postgres/Redis being unreachable (or a settle that timed out): worth requeueing.
+    Anything else raised while handling a message is a bug or an unforeseen input."""
+    return bool(_names(exc) & _OUTAGE_NAMES)

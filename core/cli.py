@@ -172,7 +172,8 @@ def enqueue(
     if result.publish_error:
         typer.echo(f"warning[publish_failed]: job {result.job} is accepted ({result.items} items committed) but "
                    f"the broker refused its messages ({result.publish_error}). Workers re-publish it once "
-                   "IMGQ_RECONCILE_AFTER_S has passed; `imgq reconcile --older-than 0` does it now.", err=True)
+                   "IMGQ_RECONCILE_AFTER_S has passed; `imgq reconcile --job {result.job} --older-than 0` does "
+                   "it now.", err=True)
     else:
         typer.echo(f"accepted {result.items} items in {result.messages} messages", err=True)
     typer.echo(str(result.job))
@@ -313,7 +314,7 @@ def check(
         _fail("not_found", f"no job {job}", 1)
     typer.echo(f"job {report.job}: total={report.total} done={report.done} dead={report.dead} "
                f"pending={report.pending} purged={report.purged} missing={report.missing} "
-               f"duplicates={report.duplicates}")
+               f"duplicates={report.duplicates} mismatched={report.mismatched}")
     for line in report.offenders:
         typer.echo(f"  {line}", err=True)
     if not report.ok:
@@ -381,7 +382,8 @@ def dlq_purge(
 
 @app.command()
 def reconcile(
-    older_than: Annotated[float | None, typer.Option(help="Seconds (default IMGQ_RECONCILE_AFTER_S).")] = None,
+    older_than: Annotated[float | None, typer.Option(min=0, help="Seconds (default IMGQ_RECONCILE_AFTER_S).")] = None,
+    job: Annotated[str | None, typer.Option(help="Only this job's items.")] = None,
 ) -> None:
     """Re-publish items queued or running for too long (their messages were lost). Workers do this
     periodically once the queue has drained; this runs one sweep now, backlog or not."""
@@ -390,7 +392,8 @@ def reconcile(
 
     settings = _settings()
     age = older_than if older_than is not None else settings.reconcile_after_s
-    batches = _admin(settings).take_stale(queued_older_than_s=age, running_older_than_s=age)
+    batches = _admin(settings).take_stale(queued_older_than_s=age, running_older_than_s=age,
+                                          job=_job_id(job) if job else None)
     if batches is None:
         _fail("busy", "another reconciler is running", 1)
     republish(make_celery(settings), batches, queue=settings.queue, per_message=settings.refs_per_message)
@@ -502,15 +505,9 @@ def dev_tiny_model(
 
 @app.command()
 def config() -> None:
-    """Print the effective configuration (IMGQ_* variables)."""
-    import re
-
-    settings = _settings()
-    for name, value in settings.model_dump(mode="json").items():
-        shown = ",".join(map(str, value)) if isinstance(value, list) else str(value)
-        # Never print a password embedded in a URL.
-        shown = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", shown)
-        typer.echo(f"IMGQ_{name.upper()}={shown}")
+    """Print the effective configuration (IMGQ_* variables), passwords masked."""
+    for name, value in _settings().masked().items():
+        typer.echo(f"{name}={value}")
 
 
 @app.command()

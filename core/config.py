@@ -134,6 +134,11 @@ class Settings(BaseSettings):
                 f"IMGQ_TASK_TIME_LIMIT_S ({self.task_time_limit_s}) + max wait; "
                 "otherwise running messages are delivered twice"
             )
+        if self.retry_max_s >= self.visibility_timeout_s:
+            raise ValueError(
+                f"IMGQ_RETRY_MAX_S ({self.retry_max_s}) must be below IMGQ_VISIBILITY_TIMEOUT_S "
+                f"({self.visibility_timeout_s}); Redis may deliver a message delayed longer twice"
+            )
         if self.reconcile_after_s <= self.retry_max_s:
             raise ValueError(
                 f"IMGQ_RECONCILE_AFTER_S ({self.reconcile_after_s}) must exceed IMGQ_RETRY_MAX_S "
@@ -160,6 +165,10 @@ class Settings(BaseSettings):
                 env[f"IMGQ_{name.upper()}"] = ",".join(map(str, value)) if isinstance(value, list) else str(value)
         return env
 
+    def masked(self) -> dict[str, str]:
+        """``IMGQ_*`` values for display, with passwords in URLs and secret query parameters hidden."""
+        return {name: mask_secrets(value) for name, value in self.as_env().items()}
+
     @property
     def sync_database_url(self) -> str:
         """The URL with the psycopg 3 driver, whatever the user wrote."""
@@ -168,3 +177,36 @@ class Settings(BaseSettings):
             if url.startswith(prefix):
                 return "postgresql+psycopg://" + url[len(prefix) :]
         return url
+
+
+_SECRET_PARAMS = {"password", "pass", "pwd", "secret", "token", "sslpassword", "access_key", "secret_key"}
+
+
+def mask_secrets(value: str) -> str:
+    """Hide the password of every ``scheme://user:password@host`` and secret query parameters,
+    splitting userinfo at the *last* ``@`` (a password may contain ``@``)."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit
+
+    parts = []
+    for piece in value.split(","):
+        if "://" not in piece:
+            parts.append(piece)
+            continue
+        try:
+            url = urlsplit(piece)
+        except ValueError:
+            parts.append("***")
+            continue
+        netloc = url.netloc
+        if "@" in netloc:
+            userinfo, host = netloc.rsplit("@", 1)
+            user = userinfo.split(":", 1)[0]
+            netloc = f"{user}:***@{host}" if ":" in userinfo else f"{userinfo}@{host}"
+        pairs = parse_qsl(url.query, keep_blank_values=True)
+        if netloc == url.netloc and not any(k.lower() in _SECRET_PARAMS for k, _ in pairs):
+            parts.append(piece)  # nothing to hide: keep it byte for byte
+            continue
+        query = urlencode([(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in pairs], safe="/:*")
+        parts.append(f"{url.scheme}://{netloc}{url.path}" + (f"?{query}" if query else "")
+                     + (f"#{url.fragment}" if url.fragment else ""))
+    return ",".join(parts)

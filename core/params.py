@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from imgq.errors import BadParams
 
 ResizeMode = Literal["stretch", "center_crop", "letterbox"]
+MAX_TEXT_POSITIONS = 512  # BLIP-base's text decoder and encoder
 
 
 class Params(BaseModel):
@@ -59,7 +60,7 @@ class CaptionParams(Params):
     temperature: float = Field(1.0, gt=0.0, le=100.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=100.0)
     prompt: str | None = Field(None, max_length=512, description="Text the caption continues from.")
-    seed: int | None = Field(None, ge=0, description="Seed for sampling; fixes results per batch.")
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="Seed for sampling; fixes results per batch.")
 
     def problems(self) -> list[str]:
         problems: list[str] = []
@@ -71,6 +72,11 @@ class CaptionParams(Params):
                     problems.append(f"{name} only applies with sampling (--sample, do_sample=true)")
         if self.prompt is not None and not self.prompt.strip():
             problems.append("prompt must not be blank; omit it for unconditional captions")
+        # Every prompt word is at least one token, plus [DEC] and [SEP]: past BLIP's 512 text
+        # positions the whole batch would fail at run time.
+        if self.prompt is not None and len(self.prompt.split()) + 2 + self.max_new_tokens > MAX_TEXT_POSITIONS:
+            problems.append(f"prompt ({len(self.prompt.split())} words) plus max_new_tokens ({self.max_new_tokens}) "
+                            f"exceeds the model's {MAX_TEXT_POSITIONS} text positions")
         return problems
 
     def batch_cost(self) -> int:

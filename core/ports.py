@@ -41,6 +41,13 @@ class ObjectInfo:
 class Claim:
     attempts: int  # deliveries so far, this one included
     unsettled: bool  # an earlier delivery took the item and never settled it (a crash?)
+    # What the job's record says the item is; a message only points at it (job, seq).
+    ref: str = ""
+    text: str | None = None
+
+    def item(self, seq: int) -> tuple[int, str] | tuple[int, str, str]:
+        """The ``[seq, ref]`` (or ``[seq, ref, text]``) item as recorded."""
+        return (seq, self.ref) if self.text is None else (seq, self.ref, self.text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +104,10 @@ class ResultWriter(Protocol):
 
 class ItemStore(Protocol):
     """The worker's view of the system of record."""
+
+    def job_tasks(self, job: uuid.UUID) -> list[dict[str, Any]] | None:
+        """The job's recorded ``[{kind, model, params, params_hash}]``; None if there is no such job."""
+        ...
 
     def claim(self, job: uuid.UUID, seqs: Sequence[int], worker: str) -> dict[int, Claim]: ...
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Literal
 
 
@@ -37,3 +38,23 @@ def decide(
         return RetryDecision("dead")
     j = random.random() if jitter is None else jitter
     return RetryDecision("retry", compute_backoff(attempts, policy.base_s, policy.cap_s, j))
+
+
+@dataclass
+class Backoff:
+    """Pauses before requeueing a message during an outage: 2 s, doubling while failures follow
+    one another, capped; any success resets it. Shared by a worker's task threads."""
+
+    base_s: float = 2.0
+    cap_s: float = 30.0
+    _streak: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def failed(self) -> float:
+        with self._lock:
+            self._streak += 1
+            return min(self.cap_s, self.base_s * 2 ** min(self._streak - 1, 16))
+
+    def succeeded(self) -> None:
+        with self._lock:
+            self._streak = 0

@@ -15,6 +15,6 @@ def make_s3_client(settings: Settings, max_pool: int = 10) -> Any:
         "s3",
         endpoint_url=settings.s3_endpoint_url,
         region_name=settings.s3_region,
-        config=Config(max_pool_connections=max_pool, retries={"max_attempts": 2, "mode": "standard"},
+        config=Config(max_pool_connections=max_pool, retries={"total_max_attempts": 3, "mode": "standard"},
                       connect_timeout=5, read_timeout=30),
     )

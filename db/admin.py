@@ -46,6 +46,19 @@ GROUP BY {", ".join("r." + c.strip() for c in identity(kind).split(","))} HAVING
 """
 
 
+def check_mismatch_sql(kind: str) -> str:
+    """Items whose result row was computed with another model or parameters than their job names
+    (what a forged message could once cause)."""
+    from imgq.db.results import writer
+
+    w = writer(kind)
+    return f"""
+SELECT i.seq, i.ref, r.model, r.params_hash FROM job_items i JOIN {w.table} r ON r.id = i.{w.link_column}
+WHERE i.job_id = :job AND (r.model <> :model OR r.params_hash <> :phash)
+ORDER BY i.seq LIMIT 1000
+"""
+
+
 _CHECK_TOTALS = text("""
 SELECT j.total, j.purged, count(i.seq) AS items,
        count(*) FILTER (WHERE i.state = 'done') AS done,
@@ -92,8 +105,9 @@ RETURNING counted.n
 _STALE = text("""
 WITH stale AS (
   SELECT job_id, seq FROM job_items
-  WHERE (state = 'queued' AND updated_at < now() - make_interval(secs => CAST(:queued_age AS float8)))
-     OR (state = 'running' AND updated_at < now() - make_interval(secs => CAST(:running_age AS float8)))
+  WHERE ((state = 'queued' AND updated_at < now() - make_interval(secs => CAST(:queued_age AS float8)))
+      OR (state = 'running' AND updated_at < now() - make_interval(secs => CAST(:running_age AS float8))))
+    AND (CAST(:job AS uuid) IS NULL OR job_id = :job)
   ORDER BY updated_at LIMIT :limit FOR UPDATE SKIP LOCKED
 )
 UPDATE job_items j SET state = 'queued', updated_at = now()
@@ -117,11 +131,12 @@ class CheckReport:
     purged: int = 0
     missing: int = 0
     duplicates: int = 0
+    mismatched: int = 0  # results of another model or params than the job's
     offenders: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return self.missing == 0 and self.duplicates == 0
+        return self.missing == 0 and self.duplicates == 0 and self.mismatched == 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +164,8 @@ class Admin:
             if never_stored:
                 report.missing += abs(never_stored)
                 report.offenders.append(f"{never_stored} accepted items have no job_items row")
-            kinds = [t["kind"] for t in conn.execute(_JOB_KINDS, {"job": job}).scalar_one()]
+            tasks = conn.execute(_JOB_KINDS, {"job": job}).scalar_one()
+            kinds = [t["kind"] for t in tasks]
             for row in conn.execute(text(check_items_sql(kinds)), {"job": job}).mappings():
                 report.missing += 1
                 problem = (
@@ -158,6 +174,12 @@ class Admin:
                     if row["state"] in ("done", "dead") else "pending item with a final record"
                 )
                 report.offenders.append(f"seq {row['seq']} {row['ref']}: {problem}")
+            for task in tasks:
+                params = {"job": job, "model": task["model"], "phash": task["params_hash"]}
+                for seq, ref, model, phash in conn.execute(text(check_mismatch_sql(task["kind"])), params):
+                    report.mismatched += 1
+                    report.offenders.append(f"seq {seq} {ref}: {task['kind']} result of {model} params {phash}, "
+                                            f"the job names {task['model']} params {task['params_hash']}")
             for kind in kinds:
                 for image_id, n in conn.execute(text(check_duplicates_sql(kind)), {"job": job}):
                     report.duplicates += n - 1
@@ -182,7 +204,8 @@ class Admin:
             return sum(n for (n,) in conn.execute(_DLQ_PURGE, {"age": older_than.total_seconds()}))
 
     def take_stale(
-        self, *, queued_older_than_s: float | None, running_older_than_s: float | None, limit: int = 10_000
+        self, *, queued_older_than_s: float | None, running_older_than_s: float | None, limit: int = 10_000,
+        job: uuid.UUID | None = None,
     ) -> list[Republish] | None:
         """Items whose message was probably lost: queued or running for longer than the given ages
         (None = leave that state alone). They are touched, so the next sweep skips them. Returns
@@ -192,7 +215,8 @@ class Admin:
                 return None
             rows = conn.execute(
                 _STALE,
-                {"queued_age": queued_older_than_s, "running_age": running_older_than_s, "limit": limit},
+                {"queued_age": queued_older_than_s, "running_age": running_older_than_s, "limit": limit,
+                 "job": job},
             ).all()
             return self._with_jobs(conn, rows)
 

@@ -20,7 +20,7 @@ from sqlalchemy import Connection, Engine, text
 from imgq.errors import DimensionMismatch, EmptyQuery, NoEmbeddings, SearchError
 
 INDEXED_DIM = 256  # the dimension that has an HNSW index (migration 0003)
-MAX_LIMIT = 1000  # hnsw.ef_search's upper bound; more hits than that cannot come from the index
+MAX_LIMIT = 1000  # the most hits one search returns; also hnsw.ef_search's upper bound
 # Iterative scans stop after this many index tuples: bounds the worst case of a filter that
 # matches (almost) nothing, at the price of fewer than ``limit`` hits there.
 MAX_SCAN_TUPLES = 50_000
@@ -139,8 +139,10 @@ LIMIT 1
 
 
 def ef_search(limit: int) -> int:
-    """The HNSW candidate list for ``limit`` hits: 2x the hits, at least 40 (pgvector's default)."""
-    return min(MAX_LIMIT, max(40, 2 * limit))
+    """The HNSW candidate list for ``limit`` hits: 2x the hits, at least 64. On 100k clustered
+    vectors, 64 rather than pgvector's default 40 took recall@10 from 0.957 to 0.967 for +0.3 ms,
+    and made filtered (iterative) scans faster, as they need fewer rounds (docs/performance.md)."""
+    return min(MAX_LIMIT, max(64, 2 * limit))
 
 
 def like_prefix(prefix: str) -> str:

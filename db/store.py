@@ -67,7 +67,7 @@ WITH prev AS (
 )
 UPDATE job_items AS j SET attempts = attempts + 1, state = 'running', worker = :worker, updated_at = now()
 FROM prev WHERE j.job_id = :job AND j.seq = ANY(CAST(:seqs AS int[])) AND j.seq = prev.seq
-RETURNING j.seq, j.attempts, prev.state = 'running' AS unsettled
+RETURNING j.seq, j.attempts, prev.state = 'running' AS unsettled, j.ref, j.text
 """)
 
 _RELEASE = text("""
@@ -196,7 +196,11 @@ class Store:
         left out, so they are never processed twice."""
         with self.engine.begin() as conn:
             rows = conn.execute(_CLAIM, {"job": job, "seqs": list(seqs), "worker": worker})
-            return {seq: Claim(attempts, unsettled) for seq, attempts, unsettled in rows}
+            return {seq: Claim(attempts, unsettled, ref, text_) for seq, attempts, unsettled, ref, text_ in rows}
+
+    def job_tasks(self, job: uuid.UUID) -> list[dict[str, Any]] | None:
+        with self.engine.connect() as conn:
+            return conn.execute(_JOB_TASKS, {"job": job}).scalar_one_or_none()
 
     def release(self, job: uuid.UUID, seqs: Sequence[int]) -> None:
         """Mark items queued again after their retry message was published."""

@@ -14,13 +14,14 @@ from celery import Celery, signals
 from celery.exceptions import Reject
 
 from imgq.celeryconf import make_celery
+from imgq.classify import is_outage
 from imgq.config import Settings
 from imgq.contract import TASK_NAME, TaskMessage
 from imgq.db.admin import Admin
 from imgq.db.store import Store
 from imgq.ports import Runner
 from imgq.publish import publish
-from imgq.retry import RetryPolicy
+from imgq.retry import Backoff, RetryPolicy
 from imgq.worker.decode import DecodedImage, decode
 from imgq.worker.engine import Engine
 from imgq.worker.fetch import Fetcher
@@ -96,17 +97,32 @@ def make_worker_app(settings: Settings, runtime: WorkerRuntime) -> Celery:
     app = make_celery(settings, name="imgq-worker")
     runtime.app = app
 
+    outages = Backoff()
+
     @app.task(name=TASK_NAME, bind=True)
     def process(self: Any, msg: dict[str, Any]) -> dict[str, int]:
         assert runtime.service is not None, "worker runtime not started"
         try:
-            return runtime.service.handle(msg).as_dict()
+            summary = runtime.service.handle(msg).as_dict()
         except Exception as exc:
+            if not is_outage(exc):
+                # A bug or an unforeseen input: requeueing would loop for ever. Its items become
+                # internal_error dead letters (retryable with `imgq dlq retry` once fixed).
+                log.exception("message failed; dead-lettering its items", extra={"action": "internal_error"})
+                try:
+                    return runtime.service.give_up(msg, exc).as_dict()
+                except Exception as again:
+                    if not is_outage(again):
+                        raise
+                    exc = again
             # Postgres or Redis is unreachable: nothing was settled, so hand the message back
-            # (after a pause, so an outage is not a hot loop) rather than acknowledge it.
-            log.warning("message not settled, requeueing: %r", exc, extra={"action": "requeue"})
-            time.sleep(2.0)
+            # after a pause that grows while the outage lasts, rather than acknowledge it.
+            pause = outages.failed()
+            log.warning("message not settled, requeueing in %.0fs: %r", pause, exc, extra={"action": "requeue"})
+            time.sleep(pause)
             raise Reject(str(exc), requeue=True) from exc
+        outages.succeeded()
+        return summary
 
     global _current
     _current = runtime

@@ -1,8 +1,13 @@
 """What one broker message does, independent of Celery: claim, process, settle every item.
 
+The job's record in Postgres decides what an item is (its ref, its text, the job's kinds, models
+and parameters); a message only points at items by (job, seq). A message that disagrees with the
+record is logged and its items are processed as recorded, so a forged or stale message can waste
+work but never change a result or another job's items.
+
 An item leaves here in exactly one of three ways: a committed result, a committed dead letter,
 or a re-published retry message (its state set back to ``queued``). Only then may the message
-be acknowledged.
+be acknowledged. A message that names nothing identifiable is dropped with one error line.
 """
 
 from __future__ import annotations
@@ -10,19 +15,23 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
 
 from imgq import errors
-from imgq.contract import TaskMessage
+from imgq.contract import TaskMessage, TaskSpec
 from imgq.ports import DeadRow, ItemStore, Publisher
+from imgq.publish import tasks_from_record
 from imgq.retry import RetryPolicy, decide
 from imgq.worker.engine import Engine, Outcome
 from imgq.worker.quarantine import Quarantine
 
 log = logging.getLogger(__name__)
+
+_MAX_SEQ = 2**31 - 1  # job_items.seq is a Postgres integer
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,19 +39,28 @@ class Summary:
     done: int = 0
     dead: int = 0
     retried: int = 0
-    skipped: int = 0  # already final: a duplicate delivery
+    skipped: int = 0  # already final, not in the job, or joined an in-flight duplicate
+    dropped: int = 0  # messages that named no identifiable item
 
     def as_dict(self) -> dict[str, int]:
-        return {"done": self.done, "dead": self.dead, "retried": self.retried, "skipped": self.skipped}
+        return {"done": self.done, "dead": self.dead, "retried": self.retried, "skipped": self.skipped,
+                "dropped": self.dropped}
 
 
-def _salvage(payload: Any) -> tuple[uuid.UUID, list[int]] | None:
-    """Job and item numbers of a malformed message, so its items can be dead-lettered."""
+def pointer(payload: Any) -> tuple[uuid.UUID, list[int]] | None:
+    """The (job, seqs) a message points at, whatever else is wrong with it; None if it names none.
+    Pure: seqs outside Postgres' integer range or not integers are left out."""
     try:
         job = uuid.UUID(str(payload["job"]))
-        return job, [int(pair[0]) for pair in payload["items"]]
-    except Exception:
+        raw = payload["items"]
+    except (KeyError, TypeError, ValueError, AttributeError):
         return None
+    seqs: list[int] = []
+    for item in raw if isinstance(raw, list) else []:
+        first = item[0] if isinstance(item, list | tuple) and item else None
+        if isinstance(first, int) and not isinstance(first, bool) and 0 <= first <= _MAX_SEQ:
+            seqs.append(first)
+    return (job, list(dict.fromkeys(seqs))) if seqs else None
 
 
 class MessageService:
@@ -58,48 +76,73 @@ class MessageService:
         self._publish = publish
         self._time_limit_s = time_limit_s
         self._quarantine = Quarantine()
+        self._jobs: OrderedDict[uuid.UUID, list[TaskSpec] | errors.ImgqError] = OrderedDict()
+        self.dropped = 0
 
     def handle(self, payload: Any) -> Summary:
+        found = pointer(payload)
+        if found is None:
+            return self._drop("names no job and item", payload)
+        job, seqs = found
         try:
-            msg = TaskMessage.model_validate(payload)
+            msg: TaskMessage | None = TaskMessage.model_validate(payload)
         except ValidationError as exc:
-            return self._bad_message(payload, exc)
-        job = uuid.UUID(msg.job)
-        unserved = [t for t in msg.tasks if not self._engine.serves(t)]
+            msg = None
+            detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])
+            log.warning("malformed message for job %s (%s); its items are processed as recorded", job, detail,
+                        extra={"action": "malformed_message", "job_id": str(job)})
+        tasks = self._tasks(job)
+        if tasks is None:
+            return self._drop(f"names job {job}, which does not exist", payload)
+        if isinstance(tasks, errors.ImgqError):
+            return self._refuse(job, seqs, errors.Permanent(tasks.message), "bad_message")
+        if msg is not None and msg.tasks != tasks:
+            log.warning("message for job %s disagrees with the job's tasks; using the record", job,
+                        extra={"action": "message_disagrees", "job_id": str(job)})
+        unserved = [t for t in tasks if not self._engine.serves(t)]
         if unserved:
-            return self._wrong_model(msg, job, unserved)
+            return self._refuse(job, seqs, None, "wrong_model", unserved)
+        return self._process(job, seqs, tasks, msg)
+
+    # -- the normal path ---------------------------------------------------------------------
+    def _process(self, job: uuid.UUID, seqs: list[int], tasks: list[TaskSpec], msg: TaskMessage | None) -> Summary:
         # Items this process is already working on (a duplicate or requeued message) are awaited,
         # not claimed again: a duplicate costs neither an attempt nor a second inference.
-        joined = self._engine.in_flight(job, [item[0] for item in msg.items])
-        claims = self._store.claim(job, [item[0] for item in msg.items if item[0] not in joined],
-                                  self._engine.worker_name)
-        todo = [item for item in msg.items if item[0] in claims]
+        joined = self._engine.in_flight(job, seqs)
+        claims = self._store.claim(job, [s for s in seqs if s not in joined], self._engine.worker_name)
+        todo = [claims[s].item(s) for s in seqs if s in claims]
+        if msg is not None:
+            given = {item[0]: tuple(item) for item in msg.items}
+            differ = sum(given.get(item[0]) != tuple(item) for item in todo)
+            if differ:
+                log.warning("message for job %s names %d items unlike the record; processing the record", job,
+                            differ, extra={"action": "message_disagrees", "job_id": str(job)})
         # An item delivered more often than allowed has been killing workers (or its messages
         # keep getting lost): stop here instead of looping forever.
         worn = [item for item in todo if claims[item[0]].attempts > self._policy.max_attempts]
         fresh = [item for item in todo if claims[item[0]].attempts <= self._policy.max_attempts]
-        skipped = len(msg.items) - len(todo) - len(joined)
+        skipped = len(seqs) - len(todo) - len(joined)
         if worn:
             self._store.write_dead([
-                DeadRow(job, seq, "too_many_attempts",
-                        f"delivered {claims[seq].attempts} times without settling (it may crash workers)",
+                DeadRow(job, item[0], "too_many_attempts",
+                        f"delivered {claims[item[0]].attempts} times without settling (it may crash workers)",
                         self._engine.worker_name)
-                for seq, *_ in worn
+                for item in worn
             ])
-        suspects = [pair for pair in fresh if claims[pair[0]].unsettled]
+        suspects = [item for item in fresh if claims[item[0]].unsettled]
         if suspects and len(fresh) > 1:
             # The last worker died holding these items; one of them may be why. Each goes out
             # again on its own, so a poison item cannot take its batchmates down with it.
             self._store.unclaim(job, [item[0] for item in fresh])
-            self._publish([msg.model_copy(update={"items": [pair]}) for pair in fresh], 0.0)
+            self._publish([TaskMessage(job=str(job), tasks=tasks, items=[item]) for item in fresh], 0.0)
             return Summary(dead=len(worn), retried=len(fresh), skipped=skipped)
         with self._quarantine.exclusive() if suspects else self._quarantine.shared():
-            work = self._engine.submit(job, msg.tasks, fresh) + list(joined.values())
+            work = self._engine.submit(job, tasks, fresh) + list(joined.values())
             deadline = time.monotonic() + self._time_limit_s
             # Past the limit this raises TimeoutError: the message goes back unacknowledged.
             outcomes = [item.future.result(max(0.0, deadline - time.monotonic())) for item in work]
         own = outcomes[: len(fresh)]
-        retried, gave_up = self._settle_retries(msg, job, own, {s: c.attempts for s, c in claims.items()})
+        retried, gave_up = self._settle_retries(job, tasks, fresh, own, {s: c.attempts for s, c in claims.items()})
         return Summary(
             done=sum(o.state == "done" for o in own),
             dead=sum(o.state == "dead" for o in own) + len(worn) + gave_up,
@@ -108,9 +151,10 @@ class MessageService:
         )
 
     def _settle_retries(
-        self, msg: TaskMessage, job: uuid.UUID, outcomes: list[Outcome], attempts: dict[int, int]
+        self, job: uuid.UUID, tasks: list[TaskSpec], items: list[Any], outcomes: list[Outcome],
+        attempts: dict[int, int],
     ) -> tuple[int, int]:
-        by_seq = {item[0]: item for item in msg.items}
+        by_seq = {item[0]: item for item in items}
         again: list[Any] = []
         dead: list[DeadRow] = []
         delay = 0.0
@@ -126,34 +170,60 @@ class MessageService:
                 again.append(by_seq[outcome.seq])
                 delay = max(delay, decision.delay_s)
         if again:
-            self._publish([msg.model_copy(update={"items": again})], delay)
+            self._publish([TaskMessage(job=str(job), tasks=tasks, items=again)], delay)
             self._store.release(job, [item[0] for item in again])
         self._store.write_dead(dead)
         return len(again), len(dead)
 
-    def _wrong_model(self, msg: TaskMessage, job: uuid.UUID, unserved: list[Any]) -> Summary:
-        # Dead-lettered, not requeued: on a shared queue a requeue could circle for ever when no
-        # worker serves the model. `imgq dlq retry --code wrong_model` sends them again once one does.
-        served = ", ".join(f"{kind} ({runner.name})" for kind, runner in self._engine.runners.items())
-        asked = ", ".join(f"{t.kind} ({t.model})" for t in unserved)
-        message = (f"this worker serves {served or 'nothing'}; the job asks for {asked}. Start a worker with "
-                   "that IMGQ_KINDS and model (or on its own IMGQ_QUEUE), then `imgq dlq retry --code wrong_model`")
-        log.error("refusing message of job %s: %s", job, message, extra={"action": "wrong_model", "job_id": str(job)})
-        seqs = [item[0] for item in msg.items]
+    # -- the job record -------------------------------------------------------------------------
+    def _tasks(self, job: uuid.UUID) -> list[TaskSpec] | errors.ImgqError | None:
+        """The job's tasks as recorded (cached: a job's tasks never change); None: no such job;
+        an error: a record this worker cannot read (a kind it does not know, say)."""
+        if job in self._jobs:
+            self._jobs.move_to_end(job)
+            return self._jobs[job]
+        record = self._store.job_tasks(job)
+        if record is None:
+            return None
+        try:
+            tasks: list[TaskSpec] | errors.ImgqError = tasks_from_record(record)
+        except (errors.ImgqError, KeyError, TypeError, ValidationError) as exc:
+            tasks = errors.Permanent(f"job record unreadable by this worker: {exc}")
+        self._jobs[job] = tasks
+        if len(self._jobs) > 4096:
+            self._jobs.popitem(last=False)
+        return tasks
+
+    # -- messages that cannot be processed -----------------------------------------------------------
+    def _drop(self, why: str, payload: Any) -> Summary:
+        self.dropped += 1
+        shown = repr(payload)[:200]
+        log.error("dropping message that %s: %s", why, shown, extra={"action": "drop_message"})
+        return Summary(dropped=1)
+
+    def _refuse(self, job: uuid.UUID, seqs: list[int], error: errors.ImgqError | None, code: str,
+                unserved: list[TaskSpec] | None = None) -> Summary:
+        if code == "wrong_model":
+            # Dead-lettered, not requeued: on a shared queue a requeue could circle for ever when no
+            # worker serves the model. `imgq dlq retry --code wrong_model` sends them again once one does.
+            served = ", ".join(f"{kind} ({runner.name})" for kind, runner in self._engine.runners.items())
+            asked = ", ".join(f"{t.kind} ({t.model})" for t in unserved or [])
+            message = (f"this worker serves {served or 'nothing'}; the job asks for {asked}. Start a worker with "
+                       "that IMGQ_KINDS and model (or on its own IMGQ_QUEUE), then "
+                       "`imgq dlq retry --code wrong_model`")
+        else:
+            message = error.message if error is not None else code
+        log.error("refusing message of job %s: %s", job, message, extra={"action": code, "job_id": str(job)})
         claims = self._store.claim(job, seqs, self._engine.worker_name)
-        self._store.write_dead([DeadRow(job, seq, errors.WrongModel.code, message, self._engine.worker_name)
-                                for seq in seqs if seq in claims])
+        self._store.write_dead([DeadRow(job, seq, code, message, self._engine.worker_name) for seq in claims])
         return Summary(dead=len(claims), skipped=len(seqs) - len(claims))
 
-    def _bad_message(self, payload: Any, exc: ValidationError) -> Summary:
-        salvaged = _salvage(payload)
-        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
-        if salvaged is None:
-            log.error("dropping unidentifiable message (no job/items): %s", detail)
-            return Summary()
-        job, seqs = salvaged
-        self._store.claim(job, seqs, self._engine.worker_name)
-        error = errors.Permanent(f"malformed message: {detail}")
-        self._store.write_dead([DeadRow(job, seq, "bad_message", error.message, self._engine.worker_name)
-                                for seq in seqs])
-        return Summary(dead=len(seqs))
+    def give_up(self, payload: Any, exc: BaseException) -> Summary:
+        """After an unexpected error (a bug, not an outage): dead-letter what the message names
+        (``internal_error``), so it can be retried once fixed, instead of requeueing it for ever."""
+        found = pointer(payload)
+        if found is None or self._store.job_tasks(found[0]) is None:
+            return self._drop(f"failed with {type(exc).__name__}: {exc}", payload)
+        job, seqs = found
+        error = errors.Permanent(f"internal error while processing: {type(exc).__name__}: {str(exc)[:300]}")
+        return self._refuse(job, seqs, error, "internal_error")

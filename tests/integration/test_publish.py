@@ -94,3 +94,12 @@ def test_chunking_keeps_the_last_partial_chunk() -> None:
     chunks = list(chunk_messages(job="j", tasks=[caption_task("m")], items=items, per_message=4))
     assert [len(c.items) for c in chunks] == [4, 4, 2]
     assert [item for c in chunks for item in c.items] == items
+
+
+def test_reconcile_of_one_job_leaves_the_others_alone(database_url: str) -> None:
+    store = Store.from_url(database_url)
+    mine = create_job(store, [caption_task("m")], ["/a/0.jpg", "/a/1.jpg"])
+    create_job(store, [caption_task("m")], ["/b/0.jpg"])
+    batches = Admin(store.engine).take_stale(queued_older_than_s=0, running_older_than_s=0, job=mine)
+    store.engine.dispose()
+    assert [(b.job, [i[0] for i in b.items]) for b in batches] == [(mine, [0, 1])]

@@ -41,12 +41,12 @@ def test_create_job_commits_every_item(store: Store):
 
 def test_claim_counts_deliveries_and_skips_finished(store: Store):
     job = new_job(store, ["s3://b/0", "s3://b/1", "s3://b/2"])
-    assert store.claim(job, [0, 1, 2], "w1") == {s: Claim(1, False) for s in (0, 1, 2)}
-    assert store.claim(job, [0, 1], "w2") == {0: Claim(2, True), 1: Claim(2, True)}
+    assert store.claim(job, [0, 1, 2], "w1") == {s: Claim(1, False, f"s3://b/{s}") for s in (0, 1, 2)}
+    assert store.claim(job, [0, 1], "w2") == {0: Claim(2, True, "s3://b/0"), 1: Claim(2, True, "s3://b/1")}
     store.write_done([row(job, 0, "0")])
     store.write_dead([DeadRow(job, 1, "not_found", "gone", "w2")])
     store.release(job, [2])
-    assert store.claim(job, [0, 1, 2], "w3") == {2: Claim(2, False)}
+    assert store.claim(job, [0, 1, 2], "w3") == {2: Claim(2, False, "s3://b/2")}
     assert store.counts(job) == {"queued": 0, "running": 1, "done": 1, "dead": 1}
 
 
@@ -98,9 +98,9 @@ def test_pgvector_is_available(store: Store):
 def test_unclaim_keeps_items_unsettled_without_counting(store: Store):
     job = new_job(store, ["s3://b/0"])
     store.claim(job, [0], "w1")
-    assert store.claim(job, [0], "w2") == {0: Claim(2, True)}
+    assert store.claim(job, [0], "w2") == {0: Claim(2, True, "s3://b/0")}
     store.unclaim(job, [0])
-    assert store.claim(job, [0], "w3") == {0: Claim(2, True)}
+    assert store.claim(job, [0], "w3") == {0: Claim(2, True, "s3://b/0")}
 
 
 def test_copy_keeps_refs_byte_for_byte(store: Store):

@@ -46,3 +46,22 @@ def test_decode_threads_default_to_the_usable_cores(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
     assert Settings(_env_file=None).decode_threads == 3
     assert Settings(_env_file=None, decode_threads=5).decode_threads == 5
+
+
+@pytest.mark.parametrize(("raw", "shown"), [
+    ("postgresql://user:p@ss@db:5432/imgq", "postgresql://user:***@db:5432/imgq"),
+    ("redis://:secret@redis:6379/0", "redis://:***@redis:6379/0"),
+    ("postgresql://user@db/imgq?password=hunter2&sslmode=require",
+     "postgresql://user@db/imgq?password=***&sslmode=require"),
+    ("redis+socket:///tmp/redis.sock", "redis+socket:///tmp/redis.sock"),
+    ("caption,embed", "caption,embed"),
+])
+def test_config_masks_every_password(raw, shown):
+    from imgq.config import mask_secrets
+
+    assert mask_secrets(raw) == shown
+
+
+def test_retry_cap_must_stay_below_the_visibility_timeout():
+    with pytest.raises(ValueError, match="IMGQ_RETRY_MAX_S"):
+        Settings(_env_file=None, retry_max_s=4000, visibility_timeout_s=3600, reconcile_after_s=5000)

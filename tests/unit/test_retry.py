@@ -24,3 +24,12 @@ def test_decisions(retryable, attempts, action, delay):
 def test_attempt_counts_from_one():
     with pytest.raises(ValueError):
         compute_backoff(0, 1.0, 10.0, 0.5)
+
+
+def test_outage_backoff_doubles_while_failures_follow_and_resets_on_success():
+    from imgq.retry import Backoff
+
+    b = Backoff(base_s=2.0, cap_s=30.0)
+    assert [b.failed() for _ in range(6)] == [2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    b.succeeded()
+    assert b.failed() == 2.0

@@ -16,10 +16,11 @@ depends_on = None
 
 _now = sa.text("now()")
 
-# Analysts' nearest-neighbour search, given a query vector (see README "Search in SQL"). The
-# 256-d case is written out so the planner can use the HNSW expression index.
+# Analysts' nearest-neighbour search, given a query vector (README, example query 5). The 256-d
+# case is written out so the planner can use the HNSW expression index. Pass p_revision when a
+# model has several revisions stored: their scores are not comparable.
 _SIMILAR = """
-CREATE OR REPLACE FUNCTION imgq_similar(q vector, p_model text, k integer DEFAULT 20)
+CREATE OR REPLACE FUNCTION imgq_similar(q vector, p_model text, k integer DEFAULT 20, p_revision text DEFAULT NULL)
 RETURNS TABLE (image_id bigint, source text, bucket text, key text, model_revision text, similarity float8)
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
@@ -28,13 +29,13 @@ BEGIN
       SELECT e.image_id, im.source, im.bucket, im.key, e.model_revision,
              1 - (e.embedding::vector(256) <=> q::vector(256))
       FROM embeddings e JOIN images im ON im.id = e.image_id
-      WHERE e.model = p_model AND e.dim = 256
+      WHERE e.model = p_model AND e.dim = 256 AND (p_revision IS NULL OR e.model_revision = p_revision)
       ORDER BY e.embedding::vector(256) <=> q::vector(256) LIMIT k;
   ELSE
     RETURN QUERY
       SELECT e.image_id, im.source, im.bucket, im.key, e.model_revision, 1 - (e.embedding <=> q)
       FROM embeddings e JOIN images im ON im.id = e.image_id
-      WHERE e.model = p_model AND e.dim = vector_dims(q)
+      WHERE e.model = p_model AND e.dim = vector_dims(q) AND (p_revision IS NULL OR e.model_revision = p_revision)
       ORDER BY e.embedding <=> q LIMIT k;
   END IF;
 END $$;
@@ -91,7 +92,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.execute("DROP FUNCTION IF EXISTS imgq_similar(vector, text, integer)")
+    op.execute("DROP FUNCTION IF EXISTS imgq_similar(vector, text, integer, text)")
     for column in ("match_id", "embedding_id", "text"):
         op.drop_column("job_items", column)
     op.drop_table("matches")

@@ -1,0 +1,58 @@
+"""Hardening, with a real `imgq worker`: messages that can never settle end instead of looping, and
+a forged message for a real job is processed as the job's record says."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+
+from imgq.celeryconf import make_celery
+from imgq.contract import TASK_NAME, CaptionParams
+from imgq.db.store import Store
+from tests.e2e.helpers import check_job, jpeg_bytes, run_cli, wait_finished, workers
+
+pytestmark = pytest.mark.e2e
+
+
+def test_unsettleable_messages_end_and_forged_ones_follow_the_record(
+    make_settings, redis_server, image_root: Path, tiny_model_dir: Path, tmp_path: Path
+):
+    settings = make_settings()
+    real, decoy = image_root / "real.jpg", image_root / "decoy.jpg"
+    real.write_bytes(jpeg_bytes(160, 120, 1))
+    decoy.write_bytes(jpeg_bytes(160, 120, 2))
+    out = run_cli(settings, "enqueue", "caption", str(real), "--max-new-tokens", "5")
+    assert out.returncode == 0, out.stderr
+    job = out.stdout.strip()
+    # Drain the real message first, so the forged one below finds the item already done.
+    app = make_celery(settings)
+    tasks = [{"kind": "caption", "model": settings.caption_model, "params": CaptionParams(num_beams=4).canonical()}]
+    bad = [
+        {"v": 2, "job": "not-a-uuid", "tasks": tasks, "items": [[0, str(real)]]},
+        {"v": 2, "job": job, "tasks": tasks, "items": [[2**40, str(real)]]},
+        {"v": 2, "job": str(uuid.uuid4()), "tasks": tasks, "items": [[0, str(real)]]},
+        {"v": 7, "job": job, "items": [[0, str(decoy)]]},  # unknown version: processed as recorded
+    ]
+    for payload in bad:
+        app.send_task(TASK_NAME, kwargs={"msg": payload}, queue=settings.queue)
+    store = Store.from_url(settings.database_url)
+    broker = redis.Redis(unix_socket_path=str(redis_server.socket_path))
+    with workers(settings, tiny_model_dir, tmp_path, 1) as procs:
+        wait_finished(store, [uuid.UUID(job)], timeout=60, procs=procs, log_dir=tmp_path)
+        deadline = time.monotonic() + 20
+        while broker.llen(settings.queue) or broker.zcard("unacked_index"):
+            assert time.monotonic() < deadline, "messages still circling"
+            time.sleep(0.3)
+        time.sleep(3)  # a requeue loop would put them back within 2 s
+        assert broker.llen(settings.queue) == 0 and broker.zcard("unacked_index") == 0
+    log = (tmp_path / "worker-w0.log").read_text()
+    assert log.count("dropping message") == 3, log[-3000:]
+    assert "requeueing" not in log
+    rows = list(store.results(uuid.UUID(job)))
+    store.engine.dispose()
+    assert [(r["ref"], r["state"]) for r in rows] == [(str(real), "done")]
+    check_job(settings, job)
