@@ -406,7 +406,7 @@ def _image_vector(settings: Settings, engine: Any, ref: str, model: str) -> tupl
     from imgq.db.search import stored_vector
     from imgq.refs import S3Ref, parse_ref
 
-    parsed = parse_ref(ref, allowed_buckets=settings.allowed_buckets, local_roots=settings.local_roots)
+    parsed = parse_ref(ref.strip(), allowed_buckets=settings.allowed_buckets, local_roots=settings.local_roots)
     source, bucket, key = ("s3", parsed.bucket, parsed.key) if isinstance(parsed, S3Ref) else ("local", "", str(parsed))
     found = stored_vector(engine, model=model, revision=None, source=source, bucket=bucket, key=key)
     if found is not None:

@@ -95,6 +95,12 @@ class ModelError(Permanent):
     code = "model_error"
 
 
+class NotAFile(Permanent):
+    """The path is not a regular file (a FIFO, socket, device or directory)."""
+
+    code = "not_a_file"
+
+
 class BadText(Permanent):
     """The pair's text is empty or longer than the model's text positions."""
 

@@ -41,7 +41,9 @@ def _check_text(raw: str) -> str:
         raise RefRefused(f"reference contains control characters: {raw!r}")
     if len(raw) > 2048:
         raise RefRefused("reference longer than 2048 characters")
-    return raw.strip()
+    # Not stripped: an S3 key may end in a space, and a stored ref must name the object it named
+    # at enqueue. The producer strips what a user typed before it gets here.
+    return raw
 
 
 def split_s3(raw: str, allowed_buckets: list[str]) -> tuple[str, str]:

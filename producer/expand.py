@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,26 +14,42 @@ from imgq.errors import RefRefused
 from imgq.refs import confine, parse_ref, split_s3
 from imgq.s3 import make_s3_client
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
 
 def _list_s3(client: Any, bucket: str, prefix: str) -> Iterator[str]:
     paginator = client.get_paginator("list_objects_v2")
     for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
-            if not obj["Key"].endswith("/"):
-                yield f"s3://{bucket}/{obj['Key']}"
+            key = obj["Key"]  # exactly as S3 returns it: a trailing space is part of the key
+            if key.endswith("/"):
+                continue
+            if _CONTROL.search(key):
+                raise RefRefused(f"s3://{bucket}/{key!r} has control characters in its key")
+            yield f"s3://{bucket}/{key}"
 
 
 def _walk(root: Path, roots: list[Path]) -> Iterator[str]:
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames.sort()
+        # Hidden folders (.ssh, .git, ...) are not walked, like hidden files.
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
             path = Path(dirpath) / name
             try:
-                yield str(confine(path, roots))  # a symlink leading outside is skipped, not followed
+                resolved = confine(path, roots)  # a symlink leading outside is skipped, not followed
             except RefRefused:
                 continue
+            if regular_file(resolved):  # FIFOs, sockets and devices are skipped
+                yield str(resolved)
+
+
+def regular_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 class Expander:
@@ -56,5 +74,9 @@ class Expander:
             return [str(parse_ref(raw, allowed_buckets=settings.allowed_buckets, local_roots=[]))]
         ref = parse_ref(raw, allowed_buckets=settings.allowed_buckets, local_roots=settings.local_roots)
         path = Path(str(ref))
-        return list(_walk(path, settings.local_roots)) if path.is_dir() else [str(ref)]
+        if path.is_dir():
+            return list(_walk(path, settings.local_roots))
+        if path.exists() and not regular_file(path):
+            raise RefRefused(f"{raw!r} is not a regular file (a FIFO, socket or device)")
+        return [str(ref)]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 from pathlib import Path
@@ -14,6 +13,7 @@ from imgq.config import Settings
 from imgq.ports import Blob
 from imgq.refs import LocalRef, S3Ref, parse_ref
 from imgq.s3 import make_s3_client
+from imgq.worker.beneath import open_beneath
 
 
 class Fetcher:
@@ -60,13 +60,8 @@ class Fetcher:
 
     def _fetch_local(self, ref: LocalRef) -> Blob:
         path: Path = ref.path
-        # O_NOFOLLOW: the path was resolved by confine(); a symlink swapped in since is refused.
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise errors.BadRef(f"{path} became a symlink after it was checked") from None
-            raise
+        # No symlink in any component, no blocking on a FIFO, regular files only (worker/beneath.py).
+        fd = open_beneath(path, self._settings.local_roots)
         with os.fdopen(fd, "rb") as fh:
             self._check_size(os.fstat(fh.fileno()).st_size)
             data = fh.read(self._max + 1)
