@@ -185,11 +185,15 @@ class Services:
     _stops: list[Any] = field(default_factory=list)
 
     @classmethod
-    def start(cls, *, s3: bool = False) -> Services:
+    def start(cls, *, s3: bool = False, fresh: bool = False) -> Services:
+        """``fresh``: a new database cluster, not the one earlier runs left (their WAL, bloat and
+        statistics can change write plans and commit times)."""
         from imgq import embedded
         from imgq.db.migrate import upgrade
 
         WORK.mkdir(parents=True, exist_ok=True)
+        if fresh:
+            shutil.rmtree(WORK / "pg", ignore_errors=True)
         pg = embedded.start_postgres(WORK / "pg" / "data", database="imgq_bench")
         upgrade(pg.url)
         redis = embedded.start_redis(WORK / "redis")

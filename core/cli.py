@@ -290,6 +290,8 @@ def worker(
         without_gossip=True,
     )
     node.start()
+    if runtime.unhealthy:
+        _fail("model_unhealthy", f"the worker stopped: {runtime.unhealthy}", 3)
     raise typer.Exit(node.exitcode or 0)
 
 

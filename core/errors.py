@@ -113,6 +113,12 @@ class WrongModel(Permanent):
     code = "wrong_model"
 
 
+class ModelUnhealthy(Retryable):
+    """Every item of a batch failed: the model or device is suspect, not the items."""
+
+    code = "model_unhealthy"
+
+
 class OutOfMemory(Retryable):
     """The accelerator ran out of memory even for a single item; tried again later."""
 

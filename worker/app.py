@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -42,6 +43,7 @@ class WorkerRuntime:
         self.settings = settings
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.runners = runners if runners is not None else build_runners(settings)
+        self.unhealthy: str | None = None
         self.store = Store.from_url(settings.sync_database_url, pool_size=4, max_overflow=8)
         self.fetcher = Fetcher(settings, s3_client)
         self.app: Celery | None = None
@@ -70,6 +72,7 @@ class WorkerRuntime:
             store=self.store, runners=self.runners, fetch=self.fetcher.fetch, decode=decode_once,
             worker_name=self.name, max_batch=self.settings.max_batch,
             max_wait_s=self.settings.max_wait_ms / 1000, decode_threads=self.settings.decode_threads,
+            on_unhealthy=self._unhealthy,
         ).start()
         queue = self.settings.queue
 
@@ -84,6 +87,14 @@ class WorkerRuntime:
             older_than_s=self.settings.reconcile_after_s, interval_s=self.settings.reconcile_interval_s,
             running_older_than_s=self.settings.visibility_timeout_s + self.settings.task_time_limit_s,
         ).start()
+
+    def _unhealthy(self, reason: str) -> None:
+        # Stop taking messages: a warm shutdown lets the held ones settle (as retries, the engine
+        # runs nothing more) and Redis keeps the rest. `imgq worker` then exits 3, so a
+        # supervisor restarts it, on a healthy device with luck.
+        self.unhealthy = reason
+        log.error("model unhealthy, shutting down: %s", reason, extra={"action": "unhealthy"})
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def stop(self) -> None:
         if self.reconciler is not None:

@@ -92,6 +92,8 @@ class Engine:
         decode_threads: int,
         clock: Callable[[], float] = time.monotonic,
         db_retry_s: float = 120.0,
+        max_strikes: int = 3,
+        on_unhealthy: Callable[[str], None] | None = None,
     ) -> None:
         self._store = store
         self.runners = dict(runners)
@@ -121,6 +123,14 @@ class Engine:
             threading.Thread(target=self._write_loop, name="imgq-write", daemon=True),
         ]
         self.stats = {"batches": 0, "items": 0, "split": 0, "decodes": 0}
+        # Model health: a batch in which every item fails says nothing about the items. Only an
+        # item that fails alone while the model works is model_error; a run of failed batches
+        # means the model or device is broken, and the worker must stop rather than drain the queue.
+        self._max_strikes = max_strikes
+        self._strikes = 0
+        self._ever_ok = False
+        self.unhealthy: str | None = None
+        self._on_unhealthy = on_unhealthy
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -228,9 +238,45 @@ class Engine:
             if (idle and self._ready.empty()) or self._stop.is_set():
                 batches += self._batcher.drain()
             for batch in batches:
-                self._run(batch.items)
+                self._run_batch(batch.items)
 
-    def _run(self, entries: list[_Entry]) -> None:
+    def _run_batch(self, entries: list[_Entry]) -> None:
+        if self.unhealthy is not None:
+            for entry in entries:
+                self._fail(entry.item, errors.Retryable(f"worker unhealthy: {self.unhealthy}"))
+                self._finish_task(entry.item)
+            return
+        failed: list[tuple[_Entry, errors.ImgqError]] = []
+        succeeded = self._run(entries, failed)
+        alone = len(entries) == 1 and self._ever_ok and self._strikes == 0
+        if succeeded or alone:
+            self._ever_ok = self._ever_ok or bool(succeeded)
+            self._strikes = 0 if succeeded else self._strikes
+            for entry, error in failed:  # failed alone while the model works: the item's fault
+                if isinstance(error, errors.OutOfMemory):
+                    self._fail(entry.item, error)  # the device is busy elsewhere; try again later
+                else:
+                    self._fail(entry.item, errors.ModelError(
+                        f"{entry.task.kind} model failed on this item: {error.message}"))
+                self._finish_task(entry.item)
+            return
+        # Every item failed: the model (or device) may be what is broken. Nothing is charged to
+        # the items beyond the delivery; they go back to the queue.
+        self._strikes += 1
+        reason = failed[0][1].message if failed else "unknown"
+        for entry, error in failed:
+            self._fail(entry.item, error if isinstance(error, errors.OutOfMemory) else
+                       errors.ModelUnhealthy(f"every item of the batch failed: {error.message}"))
+            self._finish_task(entry.item)
+        if self._strikes >= self._max_strikes and self.unhealthy is None:
+            self.unhealthy = f"{self._strikes} batches in a row failed entirely; last: {reason}"
+            log.error("model unhealthy: %s", self.unhealthy, extra={"action": "unhealthy"})
+            if self._on_unhealthy is not None:
+                self._on_unhealthy(self.unhealthy)
+
+    def _run(self, entries: list[_Entry], failed: list[tuple[_Entry, errors.ImgqError]]) -> int:
+        """Run a batch, splitting it on failure down to single items; returns how many succeeded
+        and collects the single items that failed, for :meth:`_run_batch` to judge."""
         task = entries[0].task
         runner = self.runners[task.kind]
         try:
@@ -244,17 +290,9 @@ class Engine:
                 self.stats["split"] += 1
                 log.warning("%s batch of %d failed (%s); retrying halves", task.kind, len(entries), error.message)
                 half = len(entries) // 2
-                self._run(entries[:half])
-                self._run(entries[half:])
-                return
-            if isinstance(error, errors.OutOfMemory):
-                # Out of memory even alone: the device is busy elsewhere; try again later.
-                self._fail(entries[0].item, error)
-            else:
-                self._fail(entries[0].item, errors.ModelError(f"{task.kind} model failed on this item: "
-                                                              f"{error.message}"))
-            self._finish_task(entries[0].item)
-            return
+                return self._run(entries[:half], failed) + self._run(entries[half:], failed)
+            failed.append((entries[0], error))
+            return 0
         self.stats["batches"] += 1
         self.stats["items"] += len(entries)
         done: list[WorkItem] = []
@@ -264,6 +302,7 @@ class Engine:
                 done.append(entry.item)
         if done:
             self._writes.put(_Write(done=done))
+        return len(entries)
 
     def _finish_task(self, item: WorkItem) -> bool:
         """Count one task of ``item`` as run; True once all have (its input memory is then freed)."""

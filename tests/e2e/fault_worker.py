@@ -2,7 +2,8 @@
 
 - ``poison``: an image whose bytes contain b"IMGQ-POISON" kills the process (SIGKILL) when decoded;
 - ``kill_before_commit``: the first result write after the file named by IMGQ_TEST_MARKER
-  appears kills the process after inference, before the commit (the file is removed first).
+  appears kills the process after inference, before the commit (the file is removed first);
+- ``broken_model``: every caption batch fails as a dead CUDA context would.
 
 Everything else is the real CLI entry point, unchanged.
 """
@@ -40,6 +41,14 @@ if "kill_before_commit" in faults:
         return real_write(self, items)
 
     Store.write_done = write_done
+
+if "broken_model" in faults:
+    from imgq.worker.model import CaptionModel
+
+    def caption(self, pixel_values, params):  # type: ignore[no-untyped-def]
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    CaptionModel.caption = caption
 
 if __name__ == "__main__":
     from imgq.cli import main

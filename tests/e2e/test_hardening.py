@@ -56,3 +56,37 @@ def test_unsettleable_messages_end_and_forged_ones_follow_the_record(
     store.engine.dispose()
     assert [(r["ref"], r["state"]) for r in rows] == [(str(real), "done")]
     check_job(settings, job)
+
+
+def test_a_broken_model_stops_its_worker_instead_of_dead_lettering_the_queue(
+    make_settings, image_root: Path, tiny_model_dir: Path, tmp_path: Path
+):
+    from tests.e2e.helpers import start_worker
+
+    settings = make_settings(max_attempts=8, retry_base_s=0.2, retry_max_s=0.5)
+    refs = []
+    for i in range(12):
+        path = image_root / f"m{i}.jpg"
+        path.write_bytes(jpeg_bytes(160, 120, 70 + i))
+        refs.append(str(path))
+    out = run_cli(settings, "enqueue", "caption", *refs, "--max-new-tokens", "4", "--refs-per-message", "4")
+    assert out.returncode == 0, out.stderr
+    job = out.stdout.strip()
+    broken = start_worker(settings, tiny_model_dir, tmp_path, "broken", env_extra={"IMGQ_TEST_FAULTS": "broken_model"})
+    try:
+        assert broken.wait(90) == 3, "an unhealthy worker exits 3 for its supervisor"
+    finally:
+        if broken.poll() is None:
+            broken.kill()
+    log = (tmp_path / "worker-broken.log").read_text()
+    assert "model unhealthy" in log and "error[model_unhealthy]" in log
+    store = Store.from_url(settings.database_url)
+    counts = store.counts(uuid.UUID(job))
+    assert counts["dead"] == 0 and counts["done"] == 0, counts
+    with workers(settings, tiny_model_dir, tmp_path, 1) as procs:  # a healthy worker takes over
+        # Belt and braces: re-publish anything the broken worker left unacknowledged.
+        run_cli(settings, "reconcile", "--job", job, "--older-than", "0")
+        totals = wait_finished(store, [uuid.UUID(job)], timeout=90, procs=procs, log_dir=tmp_path)
+    store.engine.dispose()
+    assert totals == {"queued": 0, "running": 0, "done": 12, "dead": 0}
+    check_job(settings, job)

@@ -236,3 +236,34 @@ def test_a_text_the_runner_refuses_is_dead_lettered_before_inference(results):
     engine.stop()
     assert states == [("done", None), ("dead", "bad_text")]
     assert sum(val.batches) == 1
+
+
+class BrokenRunner(EchoRunner):
+    """A model or device that fails every batch (a CUDA error, a corrupted checkpoint)."""
+
+    def run(self, pixels: np.ndarray, texts: list[str] | None, params: object) -> list[object]:
+        self.batches.append(len(pixels))
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+def test_a_broken_model_does_not_dead_letter_the_queue_and_reports_itself(results):
+    reasons: list[str] = []
+    engine = Engine(store=results, runners={"caption": BrokenRunner()}, fetch=fetch, decode=decode,  # type: ignore[arg-type]
+                    worker_name="w", max_batch=4, max_wait_s=0.01, decode_threads=2, db_retry_s=2.0,
+                    max_strikes=3, on_unhealthy=reasons.append).start()
+    outcomes: dict[int, tuple[str, str | None]] = {}
+    for round_ in range(4):  # one batch at a time, so each is a strike
+        outcomes |= {seq + 10 * round_: o for seq, o in run(engine, ["img-0.1", "img-0.2"]).items()}
+    engine.stop()
+    assert results.dead == [] and results.done == []
+    assert {o for o in outcomes.values()} == {("retry", "model_unhealthy"), ("retry", "transient")}
+    assert engine.unhealthy is not None and len(reasons) == 1 and "CUDA error" in reasons[0]
+
+
+def test_an_item_failing_alone_while_the_model_works_is_model_error(results):
+    model = EchoRunner(poison=0.5)
+    engine = make_engine(model, results, max_batch=4)
+    assert run(engine, ["img-0.1"]) == {0: ("done", None)}  # the model works
+    assert run(engine, ["img-0.5"]) == {0: ("dead", "model_error")}  # alone, yet the item's fault
+    engine.stop()
+    assert engine.unhealthy is None
