@@ -142,11 +142,12 @@ def prepare_arrays(model: Any, paths: list[Path], threads: int) -> tuple[Any, di
     return np.stack(arrays), {"prep_1thread_img_s": one, f"prep_{threads}threads_img_s": many}
 
 
-def model_only(model: Any, arrays: Any, task: Any, batch: int,
-               others: list[float] | None = None) -> tuple[float, float]:
+def model_only(model: Any, arrays: Any, task: Any, batch: int, others: list[float] | None = None,
+               idle: list[float] | None = None, watch: dict[str, list[int]] | None = None) -> tuple[float, float]:
     """(images/s, process CPU-seconds per image): CPU time is robust to a noisy shared machine.
     The call the worker's runner makes for the task's kind, on each slice of ``batch`` images.
-    ``others`` gets the cores that everything but this process kept busy meanwhile."""
+    ``others`` gets the cores that other tenants kept busy meanwhile, and ``idle`` those that our
+    own idle services (``watch``: the waiting worker, Postgres, Redis) used."""
     if task.kind == "caption":
         def run(pixels: Any) -> Any:
             return model.caption(pixels, task.params)
@@ -154,6 +155,7 @@ def model_only(model: Any, arrays: Any, task: Any, batch: int,
         run = model.embed_images
     else:
         raise ValueError(f"no model-only pass for kind {task.kind!r}")
+    services0 = sum(cpu_seconds(v) for v in (watch or {}).values())
     busy = machine_busy_s()
     c = time.process_time()
     t = time.perf_counter()
@@ -161,8 +163,11 @@ def model_only(model: Any, arrays: Any, task: Any, batch: int,
         run(arrays[start : start + batch])
     dt = time.perf_counter() - t
     cpu = time.process_time() - c
+    services = sum(cpu_seconds(v) for v in (watch or {}).values()) - services0
     if others is not None:
-        others.append((machine_busy_s() - busy - cpu) / dt)
+        others.append((machine_busy_s() - busy - cpu - services) / dt)
+    if idle is not None:
+        idle.append(services / dt)
     return len(arrays) / dt, cpu / len(arrays)
 
 
@@ -481,18 +486,20 @@ def main(argv: list[str] | None = None) -> int:
             a_runs: list[float] = []
             a_cpu: list[float] = []
             a_others: list[float] = []
+            a_idle: list[float] = []
             b_runs: list[dict[str, Any]] = []
             naive_runs: list[dict[str, Any]] = []
             nn = args.naive_images or n
             if not args.no_e2e:
                 for r in range(args.repeats):
-                    speed, cpu = model_only(model, arrays, task, batch, a_others)
+                    speed, cpu = model_only(model, arrays, task, batch, a_others, a_idle, watch)
                     a_runs.append(speed)
                     a_cpu.append(cpu)
                     svc.truncate(store)
                     b_runs.append(run_job(settings, store, app, refs, task, timeout, worker, watch))
                     msg = (f"repeat {r + 1}: model-only {a_runs[-1]:.2f} img/s, e2e {b_runs[-1]['img_s']:.2f} img/s "
-                           f"(other tenants' cores: {a_others[-1]:.2f} / {b_runs[-1]['others_cores']:.2f})")
+                           f"(other tenants' cores: {a_others[-1]:.2f} / {b_runs[-1]['others_cores']:.2f}; "
+                           f"our idle services during model-only: {a_idle[-1]:.2f})")
                     if naive_worker is not None:
                         naive_runs.append(run_naive(svc, [str(p) for p in paths[:nn]], timeout * 3, naive_worker))
                         msg += f", naive {naive_runs[-1]['img_s']:.2f} img/s"
@@ -512,8 +519,10 @@ def main(argv: list[str] | None = None) -> int:
                                  "model_only_cpu_ms_per_img": [1000 * c for c in a_cpu],
                                  "e2e_worker_cpu_ms_per_img": [1000 * x["cpu_s"]["worker"] / n for x in b_runs],
                                  "others_cores_model_only": a_others,
+                                 "own_idle_services_cores_model_only": a_idle,
                                  "others_cores_e2e": [x["others_cores"] for x in b_runs]}
                 # Noise gauge: cores other tenants kept busy during each pass (2 = all of this machine).
+                result["idle_services_cores_model_only"] = median(a_idle)
                 result["others_cores"] = {"model_only": median(a_others),
                                           "e2e": median([x["others_cores"] for x in b_runs])}
                 if naive_runs:
@@ -598,6 +607,9 @@ def print_table(r: dict[str, Any]) -> None:
         if raw:
             add("    raw per repeat: model-only / e2e", " / ".join(
                 ", ".join(f"{v:.3g}" for v in raw[k]) for k in ("model_only", "e2e")), "")
+            if "own_idle_services_cores_model_only" in raw:
+                add("    our idle worker+Postgres+Redis during model-only, cores", ", ".join(
+                    f"{v:.2f}" for v in raw["own_idle_services_cores_model_only"]), "")
             if "others_cores_e2e" in raw:
                 add("    other tenants' busy cores per repeat: model-only / e2e", " / ".join(
                     ", ".join(f"{v:.2f}" for v in raw[k]) for k in ("others_cores_model_only", "others_cores_e2e")), "")

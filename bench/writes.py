@@ -12,6 +12,10 @@ Variants, each one transaction per call:
   group (images -> captions -> items), kept here verbatim as the baseline the refactor replaced.
 * ``three statements (older)``: the ``write_captions`` before that one (images, captions, items
   as separate statements), the baseline of the earlier W figures.
+* ``write_done, unprepared``: ``Store.write_done`` itself on a connection with psycopg's automatic
+  prepared statements off (``prepare_threshold=None``), so Postgres plans every call for its own
+  parameters instead of reusing a generic plan after the fifth. Diagnostic, not a deployment:
+  the worker's store uses psycopg's default (prepare from the fifth execution).
 ``--stale-stats N`` times each variant's first writes into a new job of N items when ``job_items``
 was analysed while the queue was drained, so the statistics say the partial index
 ``job_items_pending`` is nearly empty (autovacuum is paused on ``job_items`` for that part, then
@@ -102,6 +106,16 @@ def write_done(store: Store, items: Sequence[DoneItem]) -> None:
     store.write_done(items)
 
 
+_UNPREPARED: dict[str, Store] = {}
+
+
+def write_done_unprepared(store: Store, items: Sequence[DoneItem]) -> None:
+    url = store.engine.url.render_as_string(hide_password=False)
+    if url not in _UNPREPARED:
+        _UNPREPARED[url] = Store.from_url(url, connect_args={"prepare_threshold": None})
+    _UNPREPARED[url].write_done(items)
+
+
 def one_cte(store: Store, items: Sequence[DoneItem]) -> None:
     """The old ``write_captions``: one statement per (model, revision, params, worker) group."""
     groups: dict[tuple[str, str, str, str], list[DoneItem]] = {}
@@ -141,6 +155,7 @@ VARIANTS: dict[str, Callable[[Store, Sequence[DoneItem]], None]] = {
     "write_done (imgq now)": write_done,
     "one CTE (before kinds)": one_cte,
     "three statements (older)": three_statements,
+    "write_done, unprepared": write_done_unprepared,
 }
 BASELINE = "one CTE (before kinds)"
 

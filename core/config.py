@@ -96,6 +96,10 @@ class Settings(BaseSettings):
     )
     reconcile_interval_s: float = Field(60, gt=0, description="How often a worker looks for stale items.")
     shutdown_grace_s: float = Field(60, gt=0, description="SIGTERM: time to finish in-flight messages.")
+    heartbeat_s: float = Field(3, gt=0, le=300, description="How often a worker records that it is alive.")
+    worker_dead_after_s: float = Field(
+        12, gt=0, description="A worker silent this long is dead: its running items are re-published."
+    )
 
     @field_validator("allowed_buckets", "local_roots", "kinds", mode="before")
     @classmethod
@@ -133,6 +137,11 @@ class Settings(BaseSettings):
                 f"IMGQ_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s}) must exceed "
                 f"IMGQ_TASK_TIME_LIMIT_S ({self.task_time_limit_s}) + max wait; "
                 "otherwise running messages are delivered twice"
+            )
+        if self.worker_dead_after_s < 3 * self.heartbeat_s:
+            raise ValueError(
+                f"IMGQ_WORKER_DEAD_AFTER_S ({self.worker_dead_after_s}) must be at least 3 x IMGQ_HEARTBEAT_S "
+                f"({self.heartbeat_s}); otherwise one late beat would take a live worker's items"
             )
         if self.retry_max_s >= self.visibility_timeout_s:
             raise ValueError(

@@ -119,6 +119,39 @@ _JOBS = text("SELECT id, tasks FROM jobs WHERE id = ANY(CAST(:ids AS uuid[]))")
 
 # One reconciler at a time across all workers (the key is arbitrary but fixed).
 _RECONCILE_LOCK = text("SELECT pg_try_advisory_xact_lock(74657301)")
+_REAPER_LOCK = text("SELECT pg_try_advisory_xact_lock(74657302)")
+
+_HEARTBEAT = text("""
+INSERT INTO workers (name, host, pid) VALUES (:name, :host, :pid)
+ON CONFLICT (name) DO UPDATE SET heartbeat_at = now()
+""")
+
+_RETIRE = text("DELETE FROM workers WHERE name = :name")
+
+# Workers whose heartbeat stopped, plus those named as dead (same host, process gone). Their
+# running items stay 'running' (so the next claim sees them as unsettled crash suspects and
+# isolates them) but lose their worker, so they are re-published once.
+_ORPHANS = text("""
+WITH dead AS (
+  SELECT name FROM workers
+  WHERE heartbeat_at < now() - make_interval(secs => :age) OR name = ANY(CAST(:gone AS text[]))
+), orphans AS (
+  SELECT job_id, seq FROM job_items
+  WHERE state = 'running' AND worker IN (SELECT name FROM dead)
+  ORDER BY job_id, seq LIMIT :limit FOR UPDATE SKIP LOCKED
+)
+UPDATE job_items j SET worker = NULL, updated_at = now()
+FROM orphans WHERE j.job_id = orphans.job_id AND j.seq = orphans.seq
+RETURNING j.job_id, j.seq, j.ref, j.text
+""")
+
+_FORGET_DEAD = text("""
+DELETE FROM workers w
+WHERE (w.heartbeat_at < now() - make_interval(secs => :age) OR w.name = ANY(CAST(:gone AS text[])))
+  AND NOT EXISTS (SELECT 1 FROM job_items i WHERE i.state = 'running' AND i.worker = w.name)
+""")
+
+_HOST_WORKERS = text("SELECT name, pid FROM workers WHERE host = :host AND name <> :name")
 
 
 @dataclass
@@ -218,6 +251,34 @@ class Admin:
                 {"queued_age": queued_older_than_s, "running_age": running_older_than_s, "limit": limit,
                  "job": job},
             ).all()
+            return self._with_jobs(conn, rows)
+
+    # -- worker heartbeats ----------------------------------------------------------------------
+    def heartbeat(self, name: str, host: str, pid: int) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(_HEARTBEAT, {"name": name, "host": host, "pid": pid})
+
+    def retire(self, name: str) -> None:
+        """A clean shutdown: nothing of this worker is running any more."""
+        with self.engine.begin() as conn:
+            conn.execute(_RETIRE, {"name": name})
+
+    def host_workers(self, host: str, name: str) -> list[tuple[str, int]]:
+        """Other workers registered on this host, as (name, pid)."""
+        with self.engine.connect() as conn:
+            return [(n, p) for n, p in conn.execute(_HOST_WORKERS, {"host": host, "name": name})]
+
+    def take_orphans(
+        self, *, dead_after_s: float, gone: list[str] | None = None, limit: int = 10_000
+    ) -> list[Republish] | None:
+        """Running items of workers whose heartbeat is older than ``dead_after_s`` (or that are
+        known to be ``gone``), to publish again. None if another reaper holds the lock."""
+        with self.engine.begin() as conn:
+            if not conn.execute(_REAPER_LOCK).scalar_one():
+                return None
+            params = {"age": dead_after_s, "gone": list(gone or []), "limit": limit}
+            rows = conn.execute(_ORPHANS, params).all()
+            conn.execute(_FORGET_DEAD, params)
             return self._with_jobs(conn, rows)
 
     @staticmethod

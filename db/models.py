@@ -130,6 +130,7 @@ class JobItem(Base):
     __table_args__ = (
         CheckConstraint(f"state in {ITEM_STATES!r}", name="job_items_state"),
         Index("job_items_pending", "state", "updated_at", postgresql_where=text("state in ('queued', 'running')")),
+        Index("job_items_running_worker", "worker", postgresql_where=text("state = 'running'")),
     )
 
     job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
@@ -162,3 +163,15 @@ class DeadLetter(Base):
     attempts: Mapped[int] = mapped_column(Integer)
     worker: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Worker(Base):
+    """A live worker process: its heartbeat tells the others whether its running items are orphans."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)  # host:pid, as job_items.worker
+    host: Mapped[str] = mapped_column(Text)
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    heartbeat_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

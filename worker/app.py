@@ -22,10 +22,12 @@ from imgq.db.admin import Admin
 from imgq.db.store import Store
 from imgq.ports import Runner
 from imgq.publish import publish
+from imgq.publish import republish as republish_batches
 from imgq.retry import Backoff, RetryPolicy
 from imgq.worker.decode import DecodedImage, decode
 from imgq.worker.engine import Engine
 from imgq.worker.fetch import Fetcher
+from imgq.worker.heartbeat import Heartbeat
 from imgq.worker.reconciler import Reconciler
 from imgq.worker.runners import build_runners
 from imgq.worker.service import MessageService
@@ -50,6 +52,7 @@ class WorkerRuntime:
         self.engine: Engine | None = None
         self.service: MessageService | None = None
         self.reconciler: Reconciler | None = None
+        self.heartbeat: Heartbeat | None = None
 
     def load(self) -> None:
         for kind, runner in self.runners.items():
@@ -76,14 +79,21 @@ class WorkerRuntime:
         ).start()
         queue = self.settings.queue
 
-        def republish(messages: Iterable[TaskMessage], delay: float) -> None:
+        def send(messages: Iterable[TaskMessage], delay: float) -> None:
             publish(app, messages, queue=queue, countdown=delay or None)
 
         policy = RetryPolicy(self.settings.max_attempts, self.settings.retry_base_s, self.settings.retry_max_s)
-        self.service = MessageService(store=self.store, engine=self.engine, policy=policy, publish=republish,
+        self.service = MessageService(store=self.store, engine=self.engine, policy=policy, publish=send,
                                       time_limit_s=self.settings.task_time_limit_s)
+        admin = Admin(self.store.engine)
+        self.heartbeat = Heartbeat(
+            admin=admin, name=self.name, interval_s=self.settings.heartbeat_s,
+            dead_after_s=self.settings.worker_dead_after_s,
+            republish=lambda batches: republish_batches(app, batches, queue=queue,
+                                                        per_message=self.settings.refs_per_message),
+        ).start()
         self.reconciler = Reconciler(
-            admin=Admin(self.store.engine), app=app, queue=queue, per_message=self.settings.refs_per_message,
+            admin=admin, app=app, queue=queue, per_message=self.settings.refs_per_message,
             older_than_s=self.settings.reconcile_after_s, interval_s=self.settings.reconcile_interval_s,
             running_older_than_s=self.settings.visibility_timeout_s + self.settings.task_time_limit_s,
         ).start()
@@ -99,8 +109,13 @@ class WorkerRuntime:
     def stop(self) -> None:
         if self.reconciler is not None:
             self.reconciler.stop()
+        if self.heartbeat is not None:
+            # Retired only once the engine has settled everything: until then a beat is a promise.
+            self.heartbeat.stop(retire=False)
         if self.engine is not None:
             self.engine.stop()
+        if self.heartbeat is not None:
+            self.heartbeat.stop(retire=True)
         self.store.engine.dispose()
 
 

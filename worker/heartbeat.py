@@ -1,0 +1,87 @@
+"""Worker heartbeats in Postgres, and the reaper that re-publishes a dead worker's items in seconds.
+
+Every worker beats every ``IMGQ_HEARTBEAT_S`` from its own thread, whatever its model is doing
+(torch releases the GIL), so a slow but live worker keeps its items. At each beat one worker
+(advisory lock) re-publishes the running items of workers whose last beat is older than
+``IMGQ_WORKER_DEAD_AFTER_S``. The items stay ``running``, so their next claim sees them as crash
+suspects and runs them alone. A late result from a worker that was only paused is harmless: the
+first stored result wins and a finished item is never claimed again.
+
+At start a worker also reaps, at once, its own earlier incarnation (same name) and the workers
+registered on its host whose process is gone: a restarted worker picks up its own orphans.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Heartbeat:
+    """Registers the worker, beats, and reaps the orphans of dead workers."""
+
+    def __init__(
+        self, *, admin: Any, name: str, interval_s: float, dead_after_s: float,
+        republish: Callable[[list[Any]], int], host: str | None = None, pid: int | None = None,
+    ) -> None:
+        self._admin = admin
+        self.name = name
+        self._host = host or socket.gethostname()
+        self._pid = pid or os.getpid()
+        self._interval_s = interval_s
+        self._dead_after_s = dead_after_s
+        self._republish = republish
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="imgq-heartbeat", daemon=True)
+        self.reaped = 0
+
+    def start(self) -> Heartbeat:
+        gone = [self.name] + [n for n, pid in self._admin.host_workers(self._host, self.name)
+                              if not process_alive(pid)]
+        self.reap(gone)
+        self._admin.heartbeat(self.name, self._host, self._pid)
+        self._thread.start()
+        return self
+
+    def stop(self, retire: bool = True) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        if retire:
+            try:
+                self._admin.retire(self.name)
+            except Exception as exc:  # the database is down: others reap us by age instead
+                log.warning("could not retire worker %s: %s", self.name, exc)
+
+    def reap(self, gone: list[str] | None = None) -> int:
+        batches = self._admin.take_orphans(dead_after_s=self._dead_after_s, gone=gone)
+        if not batches:
+            return 0
+        self._republish(batches)
+        count = sum(len(b.items) for b in batches)
+        self.reaped += count
+        log.warning("re-published %d items of dead workers", count, extra={"action": "reap", "items": count})
+        return count
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                self._admin.heartbeat(self.name, self._host, self._pid)
+                self.reap()
+            except Exception as exc:  # an outage: beat again next interval
+                log.warning("heartbeat failed: %s", exc)
