@@ -70,6 +70,15 @@ FROM prev WHERE j.job_id = :job AND j.seq = ANY(CAST(:seqs AS int[])) AND j.seq 
 RETURNING j.seq, j.attempts, prev.state = 'running' AS unsettled, j.ref, j.text
 """)
 
+_UNSETTLED = text("""
+SELECT seq FROM job_items WHERE job_id = :job AND seq = ANY(CAST(:seqs AS int[])) AND state = 'running'
+""")
+
+_RECORDS = text("""
+SELECT seq, ref, text FROM job_items
+WHERE job_id = :job AND seq = ANY(CAST(:seqs AS int[])) AND state IN ('queued', 'running')
+""")
+
 _RELEASE = text("""
 UPDATE job_items SET state = 'queued', updated_at = now()
 WHERE job_id = :job AND seq = ANY(CAST(:seqs AS int[])) AND state = 'running'
@@ -197,6 +206,15 @@ class Store:
         with self.engine.begin() as conn:
             rows = conn.execute(_CLAIM, {"job": job, "seqs": list(seqs), "worker": worker})
             return {seq: Claim(attempts, unsettled, ref, text_) for seq, attempts, unsettled, ref, text_ in rows}
+
+    def unsettled(self, job: uuid.UUID, seqs: Sequence[int]) -> set[int]:
+        with self.engine.connect() as conn:
+            return set(conn.execute(_UNSETTLED, {"job": job, "seqs": list(seqs)}).scalars())
+
+    def records(self, job: uuid.UUID, seqs: Sequence[int]) -> dict[int, tuple[Any, ...]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(_RECORDS, {"job": job, "seqs": list(seqs)}).all()
+        return {seq: (seq, ref) if text_ is None else (seq, ref, text_) for seq, ref, text_ in rows}
 
     def job_tasks(self, job: uuid.UUID) -> list[dict[str, Any]] | None:
         with self.engine.connect() as conn:

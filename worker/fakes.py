@@ -36,6 +36,15 @@ class MemoryResults:
     def claim(self, job: uuid.UUID, seqs: Sequence[int], worker: str) -> dict[int, Claim]:
         return {seq: Claim(1, False) for seq in seqs}
 
+    def unsettled(self, job: uuid.UUID, seqs: Sequence[int]) -> set[int]:
+        return set()
+
+    def records(self, job: uuid.UUID, seqs: Sequence[int]) -> dict[int, tuple[Any, ...]]:
+        return {}
+
+    def job_tasks(self, job: uuid.UUID) -> list[dict[str, Any]] | None:
+        return None
+
     def release(self, job: uuid.UUID, seqs: Sequence[int]) -> None:
         pass
 

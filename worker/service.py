@@ -109,7 +109,23 @@ class MessageService:
         # Items this process is already working on (a duplicate or requeued message) are awaited,
         # not claimed again: a duplicate costs neither an attempt nor a second inference.
         joined = self._engine.in_flight(job, seqs)
-        claims = self._store.claim(job, [s for s in seqs if s not in joined], self._engine.worker_name)
+        pending = [s for s in seqs if s not in joined]
+        # Crash suspects are looked at before anything is claimed: an attempt is charged only to
+        # an item that is about to run, not to one that waits for the quarantine or is split off.
+        suspects = self._store.unsettled(job, pending)
+        if suspects and len(pending) > 1:
+            # The last worker died holding these items; one of them may be why. Each goes out
+            # again on its own, so a poison item cannot take its batchmates down with it.
+            records = self._store.records(job, pending)
+            self._publish([TaskMessage(job=str(job), tasks=tasks, items=[records[s]]) for s in pending if s in records],
+                          0.0)
+            return Summary(retried=len(records), skipped=len(seqs) - len(records))
+        with self._quarantine.exclusive() if suspects else self._quarantine.shared():
+            return self._run(job, seqs, pending, joined, tasks, msg)
+
+    def _run(self, job: uuid.UUID, seqs: list[int], pending: list[int], joined: dict[int, Any],
+             tasks: list[TaskSpec], msg: TaskMessage | None) -> Summary:
+        claims = self._store.claim(job, pending, self._engine.worker_name)
         todo = [claims[s].item(s) for s in seqs if s in claims]
         if msg is not None:
             given = {item[0]: tuple(item) for item in msg.items}
@@ -129,18 +145,10 @@ class MessageService:
                         self._engine.worker_name)
                 for item in worn
             ])
-        suspects = [item for item in fresh if claims[item[0]].unsettled]
-        if suspects and len(fresh) > 1:
-            # The last worker died holding these items; one of them may be why. Each goes out
-            # again on its own, so a poison item cannot take its batchmates down with it.
-            self._store.unclaim(job, [item[0] for item in fresh])
-            self._publish([TaskMessage(job=str(job), tasks=tasks, items=[item]) for item in fresh], 0.0)
-            return Summary(dead=len(worn), retried=len(fresh), skipped=skipped)
-        with self._quarantine.exclusive() if suspects else self._quarantine.shared():
-            work = self._engine.submit(job, tasks, fresh) + list(joined.values())
-            deadline = time.monotonic() + self._time_limit_s
-            # Past the limit this raises TimeoutError: the message goes back unacknowledged.
-            outcomes = [item.future.result(max(0.0, deadline - time.monotonic())) for item in work]
+        work = self._engine.submit(job, tasks, fresh) + list(joined.values())
+        deadline = time.monotonic() + self._time_limit_s
+        # Past the limit this raises TimeoutError: the message goes back unacknowledged.
+        outcomes = [item.future.result(max(0.0, deadline - time.monotonic())) for item in work]
         own = outcomes[: len(fresh)]
         retried, gave_up = self._settle_retries(job, tasks, fresh, own, {s: c.attempts for s, c in claims.items()})
         return Summary(

@@ -143,3 +143,24 @@ def test_check_flags_a_result_of_another_model_or_params(store: Store):
     assert report is not None and not report.ok
     assert (report.missing, report.duplicates, report.mismatched) == (0, 0, 1)
     assert "seq 1 /data/b.jpg" in report.offenders[0] and "other-model" in report.offenders[0]
+
+
+def test_crash_suspects_are_split_off_without_charging_anyone_an_attempt(store: Store):
+    task = caption_task("m")
+    job = create_job(store, [task], ["/d/0.jpg", "/d/1.jpg", "/d/2.jpg"])
+    store.claim(job, [0], "dead:1")  # an earlier delivery died holding item 0
+    published: list = []
+    svc = service(store, RecordingEngine([task]), published)
+    summary = svc.handle(message(job, [task], ["/d/0.jpg", "/d/1.jpg", "/d/2.jpg"]).to_json())
+    assert summary.retried == 3 and [m.items for m in published] == [[(0, "/d/0.jpg")], [(1, "/d/1.jpg")],
+                                                                         [(2, "/d/2.jpg")]]
+
+    def attempts() -> list[int]:
+        with store.engine.connect() as conn:
+            return conn.execute(text("SELECT attempts FROM job_items WHERE job_id = :j ORDER BY seq"),
+                                {"j": job}).scalars().all()
+
+    assert attempts() == [1, 0, 0], "splitting charges no attempt"
+    for msg in published:  # each alone now; the suspect runs in the exclusive quarantine
+        assert svc.handle(msg.to_json()).done == 1
+    assert attempts() == [2, 1, 1]
