@@ -173,25 +173,41 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     if mode in ("I", "F") or mode.startswith("I;16"):
         return _high_depth_to_rgb(im)
     if mode in _ALPHA_MODES or "transparency" in im.info:
-        # Transparent areas are usually meant as background: white, not whatever colour hides there.
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
+        # Transparent areas are usually meant as background: white, not whatever colour hides
+        # there. Pasting through the alpha channel onto white needs one RGB canvas and one mask,
+        # not the three full RGBA copies of an alpha_composite.
+        rgba = im if mode == "RGBA" else im.convert("RGBA")
+        out = Image.new("RGB", rgba.size, (255, 255, 255))
+        out.paste(rgba.convert("RGB") if rgba.mode != "RGB" else rgba, mask=rgba.getchannel("A"))
+        return out
     return im.convert("RGB")  # L, 1, P, CMYK (Adobe inversion is undone by the JPEG plugin), YCbCr...
 
 
+# Rows converted at a time: the float32 work buffer stays a few MB whatever the image size.
+_BAND_ROWS = 256
+
+
 def _high_depth_to_rgb(im: Image.Image) -> Image.Image:
-    # Pillow's own convert("L") clips I/I;16 at 255, which turns most 16-bit images white.
-    values = np.asarray(im, dtype=np.float64)
-    lo, hi = float(values.min()), float(values.max())
+    # Pillow's own convert("L") clips I/I;16 at 255, which turns most 16-bit images white. The
+    # scaling runs in bands of rows, in float32, into one uint8 plane: a 6300x6300 16-bit PNG
+    # took 1.3 GB above the decoded image as one float64 copy; now a few MB.
+    lo, hi = (float(v) for v in im.getextrema())
     full_scale = _nominal_range(im.mode, lo, hi)
     if full_scale is not None:
-        scaled = values * (255.0 / full_scale)
+        offset, gain = 0.0, 255.0 / full_scale
     elif hi > lo:
-        scaled = (values - lo) * (255.0 / (hi - lo))
+        offset, gain = lo, 255.0 / (hi - lo)
     else:
-        scaled = np.zeros_like(values)
-    grey = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+        offset, gain = lo, 0.0
+    width, height = im.size
+    grey = np.empty((height, width), dtype=np.uint8)
+    for top in range(0, height, _BAND_ROWS):
+        band = np.array(im.crop((0, top, width, min(height, top + _BAND_ROWS))), dtype=np.float32)
+        band -= offset
+        band *= gain
+        np.rint(band, out=band)
+        np.clip(band, 0, 255, out=band)
+        grey[top : top + band.shape[0]] = band
     return Image.fromarray(grey).convert("RGB")
 
 
