@@ -85,6 +85,8 @@ class Settings(BaseSettings):
     max_object_bytes: int = Field(50 * 2**20, ge=1, description="Refuse objects larger than this.")
     max_pixels: int = Field(40_000_000, ge=1, description="Refuse images with more pixels than this.")
     max_attempts: int = Field(5, ge=1, le=100, description="Deliveries before an item is dead-lettered.")
+    decode_timeout_s: float = Field(30, gt=0, description="Longest one image may take to decode before it is "
+                                    "dead-lettered (decode_timeout).")
     retry_base_s: float = Field(1.0, gt=0)
     retry_max_s: float = Field(300.0, gt=0)
     visibility_timeout_s: int = Field(

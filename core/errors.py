@@ -95,6 +95,12 @@ class ModelError(Permanent):
     code = "model_error"
 
 
+class DecodeTimeout(Permanent):
+    """Decoding the image took longer than IMGQ_DECODE_TIMEOUT_S."""
+
+    code = "decode_timeout"
+
+
 class NotAFile(Permanent):
     """The path is not a regular file (a FIFO, socket, device or directory)."""
 

@@ -94,6 +94,7 @@ class Engine:
         db_retry_s: float = 120.0,
         max_strikes: int = 3,
         on_unhealthy: Callable[[str], None] | None = None,
+        decode_timeout_s: float | None = 30.0,
     ) -> None:
         self._store = store
         self.runners = dict(runners)
@@ -126,6 +127,10 @@ class Engine:
         # Model health: a batch in which every item fails says nothing about the items. Only an
         # item that fails alone while the model works is model_error; a run of failed batches
         # means the model or device is broken, and the worker must stop rather than drain the queue.
+        # A decode cannot be interrupted, but its item need not wait for it: past the bound the
+        # item is dead-lettered and the late decode, when it ends, is dropped.
+        self._decode_timeout_s = decode_timeout_s
+        self._decoding: dict[int, tuple[WorkItem, float]] = {}
         self._max_strikes = max_strikes
         self._strikes = 0
         self._ever_ok = False
@@ -184,7 +189,15 @@ class Engine:
         ready = False
         try:
             blob = self._fetch(item.ref)
-            decoded = self._decode(blob.data)
+            with self._lock:
+                self._decoding[id(item)] = (item, self._clock())
+            try:
+                decoded = self._decode(blob.data)
+            finally:
+                with self._lock:
+                    self._decoding.pop(id(item), None)
+            if item.failed:  # timed out meanwhile: settled already
+                return
             for task in item.tasks:
                 runner = self.runners[task.kind]
                 if item.text is not None:
@@ -232,6 +245,7 @@ class Engine:
             except queue.Empty:
                 pass
             batches += self._batcher.due()
+            self._expire_decodes()
             with self._lock:
                 idle = self._preparing == 0
             # Nothing more is coming soon: waiting out max_wait would only add latency.
@@ -239,6 +253,16 @@ class Engine:
                 batches += self._batcher.drain()
             for batch in batches:
                 self._run_batch(batch.items)
+
+    def _expire_decodes(self) -> None:
+        if self._decode_timeout_s is None:
+            return
+        now = self._clock()
+        with self._lock:
+            late = [item for item, started in self._decoding.values() if now - started > self._decode_timeout_s]
+        for item in late:
+            self._fail(item, errors.DecodeTimeout(
+                f"decoding took longer than IMGQ_DECODE_TIMEOUT_S={self._decode_timeout_s:g}s"))
 
     def _run_batch(self, entries: list[_Entry]) -> None:
         if self.unhealthy is not None:

@@ -267,3 +267,23 @@ def test_an_item_failing_alone_while_the_model_works_is_model_error(results):
     assert run(engine, ["img-0.5"]) == {0: ("dead", "model_error")}  # alone, yet the item's fault
     engine.stop()
     assert engine.unhealthy is None
+
+
+def test_a_decode_past_its_time_bound_is_dead_lettered_and_its_batchmates_go_on(results):
+    def slow_decode(data: bytes) -> Decoded:
+        if data.startswith(b"slow"):
+            time.sleep(1.5)
+        return decode(data.replace(b"slow", b"img"))
+
+    engine = Engine(store=results, runners={"caption": EchoRunner()}, fetch=fetch, decode=slow_decode,  # type: ignore[arg-type]
+                    worker_name="w", max_batch=4, max_wait_s=0.01, decode_threads=2, db_retry_s=2.0,
+                    decode_timeout_s=0.3).start()
+    t0 = time.monotonic()
+    work = engine.submit(JOB, [caption()], [(0, "slow-0.1"), (1, "img-0.2")])
+    outcomes = {w.seq: (w.future.result(5).state, w.future.result(5).code) for w in work}
+    settled_s = time.monotonic() - t0
+    time.sleep(1.5)  # the late decode ends; its result must be dropped
+    engine.stop()
+    assert outcomes == {0: ("dead", "decode_timeout"), 1: ("done", None)}
+    assert settled_s < 1.2, "the item settles at the bound, not when the decode ends"
+    assert [d.seq for d in results.done] == [1] and [d.seq for d in results.dead] == [0]
