@@ -62,3 +62,41 @@ def test_reaper_is_exclusive(store: Store):
     with store.engine.begin() as conn:
         conn.execute(text("SELECT pg_advisory_xact_lock(74657302)"))
         assert admin.take_orphans(dead_after_s=1) is None
+
+
+def test_a_slow_but_live_worker_keeps_its_items_and_a_paused_ones_late_result_is_harmless(store: Store):
+    import time
+
+    from imgq.db.admin import Admin
+    from imgq.ports import DoneItem, ObjectInfo
+
+    admin = Admin(store.engine)
+    task = caption_task("m")
+    job = create_job(store, [task], ["/d/0.jpg"])
+    published: list = []
+
+    def beat(name: str, pid: int) -> Heartbeat:
+        return Heartbeat(admin=admin, name=name, host="h", pid=pid, interval_s=0.1, dead_after_s=0.5,
+                         republish=lambda batches: published.extend(batches) or 0)
+
+    slow = beat("h:1", 1).start()  # its beats come from their own thread
+    store.claim(job, [0], "h:1")
+    other = beat("h:2", 2).start()
+    time.sleep(1.5)  # a long batch on "h:1": three times the dead-after age
+    assert published == [], "a live worker's items must not be taken"
+    slow.stop(retire=False)  # now it pauses (a frozen container): no beats, no retirement
+    deadline = time.monotonic() + 5
+    while not published:
+        assert time.monotonic() < deadline, "the paused worker's item was never re-published"
+        time.sleep(0.1)
+    other.stop()
+    assert published[0].items == [(0, "/d/0.jpg")]
+    # Another worker finishes the item; then the paused one wakes and writes its own result.
+    store.claim(job, [0], "h:2")
+    obj = ObjectInfo("local", "", "/d/0.jpg", "v1", 10, 4, 4)
+    for worker, caption in (("h:2", "first"), ("h:1", "late")):
+        store.write_done([DoneItem(job, 0, obj, worker, {"caption": (
+            "m", "r", task.params.digest(), task.params.canonical(), caption)})])
+    report = admin.check(job)
+    assert report is not None and report.ok and report.done == 1
+    assert [r["caption"] for r in store.results(job)] == ["first"]
