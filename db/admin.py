@@ -290,3 +290,29 @@ class Admin:
             return []
         tasks = dict(conn.execute(_JOBS, {"ids": list(by_job)}).all())
         return [Republish(job_id, tasks[job_id], sorted(items)) for job_id, items in by_job.items()]
+
+
+def vector_index_name(dim: int) -> str:
+    return f"embeddings_hnsw_{int(dim)}"
+
+
+def drop_vector_index(engine: Engine, dim: int = 256) -> bool:
+    """Drop the HNSW index of one dimension before a large backfill: inserts then run ~14,000
+    rows/s instead of 400-1,150 (docs/performance.md). Searches of that dimension scan exactly
+    until :func:`build_vector_index` runs. Returns whether an index was dropped."""
+    name = vector_index_name(dim)
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        existed = conn.execute(text("SELECT to_regclass(:n) IS NOT NULL"), {"n": name}).scalar_one()
+        conn.execute(text(f"DROP INDEX CONCURRENTLY IF EXISTS {name}"))
+    return bool(existed)
+
+
+def build_vector_index(engine: Engine, dim: int = 256, maintenance_work_mem: str = "1GB") -> None:
+    """(Re)build the HNSW cosine index of one dimension without blocking writes (CONCURRENTLY)."""
+    name = vector_index_name(dim)
+    if not str(maintenance_work_mem).replace("MB", "").replace("GB", "").isdigit():
+        raise ValueError(f"maintenance_work_mem must look like 512MB or 1GB, not {maintenance_work_mem!r}")
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text(f"SET maintenance_work_mem = '{maintenance_work_mem}'"))
+        conn.execute(text(f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON embeddings "
+                          f"USING hnsw ((embedding::vector({int(dim)})) vector_cosine_ops) WHERE dim = {int(dim)}"))

@@ -54,3 +54,21 @@ def test_downgrade_to_base_and_upgrade_again(database_url: str) -> None:
     command.downgrade(alembic_config(database_url), "base")
     upgrade(database_url)
     assert _diff(database_url) == []
+
+
+def test_vector_index_can_be_dropped_for_a_backfill_and_rebuilt(database_url: str) -> None:
+    from imgq.db.admin import build_vector_index, drop_vector_index
+
+    engine = create_engine(database_url)
+    try:
+        assert drop_vector_index(engine, 256) is True
+        assert drop_vector_index(engine, 256) is False
+        build_vector_index(engine, 256, maintenance_work_mem="64MB")
+    finally:
+        engine.dispose()
+    assert _diff(database_url) == []
+    engine = create_engine(database_url)
+    with engine.connect() as conn:
+        found = conn.execute(text("SELECT indexdef FROM pg_indexes WHERE indexname = 'embeddings_hnsw_256'")).scalar()
+    engine.dispose()
+    assert found.endswith(EXPRESSION_INDEXES["embeddings_hnsw_256"])
