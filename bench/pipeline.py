@@ -109,6 +109,11 @@ def machine_busy_s() -> float:
     return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
 
 
+def per_free_core(img_s: float, others_cores: float) -> float:
+    """Images/s per core that other tenants left free (at least a tenth of one core)."""
+    return img_s / max(0.1, (os.cpu_count() or 1) - others_cores)
+
+
 def rss_mb(pid: int) -> float:
     import psutil
 
@@ -521,8 +526,14 @@ def main(argv: list[str] | None = None) -> int:
                                  "others_cores_model_only": a_others,
                                  "own_idle_services_cores_model_only": a_idle,
                                  "others_cores_e2e": [x["others_cores"] for x in b_runs]}
-                # Noise gauge: cores other tenants kept busy during each pass (2 = all of this machine).
+                # What our own idle worker, Postgres and Redis used during the model-only passes.
                 result["idle_services_cores_model_only"] = median(a_idle)
+                # Each pass's rate per core left free by other tenants, e2e over model-only, paired
+                # per repeat: a first-order correction for a shared machine (both are CPU-bound).
+                result["e2e_over_model_per_free_core"] = median([
+                    per_free_core(x["img_s"], x["others_cores"]) / per_free_core(y, o)
+                    for x, y, o in zip(b_runs, a_runs, a_others, strict=True)])
+                # Noise gauge: cores other tenants kept busy during each pass (2 = all of this machine).
                 result["others_cores"] = {"model_only": median(a_others),
                                           "e2e": median([x["others_cores"] for x in b_runs])}
                 if naive_runs:
@@ -603,6 +614,8 @@ def print_table(r: dict[str, Any]) -> None:
         add("(c) e2e / model-only (ratio of medians)", r["e2e_over_model"], "{:.3f}")
         if "e2e_over_model_paired" in r:
             add("    median of per-repeat ratios", r["e2e_over_model_paired"], "{:.3f}")
+        if "e2e_over_model_per_free_core" in r:
+            add("    the same per core left free by other tenants", r["e2e_over_model_per_free_core"], "{:.3f}")
         raw = r.get("raw", {})
         if raw:
             add("    raw per repeat: model-only / e2e", " / ".join(

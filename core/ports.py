@@ -96,9 +96,10 @@ class ResultWriter(Protocol):
     # Select-list for `imgq results`, reading the table under the alias ``r_<kind>``.
     results_columns: str
 
-    def write(self, conn: Any, rows: Sequence[ResultRow]) -> None:
-        """Upsert ``rows`` (one statement per model/params group, never one per row) and set each
-        item's ``link_column``. The first stored result for an identity wins."""
+    def write(self, conn: Any, rows: Sequence[ResultRow]) -> dict[tuple[uuid.UUID, int], int]:
+        """Upsert ``rows`` (one statement per model/params group, never one per row) and return
+        each item's result id, ``(job, seq) -> id``; the store sets ``link_column`` when it
+        finishes the items. The first stored result for an identity wins."""
         ...
 
 

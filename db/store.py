@@ -6,6 +6,7 @@ per batch, with constant SQL text), never one INSERT per row.
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -30,13 +31,22 @@ ON CONFLICT ON CONSTRAINT images_object_version DO UPDATE SET bytes = EXCLUDED.b
 RETURNING id, source, bucket, key, version
 """)
 
-# Last in the transaction: every kind's row is linked by now.
-_FINISH = text("""
-UPDATE job_items AS j SET state = 'done', image_id = v.image_id, worker = v.worker, updated_at = now()
-FROM unnest(CAST(:job AS uuid[]), CAST(:seq AS int[]), CAST(:image_id AS bigint[]), CAST(:worker AS text[]))
-     AS v(job_id, seq, image_id, worker)
+
+
+@functools.cache
+def finish_sql(links: tuple[str, ...]) -> Any:
+    """Last in the transaction: one UPDATE per item finishes it and links every kind's row (one
+    new tuple version and one round of foreign-key checks per item, however many kinds)."""
+    sets = "".join(f", {col} = v.{col}" for col in links)
+    arrays = "".join(f", CAST(:{col} AS bigint[])" for col in links)
+    names = "".join(f", {col}" for col in links)
+    return text(f"""
+UPDATE job_items AS j SET state = 'done', image_id = v.image_id, worker = v.worker, updated_at = now(){sets}
+FROM unnest(CAST(:job AS uuid[]), CAST(:seq AS int[]), CAST(:image_id AS bigint[]), CAST(:worker AS text[]){arrays})
+     AS v(job_id, seq, image_id, worker{names})
 WHERE j.job_id = v.job_id AND j.seq = v.seq AND j.state IN ('queued', 'running')
 """)
+
 
 _ITEMS_DEAD = text("""
 WITH v AS (
@@ -255,10 +265,14 @@ class Store:
                 for kind, (model, rev, phash, params, value) in item.results.items():
                     by_kind.setdefault(kind, []).append(
                         ResultRow(item.job, item.seq, image_id, model, rev, phash, params, value, item.text))
+            links: dict[str, list[int | None]] = {}
             for kind, rows in by_kind.items():
-                writer(kind).write(conn, rows)
-            conn.execute(_FINISH, {"job": [i.job for i in items], "seq": [i.seq for i in items],
-                                   "image_id": image_of, "worker": [i.worker for i in items]})
+                w = writer(kind)
+                ids = w.write(conn, rows)
+                links[w.link_column] = [ids.get((i.job, i.seq)) for i in items]
+            params: dict[str, Any] = {"job": [i.job for i in items], "seq": [i.seq for i in items],
+                                      "image_id": image_of, "worker": [i.worker for i in items]}
+            conn.execute(finish_sql(tuple(sorted(links))), params | links)
 
     def write_dead(self, rows: Sequence[DeadRow]) -> None:
         if not rows:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,21 +12,15 @@ from sqlalchemy import text
 from imgq.ports import ResultRow
 
 # DISTINCT ON keeps the upsert from touching one row twice; a no-op DO UPDATE returns the id of
-# the row that won, so a redelivered item links to the first caption.
+# the row that won, so a redelivered item links to the first caption. The store links the items
+# (one UPDATE of job_items for every kind at once).
 _WRITE = text("""
-WITH v AS (
-  SELECT * FROM unnest(CAST(:job AS uuid[]), CAST(:seq AS int[]), CAST(:image_id AS bigint[]),
-                       CAST(:txt AS text[])) AS v(job_id, seq, image_id, txt)
-), r AS (
-  INSERT INTO captions (image_id, model, model_revision, params_hash, params, text)
-  SELECT DISTINCT ON (image_id) image_id, :model, :rev, :phash, CAST(:params AS jsonb), txt
-  FROM v ORDER BY image_id, seq
-  ON CONFLICT ON CONSTRAINT captions_identity DO UPDATE SET text = captions.text
-  RETURNING id, image_id
-)
-UPDATE job_items AS j SET caption_id = r.id
-FROM v JOIN r USING (image_id)
-WHERE j.job_id = v.job_id AND j.seq = v.seq AND j.state IN ('queued', 'running')
+INSERT INTO captions (image_id, model, model_revision, params_hash, params, text)
+SELECT DISTINCT ON (image_id) image_id, :model, :rev, :phash, CAST(:params AS jsonb), txt
+FROM unnest(CAST(:image_id AS bigint[]), CAST(:txt AS text[])) WITH ORDINALITY AS v(image_id, txt, n)
+ORDER BY image_id, n
+ON CONFLICT ON CONSTRAINT captions_identity DO UPDATE SET text = captions.text
+RETURNING image_id, id
 """)
 
 
@@ -45,10 +40,12 @@ class CaptionWriter:
     link_column = "caption_id"
     results_columns = "r_caption.text AS caption"
 
-    def write(self, conn: Any, rows: Sequence[ResultRow]) -> None:
+    def write(self, conn: Any, rows: Sequence[ResultRow]) -> dict[tuple[uuid.UUID, int], int]:
+        ids: dict[tuple[uuid.UUID, int], int] = {}
         for (model, rev, phash), group in groups(rows).items():
-            conn.execute(_WRITE, {
-                "job": [r.job for r in group], "seq": [r.seq for r in group],
+            by_image = dict(conn.execute(_WRITE, {
                 "image_id": [r.image_id for r in group], "txt": [str(r.value) for r in group],
                 "model": model, "rev": rev, "phash": phash, "params": json.dumps(group[0].params),
-            })
+            }).all())
+            ids.update({(r.job, r.seq): by_image[r.image_id] for r in group})
+        return ids

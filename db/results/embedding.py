@@ -9,6 +9,7 @@ told, and round-trips float32 exactly.
 from __future__ import annotations
 
 import json
+import uuid
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -27,33 +28,22 @@ from imgq.ports import ResultRow
 # already existed are linked by _LINK_EXISTING, a second statement that runs only when needed.
 # The item's state is left alone: the store finishes items once every kind is written.
 _INSERT = """
-WITH v AS (
-  SELECT * FROM unnest(%(job)s::uuid[], %(seq)s::int[], %(image_id)s::bigint[], %(vec)b::vector[])
-         AS v(job_id, seq, image_id, embedding)
-), ins AS (
-  INSERT INTO embeddings (image_id, model, model_revision, params_hash, params, dim, embedding)
-  SELECT DISTINCT ON (image_id) image_id, %(model)s, %(rev)s, %(phash)s, %(params)s::jsonb,
-         vector_dims(embedding), embedding
-  FROM v ORDER BY image_id, job_id, seq
-  ON CONFLICT ON CONSTRAINT embeddings_identity DO NOTHING
-  RETURNING id, image_id
-), link AS (
-  UPDATE job_items AS j SET embedding_id = ins.id
-  FROM v JOIN ins USING (image_id)
-  WHERE j.job_id = v.job_id AND j.seq = v.seq
-)
-SELECT count(*) FROM ins
+INSERT INTO embeddings (image_id, model, model_revision, params_hash, params, dim, embedding)
+SELECT DISTINCT ON (image_id) image_id, %(model)s, %(rev)s, %(phash)s, %(params)s::jsonb,
+       vector_dims(embedding), embedding
+FROM unnest(%(image_id)s::bigint[], %(vec)b::vector[]) WITH ORDINALITY AS v(image_id, embedding, n)
+ORDER BY image_id, n
+ON CONFLICT ON CONSTRAINT embeddings_identity DO NOTHING
+RETURNING image_id, id
 """
 
 # A separate statement on purpose: in READ COMMITTED it takes a new snapshot, so it also sees a
 # row that a concurrent transaction committed while our INSERT waited on it (the INSERT skipped
 # that row as a conflict, but its own snapshot cannot read it). First stored wins.
-_LINK_EXISTING = """
-UPDATE job_items AS j SET embedding_id = e.id
-FROM unnest(%(job)s::uuid[], %(seq)s::int[], %(image_id)s::bigint[]) AS v(job_id, seq, image_id)
-JOIN embeddings e ON e.image_id = v.image_id AND e.model = %(model)s AND e.model_revision = %(rev)s
-                 AND e.params_hash = %(phash)s
-WHERE j.job_id = v.job_id AND j.seq = v.seq AND j.embedding_id IS DISTINCT FROM e.id
+_EXISTING = """
+SELECT image_id, id FROM embeddings
+WHERE image_id = ANY(%(image_id)s::bigint[]) AND model = %(model)s AND model_revision = %(rev)s
+  AND params_hash = %(phash)s
 """
 
 # The vector type's OID differs per database; looking it up is a round trip, so it is cached per
@@ -103,25 +93,22 @@ class EmbeddingWriter:
     results_columns = "r_embed.model_revision AS embedding_revision, r_embed.dim AS embedding_dim"
     VECTOR_COLUMN = "CAST(r_embed.embedding AS text) AS embedding"
 
-    def write(self, conn: Any, rows: Sequence[ResultRow]) -> None:
-        """Store ``rows`` inside the caller's transaction (``conn``: a SQLAlchemy Connection)."""
+    def write(self, conn: Any, rows: Sequence[ResultRow]) -> dict[tuple[uuid.UUID, int], int]:
+        """Store ``rows`` inside the caller's transaction (``conn``: a SQLAlchemy Connection);
+        returns each item's embedding id (the store links the items)."""
+        ids: dict[tuple[uuid.UUID, int], int] = {}
         if not rows:
-            return
+            return ids
         groups: dict[tuple[str, str, str], list[ResultRow]] = {}
         for r in rows:
             groups.setdefault((r.model, r.model_revision, r.params_hash), []).append(r)
         with _vector_cursor(conn) as cur:
             for (model, rev, phash), group in groups.items():
-                params = {
-                    "job": [r.job for r in group],
-                    "seq": [r.seq for r in group],
-                    "image_id": [r.image_id for r in group],
-                    "model": model,
-                    "rev": rev,
-                    "phash": phash,
-                }
-                inserted = cur.execute(
+                params = {"image_id": [r.image_id for r in group], "model": model, "rev": rev, "phash": phash}
+                by_image = dict(cur.execute(
                     _INSERT, params | {"vec": [_vector(r) for r in group], "params": json.dumps(group[0].params)}
-                ).fetchone()[0]
-                if inserted < len({r.image_id for r in group}):
-                    cur.execute(_LINK_EXISTING, params)
+                ).fetchall())
+                if len(by_image) < len({r.image_id for r in group}):
+                    by_image |= dict(cur.execute(_EXISTING, params).fetchall())
+                ids.update({(r.job, r.seq): by_image[r.image_id] for r in group})
+        return ids

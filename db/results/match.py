@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,20 +15,13 @@ from imgq.db.results.caption import groups
 from imgq.ports import ResultRow
 
 _WRITE = text("""
-WITH v AS (
-  SELECT * FROM unnest(CAST(:job AS uuid[]), CAST(:seq AS int[]), CAST(:image_id AS bigint[]),
-                       CAST(:txt AS text[]), CAST(:thash AS text[]), CAST(:itm AS float8[]),
-                       CAST(:cos AS float8[])) AS v(job_id, seq, image_id, txt, thash, itm, cos)
-), r AS (
-  INSERT INTO matches (image_id, model, model_revision, params_hash, params, text_hash, text, itm_score, cosine)
-  SELECT DISTINCT ON (image_id, thash) image_id, :model, :rev, :phash, CAST(:params AS jsonb), thash, txt, itm, cos
-  FROM v ORDER BY image_id, thash, seq
-  ON CONFLICT ON CONSTRAINT matches_identity DO UPDATE SET itm_score = matches.itm_score
-  RETURNING id, image_id, text_hash
-)
-UPDATE job_items AS j SET match_id = r.id
-FROM v JOIN r ON r.image_id = v.image_id AND r.text_hash = v.thash
-WHERE j.job_id = v.job_id AND j.seq = v.seq AND j.state IN ('queued', 'running')
+INSERT INTO matches (image_id, model, model_revision, params_hash, params, text_hash, text, itm_score, cosine)
+SELECT DISTINCT ON (image_id, thash) image_id, :model, :rev, :phash, CAST(:params AS jsonb), thash, txt, itm, cos
+FROM unnest(CAST(:image_id AS bigint[]), CAST(:txt AS text[]), CAST(:thash AS text[]), CAST(:itm AS float8[]),
+            CAST(:cos AS float8[])) WITH ORDINALITY AS v(image_id, txt, thash, itm, cos, n)
+ORDER BY image_id, thash, n
+ON CONFLICT ON CONSTRAINT matches_identity DO UPDATE SET itm_score = matches.itm_score
+RETURNING image_id, text_hash, id
 """)
 
 
@@ -44,12 +38,15 @@ class MatchWriter:
     identity_columns = "image_id, model, model_revision, params_hash, text_hash"
     results_columns = "i.text AS text, r_validate.itm_score AS itm_score, r_validate.cosine AS cosine"
 
-    def write(self, conn: Any, rows: Sequence[ResultRow]) -> None:
+    def write(self, conn: Any, rows: Sequence[ResultRow]) -> dict[tuple[uuid.UUID, int], int]:
+        ids: dict[tuple[uuid.UUID, int], int] = {}
         for (model, rev, phash), group in groups(rows).items():
             texts = [r.text or "" for r in group]
-            conn.execute(_WRITE, {
-                "job": [r.job for r in group], "seq": [r.seq for r in group],
-                "image_id": [r.image_id for r in group], "txt": texts, "thash": [text_hash(t) for t in texts],
+            hashes = [text_hash(t) for t in texts]
+            found = {(image_id, th): rid for image_id, th, rid in conn.execute(_WRITE, {
+                "image_id": [r.image_id for r in group], "txt": texts, "thash": hashes,
                 "itm": [float(r.value[0]) for r in group], "cos": [float(r.value[1]) for r in group],
                 "model": model, "rev": rev, "phash": phash, "params": json.dumps(group[0].params),
-            })
+            })}
+            ids.update({(r.job, r.seq): found[(r.image_id, th)] for r, th in zip(group, hashes, strict=True)})
+        return ids

@@ -56,8 +56,15 @@ def rows(job: uuid.UUID, image_ids: list[int], x: np.ndarray, rev: str = "r1") -
 
 
 def write(engine: Engine, batch: list[ResultRow]) -> None:
+    """The writer, then the link the store's finishing UPDATE makes from the ids it returns."""
     with engine.begin() as conn:
-        EmbeddingWriter().write(conn, batch)
+        link(conn, EmbeddingWriter().write(conn, batch))
+
+
+def link(conn: object, ids: dict[tuple[uuid.UUID, int], int]) -> None:
+    for (job, seq), embedding_id in ids.items():
+        conn.execute(text("UPDATE job_items SET embedding_id = :e WHERE job_id = :j AND seq = :s"),  # type: ignore[attr-defined]
+                     {"e": embedding_id, "j": job, "s": seq})
 
 
 def stored(engine: Engine) -> dict[int, tuple[int, np.ndarray]]:
@@ -151,7 +158,7 @@ def test_concurrent_writer_of_the_same_identity_links_to_the_committed_row(engin
     job_a, job_b = new_job(engine, 1), new_job(engine, 1)
     a = engine.connect()
     tx = a.begin()
-    EmbeddingWriter().write(a, rows(job_a, [image], vectors(1, seed=1)))  # uncommitted
+    link(a, EmbeddingWriter().write(a, rows(job_a, [image], vectors(1, seed=1))))  # uncommitted
     errors: list[BaseException] = []
 
     def other() -> None:
