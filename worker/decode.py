@@ -8,8 +8,10 @@ minus its bomb check), so our own ``max_pixels`` check runs before Pillow could 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +39,13 @@ class DecodedImage:
     format: str  # "JPEG", "PNG", ...
 
 
+# Large decodes (after JPEG draft reduction) at once per process. A decode peaks at a few times
+# its RGB size (up to ~1.3 GB at the 40 MP limit): with one decode thread per core on a many-core
+# host, unbounded, that alone could reach tens of GB. Small images, the common case, never wait.
+LARGE_PIXELS = 12_000_000
+_LARGE = threading.BoundedSemaphore(2)
+
+
 def decode(data: bytes, *, max_pixels: int, target: int | None = None) -> DecodedImage:
     """Decode ``data`` to RGB. ``target`` lets JPEG decode at 1/2, 1/4 or 1/8 scale, never below it."""
     if not data:
@@ -47,6 +56,19 @@ def decode(data: bytes, *, max_pixels: int, target: int | None = None) -> Decode
         _check_pixels(im.format, width, height, max_pixels)
         if target is not None and im.format in ("JPEG", "MPO"):
             im.draft("RGB", (target, target))
+        large = im.size[0] * im.size[1] > LARGE_PIXELS
+        with _LARGE if large else contextlib.nullcontext():
+            return _load(im, width, height)
+    except MemoryError:
+        im.close()
+        raise  # the process is short of memory, not the item at fault: let the caller retry
+    except Exception as exc:
+        im.close()
+        raise classify_decode(exc) from exc
+
+
+def _load(im: ImageFile.ImageFile, width: int, height: int) -> DecodedImage:
+    try:
         im.load()
         # Read after load(): a PNG may keep its eXIf chunk after the pixel data.
         orientation = _orientation(im)

@@ -42,3 +42,50 @@ def test_decode_peak_memory_is_a_small_multiple_of_the_rgb_result(mode: str, tmp
     rgb_bytes = SIDE * SIDE * 3
     assert (result_mode, int(width), int(height)) == ("RGB", SIDE, SIDE)
     assert int(grown) < 2.5 * rgb_bytes, f"{mode}: decode peak {int(grown) / rgb_bytes:.1f}x the RGB size"
+
+
+def test_large_decodes_are_bounded_per_process_and_small_ones_never_wait(monkeypatch):
+    import threading
+
+    import imgq.worker.decode as decode_mod
+
+    class Counting:
+        def __init__(self) -> None:
+            self.inner = threading.BoundedSemaphore(2)
+            self.now = self.peak = self.entered = 0
+            self.lock = threading.Lock()
+
+        def __enter__(self) -> None:
+            self.inner.acquire()
+            with self.lock:
+                self.now += 1
+                self.entered += 1
+                self.peak = max(self.peak, self.now)
+
+        def __exit__(self, *exc: object) -> None:
+            with self.lock:
+                self.now -= 1
+            self.inner.release()
+
+    gate = Counting()
+    monkeypatch.setattr(decode_mod, "_LARGE", gate)
+    monkeypatch.setattr(decode_mod, "LARGE_PIXELS", 1_000_000)
+    import io
+
+    big, small = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (1500, 1000), (1, 2, 3)).save(big, "PNG")
+    Image.new("RGB", (640, 480), (1, 2, 3)).save(small, "JPEG")
+    results: list[tuple[int, int]] = []
+
+    def work(data: bytes) -> None:
+        image = decode_mod.decode(data, max_pixels=50_000_000, target=384).image
+        results.append(image.size)
+
+    threads = [threading.Thread(target=work, args=(big.getvalue(),)) for _ in range(6)]
+    threads += [threading.Thread(target=work, args=(small.getvalue(),)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(results) == sorted([(1500, 1000)] * 6 + [(640, 480)] * 4)  # draft keeps 640x480 >= 384
+    assert gate.entered == 6 and gate.peak <= 2
