@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from sqlalchemy import text
 
 from imgq.celeryconf import make_celery
 from imgq.contract import TASK_NAME, CaptionParams
@@ -90,3 +91,48 @@ def test_a_broken_model_stops_its_worker_instead_of_dead_lettering_the_queue(
     store.engine.dispose()
     assert totals == {"queued": 0, "running": 0, "done": 12, "dead": 0}
     check_job(settings, job)
+
+
+def test_a_worker_that_exits_past_its_shutdown_grace_has_its_items_reaped(
+    make_settings, image_root: Path, slow_tiny_model_dir: Path, tmp_path: Path
+):
+    import signal
+
+    from tests.e2e.helpers import start_worker, stop
+
+    settings = make_settings(caption_model=str(slow_tiny_model_dir), shutdown_grace_s=1)
+    refs = []
+    for i in range(160):
+        path = image_root / f"g{i:03d}.jpg"
+        path.write_bytes(jpeg_bytes(160, 120, 300 + i))
+        refs.append(str(path))
+    store = Store.from_url(settings.database_url)
+    victim = start_worker(settings, slow_tiny_model_dir, tmp_path, "victim")
+    survivor = start_worker(settings, slow_tiny_model_dir, tmp_path, "survivor")
+    try:
+        deadline = time.monotonic() + 90
+        with store.engine.connect() as conn:
+            while conn.execute(text("SELECT count(*) FROM workers")).scalar_one() < 2:
+                assert time.monotonic() < deadline, "workers never started"
+                time.sleep(0.2)
+                conn.rollback()
+        listing = tmp_path / "refs.txt"
+        listing.write_text("\n".join(refs))
+        out = run_cli(settings, "enqueue", "caption", "-f", str(listing), "--refs-per-message", "4",
+                      "--max-new-tokens", "6")
+        assert out.returncode == 0, out.stderr
+        job = uuid.UUID(out.stdout.strip())
+        while store.counts(job)["done"] < 8:
+            time.sleep(0.1)
+        victim.send_signal(signal.SIGTERM)
+        assert victim.wait(30) == 70, "past the 1 s grace the worker exits 70 with messages unacknowledged"
+        left = time.monotonic()
+        totals = wait_finished(store, [job], timeout=90)
+        print(f"all final {time.monotonic() - left:.1f} s after the worker left")
+    finally:
+        stop(survivor)
+        if victim.poll() is None:
+            victim.kill()
+    store.engine.dispose()
+    assert totals == {"queued": 0, "running": 0, "done": 160, "dead": 0}
+    check_job(settings, str(job))
