@@ -208,7 +208,7 @@ def wait(
     deadline = time.monotonic() + timeout
     counts = store.counts(job_id)
     total = sum(counts.values())
-    with tqdm(total=total, unit="img", desc="captioned", file=sys.stderr) as bar:
+    with tqdm(total=total, unit="img", desc="finished", file=sys.stderr) as bar:
         while True:
             counts = store.counts(job_id)
             finished = counts["done"] + counts["dead"]
