@@ -570,8 +570,11 @@ def dev_tiny_model(
 @app.command()
 def config() -> None:
     """Print the effective configuration (IMGQ_* variables), passwords masked."""
-    for name, value in _settings().masked().items():
-        typer.echo(f"{name}={value}")
+    settings = _settings()
+    shown = settings.masked()
+    for field in settings.model_dump():
+        name = f"IMGQ_{field.upper()}"
+        typer.echo(f"{name}={shown[name]}" if name in shown else f"# {name} is unset")
 
 
 @app.command()

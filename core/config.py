@@ -211,8 +211,8 @@ def mask_secrets(value: str) -> str:
         netloc = url.netloc
         if "@" in netloc:
             userinfo, host = netloc.rsplit("@", 1)
-            user = userinfo.split(":", 1)[0]
-            netloc = f"{user}:***@{host}" if ":" in userinfo else f"{userinfo}@{host}"
+            user, _, password = userinfo.partition(":")
+            netloc = f"{user}:***@{host}" if password else f"{userinfo}@{host}"  # nothing to hide
         pairs = parse_qsl(url.query, keep_blank_values=True)
         if netloc == url.netloc and not any(k.lower() in _SECRET_PARAMS for k, _ in pairs):
             parts.append(piece)  # nothing to hide: keep it byte for byte

@@ -54,6 +54,7 @@ def test_decode_threads_default_to_the_usable_cores(monkeypatch):
     ("postgresql://user@db/imgq?password=hunter2&sslmode=require",
      "postgresql://user@db/imgq?password=***&sslmode=require"),
     ("redis+socket:///tmp/redis.sock", "redis+socket:///tmp/redis.sock"),
+    ("redis://:@redis:6379/0", "redis://:@redis:6379/0"),  # an empty password: nothing to hide
     ("caption,embed", "caption,embed"),
 ])
 def test_config_masks_every_password(raw, shown):
