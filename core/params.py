@@ -6,6 +6,7 @@ that produced it, so two jobs with different parameters never share a row.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from typing import Literal
@@ -30,6 +31,11 @@ class Params(BaseModel):
 
     def digest(self) -> str:
         """A stable hash of the parameters: part of a result's identity."""
+        return self._digest
+
+    @functools.cached_property
+    def _digest(self) -> str:
+        # Cached: the batcher and the writer ask for it for every item, and the model is frozen.
         blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

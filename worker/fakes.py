@@ -48,9 +48,6 @@ class MemoryResults:
     def release(self, job: uuid.UUID, seqs: Sequence[int]) -> None:
         pass
 
-    def unclaim(self, job: uuid.UUID, seqs: Sequence[int]) -> None:
-        pass
-
     def write_done(self, items: Sequence[DoneItem]) -> None:
         if items:
             self._maybe_fail()
