@@ -3,24 +3,25 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 MODEL  ?= default
-export XDG_RUNTIME_DIR ?= /tmp
 
-.PHONY: install demo test unit integration e2e soak lint bench clean
+.PHONY: install demo test unit integration e2e soak mutate lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	@# setuptools warns about every editable install whose folders are mapped (core/ -> imgq): expected here
+	PYTHONWARNINGS='ignore:Editable installation' $(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.installed
 
-## Caption sample images end to end on embedded services (MODEL=tiny works offline).
+## Caption sample images end to end on embedded services (MODEL=tiny works offline; KEEP=1 leaves
+## the services running for a look afterwards: `imgq dev down` stops them).
 demo: install
-	$(BIN)/imgq demo --model $(MODEL)
+	$(BIN)/imgq demo --model $(MODEL) $(if $(KEEP),--keep)
 
 ## Lint, then every test except the soak tier.
-test: install lint
+test: install lint browser
 	$(BIN)/python -m pytest
 
 unit: install
@@ -35,6 +36,16 @@ e2e: install
 ## Slow fault and soak tests (not part of `make test`).
 soak: install
 	$(BIN)/python -m pytest -m soak --timeout 1800
+
+## Mutation testing of the guarantee-holding modules, unit + integration tiers (docs/testing.md).
+## Not part of `make test`; the whole scope takes hours on 2 cores. PATTERNS='imgq.retry.*' narrows it.
+mutate: install
+	$(BIN)/python -m tests.mutate $(PATTERNS)
+
+## Headless Chromium (Debian's package) for the browser tests of Flower's pages.
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 lint: install
 	$(BIN)/ruff check .

@@ -244,7 +244,7 @@ class Services:
         from sqlalchemy import text
 
         with store.engine.begin() as conn:
-            conn.execute(text("TRUNCATE dead_letters, job_items, jobs, captions, embeddings, matches, images"))
+            conn.execute(text("TRUNCATE dead_letters, job_items, jobs, captions, embeddings, matches, images CASCADE"))
 
     def redis_client(self) -> Any:
         import redis

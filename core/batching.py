@@ -19,6 +19,7 @@ T = TypeVar("T")
 class Batch(Generic[K, T]):
     key: K
     items: list[T]
+    opened: float = 0.0  # clock time its first item arrived (the batch-wait metric)
 
 
 @dataclass(slots=True)
@@ -57,7 +58,7 @@ class Batcher(Generic[K, T]):
         group.items.append(item)
         if len(group.items) >= max(1, min(self.max_batch, self._limit(key))):
             del self._groups[key]
-            return [Batch(key, group.items)]
+            return [Batch(key, group.items, group.oldest)]
         return []
 
     def due(self) -> list[Batch[K, T]]:
@@ -65,7 +66,7 @@ class Batcher(Generic[K, T]):
         now = self._clock()
         ready = [k for k, g in self._groups.items() if now - g.oldest >= self.max_wait]
         ready.sort(key=lambda k: self._groups[k].oldest)
-        return [Batch(k, self._groups.pop(k).items) for k in ready]
+        return [self._pop(k) for k in ready]
 
     def next_deadline(self) -> float | None:
         """Clock time at which the next group falls due; None when empty."""
@@ -76,4 +77,8 @@ class Batcher(Generic[K, T]):
     def drain(self) -> list[Batch[K, T]]:
         """Everything pending, oldest first (shutdown, or an idle device with nothing arriving)."""
         keys = sorted(self._groups, key=lambda k: self._groups[k].oldest)
-        return [Batch(k, self._groups.pop(k).items) for k in keys]
+        return [self._pop(k) for k in keys]
+
+    def _pop(self, key: K) -> Batch[K, T]:
+        group = self._groups.pop(key)
+        return Batch(key, group.items, group.oldest)

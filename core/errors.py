@@ -143,6 +143,12 @@ class RefRefused(InvalidRequest):
     code = "bad_ref"
 
 
+class BadAge(InvalidRequest):
+    """An age option is negative or malformed."""
+
+    code = "bad_age"
+
+
 class ModelUnavailable(ImgqError):
     """The model could not be loaded."""
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from imgq.errors import BadParams
-from imgq.params import CaptionParams, EmbedParams, Params, ValidateParams, validate_params
+from imgq.params import CaptionParams, EmbedParams, Namer, Params, ValidateParams, validate_params
 
 InputType = Literal["image", "pair"]
 
@@ -30,8 +30,8 @@ class KindSpec:
     runner: str  # "module:Class" of the worker-side runner
     writer: str  # "module:Class" of the result writer
 
-    def parse(self, raw: dict[str, object] | None) -> Params:
-        return validate_params(self.params, raw, f"{self.name} parameters")
+    def parse(self, raw: dict[str, object] | None, name: Namer | None = None) -> Params:
+        return validate_params(self.params, raw, f"{self.name} parameters", name)
 
 
 KINDS: dict[str, KindSpec] = {}

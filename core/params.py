@@ -9,14 +9,22 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from collections.abc import Callable
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 from imgq.errors import BadParams
 
 ResizeMode = Literal["stretch", "center_crop", "letterbox"]
 MAX_TEXT_POSITIONS = 512  # BLIP-base's text decoder and encoder
+
+Namer = Callable[[str], str]
+"""How a field is named to the user: the JSON key by default; the CLI passes its flag names."""
+
+
+def _same(field: str) -> str:
+    return field
 
 
 class Params(BaseModel):
@@ -43,13 +51,14 @@ class Params(BaseModel):
         """Sequences one image occupies in a batch (beam search keeps several)."""
         return 1
 
-    def problems(self) -> list[str]:
-        """Conflicts between fields that are each valid alone."""
+    def problems(self, name: Namer = _same) -> list[str]:
+        """Conflicts between fields that are each valid alone, naming fields with ``name``."""
         return []
 
     @model_validator(mode="after")
-    def _coherent(self) -> Params:
-        if problems := self.problems():
+    def _coherent(self, info: ValidationInfo) -> Params:
+        # validate_params checks the valid fields alone, to list every problem in one message.
+        if not (info.context or {}).get("fields_only") and (problems := self.problems()):
             raise ValueError("; ".join(problems))
         return self
 
@@ -67,22 +76,32 @@ class CaptionParams(Params):
     repetition_penalty: float = Field(1.0, gt=0.0, le=100.0)
     prompt: str | None = Field(None, max_length=512, description="Text the caption continues from.")
     seed: int | None = Field(None, ge=0, le=2**32 - 1, description="Seed for sampling; fixes results per batch.")
+    explain: bool = Field(False, description="Also store each token's cross-attention map (README, 'Explaining "
+                          "a caption'). Part of the identity only when true, so plain jobs keep their digests.")
 
-    def problems(self) -> list[str]:
+    def canonical(self) -> dict[str, object]:
+        # Omitted when false: every caption stored before this field existed keeps its params hash.
+        out = super().canonical()
+        if not self.explain:
+            out.pop("explain", None)
+        return out
+
+    def problems(self, name: Namer = _same) -> list[str]:
         problems: list[str] = []
         if self.min_new_tokens > self.max_new_tokens:
-            problems.append(f"min_new_tokens ({self.min_new_tokens}) exceeds max_new_tokens ({self.max_new_tokens})")
+            problems.append(f"{name('min_new_tokens')} ({self.min_new_tokens}) exceeds {name('max_new_tokens')} "
+                            f"({self.max_new_tokens})")
         if not self.do_sample:
-            for name, neutral in (("top_p", 1.0), ("top_k", 50), ("temperature", 1.0), ("seed", None)):
-                if getattr(self, name) != neutral:
-                    problems.append(f"{name} only applies with sampling (--sample, do_sample=true)")
+            for field, neutral in (("top_p", 1.0), ("top_k", 50), ("temperature", 1.0), ("seed", None)):
+                if getattr(self, field) != neutral:
+                    problems.append(f"{name(field)} only applies with sampling ({name('do_sample')})")
         if self.prompt is not None and not self.prompt.strip():
-            problems.append("prompt must not be blank; omit it for unconditional captions")
+            problems.append(f"{name('prompt')} must not be blank; omit it for unconditional captions")
         # Every prompt word is at least one token, plus [DEC] and [SEP]: past BLIP's 512 text
         # positions the whole batch would fail at run time.
         if self.prompt is not None and len(self.prompt.split()) + 2 + self.max_new_tokens > MAX_TEXT_POSITIONS:
-            problems.append(f"prompt ({len(self.prompt.split())} words) plus max_new_tokens ({self.max_new_tokens}) "
-                            f"exceeds the model's {MAX_TEXT_POSITIONS} text positions")
+            problems.append(f"{name('prompt')} ({len(self.prompt.split())} words) plus {name('max_new_tokens')} "
+                            f"({self.max_new_tokens}) exceeds the model's {MAX_TEXT_POSITIONS} text positions")
         return problems
 
     def batch_cost(self) -> int:
@@ -97,24 +116,22 @@ class ValidateParams(Params):
     """An image-text match score has no parameters beyond the resize mode."""
 
 
-def validate_params(cls: type[Params], raw: dict[str, object] | None, what: str = "parameters") -> Params:
-    """Validate user parameters, raising :class:`BadParams` with every problem in one line."""
+def validate_params(cls: type[Params], raw: dict[str, object] | None, what: str = "parameters",
+                    name: Namer | None = None) -> Params:
+    """Validate user parameters, raising :class:`BadParams` with every problem in one line, each
+    field named by ``name``."""
+    name = name or _same
     try:
         return cls.model_validate(raw or {})
     except ValidationError as exc:
-        problems = [
-            f"{'.'.join(str(p) for p in err['loc']) or 'params'}: {err['msg'].removeprefix('Value error, ')}"
-            for err in exc.errors()
-        ]
-        # A field error stops pydantic before the cross-field checks; run them on the fields that
-        # were valid, so one message names every problem.
+        problems = [f"{name(str(err['loc'][0]))}: {err['msg']}" for err in exc.errors() if err["loc"]]
+        # A field error stops pydantic before the cross-field checks: run them on the fields
+        # that are valid alone, so that one message names every problem.
         bad = {err["loc"][0] for err in exc.errors() if err["loc"]}
-        if bad and isinstance(raw, dict):
+        if isinstance(raw, dict):
             good = {k: v for k, v in raw.items() if k in cls.model_fields and k not in bad}
-            try:
-                cls.model_validate(good)
-            except ValidationError as more:
-                problems += [f"params: {e['msg'].removeprefix('Value error, ')}" for e in more.errors()]
+            problems += cls.model_validate(good, context={"fields_only": True}).problems(name)
+        problems = problems or [err["msg"] for err in exc.errors()]  # e.g. not a JSON object at all
         raise BadParams(f"invalid {what}: {'; '.join(problems)}") from None
 
 

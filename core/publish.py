@@ -1,4 +1,9 @@
-"""Chunk accepted items into broker messages and publish them."""
+"""Chunk accepted items into broker messages and publish them.
+
+Who publishes: the feeder (worker/feeder.py) publishes the backlog into the bounded window, and
+`imgq enqueue` its first window, through :func:`publish`; the heartbeat reaper re-publishes a dead
+worker's running items and the worker its retries directly (bounded by what was in flight).
+"""
 
 from __future__ import annotations
 
@@ -36,8 +41,8 @@ def publish(
     kombu's ``Producer.batch`` sends up to ``PIPELINE`` LPUSHes per round trip, and without it the
     Redis transport builds a client per message: x2.47 the publish rate at 16 refs per message
     (docs/performance.md). A failed flush raises; some messages of the batch may have been
-    delivered. That is safe: Postgres holds the job, duplicates are idempotent, and the
-    reconciler re-publishes what is missing.
+    delivered. That is safe: Postgres holds the job, duplicates are idempotent, and the feeder
+    rolls back its marks (its cycle is one transaction) or finds the lost items later.
     """
     sent = 0
     with app.producer_or_acquire() as producer, producer.batch(max_size=PIPELINE):
@@ -45,16 +50,17 @@ def publish(
             body = message.to_json()
             app.send_task(
                 TASK_NAME, kwargs={"msg": body}, queue=queue, countdown=countdown, producer=producer,
-                # Celery would otherwise build a saferepr of every body for Flower/logs: about
-                # 40% of publish time for 16-ref messages.
-                argsrepr="()", kwargsrepr=f"{{'msg': <job {message.job}, {len(message.items)} items>}}",
+                # What Flower and the logs show: the job, its kinds and the item count. Celery would
+                # otherwise build a saferepr of every body: about 40% of publish time at 16 refs.
+                argsrepr="()", kwargsrepr=f"{{'msg': <job {message.job}, "
+                f"{','.join(t.kind for t in message.tasks)}, {len(message.items)} items>}}",
             )
             sent += 1
     return sent
 
 
 def republish(app: Celery, batches: Iterable[Any], *, queue: str, per_message: int) -> int:
-    """Publish items again (dead-letter retry, reconciliation) with every task of their job;
+    """Publish items again (a dead worker's running items) with every task of their job;
     ``batches`` are ``db.admin.Republish``."""
     messages: list[TaskMessage] = []
     for batch in batches:

@@ -61,6 +61,10 @@ def confine(path: Path, roots: list[Path]) -> Path:
     if not roots:
         raise RefRefused("local refs are disabled: IMGQ_LOCAL_ROOTS is empty")
     resolved = Path(os.path.realpath(path))
+    if os.path.realpath(resolved) != str(resolved):
+        # realpath gives up at a symlink loop and keeps the rest as written: root/loop/../out
+        # comes back as root/out, a symlink that still leads outside.
+        raise RefRefused(f"{str(path)!r} cannot be resolved (a symlink loop)")
     for root in roots:
         if resolved == root or resolved.is_relative_to(root):
             return resolved

@@ -1,14 +1,16 @@
-"""Operator queries: accounting checks, the dead-letter store and the reconciler."""
+"""Operator queries: accounting checks, the dead-letter store, the feeder's queries and the reaper."""
 
 from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import OperationalError
 
 _JOB_KINDS = text("SELECT tasks FROM jobs WHERE id = :job")
 
@@ -16,7 +18,7 @@ _JOB_KINDS = text("SELECT tasks FROM jobs WHERE id = :job")
 def check_items_sql(kinds: Sequence[str]) -> str:
     """Items whose state disagrees with their records. A done item has one result per kind of
     its job (each kind's writer names its link column) and no dead letter; a dead item has a dead
-    letter; a pending item has neither."""
+    letter and no result; a pending item has neither."""
     from imgq.db.results import writer
 
     links = [f"i.{writer(kind).link_column}" for kind in kinds] or ["NULL"]
@@ -28,7 +30,7 @@ FROM job_items i
 LEFT JOIN dead_letters d ON d.job_id = i.job_id AND d.seq = i.seq
 WHERE i.job_id = :job
   AND ((i.state = 'done' AND (NOT ({has_all}) OR d.job_id IS NOT NULL))
-    OR (i.state = 'dead' AND d.job_id IS NULL)
+    OR (i.state = 'dead' AND (d.job_id IS NULL OR {has_any}))
     OR (i.state IN ('queued', 'running') AND ({has_any} OR d.job_id IS NOT NULL)))
 ORDER BY i.seq LIMIT 1000
 """
@@ -84,7 +86,7 @@ WITH taken AS (
     AND (CAST(:seq AS int) IS NULL OR d.seq = :seq)
   RETURNING d.job_id, d.seq
 )
-UPDATE job_items i SET state = 'queued', attempts = 0, updated_at = now()
+UPDATE job_items i SET state = 'queued', attempts = 0, published_at = NULL, updated_at = now()
 FROM taken WHERE i.job_id = taken.job_id AND i.seq = taken.seq AND i.state = 'dead'
 RETURNING i.job_id, i.seq, i.ref, i.text
 """)
@@ -101,24 +103,79 @@ UPDATE jobs j SET purged = purged + counted.n FROM counted WHERE j.id = counted.
 RETURNING counted.n
 """)
 
+# Items whose message was lost: published and still queued for longer than :queued_age (the
+# caller passes it only once the queue is empty), or running for longer than :running_age. They
+# go back to the backlog (published_at NULL) and the feeder publishes them again in its order.
 # A NULL age leaves that state alone.
-_STALE = text("""
-WITH stale AS (
-  SELECT job_id, seq FROM job_items
-  WHERE ((state = 'queued' AND updated_at < now() - make_interval(secs => CAST(:queued_age AS float8)))
-      OR (state = 'running' AND updated_at < now() - make_interval(secs => CAST(:running_age AS float8))))
-    AND (CAST(:job AS uuid) IS NULL OR job_id = :job)
-  ORDER BY updated_at LIMIT :limit FOR UPDATE SKIP LOCKED
+_LOST = text("""
+WITH lost AS (
+  SELECT i.job_id, i.seq FROM job_items i JOIN jobs j ON j.id = i.job_id
+  WHERE ((i.state = 'queued' AND i.published_at IS NOT NULL
+          AND i.updated_at < now() - make_interval(secs => CAST(:queued_age AS float8)))
+      OR (i.state = 'running' AND i.updated_at < now() - make_interval(secs => CAST(:running_age AS float8))))
+    AND (CAST(:job AS uuid) IS NULL OR i.job_id = :job)
+    AND (CAST(:queue AS text) IS NULL OR j.queue = :queue)
+  ORDER BY i.updated_at LIMIT :limit FOR UPDATE OF i SKIP LOCKED
 )
-UPDATE job_items j SET state = 'queued', updated_at = now()
-FROM stale WHERE j.job_id = stale.job_id AND j.seq = stale.seq
-RETURNING j.job_id, j.seq, j.ref, j.text
+UPDATE job_items i SET state = 'queued', published_at = NULL, updated_at = now()
+FROM lost WHERE i.job_id = lost.job_id AND i.seq = lost.seq
+RETURNING i.job_id
+""")
+
+# The jobs of a queue with items waiting in Postgres. A loose index scan (one probe of
+# job_items_unpublished per such job) rather than a DISTINCT over the whole backlog.
+_BACKLOG = text("""
+WITH RECURSIVE waiting(job_id) AS (
+  (SELECT job_id FROM job_items WHERE state = 'queued' AND published_at IS NULL ORDER BY job_id LIMIT 1)
+  UNION ALL
+  SELECT (SELECT i.job_id FROM job_items i
+          WHERE i.state = 'queued' AND i.published_at IS NULL AND i.job_id > w.job_id
+          ORDER BY i.job_id LIMIT 1)
+  FROM waiting w WHERE w.job_id IS NOT NULL
+)
+SELECT j.id, j.tenant, j.priority, j.refs_per_message, j.tasks
+FROM waiting w JOIN jobs j ON j.id = w.job_id
+WHERE j.queue = :queue
+ORDER BY j.created_at, j.id
+""")
+
+_JOB_BACKLOG = text("""
+SELECT j.id, j.tenant, j.priority, j.refs_per_message, j.tasks FROM jobs j
+WHERE j.id = :job AND j.queue = :queue AND EXISTS (
+  SELECT 1 FROM job_items i WHERE i.job_id = j.id AND i.state = 'queued' AND i.published_at IS NULL)
+""")
+
+# Published and not final, per job (job_items_in_flight: bounded by the window plus what workers hold).
+_IN_FLIGHT = text("""
+SELECT f.job_id, j.tenant, f.n FROM (
+  SELECT job_id, count(*) AS n FROM job_items
+  WHERE state IN ('queued', 'running') AND published_at IS NOT NULL GROUP BY job_id
+) f JOIN jobs j ON j.id = f.job_id WHERE j.queue = :queue
+""")
+
+# seq = ANY(ARRAY(...)) keeps both key columns in the UPDATE's index condition; joined on seq, the
+# planner hashes the whole job (a sequential scan of 200k rows for a take of 32k: 2.6 s).
+# :from_seq starts the scan past the job's published prefix, whose index entries stay until vacuum
+# (a million of them cost 50 ms a take at 10M rows).
+_TAKE = text("""
+UPDATE job_items SET published_at = now(), updated_at = now()
+WHERE job_id = :job AND seq = ANY(ARRAY(
+  SELECT seq FROM job_items
+  WHERE job_id = :job AND seq >= :from_seq AND state = 'queued' AND published_at IS NULL
+  ORDER BY seq LIMIT :n FOR UPDATE SKIP LOCKED
+))
+RETURNING seq, ref, text
 """)
 
 _JOBS = text("SELECT id, tasks FROM jobs WHERE id = ANY(CAST(:ids AS uuid[]))")
 
-# One reconciler at a time across all workers (the key is arbitrary but fixed).
-_RECONCILE_LOCK = text("SELECT pg_try_advisory_xact_lock(74657301)")
+# One feed cycle at a time per queue, across workers and producers: a transaction lock, so a
+# killed feeder's lock goes with its connection. The leader lock (session-level) only picks which
+# worker runs the feed loop, so the others do not contend every cycle.
+_FEED_LOCK = text("SELECT pg_try_advisory_xact_lock(74657303, hashtext(:queue))")
+_FEED_LOCK_WAIT = text("SELECT pg_advisory_xact_lock(74657303, hashtext(:queue))")
+LEADER_LOCK = text("SELECT pg_try_advisory_lock(74657304, hashtext(:queue))")
+LEADER_UNLOCK = text("SELECT pg_advisory_unlock(74657304, hashtext(:queue))")
 _REAPER_LOCK = text("SELECT pg_try_advisory_xact_lock(74657302)")
 
 _HEARTBEAT = text("""
@@ -181,7 +238,58 @@ class Republish:
     items: list[tuple[int, str] | tuple[int, str, str]]  # [seq, ref] or [seq, ref, text]
 
 
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """A job with items waiting in Postgres, as the feeder plans with it."""
+
+    job: uuid.UUID
+    tenant: str
+    priority: int
+    refs_per_message: int | None
+    tasks: list[dict[str, Any]]
+
+
+class Feeding:
+    """The queries of one feed cycle, inside its locked transaction (see :meth:`Admin.feeding`)."""
+
+    def __init__(self, conn: Any, queue: str) -> None:
+        self.conn = conn
+        self.queue = queue
+
+    def lost(self, *, queued_older_than_s: float | None, running_older_than_s: float | None,
+             job: uuid.UUID | None = None, limit: int = 100_000) -> int:
+        """Put items whose message was probably lost back in the backlog; returns how many."""
+        if queued_older_than_s is None and running_older_than_s is None:
+            return 0
+        params = {"queued_age": queued_older_than_s, "running_age": running_older_than_s, "job": job,
+                  "queue": self.queue, "limit": limit}
+        return len(self.conn.execute(_LOST, params).all())
+
+    def waiting(self, job: uuid.UUID | None = None) -> list[Waiting]:
+        """Jobs of this queue with items waiting, oldest first."""
+        if job is None:
+            rows = self.conn.execute(_BACKLOG, {"queue": self.queue}).all()
+        else:
+            rows = self.conn.execute(_JOB_BACKLOG, {"queue": self.queue, "job": job}).all()
+        return [Waiting(*row) for row in rows]
+
+    def in_flight(self) -> dict[uuid.UUID, tuple[str, int]]:
+        """Items published and not final, per job of this queue: ``{job: (tenant, items)}``."""
+        return {job: (tenant, int(n)) for job, tenant, n in self.conn.execute(_IN_FLIGHT, {"queue": self.queue})}
+
+    def take(self, job: uuid.UUID, n: int, from_seq: int = 0) -> list[tuple[int, str] | tuple[int, str, str]]:
+        """Mark the next ``n`` waiting items of a job (in seq order) published; returns them.
+        ``from_seq`` is a hint (every item below it was published); when it leaves the take short,
+        the items below it (retried dead letters, lost ones) are looked for too."""
+        rows = self.conn.execute(_TAKE, {"job": job, "n": n, "from_seq": from_seq}).all()
+        if len(rows) < n and from_seq > 0:
+            rows += self.conn.execute(_TAKE, {"job": job, "n": n - len(rows), "from_seq": 0}).all()
+        return sorted((seq, ref) if pair_text is None else (seq, ref, pair_text) for seq, ref, pair_text in rows)
+
+
 class Admin:
+    """Operator queries over the whole store: accounting, dead letters, feeding, heartbeats."""
+
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
@@ -227,7 +335,8 @@ class Admin:
     def take_dead_letters(
         self, *, code: str | None, job: uuid.UUID | None, seq: int | None
     ) -> list[Republish]:
-        """Remove matching dead letters and reset their items to queued (attempts 0)."""
+        """Remove matching dead letters and put their items back in the backlog (queued, attempts
+        0, unpublished): the feeder publishes them in its order, within the window."""
         with self.engine.begin() as conn:
             rows = conn.execute(_DLQ_TAKE, {"code": code, "job": job, "seq": seq}).all()
             return self._with_jobs(conn, rows)
@@ -236,22 +345,25 @@ class Admin:
         with self.engine.begin() as conn:
             return sum(n for (n,) in conn.execute(_DLQ_PURGE, {"age": older_than.total_seconds()}))
 
-    def take_stale(
-        self, *, queued_older_than_s: float | None, running_older_than_s: float | None, limit: int = 10_000,
-        job: uuid.UUID | None = None,
-    ) -> list[Republish] | None:
-        """Items whose message was probably lost: queued or running for longer than the given ages
-        (None = leave that state alone). They are touched, so the next sweep skips them. Returns
-        None if another reconciler holds the lock."""
+    @contextmanager
+    def feeding(self, queue: str, *, wait_s: float = 0.0) -> Iterator[Feeding | None]:
+        """One feed cycle's transaction under the queue's feed lock; None if another feeder holds it
+        (for ``wait_s`` seconds). Whatever the cycle publishes is marked in this transaction, so a
+        publish that fails rolls the marks back and the items stay in the backlog."""
         with self.engine.begin() as conn:
-            if not conn.execute(_RECONCILE_LOCK).scalar_one():
-                return None
-            rows = conn.execute(
-                _STALE,
-                {"queued_age": queued_older_than_s, "running_age": running_older_than_s, "limit": limit,
-                 "job": job},
-            ).all()
-            return self._with_jobs(conn, rows)
+            if wait_s > 0:
+                conn.execute(text(f"SET LOCAL lock_timeout = '{int(wait_s * 1000)}ms'"))
+                try:
+                    with conn.begin_nested():
+                        conn.execute(_FEED_LOCK_WAIT, {"queue": queue})
+                except OperationalError:  # lock_timeout: a feeder is at work and will do it
+                    yield None
+                    return
+                conn.execute(text("SET LOCAL lock_timeout = 0"))
+            elif not conn.execute(_FEED_LOCK, {"queue": queue}).scalar_one():
+                yield None
+                return
+            yield Feeding(conn, queue)
 
     # -- worker heartbeats ----------------------------------------------------------------------
     def heartbeat(self, name: str, host: str, pid: int) -> None:

@@ -16,6 +16,7 @@ from sqlalchemy import (
     Identity,
     Index,
     Integer,
+    LargeBinary,
     Text,
     UniqueConstraint,
     func,
@@ -44,6 +45,11 @@ class Job(Base):
     tasks: Mapped[list] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
     total: Mapped[int] = mapped_column(Integer)
     purged: Mapped[int] = mapped_column(Integer, server_default="0")  # dead letters removed by `dlq purge`
+    # The feeder's order (core/feeding.py): higher priority first, then fair shares per tenant.
+    priority: Mapped[int] = mapped_column(Integer, server_default="0")
+    tenant: Mapped[str] = mapped_column(Text, server_default="default")
+    queue: Mapped[str] = mapped_column(Text, server_default="imgq")  # the broker queue its items go to
+    refs_per_message: Mapped[int | None] = mapped_column(Integer)  # NULL: the publisher's IMGQ_REFS_PER_MESSAGE
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
@@ -131,6 +137,13 @@ class JobItem(Base):
         CheckConstraint(f"state in {ITEM_STATES!r}", name="job_items_state"),
         Index("job_items_pending", "state", "updated_at", postgresql_where=text("state in ('queued', 'running')")),
         Index("job_items_running_worker", "worker", postgresql_where=text("state = 'running'")),
+        # The backlog waiting in Postgres, in the order the feeder takes it (one probe per job).
+        Index("job_items_unpublished", "job_id", "seq",
+              postgresql_where=text("state = 'queued' AND published_at IS NULL")),
+        # Published and not final: bounded by the window plus what workers hold, so counting it per
+        # job each feed cycle stays cheap however deep the backlog is.
+        Index("job_items_in_flight", "job_id",
+              postgresql_where=text("state IN ('queued', 'running') AND published_at IS NOT NULL")),
     )
 
     job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
@@ -145,6 +158,9 @@ class JobItem(Base):
     caption_id: Mapped[int | None] = mapped_column(ForeignKey("captions.id"))
     embedding_id: Mapped[int | None] = mapped_column(ForeignKey("embeddings.id"))
     match_id: Mapped[int | None] = mapped_column(ForeignKey("matches.id"))
+    # NULL: waiting in Postgres for the feeder. Set when its message goes to Redis; cleared again
+    # when the message is found lost or the item is retried from the dead-letter store.
+    published_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
@@ -175,3 +191,24 @@ class Worker(Base):
     pid: Mapped[int] = mapped_column(Integer)
     started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     heartbeat_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class CaptionExplanation(Base):
+    """Where the decoder looked for each token of an explained caption (``imgq enqueue --explain``):
+    per token its role, word, top patch and map (``maps``: one uint8 grid per mapped token, scaled to
+    the token's ``scale``; ``imgq.explain.pack``), per word its tokens and top patch, and where the
+    overlays were written. One row per caption; the first stored wins."""
+
+    __tablename__ = "caption_explanations"
+
+    caption_id: Mapped[int] = mapped_column(ForeignKey("captions.id", ondelete="CASCADE"), primary_key=True)
+    grid_rows: Mapped[int] = mapped_column(Integer)
+    grid_cols: Mapped[int] = mapped_column(Integer)
+    input_size: Mapped[int] = mapped_column(Integer)  # the model's square input, for boxes on the original
+    heads: Mapped[str] = mapped_column(Text)  # mean | max
+    layers: Mapped[str] = mapped_column(Text)  # mean, or one layer's index
+    tokens: Mapped[list] = mapped_column(JSONB)
+    words: Mapped[list] = mapped_column(JSONB)
+    maps: Mapped[bytes] = mapped_column(LargeBinary)
+    overlays: Mapped[str | None] = mapped_column(Text)  # folder or s3:// prefix; NULL: none written
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

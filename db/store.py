@@ -66,6 +66,8 @@ SET code = EXCLUDED.code, message = EXCLUDED.message, attempts = EXCLUDED.attemp
 """)
 
 # prev.state = 'running' means an earlier delivery claimed the item and never settled it.
+# A delivered item is published, whoever sent it (a duplicate of a message the feeder thought lost,
+# a hand-made one): the feeder must not publish it again once it is released for a retry.
 # The repeated seq = ANY(...) keeps both key columns in the index condition of the UPDATE's scan:
 # joined on prev.seq alone, a planner that expects a handful of rows per job (a new job id that
 # the statistics have not seen) walks every item of the job, 1.2 s per claim with 1M items.
@@ -75,7 +77,8 @@ WITH prev AS (
   WHERE job_id = :job AND seq = ANY(CAST(:seqs AS int[])) AND state IN ('queued', 'running')
   FOR UPDATE
 )
-UPDATE job_items AS j SET attempts = attempts + 1, state = 'running', worker = :worker, updated_at = now()
+UPDATE job_items AS j SET attempts = attempts + 1, state = 'running', worker = :worker, updated_at = now(),
+  published_at = coalesce(j.published_at, now())
 FROM prev WHERE j.job_id = :job AND j.seq = ANY(CAST(:seqs AS int[])) AND j.seq = prev.seq
 RETURNING j.seq, j.attempts, prev.state = 'running' AS unsettled, j.ref, j.text
 """)
@@ -104,6 +107,8 @@ WHERE job_id = :job AND seq = ANY(CAST(:seqs AS int[])) AND state = 'running'
 _COUNTS = text("SELECT state, count(*) FROM job_items WHERE job_id = :job GROUP BY state")
 
 _JOB_TASKS = text("SELECT tasks FROM jobs WHERE id = :job")
+
+_PURGED = text("SELECT purged FROM jobs WHERE id = :job")
 
 
 def results_sql(kinds: Sequence[str]) -> str:
@@ -170,6 +175,7 @@ class Store:
     # -- acceptance ---------------------------------------------------------------------------
     def create_job(
         self, *, tasks: Sequence[dict[str, Any]], refs: Iterable[str] | Iterable[tuple[str, str]],
+        priority: int = 0, tenant: str = "default", queue: str = "imgq", refs_per_message: int | None = None,
     ) -> uuid.UUID:
         """Commit the job and all its items (COPY) before anything is published.
 
@@ -177,17 +183,18 @@ class Store:
         ``(ref, text)`` pairs for pair kinds. They are consumed once, in chunks, so validating the
         next chunk overlaps with the server loading the last one. An exception raised while
         iterating rolls everything back; a job with no refs is refused (ValueError) rather than
-        committed empty."""
+        committed empty. Items wait in Postgres (``published_at`` NULL) until the feeder, in
+        ``priority`` order and fair between tenants, publishes them to ``queue``."""
         job = uuid.uuid4()
         first = tasks[0]
         raw = self.engine.raw_connection()
         try:
             with raw.cursor() as cur:
                 cur.execute(
-                    "INSERT INTO jobs (id, kind, model, params, params_hash, tasks, total) "
-                    "VALUES (%s, %s, %s, %s, %s, %s, 0)",
+                    "INSERT INTO jobs (id, kind, model, params, params_hash, tasks, total, priority, tenant, queue, "
+                    "refs_per_message) VALUES (%s, %s, %s, %s, %s, %s, 0, %s, %s, %s, %s)",
                     (job, ",".join(t["kind"] for t in tasks), first["model"], json.dumps(first["params"]),
-                     first["params_hash"], json.dumps(list(tasks))),
+                     first["params_hash"], json.dumps(list(tasks)), priority, tenant, queue, refs_per_message),
                 )
                 total = 0
                 with cur.copy("COPY job_items (job_id, seq, ref, text) FROM STDIN") as copy:
@@ -298,6 +305,11 @@ class Store:
         with self.engine.connect() as conn:
             found = dict(conn.execute(_COUNTS, {"job": job}).all())
         return {state: int(found.get(state, 0)) for state in ("queued", "running", "done", "dead")}
+
+    def purged(self, job: uuid.UUID) -> int:
+        """Dead-lettered items of the job that `imgq dlq purge` deleted (they no longer count)."""
+        with self.engine.connect() as conn:
+            return int(conn.execute(_PURGED, {"job": job}).scalar_one_or_none() or 0)
 
     def kinds(self, job: uuid.UUID) -> list[str]:
         with self.engine.connect() as conn:

@@ -1,7 +1,10 @@
-"""Accept a job: validate, commit job + items in Postgres, then publish messages to Redis.
+"""Accept a job: validate, commit job + items in Postgres (one COPY), then publish its first window.
 
-Acceptance is durable before anything is published: a producer that dies between the two
-leaves ``queued`` items that the reconciler re-publishes; it never loses them.
+Acceptance is durable before anything is published. Postgres holds the backlog; the workers'
+feeder publishes it into a bounded broker window, in priority order (worker/feeder.py). The
+producer publishes at most the window's free room itself, under the same feed lock, so a small
+job starts at once even before a feeder looks. A producer that dies after the commit loses
+nothing: its items are waiting in Postgres for the feeder.
 """
 
 from __future__ import annotations
@@ -15,17 +18,22 @@ from celery import Celery
 
 from imgq.config import Settings
 from imgq.contract import TaskSpec
+from imgq.db.admin import Admin
 from imgq.db.store import EmptyJob, Store
 from imgq.errors import RefRefused
 from imgq.producer.expand import Expander
-from imgq.publish import chunk_messages, publish
+from imgq.worker.feeder import Feeder
+
+# How long enqueue waits for a busy feeder before leaving the first window to it.
+FEED_LOCK_WAIT_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
 class Submitted:
     job: uuid.UUID
     items: int
-    messages: int
+    messages: int  # published now; the rest waits in Postgres for the feeder
+    published: int = 0  # items in those messages
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (ref, reason)
     publish_error: str | None = None  # the job is committed but its messages were not all sent
 
@@ -59,30 +67,40 @@ def submit(
     tasks: list[TaskSpec],
     refs_per_message: int | None = None,
     rejected: list[tuple[str, str]] | None = None,
+    priority: int | None = None,
+    tenant: str | None = None,
 ) -> Submitted:
     """Accept ``refs`` (or ``(ref, text)`` pairs; validated while they are copied into Postgres),
-    then publish them with every task."""
-    accepted: list[Any] = []
+    then publish as much of the job as the broker window has room for."""
+    accepted = 0
 
-    def keep(stream: Iterable[Any]) -> Iterator[Any]:
+    def count(stream: Iterable[Any]) -> Iterator[Any]:
+        nonlocal accepted
         for ref in stream:
-            accepted.append(ref)
+            accepted += 1
             yield ref
 
     records = [{"kind": t.kind, "model": t.model, "params": t.params.canonical(), "params_hash": t.params.digest()}
                for t in tasks]
+    per_message = refs_per_message or settings.refs_per_message
     try:
-        job = store.create_job(tasks=records, refs=keep(refs))
+        job = store.create_job(
+            tasks=records, refs=count(refs), queue=settings.queue,
+            priority=settings.priority if priority is None else priority,
+            tenant=tenant or settings.tenant, refs_per_message=refs_per_message,
+        )
     except EmptyJob:
         raise RefRefused("no image references to enqueue") from None
-    items = [(seq, *ref) if isinstance(ref, tuple) else (seq, ref) for seq, ref in enumerate(accepted)]
-    messages = chunk_messages(job=str(job), tasks=tasks, items=items,
-                              per_message=refs_per_message or settings.refs_per_message)
+    feeder = Feeder(admin=Admin(store.engine), app=app, queue=settings.queue, window=settings.broker_window,
+                    per_message=per_message)
     try:
-        sent = publish(app, messages, queue=settings.queue)
+        report = feeder.feed(job=job, wait_s=FEED_LOCK_WAIT_S)
     except Exception as exc:
-        # The job is accepted (committed); only its transport failed. Nothing is lost: the
-        # reconciler publishes queued items once they are old enough (or `imgq reconcile`).
-        return Submitted(job=job, items=len(accepted), messages=0, rejected=rejected or [],
+        # The job is accepted (committed); only its transport failed, and the marks rolled back:
+        # every item is still waiting in Postgres for the feeder (or `imgq reconcile`).
+        return Submitted(job=job, items=accepted, messages=0, rejected=rejected or [],
                          publish_error=f"{type(exc).__name__}: {exc}")
-    return Submitted(job=job, items=len(accepted), messages=sent, rejected=rejected or [])
+    finally:
+        feeder.stop()
+    return Submitted(job=job, items=accepted, messages=report.messages if report else 0,
+                     published=report.items if report else 0, rejected=rejected or [])

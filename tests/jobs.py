@@ -19,8 +19,16 @@ def record(task: TaskSpec) -> dict[str, Any]:
             "params_hash": task.params.digest()}
 
 
-def create_job(store: Any, tasks: Sequence[TaskSpec], refs: Iterable[Any]) -> uuid.UUID:
-    return store.create_job(tasks=[record(t) for t in tasks], refs=refs)
+def create_job(store: Any, tasks: Sequence[TaskSpec], refs: Iterable[Any], *, published: bool = False) -> uuid.UUID:
+    """``published``: the test publishes the job's messages itself, so a worker's feeder must not
+    take its items as a backlog waiting in Postgres (it would publish them once more)."""
+    job = store.create_job(tasks=[record(t) for t in tasks], refs=refs)
+    if published:
+        from sqlalchemy import text
+
+        with store.engine.begin() as conn:
+            conn.execute(text("UPDATE job_items SET published_at = now() WHERE job_id = :j"), {"j": job})
+    return job
 
 
 def message(job: uuid.UUID | str, tasks: Sequence[TaskSpec], refs: Sequence[Any]) -> TaskMessage:

@@ -14,21 +14,25 @@ from typing import Any
 from celery import Celery, signals
 from celery.exceptions import Reject
 
+from imgq import metrics
 from imgq.celeryconf import make_celery
 from imgq.classify import is_outage
 from imgq.config import Settings
 from imgq.contract import TASK_NAME, TaskMessage
 from imgq.db.admin import Admin
 from imgq.db.store import Store
+from imgq.metrics import MeteredStore
+from imgq.monitor import allowed_control_commands, task_result
 from imgq.ports import Runner
 from imgq.publish import publish
 from imgq.publish import republish as republish_batches
 from imgq.retry import Backoff, RetryPolicy
 from imgq.worker.decode import DecodedImage, decode
 from imgq.worker.engine import Engine
+from imgq.worker.feeder import Feeder, FeedReport
 from imgq.worker.fetch import Fetcher
 from imgq.worker.heartbeat import Heartbeat
-from imgq.worker.reconciler import Reconciler
+from imgq.worker.metrics_server import MetricsServer
 from imgq.worker.runners import build_runners
 from imgq.worker.service import MessageService
 
@@ -46,13 +50,15 @@ class WorkerRuntime:
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.runners = runners if runners is not None else build_runners(settings)
         self.unhealthy: str | None = None
-        self.store = Store.from_url(settings.sync_database_url, pool_size=4, max_overflow=8)
+        # Every committed result and dead letter passes through the store: count them there.
+        self.store = MeteredStore(Store.from_url(settings.sync_database_url, pool_size=4, max_overflow=8))
         self.fetcher = Fetcher(settings, s3_client)
         self.app: Celery | None = None
         self.engine: Engine | None = None
         self.service: MessageService | None = None
-        self.reconciler: Reconciler | None = None
+        self.feeder: Feeder | None = None
         self.heartbeat: Heartbeat | None = None
+        self.metrics: MetricsServer | None = None
 
     def load(self) -> None:
         for kind, runner in self.runners.items():
@@ -80,7 +86,9 @@ class WorkerRuntime:
         queue = self.settings.queue
 
         def send(messages: Iterable[TaskMessage], delay: float) -> None:
+            messages = list(messages)
             publish(app, messages, queue=queue, countdown=delay or None)
+            metrics.RETRIES.inc(sum(len(m.items) for m in messages))
 
         policy = RetryPolicy(self.settings.max_attempts, self.settings.retry_base_s, self.settings.retry_max_s)
         self.service = MessageService(store=self.store, engine=self.engine, policy=policy, publish=send,
@@ -89,14 +97,38 @@ class WorkerRuntime:
         self.heartbeat = Heartbeat(
             admin=admin, name=self.name, interval_s=self.settings.heartbeat_s,
             dead_after_s=self.settings.worker_dead_after_s,
-            republish=lambda batches: republish_batches(app, batches, queue=queue,
-                                                        per_message=self.settings.refs_per_message),
+            republish=lambda batches: self._recovered(republish_batches(
+                app, batches, queue=queue, per_message=self.settings.refs_per_message), batches),
         ).start()
-        self.reconciler = Reconciler(
-            admin=admin, app=app, queue=queue, per_message=self.settings.refs_per_message,
-            older_than_s=self.settings.reconcile_after_s, interval_s=self.settings.reconcile_interval_s,
-            running_older_than_s=self.settings.visibility_timeout_s + self.settings.task_time_limit_s,
+        # Every worker runs a feeder; one at a time (leader lock) keeps the broker window topped up.
+        self.feeder = Feeder(
+            admin=admin, app=app, queue=queue, window=self.settings.broker_window,
+            per_message=self.settings.refs_per_message, interval_s=self.settings.feed_interval_s,
+            lost_after_s=self.settings.reconcile_after_s, sweep_interval_s=self.settings.reconcile_interval_s,
+            running_lost_after_s=self.settings.visibility_timeout_s + self.settings.task_time_limit_s,
+            name=self.name, on_cycle=_count_feed,
         ).start()
+
+        if self.settings.metrics_port:
+            self.metrics = MetricsServer(
+                bind=self.settings.metrics_bind, port=self.settings.metrics_port, token=self.settings.metrics_token,
+                ready=lambda: self._not_ready(app), queue_depths=lambda: {queue: _queue_depth(app, queue)},
+            ).start()
+
+    @staticmethod
+    def _recovered(sent: int, batches: list[Any]) -> int:
+        metrics.RECOVERED.labels("orphan").inc(sum(len(b.items) for b in batches))
+        return sent
+
+    def _not_ready(self, app: Celery) -> str | None:
+        """Why this worker cannot take work yet (readiness probe), or None."""
+        if self.engine is None or self.unhealthy:
+            return self.unhealthy or "models not loaded"
+        with self.store.engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+        with app.connection_for_read() as conn:
+            conn.ensure_connection(max_retries=1)
+        return None
 
     def _unhealthy(self, reason: str) -> None:
         # Stop taking messages: a warm shutdown lets the held ones settle (as retries, the engine
@@ -107,8 +139,10 @@ class WorkerRuntime:
         os.kill(os.getpid(), signal.SIGTERM)
 
     def stop(self) -> None:
-        if self.reconciler is not None:
-            self.reconciler.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
+        if self.feeder is not None:
+            self.feeder.stop()
         if self.heartbeat is not None:
             # Retired only once the engine has settled everything: until then a beat is a promise.
             self.heartbeat.stop(retire=False)
@@ -119,14 +153,52 @@ class WorkerRuntime:
         self.store.engine.dispose()
 
 
+def _result(msg: Any, summary: dict[str, int]) -> dict[str, Any]:
+    """What Flower shows for the message: its outcome (searchable as result:dead_lettered), job
+    and kinds, and the item counts."""
+    body = msg if isinstance(msg, dict) else {}
+    tasks = body.get("tasks") if isinstance(body.get("tasks"), list) else []
+    kinds = [str(t.get("kind")) for t in tasks if isinstance(t, dict)]
+    return task_result(str(body["job"]) if "job" in body else None, kinds, summary)
+
+
+def _queue_depth(app: Celery, queue: str) -> int:
+    with app.connection_for_read() as conn:
+        try:
+            return int(conn.default_channel.queue_declare(queue, passive=True).message_count)
+        except conn.channel_errors:
+            return 0  # no such queue (yet, or Redis restarted): empty
+
+
+def limit_remote_control(app: Celery, mode: str) -> None:
+    from celery.worker.control import Panel
+
+    if mode == "off":
+        app.conf.worker_enable_remote_control = False
+        return
+    keep = allowed_control_commands(mode, {name: meta.type for name, meta in Panel.meta.items()})
+    for name in list(Panel.data):
+        if name not in keep:
+            del Panel.data[name]  # process-wide: this process is the worker
+
+
+def _count_feed(report: FeedReport, swept: bool) -> None:
+    metrics.PUBLISHED.inc(report.messages)
+    if swept:
+        metrics.SWEEPS.inc()
+    if report.lost:
+        metrics.RECOVERED.labels("lost").inc(report.lost)
+
+
 def make_worker_app(settings: Settings, runtime: WorkerRuntime) -> Celery:
     app = make_celery(settings, name="imgq-worker")
     runtime.app = app
+    limit_remote_control(app, settings.remote_control)
 
     outages = Backoff()
 
     @app.task(name=TASK_NAME, bind=True)
-    def process(self: Any, msg: dict[str, Any]) -> dict[str, int]:
+    def process(self: Any, msg: dict[str, Any]) -> dict[str, Any]:
         assert runtime.service is not None, "worker runtime not started"
         try:
             summary = runtime.service.handle(msg).as_dict()
@@ -136,7 +208,7 @@ def make_worker_app(settings: Settings, runtime: WorkerRuntime) -> Celery:
                 # internal_error dead letters (retryable with `imgq dlq retry` once fixed).
                 log.exception("message failed; dead-lettering its items", extra={"action": "internal_error"})
                 try:
-                    return runtime.service.give_up(msg, exc).as_dict()
+                    return _result(msg, runtime.service.give_up(msg, exc).as_dict())
                 except Exception as again:
                     if not is_outage(again):
                         raise
@@ -148,7 +220,7 @@ def make_worker_app(settings: Settings, runtime: WorkerRuntime) -> Celery:
             time.sleep(pause)
             raise Reject(str(exc), requeue=True) from exc
         outages.succeeded()
-        return summary
+        return _result(msg, summary)
 
     global _current
     _current = runtime

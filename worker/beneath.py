@@ -28,6 +28,8 @@ def open_beneath(path: Path, roots: list[Path]) -> int:
     if root is None or path == root:
         raise errors.BadRef(f"{path} is outside IMGQ_LOCAL_ROOTS")
     parts = path.relative_to(root).parts
+    if ".." in parts:  # is_relative_to is lexical: root/../x would walk out of the root
+        raise errors.BadRef(f"{path} is outside IMGQ_LOCAL_ROOTS")
     fd = os.open(root, _DIR)
     try:
         for i, part in enumerate(parts):

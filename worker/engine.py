@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from imgq import errors
+from imgq import errors, metrics
 from imgq.batching import Batch, Batcher
 from imgq.classify import classify
 from imgq.contract import TaskSpec
@@ -228,6 +228,7 @@ class Engine:
             if item.failed:
                 return
             item.failed = True
+        metrics.FAILURES.labels(error.code).inc()
         if isinstance(error, errors.Permanent):
             self._writes.put(_Write(dead=[(item, error)]))
         else:
@@ -252,6 +253,7 @@ class Engine:
             if (idle and self._ready.empty()) or self._stop.is_set():
                 batches += self._batcher.drain()
             for batch in batches:
+                metrics.BATCH_WAIT.labels(batch.key[0]).observe(max(0.0, self._clock() - batch.opened))
                 self._run_batch(batch.items)
 
     def _expire_decodes(self) -> None:
@@ -306,7 +308,10 @@ class Engine:
         try:
             pixels = np.stack([e.item.input_for(runner, task) for e in entries])
             texts = [e.item.text or "" for e in entries] if entries[0].item.text is not None else None
+            started = time.perf_counter()
             values = runner.run(pixels, texts, task.params)
+            metrics.MODEL_SECONDS.labels(task.kind).observe(time.perf_counter() - started)
+            metrics.BATCH_SIZE.labels(task.kind).observe(len(entries))
         except Exception as exc:
             error = classify(exc)
             if len(entries) > 1:

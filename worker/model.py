@@ -13,12 +13,20 @@ Notes checked against the installed transformers (5.24):
   requested where the class supports it.
 * Loading (device/dtype, local or hub, offline detection, uint8 normalisation) is shared with the
   retrieval model in :mod:`imgq.worker.loading`.
+* Explanations: ``BlipTextSelfAttention.forward`` (eager, hard-coded) always returns its attention
+  probabilities, so a forward hook on each decoder layer's cross-attention reads them inside the
+  batched ``generate`` without ``output_attentions`` (which would also record every self-attention)
+  and without a second pass. The hook keeps only the last query position of each step (the one whose
+  logits choose the next token), reduced over heads, on the device until ``generate`` returns.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -32,6 +40,57 @@ from imgq.worker.loading import BlipBase
 _RNG_LOCK = threading.Lock()
 
 
+@dataclass(frozen=True, slots=True)
+class TokenAttention:
+    """One image's generated sequence and the cross-attention behind each generated position."""
+
+    ids: np.ndarray  # (T,) the whole sequence: bos, prompt tokens, then the generated ones
+    prompt_len: int  # positions given to generate: the bos token and the prompt's tokens
+    # (T - prompt_len, layers, 1 + patches): head-reduced maps, per layer, of the step that chose
+    # each generated position; NaN where a beam had ended (those positions are padding).
+    maps: np.ndarray
+
+
+class _CrossAttentionCapture:
+    """Forward hooks on the decoder's cross-attention modules, for the calling thread only (the
+    model object may be shared; another thread's generate is left alone)."""
+
+    def __init__(self, model: Any, heads: Literal["mean", "max"]) -> None:
+        self.modules = [layer.crossattention.self for layer in model.text_decoder.bert.encoder.layer
+                        if hasattr(layer, "crossattention")]
+        if not self.modules:
+            raise ValueError("the text decoder has no cross-attention layers")
+        self.heads = heads
+        self.steps: list[list[torch.Tensor]] = [[] for _ in self.modules]
+        self._thread = threading.get_ident()
+
+    def _hook(self, index: int) -> Any:
+        def hook(module: Any, args: Any, output: Any) -> None:
+            if threading.get_ident() != self._thread:
+                return
+            # (rows, heads, keys): the query that picks the next token; reduced in float32, not bf16.
+            probs = output[1][:, :, -1, :].float()
+            self.steps[index].append(probs.mean(dim=1) if self.heads == "mean" else probs.amax(dim=1))
+
+        return hook
+
+    @contextmanager
+    def active(self) -> Iterator[_CrossAttentionCapture]:
+        handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.modules)]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def stacked(self) -> torch.Tensor:
+        """(steps, layers, rows, keys) on the CPU; one copy from the device."""
+        counts = {len(steps) for steps in self.steps}
+        if len(counts) != 1:
+            raise RuntimeError(f"cross-attention layers saw different numbers of steps: {sorted(counts)}")
+        return torch.stack([torch.stack(steps) for steps in self.steps], dim=1).cpu()
+
+
 class CaptionModel(BlipBase):
     """A BLIP captioning checkpoint (hub id or local directory); loads on first use."""
 
@@ -43,6 +102,13 @@ class CaptionModel(BlipBase):
 
     def generate_ids(self, pixel_values: np.ndarray, params: CaptionParams) -> torch.Tensor:
         """Token ids (B, T) on the CPU: the bos token, the prompt tokens if any, then the caption."""
+        return self._generate(pixel_values, params)[0]
+
+    def _generate(
+        self, pixel_values: np.ndarray, params: CaptionParams, capture: _CrossAttentionCapture | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """(ids on the CPU, beam indices or None, prompt length); with ``capture``, its hooks run
+        inside this very generate."""
         self.load()
         assert self._model is not None
         self.check_pixels(pixel_values)
@@ -58,13 +124,18 @@ class CaptionModel(BlipBase):
         }
         if params.do_sample:
             kwargs.update(top_p=params.top_p, top_k=params.top_k, temperature=params.temperature)
+        prompt_len = 1  # BLIP's generate starts from the bos token alone
         if params.prompt is not None:
             # Tokenised once and repeated: every image in the batch continues the same prompt.
             ids = self.tokenizer(params.prompt, return_tensors="pt").input_ids.to(self.device)
             kwargs["input_ids"] = ids.repeat(batch, 1)
             kwargs["attention_mask"] = torch.ones_like(kwargs["input_ids"])
+            prompt_len = ids.shape[1] - 1  # generate drops the trailing [SEP]
+        if capture is not None and params.num_beams > 1:
+            # Only for beam_indices: which running beam chose each token of the returned sequence.
+            kwargs["return_dict_in_generate"] = True
 
-        with torch.inference_mode():
+        with torch.inference_mode(), (capture.active() if capture is not None else _nothing()):
             if not params.do_sample:
                 out = self._model.generate(pixel_values=pixels, **kwargs)
             else:
@@ -72,14 +143,77 @@ class CaptionModel(BlipBase):
                     if params.seed is not None:
                         torch.manual_seed(params.seed)
                     out = self._model.generate(pixel_values=pixels, **kwargs)
-        return out.cpu()
+        if isinstance(out, torch.Tensor):
+            return out.cpu(), None, prompt_len
+        beams = getattr(out, "beam_indices", None)
+        return out.sequences.cpu(), None if beams is None else beams.cpu(), prompt_len
+
+    def explain(
+        self, pixel_values: np.ndarray, params: CaptionParams, heads: Literal["mean", "max"] = "mean"
+    ) -> tuple[list[str], list[TokenAttention]]:
+        """Captions, exactly as :meth:`caption` returns them, and each image's cross-attention per
+        generated token, captured inside the same batched ``generate``."""
+        self.load()
+        capture = _CrossAttentionCapture(self._model, heads)
+        ids, beams, prompt_len = self._generate(pixel_values, params, capture)
+        steps = capture.stacked()  # (S, L, rows, K); rows = batch, or batch * num_beams
+        generated = ids.shape[1] - prompt_len
+        if steps.shape[0] < generated:
+            raise RuntimeError(f"captured {steps.shape[0]} decoding steps for {generated} generated tokens")
+        out: list[TokenAttention] = []
+        step = torch.arange(generated)
+        for b in range(ids.shape[0]):
+            # Greedy and sampling keep row b; beam search says which running beam chose each token.
+            rows = torch.full((generated,), b) if beams is None else beams[b, :generated].long()
+            maps = steps[step, :, rows.clamp(min=0), :]  # (generated, layers, keys)
+            maps[rows < 0] = float("nan")  # beam search marks positions past this beam's end with -1
+            out.append(TokenAttention(ids[b].numpy(), prompt_len, maps.numpy()))
+        return self._texts(ids), out
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        """(rows, cols) of the ViT patch grid, from the checkpoint's vision config."""
+        self.load()
+        vision = self._model.config.vision_config
+        return vision.image_size // vision.patch_size, vision.image_size // vision.patch_size
+
+    @property
+    def eos_token_id(self) -> int | None:
+        """The token that ends a caption: BLIP's generate stops on the text config's [SEP]."""
+        self.load()
+        sep = self._model.config.text_config.sep_token_id
+        return None if sep is None else int(sep)
+
+    @property
+    def decoder_shape(self) -> dict[str, Any]:
+        """What the checkpoint's text decoder is, from its config (documented in the README)."""
+        self.load()
+        text = self._model.config.text_config
+        vision = self._model.config.vision_config
+        layers = self._model.text_decoder.bert.encoder.layer
+        return {
+            "architecture": type(self._model.text_decoder).__name__,
+            "layers": int(text.num_hidden_layers),
+            "cross_attention_layers": sum(hasattr(layer, "crossattention") for layer in layers),
+            "heads": int(text.num_attention_heads),
+            "hidden_size": int(text.hidden_size),
+            "image_size": int(vision.image_size),
+            "patch_size": int(vision.patch_size),
+        }
+
+    def _texts(self, ids: torch.Tensor) -> list[str]:
+        return [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     def caption(self, pixel_values: np.ndarray, params: CaptionParams) -> list[str]:
         """One caption per image of a (B, 3, H, W) batch: uint8 pixels, or float32 already normalised."""
-        ids = self.generate_ids(pixel_values, params)
-        return [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        return self._texts(self.generate_ids(pixel_values, params))
 
     def _rng_devices(self) -> list[int]:
         if self.device.startswith("cuda"):
             return [torch.device(self.device).index or torch.cuda.current_device()]
         return []
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield

@@ -7,6 +7,12 @@ serves, so ``embed`` and ``validate`` share the retrieval model. ``prepare`` run
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -16,6 +22,8 @@ from imgq.config import Settings
 from imgq.kinds import KINDS, load
 from imgq.params import CaptionParams, Params
 from imgq.worker.preprocess import Preprocessor
+
+log = logging.getLogger(__name__)
 
 
 class ImageRunner:
@@ -31,6 +39,9 @@ class ImageRunner:
     @classmethod
     def make_model(cls, settings: Settings) -> Any:
         raise NotImplementedError
+
+    def configure(self, settings: Settings) -> None:
+        """Hook: what a runner takes from the worker's settings beyond its model."""
 
     def load(self) -> None:
         loader = getattr(self.model, "load", None)
@@ -77,7 +88,24 @@ def _model_options(settings: Settings) -> dict[str, Any]:
 
 
 class CaptionRunner(ImageRunner):
+    """Captions; with ``explain``, also each token's cross-attention, captured inside the same
+    batched generate (:meth:`imgq.worker.model.CaptionModel.explain`).
+
+    Overlays are drawn on the original picture, which only ``prepare`` (a decode thread) sees: it
+    keeps a small copy keyed by a hash of the prepared pixels, which ``run`` finds again in its
+    batch. The copies are bounded like the engine's decoded items (4 x max batch); one evicted
+    before its batch ran loses its overlays, never its caption or stored maps."""
+
     kind = "caption"
+    _THUMB_SIDE = 512  # overlays of jobs: enough to see where a word looked
+
+    def __init__(self, model: Any) -> None:
+        super().__init__(model)
+        self.sink: Any = None
+        self._originals: OrderedDict[bytes, Any] = OrderedDict()
+        self._originals_limit = 4 * 32 + 8
+        self._originals_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
 
     @classmethod
     def make_model(cls, settings: Settings) -> Any:
@@ -85,8 +113,75 @@ class CaptionRunner(ImageRunner):
 
         return CaptionModel(settings.caption_model, revision=settings.model_revision, **_model_options(settings))
 
+    def configure(self, settings: Settings) -> None:
+        self._originals_limit = 4 * settings.max_batch + 8
+        if settings.explain_output:
+            from imgq.worker.explainer import OverlaySink
+
+            self.sink = OverlaySink(settings.explain_output, settings=settings)
+
+    def prep_key(self, params: Params) -> tuple[Any, ...]:
+        key = super().prep_key(params)
+        # Not shared with another kind's input: only this runner's prepare keeps the original.
+        return (*key, "explain") if getattr(params, "explain", False) else key
+
+    def prepare(self, image: Any, params: Params) -> np.ndarray:
+        pixels = super().prepare(image, params)
+        if getattr(params, "explain", False) and self.sink is not None:
+            thumb = image.copy()
+            thumb.thumbnail((self._THUMB_SIDE, self._THUMB_SIDE))
+            with self._originals_lock:
+                self._originals[_fingerprint(pixels)] = (thumb, image.size)
+                while len(self._originals) > self._originals_limit:
+                    self._originals.popitem(last=False)
+        return pixels
+
     def run(self, pixels: np.ndarray, texts: list[str] | None, params: CaptionParams) -> list[str]:
-        return list(self.model.caption(pixels, params))
+        if not params.explain:
+            return list(self.model.caption(pixels, params))
+        from imgq.explain import ExplainedCaption, Geometry, summary
+        from imgq.worker.explainer import explain_batch, model_info
+        from imgq.worker.overlay import EXPLAIN_JSON, document, dumps, render_files
+
+        size = int(pixels.shape[-1])
+        explained = explain_batch(self.model, pixels, params)
+        info = model_info(self.model) if self.sink is not None else {}
+
+        def draw(row: np.ndarray, ex: Any) -> str | None:
+            fingerprint = _fingerprint(row)
+            with self._originals_lock:
+                original = self._originals.get(fingerprint)
+            if original is None:
+                log.warning("no original kept for an explained caption; its overlays are skipped",
+                            extra={"action": "explain_no_original"})
+                return None
+            thumb, (width, height) = original
+            geometry = Geometry.of(params.resize, width, height, size)
+            files = render_files(thumb, ex, geometry)
+            files[EXPLAIN_JSON] = dumps(document(ex, geometry, ref=None, model=info, params=params.canonical(),
+                                                 files=files))
+            # Content-addressed: the same input, model and parameters always land in the same
+            # folder, so a redelivered item rewrites it instead of adding another.
+            name = f"{params.digest()}/{hashlib.sha256(fingerprint + info['revision'].encode()).hexdigest()[:24]}"
+            return str(self.sink.write(name, files))
+
+        if self.sink is None:
+            overlays: list[str | None] = [None] * len(explained)
+        else:
+            # PNG encoding (zlib) and the numpy work release the GIL: the batch's images are drawn
+            # side by side, and the batch still settles only once every overlay is written.
+            overlays = list(self._drawing().map(draw, pixels, explained))
+        return [ExplainedCaption(ex.caption, summary(ex, size, where))
+                for ex, where in zip(explained, overlays, strict=True)]
+
+    def _drawing(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="imgq-overlay")
+        return self._pool
+
+
+def _fingerprint(pixels: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(pixels).data, digest_size=16).digest()
 
 
 class RetrievalRunner(ImageRunner):
@@ -132,4 +227,5 @@ def build_runners(settings: Settings, models: dict[str, Any] | None = None) -> d
         if spec.family not in models:
             models[spec.family] = cls.make_model(settings)
         runners[kind] = cls(models[spec.family])
+        runners[kind].configure(settings)
     return runners

@@ -1,10 +1,15 @@
-"""Captions: one row per (image version, model, revision, params); the first stored text wins."""
+"""Captions: one row per (image version, model, revision, params); the first stored text wins.
+
+An explained caption (``explain`` in its params, so its own identity) also gets one
+``caption_explanations`` row, written in the same transaction; the first stored wins, except that
+overlays written by a later delivery fill in a location the first one lacked.
+"""
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import text
@@ -21,6 +26,33 @@ FROM unnest(CAST(:image_id AS bigint[]), CAST(:txt AS text[])) WITH ORDINALITY A
 ORDER BY image_id, n
 ON CONFLICT ON CONSTRAINT captions_identity DO UPDATE SET text = captions.text
 RETURNING image_id, id
+""")
+
+
+_WRITE_EXPLANATIONS = text("""
+INSERT INTO caption_explanations (caption_id, grid_rows, grid_cols, input_size, heads, layers, tokens, words,
+                                  maps, overlays)
+SELECT DISTINCT ON (caption_id) caption_id, grid_rows, grid_cols, input_size, heads, layers, tokens, words,
+       maps, overlays
+FROM unnest(CAST(:caption_id AS bigint[]), CAST(:grid_rows AS int[]), CAST(:grid_cols AS int[]),
+            CAST(:input_size AS int[]), CAST(:heads AS text[]), CAST(:layers AS text[]),
+            CAST(:tokens AS jsonb[]), CAST(:words AS jsonb[]), CAST(:maps AS bytea[]), CAST(:overlays AS text[]))
+     WITH ORDINALITY AS v(caption_id, grid_rows, grid_cols, input_size, heads, layers, tokens, words, maps,
+                          overlays, n)
+ORDER BY caption_id, n
+ON CONFLICT (caption_id) DO UPDATE
+SET overlays = coalesce(caption_explanations.overlays, EXCLUDED.overlays)
+""")
+
+# `imgq results --explain`: one row per item, with the explanation of its caption.
+EXPLANATIONS = text("""
+SELECT i.seq, i.ref, c.text AS caption, c.params->>'resize' AS resize, im.width, im.height,
+       x.grid_rows, x.grid_cols, x.input_size, x.words, x.overlays
+FROM job_items i
+JOIN captions c ON c.id = i.caption_id
+LEFT JOIN caption_explanations x ON x.caption_id = c.id
+LEFT JOIN images im ON im.id = i.image_id
+WHERE i.job_id = :job ORDER BY i.seq
 """)
 
 
@@ -48,4 +80,33 @@ class CaptionWriter:
                 "model": model, "rev": rev, "phash": phash, "params": json.dumps(group[0].params),
             }).all())
             ids.update({(r.job, r.seq): by_image[r.image_id] for r in group})
+            explained = [(by_image[r.image_id], r.value.summary) for r in group if hasattr(r.value, "summary")]
+            if explained:
+                conn.execute(_WRITE_EXPLANATIONS, {
+                    "caption_id": [cid for cid, _ in explained],
+                    **{col: [x[col] for _, x in explained]
+                       for col in ("grid_rows", "grid_cols", "input_size", "heads", "layers", "maps", "overlays")},
+                    "tokens": [json.dumps(x["tokens"]) for _, x in explained],
+                    "words": [json.dumps(x["words"]) for _, x in explained],
+                })
         return ids
+
+
+def explanations(conn: Any, job: uuid.UUID) -> Iterator[dict[str, Any]]:
+    """Each item of ``job`` with its caption's explanation: where the overlays are, and each word's
+    top patch with its box on the original image (``explanation`` is null for a caption enqueued
+    without ``--explain``)."""
+    from imgq.explain import Geometry
+
+    for row in conn.execute(EXPLANATIONS, {"job": job}).mappings():
+        out: dict[str, Any] = {"seq": row["seq"], "ref": row["ref"], "caption": row["caption"],
+                               "overlays": row["overlays"], "words": None}
+        if row["words"] is not None:
+            grid = (row["grid_rows"], row["grid_cols"])
+            geometry = (Geometry.of(row["resize"] or "stretch", row["width"], row["height"], row["input_size"])
+                        if row["width"] and row["height"] else None)
+            out["words"] = [{"text": w["text"], "top_patch": w["top"],
+                             "box": list(box) if geometry is not None
+                             and (box := geometry.cell_box(*w["top"], grid)) is not None else None}
+                            for w in row["words"]]
+        yield out

@@ -198,7 +198,7 @@ def test_same_message_delivered_three_times_at_once(make_settings, image_root, s
     store = Store.from_url(settings.database_url)
     params = CaptionParams(max_new_tokens=6)
     tasks = [caption_task(settings.caption_model, params)]
-    job = create_job(store, tasks, refs)
+    job = create_job(store, tasks, refs, published=True)
     message = make_message(job, tasks, refs)
     app = make_celery(settings)
     threads = [threading.Thread(target=publish, args=(app, [message]), kwargs={"queue": settings.queue})

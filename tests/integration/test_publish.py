@@ -6,6 +6,7 @@ import uuid
 
 import pytest
 import redis
+from sqlalchemy import text
 
 from imgq.celeryconf import make_celery
 from imgq.config import Settings
@@ -13,8 +14,8 @@ from imgq.contract import CaptionParams, TaskMessage
 from imgq.db.admin import Admin
 from imgq.db.store import DeadRow, Store
 from imgq.params import EmbedParams, ValidateParams
-from imgq.publish import PIPELINE, chunk_messages, publish, republish
-from tests.jobs import caption_task, create_job
+from imgq.publish import PIPELINE, chunk_messages, publish
+from tests.jobs import caption_task, create_job, record
 
 pytestmark = pytest.mark.integration
 
@@ -56,10 +57,11 @@ def _queued(redis_server, queue: str) -> list[TaskMessage]:
 
 
 @pytest.mark.parametrize("kinds", [["embed"], ["caption", "embed"], ["validate"]])
-def test_dead_letter_retry_and_reconciler_sweep_go_out_with_every_task_of_the_job(
+def test_dead_letter_retry_and_lost_items_go_out_with_every_task_of_the_job(
     kinds: list[str], broker_url: str, redis_server, database_url: str
 ) -> None:
     from imgq.contract import make_task
+    from imgq.worker.feeder import Feeder
 
     settings = Settings(_env_file=None, broker_url=broker_url, queue="republish-test")
     app = make_celery(settings)
@@ -69,24 +71,27 @@ def test_dead_letter_retry_and_reconciler_sweep_go_out_with_every_task_of_the_jo
     tasks = [make_task(k, f"model-{k}", params[k]) for k in kinds]
     refs = [("s3://b/0.jpg", "a dog"), ("s3://b/1.jpg", "a cat")] if kinds == ["validate"] else ["s3://b/0.jpg",
                                                                                                   "s3://b/1.jpg"]
-    job = create_job(store, tasks, refs)
+    job = store.create_job(tasks=[record(t) for t in tasks], refs=refs, queue="republish-test")
     admin = Admin(store.engine)
+    feeder = Feeder(admin=admin, app=app, queue="republish-test", window=100, per_message=16)
+    assert feeder.feed().items == 2
 
     store.claim(job, [0], "w")
     store.write_dead([DeadRow(job, 0, "wrong_model", "no worker served it", "w")])
-    republish(app, admin.take_dead_letters(code="wrong_model", job=None, seq=None), queue="republish-test",
-              per_message=16)
-    republish(app, admin.take_stale(queued_older_than_s=0, running_older_than_s=None) or [],
-              queue="republish-test", per_message=16)
+    assert [len(b.items) for b in admin.take_dead_letters(code="wrong_model", job=None, seq=None)] == [1]
+    assert feeder.feed().items == 1  # the retried item, back from the backlog
+    client = redis.Redis(unix_socket_path=str(redis_server.socket_path))
+    client.delete("republish-test")  # the broker loses everything it held
+    client.close()
+    report = feeder.feed(sweep=True, lost_after_s=0)  # the queue is empty: published + queued = lost
     messages = _queued(redis_server, "republish-test")
     store.engine.dispose()
-    assert len(messages) == 2  # the retried item, then the sweep (which sees both queued items)
+    assert (report.lost, report.items) == (2, 2)
+    assert len(messages) == 1
     for msg in messages:
         assert msg.tasks == tasks, "a re-published item must keep its job's kinds, models and params"
-    retried, swept = messages
-    expected = [(0, *refs[0])] if isinstance(refs[0], tuple) else [(0, refs[0])]
-    assert retried.items == expected
-    assert [item[0] for item in swept.items] == [0, 1]
+    assert messages[0].items == ([(0, *refs[0]), (1, *refs[1])] if isinstance(refs[0], tuple)
+                                 else [(0, refs[0]), (1, refs[1])])
 
 
 def test_chunking_keeps_the_last_partial_chunk() -> None:
@@ -99,7 +104,12 @@ def test_chunking_keeps_the_last_partial_chunk() -> None:
 def test_reconcile_of_one_job_leaves_the_others_alone(database_url: str) -> None:
     store = Store.from_url(database_url)
     mine = create_job(store, [caption_task("m")], ["/a/0.jpg", "/a/1.jpg"])
-    create_job(store, [caption_task("m")], ["/b/0.jpg"])
-    batches = Admin(store.engine).take_stale(queued_older_than_s=0, running_older_than_s=0, job=mine)
+    other = create_job(store, [caption_task("m")], ["/b/0.jpg"])
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE job_items SET state = 'running', worker = 'w'"))
+    with Admin(store.engine).feeding("imgq") as tx:
+        assert tx.lost(queued_older_than_s=0, running_older_than_s=0, job=mine) == 2
+    counts = store.counts(mine), store.counts(other)
     store.engine.dispose()
-    assert [(b.job, [i[0] for i in b.items]) for b in batches] == [(mine, [0, 1])]
+    assert counts == ({"queued": 2, "running": 0, "done": 0, "dead": 0},
+                      {"queued": 0, "running": 1, "done": 0, "dead": 0})

@@ -3,6 +3,8 @@ is; messages that can never settle end (dead letters or one dropped line), never
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from typing import Any
 
@@ -164,3 +166,151 @@ def test_crash_suspects_are_split_off_without_charging_anyone_an_attempt(store: 
     for msg in published:  # each alone now; the suspect runs in the exclusive quarantine
         assert svc.handle(msg.to_json()).done == 1
     assert attempts() == [2, 1, 1]
+
+
+@pytest.mark.parametrize(("attempts_before", "worn"), [(2, False), (3, True), (7, True)])
+def test_an_item_delivered_more_often_than_allowed_is_dead_lettered_unrun(store: Store, attempts_before, worn):
+    """max_attempts=3: the 3rd delivery still runs, the 4th is too_many_attempts (a poison item that
+    kills every worker it reaches must not loop), and its batchmate runs as usual."""
+    task = caption_task("m")
+    job = create_job(store, [task], ["/d/0.jpg", "/d/1.jpg"])
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE job_items SET attempts = :n WHERE job_id = :j AND seq = 0"),
+                     {"n": attempts_before, "j": job})
+    engine = RecordingEngine([task])
+    summary = service(store, engine).handle(message(job, [task], ["/d/0.jpg", "/d/1.jpg"]).to_json())
+    [(_, submitted)] = engine.submitted
+    with store.engine.connect() as conn:
+        letters = conn.execute(text("SELECT seq, code, message, attempts FROM dead_letters WHERE job_id = :j"),
+                               {"j": job}).all()
+        workers = conn.execute(text("SELECT worker FROM dead_letters WHERE job_id = :j "
+                                    "UNION ALL SELECT worker FROM job_items WHERE job_id = :j"), {"j": job}).scalars()
+        assert set(workers) == {"stub-worker"}, "claims and dead letters name the worker (the reaper relies on it)"
+    if worn:
+        assert submitted == [(1, "/d/1.jpg")], "a worn item is never handed to the model"
+        assert (summary.done, summary.dead) == (1, 1)
+        assert letters == [(0, "too_many_attempts", f"delivered {attempts_before + 1} times without settling "
+                                                     "(it may crash workers)", attempts_before + 1)]
+        assert store.counts(job)["dead"] == 1
+    else:
+        assert submitted == [(0, "/d/0.jpg"), (1, "/d/1.jpg")]
+        assert (summary.done, summary.dead) == (2, 0) and letters == []
+
+
+class ScriptedEngine(RecordingEngine):
+    """Settles each item as the test scripted it (done, dead, or retry with a code); items not
+    scripted never settle. ``joined`` items are reported as already in flight in this process."""
+
+    def __init__(self, served: list[TaskSpec], script: dict[int, tuple[str, str | None]],
+                 joined: dict[int, str] | None = None) -> None:
+        super().__init__(served)
+        self.script = script
+        self.joined = joined or {}
+        self.jobs: list[uuid.UUID] = []
+
+    def in_flight(self, job, seqs) -> dict:
+        found = {}
+        for seq in seqs:
+            if seq in self.joined:
+                item = WorkItem(job, seq, self.joined[seq], ())
+                item.future.set_result(Outcome(seq, "done"))
+                found[seq] = item
+        return found
+
+    def submit(self, job, tasks, items):
+        self.jobs.append(job)
+        self.submitted.append((list(tasks), [tuple(i) for i in items]))
+        work = []
+        for seq, ref, *rest in items:
+            item = WorkItem(job, seq, ref, tuple(tasks), rest[0] if rest else None)
+            if seq in self.script:
+                state, code = self.script[seq]
+                item.future.set_result(Outcome(seq, state, code, f"{state} on purpose"))  # type: ignore[arg-type]
+            work.append(item)
+        return work
+
+
+def attempts_of(store: Store, job: uuid.UUID, seq: int, n: int) -> None:
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE job_items SET attempts = :n WHERE job_id = :j AND seq = :s"),
+                     {"n": n, "j": job, "s": seq})
+
+
+def test_retries_are_published_with_backoff_released_and_given_up_at_the_limit(store: Store):
+    task = caption_task("m")
+    refs = [f"/d/{i}.jpg" for i in range(5)]
+    job = create_job(store, [task], refs)
+    attempts_of(store, job, 2, 2)  # its 3rd delivery now: with max_attempts=3, no retry is left
+    attempts_of(store, job, 3, 2)
+    published: list = []
+    delays: list[float] = []
+    engine = ScriptedEngine([task], {0: ("done", None), 1: ("retry", "transient"), 2: ("retry", None),
+                                     3: ("retry", "out_of_memory"), 4: ("dead", "not_found")})
+    svc = MessageService(store=store, engine=engine, policy=RetryPolicy(3, 0.4, 0.4),  # type: ignore[arg-type]
+                         publish=lambda messages, delay: (published.extend(messages), delays.append(delay)))
+    summary = svc.handle(message(job, [task], refs).to_json())
+    assert engine.jobs == [job]
+    assert (summary.done, summary.dead, summary.retried, summary.skipped) == (1, 3, 1, 0)
+    [again] = published
+    assert again.items == [(1, "/d/1.jpg")] and again.tasks == [task]
+    assert 0.2 <= delays[0] <= 0.4, "the backoff of a first attempt, jittered down by at most half"
+    with store.engine.connect() as conn:
+        states = dict(conn.execute(text("SELECT seq, state FROM job_items WHERE job_id = :j"), {"j": job}).all())
+        letters = conn.execute(text("SELECT seq, code, message, worker FROM dead_letters WHERE job_id = :j "
+                                    "ORDER BY seq"), {"j": job}).all()
+    assert states[1] == "queued", "a published retry is released, not left running"
+    assert states[0] == "running" and states[4] == "running"  # the stub engine writes no results
+    assert letters == [
+        (2, "transient", "gave up after 3 attempts: retry on purpose", "stub-worker"),
+        (3, "out_of_memory", "gave up after 3 attempts: retry on purpose", "stub-worker"),
+    ]
+
+
+def test_items_already_in_flight_here_are_awaited_not_claimed(store: Store):
+    task = caption_task("m")
+    job = create_job(store, [task], ["/d/0.jpg", "/d/1.jpg"])
+    engine = ScriptedEngine([task], {0: ("done", None)}, joined={1: "/d/1.jpg"})
+    payload = message(job, [task], ["/d/0.jpg", "/d/1.jpg"]).to_json()
+    payload["items"].append([7, "/not/in/the/job"])
+    summary = service(store, engine).handle(payload)
+    assert engine.submitted[0][1] == [(0, "/d/0.jpg")]
+    assert (summary.done, summary.skipped) == (1, 2), "the joined item and the unknown seq"
+    with store.engine.connect() as conn:
+        attempts = conn.execute(text("SELECT attempts FROM job_items WHERE job_id = :j ORDER BY seq"),
+                                {"j": job}).scalars().all()
+    assert attempts == [1, 0], "joining costs no attempt"
+
+
+def test_a_message_that_never_settles_times_out_at_its_limit(store: Store):
+    task = caption_task("m")
+    job = create_job(store, [task], ["/d/0.jpg", "/d/1.jpg"])
+    svc = MessageService(store=store, engine=ScriptedEngine([task], {}),  # type: ignore[arg-type]
+                         policy=RetryPolicy(3, 0.01, 0.01), publish=lambda messages, delay: None, time_limit_s=0.3)
+    raised: list[BaseException] = []
+
+    def handle() -> None:
+        try:
+            svc.handle(message(job, [task], ["/d/0.jpg", "/d/1.jpg"]).to_json())
+        except BaseException as exc:
+            raised.append(exc)
+
+    started = time.monotonic()
+    thread = threading.Thread(target=handle, daemon=True)
+    thread.start()
+    thread.join(5)
+    elapsed = time.monotonic() - started
+    assert not thread.is_alive(), "waited past the time limit"
+    assert len(raised) == 1 and isinstance(raised[0], TimeoutError), "unacknowledged: it must raise"
+    assert 0.25 <= elapsed < 0.9, f"the limit is for the whole message, not per item ({elapsed:.2f}s)"
+
+
+def test_the_items_a_forged_message_gets_wrong_are_counted(store: Store, caplog):
+    task = caption_task("m")
+    refs = ["/d/0.jpg", "/d/1.jpg", "/d/2.jpg"]
+    job = create_job(store, [task], refs)
+    service(store, RecordingEngine([task])).handle(message(job, [task], refs).to_json())
+    assert "unlike the record" not in caplog.text, "a faithful message is not flagged"
+    job = create_job(store, [task], refs)
+    forged = message(job, [task], ["/d/0.jpg", "/etc/passwd", "/d/2.jpg"])
+    service(store, RecordingEngine([task])).handle(forged.to_json())
+    assert "names 1 items unlike the record" in caplog.text

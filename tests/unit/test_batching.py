@@ -77,7 +77,22 @@ def test_per_key_limit_caps_beam_batches():
     assert [b.items for b in batcher.add(16, "z")] == [["z"]]
 
 
-@pytest.mark.parametrize(("max_batch", "max_wait"), [(0, 0.1), (4, -1)])
-def test_rejects_bad_config(max_batch, max_wait):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(("max_batch", "max_wait", "message"),
+                         [(0, 0.1, "max_batch must be >= 1"), (4, -1, "max_wait must be >= 0")])
+def test_rejects_bad_config(max_batch, max_wait, message):
+    with pytest.raises(ValueError) as info:
         Batcher(max_batch, max_wait, FakeClock())
+    assert str(info.value) == message
+
+
+def test_drain_and_due_hand_out_the_oldest_group_first_whatever_its_key():
+    batcher, clock = make(max_wait=0.5)
+    for t, key in [(0.0, "c"), (0.1, "a"), (0.2, "b")]:
+        clock.now = t
+        batcher.add(key, t)
+    assert [(b.key, b.opened) for b in batcher.drain()] == [("c", 0.0), ("a", 0.1), ("b", 0.2)]
+    for t, key in [(0.0, "c"), (0.1, "a"), (0.2, "b")]:
+        clock.now = t
+        batcher.add(key, t)
+    clock.now = 5
+    assert [b.key for b in batcher.due()] == ["c", "a", "b"]

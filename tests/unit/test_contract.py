@@ -3,7 +3,7 @@ import pytest
 from imgq.contract import MESSAGE_VERSION, CaptionParams, TaskMessage, make_task, parse_params
 from imgq.errors import BadParams
 from imgq.kinds import KINDS, parse_kinds, spec
-from imgq.params import EmbedParams, ValidateParams
+from imgq.params import EmbedParams, ValidateParams, validate_params
 
 
 def test_defaults_are_greedy_captioning():
@@ -17,7 +17,7 @@ def test_defaults_are_greedy_captioning():
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"min_new_tokens": 40, "max_new_tokens": 20}, "exceeds max_new_tokens"),
         ({"num_beams": 99}, "num_beams"),
-        ({"temperature": 0.7}, "temperature only applies with sampling (--sample"),
+        ({"temperature": 0.7}, "temperature only applies with sampling (do_sample)"),
         ({"do_sample": True, "top_p": 1.5}, "top_p"),
         ({"do_sample": True, "temperature": 0}, "temperature"),
         ({"resize": "squash"}, "resize"),
@@ -59,6 +59,17 @@ def test_every_problem_is_named_in_one_line():
     message = info.value.message
     assert "num_beams" in message and "temperature only applies" in message and "top_k only applies" in message
     assert "\n" not in message
+
+
+def test_problems_can_be_named_in_the_callers_words():
+    flag = {"do_sample": "--sample"}.get
+    with pytest.raises(BadParams) as info:
+        validate_params(CaptionParams, {"temperature": 0.5, "num_beams": 0, "min_new_tokens": 9, "max_new_tokens": 3},
+                        name=lambda f: flag(f) or "--" + f.replace("_", "-"))
+    message = info.value.message
+    assert "--num-beams: " in message and "--temperature only applies with sampling (--sample)" in message
+    assert "--min-new-tokens (9) exceeds --max-new-tokens (3)" in message
+    assert "num_beams" not in message and "do_sample" not in message
 
 
 def test_tasks_are_a_union_discriminated_on_kind():

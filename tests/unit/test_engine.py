@@ -14,7 +14,7 @@ import pytest
 from imgq import errors
 from imgq.contract import CaptionParams, TaskSpec, make_task
 from imgq.params import EmbedParams, ValidateParams
-from imgq.worker.engine import Engine
+from imgq.worker.engine import Engine, Outcome
 from imgq.worker.fakes import EchoRunner, MemoryResults
 
 JOB = uuid.uuid4()
@@ -132,8 +132,51 @@ def test_write_outage_is_ridden_out(results):
 def test_write_outage_past_the_limit_asks_for_retry(results):
     results.fail_next = 1000
     engine = make_engine(EchoRunner(), results)
-    assert set(run(engine, ["img-0.1"]).values()) == {("retry", "db_unavailable")}
+    [item] = engine.submit(JOB, [caption()], [(3, "img-0.1")])
+    outcome = item.future.result(10)
     engine.stop()
+    assert outcome == Outcome(3, "retry", "db_unavailable", "database unavailable (injected)")
+
+
+def test_every_outcome_names_its_item(results):
+    engine = make_engine(EchoRunner(poison=0.5), results, 8)
+    work = engine.submit(JOB, [caption()], [(10, "img-0.1"), (11, "img-0.5"), (12, "missing-c")])
+    outcomes = [item.future.result(10) for item in work]
+    engine.stop()
+    assert outcomes[0] == Outcome(10, "done")
+    assert outcomes[1].seq == 11 and outcomes[1].state == "dead" and outcomes[1].code == "model_error"
+    assert outcomes[1].message is not None and "model failed on a poison input" in outcomes[1].message
+    assert outcomes[2] == Outcome(12, "dead", "not_found", "no such file")
+
+
+class GatedWrites(MemoryResults):
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def write_done(self, items) -> None:  # type: ignore[no-untyped-def]
+        self.entered.set()
+        assert self.gate.wait(10), "test never opened the gate"
+        super().write_done(items)
+
+
+def test_writes_still_queued_at_shutdown_are_committed_before_the_writer_exits():
+    """stop() queues the writer's end behind the last writes; the writer must commit what it
+    had gathered when it meets the end, not drop it."""
+    results = GatedWrites()
+    engine = Engine(store=results, runners={"caption": EchoRunner()}, fetch=fetch, decode=decode,  # type: ignore[arg-type]
+                    worker_name="w", max_batch=1, max_wait_s=0.0, decode_threads=1).start()
+    work = engine.submit(JOB, [caption()], [(1, "img-0.1")])
+    assert results.entered.wait(10)  # the writer holds the first write alone
+    work += engine.submit(JOB, [caption()], [(i, f"img-0.{i}") for i in range(2, 7)])
+    stopping = threading.Thread(target=engine.stop, daemon=True)
+    stopping.start()
+    time.sleep(0.5)  # the other five writes and the end marker are queued behind the held one
+    results.gate.set()
+    stopping.join(30)
+    assert [item.future.done() for item in work] == [True] * 6
+    assert sorted(d.seq for d in results.done) == list(range(1, 7))
 
 
 @dataclass
@@ -287,3 +330,21 @@ def test_a_decode_past_its_time_bound_is_dead_lettered_and_its_batchmates_go_on(
     assert outcomes == {0: ("dead", "decode_timeout"), 1: ("done", None)}
     assert settled_s < 1.2, "the item settles at the bound, not when the decode ends"
     assert [d.seq for d in results.done] == [1] and [d.seq for d in results.dead] == [0]
+
+
+def test_dead_letters_and_retries_carry_the_item_its_code_and_the_error(results):
+    """What the writer stores for a dead item, and what a retry tells the service, are the
+    error's own code and message, for the right item, under this worker's name."""
+    engine = make_engine(EchoRunner(), results)
+    work = engine.submit(JOB, [caption()], [(5, "missing-a"), (6, "flaky-b")])
+    retry = work[1].future.result(10)
+    work[0].future.result(10)
+    engine.stop()
+    [dead] = results.dead
+    assert (dead.job, dead.seq, dead.code, dead.message, dead.worker) == (JOB, 5, "not_found", "no such file", "w")
+    assert (retry.seq, retry.state, retry.code, retry.message) == (6, "retry", "transient", "S3 error SlowDown")
+
+
+def test_an_error_without_a_message_says_what_its_class_means():
+    assert errors.NotFound().message == "The object or file does not exist."
+    assert errors.NotFound("gone").message == "gone"

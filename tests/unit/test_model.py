@@ -117,14 +117,31 @@ def test_properties(model, tiny_model_dir) -> None:
 
 
 def test_load_is_idempotent_across_threads(tiny_model_dir) -> None:
-    wrapper = CaptionModel(str(tiny_model_dir), device="cpu")
-    threads = [threading.Thread(target=wrapper.load) for _ in range(4)]
+    """Eight threads ask at once; the checkpoint is read once. The slow load keeps every thread
+    inside load() together, so without the lock (or its second look) each would load its own."""
+    loads: list[str] = []
+
+    class Counted(CaptionModel):
+        def _load_locked(self) -> None:
+            loads.append(threading.current_thread().name)
+            time.sleep(0.2)
+            super()._load_locked()
+
+    wrapper = Counted(str(tiny_model_dir), device="cpu")
+    start = threading.Barrier(8)
+
+    def load() -> None:
+        start.wait()
+        wrapper.load()
+
+    threads = [threading.Thread(target=load) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     loaded = wrapper._model
     wrapper.load()
+    assert len(loads) == 1, f"loaded {len(loads)} times"
     assert loaded is not None and wrapper._model is loaded
 
 

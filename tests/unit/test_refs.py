@@ -39,6 +39,10 @@ def test_s3_and_local_refs_parse(root: Path):
         ("{root}/escape.jpg", "outside IMGQ_LOCAL_ROOTS"),
         ("{root}/a\x00.jpg", "control characters"),
         ("", "empty reference"),
+        ("   ", "empty reference"),
+        ("s3://photos/2024/", "names no object key"),
+        ("sftp://host/a.jpg", "URLs are not accepted"),
+        ("photos://a.jpg", "URLs are not accepted"),
     ],
 )
 def test_refused_refs(root: Path, raw: str, fragment: str):
@@ -48,5 +52,21 @@ def test_refused_refs(root: Path, raw: str, fragment: str):
 
 
 def test_local_refs_disabled_without_roots():
-    with pytest.raises(RefRefused, match="IMGQ_LOCAL_ROOTS is empty"):
+    with pytest.raises(RefRefused, match=r"^local refs are disabled: IMGQ_LOCAL_ROOTS is empty$"):
         parse_ref("/tmp/a.jpg", allowed_buckets=[], local_roots=[])
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ("   ", "empty reference"),
+    ("s3://photos/" + "k" * 2037, "reference longer than 2048 characters"),  # 2049 characters
+])
+def test_refusal_messages_are_exact(root: Path, raw: str, message: str):
+    with pytest.raises(RefRefused) as info:
+        parse(raw, root)
+    assert info.value.message == message
+
+
+def test_the_longest_accepted_ref_is_2048_characters(root: Path):
+    raw = "s3://photos/" + "k" * 2036
+    assert len(raw) == 2048
+    assert parse(raw, root) == S3Ref("photos", "k" * 2036)

@@ -22,7 +22,7 @@ def test_decisions(retryable, attempts, action, delay):
 
 
 def test_attempt_counts_from_one():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^attempt counts from 1$"):
         compute_backoff(0, 1.0, 10.0, 0.5)
 
 

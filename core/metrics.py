@@ -1,0 +1,64 @@
+"""The worker's Prometheus metrics (prometheus-client, default registry).
+
+Labels are bounded: kinds, error codes and queue names come from small fixed sets; no job ids,
+refs or worker names (Prometheus adds ``instance`` itself). README "Operations" explains each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from prometheus_client import Counter, Histogram
+
+# Batches are 1..4096 items; the buckets follow the powers of two a batcher produces.
+_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+_SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+BATCH_SIZE = Histogram("imgq_batch_size", "Items per model batch.", ["kind"], buckets=_SIZES)
+BATCH_WAIT = Histogram("imgq_batch_wait_seconds", "How long a batch's first item waited for batchmates.",
+                       ["kind"], buckets=_SECONDS)
+MODEL_SECONDS = Histogram("imgq_model_seconds", "Model time per batch (forward or generate).", ["kind"],
+                          buckets=_SECONDS)
+IMAGES = Counter("imgq_images", "Items whose result for this kind was committed; rate() is images/s.",
+                 ["kind"])
+FAILURES = Counter("imgq_failures", "Failed item attempts, by error code (retried or dead-lettered).",
+                   ["code"])
+RETRIES = Counter("imgq_retries", "Items re-published to be tried again after a retryable failure.")
+DEAD_LETTERS = Counter("imgq_dead_letters", "Items dead-lettered, by error code.", ["code"])
+SWEEPS = Counter("imgq_reconcile_sweeps", "Lost-message sweeps this worker ran (as the feeder).")
+RECOVERED = Counter("imgq_recovered_items",
+                    "Items published again because their message was lost, by reason "
+                    "(lost: queued but gone from Redis; orphan: their worker died).", ["reason"])
+PUBLISHED = Counter("imgq_fed_messages", "Messages the feeder published to keep the broker window full.")
+
+
+def count_done(items: Iterable[Any]) -> None:
+    """``items`` are committed :class:`imgq.ports.DoneItem`."""
+    for item in items:
+        for kind in item.results:
+            IMAGES.labels(kind).inc()
+
+
+def count_dead(rows: Sequence[Any]) -> None:
+    """``rows`` are committed :class:`imgq.ports.DeadRow`."""
+    for row in rows:
+        DEAD_LETTERS.labels(row.code).inc()
+
+
+class MeteredStore:
+    """The worker's store, counting what it commits: every result and dead letter passes here."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def write_done(self, items: Sequence[Any]) -> None:
+        self._store.write_done(items)
+        count_done(items)
+
+    def write_dead(self, rows: Sequence[Any]) -> None:
+        self._store.write_dead(rows)
+        count_dead(rows)

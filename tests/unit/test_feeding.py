@@ -1,0 +1,72 @@
+"""The feeder's policy: window top-up and the priority-then-fair-share order, as tables."""
+
+from __future__ import annotations
+
+import pytest
+
+from imgq.feeding import Backlog, free_slots, plan
+
+
+@pytest.mark.parametrize(("depth", "window", "slots"), [
+    (0, 10, 10), (4, 10, 6), (10, 10, 0), (12, 10, 0), (-1, 10, 10),
+])
+def test_free_slots_tops_the_window_up_and_never_beyond(depth: int, window: int, slots: int) -> None:
+    assert free_slots(depth, window) == slots
+
+
+def _plan(backlogs: list[Backlog], messages: int, per_message: int = 2, **kw: object) -> dict[object, int]:
+    return dict(plan(backlogs, messages, per_message, **kw))  # type: ignore[arg-type]
+
+
+def test_only_the_highest_priority_is_served_while_it_has_items_waiting() -> None:
+    big = Backlog("big", "t", priority=0, in_flight=0)
+    urgent = Backlog("urgent", "t", priority=5, in_flight=100)
+    assert _plan([big, urgent], 8) == {"urgent": 8}
+    # Once the urgent job has nothing waiting (the caller drops it), the big one gets the slots.
+    assert _plan([big], 8) == {"big": 8}
+
+
+def test_two_idle_tenants_of_equal_priority_split_the_window_evenly() -> None:
+    a = Backlog("a", "tenant-a", 0, 0)
+    b = Backlog("b", "tenant-b", 0, 0)
+    assert _plan([a, b], 10) == {"a": 5, "b": 5}
+
+
+def test_the_tenant_with_fewer_items_in_flight_catches_up_first() -> None:
+    a = Backlog("a", "tenant-a", 0, in_flight=20)  # already holds 10 messages of 2
+    b = Backlog("b", "tenant-b", 0, in_flight=0)
+    assert _plan([a, b], 6) == {"b": 6}
+    assert _plan([a, b], 14) == {"b": 12, "a": 2}
+
+
+def test_fairness_is_between_tenants_first_then_between_their_jobs() -> None:
+    # Tenant x has three jobs, tenant y one: y gets half the slots, not a quarter.
+    jobs = [Backlog(f"x{i}", "x", 0, 0, age_rank=i) for i in range(3)] + [Backlog("y0", "y", 0, 0, age_rank=3)]
+    got = _plan(jobs, 12)
+    assert got["y0"] == 6
+    assert sorted(got[f"x{i}"] for i in range(3)) == [2, 2, 2]
+
+
+def test_jobs_already_published_still_count_in_their_tenants_share() -> None:
+    a = Backlog("a2", "tenant-a", 0, 0)
+    b = Backlog("b", "tenant-b", 0, 0)
+    assert _plan([a, b], 4, busy={"tenant-a": 8}) == {"b": 4}
+
+
+def test_equal_loads_go_to_the_oldest_job_first() -> None:
+    old = Backlog("old", "t", 0, 0, age_rank=0)
+    new = Backlog("new", "t", 0, 0, age_rank=1)
+    assert plan([new, old], 1, 2) == [("old", 1)]
+
+
+def test_a_job_of_larger_messages_takes_a_share_in_items_not_in_messages() -> None:
+    small = Backlog("small", "a", 0, 0, per_message=2)
+    large = Backlog("large", "b", 0, 0, per_message=8)
+    got = _plan([small, large], 10)
+    assert got == {"small": 8, "large": 2}  # 16 items each
+
+
+@pytest.mark.parametrize("messages", [0, -3])
+def test_no_slots_no_plan(messages: int) -> None:
+    assert plan([Backlog("a", "t", 0, 0)], messages, 2) == []
+    assert plan([], 5, 2) == []

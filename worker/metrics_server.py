@@ -1,0 +1,135 @@
+"""The worker's HTTP listener: ``/metrics`` (Prometheus), ``/healthz`` and ``/readyz`` (probes).
+
+``/metrics`` requires ``Authorization: Bearer $IMGQ_METRICS_TOKEN`` when a token is set, and the
+settings refuse a non-loopback bind without one. The probes carry no data and need no token:
+``/healthz`` answers while the process serves, ``/readyz`` only once the models are loaded and
+the broker and the database answer (checked at most every 2 s).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import REGISTRY, make_wsgi_app
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+Probe = Callable[[], str | None]  # None when ready, else why not
+
+
+class ProcessCollector(Collector):
+    """Sampled at scrape time: queue depth, this process's RSS and the GPU memory it holds."""
+
+    def __init__(self, queue_depths: Callable[[], dict[str, int]]) -> None:
+        self._queue_depths = queue_depths
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        depth = GaugeMetricFamily("imgq_queue_depth", "Messages waiting in the broker queue.", labels=["queue"])
+        try:
+            for queue, n in self._queue_depths().items():
+                depth.add_metric([queue], n)
+        except Exception as exc:  # the broker is down: no sample rather than a failed scrape
+            log.debug("queue depth unavailable: %s", exc)
+        yield depth
+        rss = GaugeMetricFamily("imgq_worker_rss_bytes", "Resident memory of this worker process.")
+        rss.add_metric([], _rss_bytes())
+        yield rss
+        torch = sys.modules.get("torch")  # only a worker that loaded torch has GPU memory to report
+        if torch is not None and torch.cuda.is_available():
+            gpu = GaugeMetricFamily("imgq_gpu_memory_bytes", "GPU memory allocated by this process.",
+                                    labels=["device"])
+            for index in range(torch.cuda.device_count()):
+                gpu.add_metric([str(index)], float(torch.cuda.memory_allocated(index)))
+            yield gpu
+
+
+def _rss_bytes() -> float:
+    try:
+        with open("/proc/self/statm") as statm:
+            return float(int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
+    except OSError:
+        import resource
+
+        return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+class _CachedProbe:
+    def __init__(self, probe: Probe, ttl_s: float = 2.0) -> None:
+        self._probe, self._ttl_s = probe, ttl_s
+        self._lock = threading.Lock()
+        self._at, self._why = 0.0, "not checked yet"
+
+    def __call__(self) -> str | None:
+        with self._lock:
+            if time.monotonic() - self._at > self._ttl_s:
+                try:
+                    self._why = self._probe()
+                except Exception as exc:
+                    self._why = f"{type(exc).__name__}: {exc}"
+                self._at = time.monotonic()
+            return self._why
+
+
+def make_app(token: str | None, ready: Probe) -> Callable[..., Iterable[bytes]]:
+    metrics = make_wsgi_app(REGISTRY)
+    ready = _CachedProbe(ready)
+    expected = f"Bearer {token}".encode() if token else None
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/healthz":
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"ok\n"]
+        if path == "/readyz":
+            why = ready()
+            start_response("200 OK" if why is None else "503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [b"ready\n" if why is None else f"not ready: {why}\n".encode()]
+        if path != "/metrics":
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found: /metrics, /healthz, /readyz\n"]
+        given = environ.get("HTTP_AUTHORIZATION", "").encode()
+        if expected is not None and not hmac.compare_digest(given, expected):
+            start_response("401 Unauthorized", [("Content-Type", "text/plain"),
+                                                ("WWW-Authenticate", 'Bearer realm="imgq"')])
+            return [b"unauthorized: send Authorization: Bearer $IMGQ_METRICS_TOKEN\n"]
+        return metrics(environ, start_response)
+
+    return app
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # a scrape every few seconds would flood the worker's log
+
+
+class MetricsServer:
+    def __init__(self, *, bind: str, port: int, token: str | None, ready: Probe,
+                 queue_depths: Callable[[], dict[str, int]]) -> None:
+        self._collector = ProcessCollector(queue_depths)
+        REGISTRY.register(self._collector)
+        self._server = make_server(bind, port, make_app(token, ready), ThreadingWSGIServer,
+                                   handler_class=_QuietHandler)
+        self.port = int(self._server.server_port)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="imgq-metrics", daemon=True)
+
+    def start(self) -> MetricsServer:
+        self._thread.start()
+        log.info("metrics on http://%s:%d/metrics", self._server.server_address[0], self.port,
+                 extra={"action": "metrics", "port": self.port})
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        REGISTRY.unregister(self._collector)
