@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 MODEL  ?= default
 
-.PHONY: install demo test unit integration e2e soak mutate lint bench clean
+.PHONY: install demo test unit integration e2e soak mutate lint bench clean browser
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

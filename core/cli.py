@@ -112,6 +112,19 @@ def _enqueue_params(settings: Settings, kinds: list[str], raw: dict[str, Any]) -
             for kind, cls in settings_model.items()]
 
 
+def _params_json(text: str | None) -> dict[str, Any]:
+    """``--params``: one JSON object of parameters (flags given beside it win)."""
+    if not text:
+        return {}
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        _fail("bad_params", f"--params is not valid JSON: {exc}")
+    if not isinstance(raw, dict):
+        _fail("bad_params", "--params must be a JSON object, e.g. '{\"num_beams\": 3}'")
+    return raw
+
+
 def _flag(field: str) -> str:
     """A parameter's name as `imgq enqueue` spells its flag (problems are reported in these)."""
     return "--sample" if field == "do_sample" else "--" + field.replace("_", "-")
@@ -170,14 +183,7 @@ def enqueue(
     flags = {name: value for name, value in given_flags.items()
              if name in CaptionParams.model_fields and name not in ("do_sample", "explain")}
     settings = _settings(refs_per_message=refs_per_message)
-    raw: dict[str, Any] = {}
-    if params_json:
-        try:
-            raw = json.loads(params_json)
-        except json.JSONDecodeError as exc:
-            _fail("bad_params", f"--params is not valid JSON: {exc}")
-        if not isinstance(raw, dict):
-            _fail("bad_params", "--params must be a JSON object, e.g. '{\"num_beams\": 3}'")
+    raw = _params_json(params_json)
     raw.update({k: v for k, v in flags.items() if v is not None})
     if do_sample:
         raw["do_sample"] = True
@@ -559,14 +565,7 @@ def explain(
     if heads not in ("mean", "max"):
         _fail("bad_params", f"--heads must be mean or max, not {heads!r}")
     settings = _settings()
-    raw: dict[str, Any] = {}
-    if params_json:
-        try:
-            raw = json.loads(params_json)
-        except json.JSONDecodeError as exc:
-            _fail("bad_params", f"--params is not valid JSON: {exc}")
-        if not isinstance(raw, dict):
-            _fail("bad_params", "--params must be a JSON object, e.g. '{\"num_beams\": 3}'")
+    raw = _params_json(params_json)
     given = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "prompt": prompt, "resize": resize}
     raw.update({k: v for k, v in given.items() if v is not None})
     raw.pop("explain", None)  # a job option; explaining is what this command does
