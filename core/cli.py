@@ -249,11 +249,20 @@ def _counts_line(counts: dict[str, int]) -> str:
 
 @app.command()
 def status(job: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Counts of a job's items by state (queued, running, done, dead), and dead letters purged."""
+    """Counts of a job's items by state (queued, running, done, dead), and dead letters purged.
+
+    `waiting` is the part of `queued` still in Postgres, which the workers' feeder has not yet
+    published to the broker window (IMGQ_BROKER_WINDOW)."""
     settings = _settings()
     store = _store(settings)
-    counts = _counts(store, _job_id(job, settings))
-    typer.echo(json.dumps(counts) if as_json else _counts_line(counts))
+    job_id = _job_id(job, settings)
+    counts = _counts(store, job_id)
+    waiting = store.waiting(job_id)
+    if as_json:
+        typer.echo(json.dumps({**counts, "waiting": waiting}))
+    else:
+        typer.echo(_counts_line(counts).replace(f"queued={counts['queued']}",
+                                                 f"queued={counts['queued']} (waiting={waiting})", 1))
 
 
 @app.command()

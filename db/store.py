@@ -110,6 +110,9 @@ _JOB_TASKS = text("SELECT tasks FROM jobs WHERE id = :job")
 
 _PURGED = text("SELECT purged FROM jobs WHERE id = :job")
 
+# Queued items not yet handed to the broker (the backlog the feeder publishes from).
+_WAITING = text("SELECT count(*) FROM job_items WHERE job_id = :job AND state = 'queued' AND published_at IS NULL")
+
 
 def results_sql(kinds: Sequence[str]) -> str:
     """`imgq results` for a job of these kinds: each kind's writer adds its columns and join."""
@@ -310,6 +313,11 @@ class Store:
         """Dead-lettered items of the job that `imgq dlq purge` deleted (they no longer count)."""
         with self.engine.connect() as conn:
             return int(conn.execute(_PURGED, {"job": job}).scalar_one_or_none() or 0)
+
+    def waiting(self, job: uuid.UUID) -> int:
+        """Queued items of the job still in Postgres, not yet published to the broker window."""
+        with self.engine.connect() as conn:
+            return int(conn.execute(_WAITING, {"job": job}).scalar_one())
 
     def kinds(self, job: uuid.UUID) -> list[str]:
         with self.engine.connect() as conn:

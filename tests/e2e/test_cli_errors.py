@@ -25,6 +25,7 @@ def test_broker_down_at_enqueue_keeps_the_job_and_reconcile_publishes_it(
     settings = make_settings()
     status = run_cli(settings, "status", job, "--json")
     assert '"queued": 1' in status.stdout  # accepted: committed in Postgres
+    assert '"waiting": 1' in status.stdout  # and not in the broker: the feeder publishes it
     client = redis.Redis(unix_socket_path=str(redis_server.socket_path))
     assert client.llen(settings.queue) == 0
     swept = run_cli(settings, "reconcile", "--older-than", "0")
