@@ -152,8 +152,21 @@ def test_wiping_redis_mid_job_costs_at_most_the_window(make_settings, redis_serv
     try:
         wait_for(lambda: store.counts(job)["done"] >= 8, 60, "no progress")
         assert unpublished(store, job) > 0
+        # Freeze the worker (its feeder too) with messages in the queue, so that the wipe really
+        # loses some: a worker that had just taken every queued message would lose none.
+        client = redis.Redis(unix_socket_path=str(redis_server.socket_path))
+        deadline = time.monotonic() + 60
+        while True:
+            worker.send_signal(signal.SIGSTOP)
+            if client.llen(settings.queue) > 0:
+                break
+            worker.send_signal(signal.SIGCONT)
+            assert time.monotonic() < deadline, "the queue never held a message"
+            time.sleep(0.02)
+        client.close()
         redis_server.stop(kill=True)  # no persistence: the window is gone
         redis_server.start()
+        worker.send_signal(signal.SIGCONT)
         totals = wait_finished(store, [job], timeout=120, procs=[worker], log_dir=tmp_path)
     finally:
         stop(worker)
