@@ -846,6 +846,10 @@ def _whole_summaries(typer_app: typer.Typer) -> None:
             _whole_summaries(group.typer_instance)
 
 
+# Commands that live in modules of their own add themselves to the app here.
+for _module in ("imgq.cli_api", "imgq.cli_backfill"):
+    __import__(_module, fromlist=["register"]).register(app)
+
 _whole_summaries(app)
 
 

@@ -22,10 +22,11 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-ITEM_STATES = ("queued", "running", "done", "dead")
+# cancelled: a queued item of a cancelled job (DELETE /v1/jobs/{id}); final, with no record.
+ITEM_STATES = ("queued", "running", "done", "dead", "cancelled")
 
 
 class Base(DeclarativeBase):
@@ -50,7 +51,20 @@ class Job(Base):
     tenant: Mapped[str] = mapped_column(Text, server_default="default")
     queue: Mapped[str] = mapped_column(Text, server_default="imgq")  # the broker queue its items go to
     refs_per_message: Mapped[int | None] = mapped_column(Integer)  # NULL: the publisher's IMGQ_REFS_PER_MESSAGE
+    source: Mapped[str] = mapped_column(Text, server_default="cli")  # cli | api | backfill
+    # POSTed a signed summary when the job finishes (worker/notifier.py); NULL: no callback.
+    callback_url: Mapped[str | None] = mapped_column(Text)
+    callback_state: Mapped[str | None] = mapped_column(
+        Text, CheckConstraint("callback_state in ('pending', 'delivered', 'failed')", name="jobs_callback_state"))
+    callback_next_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    cancelled_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+    __table_args__ = (
+        Index("jobs_callback_due", "callback_next_at", postgresql_where=text("callback_state = 'pending'")),
+        Index("jobs_tenant_created", "tenant", "created_at"),
+    )
 
 
 class Image(Base):
@@ -212,3 +226,110 @@ class CaptionExplanation(Base):
     maps: Mapped[bytes] = mapped_column(LargeBinary)
     overlays: Mapped[str | None] = mapped_column(Text)  # folder or s3:// prefix; NULL: none written
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Tenant(Base):
+    """Who may submit over HTTP, and what: its sources (a subset of IMGQ_ALLOWED_BUCKETS and
+    IMGQ_LOCAL_ROOTS), its limits, and the secret its callbacks are signed with."""
+
+    __tablename__ = "tenants"
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    buckets: Mapped[list] = mapped_column(ARRAY(Text), server_default=text("'{}'::text[]"))
+    roots: Mapped[list] = mapped_column(ARRAY(Text), server_default=text("'{}'::text[]"))
+    # {"requests_per_minute": .., "max_refs": .., "num_beams": .., "max_new_tokens": ..}; absent = the default
+    limits: Mapped[dict] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    callback_secret: Mapped[str] = mapped_column(Text)  # HMAC-SHA256 key; must be readable to sign
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class ApiKey(Base):
+    """An API key: ``imgq_<id>_<secret>``. Only the secret's SHA-256 is stored; the secret is 32 random
+    bytes, so a fast hash is enough (no password stretching needed for a key nobody chose)."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)  # public, shown in listings
+    tenant: Mapped[str] = mapped_column(ForeignKey("tenants.name"))
+    secret_sha256: Mapped[bytes] = mapped_column(LargeBinary)
+    label: Mapped[str] = mapped_column(Text, server_default="")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class IdempotencyKey(Base):
+    """``Idempotency-Key`` of a POST /v1/jobs: the same key returns the same job; another body, 409.
+    Inserted in the transaction that creates the job, so concurrent repeats serialise on the key."""
+
+    __tablename__ = "idempotency_keys"
+
+    tenant: Mapped[str] = mapped_column(Text, primary_key=True)
+    key: Mapped[str] = mapped_column(Text, primary_key=True)
+    request_sha256: Mapped[str] = mapped_column(Text)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class UiSession(Base):
+    """A jobs-page (/ui) session: a cookie whose SHA-256 is stored, bound to the key that opened it."""
+
+    __tablename__ = "ui_sessions"
+
+    token_sha256: Mapped[bytes] = mapped_column(LargeBinary, primary_key=True)
+    api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(Text, CheckConstraint("kind in ('login', 'session')", name="ui_sessions_kind"))
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+
+class CallbackAttempt(Base):
+    """Each POST of a job's callback: when, and what came back (status or error)."""
+
+    __tablename__ = "callback_attempts"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    status: Mapped[int | None] = mapped_column(Integer)  # HTTP status; NULL: no response
+    error: Mapped[str | None] = mapped_column(Text)
+    ms: Mapped[int | None] = mapped_column(Integer)
+
+
+class Backfill(Base):
+    """A named backfill (``imgq backfill``): its source, what it enqueues, and its listing cursor, so an
+    interrupted run continues where it stopped."""
+
+    __tablename__ = "backfills"
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    source: Mapped[str] = mapped_column(Text)  # s3://bucket/prefix
+    kinds: Mapped[str] = mapped_column(Text)  # caption,embed
+    params: Mapped[dict] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    tenant: Mapped[str] = mapped_column(Text, server_default="default")
+    priority: Mapped[int] = mapped_column(Integer, server_default="-10")
+    since: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    cursor: Mapped[str | None] = mapped_column(Text)  # the last key listed and enqueued; NULL: from the start
+    state: Mapped[str] = mapped_column(
+        Text, CheckConstraint("state in ('idle', 'running', 'done', 'failed')", name="backfills_state"),
+        server_default="idle")
+    listed: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    skipped: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    enqueued: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    run_started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    run_finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class BackfillObject(Base):
+    """The object version a backfill last enqueued for one set of tasks: listing it again with the same
+    ETag/VersionId skips it, a changed one is enqueued again."""
+
+    __tablename__ = "backfill_objects"
+
+    bucket: Mapped[str] = mapped_column(Text, primary_key=True)
+    key: Mapped[str] = mapped_column(Text, primary_key=True)
+    tasks_sha256: Mapped[str] = mapped_column(Text, primary_key=True)
+    version: Mapped[str] = mapped_column(Text)
+    job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    seen_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
