@@ -5,6 +5,7 @@ from __future__ import annotations
 from celery import Celery
 
 from imgq.config import Settings
+from imgq.feeding import LANES
 
 
 def make_celery(settings: Settings, name: str = "imgq") -> Celery:
@@ -27,6 +28,9 @@ def make_celery(settings: Settings, name: str = "imgq") -> Celery:
             # the sweep period, bounds redelivery.
             "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 10)),
             "unacked_restore_throttle": 1,
+            # One Redis list per lane (imgq.feeding.LANES), drained first to last by every BRPOP;
+            # a restored (unacknowledged) message goes back to its own lane.
+            "priority_steps": list(LANES),
         },
         broker_connection_retry_on_startup=True,
         worker_pool="threads",

@@ -270,7 +270,7 @@ def wait(
     job: str,
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 3600,
 ) -> None:
-    """Block until every item of a job is done or dead, with a progress bar."""
+    """Block until every item of a job is done, dead or cancelled, with a progress bar."""
     from tqdm import tqdm
 
     settings = _settings()
@@ -283,7 +283,7 @@ def wait(
     with tqdm(total=total, unit="img", desc="finished", file=sys.stderr) as bar:
         while True:
             counts = _counts(store, job_id)
-            finished = counts["done"] + counts["dead"] + counts["purged"]
+            finished = counts["done"] + counts["dead"] + counts["purged"] + counts.get("cancelled", 0)
             bar.update(finished - bar.n)
             bar.set_postfix(dead=counts["dead"], purged=counts["purged"])
             if finished >= total:
@@ -407,7 +407,8 @@ def check(
     if report is None:
         _fail("not_found", f"no job {job}", 1)
     typer.echo(f"job {report.job}: total={report.total} done={report.done} dead={report.dead} "
-               f"pending={report.pending} purged={report.purged} missing={report.missing} "
+               f"pending={report.pending} purged={report.purged} "
+               + (f"cancelled={report.cancelled} " if report.cancelled else "") + f"missing={report.missing} "
                f"duplicates={report.duplicates} mismatched={report.mismatched}")
     for line in report.offenders:
         typer.echo(f"  {line}", err=True)

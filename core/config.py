@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from imgq.nightly import BackfillSpec, check_unique
+
 DEFAULT_CAPTION_MODEL = "Salesforce/blip-image-captioning-base"
 # The captioning checkpoint has no contrastive heads; embeddings and match scores need a retrieval one.
 DEFAULT_EMBED_MODEL = "Salesforce/blip-itm-base-coco"
@@ -102,13 +104,28 @@ class Settings(BaseSettings):
         16, ge=1, le=1024, description="Messages a worker holds at once (Celery thread pool size)."
     )
     broker_window: int = Field(
-        10_000, ge=1, description="Most messages waiting in the broker queue; the rest of the backlog waits "
+        10_000, ge=1, description="Most messages waiting in each lane of the broker queue (backfills have their "
+        "own; imgq.feeding); the rest of the backlog waits "
         "in Postgres and the feeder tops the queue up. 10,000 x 16 refs = 34 MB of Redis, 80 s of work for one "
         "GPU at 2,000 img/s (docs/performance.md).",
     )
     feed_interval_s: float = Field(0.25, gt=0, le=60, description="How often the feeder tops the window up.")
     priority: int = Field(0, description="Default priority of an enqueued job; higher is fed first.")
     tenant: str = Field("default", min_length=1, description="Default tenant of an enqueued job (fair shares).")
+    max_num_beams: int = Field(8, ge=1, le=16, description="Widest caption beam search a tenant may ask for "
+                               "over the API, unless its limits (tenants.limits num_beams) say otherwise.")
+    max_new_tokens: int = Field(128, ge=1, le=512, description="Longest caption (tokens) a tenant may ask for "
+                                "over the API, unless its limits (max_new_tokens) say otherwise.")
+    max_item_cost: float = Field(64.0, gt=0, description="Most an item of an API job may cost (imgq.cost: a greedy "
+                                 "20-token caption is 1), unless the tenant's limits (item_cost) say otherwise.")
+
+    backfills: Annotated[list[BackfillSpec], NoDecode] = Field(
+        default_factory=list, description="Backfills `imgq beat` runs on a schedule: a JSON list of {name, source, "
+        "kinds, params, schedule (crontab, e.g. '0 2 * * *')[, since, tenant, priority, max_rate]} "
+        "(docs/backfill.md).",
+    )
+    control_queue: str = Field("imgq-control", min_length=1, description="Broker queue of control tasks "
+                               "(scheduled backfills), consumed by `imgq beat`; never a worker's image queue.")
 
     max_object_bytes: int = Field(50 * 2**20, ge=1, description="Refuse objects larger than this.")
     max_pixels: int = Field(40_000_000, ge=1, description="Refuse images with more pixels than this.")
@@ -144,7 +161,28 @@ class Settings(BaseSettings):
         "or full (shutdown, revoke, ... by any broker client).",
     )
 
-    @field_validator("allowed_buckets", "local_roots", "kinds", mode="before")
+    # The HTTP API (`imgq api`, docs/api.md): every /v1 route needs a tenant's API key.
+    api_bind: str = Field("127.0.0.1", description="Address `imgq api` binds.")
+    api_port: int = Field(8000, ge=1, le=65535, description="Port `imgq api` listens on.")
+    api_max_body_bytes: int = Field(2 * 2**20, ge=1024, description="Largest request body the API reads (413).")
+    api_max_refs: int = Field(10_000, ge=1, description="Most refs one POST /v1/jobs may name or a prefix may "
+                              "expand to (413), unless the tenant's limits (max_refs) say otherwise.")
+    api_requests_per_minute: int = Field(600, ge=1, description="Requests per API key per minute (429), unless "
+                                         "the tenant's limits (requests_per_minute) say otherwise.")
+    api_priority: int = Field(10, description="Priority of API jobs unless the request names one; also the "
+                              "highest a request may name, unless the tenant's limits (max_priority) say otherwise.")
+
+    # Job-finished callbacks (docs/callbacks.md): every worker runs the notifier.
+    callback_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated hosts callbacks may be POSTed to: hostnames (exact or "
+        "*.example.com), IPs or CIDRs. Empty = callbacks refused. Private, loopback and link-local addresses "
+        "are refused unless an IP/CIDR entry covers them.",
+    )
+    callback_max_attempts: int = Field(8, ge=1, le=100, description="POSTs of one callback before it is failed.")
+    callback_interval_s: float = Field(1, gt=0, le=3600, description="How often a worker looks for due callbacks.")
+    callback_timeout_s: float = Field(10, gt=0, le=300, description="Longest one callback POST may take.")
+
+    @field_validator("allowed_buckets", "local_roots", "kinds", "callback_hosts", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
@@ -159,6 +197,35 @@ class Settings(BaseSettings):
             return parse_kinds(kinds)
         except BadParams as exc:
             raise ValueError(exc.message) from None
+
+    @field_validator("backfills", mode="before")
+    @classmethod
+    def _backfills_json(cls, value: object) -> object:
+        import json
+
+        if isinstance(value, str):
+            try:
+                return json.loads(value) if value.strip() else []
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not valid JSON: {exc}") from None
+        return value
+
+    @field_validator("backfills")
+    @classmethod
+    def _unique_backfills(cls, specs: list[BackfillSpec]) -> list[BackfillSpec]:
+        return check_unique(specs)
+
+    @field_validator("callback_hosts")
+    @classmethod
+    def _callback_hosts(cls, hosts: list[str]) -> list[str]:
+        from imgq.callbacks import HostPolicy
+        from imgq.errors import CallbackRefused
+
+        try:
+            HostPolicy.parse(hosts)
+        except CallbackRefused as exc:
+            raise ValueError(exc.message) from None
+        return hosts
 
     @field_validator("local_roots")
     @classmethod
@@ -237,9 +304,14 @@ class Settings(BaseSettings):
 
     def as_env(self) -> dict[str, str]:
         """The ``IMGQ_*`` variables that reproduce these settings in another process."""
+        import json
+
         env: dict[str, str] = {}
         for name, value in self.model_dump(mode="json").items():
             if value is not None:
+                if isinstance(value, list) and value and isinstance(value[0], dict):
+                    env[f"IMGQ_{name.upper()}"] = json.dumps(value)  # IMGQ_BACKFILLS is JSON
+                    continue
                 env[f"IMGQ_{name.upper()}"] = ",".join(map(str, value)) if isinstance(value, list) else str(value)
         return env
 

@@ -143,10 +143,28 @@ class RefRefused(InvalidRequest):
     code = "bad_ref"
 
 
+class CallbackRefused(InvalidRequest):
+    """The callback URL is not allowed (scheme, userinfo, or host not on IMGQ_CALLBACK_HOSTS)."""
+
+    code = "callback_not_allowed"
+
+
+class BackfillRunning(ImgqError):
+    """Another run of this backfill holds its lock (it runs elsewhere); this one did nothing."""
+
+    code = "backfill_running"
+
+
 class BadAge(InvalidRequest):
     """An age option is negative or malformed."""
 
     code = "bad_age"
+
+
+class CostLimitExceeded(InvalidRequest):
+    """A job's parameters exceed its tenant's cost limits (num_beams, max_new_tokens, item cost)."""
+
+    code = "cost_limit_exceeded"
 
 
 class ModelUnavailable(ImgqError):

@@ -1,15 +1,20 @@
-"""The feeder's policy, pure: how much to publish, and whose items go first.
+"""The feeder's policy, pure: how much to publish, into which broker lane, and whose items go first.
 
-Postgres holds the backlog; Redis holds a bounded window of it. Each feed cycle tops the window up
-to ``IMGQ_BROKER_WINDOW`` messages and hands the free slots out one message at a time:
+Postgres holds the backlog; Redis holds a bounded window of it, in **lanes**: one Redis list per
+priority band (kombu's Redis priorities). Workers take from the first non-empty lane (one BRPOP
+names them all, in order), so a message in a higher lane overtakes everything waiting in the
+lower ones. Each lane is topped up to ``IMGQ_BROKER_WINDOW`` messages counting the lanes above it
+(:func:`lane_slots`), so a full backfill lane never delays an interactive job's first message.
+Each feed cycle hands the free slots out one message at a time:
 
 1. **Priority first.** Only jobs of the highest priority that still has items waiting get slots;
    a lower priority gets what the higher ones cannot use (they ran out of waiting items).
-2. **Then fair shares, tenants before jobs.** At equal priority the next message goes to the
-   tenant with the fewest items in flight (published and not yet final: in Redis, prefetched or
-   running), then, within that tenant, to its job with the fewest in flight, then the oldest
-   job. This is max-min fairness on the pipeline: two busy tenants end up with equal shares of
-   the window and therefore of the workers, whatever the size or age of their jobs.
+2. **Then fair shares of cost, tenants before jobs.** At equal priority the next message goes to
+   the tenant with the least *load* in flight (items published and not yet final, in Redis,
+   prefetched or running, each weighted by its job's cost per item, ``imgq.cost``), then,
+   within that tenant, to its job with the least load, then the oldest job. This is max-min
+   fairness on worker time: two busy tenants end up with equal shares of the workers whatever the
+   size, age or parameters of their jobs; a job whose items cost 4 gets a quarter of the messages.
 
 Imports nothing from celery, redis or sqlalchemy; tested with tables in tests/unit/test_feeding.py.
 """
@@ -31,6 +36,21 @@ class Backlog:
     in_flight: int  # items published and not final
     age_rank: int = 0  # smaller = older; breaks ties between jobs of one tenant
     per_message: int | None = None  # the job's message size; None = plan's per_message
+    cost: float = 1.0  # relative cost of one of its items (imgq.cost.item_cost)
+
+
+# kombu Redis priorities of the lanes, first consumed first: 0 is the queue's own list (every
+# message without a priority lands there too), 6 is ``<queue>\x06\x166``. Workers are configured
+# with these as ``priority_steps`` (imgq.celeryconf).
+TOP_LANE = 0
+BACKFILL_LANE = 6
+LANES = (TOP_LANE, BACKFILL_LANE)
+
+
+def lane(priority: int) -> int:
+    """The broker lane of a job's messages: interactive and default jobs (priority >= 0) share
+    the top lane; backfills (priority < 0) wait in theirs until the top lane is empty."""
+    return TOP_LANE if priority >= 0 else BACKFILL_LANE
 
 
 def free_slots(depth: int, window: int) -> int:
@@ -38,24 +58,33 @@ def free_slots(depth: int, window: int) -> int:
     return max(0, window - max(0, depth))
 
 
+def lane_slots(depths: Mapping[int, int], to_lane: int, window: int) -> int:
+    """Messages to publish into ``to_lane`` now: the window less what that lane and every lane
+    consumed before it hold. A lower lane never fills while a higher one is full, and Redis holds
+    at most ``len(LANES) * window`` messages (the top lane fills while a lower one is full)."""
+    return free_slots(sum(n for other, n in depths.items() if other <= to_lane), window)
+
+
 def plan(
-    backlogs: Sequence[Backlog], messages: int, per_message: int, *, busy: Mapping[str, int] | None = None
+    backlogs: Sequence[Backlog], messages: int, per_message: int, *, busy: Mapping[str, float] | None = None
 ) -> list[tuple[Hashable, int]]:
     """Hand out ``messages`` slots; returns ``(job, messages)`` in the order they were first served.
 
     Only the top priority present is served: a job that cannot fill its share (fewer items waiting
-    than planned) comes back to the caller, which plans again without it. ``busy`` adds items in
-    flight per tenant from jobs with nothing left waiting: they still occupy that tenant's share.
+    than planned) comes back to the caller, which plans again without it. ``busy`` adds load in
+    flight per tenant (items x cost) from jobs with nothing left waiting: they still occupy that
+    tenant's share.
     """
     if messages <= 0 or not backlogs:
         return []
     top = max(b.priority for b in backlogs)
     level = [b for b in backlogs if b.priority == top]
-    tenant_load: dict[str, int] = {b.tenant: (busy or {}).get(b.tenant, 0) for b in level}
-    jobs_of: dict[str, list[tuple[int, int, int]]] = {}
+    tenant_load: dict[str, float] = {b.tenant: float((busy or {}).get(b.tenant, 0)) for b in level}
+    jobs_of: dict[str, list[tuple[float, int, int]]] = {}
     for index, b in enumerate(level):
-        tenant_load[b.tenant] += b.in_flight
-        jobs_of.setdefault(b.tenant, []).append((b.in_flight, b.age_rank, index))
+        load = b.in_flight * b.cost
+        tenant_load[b.tenant] += load
+        jobs_of.setdefault(b.tenant, []).append((load, b.age_rank, index))
     for heap in jobs_of.values():
         heapq.heapify(heap)
     tenants = [(load, name) for name, load in tenant_load.items()]
@@ -63,9 +92,10 @@ def plan(
     given: dict[int, int] = {}
     for _ in range(messages):
         load, name = heapq.heappop(tenants)
-        in_flight, age_rank, index = heapq.heappop(jobs_of[name])
+        job_load, age_rank, index = heapq.heappop(jobs_of[name])
         given[index] = given.get(index, 0) + 1
-        size = level[index].per_message or per_message
-        heapq.heappush(jobs_of[name], (in_flight + size, age_rank, index))
-        heapq.heappush(tenants, (load + size, name))
+        b = level[index]
+        weight = (b.per_message or per_message) * b.cost
+        heapq.heappush(jobs_of[name], (job_load + weight, age_rank, index))
+        heapq.heappush(tenants, (load + weight, name))
     return [(level[index].job, n) for index, n in given.items()]

@@ -7,12 +7,13 @@ worker's running items and the worker its retries directly (bounded by what was 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from celery import Celery
 
 from imgq.contract import TASK_NAME, TaskMessage, TaskSpec, make_task
+from imgq.feeding import TOP_LANE, lane
 from imgq.kinds import spec
 
 
@@ -34,9 +35,14 @@ PIPELINE = 1000
 
 
 def publish(
-    app: Celery, messages: Iterable[TaskMessage], *, queue: str, countdown: float | None = None
+    app: Celery, messages: Iterable[TaskMessage], *, queue: str, countdown: float | None = None,
+    lane: int | Mapping[str, int] = TOP_LANE,
 ) -> int:
     """Publish over one pooled connection, pipelined; returns the number of messages handed over.
+
+    ``lane`` is the broker lane (``imgq.feeding.lane`` of the job's priority; a kombu priority)
+    of every message, or of each message's job, by job id: a retry or a re-published item goes
+    back to its job's lane.
 
     kombu's ``Producer.batch`` sends up to ``PIPELINE`` LPUSHes per round trip, and without it the
     Redis transport builds a client per message: x2.47 the publish rate at 16 refs per message
@@ -50,6 +56,7 @@ def publish(
             body = message.to_json()
             app.send_task(
                 TASK_NAME, kwargs={"msg": body}, queue=queue, countdown=countdown, producer=producer,
+                priority=lane if isinstance(lane, int) else lane.get(message.job, TOP_LANE),
                 # What Flower and the logs show: the job, its kinds and the item count. Celery would
                 # otherwise build a saferepr of every body: about 40% of publish time at 16 refs.
                 argsrepr="()", kwargsrepr=f"{{'msg': <job {message.job}, "
@@ -59,11 +66,21 @@ def publish(
     return sent
 
 
+def delivered_lane(app: Celery) -> int:
+    """The lane of the message the calling thread is handling (its delivery priority), where a
+    worker's retries of its items go back; the top lane outside a task."""
+    task = app.current_task
+    info = (getattr(task.request, "delivery_info", None) or {}) if task is not None else {}
+    return int(info.get("priority") or TOP_LANE)
+
+
 def republish(app: Celery, batches: Iterable[Any], *, queue: str, per_message: int) -> int:
     """Publish items again (a dead worker's running items) with every task of their job;
     ``batches`` are ``db.admin.Republish``."""
     messages: list[TaskMessage] = []
+    lanes: dict[str, int] = {}
     for batch in batches:
         messages += chunk_messages(job=str(batch.job), tasks=tasks_from_record(batch.tasks), items=batch.items,
                                    per_message=per_message)
-    return publish(app, messages, queue=queue)
+        lanes[str(batch.job)] = lane(getattr(batch, "priority", 0))
+    return publish(app, messages, queue=queue, lane=lanes)

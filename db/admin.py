@@ -18,7 +18,7 @@ _JOB_KINDS = text("SELECT tasks FROM jobs WHERE id = :job")
 def check_items_sql(kinds: Sequence[str]) -> str:
     """Items whose state disagrees with their records. A done item has one result per kind of
     its job (each kind's writer names its link column) and no dead letter; a dead item has a dead
-    letter and no result; a pending item has neither."""
+    letter and no result; a pending item has neither, and so has a cancelled one (final, never run)."""
     from imgq.db.results import writer
 
     links = [f"i.{writer(kind).link_column}" for kind in kinds] or ["NULL"]
@@ -31,7 +31,7 @@ LEFT JOIN dead_letters d ON d.job_id = i.job_id AND d.seq = i.seq
 WHERE i.job_id = :job
   AND ((i.state = 'done' AND (NOT ({has_all}) OR d.job_id IS NOT NULL))
     OR (i.state = 'dead' AND (d.job_id IS NULL OR {has_any}))
-    OR (i.state IN ('queued', 'running') AND ({has_any} OR d.job_id IS NOT NULL)))
+    OR (i.state IN ('queued', 'running', 'cancelled') AND ({has_any} OR d.job_id IS NOT NULL)))
 ORDER BY i.seq LIMIT 1000
 """
 
@@ -65,7 +65,8 @@ _CHECK_TOTALS = text("""
 SELECT j.total, j.purged, count(i.seq) AS items,
        count(*) FILTER (WHERE i.state = 'done') AS done,
        count(*) FILTER (WHERE i.state = 'dead') AS dead,
-       count(*) FILTER (WHERE i.state IN ('queued', 'running')) AS pending
+       count(*) FILTER (WHERE i.state IN ('queued', 'running')) AS pending,
+       count(*) FILTER (WHERE i.state = 'cancelled') AS cancelled
 FROM jobs j LEFT JOIN job_items i ON i.job_id = j.id
 WHERE j.id = :job GROUP BY j.id
 """)
@@ -105,8 +106,8 @@ RETURNING counted.n
 
 # Items whose message was lost: published and still queued for longer than :queued_age (the
 # caller passes it only once the queue is empty), or running for longer than :running_age. They
-# go back to the backlog (published_at NULL) and the feeder publishes them again in its order.
-# A NULL age leaves that state alone.
+# go back to the backlog (published_at NULL) and the feeder publishes them again in its order;
+# those of a job cancelled meanwhile end cancelled. A NULL age leaves that state alone.
 _LOST = text("""
 WITH lost AS (
   SELECT i.job_id, i.seq FROM job_items i JOIN jobs j ON j.id = i.job_id
@@ -117,8 +118,10 @@ WITH lost AS (
     AND (CAST(:queue AS text) IS NULL OR j.queue = :queue)
   ORDER BY i.updated_at LIMIT :limit FOR UPDATE OF i SKIP LOCKED
 )
-UPDATE job_items i SET state = 'queued', published_at = NULL, updated_at = now()
-FROM lost WHERE i.job_id = lost.job_id AND i.seq = lost.seq
+UPDATE job_items i SET state = CASE WHEN j.cancelled_at IS NULL THEN 'queued' ELSE 'cancelled' END,
+       published_at = NULL, updated_at = now()
+FROM lost JOIN jobs j ON j.id = lost.job_id
+WHERE i.job_id = lost.job_id AND i.seq = lost.seq
 RETURNING i.job_id
 """)
 
@@ -167,7 +170,7 @@ WHERE job_id = :job AND seq = ANY(ARRAY(
 RETURNING seq, ref, text
 """)
 
-_JOBS = text("SELECT id, tasks FROM jobs WHERE id = ANY(CAST(:ids AS uuid[]))")
+_JOBS = text("SELECT id, tasks, priority FROM jobs WHERE id = ANY(CAST(:ids AS uuid[]))")
 
 # One feed cycle at a time per queue, across workers and producers: a transaction lock, so a
 # killed feeder's lock goes with its connection. The leader lock (session-level) only picks which
@@ -219,6 +222,7 @@ class CheckReport:
     dead: int = 0
     pending: int = 0
     purged: int = 0
+    cancelled: int = 0  # final without a record: queued items of a cancelled job
     missing: int = 0
     duplicates: int = 0
     mismatched: int = 0  # results of another model or params than the job's
@@ -236,6 +240,7 @@ class Republish:
     job: uuid.UUID
     tasks: list[dict[str, Any]]
     items: list[tuple[int, str] | tuple[int, str, str]]  # [seq, ref] or [seq, ref, text]
+    priority: int = 0  # the job's: its items go back to its broker lane (imgq.feeding.lane)
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,6 +306,7 @@ class Admin:
                 return None
             report.total, report.purged = totals["total"], totals["purged"]
             report.done, report.dead, report.pending = totals["done"], totals["dead"], totals["pending"]
+            report.cancelled = totals["cancelled"]
             never_stored = report.total - report.purged - totals["items"]
             if never_stored:
                 report.missing += abs(never_stored)
@@ -312,7 +318,9 @@ class Admin:
                 problem = (
                     "two outcomes (result and dead letter)" if row["has_result"] and row["has_dead_letter"]
                     else f"state {row['state']} without its record"
-                    if row["state"] in ("done", "dead") else "pending item with a final record"
+                    if row["state"] in ("done", "dead")
+                    else "cancelled item with a result or dead letter" if row["state"] == "cancelled"
+                    else "pending item with a final record"
                 )
                 report.offenders.append(f"seq {row['seq']} {row['ref']}: {problem}")
             for task in tasks:
@@ -400,8 +408,8 @@ class Admin:
             by_job.setdefault(job_id, []).append((seq, ref) if pair_text is None else (seq, ref, pair_text))
         if not by_job:
             return []
-        tasks = dict(conn.execute(_JOBS, {"ids": list(by_job)}).all())
-        return [Republish(job_id, tasks[job_id], sorted(items)) for job_id, items in by_job.items()]
+        jobs = {job_id: (tasks, priority) for job_id, tasks, priority in conn.execute(_JOBS, {"ids": list(by_job)})}
+        return [Republish(job_id, jobs[job_id][0], sorted(items), jobs[job_id][1]) for job_id, items in by_job.items()]
 
 
 def vector_index_name(dim: int) -> str:

@@ -316,6 +316,8 @@ class Backfill(Base):
     listed: Mapped[int] = mapped_column(BigInteger, server_default="0")
     skipped: Mapped[int] = mapped_column(BigInteger, server_default="0")
     enqueued: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    # The job this run appends its items to (one job per run, created at its first enqueued page).
+    job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
     run_started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     run_finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, text
@@ -92,9 +92,12 @@ SELECT seq, ref, text FROM job_items
 WHERE job_id = :job AND seq = ANY(CAST(:seqs AS int[])) AND state IN ('queued', 'running')
 """)
 
+# A released item of a job cancelled meanwhile ends cancelled: its retry message finds nothing to run.
 _RELEASE = text("""
-UPDATE job_items SET state = 'queued', updated_at = now()
-WHERE job_id = :job AND seq = ANY(CAST(:seqs AS int[])) AND state = 'running'
+UPDATE job_items i SET state = CASE WHEN j.cancelled_at IS NULL THEN 'queued' ELSE 'cancelled' END,
+       updated_at = now()
+FROM jobs j
+WHERE j.id = i.job_id AND i.job_id = :job AND i.seq = ANY(CAST(:seqs AS int[])) AND i.state = 'running'
 """)
 
 # Undo a claim that did no work (a message split up for isolation): the delivery does not count,
@@ -179,6 +182,7 @@ class Store:
     def create_job(
         self, *, tasks: Sequence[dict[str, Any]], refs: Iterable[str] | Iterable[tuple[str, str]],
         priority: int = 0, tenant: str = "default", queue: str = "imgq", refs_per_message: int | None = None,
+        in_transaction: Callable[[Any, uuid.UUID], None] | None = None,
     ) -> uuid.UUID:
         """Commit the job and all its items (COPY) before anything is published.
 
@@ -187,7 +191,11 @@ class Store:
         next chunk overlaps with the server loading the last one. An exception raised while
         iterating rolls everything back; a job with no refs is refused (ValueError) rather than
         committed empty. Items wait in Postgres (``published_at`` NULL) until the feeder, in
-        ``priority`` order and fair between tenants, publishes them to ``queue``."""
+        ``priority`` order and fair between tenants, publishes them to ``queue``.
+
+        ``in_transaction(cursor, job)`` runs in the job's transaction right after its ``jobs`` row is
+        inserted, before any item is copied: the API records its idempotency key there, so concurrent
+        duplicates wait on that key's primary key and then fail, before copying anything."""
         job = uuid.uuid4()
         first = tasks[0]
         raw = self.engine.raw_connection()
@@ -199,6 +207,8 @@ class Store:
                     (job, ",".join(t["kind"] for t in tasks), first["model"], json.dumps(first["params"]),
                      first["params_hash"], json.dumps(list(tasks)), priority, tenant, queue, refs_per_message),
                 )
+                if in_transaction is not None:
+                    in_transaction(cur, job)
                 total = 0
                 with cur.copy("COPY job_items (job_id, seq, ref, text) FROM STDIN") as copy:
                     # COPY's text format built in one buffer per chunk: ~3x faster than write_row.
@@ -307,7 +317,10 @@ class Store:
     def counts(self, job: uuid.UUID) -> dict[str, int]:
         with self.engine.connect() as conn:
             found = dict(conn.execute(_COUNTS, {"job": job}).all())
-        return {state: int(found.get(state, 0)) for state in ("queued", "running", "done", "dead")}
+        counts = {state: int(found.get(state, 0)) for state in ("queued", "running", "done", "dead")}
+        if found.get("cancelled"):  # only a cancelled job has any (DELETE /v1/jobs/{id})
+            counts["cancelled"] = int(found["cancelled"])
+        return counts
 
     def purged(self, job: uuid.UUID) -> int:
         """Dead-lettered items of the job that `imgq dlq purge` deleted (they no longer count)."""

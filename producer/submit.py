@@ -10,7 +10,7 @@ nothing: its items are waiting in Postgres for the feeder.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,9 +69,11 @@ def submit(
     rejected: list[tuple[str, str]] | None = None,
     priority: int | None = None,
     tenant: str | None = None,
+    in_transaction: Callable[[Any, uuid.UUID], None] | None = None,
 ) -> Submitted:
     """Accept ``refs`` (or ``(ref, text)`` pairs; validated while they are copied into Postgres),
-    then publish as much of the job as the broker window has room for."""
+    then publish as much of the job as the broker window has room for. ``in_transaction``: see
+    :meth:`Store.create_job` (the API's idempotency key, source and callback)."""
     accepted = 0
 
     def count(stream: Iterable[Any]) -> Iterator[Any]:
@@ -87,7 +89,7 @@ def submit(
         job = store.create_job(
             tasks=records, refs=count(refs), queue=settings.queue,
             priority=settings.priority if priority is None else priority,
-            tenant=tenant or settings.tenant, refs_per_message=refs_per_message,
+            tenant=tenant or settings.tenant, refs_per_message=refs_per_message, in_transaction=in_transaction,
         )
     except EmptyJob:
         raise RefRefused("no image references to enqueue") from None

@@ -20,11 +20,12 @@ from imgq.classify import is_outage
 from imgq.config import Settings
 from imgq.contract import TASK_NAME, TaskMessage
 from imgq.db.admin import Admin
+from imgq.db.callbacks import CallbackStore
 from imgq.db.store import Store
 from imgq.metrics import MeteredStore
 from imgq.monitor import allowed_control_commands, task_result
 from imgq.ports import Runner
-from imgq.publish import publish
+from imgq.publish import delivered_lane, publish
 from imgq.publish import republish as republish_batches
 from imgq.retry import Backoff, RetryPolicy
 from imgq.worker.decode import DecodedImage, decode
@@ -33,6 +34,7 @@ from imgq.worker.feeder import Feeder, FeedReport
 from imgq.worker.fetch import Fetcher
 from imgq.worker.heartbeat import Heartbeat
 from imgq.worker.metrics_server import MetricsServer
+from imgq.worker.notifier import Notifier
 from imgq.worker.runners import build_runners
 from imgq.worker.service import MessageService
 
@@ -58,6 +60,7 @@ class WorkerRuntime:
         self.service: MessageService | None = None
         self.feeder: Feeder | None = None
         self.heartbeat: Heartbeat | None = None
+        self.notifier: Notifier | None = None
         self.metrics: MetricsServer | None = None
 
     def load(self) -> None:
@@ -87,7 +90,8 @@ class WorkerRuntime:
 
         def send(messages: Iterable[TaskMessage], delay: float) -> None:
             messages = list(messages)
-            publish(app, messages, queue=queue, countdown=delay or None)
+            # Retries go back to the lane of the message being handled (this thread's task).
+            publish(app, messages, queue=queue, countdown=delay or None, lane=delivered_lane(app))
             metrics.RETRIES.inc(sum(len(m.items) for m in messages))
 
         policy = RetryPolicy(self.settings.max_attempts, self.settings.retry_base_s, self.settings.retry_max_s)
@@ -108,6 +112,8 @@ class WorkerRuntime:
             running_lost_after_s=self.settings.visibility_timeout_s + self.settings.task_time_limit_s,
             name=self.name, on_cycle=_count_feed,
         ).start()
+        # Every worker sends the signed summaries of finished jobs (docs/callbacks.md).
+        self.notifier = Notifier.from_settings(self.settings, CallbackStore(self.store.engine)).start()
 
         if self.settings.metrics_port:
             self.metrics = MetricsServer(
@@ -143,6 +149,8 @@ class WorkerRuntime:
             self.metrics.stop()
         if self.feeder is not None:
             self.feeder.stop()
+        if self.notifier is not None:
+            self.notifier.stop()
         if self.heartbeat is not None:
             # Retired only once the engine has settled everything: until then a beat is a promise.
             self.heartbeat.stop(retire=False)

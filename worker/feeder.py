@@ -1,8 +1,9 @@
 """The feeder: keeps Redis holding a bounded window of the backlog that Postgres holds.
 
-Each cycle, under the queue's feed lock (a Postgres transaction lock), it reads the queue's depth,
-marks the next items published in the order of ``imgq.feeding`` (priority, then fair shares
-between tenants and jobs), publishes them, and commits. A publish that fails rolls the marks back.
+Each cycle, under the queue's feed lock (a Postgres transaction lock), it reads the depth of each
+of the queue's lanes, marks the next items published in the order of ``imgq.feeding`` (priority,
+then cost-weighted fair shares between tenants and jobs), publishes them into their job's lane,
+and commits. A publish that fails rolls the marks back.
 
 Every worker runs one, so nothing extra is deployed; a session advisory lock elects which worker
 runs the loop (a killed worker's session, and so its lock, ends with its connection; another
@@ -29,8 +30,9 @@ from typing import Any
 from celery import Celery
 
 from imgq.contract import TaskMessage
+from imgq.cost import item_cost
 from imgq.db.admin import LEADER_LOCK, LEADER_UNLOCK, Admin
-from imgq.feeding import Backlog, free_slots, plan
+from imgq.feeding import LANES, Backlog, lane, lane_slots, plan
 from imgq.publish import chunk_messages, publish, tasks_from_record
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,7 @@ FLIGHT_TTL_S = 2.0
 
 @dataclass(slots=True)
 class FeedReport:
-    depth: int = 0  # messages in the queue when the cycle began
+    depth: int = 0  # messages in the queue (every lane) when the cycle began
     messages: int = 0
     items: int = 0
     lost: int = 0  # items put back in the backlog (lost messages)
@@ -77,6 +79,8 @@ class Feeder:
         # Items in flight per job as last counted, plus what was published since (see _flight).
         self._flight: dict[uuid.UUID, tuple[str, int]] = {}
         self._flight_at = float("-inf")
+        # Cost per item of the jobs seen waiting: weighs their load in flight (imgq.cost).
+        self._costs: dict[uuid.UUID, float] = {}
         self._broker: Any = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="imgq-feeder", daemon=True)
@@ -84,26 +88,32 @@ class Feeder:
 
     # -- one cycle ------------------------------------------------------------------------------
     def depth(self) -> int:
-        """Messages waiting in the queue (not those workers hold). A missing queue (Redis restarted
-        empty) is empty."""
+        """Messages waiting in the queue, every lane (not those workers hold)."""
+        return sum(self.depths().values())
+
+    def depths(self) -> dict[int, int]:
+        """Messages waiting in each lane of the queue (``imgq.feeding.LANES``). A missing list
+        (an empty lane, or Redis restarted empty) is empty."""
         fresh = self._broker is None
         try:
-            return self._depth()
+            return self._depths()
         except Exception:
             self._close_broker()
             if fresh:
                 raise
-            return self._depth()  # the held connection was stale (Redis restarted): one fresh try
+            return self._depths()  # the held connection was stale (Redis restarted): one fresh try
 
-    def _depth(self) -> int:
+    def _depths(self) -> dict[int, int]:
         if self._broker is None:
             conn = self._app.connection_for_read()
             conn.ensure_connection(max_retries=1)  # kombu's default retries for 6 s; the loop retries anyway
             self._broker = conn
-        try:
-            return int(self._broker.default_channel.queue_declare(self._queue, passive=True).message_count)
-        except self._broker.channel_errors:
-            return 0
+        channel = self._broker.default_channel
+        # kombu names lane p of queue q "q" (p = 0) or "q<sep>p"; the client adds any key prefix.
+        with channel.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
+            for n in LANES:
+                pipe.llen(f"{self._queue}{channel.sep}{n}" if n else self._queue)
+            return {n: int(size) for n, size in zip(LANES, pipe.execute(), strict=True)}
 
     def feed(self, *, job: uuid.UUID | None = None, sweep: bool = False, lost_after_s: float | None = None,
              drained_only: bool = True, wait_s: float = 0.0) -> FeedReport | None:
@@ -124,38 +134,45 @@ class Feeder:
         with self._admin.feeding(self._queue, wait_s=wait_s) as tx:
             if tx is None:
                 return None
-            report = FeedReport(depth=self.depth())
+            depths = self.depths()
+            report = FeedReport(depth=sum(depths.values()))
             if sweep:
                 # A queued item may simply be waiting behind the window: it counts as lost only
-                # once the queue has drained (the window is FIFO, so it would have gone first).
+                # once the queue has drained, every lane (each is FIFO, so it would have gone first).
                 queued_age = lost_after_s if lost_after_s is not None else self._lost_after_s
                 report.lost = tx.lost(queued_older_than_s=queued_age if report.depth == 0 or not drained_only else None,
                                       running_older_than_s=self._running_lost_after_s, job=job)
                 if report.lost:
                     self._next_seq.clear()  # lost items lie below the hints
-            slots = free_slots(report.depth, self.window)
-            while slots > 0:
+            while True:
                 waiting = {w.job: w for w in tx.waiting(job)}
                 if job is None:  # forget jobs with nothing left waiting
                     self._next_seq = {j: n for j, n in self._next_seq.items() if j in waiting}
                 if not waiting:
                     break
+                top = max(w.priority for w in waiting.values())
+                # The top priority's lane has room up to the window, counting the lanes above it;
+                # a lower priority's lane never has more (imgq.feeding.lane_slots).
+                to_lane = lane(top)
+                slots = lane_slots(depths, to_lane, self.window)
+                if slots <= 0:
+                    break
                 # Planned in passes: a job with fewer items waiting than planned leaves its slots
                 # to the next pass, and an unbounded window is never planned slot by slot at once.
                 budget = min(slots, PASS_MESSAGES)
-                top = max(w.priority for w in waiting.values())
                 # Shares matter only between contenders; a lone backfill skips counting what is in
                 # flight (up to a window's worth of index entries per cycle).
                 contended = sum(1 for w in waiting.values() if w.priority == top) > 1
                 if not contended:
                     self._flight, self._flight_at = {}, float("-inf")
                 flight = self._in_flight(tx) if contended else {}
-                busy: dict[str, int] = {}
+                costs = self._job_costs(waiting.values(), flight)
+                busy: dict[str, float] = {}
                 for other, (tenant, n) in flight.items():
                     if other not in waiting:  # jobs fully published still occupy their tenant's share
-                        busy[tenant] = busy.get(tenant, 0) + n
+                        busy[tenant] = busy.get(tenant, 0.0) + n * costs.get(other, 1.0)
                 backlogs = [Backlog(w.job, w.tenant, w.priority, flight.get(w.job, ("", 0))[1], rank,
-                                    w.refs_per_message or self._per_message)
+                                    w.refs_per_message or self._per_message, costs[w.job])
                             for rank, w in enumerate(waiting.values())]
                 messages: list[TaskMessage] = []
                 for chosen, n in plan(backlogs, budget, self._per_message, busy=busy):
@@ -172,13 +189,24 @@ class Feeder:
                                                per_message=size)
                     report.items += len(items)
                 if messages:
-                    publish(self._app, messages, queue=self._queue)
+                    publish(self._app, messages, queue=self._queue, lane=to_lane)
                 report.messages += len(messages)
-                slots -= len(messages)
+                depths[to_lane] = depths.get(to_lane, 0) + len(messages)
                 if not messages:
                     break
         self.published += report.messages
         return report
+
+    def _job_costs(self, waiting: Any, flight: dict[uuid.UUID, tuple[str, int]]) -> dict[uuid.UUID, float]:
+        """Cost per item of every job waiting (its tasks never change: computed once) and of the
+        jobs in flight that this feeder saw waiting; the others count as 1."""
+        for w in waiting:
+            if w.job not in self._costs:
+                self._costs[w.job] = item_cost(w.tasks)
+        if len(self._costs) > 4 * (len(flight) + 64):  # forget finished jobs now and then
+            keep = {w.job for w in waiting} | set(flight)
+            self._costs = {j: c for j, c in self._costs.items() if j in keep}
+        return self._costs
 
     def _in_flight(self, tx: Any) -> dict[uuid.UUID, tuple[str, int]]:
         """Items in flight per job, counted at most every FLIGHT_TTL_S (a count walks up to a

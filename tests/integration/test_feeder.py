@@ -11,8 +11,11 @@ from sqlalchemy import create_engine, text
 
 from imgq.celeryconf import make_celery
 from imgq.config import Settings
+from imgq.contract import CaptionParams
+from imgq.cost import item_cost
 from imgq.db.admin import Admin
 from imgq.db.store import Store
+from imgq.feeding import BACKFILL_LANE, TOP_LANE
 from imgq.producer.submit import submit
 from imgq.worker.feeder import Feeder
 from tests.jobs import caption_task, record
@@ -156,3 +159,126 @@ def test_enqueue_publishes_the_first_window_and_leaves_the_rest_in_postgres(stor
         row = conn.execute(text("SELECT priority, tenant, queue FROM jobs WHERE id = :j"), {"j": big.job}).one()
     assert tuple(row) == (2, "t", QUEUE)
     assert client.llen(QUEUE) == 3
+
+
+# -- lanes: priority overtakes what is already in Redis ---------------------------------------------------------
+BACKFILL = f"{QUEUE}\x06\x16{BACKFILL_LANE}"  # kombu's name of the queue's lane 6
+
+
+def _consume(app, n: int) -> list[str]:
+    """Job ids of the next ``n`` messages as a Celery worker receives them (one BRPOP naming every
+    lane, through kombu's event loop), acknowledged."""
+    from kombu import Consumer, Queue
+
+    got: list[str] = []
+
+    def take(body, message) -> None:
+        got.append(body[1]["msg"]["job"])
+        message.ack()
+
+    with app.connection_for_read() as conn, Consumer(conn, [Queue(QUEUE)], callbacks=[take],
+                                                     accept=["json"], prefetch_count=1):
+        while len(got) < n:
+            conn.drain_events(timeout=5)
+    return got
+
+
+def test_a_backfill_fills_its_own_lane_and_a_later_urgent_job_overtakes_it(store, client, broker_url) -> None:
+    backfill = _job(store, 300, priority=-10, tenant="archive")
+    feeder = _feeder(store, broker_url, window=4)
+    assert feeder.feed().messages == 4
+    assert (client.llen(BACKFILL), client.llen(QUEUE)) == (4, 0), "a backfill waits in its own lane"
+    assert feeder.feed().messages == 0, "its lane is full"
+    urgent = _job(store, 6, priority=10, tenant="web")
+    report = feeder.feed()
+    # The top lane has the whole window even though the backfill lane is full: no wait for it.
+    assert (report.depth, report.messages, report.items) == (4, 2, 6)
+    assert (client.llen(QUEUE), client.llen(BACKFILL)) == (2, 4)
+    assert feeder.depths() == {TOP_LANE: 2, BACKFILL_LANE: 4}
+    app = make_celery(Settings(_env_file=None, broker_url=broker_url, queue=QUEUE))
+    with app.connection_for_read() as conn:  # what the workers' imgq_queue_depth gauge reads: every lane
+        assert conn.default_channel.queue_declare(QUEUE, passive=True).message_count == 6
+    assert _consume(app, 3) == [str(urgent), str(urgent), str(backfill)], "the top lane is drained first"
+    # Priority 0 shares the top lane; the backfill's lane is refilled only up to the window less
+    # what the lanes above it hold (nothing while the top lane is full).
+    default = _job(store, 30)
+    assert feeder.feed().messages == 4
+    assert (client.llen(QUEUE), client.llen(BACKFILL)) == (4, 3)
+    assert _consume(app, 4) == [str(default)] * 4
+    assert (feeder.feed().messages, client.llen(QUEUE), client.llen(BACKFILL)) == (4, 4, 3)
+    default_items = len(_published(store, default))
+    client.delete(QUEUE)  # the default job's messages were taken
+    with store.engine.begin() as conn:  # ... and it has nothing more waiting
+        conn.execute(text("UPDATE job_items SET published_at = now() WHERE job_id = :j"), {"j": default})
+    assert (feeder.feed().messages, client.llen(BACKFILL)) == (1, 4), "the backfill lane tops up to the window"
+    assert default_items == 24
+    feeder.stop()
+
+
+def test_requeued_and_republished_messages_keep_their_lane(store, client, broker_url) -> None:
+    from kombu import Consumer, Queue
+
+    from imgq.db.admin import Republish
+    from imgq.publish import republish
+
+    app = make_celery(Settings(_env_file=None, broker_url=broker_url, queue=QUEUE))
+    backfill = _job(store, 3, priority=-5)
+    sent = republish(app, [Republish(backfill, [record(caption_task("m"))], [(0, "/d/0.jpg")], priority=-5),
+                           Republish(uuid.uuid4(), [record(caption_task("m"))], [(0, "/d/0.jpg")], priority=3)],
+                     queue=QUEUE, per_message=3)
+    assert sent == 2 and (client.llen(BACKFILL), client.llen(QUEUE)) == (1, 1)
+    client.delete(QUEUE)
+    # A worker that hands a message back (an outage: Reject(requeue=True)) puts it in its own lane.
+    rejected: list[str] = []
+
+    def reject(body, message) -> None:
+        rejected.append(body[1]["msg"]["job"])
+        message.reject(requeue=True)
+
+    with app.connection_for_read() as conn, Consumer(conn, [Queue(QUEUE)], callbacks=[reject], accept=["json"],
+                                                     prefetch_count=1):
+        conn.drain_events(timeout=5)
+    assert rejected == [str(backfill)]
+    assert (client.llen(BACKFILL), client.llen(QUEUE)) == (1, 0)
+
+
+def test_fair_shares_weigh_each_jobs_cost(store, client, broker_url) -> None:
+    cheap = _job(store, 300, tenant="a")  # greedy, 30 tokens: 1.35
+    dear = store.create_job(tasks=[record(caption_task("m", CaptionParams(num_beams=4, max_new_tokens=30)))],
+                            refs=[f"/e/{i}.jpg" for i in range(300)], queue=QUEUE, tenant="b")  # 4.5
+    feeder = _feeder(store, broker_url, window=40)
+    feeder.feed()
+    # Equal load: cheap items x 1.35 = dear items x 4.5, within a message.
+    cheap_n, dear_n = len(_published(store, cheap)), len(_published(store, dear))
+    assert cheap_n + dear_n == 120
+    assert abs(cheap_n * item_cost([record(caption_task("m"))]) - dear_n * 4.5) <= 3 * 4.5
+    assert dear_n < cheap_n / 3
+    feeder.stop()
+
+
+def test_a_workers_retries_go_back_to_the_lane_it_took_the_message_from(store, client, broker_url) -> None:
+    """What worker/app.py's retry publisher relies on: inside a task of the thread pool,
+    ``delivered_lane`` is the lane the message came from."""
+    from celery.contrib.testing.worker import start_worker
+
+    from imgq.publish import delivered_lane, publish
+    from tests.jobs import message
+
+    app = make_celery(Settings(_env_file=None, broker_url=broker_url, queue=QUEUE, messages_in_flight=2))
+    seen: list[tuple[str, int]] = []
+
+    @app.task(name="imgq.process", bind=True)
+    def process(self, msg: dict) -> None:
+        seen.append((msg["job"], delivered_lane(app)))
+
+    assert delivered_lane(app) == TOP_LANE, "outside a task"
+    jobs = [str(uuid.uuid4()) for _ in range(3)]
+    for job, lane in zip(jobs, (BACKFILL_LANE, TOP_LANE, BACKFILL_LANE), strict=True):
+        publish(app, [message(job, [caption_task("m")], ["/d/0.jpg"])], queue=QUEUE, lane=lane)
+    with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False, loglevel="WARNING",
+                      queues=[QUEUE]):
+        deadline = time.monotonic() + 20
+        while len(seen) < 3:
+            assert time.monotonic() < deadline, seen
+            time.sleep(0.05)
+    assert sorted(seen) == sorted(zip(jobs, (BACKFILL_LANE, TOP_LANE, BACKFILL_LANE), strict=True))

@@ -165,3 +165,20 @@ def test_per_message_statements_touch_only_their_items_in_a_new_big_job(store: S
         if read > 64:
             slow.append(f"{read:.0f} job_items rows read by:\n{statement}")
     assert not slow, "\n\n".join(slow)
+
+
+def test_a_running_item_of_a_job_cancelled_meanwhile_is_released_as_cancelled(store: Store):
+    # DELETE /v1/jobs/{id} cancels only queued items; one that was running and then handed back for
+    # a retry must not go back to the queue and run after all.
+    job, other = new_job(store, ["s3://b/0", "s3://b/1"]), new_job(store, ["s3://b/0"])
+    store.claim(job, [0], "w1")
+    store.claim(other, [0], "w1")
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE job_items SET state = 'cancelled' WHERE job_id = :j AND state = 'queued'"),
+                     {"j": job})
+        conn.execute(text("UPDATE jobs SET cancelled_at = now() WHERE id = :j"), {"j": job})
+    store.release(job, [0])
+    store.release(other, [0])
+    assert store.counts(job) == {"queued": 0, "running": 0, "done": 0, "dead": 0, "cancelled": 2}
+    assert store.counts(other) == {"queued": 1, "running": 0, "done": 0, "dead": 0}
+    assert store.claim(job, [0, 1], "w2") == {}  # the retry message finds nothing to run

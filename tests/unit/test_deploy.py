@@ -57,9 +57,10 @@ def test_compose_gives_each_service_its_own_least_privilege_credentials(compose)
     users = {name: re.search(r"://([^:]+):", s["environment"]["IMGQ_DATABASE_URL"]).group(1)
              for name, s in services.items() if "IMGQ_DATABASE_URL" in s.get("environment", {})}
     assert users == {"migrate": "imgq_owner", "worker": "imgq_worker", "worker-cpu": "imgq_worker",
-                     "producer": "imgq_producer"}
+                     "producer": "imgq_producer", "api": "imgq_api"}
     assert services["worker"]["environment"]["AWS_ACCESS_KEY_ID"] == "imgq-worker"
     assert services["producer"]["environment"]["AWS_ACCESS_KEY_ID"] == "imgq-producer"
+    assert services["api"]["environment"]["AWS_ACCESS_KEY_ID"] == "imgq-producer"
     roles = (ROOT / "deploy" / "postgres" / "10-roles.sh").read_text()
     assert "GRANT SELECT ON TABLES TO imgq_reader" in roles and "SUPERUSER" not in roles
     acl = compose["configs"]["redis_acl"]["content"]
@@ -69,7 +70,7 @@ def test_compose_gives_each_service_its_own_least_privilege_credentials(compose)
 def test_compose_keeps_secrets_required_and_off_command_lines(compose):
     text = (ROOT / "docker-compose.yml").read_text()
     for secret in ("REDIS_PASSWORD", "POSTGRES_PASSWORD", "POSTGRES_WORKER_PASSWORD", "MINIO_ROOT_PASSWORD",
-                   "MINIO_WORKER_SECRET", "IMGQ_FLOWER_BASIC_AUTH", "IMGQ_METRICS_TOKEN"):
+                   "MINIO_WORKER_SECRET", "IMGQ_FLOWER_BASIC_AUTH", "IMGQ_METRICS_TOKEN", "POSTGRES_API_PASSWORD"):
         assert re.search(r"\$\{" + secret + r":\?", text), f"{secret} must be required (${{{secret}:?}})"
     for service in compose["services"].values():
         command = " ".join(map(str, service.get("command", []))) + " " + " ".join(

@@ -1,10 +1,10 @@
-"""The feeder's policy: window top-up and the priority-then-fair-share order, as tables."""
+"""The feeder's policy: lanes and their windows, and the priority-then-fair-share order, as tables."""
 
 from __future__ import annotations
 
 import pytest
 
-from imgq.feeding import Backlog, free_slots, plan
+from imgq.feeding import BACKFILL_LANE, TOP_LANE, Backlog, free_slots, lane, lane_slots, plan
 
 
 @pytest.mark.parametrize(("depth", "window", "slots"), [
@@ -70,3 +70,57 @@ def test_a_job_of_larger_messages_takes_a_share_in_items_not_in_messages() -> No
 def test_no_slots_no_plan(messages: int) -> None:
     assert plan([Backlog("a", "t", 0, 0)], messages, 2) == []
     assert plan([], 5, 2) == []
+
+
+@pytest.mark.parametrize(("priority", "expected"), [
+    (10, TOP_LANE), (1, TOP_LANE), (0, TOP_LANE), (-1, BACKFILL_LANE), (-10, BACKFILL_LANE),
+])
+def test_backfills_get_a_lane_of_their_own_below_every_other_job(priority: int, expected: int) -> None:
+    assert lane(priority) == expected
+    assert TOP_LANE < BACKFILL_LANE, "kombu's Redis transport drains the lowest number first"
+
+
+@pytest.mark.parametrize(("depths", "to_lane", "slots"), [
+    # A full backfill lane leaves the top lane its whole window: interactive work never waits for it.
+    ({TOP_LANE: 0, BACKFILL_LANE: 10}, TOP_LANE, 10),
+    ({TOP_LANE: 3, BACKFILL_LANE: 10}, TOP_LANE, 7),
+    # A lower lane fills only up to the window less what the lanes above it hold.
+    ({TOP_LANE: 3, BACKFILL_LANE: 2}, BACKFILL_LANE, 5),
+    ({TOP_LANE: 10, BACKFILL_LANE: 0}, BACKFILL_LANE, 0),
+    ({TOP_LANE: 4, BACKFILL_LANE: 10}, BACKFILL_LANE, 0),
+    ({}, BACKFILL_LANE, 10),
+])
+def test_each_lane_is_topped_up_to_the_window_counting_the_lanes_above_it(
+    depths: dict[int, int], to_lane: int, slots: int
+) -> None:
+    assert lane_slots(depths, to_lane, window=10) == slots
+
+
+@pytest.mark.parametrize(("cost", "cheap", "dear"), [(1.0, 30, 30), (2.0, 40, 20), (4.0, 48, 12), (5.0, 50, 10)])
+def test_an_expensive_job_gets_messages_in_inverse_proportion_to_its_cost(cost: float, cheap: int, dear: int) -> None:
+    a = Backlog("cheap", "tenant-a", 0, 0, cost=1.0)
+    b = Backlog("dear", "tenant-b", 0, 0, cost=cost)
+    assert _plan([a, b], 60) == {"cheap": cheap, "dear": dear}  # equal worker time: cheap * 1 == dear * cost
+
+
+def test_load_in_flight_is_weighted_by_cost_too() -> None:
+    # 16 items of cost 4 in flight weigh what 64 items of cost 1 do: the cheap tenant catches up.
+    cheap = Backlog("cheap", "tenant-a", 0, in_flight=0, cost=1.0)
+    dear = Backlog("dear", "tenant-b", 0, in_flight=16, cost=4.0)
+    assert _plan([cheap, dear], 32) == {"cheap": 32}
+    assert _plan([cheap, dear], 72) == {"cheap": 64, "dear": 8}  # then 4 to 1
+    # ... and so is what a tenant's finished-publishing jobs hold (busy is load, not items).
+    assert _plan([Backlog("x", "tenant-a", 0, 0), Backlog("y", "tenant-b", 0, 0)], 4,
+                 busy={"tenant-a": 8.0}) == {"y": 4}
+
+
+def test_cost_never_overrides_priority() -> None:
+    urgent_and_dear = Backlog("urgent", "t", priority=5, in_flight=1000, cost=287.0)
+    cheap = Backlog("cheap", "u", priority=0, in_flight=0, cost=0.3)
+    assert _plan([urgent_and_dear, cheap], 8) == {"urgent": 8}
+
+
+def test_an_expensive_job_shares_its_own_tenant_fairly_with_that_tenants_cheap_jobs() -> None:
+    cheap = Backlog("cheap", "t", 0, 0, age_rank=1, cost=1.0)
+    dear = Backlog("dear", "t", 0, 0, age_rank=0, cost=3.0)
+    assert _plan([cheap, dear], 8) == {"dear": 2, "cheap": 6}

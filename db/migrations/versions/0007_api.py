@@ -97,6 +97,7 @@ def upgrade() -> None:
         sa.Column("listed", sa.BigInteger, server_default="0", nullable=False),
         sa.Column("skipped", sa.BigInteger, server_default="0", nullable=False),
         sa.Column("enqueued", sa.BigInteger, server_default="0", nullable=False),
+        sa.Column("job_id", UUID(as_uuid=True), sa.ForeignKey("jobs.id", ondelete="SET NULL"), nullable=True),
         _ts("run_started_at"),
         _ts("run_finished_at"),
         _ts("updated_at", nullable=False, default=True),
@@ -111,6 +112,14 @@ def upgrade() -> None:
         sa.Column("job_id", UUID(as_uuid=True), sa.ForeignKey("jobs.id", ondelete="SET NULL"), nullable=True),
         _ts("seen_at", nullable=False, default=True),
     )
+    # Analysts read results, never the keys' hashes, the sessions or the callback secrets
+    # (deploy/postgres/10-roles.sh grants imgq_reader SELECT on every table by default).
+    op.execute("""
+        DO $$ BEGIN
+          IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'imgq_reader') THEN
+            REVOKE ALL ON tenants, api_keys, ui_sessions, idempotency_keys FROM imgq_reader;
+          END IF;
+        END $$""")
 
 
 def downgrade() -> None:

@@ -1,0 +1,138 @@
+"""The jobs page's queries (/ui): a tenant's recent jobs with their counts, rate and dead letters.
+
+The page refreshes every few seconds, so no query here walks every item of every listed job:
+
+- pending items are counted from the two partial indexes that cover them (``job_items_unpublished``
+  and ``job_items_in_flight``), dead ones from ``dead_letters`` (one row per dead item), cancelled
+  ones only for a cancelled job; done is what remains of ``total - purged``;
+- the rate (final items over the last minute) is measured only for jobs that still have pending
+  items, the only ones with an ETA.
+
+Every query takes the tenant, so a job of another tenant is simply not found.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine, text
+
+RATE_WINDOW_S = 60.0
+
+_SUMMARIES = """
+SELECT j.id, j.kind, j.source, j.priority, j.total, j.purged, j.created_at, j.cancelled_at,
+       now() AS now, w.waiting, f.queued, f.running,
+       (SELECT count(*) FROM dead_letters d WHERE d.job_id = j.id) AS dead,
+       CASE WHEN j.cancelled_at IS NULL THEN 0
+            ELSE (SELECT count(*) FROM job_items c WHERE c.job_id = j.id AND c.state = 'cancelled') END AS cancelled
+FROM jobs j
+CROSS JOIN LATERAL (
+  SELECT count(*) AS waiting FROM job_items i
+  WHERE i.job_id = j.id AND i.state = 'queued' AND i.published_at IS NULL) w
+CROSS JOIN LATERAL (
+  SELECT count(*) FILTER (WHERE i.state = 'queued') AS queued, count(*) FILTER (WHERE i.state = 'running') AS running
+  FROM job_items i WHERE i.job_id = j.id AND i.state IN ('queued', 'running') AND i.published_at IS NOT NULL) f
+WHERE j.tenant = :tenant {where}
+ORDER BY j.created_at DESC, j.id
+LIMIT :limit
+"""
+
+_RECENT = text(_SUMMARIES.format(where=""))
+_ONE = text(_SUMMARIES.format(where="AND j.id = :job"))
+
+_DEAD_BY_CODE = text("""
+SELECT job_id, code, count(*) FROM dead_letters WHERE job_id = ANY(CAST(:ids AS uuid[]))
+GROUP BY job_id, code ORDER BY job_id, count(*) DESC, code
+""")
+
+_FINISHED_LATELY = text("""
+SELECT job_id, count(*) FROM job_items
+WHERE job_id = ANY(CAST(:ids AS uuid[])) AND state IN ('done', 'dead')
+  AND updated_at > now() - make_interval(secs => :window)
+GROUP BY job_id
+""")
+
+_DEAD_LETTERS = text("""
+SELECT d.seq, d.ref, d.code, d.message, d.attempts, d.created_at
+FROM dead_letters d JOIN jobs j ON j.id = d.job_id
+WHERE d.job_id = :job AND j.tenant = :tenant
+ORDER BY d.seq LIMIT :limit
+""")
+
+
+@dataclass
+class JobSummary:
+    id: uuid.UUID
+    kind: str
+    source: str
+    priority: int
+    total: int
+    purged: int
+    created_at: dt.datetime
+    cancelled_at: dt.datetime | None
+    queued: int  # waiting in Postgres + published, not yet claimed
+    running: int
+    dead: int
+    cancelled: int
+    done: int
+    rate: float | None = None  # final items per second over the last minute; None for a finished job
+    dead_by_code: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def pending(self) -> int:
+        return self.queued + self.running
+
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds until the pending items are final at the current rate; None when unknown."""
+        if not self.pending:
+            return 0.0
+        return self.pending / self.rate if self.rate else None
+
+
+def _summary(row: Any) -> tuple[JobSummary, dt.datetime]:
+    queued = int(row.waiting) + int(row.queued)
+    done = int(row.total) - int(row.purged) - queued - int(row.running) - int(row.dead) - int(row.cancelled)
+    summary = JobSummary(row.id, row.kind, row.source, int(row.priority), int(row.total), int(row.purged),
+                         row.created_at, row.cancelled_at, queued, int(row.running), int(row.dead),
+                         int(row.cancelled), max(done, 0))
+    return summary, row.now
+
+
+def _decorate(conn: Any, summaries: list[tuple[JobSummary, dt.datetime]]) -> list[JobSummary]:
+    jobs = {s.id: s for s, _ in summaries}
+    if jobs:
+        for job_id, code, n in conn.execute(_DEAD_BY_CODE, {"ids": list(jobs)}):
+            jobs[job_id].dead_by_code[code] = int(n)
+    active = [(s, now) for s, now in summaries if s.pending]
+    if active:
+        finished = dict(conn.execute(_FINISHED_LATELY, {"ids": [s.id for s, _ in active], "window": RATE_WINDOW_S}
+                                     ).all())
+        for s, now in active:
+            window = min(RATE_WINDOW_S, max((now - s.created_at).total_seconds(), 1.0))
+            s.rate = int(finished.get(s.id, 0)) / window
+    return [s for s, _ in summaries]
+
+
+def recent_jobs(engine: Engine, tenant: str, limit: int = 50) -> list[JobSummary]:
+    """The tenant's newest jobs, newest first."""
+    with engine.connect() as conn:
+        rows = conn.execute(_RECENT, {"tenant": tenant, "limit": limit}).all()
+        return _decorate(conn, [_summary(r) for r in rows])
+
+
+def job_summary(engine: Engine, tenant: str, job: uuid.UUID) -> JobSummary | None:
+    """One job of the tenant, or None (unknown, or another tenant's)."""
+    with engine.connect() as conn:
+        row = conn.execute(_ONE, {"tenant": tenant, "job": job, "limit": 1}).first()
+        return None if row is None else _decorate(conn, [_summary(row)])[0]
+
+
+def dead_letters(engine: Engine, tenant: str, job: uuid.UUID, limit: int = 200) -> list[dict[str, Any]]:
+    """The job's dead letters in seq order, at most ``limit``."""
+    with engine.connect() as conn:
+        return [dict(r) for r in conn.execute(_DEAD_LETTERS, {"job": job, "tenant": tenant, "limit": limit}
+                                              ).mappings()]

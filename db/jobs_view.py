@@ -1,0 +1,248 @@
+"""The HTTP API's job queries: one tenant's jobs, their progress, results pages, images, and cancel.
+
+Every query takes the tenant, so another tenant's job is simply not found (the API answers 404,
+never 403). Progress is read as the jobs page reads it (db/jobs_page.py), without walking the
+items of a big job: pending items from the partial indexes that hold only them
+(``job_items_unpublished``, ``job_items_in_flight``), dead ones from ``dead_letters``, cancelled
+ones only for a cancelled job, and done as what remains of ``total - purged``. The rate (items
+finished over the last minute) is measured only while a job has pending items.
+
+Cancelling marks the job's queued items ``cancelled`` (final, with no result and no dead letter)
+in one statement; running items finish normally. A worker claims only queued or running items
+(``Store.claim``), so a cancelled item whose message is already in Redis is skipped, not run.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Engine, text
+
+RATE_WINDOW_S = 60.0
+
+_SUMMARY = text("""
+SELECT j.id, j.tenant, j.tasks, j.source, j.priority, j.total, j.purged, j.created_at, j.cancelled_at,
+       j.callback_url, j.callback_state, w.waiting, f.queued, f.running,
+       (SELECT count(*) FROM dead_letters d WHERE d.job_id = j.id) AS dead,
+       CASE WHEN j.cancelled_at IS NULL THEN 0
+            ELSE (SELECT count(*) FROM job_items c WHERE c.job_id = j.id AND c.state = 'cancelled') END AS cancelled,
+       (SELECT coalesce(jsonb_object_agg(code, n), '{}'::jsonb)
+        FROM (SELECT code, count(*) AS n FROM dead_letters d WHERE d.job_id = j.id GROUP BY code) c) AS dead_codes
+FROM jobs j
+CROSS JOIN LATERAL (
+  SELECT count(*) AS waiting FROM job_items i
+  WHERE i.job_id = j.id AND i.state = 'queued' AND i.published_at IS NULL) w
+CROSS JOIN LATERAL (
+  SELECT count(*) FILTER (WHERE i.state = 'queued') AS queued, count(*) FILTER (WHERE i.state = 'running') AS running
+  FROM job_items i WHERE i.job_id = j.id AND i.state IN ('queued', 'running') AND i.published_at IS NOT NULL) f
+WHERE j.id = :job AND j.tenant = :tenant
+""")
+
+_FINISHED_LATELY = text("""
+SELECT count(*) FROM job_items
+WHERE job_id = :job AND state IN ('done', 'dead') AND updated_at > now() - make_interval(secs => :window)
+""")
+
+_LIST = text("""
+SELECT j.id, j.kind, j.source, j.priority, j.total, j.created_at, j.cancelled_at, j.callback_state
+FROM jobs j
+WHERE j.tenant = :tenant
+  AND (CAST(:before_at AS timestamptz) IS NULL OR (j.created_at, j.id) < (CAST(:before_at AS timestamptz), :before_id))
+ORDER BY j.created_at DESC, j.id DESC
+LIMIT :limit
+""")
+
+_OWNED = text("SELECT tasks, cancelled_at FROM jobs WHERE id = :job AND tenant = :tenant")
+
+_CANCEL = text("""
+WITH job AS (
+  UPDATE jobs SET cancelled_at = coalesce(cancelled_at, now()) WHERE id = :job AND tenant = :tenant RETURNING id
+), items AS (
+  UPDATE job_items i SET state = 'cancelled', updated_at = now()
+  FROM job WHERE i.job_id = job.id AND i.state = 'queued'
+  RETURNING i.seq
+)
+SELECT (SELECT count(*) FROM job) AS found, (SELECT count(*) FROM items) AS cancelled
+""")
+
+_LATEST_CAPTION = text("""
+SELECT im.id AS image_id, im.version, im.width, im.height, c.text, c.model, c.model_revision, c.params,
+       c.created_at
+FROM images im JOIN captions c ON c.image_id = im.id
+WHERE im.source = :source AND im.bucket = :bucket AND im.key = :key
+ORDER BY im.first_seen DESC, im.id DESC, c.created_at DESC, c.id DESC LIMIT 1
+""")
+
+_LATEST_EMBEDDING = text("""
+SELECT im.id AS image_id, im.version, im.width, im.height, e.model, e.model_revision, e.dim, e.created_at,
+       CASE WHEN :vector THEN CAST(e.embedding AS text) END AS embedding
+FROM images im JOIN embeddings e ON e.image_id = im.id
+WHERE im.source = :source AND im.bucket = :bucket AND im.key = :key
+ORDER BY im.first_seen DESC, im.id DESC, e.created_at DESC, e.id DESC LIMIT 1
+""")
+
+
+def job_summary(engine: Engine, tenant: str, job: uuid.UUID) -> dict[str, Any] | None:
+    """Progress of one of ``tenant``'s jobs, or None (no such job, or another tenant's)."""
+    with engine.connect() as conn:
+        row = conn.execute(_SUMMARY, {"job": job, "tenant": tenant}).mappings().first()
+        if row is None:
+            return None
+        queued, running = int(row["queued"]) + int(row["waiting"]), int(row["running"])
+        rate = None
+        if queued + running:
+            lately = conn.execute(_FINISHED_LATELY, {"job": job, "window": RATE_WINDOW_S}).scalar_one()
+            rate = round(int(lately) / RATE_WINDOW_S, 3)
+    dead, cancelled, purged = int(row["dead"]), int(row["cancelled"]), int(row["purged"])
+    total = int(row["total"])
+    done = max(0, total - purged - queued - running - dead - cancelled)
+    final = done + dead + cancelled + purged
+    return {
+        "job": row["id"],
+        "kinds": [t["kind"] for t in row["tasks"]],
+        "source": row["source"],
+        "priority": row["priority"],
+        "created_at": row["created_at"],
+        "cancelled_at": row["cancelled_at"],
+        "total": total,
+        "counts": {"queued": queued, "running": running, "done": done, "dead": dead, "cancelled": cancelled,
+                   "purged": purged},
+        "waiting": int(row["waiting"]),
+        "progress": round(final / total, 4) if total else 1.0,
+        "finished": queued + running == 0,
+        "dead_letters": dict(row["dead_codes"] or {}),
+        "rate_per_s": rate,
+        "callback": None if row["callback_state"] is None else {"state": row["callback_state"]},
+    }
+
+
+def encode_cursor(*parts: Any) -> str:
+    return base64.urlsafe_b64encode("|".join(str(p) for p in parts).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, count: int) -> list[str] | None:
+    """The parts of a cursor made by :func:`encode_cursor`, or None if it is not one."""
+    try:
+        parts = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().split("|")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return None
+    return parts if len(parts) == count else None
+
+
+def list_jobs(
+    engine: Engine, tenant: str, *, limit: int = 50, before: tuple[dt.datetime, uuid.UUID] | None = None
+) -> tuple[list[dict[str, Any]], tuple[dt.datetime, uuid.UUID] | None]:
+    """``tenant``'s jobs, newest first (keyset on ``jobs_tenant_created``), and the key of the next
+    page (None at the end)."""
+    params = {"tenant": tenant, "limit": limit + 1, "before_at": before[0] if before else None,
+              "before_id": before[1] if before else None}
+    with engine.connect() as conn:
+        rows = [dict(r) for r in conn.execute(_LIST, params).mappings()]
+    more = len(rows) > limit
+    rows = rows[:limit]
+    for row in rows:
+        row["job"] = row.pop("id")
+        row["kinds"] = row.pop("kind").split(",")
+    return rows, (rows[-1]["created_at"], rows[-1]["job"]) if more and rows else None
+
+
+def owned_job(engine: Engine, tenant: str, job: uuid.UUID) -> dict[str, Any] | None:
+    """``{tasks, cancelled_at}`` of one of ``tenant``'s jobs, or None."""
+    with engine.connect() as conn:
+        row = conn.execute(_OWNED, {"job": job, "tenant": tenant}).mappings().first()
+    return dict(row) if row is not None else None
+
+
+def results_page_sql(kinds: Sequence[str]) -> str:
+    """``imgq results``' query (db/store.py ``results_sql``), as one keyset page by seq."""
+    from imgq.db.store import results_sql
+
+    whole = results_sql(kinds)
+    anchor = "WHERE i.job_id = :job ORDER BY i.seq"
+    if anchor not in whole:  # pragma: no cover - results_sql changed shape
+        raise RuntimeError("results_sql no longer ends with its job filter; update results_page_sql")
+    return whole.replace(anchor, "WHERE i.job_id = :job AND i.seq > :after ORDER BY i.seq LIMIT :limit")
+
+
+def results_page(
+    engine: Engine, tenant: str, job: uuid.UUID, *, after: int = -1, limit: int = 1000
+) -> tuple[list[dict[str, Any]], int | None] | None:
+    """Up to ``limit`` items of the job with seq > ``after``, with their results, and the seq to
+    continue after (None on the last page); None if the job is not ``tenant``'s."""
+    owned = owned_job(engine, tenant, job)
+    if owned is None:
+        return None
+    query = text(results_page_sql([t["kind"] for t in owned["tasks"]]))
+    with engine.connect() as conn:
+        rows = [dict(r) for r in conn.execute(query, {"job": job, "after": after, "limit": limit + 1}).mappings()]
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, rows[-1]["seq"] if more and rows else None
+
+
+def cancel_job(engine: Engine, tenant: str, job: uuid.UUID) -> int | None:
+    """Cancel one of ``tenant``'s jobs: its queued items become ``cancelled``; returns how many
+    (0 when repeated), or None if the job is not ``tenant``'s."""
+    with engine.begin() as conn:
+        found, cancelled = conn.execute(_CANCEL, {"job": job, "tenant": tenant}).one()
+    return int(cancelled) if found else None
+
+
+def latest_image(engine: Engine, *, source: str, bucket: str, key: str, vector: bool = False) -> dict[str, Any] | None:
+    """The newest caption and embedding stored for one object (its newest version that has each),
+    or None if it has neither. The vector itself only when asked for (256 floats are ~3 kB)."""
+    params = {"source": source, "bucket": bucket, "key": key, "vector": vector}
+    with engine.connect() as conn:
+        caption = conn.execute(_LATEST_CAPTION, params).mappings().first()
+        embedding = conn.execute(_LATEST_EMBEDDING, params).mappings().first()
+    if caption is None and embedding is None:
+        return None
+    found: dict[str, Any] = {"caption": None, "embedding": None}
+    if caption is not None:
+        found["caption"] = {k: caption[k] for k in ("text", "model", "model_revision", "params", "created_at",
+                                                    "version", "width", "height")}
+    if embedding is not None:
+        found["embedding"] = {k: embedding[k] for k in ("model", "model_revision", "dim", "created_at", "version")}
+        if vector:
+            found["embedding"]["vector"] = [float(v) for v in embedding["embedding"].strip("[]").split(",")]
+    return found
+
+
+# -- API jobs: source, callback and idempotency key, in the job's own transaction ----------------
+
+_API_JOB = """
+UPDATE jobs SET source = 'api', callback_url = %s, callback_state = %s,
+  callback_next_at = CASE WHEN %s THEN now() END
+WHERE id = %s
+"""
+_IDEMPOTENCY_INSERT = "INSERT INTO idempotency_keys (tenant, key, request_sha256, job_id) VALUES (%s, %s, %s, %s)"
+
+_IDEMPOTENT = text("""
+SELECT k.request_sha256, k.job_id, j.total FROM idempotency_keys k JOIN jobs j ON j.id = k.job_id
+WHERE k.tenant = :tenant AND k.key = :key
+""")
+
+
+def record_api_job(
+    cursor: Any, job: uuid.UUID, *, tenant: str, idempotency_key: str | None, request_sha256: str,
+    callback_url: str | None,
+) -> None:
+    """Run inside ``Store.create_job``'s transaction (its ``in_transaction`` hook, psycopg cursor):
+    mark the job as the API's, arm its callback, and claim the idempotency key. A concurrent
+    request with the same key waits here on the key's primary key, then fails with a unique
+    violation once this transaction commits (and goes on if it rolls back)."""
+    cursor.execute(_API_JOB, (callback_url, "pending" if callback_url else None, callback_url is not None, job))
+    if idempotency_key is not None:
+        cursor.execute(_IDEMPOTENCY_INSERT, (tenant, idempotency_key, request_sha256, job))
+
+
+def idempotent_job(engine: Engine, tenant: str, key: str) -> tuple[str, uuid.UUID, int] | None:
+    """(request_sha256, job, items) of the job an Idempotency-Key already made for ``tenant``."""
+    with engine.connect() as conn:
+        row = conn.execute(_IDEMPOTENT, {"tenant": tenant, "key": key}).first()
+    return (row[0], row[1], int(row[2])) if row is not None else None

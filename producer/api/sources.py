@@ -1,0 +1,99 @@
+"""What one tenant may name: its buckets and roots, within the global allow-lists, at this moment.
+
+A ref outside them is refused with 422 ``source_not_allowed`` whichever tenant owns it, so the
+answer never tells one tenant about another's sources. Refs are then expanded with allow-lists
+cut down to the tenant's, so a folder walk or a symlink cannot lead outside them either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from imgq.config import Settings
+from imgq.db.tenancy import Principal, effective_sources
+from imgq.errors import RefRefused
+from imgq.producer.api.problems import ApiProblem
+from imgq.refs import Ref, confine, parse_ref
+
+_SCHEMES = ("http://", "https://", "file://", "ftp://", "gs://", "data:")
+
+
+def tenant_settings(settings: Settings, principal: Principal) -> Settings:
+    """``settings`` with the allow-lists cut down to the tenant's sources."""
+    buckets, roots = effective_sources(principal, allowed_buckets=settings.allowed_buckets,
+                                       local_roots=settings.local_roots)
+    return settings.model_copy(update={"allowed_buckets": buckets, "local_roots": roots})
+
+
+def not_allowed(raw: str) -> ApiProblem:
+    return ApiProblem(422, "source_not_allowed", f"{raw!r} is not within this key's sources (its tenant's "
+                      "buckets and roots); nothing was accepted")
+
+
+def check_source(raw: str, scoped: Settings) -> None:
+    """Raise 422 ``source_not_allowed`` if ``raw`` names a bucket or path outside the tenant's
+    sources. Malformed refs are left to the parser (``bad_ref``)."""
+    text = raw.strip()
+    if text.lower().startswith("s3://"):
+        bucket = text[5:].split("/", 1)[0]
+        if bucket and bucket not in scoped.allowed_buckets:
+            raise not_allowed(raw)
+        return
+    if not text or "://" in text or text.lower().startswith(_SCHEMES) or any(ord(c) < 0x20 for c in text):
+        return
+    try:
+        confine(Path(text).expanduser().absolute(), scoped.local_roots)
+    except (RefRefused, OSError, ValueError):
+        raise not_allowed(raw) from None
+
+
+def parse_scoped(raw: str, scoped: Settings) -> Ref:
+    """One object ref within the tenant's sources."""
+    check_source(raw, scoped)
+    return parse_ref(raw.strip(), allowed_buckets=scoped.allowed_buckets, local_roots=scoped.local_roots)
+
+
+def expand_refs(
+    raws: Iterable[str], scoped: Settings, *, limit: int, skip_invalid: bool, rejected: list[tuple[str, str]],
+    prefix: bool = False, s3_client: Any = None,
+) -> Iterator[str]:
+    """Object refs for the given refs, within the tenant's sources, at most ``limit`` of them
+    (413 ``too_many_refs`` past it). With ``prefix``, ``s3://bucket/p`` lists every key that
+    starts with ``p``, trailing slash or not (a request's ``prefix`` field)."""
+    from imgq.producer.api.limits import too_many_refs
+    from imgq.producer.expand import Expander, _list_s3
+    from imgq.refs import split_s3
+
+    expand = Expander(scoped, s3_client)
+    count = 0
+    for raw in raws:
+        try:
+            check_source(raw, scoped)
+            if prefix and raw.strip().lower().startswith("s3://"):
+                bucket, start = split_s3(raw.strip(), scoped.allowed_buckets)
+                found: Iterable[str] = _list_s3(_client(expand, scoped), bucket, start)
+            else:
+                found = expand(raw)
+            for ref in found:
+                count += 1
+                if count > limit:
+                    raise too_many_refs(limit)
+                yield ref
+        except (RefRefused, ApiProblem) as exc:
+            if not skip_invalid or (isinstance(exc, ApiProblem) and exc.code == "too_many_refs"):
+                raise
+            rejected.append((raw, exc.message if isinstance(exc, RefRefused) else exc.detail))
+        except Exception as exc:
+            if not type(exc).__module__.startswith(("botocore", "boto3")):
+                raise
+            raise ApiProblem(422, "bad_ref", f"cannot list {raw!r}: {exc}; nothing was accepted") from None
+
+
+def _client(expand: Any, scoped: Settings) -> Any:
+    from imgq.s3 import make_s3_client
+
+    if expand._s3 is None:
+        expand._s3 = make_s3_client(scoped)
+    return expand._s3

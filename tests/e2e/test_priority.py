@@ -1,0 +1,98 @@
+"""Priority overtakes what is already in Redis: a small interactive job submitted while a large
+backfill fills its window finishes in a fraction of the time that window takes to drain.
+
+Real Redis, Postgres, `imgq enqueue` and an `imgq worker` subprocess. Ends with `imgq check` of both jobs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from sqlalchemy import text
+
+from imgq.db.store import Store
+from imgq.feeding import BACKFILL_LANE
+from tests.e2e.helpers import check_job, jpeg_bytes, run_cli, start_worker, stop, wait_finished
+
+pytestmark = pytest.mark.e2e
+
+# The backfill's window (240 items) is ten times the urgent job; the worker holds at most 16 items.
+WINDOW, PER_MESSAGE, CONCURRENCY = 60, 4, 4
+BACKFILL, URGENT = 320, 24
+
+
+def refs(root: Path, n: int, prefix: str, distinct: int = 32) -> list[str]:
+    """``n`` local refs, hard links to ``distinct`` small JPEGs (each ref is its own item)."""
+    sources = []
+    for i in range(distinct):
+        source = root / f"{prefix}-src-{i:02d}.jpg"
+        source.write_bytes(jpeg_bytes(64, 48, seed=i))
+        sources.append(source)
+    out = []
+    for i in range(n):
+        path = root / f"{prefix}_{i:05d}.jpg"
+        os.link(sources[i % distinct], path)
+        out.append(str(path))
+    return out
+
+
+def enqueue(settings: Any, tmp_path: Path, refs: list[str], *args: str) -> uuid.UUID:
+    listing = tmp_path / f"refs-{time.monotonic_ns()}.txt"
+    listing.write_text("\n".join(refs))
+    out = run_cli(settings, "enqueue", "caption", "-f", str(listing), "--max-new-tokens", "4", *args)
+    assert out.returncode == 0, out.stderr
+    return uuid.UUID(out.stdout.strip())
+
+
+def done(store: Store, job: uuid.UUID) -> int:
+    return store.counts(job)["done"]
+
+
+def test_a_small_urgent_job_overtakes_a_backfill_already_in_redis(make_settings, redis_server, image_root, tmp_path):
+    settings = make_settings(broker_window=WINDOW, refs_per_message=PER_MESSAGE, feed_interval_s=0.1)
+    store = Store.from_url(settings.database_url)
+    client = redis.Redis(unix_socket_path=str(redis_server.socket_path))
+    lane = f"{settings.queue}\x06\x16{BACKFILL_LANE}"
+    backfill = enqueue(settings, tmp_path, refs(image_root, BACKFILL, "bf"), "--priority", "-10", "--tenant", "archive")
+    urgent_refs = refs(image_root, URGENT, "ui")
+    assert client.llen(lane) == WINDOW, "the backfill's first window waits in its own lane"
+    worker = start_worker(settings, Path(settings.caption_model), tmp_path, "w0", "--concurrency", str(CONCURRENCY))
+    try:
+        deadline = time.monotonic() + 60
+        while done(store, backfill) < 8:  # the worker is warm and busy with the backfill
+            assert worker.poll() is None and time.monotonic() < deadline, "the backfill never got going"
+            time.sleep(0.1)
+        ahead = client.llen(lane) * PER_MESSAGE  # backfill items in Redis, ahead of the urgent job in a FIFO
+        started = time.monotonic()
+        urgent = enqueue(settings, tmp_path, urgent_refs, "--priority", "10", "--tenant", "web")
+        wait_finished(store, [urgent], timeout=30, procs=[worker], log_dir=tmp_path)
+        wall = time.monotonic() - started
+        with store.engine.connect() as conn:
+            accepted, published, finished = conn.execute(text(
+                "SELECT j.created_at, min(i.published_at), max(i.updated_at) FROM jobs j "
+                "JOIN job_items i ON i.job_id = j.id WHERE j.id = :j GROUP BY j.created_at"), {"j": urgent}).one()
+            overtaken = conn.execute(text(
+                "SELECT count(*) FROM job_items WHERE job_id = :j AND state = 'done' AND updated_at > :t0 "
+                "AND updated_at <= :t1"), {"j": backfill, "t0": published, "t1": finished}).scalar_one()
+        backfill_done = done(store, backfill)
+        print(f"urgent job of {URGENT}: {(finished - published).total_seconds():.2f}s from published to finished, "
+              f"{(finished - accepted).total_seconds():.2f}s from accepted, {wall:.2f}s with `imgq enqueue`; "
+              f"{ahead} backfill items were in Redis ahead of it, {overtaken} backfill items finished meanwhile; "
+              f"backfill {backfill_done}/{BACKFILL} done")
+        # In one FIFO list the urgent job would have waited for all `ahead` items; in its lane it
+        # waits only for what the worker already held.
+        assert overtaken < ahead / 2
+        assert backfill_done < BACKFILL / 2, "the urgent job finished while the backfill was mostly unfinished"
+        totals = wait_finished(store, [backfill], timeout=120, procs=[worker], log_dir=tmp_path)
+    finally:
+        stop(worker)
+        client.close()
+    assert totals == {"queued": 0, "running": 0, "done": BACKFILL, "dead": 0}
+    check_job(settings, str(urgent))
+    check_job(settings, str(backfill))
