@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-apikey_app = typer.Typer(help="API keys of the HTTP API's tenants: create, revoke, list.", no_args_is_help=True)
+apikey_app = typer.Typer(help="API keys of the HTTP API's tenants, and their limits: create, revoke, list, "
+                         "limits.", no_args_is_help=True)
 
 
 def _engine():  # type: ignore[no-untyped-def]
@@ -90,6 +91,36 @@ def apikey_list(
         typer.echo(f"{row['id']}  {row['tenant']:<16} {state:<8} used {used:<16} {sources}  {row['label']}")
     if not rows and not as_json:
         typer.echo("no keys", err=True)
+
+
+@apikey_app.command("limits")
+def apikey_limits(
+    tenant: Annotated[str, typer.Argument(help="The tenant (created by `imgq apikey create`).")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="NAME=VALUE, repeatable: requests_per_minute, "
+                                                   "max_refs, max_priority, num_beams, max_new_tokens, "
+                                                   "item_cost.")] = None,
+    unset: Annotated[list[str] | None, typer.Option("--unset", help="NAME, repeatable: back to the setting's "
+                                                    "default.")] = None,
+) -> None:
+    """Show or change a tenant's limits (per-minute requests, refs per request, priority cap, cost
+    limits); the API applies a change within a second. Without --set or --unset, prints them."""
+    from imgq.cli import _fail
+    from imgq.db.tenancy import parse_limits, set_limits
+
+    try:
+        changes = parse_limits(set_ or [])
+    except ValueError as exc:
+        _fail("bad_request", str(exc))
+    _, engine = _engine()
+    try:
+        limits = set_limits(engine, tenant, changes, unset or [])
+    except ValueError as exc:
+        _fail("bad_request", str(exc))
+    finally:
+        engine.dispose()
+    if limits is None:
+        _fail("not_found", f"no tenant {tenant!r} (`imgq apikey create --tenant {tenant}` makes one)", 1)
+    typer.echo(json.dumps(limits, sort_keys=True))
 
 
 def api(

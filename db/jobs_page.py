@@ -23,8 +23,8 @@ from sqlalchemy import Engine, text
 RATE_WINDOW_S = 60.0
 
 _SUMMARIES = """
-SELECT j.id, j.kind, j.source, j.priority, j.total, j.purged, j.created_at, j.cancelled_at,
-       now() AS now, w.waiting, f.queued, f.running,
+SELECT j.id, j.kind, j.tasks, j.source, j.priority, j.total, j.purged, j.created_at, j.cancelled_at,
+       j.callback_state, now() AS now, w.waiting, f.queued, f.running,
        (SELECT count(*) FROM dead_letters d WHERE d.job_id = j.id) AS dead,
        CASE WHEN j.cancelled_at IS NULL THEN 0
             ELSE (SELECT count(*) FROM job_items c WHERE c.job_id = j.id AND c.state = 'cancelled') END AS cancelled
@@ -78,6 +78,9 @@ class JobSummary:
     dead: int
     cancelled: int
     done: int
+    waiting: int = 0  # of queued: still in Postgres, not yet published to the broker
+    kinds: list[str] = field(default_factory=list)
+    callback_state: str | None = None
     rate: float | None = None  # final items per second over the last minute; None for a finished job
     dead_by_code: dict[str, int] = field(default_factory=dict)
 
@@ -98,7 +101,8 @@ def _summary(row: Any) -> tuple[JobSummary, dt.datetime]:
     done = int(row.total) - int(row.purged) - queued - int(row.running) - int(row.dead) - int(row.cancelled)
     summary = JobSummary(row.id, row.kind, row.source, int(row.priority), int(row.total), int(row.purged),
                          row.created_at, row.cancelled_at, queued, int(row.running), int(row.dead),
-                         int(row.cancelled), max(done, 0))
+                         int(row.cancelled), max(done, 0), int(row.waiting), [t["kind"] for t in row.tasks],
+                         row.callback_state)
     return summary, row.now
 
 

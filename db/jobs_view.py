@@ -23,30 +23,7 @@ from typing import Any
 
 from sqlalchemy import Engine, text
 
-RATE_WINDOW_S = 60.0
-
-_SUMMARY = text("""
-SELECT j.id, j.tenant, j.tasks, j.source, j.priority, j.total, j.purged, j.created_at, j.cancelled_at,
-       j.callback_url, j.callback_state, w.waiting, f.queued, f.running,
-       (SELECT count(*) FROM dead_letters d WHERE d.job_id = j.id) AS dead,
-       CASE WHEN j.cancelled_at IS NULL THEN 0
-            ELSE (SELECT count(*) FROM job_items c WHERE c.job_id = j.id AND c.state = 'cancelled') END AS cancelled,
-       (SELECT coalesce(jsonb_object_agg(code, n), '{}'::jsonb)
-        FROM (SELECT code, count(*) AS n FROM dead_letters d WHERE d.job_id = j.id GROUP BY code) c) AS dead_codes
-FROM jobs j
-CROSS JOIN LATERAL (
-  SELECT count(*) AS waiting FROM job_items i
-  WHERE i.job_id = j.id AND i.state = 'queued' AND i.published_at IS NULL) w
-CROSS JOIN LATERAL (
-  SELECT count(*) FILTER (WHERE i.state = 'queued') AS queued, count(*) FILTER (WHERE i.state = 'running') AS running
-  FROM job_items i WHERE i.job_id = j.id AND i.state IN ('queued', 'running') AND i.published_at IS NOT NULL) f
-WHERE j.id = :job AND j.tenant = :tenant
-""")
-
-_FINISHED_LATELY = text("""
-SELECT count(*) FROM job_items
-WHERE job_id = :job AND state IN ('done', 'dead') AND updated_at > now() - make_interval(secs => :window)
-""")
+from imgq.db import jobs_page
 
 _LIST = text("""
 SELECT j.id, j.kind, j.source, j.priority, j.total, j.created_at, j.cancelled_at, j.callback_state
@@ -88,36 +65,28 @@ ORDER BY im.first_seen DESC, im.id DESC, e.created_at DESC, e.id DESC LIMIT 1
 
 
 def job_summary(engine: Engine, tenant: str, job: uuid.UUID) -> dict[str, Any] | None:
-    """Progress of one of ``tenant``'s jobs, or None (no such job, or another tenant's)."""
-    with engine.connect() as conn:
-        row = conn.execute(_SUMMARY, {"job": job, "tenant": tenant}).mappings().first()
-        if row is None:
-            return None
-        queued, running = int(row["queued"]) + int(row["waiting"]), int(row["running"])
-        rate = None
-        if queued + running:
-            lately = conn.execute(_FINISHED_LATELY, {"job": job, "window": RATE_WINDOW_S}).scalar_one()
-            rate = round(int(lately) / RATE_WINDOW_S, 3)
-    dead, cancelled, purged = int(row["dead"]), int(row["cancelled"]), int(row["purged"])
-    total = int(row["total"])
-    done = max(0, total - purged - queued - running - dead - cancelled)
-    final = done + dead + cancelled + purged
+    """Progress of one of ``tenant``'s jobs, or None (no such job, or another tenant's): the jobs
+    page's summary (db/jobs_page.py), so the page and the API always agree."""
+    found = jobs_page.job_summary(engine, tenant, job)
+    if found is None:
+        return None
+    final = found.done + found.dead + found.cancelled + found.purged
     return {
-        "job": row["id"],
-        "kinds": [t["kind"] for t in row["tasks"]],
-        "source": row["source"],
-        "priority": row["priority"],
-        "created_at": row["created_at"],
-        "cancelled_at": row["cancelled_at"],
-        "total": total,
-        "counts": {"queued": queued, "running": running, "done": done, "dead": dead, "cancelled": cancelled,
-                   "purged": purged},
-        "waiting": int(row["waiting"]),
-        "progress": round(final / total, 4) if total else 1.0,
-        "finished": queued + running == 0,
-        "dead_letters": dict(row["dead_codes"] or {}),
-        "rate_per_s": rate,
-        "callback": None if row["callback_state"] is None else {"state": row["callback_state"]},
+        "job": found.id,
+        "kinds": found.kinds,
+        "source": found.source,
+        "priority": found.priority,
+        "created_at": found.created_at,
+        "cancelled_at": found.cancelled_at,
+        "total": found.total,
+        "counts": {"queued": found.queued, "running": found.running, "done": found.done, "dead": found.dead,
+                   "cancelled": found.cancelled, "purged": found.purged},
+        "waiting": found.waiting,
+        "progress": round(final / found.total, 4) if found.total else 1.0,
+        "finished": found.pending == 0,
+        "dead_letters": found.dead_by_code,
+        "rate_per_s": None if found.rate is None else round(found.rate, 3),
+        "callback": None if found.callback_state is None else {"state": found.callback_state},
     }
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import json
 import os
 import re
 import secrets
@@ -173,3 +174,48 @@ def list_keys(engine: Engine, tenant: str | None = None) -> list[dict[str, Any]]
     """Every key (of one tenant), with its tenant's sources; never a secret."""
     with engine.connect() as conn:
         return [dict(row) for row in conn.execute(_LIST, {"tenant": tenant}).mappings()]
+
+
+# What a tenant's ``limits`` may hold, and the type of each (``imgq apikey limits``). Absent: the
+# setting's default (IMGQ_API_REQUESTS_PER_MINUTE, IMGQ_API_MAX_REFS, IMGQ_API_PRIORITY,
+# IMGQ_MAX_NUM_BEAMS, IMGQ_MAX_NEW_TOKENS, IMGQ_MAX_ITEM_COST).
+LIMIT_TYPES: dict[str, type] = {
+    "requests_per_minute": int, "max_refs": int, "max_priority": int,
+    "num_beams": int, "max_new_tokens": int, "item_cost": float,
+}
+
+_SET_LIMITS = text("""
+UPDATE tenants SET limits = (limits - CAST(:unset AS text[])) || CAST(:changes AS jsonb)
+WHERE name = :tenant RETURNING limits
+""")
+
+
+def parse_limits(assignments: Sequence[str]) -> dict[str, int | float]:
+    """``["num_beams=4", "item_cost=20.5"]`` -> typed values; ValueError names what is wrong."""
+    out: dict[str, int | float] = {}
+    for assignment in assignments:
+        name, sep, raw = assignment.partition("=")
+        name = name.strip()
+        if not sep or name not in LIMIT_TYPES:
+            raise ValueError(f"{assignment!r}: use NAME=VALUE with NAME one of {', '.join(LIMIT_TYPES)}")
+        try:
+            value = LIMIT_TYPES[name](raw.strip())
+        except ValueError:
+            raise ValueError(f"{assignment!r}: {name} takes a {LIMIT_TYPES[name].__name__}") from None
+        if name != "max_priority" and value <= 0:  # a priority cap may be negative; the rest are sizes
+            raise ValueError(f"{assignment!r}: {name} must be positive")
+        out[name] = value
+    return out
+
+
+def set_limits(engine: Engine, tenant: str, changes: dict[str, int | float],
+               unset: Sequence[str] = ()) -> dict[str, Any] | None:
+    """Set and remove limits of ``tenant``; returns its limits now, or None for an unknown tenant.
+    API processes see the change within a second (their key cache)."""
+    unknown = [name for name in unset if name not in LIMIT_TYPES]
+    if unknown:
+        raise ValueError(f"--unset {', '.join(unknown)}: not a limit ({', '.join(LIMIT_TYPES)})")
+    with engine.begin() as conn:
+        row = conn.execute(_SET_LIMITS, {"tenant": tenant, "changes": json.dumps(changes),
+                                         "unset": list(unset)}).first()
+    return None if row is None else dict(row.limits)

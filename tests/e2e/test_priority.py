@@ -80,15 +80,19 @@ def test_a_small_urgent_job_overtakes_a_backfill_already_in_redis(make_settings,
             overtaken = conn.execute(text(
                 "SELECT count(*) FROM job_items WHERE job_id = :j AND state = 'done' AND updated_at > :t0 "
                 "AND updated_at <= :t1"), {"j": backfill, "t0": published, "t1": finished}).scalar_one()
-        backfill_done = done(store, backfill)
+            # Timed by the database, not by this process: `imgq enqueue` itself may take seconds
+            # on a loaded machine, while the worker goes on with the backfill.
+            backfill_done = conn.execute(text(
+                "SELECT count(*) FROM job_items WHERE job_id = :j AND state = 'done' AND updated_at <= :t1"),
+                {"j": backfill, "t1": finished}).scalar_one()
         print(f"urgent job of {URGENT}: {(finished - published).total_seconds():.2f}s from published to finished, "
               f"{(finished - accepted).total_seconds():.2f}s from accepted, {wall:.2f}s with `imgq enqueue`; "
               f"{ahead} backfill items were in Redis ahead of it, {overtaken} backfill items finished meanwhile; "
-              f"backfill {backfill_done}/{BACKFILL} done")
+              f"backfill {backfill_done}/{BACKFILL} done by then")
         # In one FIFO list the urgent job would have waited for all `ahead` items; in its lane it
         # waits only for what the worker already held.
         assert overtaken < ahead / 2
-        assert backfill_done < BACKFILL / 2, "the urgent job finished while the backfill was mostly unfinished"
+        assert backfill_done + ahead / 2 <= BACKFILL, "the urgent job finished with most of the backfill's window left"
         totals = wait_finished(store, [backfill], timeout=120, procs=[worker], log_dir=tmp_path)
     finally:
         stop(worker)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,6 +116,32 @@ def test_the_apikey_commands(database_url: str, tmp_path: Path) -> None:
     assert revoked.exit_code == 0
     again = runner.invoke(app, ["apikey", "revoke", parse_key(key)[0]], env=env)  # type: ignore[index]
     assert again.exit_code == 1 and "error[not_found]" in again.stderr
+
+
+def test_tenant_limits_are_set_and_unset_from_the_cli_and_reach_the_verified_key(database_url: str) -> None:
+    from imgq.db.store import make_engine
+    from imgq.db.tenancy import verify_key
+
+    env = {"IMGQ_DATABASE_URL": database_url, "IMGQ_ALLOWED_BUCKETS": "photos"}
+    runner = CliRunner()
+    key = runner.invoke(app, ["apikey", "create", "--tenant", "acme", "--bucket", "photos"], env=env).stdout.strip()
+    changed = runner.invoke(app, ["apikey", "limits", "acme", "--set", "num_beams=4", "--set", "item_cost=2.5",
+                                  "--set", "requests_per_minute=30"], env=env)
+    assert changed.exit_code == 0, changed.output
+    assert json.loads(changed.stdout) == {"num_beams": 4, "item_cost": 2.5, "requests_per_minute": 30}
+    unset = runner.invoke(app, ["apikey", "limits", "acme", "--unset", "num_beams"], env=env)
+    assert json.loads(unset.stdout) == {"item_cost": 2.5, "requests_per_minute": 30}
+    engine = make_engine(database_url)
+    try:
+        principal = verify_key(engine, key)
+        assert principal is not None and principal.limits == {"item_cost": 2.5, "requests_per_minute": 30}
+    finally:
+        engine.dispose()
+    for args, code in ((["acme", "--set", "num_beams=lots"], "bad_request"), (["acme", "--set", "speed=3"],
+                       "bad_request"), (["acme", "--set", "max_refs=0"], "bad_request"),
+                       (["acme", "--unset", "speed"], "bad_request"), (["nobody"], "not_found")):
+        refused = runner.invoke(app, ["apikey", "limits", *args], env=env)
+        assert refused.exit_code in (1, 2) and f"error[{code}]" in refused.stderr, (args, refused.output)
 
 
 # -- cancelled items ------------------------------------------------------------------------------
