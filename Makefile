@@ -21,10 +21,12 @@ demo: install
 	$(BIN)/imgq demo --model $(MODEL) $(if $(KEEP),--keep)
 
 ## Lint, then every test except the soak tier. Two pytest processes (JOBS=1 for one): most e2e
-## time is spent waiting on workers and timeouts, which overlaps well (12.7 -> 7.9 min here).
+## time is spent waiting on workers and timeouts, which overlaps. Work stealing, because a few e2e
+## tests take a minute: with xdist's default scheduling one process was often left with a queue of
+## them while the other idled (here: serial 762 s; default 472-786 s; work stealing 512 s).
 JOBS ?= 2
 test: install lint browser
-	$(BIN)/python -m pytest $(if $(filter-out 1,$(JOBS)),-n $(JOBS))
+	$(BIN)/python -m pytest $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist worksteal)
 
 unit: install
 	$(BIN)/python -m pytest tests/unit

@@ -73,7 +73,7 @@ def wait_finished(store: Any, jobs: list[Any], timeout: float, procs: list[subpr
         totals = {"queued": 0, "running": 0, "done": 0, "dead": 0}
         for job in jobs:
             for k, v in store.counts(job).items():
-                totals[k] += v
+                totals[k] = totals.get(k, 0) + v  # "cancelled" appears only for a cancelled job
         if totals["queued"] == totals["running"] == 0:
             return totals
         for proc in procs or []:

@@ -72,7 +72,8 @@ class Seeded:
 @pytest.fixture(scope="module")
 def seeded(pg_server) -> Iterator[Seeded]:  # type: ignore[no-untyped-def]
     """One database for the read-only tests: seeding 3,000 vectors through the index takes seconds."""
-    name = f"t_search_{os.getpid()}"
+    # Unique per setup: pytest-xdist's work stealing may set a module fixture up twice in one process.
+    name = f"t_search_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     _admin(pg_server, f'CREATE DATABASE "{name}" TEMPLATE {TEMPLATE}')
     url = pg_server.url.replace(f"/{TEMPLATE}?", f"/{name}?")
     engine = create_engine(url)
@@ -96,6 +97,7 @@ def seeded(pg_server) -> Iterator[Seeded]:  # type: ignore[no-untyped-def]
         conn.execute(text("ANALYZE"))
     yield Seeded(engine, url, x, ids)
     engine.dispose()
+    _admin(pg_server, f'DROP DATABASE IF EXISTS "{name}"')
 
 
 def ref_of(i: int) -> str:
