@@ -23,7 +23,7 @@ demo: install
 ## Lint, then every test except the soak tier. Two pytest processes (JOBS=1 for one): most e2e
 ## time is spent waiting on workers and timeouts, which overlaps. Work stealing, because a few e2e
 ## tests take a minute: with xdist's default scheduling one process was often left with a queue of
-## them while the other idled (here: serial 762 s; default 472-786 s; work stealing 512 s).
+## them while the other idled (here: serial 762 s; default 472-786 s; work stealing 500-512 s).
 JOBS ?= 2
 test: install lint browser
 	$(BIN)/python -m pytest $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist worksteal)

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +23,15 @@ def run_cli(
 ) -> subprocess.CompletedProcess[str]:
     env = settings_env(settings) | (env_extra or {})
     return subprocess.run([*IMGQ, *args], env=env, capture_output=True, text=True, timeout=120, **kw)
+
+
+def enqueue_listing(settings: Any, tmp_path: Path, refs: list[str], *args: str) -> uuid.UUID:
+    """`imgq enqueue caption -f LISTING` of ``refs`` (4 tokens: cheap captions); the job id."""
+    listing = tmp_path / f"refs-{time.monotonic_ns()}.txt"
+    listing.write_text("\n".join(refs))
+    out = run_cli(settings, "enqueue", "caption", "-f", str(listing), "--max-new-tokens", "4", *args)
+    assert out.returncode == 0, out.stderr
+    return uuid.UUID(out.stdout.strip())
 
 
 def start_worker(

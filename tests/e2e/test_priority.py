@@ -10,7 +10,6 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
@@ -18,7 +17,7 @@ from sqlalchemy import text
 
 from imgq.db.store import Store
 from imgq.feeding import BACKFILL_LANE
-from tests.e2e.helpers import check_job, jpeg_bytes, run_cli, start_worker, stop, wait_finished
+from tests.e2e.helpers import check_job, enqueue_listing, jpeg_bytes, start_worker, stop, wait_finished
 
 pytestmark = pytest.mark.e2e
 
@@ -42,14 +41,6 @@ def refs(root: Path, n: int, prefix: str, distinct: int = 32) -> list[str]:
     return out
 
 
-def enqueue(settings: Any, tmp_path: Path, refs: list[str], *args: str) -> uuid.UUID:
-    listing = tmp_path / f"refs-{time.monotonic_ns()}.txt"
-    listing.write_text("\n".join(refs))
-    out = run_cli(settings, "enqueue", "caption", "-f", str(listing), "--max-new-tokens", "4", *args)
-    assert out.returncode == 0, out.stderr
-    return uuid.UUID(out.stdout.strip())
-
-
 def done(store: Store, job: uuid.UUID) -> int:
     return store.counts(job)["done"]
 
@@ -59,7 +50,8 @@ def test_a_small_urgent_job_overtakes_a_backfill_already_in_redis(make_settings,
     store = Store.from_url(settings.database_url)
     client = redis.Redis(unix_socket_path=str(redis_server.socket_path))
     lane = f"{settings.queue}\x06\x16{BACKFILL_LANE}"
-    backfill = enqueue(settings, tmp_path, refs(image_root, BACKFILL, "bf"), "--priority", "-10", "--tenant", "archive")
+    backfill = enqueue_listing(settings, tmp_path, refs(image_root, BACKFILL, "bf"),
+                               "--priority", "-10", "--tenant", "archive")
     urgent_refs = refs(image_root, URGENT, "ui")
     assert client.llen(lane) == WINDOW, "the backfill's first window waits in its own lane"
     worker = start_worker(settings, Path(settings.caption_model), tmp_path, "w0", "--concurrency", str(CONCURRENCY))
@@ -70,7 +62,7 @@ def test_a_small_urgent_job_overtakes_a_backfill_already_in_redis(make_settings,
             time.sleep(0.1)
         ahead = client.llen(lane) * PER_MESSAGE  # backfill items in Redis, ahead of the urgent job in a FIFO
         started = time.monotonic()
-        urgent = enqueue(settings, tmp_path, urgent_refs, "--priority", "10", "--tenant", "web")
+        urgent = enqueue_listing(settings, tmp_path, urgent_refs, "--priority", "10", "--tenant", "web")
         wait_finished(store, [urgent], timeout=30, procs=[worker], log_dir=tmp_path)
         wall = time.monotonic() - started
         with store.engine.connect() as conn:

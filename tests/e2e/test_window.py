@@ -17,7 +17,7 @@ import redis
 from sqlalchemy import text
 
 from imgq.db.store import Store
-from tests.e2e.helpers import check_job, jpeg_bytes, run_cli, start_worker, stop, wait_finished
+from tests.e2e.helpers import check_job, enqueue_listing, jpeg_bytes, start_worker, stop, wait_finished
 
 pytestmark = pytest.mark.e2e
 
@@ -40,14 +40,6 @@ def images(root: Path, n: int, prefix: str = "img") -> list[str]:
         path.write_bytes(jpeg_bytes(96, 72, seed=i))
         refs.append(str(path))
     return refs
-
-
-def enqueue(settings: Any, tmp_path: Path, refs: list[str], *args: str) -> uuid.UUID:
-    listing = tmp_path / f"refs-{time.monotonic_ns()}.txt"
-    listing.write_text("\n".join(refs))
-    out = run_cli(settings, "enqueue", "caption", "-f", str(listing), "--max-new-tokens", "4", *args)
-    assert out.returncode == 0, out.stderr
-    return uuid.UUID(out.stdout.strip())
 
 
 def done_order(store: Store) -> list[tuple[uuid.UUID, int]]:
@@ -78,7 +70,7 @@ def wait_for(predicate: Any, timeout: float, what: str) -> None:
 def test_a_backlog_far_bigger_than_the_window_never_overflows_it(make_settings, redis_server, image_root, tmp_path):
     settings = make_settings(**SMALL)
     n = 160  # 80 messages: 20 windows
-    job = enqueue(settings, tmp_path, images(image_root, n))
+    job = enqueue_listing(settings, tmp_path, images(image_root, n))
     client = redis.Redis(unix_socket_path=str(redis_server.socket_path))
     assert client.llen(settings.queue) == WINDOW, "enqueue publishes the first window, and no more"
     assert unpublished(Store.from_url(settings.database_url), job) == n - WINDOW * PER_MESSAGE
@@ -124,7 +116,7 @@ def test_killing_the_feeders_worker_hands_the_lock_to_another(make_settings, ima
 
     try:
         wait_for(lambda: feeder() is not None, 90, "no worker became the feeder")
-        job = enqueue(settings, tmp_path, images(image_root, n))
+        job = enqueue_listing(settings, tmp_path, images(image_root, n))
         wait_for(lambda: store.counts(job)["done"] >= 8, 60, "no progress")
         victim = feeder()
         assert victim is not None
@@ -146,7 +138,7 @@ def test_wiping_redis_mid_job_costs_at_most_the_window(make_settings, redis_serv
                                                        slow_tiny_model_dir, tmp_path):
     settings = make_settings(caption_model=str(slow_tiny_model_dir), **SMALL)
     n = 80
-    job = enqueue(settings, tmp_path, images(image_root, n))
+    job = enqueue_listing(settings, tmp_path, images(image_root, n))
     store = Store.from_url(settings.database_url)
     worker = start_worker(settings, slow_tiny_model_dir, tmp_path, "w0", "--concurrency", str(CONCURRENCY))
     try:
@@ -182,12 +174,12 @@ def test_wiping_redis_mid_job_costs_at_most_the_window(make_settings, redis_serv
 
 def test_a_high_priority_job_starts_within_one_window(make_settings, image_root, tmp_path):
     settings = make_settings(**SMALL)
-    big = enqueue(settings, tmp_path, images(image_root, 200, "big"))
+    big = enqueue_listing(settings, tmp_path, images(image_root, 200, "big"))
     store = Store.from_url(settings.database_url)
     worker = start_worker(settings, Path(settings.caption_model), tmp_path, "w0", "--concurrency", str(CONCURRENCY))
     try:
         wait_for(lambda: store.counts(big)["done"] >= 10, 60, "no progress")
-        urgent = enqueue(settings, tmp_path, images(image_root, 40, "urgent"), "--priority", "10")
+        urgent = enqueue_listing(settings, tmp_path, images(image_root, 40, "urgent"), "--priority", "10")
         assert store.counts(big)["queued"] > 100, "the big job must still be waiting when the urgent one comes"
         totals = wait_finished(store, [big, urgent], timeout=90, procs=[worker], log_dir=tmp_path)
     finally:
@@ -215,8 +207,8 @@ def test_a_high_priority_job_starts_within_one_window(make_settings, image_root,
 def test_two_tenants_of_equal_priority_share_the_worker(make_settings, image_root, tmp_path):
     settings = make_settings(**SMALL)
     n = 100
-    first = enqueue(settings, tmp_path, images(image_root, n, "a"), "--tenant", "alpha")
-    second = enqueue(settings, tmp_path, images(image_root, n, "b"), "--tenant", "beta")
+    first = enqueue_listing(settings, tmp_path, images(image_root, n, "a"), "--tenant", "alpha")
+    second = enqueue_listing(settings, tmp_path, images(image_root, n, "b"), "--tenant", "beta")
     store = Store.from_url(settings.database_url)
     worker = start_worker(settings, Path(settings.caption_model), tmp_path, "w0", "--concurrency", str(CONCURRENCY))
     try:
