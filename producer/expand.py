@@ -59,6 +59,13 @@ class Expander:
         self._settings = settings
         self._s3 = s3_client
 
+    def list_prefix(self, raw: str) -> Iterator[str]:
+        """Every object whose key starts with the prefix of ``s3://bucket/prefix``, slash or not."""
+        bucket, prefix = split_s3(raw.strip(), self._settings.allowed_buckets)
+        if self._s3 is None:
+            self._s3 = make_s3_client(self._settings)
+        return _list_s3(self._s3, bucket, prefix)
+
     def __call__(self, raw: str) -> list[str]:
         """Canonical single-object refs for ``raw``; raises :class:`RefRefused` if it is bad."""
         raw = raw.strip()
@@ -67,10 +74,7 @@ class Expander:
         settings = self._settings
         if raw.lower().startswith("s3://"):
             if raw.endswith("/"):
-                bucket, prefix = split_s3(raw, settings.allowed_buckets)
-                if self._s3 is None:
-                    self._s3 = make_s3_client(settings)
-                return list(_list_s3(self._s3, bucket, prefix))
+                return list(self.list_prefix(raw))
             return [str(parse_ref(raw, allowed_buckets=settings.allowed_buckets, local_roots=[]))]
         ref = parse_ref(raw, allowed_buckets=settings.allowed_buckets, local_roots=settings.local_roots)
         path = Path(str(ref))

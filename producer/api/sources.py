@@ -63,8 +63,7 @@ def expand_refs(
     (413 ``too_many_refs`` past it). With ``prefix``, ``s3://bucket/p`` lists every key that
     starts with ``p``, trailing slash or not (a request's ``prefix`` field)."""
     from imgq.producer.api.limits import too_many_refs
-    from imgq.producer.expand import Expander, _list_s3
-    from imgq.refs import split_s3
+    from imgq.producer.expand import Expander
 
     expand = Expander(scoped, s3_client)
     count = 0
@@ -72,8 +71,7 @@ def expand_refs(
         try:
             check_source(raw, scoped)
             if prefix and raw.strip().lower().startswith("s3://"):
-                bucket, start = split_s3(raw.strip(), scoped.allowed_buckets)
-                found: Iterable[str] = _list_s3(_client(expand, scoped), bucket, start)
+                found: Iterable[str] = expand.list_prefix(raw)
             else:
                 found = expand(raw)
             for ref in found:
@@ -90,10 +88,3 @@ def expand_refs(
                 raise
             raise ApiProblem(422, "bad_ref", f"cannot list {raw!r}: {exc}; nothing was accepted") from None
 
-
-def _client(expand: Any, scoped: Settings) -> Any:
-    from imgq.s3 import make_s3_client
-
-    if expand._s3 is None:
-        expand._s3 = make_s3_client(scoped)
-    return expand._s3
