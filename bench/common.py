@@ -185,18 +185,20 @@ class Services:
     _stops: list[Any] = field(default_factory=list)
 
     @classmethod
-    def start(cls, *, s3: bool = False, fresh: bool = False) -> Services:
+    def start(cls, *, s3: bool = False, fresh: bool = False, home: Path | None = None) -> Services:
         """``fresh``: a new database cluster, not the one earlier runs left (their WAL, bloat and
-        statistics can change write plans and commit times)."""
+        statistics can change write plans and commit times). ``home``: where the servers keep
+        their files (default ``WORK``), so that two benches can run at once."""
         from imgq import embedded
         from imgq.db.migrate import upgrade
 
-        WORK.mkdir(parents=True, exist_ok=True)
+        home = home or WORK
+        home.mkdir(parents=True, exist_ok=True)
         if fresh:
-            shutil.rmtree(WORK / "pg", ignore_errors=True)
-        pg = embedded.start_postgres(WORK / "pg" / "data", database="imgq_bench")
+            shutil.rmtree(home / "pg", ignore_errors=True)
+        pg = embedded.start_postgres(home / "pg" / "data", database="imgq_bench")
         upgrade(pg.url)
-        redis = embedded.start_redis(WORK / "redis")
+        redis = embedded.start_redis(home / "redis")
         svc = cls(database_url=pg.url, broker_url=redis.url, pg=pg, redis=redis)
         svc._stops = [redis.stop, pg.stop]
         if s3:

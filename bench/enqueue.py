@@ -1,51 +1,112 @@
 """Acceptance from a file, the way an operator runs a backfill: `imgq enqueue caption -f FILE`
-as a subprocess (Python start-up, ref validation, COPY into Postgres, publish to Redis), at 16,
-64 and 256 refs per message, alternated within each repeat.
+as a subprocess (Python start-up, ref validation, COPY into Postgres, the first broker window
+published to Redis), at 16, 64 and 256 refs per message.
 
-    .venv/bin/python -m bench.enqueue [--refs 100000] [--repeats 3]
+Each repeat runs every (variant, message size) once, alternating, on the same empty tables:
+
+* ``after``: the CLI as it is.
+* ``before``: the same CLI with the ref-validation path of before issue 14 put back
+  (:func:`before_cli`): every ref through ``parse_ref`` and a list.
+
+    .venv/bin/python -m bench.enqueue [--refs 100000] [--repeats 3] [--variants before,after]
+
+It uses its own embedded Postgres and Redis (``.imgq/bench-enqueue``): it truncates the tables
+between runs, which must not hit another bench's services.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import subprocess
 import sys
 import time
+from typing import Any
 
-from bench.common import WORK, Services, median, settings_env
+import bench.common as common
+from bench.common import ROOT, median, settings_env
+
+PER_MESSAGE = (16, 64, 256)
+
+
+def before_cli() -> None:
+    """`imgq` with the enqueue paths of before issue 14 (run as ``python -c``, argv as the CLI's)."""
+    from imgq.producer import expand
+    from imgq.refs import parse_ref
+
+    def expand_before(self: Any, raw: str) -> list[str]:
+        raw = raw.strip()
+        if not raw or raw.startswith("#"):
+            return []
+        settings = self._settings
+        if raw.lower().startswith("s3://"):
+            if raw.endswith("/"):
+                return list(self.list_prefix(raw))
+            return [str(parse_ref(raw, allowed_buckets=settings.allowed_buckets, local_roots=[]))]
+        return expand_now(self, raw)
+
+    expand_now = expand.Expander.__call__
+    expand.Expander.__call__ = expand_before  # type: ignore[method-assign]
+    expand.Expander.object_ref = lambda self, raw: None  # type: ignore[method-assign]
+    from imgq.cli import main
+
+    main()
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--refs", type=int, default=100_000)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--variants", default="before,after")
+    ap.add_argument("--per-message", default=",".join(map(str, PER_MESSAGE)))
     args = ap.parse_args()
-    svc = Services.start()
+    variants = args.variants.split(",")
+    sizes = [int(n) for n in args.per_message.split(",")]
+    common.WORK = ROOT / ".imgq" / "bench-enqueue"
+    svc = common.Services.start()
     try:
         settings = svc.settings(allowed_buckets=["archive"])
         env = settings_env(settings)
-        listing = WORK / f"refs-{args.refs}.txt"
-        listing.write_text("".join(f"s3://archive/2024/{i:08d}.jpg\n" for i in range(args.refs)))
+        listing = common.WORK / f"refs-{args.refs}.txt"
+        if not listing.exists():
+            listing.write_text("".join(f"s3://archive/2024/{i:08d}.jpg\n" for i in range(args.refs)))
         rc = svc.redis_client()
         from imgq.db.store import Store
 
         store = Store.from_url(svc.database_url)
-        results: dict[int, list[float]] = {16: [], 64: [], 256: []}
+        commands = {
+            "before": [sys.executable, "-c", "from bench.enqueue import before_cli; before_cli()"],
+            "after": [sys.executable, "-m", "imgq.cli"],
+        }
+        results: dict[tuple[str, int], list[float]] = {(v, n): [] for n in sizes for v in variants}
+        # The CLI's own CPU seconds (user + system): on a shared machine less noisy than the wall.
+        cpu: dict[tuple[str, int], list[float]] = {key: [] for key in results}
         for _ in range(args.repeats):
-            for per_message in results:
+            for variant, per_message in results:
                 svc.truncate(store)  # the same starting table for every variant
+                rc.flushdb()
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
                 t = time.perf_counter()
-                out = subprocess.run([sys.executable, "-m", "imgq.cli", "enqueue", "caption", "-f", str(listing),
-                                      "--refs-per-message", str(per_message)], env=env, capture_output=True, text=True)
+                out = subprocess.run([*commands[variant], "enqueue", "caption", "-f", str(listing),
+                                      "--refs-per-message", str(per_message)],
+                                     env=env, cwd=ROOT, capture_output=True, text=True)
                 elapsed = time.perf_counter() - t
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                cpu[variant, per_message].append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
                 if out.returncode != 0:
                     raise SystemExit(out.stderr)
-                results[per_message].append(args.refs / elapsed)
-                rc.delete(settings.queue)
+                results[variant, per_message].append(args.refs / elapsed)
         print(f"# {' '.join(sys.argv)}")
-        for per_message, values in results.items():
-            print(f"imgq enqueue -f ({args.refs:,} refs, {per_message:>2} refs/message): "
-                  f"{median(values):>8,.0f} refs/s  raw {[round(v) for v in values]}")
+        for (variant, per_message), values in results.items():
+            print(f"imgq enqueue -f ({args.refs:,} refs, {per_message:>3} refs/message) {variant:>6}: "
+                  f"{median(values):>8,.0f} refs/s  raw {[round(v) for v in values]}; "
+                  f"CLI CPU {median(cpu[variant, per_message]):.2f} s")
+        if {"before", "after"} <= set(variants):
+            for per_message in sizes:
+                ratio = [a / b for a, b in zip(results["after", per_message], results["before", per_message],
+                                               strict=True)]
+                print(f"after / before at {per_message:>3} refs/message: x{median(ratio):.2f} "
+                      f"(per repeat {[round(r, 2) for r in ratio]})")
     finally:
         svc.stop()
     return 0

@@ -14,6 +14,11 @@ Phases (each timed, GPU utilisation sampled by nvidia-smi in the background and 
 3. naive: transformers ``pipeline("image-text-to-text")`` one image per call, text="";
 4. embed: ``RetrievalModel.embed_images``/``embed_texts`` on the BLIP-base retrieval architecture
    (bench/gpu_embed.py). ``--phases embed`` runs it alone (no caption checkpoint is built then).
+5. photos: 12 MP phone JPEGs (bench/photos.py, generated here in parallel): the worker's Pillow path
+   with draft decoding on and off on ``--threads`` CPU threads against nvJPEG
+   (``torchvision.io.decode_jpeg(list, device="cuda")``, EXIF applied) + GPU resize; images/s, process
+   CPU-ms per image, and CPU cores per GPU at 2,000 images/s. The nvJPEG half skips itself, with the
+   reason printed, without torchvision or CUDA. ``--phases photos`` runs it alone (~30-45 s).
 
     python3 -m bench.gpu_bench --device cuda --arch base --out $OUT
     .venv/bin/python -m bench.gpu_bench --device cpu --arch tiny --batches 8 16 --beam-batches 8 \
@@ -40,6 +45,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 CAPTION_PHASES = ["model", "beam", "pipeline", "decode", "naive"]
+ALL_PHASES = [*CAPTION_PHASES, "embed", "photos"]  # photos last: if the run's hard cap hits, only it is lost
 TOKENS = 20
 PHASES: list[tuple[str, float, float]] = []  # (name, wall start, wall end) in time.time()
 
@@ -292,6 +298,179 @@ def bench_gpu_decode(model: Any, blobs: list[bytes], device: str, batch: int = 6
         return {name: {"error": f"{type(exc).__name__}: {exc}"}}
 
 
+# -- 12 MP photos: nvJPEG on the GPU against Pillow on CPU threads ----------------------------------
+
+def photo_blobs(n: int, distinct: int, workers: int) -> list[bytes]:
+    """``n`` 12 MP JPEGs (bench.photos' photos12mp corpus: a quarter each EXIF 6 and 8), ``distinct``
+    of them generated in parallel here (about 2.5 CPU-s each), repeated."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    sys.path.insert(0, str(REPO))
+    from bench.photos import item, render
+
+    items = [item("photos12mp", i) for i in range(distinct)]
+    # spawn, not fork: by now this process has CUDA and torch's thread pools up.
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max(1, min(workers, distinct)), mp_context=spawn) as pool:
+        unique = list(pool.map(render, items))
+    return [unique[i % distinct] for i in range(n)]
+
+
+def pillow_rate(blobs: list[bytes], prepare: Any, threads: int, draft: bool) -> dict[str, float]:
+    """The worker's CPU path on ``threads`` threads: images/s and process CPU-ms per image."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from imgq.worker.decode import decode, draft_target
+
+    target = draft_target([prepare.size], draft)
+
+    def one(data: bytes) -> Any:
+        return prepare.pixels(decode(data, max_pixels=40_000_000, target=target).image, "stretch")
+
+    with ThreadPoolExecutor(threads) as pool:
+        c, t = time.process_time(), time.perf_counter()
+        list(pool.map(one, blobs))
+        dt, cpu = time.perf_counter() - t, time.process_time() - c
+    return {"img_s": len(blobs) / dt, "cpu_ms_per_img": cpu * 1000 / len(blobs)}
+
+
+def gpu_decode_resize(chunk: list[Any], size: int, device: str, decode_jpeg: Any, exif: bool) -> Any:
+    """nvJPEG decode of a list of JPEG byte tensors, upright per EXIF, then the bicubic antialiased
+    resize to ``size`` on the device; uint8 (B, 3, size, size) in input order. Images are grouped
+    by shape for the resize: a 12 MP batch holds landscape and (EXIF-rotated) portrait frames."""
+    import torch
+    import torch.nn.functional as F
+
+    images = decode_jpeg(chunk, device=device, mode=_rgb_mode(), apply_exif_orientation=exif)
+    out = torch.empty((len(images), 3, size, size), dtype=torch.uint8, device=device)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, im in enumerate(images):
+        groups.setdefault(tuple(im.shape), []).append(i)
+    for idx in groups.values():
+        batch = torch.stack([images[i] for i in idx]).float()
+        resized = F.interpolate(batch, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+        out[idx] = resized.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+def _rgb_mode() -> Any:
+    try:
+        from torchvision.io import ImageReadMode
+    except ImportError:  # a CPU check's stand-in decoder: torchvision also takes the plain string
+        return "RGB"
+    return ImageReadMode.RGB
+
+
+def _image_processor(ckpt: Path) -> Any:
+    from transformers import BlipProcessor
+
+    return BlipProcessor.from_pretrained(str(ckpt)).image_processor
+
+
+def bench_photos(image_processor: Any, device: str, threads: int, n: int = 256, distinct: int = 32, batch: int = 32,
+                 repeats: int = 2, decode_jpeg: Any = None) -> dict[str, Any]:
+    """12 MP phone photos: the worker's Pillow path (draft decoding on, and off) on ``threads`` CPU
+    threads against nvJPEG decode + GPU resize; images/s, process CPU-ms per image, and the CPU
+    cores one GPU needs to be fed 2,000 images/s by each. Repeats alternate the paths.
+
+    nvJPEG needs torchvision and a CUDA device: without either that half is skipped with the reason
+    printed, and the Pillow half still runs. ``decode_jpeg`` lets a CPU check pass a stand-in."""
+    import numpy as np
+
+    from imgq.worker.decode import decode
+    from imgq.worker.preprocess import Preprocessor
+
+    name = "12 MP photos"
+    target_rate = 2000.0
+    try:
+        pre = Preprocessor.from_image_processor(image_processor)
+        t = time.perf_counter()
+        blobs = photo_blobs(n, distinct, threads)
+        log(f"{name}: generated {distinct} distinct 12 MP JPEGs in {time.perf_counter() - t:.1f}s "
+            f"(mean {sum(map(len, blobs[:distinct])) / distinct / 1e6:.2f} MB)")
+        gpu_reason = None
+        if decode_jpeg is None:
+            try:
+                from torchvision.io import decode_jpeg
+            except ImportError as exc:
+                gpu_reason = f"torchvision missing ({exc})"
+        if gpu_reason is None and decode_jpeg is not None and not (device.startswith("cuda") or _stand_in(decode_jpeg)):
+            gpu_reason = f"device {device} is not CUDA"
+        if gpu_reason:
+            log(f"{name}: nvJPEG half skipped: {gpu_reason}")
+        import torch
+
+        tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+        exif = True
+
+        def gpu_pass() -> dict[str, float]:
+            nonlocal exif
+            c, t0 = time.process_time(), time.perf_counter()
+            for start in range(0, len(tensors), batch):
+                chunk = tensors[start : start + batch]
+                try:
+                    out = gpu_decode_resize(chunk, pre.size, device, decode_jpeg, exif)
+                except (TypeError, RuntimeError, NotImplementedError) as exc:
+                    if not exif:
+                        raise
+                    log(f"{name}: apply_exif_orientation refused on {device} ({exc}); timing without it")
+                    exif = False
+                    out = gpu_decode_resize(chunk, pre.size, device, decode_jpeg, exif)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            dt, cpu = time.perf_counter() - t0, time.process_time() - c
+            del out
+            return {"img_s": len(tensors) / dt, "cpu_ms_per_img": cpu * 1000 / len(tensors)}
+
+        # Full-size decodes of 12 MP pass imgq.worker.decode's bound of 2 large decodes at once, so
+        # they are slow in wall time: a quarter of the images is enough for their CPU cost.
+        paths: dict[str, Any] = {"pillow draft": lambda: pillow_rate(blobs, pre, threads, True),
+                                 "pillow full": lambda: pillow_rate(blobs[: max(1, n // 4)], pre, threads, False)}
+        if not gpu_reason:
+            gpu_pass()  # warm-up: nvJPEG handles, kernels, allocator
+            paths["nvjpeg"] = gpu_pass
+        runs: dict[str, list[dict[str, float]]] = {k: [] for k in paths}
+        with Phase(name):
+            for _ in range(repeats):
+                for key, run in paths.items():
+                    runs[key].append(run())
+        result: dict[str, Any] = {"images": n, "distinct": distinct, "threads": threads, "batch": batch,
+                                  "gpu_skipped": gpu_reason, "exif_on_gpu": exif if not gpu_reason else None}
+        for key, values in runs.items():
+            img_s = sorted(v["img_s"] for v in values)[len(values) // 2]
+            cpu_ms = sorted(v["cpu_ms_per_img"] for v in values)[len(values) // 2]
+            result[key] = {"img_s": img_s, "cpu_ms_per_img": cpu_ms,
+                           "cores_per_gpu_at_2000": target_rate * cpu_ms / 1000, "raw": values}
+            log(f"{name}, {key}: {img_s:,.0f} img/s, {cpu_ms:.1f} CPU-ms/img -> "
+                f"{target_rate * cpu_ms / 1000:.1f} cores per GPU at {target_rate:,.0f} img/s")
+        if not gpu_reason:
+            # Without EXIF on the GPU, compare the upright photos only (index % 4 in 0, 2).
+            picked = [i for i in range(min(n, 4 * distinct)) if exif or (i % distinct) % 4 in (0, 2)][:8]
+            gpu = gpu_decode_resize([tensors[i] for i in picked], pre.size, device, decode_jpeg, exif)
+            gpu = gpu.cpu().numpy().astype(int)
+            result["compared_images"] = len(picked)
+            for key, target in (("vs_pillow_draft", pre.size), ("vs_pillow_full", None)):
+                cpu_px = np.stack([pre.pixels(decode(blobs[i], max_pixels=40_000_000, target=target).image)
+                                   for i in picked]).astype(int)
+                diff = np.abs(gpu - cpu_px)
+                result[key] = {"max_abs_levels": int(diff.max()), "mean_abs_levels": float(diff.mean())}
+                log(f"{name}: nvJPEG + GPU resize {key}: max |diff| {diff.max()} levels, mean {diff.mean():.2f}")
+        # One summary row per path (the summary prints entries with an img_s), then the details.
+        labels = {"pillow draft": f"Pillow, draft on, {threads} threads", "pillow full": f"Pillow, full decode, "
+                  f"{threads} threads", "nvjpeg": f"nvJPEG + GPU resize, batches of {batch}"}
+        rows = {f"{name}: {labels[k]}": {"img_s": result[k]["img_s"], "cpu_ms_per_img": result[k]["cpu_ms_per_img"],
+                                          "cores_per_gpu_at_2000": result[k]["cores_per_gpu_at_2000"]} for k in runs}
+        return {**rows, name: result}
+    except Exception as exc:  # an optional measurement must not cost the rest of the run
+        log(f"{name}: failed: {type(exc).__name__}: {exc}")
+        return {name: {"error": f"{type(exc).__name__}: {exc}"}}
+
+
+def _stand_in(decode_jpeg: Any) -> bool:
+    return bool(getattr(decode_jpeg, "stand_in", False))
+
+
 def bench_naive(ckpt: Path, device: str, dtype: Any, blobs: list[bytes]) -> dict[str, Any]:
     import io
 
@@ -317,7 +496,8 @@ def run_caption_phases(args: Any, phases: list[str], results: dict[str, Any], dt
     import torch
 
     ckpt = checkpoint(args.arch, REPO / ".imgq" / "bench" / "gpu-ckpt")
-    model = caption_model(str(ckpt), device=args.device, dtype=dtype)
+    model = caption_model(str(ckpt), device=args.device, dtype=dtype,
+                          attention=os.environ.get("IMGQ_ATTENTION", "sdpa"))  # captioning default: sdpa
     model.load()
     if "model" in phases:
         results.update(bench_model(model, params_cls, args.batches, 1, args.seconds))
@@ -350,8 +530,10 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     ap.add_argument("--max-wait-ms", type=int, default=50)
     ap.add_argument("--naive-images", type=int, default=128)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["model", "beam", "pipeline", "decode", "naive"])
-    ap.add_argument("--phases", nargs="+", default=[*CAPTION_PHASES, "embed"], choices=[*CAPTION_PHASES, "embed"],
+    ap.add_argument("--photo-images", type=int, default=256, help="12 MP JPEGs per pass (distinct ones repeated)")
+    ap.add_argument("--photo-distinct", type=int, default=32, help="distinct 12 MP JPEGs generated on the box")
+    ap.add_argument("--skip", nargs="*", default=[], choices=ALL_PHASES)
+    ap.add_argument("--phases", nargs="+", default=ALL_PHASES, choices=ALL_PHASES,
                     help="phases to run (default: all); --skip still removes some")
     ap.add_argument("--embed-batches", type=int, nargs="+", default=[128, 256, 512, 1024])
     ap.add_argument("--embed-seconds", type=float, default=2.5, help="minimum timed seconds per embed point")
@@ -394,6 +576,12 @@ def main() -> int:
                                        workdir=REPO / ".imgq" / "bench" / "gpu-ckpt", batches=args.embed_batches,
                                        seconds=args.embed_seconds, text_batch=args.text_batch,
                                        budget_s=args.embed_budget, phase=Phase, log=log))
+        if "photos" in phases:
+            # The tiny checkpoint carries the same image processor files as the base one (bench.common):
+            # no 224M-parameter model is built just to read the input size, mean and std.
+            processor = _image_processor(checkpoint("tiny", REPO / ".imgq" / "bench" / "gpu-ckpt"))
+            results.update(bench_photos(processor, args.device, args.threads, args.photo_images,
+                                        args.photo_distinct))
         if caption_error is not None:
             raise caption_error
     finally:

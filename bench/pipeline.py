@@ -44,6 +44,8 @@ from bench.common import (
     settings_env,
     wait_done,
 )
+from bench.photos import CORPORA, corpus_paths
+from bench.photos import ROOT as PHOTOS_ROOT
 
 PY = sys.executable
 
@@ -412,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="run the worker under bench.profile_worker (cProfile + stage timers); figures are slower")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     ap.add_argument("--json-out", type=Path, default=None, help="also write the JSON object to this file")
+    ap.add_argument("--corpus", choices=["synthetic", *CORPORA], default="synthetic",
+                    help="images: synthetic 640x480 JPEGs (bench.common), or a bench.photos corpus")
     args = ap.parse_args(argv)
 
     tiny = args.arch == "tiny"
@@ -426,7 +430,9 @@ def main(argv: list[str] | None = None) -> int:
         result["tokens"] = CAPTION_TOKENS
     timeout = 60 + n * (0.2 if tiny else 10)
 
-    paths = make_images(max(n, args.naive_images or 0))
+    n_paths = max(n, args.naive_images or 0)
+    paths = make_images(n_paths) if args.corpus == "synthetic" else corpus_paths(args.corpus, n_paths)
+    result["corpus"] = args.corpus
     ckpt = checkpoint(args.arch, args.kind)
     svc = Services.start(s3=args.s3_images > 0)
     procs: list[Proc] = []
@@ -438,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
         # model (a worker dead-letters tasks for another model as wrong_model).
         model_setting = "caption_model" if args.kind == "caption" else "embed_model"
         overrides: dict[str, Any] = {"max_batch": batch, "kinds": [args.kind], model_setting: str(ckpt)}
+        if args.corpus != "synthetic":
+            overrides["local_roots"] = [PHOTOS_ROOT]
         for key, value in (("decode_threads", args.decode_threads), ("messages_in_flight", args.in_flight),
                            ("refs_per_message", args.refs_per_message), ("max_wait_ms", args.max_wait_ms),
                            ("torch_threads", args.torch_threads)):

@@ -5,9 +5,13 @@ in one run on the embedded Postgres (same tables, same rows, variants alternated
 
 Variants, each one transaction per call:
 
-* ``write_done`` (imgq now, since job kinds): the images upsert, one caption statement per
-  (model, revision, params) group (``db/results/caption.py``: captions upsert + link), and the
-  finishing UPDATE of the items: three statements.
+* ``write_done`` (imgq now): ``Store.write_done`` (``db/store.py``): the same three statements as
+  the next, with the items' state guard written so the planner cannot match it to the partial
+  index ``job_items_pending`` (``PENDING``).
+* ``write_done before the guard``: the write_done of job kinds, kept here verbatim: the images
+  upsert, one caption statement per (model, revision, params) group (captions upsert), and the
+  finishing UPDATE of the items with ``state IN ('queued', 'running')``, parameters as arrays:
+  three statements. The ratio's baseline.
 * ``one CTE (before kinds)``: the previous ``Store.write_captions``, one data-modifying CTE per
   group (images -> captions -> items), kept here verbatim as the baseline the refactor replaced.
 * ``three statements (older)``: the ``write_captions`` before that one (images, captions, items
@@ -16,15 +20,18 @@ Variants, each one transaction per call:
   prepared statements off (``prepare_threshold=None``), so Postgres plans every call for its own
   parameters instead of reusing a generic plan after the fifth. Diagnostic, not a deployment:
   the worker's store uses psycopg's default (prepare from the fifth execution).
+``--variants`` picks some of them (default: all).
 ``--stale-stats N`` times each variant's first writes into a new job of N items when ``job_items``
 was analysed while the queue was drained, so the statistics say the partial index
 ``job_items_pending`` is nearly empty (autovacuum is paused on ``job_items`` for that part, then
-reset). ``write_done``'s caption statement and its finishing UPDATE are then planned over that
-index, and read every pending item of the table on each call.
+reset). The job-kinds ``write_done``'s caption statement and its finishing UPDATE were then planned
+over that index, and read every pending item of the table on each call; today's guard is opaque
+to the planner, so it finds its items by primary key.
 
 Every run starts with a new database cluster (``--reuse-db`` keeps the last one: a cluster that
 earlier runs filled made 32-row commits 4-7x slower here), and every variant's run starts from
-emptied tables (TRUNCATE), then one job of ``--rows`` queued items.
+emptied tables (TRUNCATE), ``--history N`` finished items of an earlier job, then one job of
+``--rows`` queued items (with ``--history``, job_items is then analysed).
 Client thread CPU as a share of wall time is printed too: the rest is round trips and the server.
 """
 
@@ -37,11 +44,12 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import text
 
-from bench.common import Services, bench_task, caption_done, create_job, median
+from bench.common import WORK, Services, bench_task, caption_done, create_job, median
 from imgq.db.store import Store
 from imgq.ports import DoneItem, ObjectInfo
 
@@ -70,6 +78,35 @@ WITH v AS (
 UPDATE job_items AS j
 SET state = 'done', image_id = img.id, caption_id = cap.id, worker = :worker, updated_at = now()
 FROM v JOIN img USING (source, bucket, key, version) JOIN cap ON cap.image_id = img.id
+WHERE j.job_id = v.job_id AND j.seq = v.seq AND j.state IN ('queued', 'running')
+""")
+
+# Store.write_done before the opaque state guard (db/store.py _UPSERT_IMAGES, db/results/caption.py _WRITE
+# and finish_sql(("caption_id",)) of 2026-11-27), verbatim but for line breaks.
+_BEFORE_IMAGES = text("""
+INSERT INTO images (source, bucket, key, version, bytes, width, height)
+SELECT DISTINCT ON (source, bucket, key, version) source, bucket, key, version, bytes, width, height
+FROM unnest(CAST(:source AS text[]), CAST(:bucket AS text[]), CAST(:key AS text[]), CAST(:version AS text[]),
+            CAST(:bytes AS bigint[]), CAST(:width AS int[]), CAST(:height AS int[]))
+     AS v(source, bucket, key, version, bytes, width, height)
+ORDER BY source, bucket, key, version
+ON CONFLICT ON CONSTRAINT images_object_version DO UPDATE SET bytes = EXCLUDED.bytes
+RETURNING id, source, bucket, key, version
+""")
+_BEFORE_CAPTIONS = text("""
+INSERT INTO captions (image_id, model, model_revision, params_hash, params, text)
+SELECT DISTINCT ON (image_id) image_id, :model, :rev, :phash, CAST(:params AS jsonb), txt
+FROM unnest(CAST(:image_id AS bigint[]), CAST(:txt AS text[])) WITH ORDINALITY AS v(image_id, txt, n)
+ORDER BY image_id, n
+ON CONFLICT ON CONSTRAINT captions_identity DO UPDATE SET text = captions.text
+RETURNING image_id, id
+""")
+_BEFORE_FINISH = text("""
+UPDATE job_items AS j SET state = 'done', image_id = v.image_id, worker = v.worker, updated_at = now(),
+  caption_id = v.caption_id
+FROM unnest(CAST(:job AS uuid[]), CAST(:seq AS int[]), CAST(:image_id AS bigint[]), CAST(:worker AS text[]),
+  CAST(:caption_id AS bigint[]))
+     AS v(job_id, seq, image_id, worker, caption_id)
 WHERE j.job_id = v.job_id AND j.seq = v.seq AND j.state IN ('queued', 'running')
 """)
 
@@ -104,6 +141,37 @@ def _caption(item: DoneItem) -> tuple[str, str, str, dict[str, Any], str]:
 
 def write_done(store: Store, items: Sequence[DoneItem]) -> None:
     store.write_done(items)
+
+
+def write_done_before_guard(store: Store, items: Sequence[DoneItem]) -> None:
+    """``Store.write_done`` for caption items before the opaque guard (its loop over kinds, for one kind)."""
+    with store.engine.begin() as conn:
+        objs = [item.obj for item in items]
+        ids = {
+            (src, bucket, key, version): image_id
+            for image_id, src, bucket, key, version in conn.execute(_BEFORE_IMAGES, {
+                "source": [o.source for o in objs], "bucket": [o.bucket for o in objs],
+                "key": [o.key for o in objs], "version": [o.version for o in objs],
+                "bytes": [o.bytes for o in objs], "width": [o.width for o in objs],
+                "height": [o.height for o in objs],
+            })
+        }
+        image_of = [ids[(o.source, o.bucket, o.key, o.version)] for o in objs]
+        groups: dict[tuple[str, str, str], list[tuple[DoneItem, int]]] = {}
+        for item, image_id in zip(items, image_of, strict=True):
+            model, rev, phash, _, _ = _caption(item)
+            groups.setdefault((model, rev, phash), []).append((item, image_id))
+        caption_of: dict[tuple[uuid.UUID, int], int] = {}
+        for (model, rev, phash), group in groups.items():
+            by_image = dict(conn.execute(_BEFORE_CAPTIONS, {
+                "image_id": [image_id for _, image_id in group], "txt": [str(_caption(r)[4]) for r, _ in group],
+                "model": model, "rev": rev, "phash": phash, "params": json.dumps(_caption(group[0][0])[3]),
+            }).all())
+            caption_of.update({(r.job, r.seq): by_image[image_id] for r, image_id in group})
+        conn.execute(_BEFORE_FINISH, {
+            "job": [i.job for i in items], "seq": [i.seq for i in items], "image_id": image_of,
+            "worker": [i.worker for i in items], "caption_id": [caption_of.get((i.job, i.seq)) for i in items],
+        })
 
 
 _UNPREPARED: dict[str, Store] = {}
@@ -153,11 +221,14 @@ def three_statements(store: Store, items: Sequence[DoneItem]) -> None:
 
 VARIANTS: dict[str, Callable[[Store, Sequence[DoneItem]], None]] = {
     "write_done (imgq now)": write_done,
+    "write_done before the guard": write_done_before_guard,
     "one CTE (before kinds)": one_cte,
     "three statements (older)": three_statements,
     "write_done, unprepared": write_done_unprepared,
 }
-BASELINE = "one CTE (before kinds)"
+BASELINE = "write_done before the guard"
+# Names for --variants.
+SHORT = dict(zip(["now", "before", "cte", "three", "unprepared"], VARIANTS, strict=True))
 
 
 def items_for(store: Store, n: int, tag: str) -> list[DoneItem]:
@@ -167,6 +238,20 @@ def items_for(store: Store, n: int, tag: str) -> list[DoneItem]:
     job = create_job(store, [task], refs)
     return [caption_done(job, i, ObjectInfo("s3", "b", f"{tag}/{i}.jpg", "v1", 1000, 640, 480), task,
                          f"a caption number {i}", worker="w") for i in range(n)]
+
+
+def add_history(store: Store, n: int) -> None:
+    """``n`` items of an earlier, finished job: a deployed job_items holds every job so far, so the
+    planner weighs a batch against a big table (the caller analyses it, as autovacuum would have)."""
+    if n <= 0:
+        return
+    job = uuid.uuid4()
+    with store.engine.begin() as conn:
+        conn.execute(text("INSERT INTO jobs (id, kind, model, params, params_hash, total) "
+                          "VALUES (:job, 'caption', 'm', '{}', 'h', :n)"), {"job": job, "n": n})
+        conn.execute(text("INSERT INTO job_items (job_id, seq, ref, state, worker) "
+                          "SELECT :job, g, 's3://b/old/' || g, 'done', 'history' FROM generate_series(0, :n - 1) g"),
+                     {"job": job, "n": n})
 
 
 def stale_stats(store: Store, n: int, batches: list[int], calls: int = 4) -> None:
@@ -201,11 +286,22 @@ def main() -> int:
     ap.add_argument("--stale-stats", type=int, default=0, metavar="N",
                     help="also time each variant's first writes into a new job of N items that the "
                     "statistics have not seen (0 = skip)")
+    ap.add_argument("--variants", nargs="+", choices=list(SHORT), default=list(SHORT),
+                    help="which variants to run (the baseline, 'before', always runs)")
+    ap.add_argument("--home", type=Path, default=WORK / "writes",
+                    help="where the servers keep their files (one per concurrent bench)")
+    ap.add_argument("--history", type=int, default=0, metavar="N",
+                    help="N finished items of an earlier job in job_items under every variant's run "
+                    "(0 = only the job being written)")
     ap.add_argument("--reuse-db", action="store_true",
                     help="keep the database cluster of earlier runs (default: a new one for every run)")
     args = ap.parse_args()
     print(f"# python -m bench.writes {shlex.join(sys.argv[1:])}")
-    svc = Services.start(fresh=not args.reuse_db)
+    chosen = {SHORT[k] for k in args.variants} | {BASELINE}
+    for name in list(VARIANTS):
+        if name not in chosen:
+            del VARIANTS[name]
+    svc = Services.start(fresh=not args.reuse_db, home=args.home)
     try:
         store = Store.from_url(svc.database_url)
         svc.truncate(store)
@@ -220,7 +316,11 @@ def main() -> int:
                     # The same starting state for every variant: plans over job_items depend on its
                     # statistics and dead tuples, which the earlier variants' writes would change.
                     svc.truncate(store)
+                    add_history(store, args.history)
                     items = items_for(store, args.rows, f"{batch}-{rep}-{uuid.uuid4().hex[:6]}")
+                    if args.history:
+                        with store.engine.begin() as conn:
+                            conn.execute(text("ANALYZE job_items"))
                     c = time.thread_time()
                     t = time.perf_counter()
                     for start in range(0, len(items), batch):
@@ -237,10 +337,11 @@ def main() -> int:
         if args.stale_stats:
             stale_stats(store, args.stale_stats, args.batches)
         with store.engine.connect() as conn:
+            # The --history rows are done without a caption by construction: left out.
             states = dict(conn.execute(text("SELECT state, count(*) FROM job_items WHERE state <> 'queued' "
-                                            "GROUP BY state")).all())
-            linked = conn.execute(text("SELECT count(*) FROM job_items WHERE state = 'done' AND caption_id IS NULL")
-                                  ).scalar_one()
+                                            "AND worker IS DISTINCT FROM 'history' GROUP BY state")).all())
+            linked = conn.execute(text("SELECT count(*) FROM job_items WHERE state = 'done' AND caption_id IS NULL "
+                                       "AND worker IS DISTINCT FROM 'history'")).scalar_one()
         print(f"job_items written by the run, by state (every one must be done): {states}; "
               f"items without a caption: {linked}")
         svc.truncate(store)

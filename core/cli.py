@@ -344,13 +344,15 @@ def _explanations(settings: Settings, job: uuid.UUID) -> Any:
 def worker(
     queues: Annotated[str | None, typer.Option(help="Comma-separated queues (default IMGQ_QUEUE).")] = None,
     kinds: Annotated[str | None, typer.Option(help="Kinds to serve, e.g. caption,embed (IMGQ_KINDS).")] = None,
-    max_batch: Annotated[int | None, typer.Option(help="Largest model batch (IMGQ_MAX_BATCH).")] = None,
+    max_batch: Annotated[
+        int | None, typer.Option(help="Largest model batch; 0 = timed at start-up (IMGQ_MAX_BATCH).")
+    ] = None,
     max_wait_ms: Annotated[int | None, typer.Option(help="Longest wait for batchmates (IMGQ_MAX_WAIT_MS).")] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda (IMGQ_DEVICE).")] = None,
     concurrency: Annotated[int | None, typer.Option(help="Messages held at once (IMGQ_MESSAGES_IN_FLIGHT).")] = None,
     decode_threads: Annotated[int | None, typer.Option(help="Fetch/decode threads (IMGQ_DECODE_THREADS).")] = None,
     torch_threads: Annotated[
-        int | None, typer.Option(help="torch CPU threads, 0 = one per core (IMGQ_TORCH_THREADS).")
+        int | None, typer.Option(help="torch CPU threads; 0 = chosen at start-up (IMGQ_TORCH_THREADS).")
     ] = None,
     loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
     hostname: Annotated[str | None, typer.Option(help="Celery node name.")] = None,

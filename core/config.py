@@ -74,8 +74,8 @@ class Settings(BaseSettings):
     )
     embed_model_revision: str | None = Field(None, description="Hub revision (commit) of the embed model to pin.")
     attention: Literal["eager", "sdpa"] = Field(
-        "sdpa", description="Vision-encoder attention of the embed model: sdpa (fused, 2.2x on a GPU) or eager "
-        "(transformers' own). Captioning stays eager.",
+        "sdpa", description="BLIP attention: sdpa (fused; the embed model's vision encoder 2.2x on a GPU; for "
+        "captioning also the decoder's self- and cross-attention) or eager (transformers' own).",
     )
     explain_output: str | None = Field(
         None, description="Where workers write the overlays of jobs enqueued with --explain: a local folder or "
@@ -88,7 +88,10 @@ class Settings(BaseSettings):
 
     queue: str = "imgq"
     refs_per_message: int = Field(16, ge=1, le=1000, description="Refs packed into one broker message.")
-    max_batch: int = Field(32, ge=1, le=4096, description="Largest model batch.")
+    max_batch: int = Field(
+        0, ge=0, le=4096, description="Largest model batch; 0 = chosen by the worker from timings of its model "
+        "(IMGQ_AUTOTUNE), else 32.",
+    )
     max_wait_ms: int = Field(50, ge=0, le=60_000, description="Longest an item waits for batchmates.")
     decode_threads: int = Field(
         0, ge=0, le=256, description="Fetch/decode threads per worker; 0 = one per CPU core this process may use."
@@ -97,8 +100,13 @@ class Settings(BaseSettings):
         0,
         ge=0,
         le=256,
-        description="torch intra-op CPU threads; 0 = torch's default (one per core). On a CPU-only "
-        "host with a small model, 1 leaves the other cores to decoding (see docs/performance.md).",
+        description="torch intra-op CPU threads; 0 = chosen by the worker on a CPU-only host from the model's "
+        "share of the CPU work (IMGQ_AUTOTUNE), else torch's default (one per core).",
+    )
+    autotune: bool = Field(
+        True, description="At start-up, time the model on a few synthetic batches and one decode, and choose "
+        "IMGQ_MAX_BATCH and IMGQ_TORCH_THREADS where they are 0 (docs/performance.md). Takes about a second "
+        "for a small model; explicit settings always win.",
     )
     messages_in_flight: int = Field(
         16, ge=1, le=1024, description="Messages a worker holds at once (Celery thread pool size)."
@@ -129,6 +137,10 @@ class Settings(BaseSettings):
 
     max_object_bytes: int = Field(50 * 2**20, ge=1, description="Refuse objects larger than this.")
     max_pixels: int = Field(40_000_000, ge=1, description="Refuse images with more pixels than this.")
+    draft_decode: bool = Field(True, description="Decode JPEGs at 1/2, 1/4 or 1/8 scale when that still covers the "
+                               "model's input (Pillow's draft mode): a 12 MP photo decodes several times faster, "
+                               "with a small stated pixel difference (docs/performance.md). Off: full decode, "
+                               "then resize.")
     max_attempts: int = Field(5, ge=1, le=100, description="Deliveries before an item is dead-lettered.")
     decode_timeout_s: float = Field(30, gt=0, description="Longest one image may take to decode before it is "
                                     "dead-lettered (decode_timeout).")

@@ -11,7 +11,7 @@ from typing import Any
 
 from imgq.config import Settings
 from imgq.errors import RefRefused
-from imgq.refs import confine, parse_ref, split_s3
+from imgq.refs import confine, parse_ref, s3_object_ref, split_s3
 from imgq.s3 import make_s3_client
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -58,6 +58,7 @@ class Expander:
     def __init__(self, settings: Settings, s3_client: Any = None) -> None:
         self._settings = settings
         self._s3 = s3_client
+        self._buckets = frozenset(settings.allowed_buckets)
 
     def list_prefix(self, raw: str) -> Iterator[str]:
         """Every object whose key starts with the prefix of ``s3://bucket/prefix``, slash or not."""
@@ -65,6 +66,14 @@ class Expander:
         if self._s3 is None:
             self._s3 = make_s3_client(self._settings)
         return _list_s3(self._s3, bucket, prefix)
+
+    def object_ref(self, raw: str) -> str | None:
+        """The canonical ref of ``raw`` when it names one S3 object, the common case of a backfill
+        (no list made); None when it is anything else (ask :meth:`__call__`)."""
+        raw = raw.strip()
+        if not (raw.startswith("s3://") or raw[:5].lower() == "s3://") or raw.endswith("/"):
+            return None
+        return s3_object_ref(raw, self._buckets)
 
     def __call__(self, raw: str) -> list[str]:
         """Canonical single-object refs for ``raw``; raises :class:`RefRefused` if it is bad."""
@@ -75,7 +84,7 @@ class Expander:
         if raw.lower().startswith("s3://"):
             if raw.endswith("/"):
                 return list(self.list_prefix(raw))
-            return [str(parse_ref(raw, allowed_buckets=settings.allowed_buckets, local_roots=[]))]
+            return [s3_object_ref(raw, settings.allowed_buckets)]
         ref = parse_ref(raw, allowed_buckets=settings.allowed_buckets, local_roots=settings.local_roots)
         path = Path(str(ref))
         if path.is_dir():

@@ -49,9 +49,14 @@ def accept_refs(
     """Expand and validate refs lazily. With ``skip_invalid`` bad refs go to ``rejected``;
     otherwise the first one raises :class:`RefRefused`."""
     expand_one = Expander(settings, s3_client)
+    object_ref = expand_one.object_ref
     for raw in raw_refs:
         try:
-            yield from expand_one(raw)
+            ref = object_ref(raw)
+            if ref is not None:
+                yield ref
+            else:
+                yield from expand_one(raw)
         except RefRefused as exc:
             if not skip_invalid:
                 raise

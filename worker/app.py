@@ -28,7 +28,8 @@ from imgq.ports import Runner
 from imgq.publish import delivered_lane, publish
 from imgq.publish import republish as republish_batches
 from imgq.retry import Backoff, RetryPolicy
-from imgq.worker.decode import DecodedImage, decode
+from imgq.worker import tuner
+from imgq.worker.decode import DecodedImage, decode, draft_target
 from imgq.worker.engine import Engine
 from imgq.worker.feeder import Feeder, FeedReport
 from imgq.worker.fetch import Fetcher
@@ -75,10 +76,21 @@ class WorkerRuntime:
         self.load()
         max_pixels = self.settings.max_pixels
         # One decode per image for every kind: JPEG draft decoding stops at the largest input.
-        target = max(runner.input_size for runner in self.runners.values())
+        target = draft_target((runner.input_size for runner in self.runners.values()), self.settings.draft_decode)
 
         def decode_once(data: bytes) -> DecodedImage:
             return decode(data, max_pixels=max_pixels, target=target)
+
+        # Fills in IMGQ_MAX_BATCH / IMGQ_TORCH_THREADS left at 0 from timings of this worker's
+        # model (imgq.tuning); the batch then also bounds what the runners keep per batch.
+        probed = self.runners.get("caption") or next(iter(self.runners.values()))
+        choice = tuner.resolve(self.settings, probed, decode_once)
+        self.settings = self.settings.model_copy(update={"max_batch": choice.max_batch,
+                                                         "torch_threads": choice.torch_threads})
+        for runner in self.runners.values():
+            configure = getattr(runner, "configure_batch", None)  # injected runners may lack it
+            if configure is not None:
+                configure(choice.max_batch)
 
         self.engine = Engine(
             store=self.store, runners=self.runners, fetch=self.fetcher.fetch, decode=decode_once,

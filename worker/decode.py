@@ -12,6 +12,7 @@ import contextlib
 import io
 import struct
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +45,12 @@ class DecodedImage:
 # host, unbounded, that alone could reach tens of GB. Small images, the common case, never wait.
 LARGE_PIXELS = 12_000_000
 _LARGE = threading.BoundedSemaphore(2)
+
+
+def draft_target(input_sizes: Iterable[int], draft: bool) -> int | None:
+    """The ``target`` a worker decodes with: its largest model input (a draft decode must cover every
+    model it serves), or None, a full-size decode, when draft decoding is off (IMGQ_DRAFT_DECODE)."""
+    return max(input_sizes) if draft else None
 
 
 def decode(data: bytes, *, max_pixels: int, target: int | None = None) -> DecodedImage:

@@ -33,6 +33,7 @@ import torch
 from transformers import BlipForConditionalGeneration
 
 from imgq.contract import CaptionParams
+from imgq.worker.attention import Attention, install_text_sdpa, install_vision_sdpa
 from imgq.worker.loading import BlipBase
 
 # torch's sampling RNG is process-global: a seeded batch must not interleave with another
@@ -97,6 +98,18 @@ class CaptionModel(BlipBase):
     model_class = BlipForConditionalGeneration
     kind = "caption model"
     hint = "Set IMGQ_CAPTION_MODEL to a local checkpoint directory (e.g. one written by `imgq dev tiny-model DIR`)."
+    attention: Attention = "sdpa"
+
+    def __init__(self, name_or_path: str, *, attention: Attention = "sdpa", **kwargs: Any) -> None:
+        super().__init__(name_or_path, **kwargs)
+        self.attention = attention
+
+    def _on_loaded(self, model: Any) -> None:
+        if self.attention == "sdpa":
+            # Vision self-attention, and the decoder's self- and cross-attention; an explained
+            # caption's hooked cross-attention modules still run eager (imgq.worker.attention).
+            install_vision_sdpa(model.vision_model)
+            install_text_sdpa(model.text_decoder)
 
     # -- inference -------------------------------------------------------------------------------
 

@@ -43,6 +43,9 @@ class ImageRunner:
     def configure(self, settings: Settings) -> None:
         """Hook: what a runner takes from the worker's settings beyond its model."""
 
+    def configure_batch(self, max_batch: int) -> None:
+        """Hook: the model batch the worker settled on (imgq.worker.tuner)."""
+
     def load(self) -> None:
         loader = getattr(self.model, "load", None)
         if loader is not None:
@@ -111,14 +114,17 @@ class CaptionRunner(ImageRunner):
     def make_model(cls, settings: Settings) -> Any:
         from imgq.worker.model import CaptionModel
 
-        return CaptionModel(settings.caption_model, revision=settings.model_revision, **_model_options(settings))
+        return CaptionModel(settings.caption_model, revision=settings.model_revision, attention=settings.attention,
+                            **_model_options(settings))
 
     def configure(self, settings: Settings) -> None:
-        self._originals_limit = 4 * settings.max_batch + 8
         if settings.explain_output:
             from imgq.worker.explainer import OverlaySink
 
             self.sink = OverlaySink(settings.explain_output, settings=settings)
+
+    def configure_batch(self, max_batch: int) -> None:
+        self._originals_limit = 4 * max_batch + 8
 
     def prep_key(self, params: Params) -> tuple[Any, ...]:
         key = super().prep_key(params)

@@ -91,9 +91,9 @@ def test_bad_filters_and_settings_are_refused_by_name(make_settings):
     _one_error_line(out, "bad_filter", 2)
     assert "not_found" in out.stderr and "wrong_model" in out.stderr  # the valid codes are listed
     _one_error_line(run_cli(settings, "dlq", "retry", "--code", "nonsense"), "bad_filter", 2)
-    out = run_cli(settings, "status", JOB, env_extra={"IMGQ_MAX_BATCH": "0"})
+    out = run_cli(settings, "status", JOB, env_extra={"IMGQ_MAX_BATCH": "-1"})
     _one_error_line(out, "config_error", 2)
-    assert "IMGQ_MAX_BATCH (got '0')" in out.stderr
+    assert "IMGQ_MAX_BATCH (got '-1')" in out.stderr
     out = run_cli(settings, "dlq", "list")
     assert out.returncode == 0 and out.stderr.strip() == "no dead letters"
 

@@ -217,3 +217,42 @@ def test_tiny_captions_are_never_empty(tiny_model_dir) -> None:
         images.append(np.clip(base + ramp + noise, 0, 255).astype(np.uint8))
     captions = model.caption(np.stack(images), CaptionParams(max_new_tokens=8))
     assert [c for c in captions if not c.strip()] == []
+
+
+def test_fused_attention_is_installed_and_equals_eager(model, tiny_model_dir, pixels) -> None:
+    """IMGQ_ATTENTION=sdpa (the default) routes the vision encoder and the decoder's self- and
+    cross-attention through the fused kernel; in fp32 the logits equal eager's within 1e-5 of
+    their scale and every greedy, beam and prompted caption is the same."""
+    eager = CaptionModel(str(tiny_model_dir), device="cpu", attention="eager")
+    eager.load()
+
+    def patched(m: CaptionModel) -> int:
+        return sum("forward" in vars(module) for module in m._model.modules())
+
+    config = model._model.config
+    # Each decoder layer has a self-attention and a cross-attention module.
+    assert patched(model) == config.vision_config.num_hidden_layers + 2 * config.text_config.num_hidden_layers
+    assert patched(eager) == 0
+    ids = torch.full((len(pixels), 6), model._model.config.text_config.bos_token_id)
+    with torch.inference_mode():
+        fused = model._model(pixel_values=model.model_input(pixels), input_ids=ids).logits
+        plain = eager._model(pixel_values=eager.model_input(pixels), input_ids=ids).logits
+    assert (fused - plain).abs().max() <= 1e-5 * plain.abs().max()
+    for params in (CaptionParams(max_new_tokens=12), CaptionParams(max_new_tokens=10, num_beams=3),
+                   CaptionParams(max_new_tokens=10, prompt="a picture of")):
+        assert model.caption(pixels, params) == eager.caption(pixels, params)
+
+
+def test_a_hooked_cross_attention_runs_eager_and_returns_its_probabilities(model, pixels) -> None:
+    """Explained captions read the cross-attention probabilities with a forward hook: a fused
+    module with a hook must take the eager path, which has them."""
+    module = model._model.text_decoder.bert.encoder.layer[0].crossattention.self
+    seen = []
+    handle = module.register_forward_hook(lambda _m, _args, out: seen.append(out[1]))
+    try:
+        model.caption(pixels[:2], CaptionParams(max_new_tokens=3, min_new_tokens=3))
+    finally:
+        handle.remove()
+    assert seen and all(probs is not None for probs in seen)
+    probs = seen[0]
+    assert torch.allclose(probs.sum(-1), torch.ones_like(probs.sum(-1)), atol=1e-5)

@@ -70,3 +70,45 @@ def test_the_longest_accepted_ref_is_2048_characters(root: Path):
     raw = "s3://photos/" + "k" * 2036
     assert len(raw) == 2048
     assert parse(raw, root) == S3Ref("photos", "k" * 2036)
+
+
+def _outcome(fn, raw: str) -> tuple[str, str]:
+    try:
+        return "ok", str(fn(raw))
+    except RefRefused as exc:
+        return "refused", exc.message
+
+
+S3_CASES = [
+    "s3://photos/2024/a.jpg", "S3://photos/a.jpg", "s3://Photos/a.jpg", "s3://other/a.jpg", "s3:///a.jpg",
+    "s3://photos", "s3://photos/", "s3://photos/dir/", "s3://photos/a\x00.jpg", "s3://photos/a\x7f.jpg",
+    "s3://photos/a\tb.jpg", "s3://photos/ünï\u00a0code.jpg", "s3://photos/é\x1f.jpg", "s3://photos/trailing ",
+    "s3://photos/" + "k" * 2036, "s3://photos/" + "k" * 2037, "s3://photos/" + "é" * 2037, "s3://photos//a.jpg",
+]
+
+
+@pytest.mark.parametrize("raw", S3_CASES)
+def test_s3_object_ref_is_parse_ref_for_s3_refs(raw: str):
+    from imgq.refs import s3_object_ref
+
+    slow = _outcome(lambda r: parse_ref(r, allowed_buckets=["photos"], local_roots=[]), raw)
+    assert _outcome(lambda r: s3_object_ref(r, ["photos"]), raw) == slow
+
+
+def test_s3_object_ref_agrees_with_parse_ref_on_any_text():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from imgq.refs import s3_object_ref
+
+    @settings(max_examples=500, deadline=None)
+    @given(st.sampled_from(["s3://", "S3://", "s3:/"]), st.sampled_from(["photos", "other", "", "photos/"]),
+           st.text(max_size=40))
+    def check(scheme: str, bucket: str, rest: str) -> None:
+        raw = f"{scheme}{bucket}/{rest}"
+        if not raw.lower().startswith("s3://"):
+            return
+        assert _outcome(lambda r: s3_object_ref(r, ["photos"]), raw) == _outcome(
+            lambda r: parse_ref(r, allowed_buckets=["photos"], local_roots=[]), raw)
+
+    check()
