@@ -16,7 +16,7 @@ DEFAULT_CAPTION_MODEL = "Salesforce/blip-image-captioning-base"
 DEFAULT_EMBED_MODEL = "Salesforce/blip-itm-base-coco"
 
 
-def _usable_cpus() -> int:
+def usable_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):  # Linux: honours taskset/cpusets, unlike os.cpu_count()
         return max(1, len(os.sched_getaffinity(0)))
     return os.cpu_count() or 1
@@ -249,7 +249,7 @@ class Settings(BaseSettings):
     def _auto_threads(cls, value: int) -> int:
         # Decoding is CPU work (Pillow releases the GIL): more threads than cores only adds
         # switching; on 2 cores, 2 threads beat 4 by 9 % end to end (docs/performance.md).
-        return value or _usable_cpus()
+        return value or usable_cpus()
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

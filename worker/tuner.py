@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from imgq import tuning
-from imgq.config import Settings
+from imgq.config import Settings, usable_cpus
 from imgq.tuning import Choice, Timing
 
 log = logging.getLogger(__name__)
@@ -26,10 +25,6 @@ DEFAULT_BATCH = 32  # IMGQ_AUTOTUNE off and IMGQ_MAX_BATCH left at 0: what every
 # Batches timed on a GPU: its per-image cost only shows once the batch fills the device. On a CPU
 # the sizes follow from a one-image call (imgq.tuning.cpu_probes).
 GPU_PROBES = (64, 512)
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def resolve(settings: Settings, runner: Any, decode: Callable[[bytes], Any]) -> Choice:
@@ -91,7 +86,7 @@ def _measure(runner: Any, decode: Callable[[bytes], Any], batch: int, threads: i
         reasons.append(why)
     if not gpu and not threads:
         model_s = fixed / batch + per_image
-        threads, why = tuning.threads_for(usable_cores(), model_s, _decode_seconds(runner, decode))
+        threads, why = tuning.threads_for(usable_cpus(), model_s, _decode_seconds(runner, decode))
         torch.set_num_threads(threads)
         reasons.append(why)
     return Choice(batch, threads, tuple(reasons))

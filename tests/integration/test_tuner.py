@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from imgq.config import Settings
+from imgq.config import Settings, usable_cpus
 from imgq.worker import tuner
 from imgq.worker.decode import decode
 from imgq.worker.runners import build_runners
@@ -52,7 +52,7 @@ def test_left_at_zero_the_batch_and_threads_come_from_timings_of_the_model(runne
     choice = tuner.resolve(_settings(tmp_path), runner, _decode)
     assert runner.calls == 7  # warm-up, one image twice, then two batch sizes twice each
     assert tuning_bounds(choice.max_batch)
-    assert 1 <= choice.torch_threads <= tuner.usable_cores()
+    assert 1 <= choice.torch_threads <= usable_cpus()
     assert torch.get_num_threads() == choice.torch_threads  # applied, not only reported
     assert any("ms per call" in why for why in choice.reasons)
     assert any("decode" in why for why in choice.reasons)
