@@ -14,7 +14,12 @@ Phases (each timed, GPU utilisation sampled by nvidia-smi in the background and 
 3. naive: transformers ``pipeline("image-text-to-text")`` one image per call, text="";
 4. embed: ``RetrievalModel.embed_images``/``embed_texts`` on the BLIP-base retrieval architecture
    (bench/gpu_embed.py). ``--phases embed`` runs it alone (no caption checkpoint is built then).
-5. photos: 12 MP phone JPEGs (bench/photos.py, generated here in parallel): the worker's Pillow path
+5. translate: greedy ``generate`` of 24 tokens (min = max) on NLLB-200-distilled-600M's architecture
+   (d_model 1024, 12+12 layers, 16 heads, FFN 4096, vocab 256,206), random weights, bf16, on
+   pre-tokenised random ids of caption length (10-30 tokens), ``deu_Latn`` forced: sentences/s at
+   ``--translate-batches`` (bench/translate.py; no tokenizer, so no sentencepiece needed).
+   ``--phases translate`` runs it alone (< 60 s).
+6. photos: 12 MP phone JPEGs (bench/photos.py, generated here in parallel): the worker's Pillow path
    with draft decoding on and off on ``--threads`` CPU threads against nvJPEG
    (``torchvision.io.decode_jpeg(list, device="cuda")``, EXIF applied) + GPU resize; images/s, process
    CPU-ms per image, and CPU cores per GPU at 2,000 images/s. The nvJPEG half skips itself, with the
@@ -25,6 +30,8 @@ Phases (each timed, GPU utilisation sampled by nvidia-smi in the background and 
         --pipeline-images 64 --naive-images 8 --out .imgq/bench/gpu-cpu-check
     .venv/bin/python -m bench.gpu_bench --device cpu --arch tiny --phases embed --embed-batches 8 16 \
         --text-batch 64 --embed-seconds 0.5 --out .imgq/bench/gpu-cpu-check
+    .venv/bin/python -m bench.gpu_bench --device cpu --arch tiny --phases translate --translate-batches 8 32 \
+        --translate-seconds 0.5 --out .imgq/bench/gpu-cpu-check
 """
 
 from __future__ import annotations
@@ -45,7 +52,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 CAPTION_PHASES = ["model", "beam", "pipeline", "decode", "naive"]
-ALL_PHASES = [*CAPTION_PHASES, "embed", "photos"]  # photos last: if the run's hard cap hits, only it is lost
+# photos last: if the run's hard cap hits, only it is lost
+ALL_PHASES = [*CAPTION_PHASES, "embed", "translate", "photos"]
 TOKENS = 20
 PHASES: list[tuple[str, float, float]] = []  # (name, wall start, wall end) in time.time()
 
@@ -539,6 +547,9 @@ def main() -> int:
     ap.add_argument("--embed-seconds", type=float, default=2.5, help="minimum timed seconds per embed point")
     ap.add_argument("--text-batch", type=int, default=1024)
     ap.add_argument("--embed-budget", type=float, default=80.0, help="embed points starting later are skipped")
+    ap.add_argument("--translate-batches", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--translate-tokens", type=int, default=24, help="tokens generated per sentence (min = max)")
+    ap.add_argument("--translate-seconds", type=float, default=5.0, help="minimum timed seconds per translate point")
     ap.add_argument("--out", type=Path, default=REPO / ".imgq" / "bench" / "gpu-out")
     args = ap.parse_args()
 
@@ -576,6 +587,12 @@ def main() -> int:
                                        workdir=REPO / ".imgq" / "bench" / "gpu-ckpt", batches=args.embed_batches,
                                        seconds=args.embed_seconds, text_batch=args.text_batch,
                                        budget_s=args.embed_budget, phase=Phase, log=log))
+        if "translate" in phases:
+            from bench.translate import bench_gpu_translate
+
+            results.update(bench_gpu_translate(device=args.device, dtype=dtype, arch=args.arch,
+                                               batches=args.translate_batches, tokens=args.translate_tokens,
+                                               seconds=args.translate_seconds, phase=Phase, log=log))
         if "photos" in phases:
             # The tiny checkpoint carries the same image processor files as the base one (bench.common):
             # no 224M-parameter model is built just to read the input size, mean and std.

@@ -4,6 +4,7 @@
 #     bash bench/gpu_wheels.sh               # here, once: pydantic wheels into .whl (the GPU image lacks them)
 #     bash bench/gpu_run.sh                  # on the device, carry [".whl"]; timeout_s=540; < 8 minutes
 #     bash bench/gpu_run.sh --phases embed   # the embed phase alone: < 90 s of bench, timeout_s=240
+#     bash bench/gpu_run.sh --phases translate   # the translate phase alone: < 60 s of bench, timeout_s=150
 #
 # Prints model-only images/s (BLIP-base architecture, random weights, bf16, greedy 20 tokens at batch
 # 64..512, and beam 3 at 64..256), the in-process pipeline images/s (decode thread pool -> batcher ->
@@ -12,15 +13,18 @@
 # images/s, the embed phase (RetrievalModel on the BLIP-base retrieval architecture, random weights, bf16:
 # embed_images images/s from host uint8 at batch 128..1024, the same on device-resident input, SDPA
 # attention tried on the vision encoder at one batch, and embed_texts texts/s at batch 1024; peak
-# memory per point), the 12 MP photo phase (Pillow path with draft on / off on CPU threads vs nvJPEG +
-# GPU resize: images/s, CPU-ms per image, cores per GPU at 2,000 img/s; nvJPEG skipped without
-# torchvision), and nvidia-smi GPU utilisation per phase. Needs what the GPU image has (torch,
-# transformers, numpy, Pillow, nvidia-smi) plus the pydantic wheels in .whl, installed below into
-# /tmp/site. Results: $OUT/gpu.json, $OUT/gpu.log, $OUT/smi.csv.
+# memory per point), the translate phase (NLLB-200-distilled-600M architecture, random weights, bf16,
+# greedy 24 tokens on pre-tokenised caption-length ids: sentences/s at batch 64 and 256), the 12 MP
+# photo phase (Pillow path with draft on / off on CPU threads vs nvJPEG + GPU resize: images/s, CPU-ms
+# per image, cores per GPU at 2,000 img/s; nvJPEG skipped without torchvision), and nvidia-smi GPU
+# utilisation per phase. Needs what the GPU image has (torch, transformers, numpy, Pillow, nvidia-smi)
+# plus the pydantic wheels in .whl, installed below into /tmp/site. Results: $OUT/gpu.json, $OUT/gpu.log,
+# $OUT/smi.csv.
 #
 # Validated on CPU with:  .venv/bin/python -m bench.gpu_bench --device cpu --arch tiny \
 #     --batches 8 16 --beam-batches 8 --pipeline-images 64 --pipeline-batch 16 --naive-images 8 --seconds 1 \
-#     --embed-batches 8 16 --text-batch 64 --embed-seconds 0.5 --photo-images 8 --photo-distinct 4 --threads 2
+#     --embed-batches 8 16 --text-batch 64 --embed-seconds 0.5 --photo-images 8 --photo-distinct 4 --threads 2 \
+#     --translate-batches 8 32 --translate-seconds 0.5
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/.imgq/bench/gpu-out}"
@@ -38,10 +42,11 @@ fi
 } 2>&1 | tee "$OUT/env.txt"
 # Budget (H100, estimated): checkpoint ~15 s, model-only 4 points x (warm-up + >=6 s) ~50 s,
 # beam 3 points ~40 s, pipeline 8192 images ~30-60 s, naive 128 images ~30 s, embed <= 90 s (its points
-# stop starting after --embed-budget 80 s), photos (12 MP: 32 generated on 14 processes ~6-10 s, then
-# Pillow draft 256 + Pillow full 64 + nvJPEG 256 images, x2 alternated) ~30-45 s. Hard cap 450 s.
+# stop starting after --embed-budget 80 s), translate (615M-parameter model built on the GPU ~5-10 s,
+# 2 points x (warm-up + >=5 s)) ~30-45 s, photos (12 MP: 32 generated on 14 processes ~6-10 s, then
+# Pillow draft 256 + Pillow full 64 + nvJPEG 256 images, x2 alternated) ~30-45 s. Hard cap 490 s.
 #     bash bench/gpu_run.sh --phases photos   # the 12 MP phase alone: < 60 s of bench, timeout_s=180
-timeout -k 10 450 "$PY" -m bench.gpu_bench --device cuda --arch base --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu.log"
+timeout -k 10 490 "$PY" -m bench.gpu_bench --device cuda --arch base --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu.log"
 rc=${PIPESTATUS[0]}
 echo "gpu_bench exit $rc"
 exit "$rc"

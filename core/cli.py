@@ -153,6 +153,13 @@ def enqueue(
     explain: Annotated[bool, typer.Option("--explain", help="caption: also store each word's cross-attention "
                                           "map, and overlays in IMGQ_EXPLAIN_OUTPUT (see `imgq results "
                                           "--explain`).")] = False,
+    lang: Annotated[str | None, typer.Option(help="caption: also translate each caption into these languages "
+                                             "(ISO 639-1, e.g. de,fr,ja) with IMGQ_TRANSLATE_MODEL. With the "
+                                             "kind translate: the languages to add to --job's captions.")] = None,
+    adapter: Annotated[str | None, typer.Option(help="caption: caption with this registered LoRA adapter "
+                                                "(`imgq finetune`), in its language.")] = None,
+    job: Annotated[str | None, typer.Option(help="translate: the job whose captions to translate; its "
+                                            "English captions are reused, BLIP does not run again.")] = None,
     params_json: Annotated[str | None, typer.Option("--params", help="Parameters as one JSON object.")] = None,
     refs_per_message: Annotated[int | None, typer.Option(help="Refs per broker message.")] = None,
     priority: Annotated[int | None, typer.Option(help="Higher is fed to the workers first (IMGQ_PRIORITY, "
@@ -169,16 +176,16 @@ def enqueue(
       imgq enqueue caption s3://photos/2026/ --num-beams 3
       imgq enqueue caption,embed /data/archive/
       imgq enqueue validate --pairs alt-texts.csv
+      imgq enqueue caption s3://photos/2026/ --lang de,fr,ja
+      imgq enqueue caption s3://photos/2026/ --adapter de-news
+      imgq enqueue translate --job 6f1c... --lang es
     """
     given_flags = dict(locals())  # before any other local: the caption flags, by parameter name
-    from tqdm import tqdm
-
-    from imgq.celeryconf import make_celery
     from imgq.kinds import parse_kinds, spec
     from imgq.params import CaptionParams
     from imgq.producer.expand import Expander
     from imgq.producer.pairs import accept_pairs, read_pairs
-    from imgq.producer.submit import accept_refs, submit
+    from imgq.producer.submit import accept_refs
 
     flags = {name: value for name, value in given_flags.items()
              if name in CaptionParams.model_fields and name not in ("do_sample", "explain")}
@@ -190,10 +197,37 @@ def enqueue(
     if explain:
         raw["explain"] = True
     try:
+        rejected: list[tuple[str, str]] = []
+        if kinds.strip() == "translate":
+            if job is None or lang is None or refs or from_file or pairs:
+                _fail("bad_request", "translate adds languages to a caption job's results: give --job JOB and "
+                      "--lang de,fr, and no refs")
+            tasks, items = _translate_job(settings, job, lang)
+            _submit_and_report(settings, tasks, items, rejected, refs_per_message, priority, tenant)
+            return
+        if job is not None:
+            _fail("bad_request", "--job is for `imgq enqueue translate`")
         names = parse_kinds(kinds)
+        if adapter is not None:
+            if "caption" not in names:
+                _fail("bad_request", "--adapter applies to caption jobs")
+            if lang is not None:
+                _fail("bad_request", "--adapter captions in the adapter's language; --lang translates BLIP's "
+                      "English captions: choose one")
+            _require_adapter(settings, adapter)
+            raw["adapter"] = adapter
+        if lang is not None:
+            from imgq.languages import parse_langs
+
+            if "caption" not in names:
+                _fail("bad_request", "--lang translates captions: use it with the caption kind")
+            langs = parse_langs(lang)
+            if not langs:
+                _fail("bad_request", "--lang names no language other than English (the caption itself)")
+            names = parse_kinds([*names, "translate"])
+            raw["langs"] = langs
         tasks = _enqueue_params(settings, names, raw)
         paired = any(spec(k).input == "pair" for k in names)
-        rejected: list[tuple[str, str]] = []
         if paired:
             if pairs is None or refs or from_file:
                 _fail("bad_request", f"{kinds} scores image-text pairs: give them with --pairs FILE.csv "
@@ -210,11 +244,7 @@ def enqueue(
             if from_file is not None:
                 given += _read_lines(str(from_file))
             items = accept_refs(given, settings, skip_invalid=skip_invalid, rejected=rejected)
-        # A progress bar on a terminal only (disable=None): backfills of millions of refs take a while.
-        refs_stream = tqdm(items, desc="accepting", unit="ref", file=sys.stderr, disable=None, mininterval=0.5)
-        result = submit(settings=settings, store=_store(settings), app=make_celery(settings),
-                        refs=refs_stream, tasks=tasks, rejected=rejected, refs_per_message=refs_per_message,
-                        priority=priority, tenant=tenant)
+        _submit_and_report(settings, tasks, items, rejected, refs_per_message, priority, tenant)
     except errors.ImgqError as exc:
         _fail(exc.code, exc.message)
     except OSError as exc:
@@ -223,6 +253,20 @@ def enqueue(
         if type(exc).__name__ not in ("OperationalError", "InterfaceError"):
             raise
         _fail("db_unavailable", f"nothing was accepted; cannot use Postgres: {str(exc).splitlines()[0]}", 1)
+
+
+def _submit_and_report(settings: Settings, tasks: list[Any], items: Any, rejected: list[tuple[str, str]],
+                       refs_per_message: int | None, priority: int | None, tenant: str | None) -> None:
+    from tqdm import tqdm
+
+    from imgq.celeryconf import make_celery
+    from imgq.producer.submit import submit
+
+    # A progress bar on a terminal only (disable=None): backfills of millions of refs take a while.
+    refs_stream = tqdm(items, desc="accepting", unit="ref", file=sys.stderr, disable=None, mininterval=0.5)
+    result = submit(settings=settings, store=_store(settings), app=make_celery(settings),
+                    refs=refs_stream, tasks=tasks, rejected=rejected, refs_per_message=refs_per_message,
+                    priority=priority, tenant=tenant)
     for ref, reason in result.rejected:
         typer.echo(f"refused[bad_ref]: {ref}: {reason}", err=True)
     if result.publish_error:
@@ -237,6 +281,45 @@ def enqueue(
     else:
         typer.echo(f"accepted {result.items} items in {result.messages} messages", err=True)
     typer.echo(str(result.job))
+
+
+def _translate_job(settings: Settings, job: str, lang: str) -> tuple[list[Any], list[str]]:
+    """``imgq enqueue translate --job J --lang L``: a caption+translate job over J's captioned items,
+    with J's caption model and parameters, so the workers find each English caption already stored
+    (same image version, model and params) and only translate it."""
+    from imgq.contract import make_task
+    from imgq.kinds import spec
+    from imgq.languages import parse_langs
+    from imgq.producer.submit import accept_refs
+
+    source = _job_id(job, settings)
+    found = _store(settings).captioned(source)
+    if found is None:
+        _fail("not_found", f"no job {job}", 1)
+    caption, refs = found
+    if caption is None:
+        _fail("bad_request", f"job {job} has no caption task to translate")
+    if not refs:
+        _fail("bad_request", f"job {job} has no captioned items yet")
+    langs = parse_langs(lang)
+    if not langs:
+        _fail("bad_request", "--lang names no language other than English (the caption itself)")
+    params = spec("caption").parse(caption["params"])
+    tasks = [make_task("caption", caption["model"], params),
+             make_task("translate", settings.model_for("translate"), spec("translate").parse({"langs": langs}))]
+    # The allow-lists of today, not of the first job: a ref outside them now refuses the job.
+    return tasks, list(accept_refs(refs, settings, skip_invalid=False, rejected=[]))
+
+
+def _require_adapter(settings: Settings, name: str) -> None:
+    from imgq.db.adapters import Adapters
+    from imgq.db.store import make_engine
+
+    engine = make_engine(settings.sync_database_url)
+    try:
+        Adapters(engine).require(name, settings.caption_model)
+    finally:
+        engine.dispose()
 
 
 def _counts(store: Any, job: uuid.UUID) -> dict[str, int]:
@@ -302,14 +385,26 @@ def results(
     explain: Annotated[bool, typer.Option("--explain", help="Instead: each captioned item's explanation (job "
                                           "enqueued with --explain): where its overlays are, and each word's "
                                           "top patch with its box on the original.")] = False,
+    lang: Annotated[str | None, typer.Option(help="Instead: each item's caption in this language (translated "
+                                             "or by an adapter; en: BLIP's own), with how it was made.")] = None,
 ) -> None:
     """Export a job's items with their results (a column per kind) or dead-letter codes."""
     if fmt not in ("jsonl", "csv"):
         _fail("bad_format", f"--format must be jsonl or csv, not {fmt!r}")
+    if explain and lang is not None:
+        _fail("bad_request", "--explain and --lang are separate exports: choose one")
     settings = _settings()
     store = _store(settings)
     job_id = _job_id(job, settings)
     rows: Any = store.results(job_id)
+    if lang is not None:
+        from imgq.languages import language
+
+        try:
+            code = language(lang).code
+        except errors.ImgqError as exc:
+            _fail(exc.code, exc.message)
+        rows = store.results_in(job_id, code)
     if explain:
         rows = _explanations(settings, job_id)
     out = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout  # noqa: SIM115
@@ -411,7 +506,8 @@ def check(
     typer.echo(f"job {report.job}: total={report.total} done={report.done} dead={report.dead} "
                f"pending={report.pending} purged={report.purged} "
                + (f"cancelled={report.cancelled} " if report.cancelled else "") + f"missing={report.missing} "
-               f"duplicates={report.duplicates} mismatched={report.mismatched}")
+               f"duplicates={report.duplicates} mismatched={report.mismatched}"
+               + (f" translations={report.translations}" if report.translations is not None else ""))
     for line in report.offenders:
         typer.echo(f"  {line}", err=True)
     if not report.ok:
@@ -695,15 +791,19 @@ def db_vector_index(
 def dev_tiny_model(
     directory: Path,
     seed: Annotated[int, typer.Option(help="Random seed for the weights.")] = 0,
-    kind: Annotated[str, typer.Option(help="caption (BlipForConditionalGeneration) or retrieval "
-                                      "(BlipForImageTextRetrieval: embed, validate, search).")] = "caption",
+    kind: Annotated[str, typer.Option(help="caption (BlipForConditionalGeneration), retrieval "
+                                      "(BlipForImageTextRetrieval: embed, validate, search) or translate (an "
+                                      "NLLB-architecture seq2seq model with a locally trained sentencepiece "
+                                      "tokenizer).")] = "caption",
 ) -> None:
-    """Write a tiny random BLIP checkpoint (offline tests and demos; its outputs are noise)."""
+    """Write a tiny random checkpoint (offline tests and demos; its outputs are noise)."""
     from imgq.worker.tiny import write_tiny_checkpoint, write_tiny_retrieval_checkpoint
+    from imgq.worker.tiny_translate import write_tiny_translation_checkpoint
 
-    writers = {"caption": write_tiny_checkpoint, "retrieval": write_tiny_retrieval_checkpoint}
+    writers = {"caption": write_tiny_checkpoint, "retrieval": write_tiny_retrieval_checkpoint,
+               "translate": write_tiny_translation_checkpoint}
     if kind not in writers:
-        _fail("bad_kind", f"--kind must be caption or retrieval, not {kind!r}")
+        _fail("bad_kind", f"--kind must be caption, retrieval or translate, not {kind!r}")
     typer.echo(str(writers[kind](directory, seed=seed)))
 
 
@@ -850,7 +950,7 @@ def _whole_summaries(typer_app: typer.Typer) -> None:
 
 
 # Commands that live in modules of their own add themselves to the app here.
-for _module in ("imgq.cli_api", "imgq.cli_backfill"):
+for _module in ("imgq.cli_api", "imgq.cli_backfill", "imgq.cli_finetune"):
     __import__(_module, fromlist=["register"]).register(app)
 
 _whole_summaries(app)

@@ -14,6 +14,7 @@ from imgq.nightly import BackfillSpec, check_unique
 DEFAULT_CAPTION_MODEL = "Salesforce/blip-image-captioning-base"
 # The captioning checkpoint has no contrastive heads; embeddings and match scores need a retrieval one.
 DEFAULT_EMBED_MODEL = "Salesforce/blip-itm-base-coco"
+DEFAULT_TRANSLATE_MODEL = "facebook/nllb-200-distilled-600M"
 
 
 def usable_cpus() -> int:
@@ -64,8 +65,9 @@ class Settings(BaseSettings):
 
     kinds: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["caption"],
-        description="Comma-separated job kinds a worker serves (caption, embed, validate); it loads "
-        "one model per family: caption -> IMGQ_CAPTION_MODEL, embed/validate -> IMGQ_EMBED_MODEL.",
+        description="Comma-separated job kinds a worker serves (caption, embed, validate, translate); it loads "
+        "one model per family: caption -> IMGQ_CAPTION_MODEL, embed/validate -> IMGQ_EMBED_MODEL, "
+        "translate -> IMGQ_TRANSLATE_MODEL.",
     )
     caption_model: str = Field(DEFAULT_CAPTION_MODEL, description="Captioning model: hub id or local checkpoint dir.")
     model_revision: str | None = Field(None, description="Hub revision (commit) of the caption model to pin.")
@@ -73,6 +75,16 @@ class Settings(BaseSettings):
         DEFAULT_EMBED_MODEL, description="BLIP retrieval model (embed, validate, search): hub id or local dir."
     )
     embed_model_revision: str | None = Field(None, description="Hub revision (commit) of the embed model to pin.")
+    translate_model: str = Field(
+        DEFAULT_TRANSLATE_MODEL, description="Translation model of `--lang` captions (a many-language seq2seq "
+        "model; Opus-MT per-language models also work): hub id or local checkpoint dir.",
+    )
+    translate_model_revision: str | None = Field(None, description="Hub revision (commit) of the translation "
+                                                 "model to pin.")
+    adapter_cache: int = Field(8, ge=1, le=1024, description="LoRA adapters a worker keeps loaded (least recently "
+                               "used is dropped first).")
+    adapter_dir: Path = Field(Path(".imgq/adapters"), description="Where a worker keeps local copies of adapters "
+                              "stored in S3.")
     attention: Literal["eager", "sdpa"] = Field(
         "sdpa", description="BLIP attention: sdpa (fused; the embed model's vision encoder 2.2x on a GPU; for "
         "captioning also the decoder's self- and cross-attention) or eager (transformers' own).",

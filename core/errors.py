@@ -119,6 +119,19 @@ class WrongModel(Permanent):
     code = "wrong_model"
 
 
+class UnsupportedLanguage(Permanent):
+    """The worker's translation model cannot write a language the job asked for."""
+
+    code = "unsupported_language"
+
+
+class AdapterUnavailable(Permanent):
+    """The job's adapter is not registered for the worker's caption model, or its files do not
+    match its registered revision."""
+
+    code = "adapter_unavailable"
+
+
 class ModelUnhealthy(Retryable):
     """Every item of a batch failed: the model or device is suspect, not the items."""
 
@@ -135,6 +148,18 @@ class BadParams(InvalidRequest):
     """Generation parameters are invalid."""
 
     code = "bad_params"
+
+
+class UnknownLanguage(BadParams):
+    """A language code imgq does not know (``imgq.languages``)."""
+
+    code = "unknown_language"
+
+
+class UnknownAdapter(BadParams):
+    """No adapter is registered under that name, or it was trained for another caption model."""
+
+    code = "unknown_adapter"
 
 
 class RefRefused(InvalidRequest):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from imgq.errors import BadParams
-from imgq.params import CaptionParams, EmbedParams, Namer, Params, ValidateParams, validate_params
+from imgq.params import CaptionParams, EmbedParams, Namer, Params, TranslateParams, ValidateParams, validate_params
 
 InputType = Literal["image", "pair"]
 
@@ -29,6 +29,9 @@ class KindSpec:
     model_setting: str  # the Settings field that names the model (IMGQ_<FIELD>)
     runner: str  # "module:Class" of the worker-side runner
     writer: str  # "module:Class" of the result writer
+    # A stage that runs on another kind's value instead of the image: translate runs on the
+    # caption, once per language, after it (the same job must have that kind).
+    after: str | None = None
 
     def parse(self, raw: dict[str, object] | None, name: Namer | None = None) -> Params:
         return validate_params(self.params, raw, f"{self.name} parameters", name)
@@ -50,6 +53,9 @@ register(KindSpec("embed", EmbedParams, family="retrieval", input="image", model
                   runner="imgq.worker.runners:EmbedRunner", writer="imgq.db.results.embedding:EmbeddingWriter"))
 register(KindSpec("validate", ValidateParams, family="retrieval", input="pair", model_setting="embed_model",
                   runner="imgq.worker.runners:ValidateRunner", writer="imgq.db.results.match:MatchWriter"))
+register(KindSpec("translate", TranslateParams, family="translate", input="image", model_setting="translate_model",
+                  runner="imgq.worker.runners:TranslateRunner",
+                  writer="imgq.db.results.translation:TranslationWriter", after="caption"))
 
 
 def spec(name: str) -> KindSpec:
@@ -65,7 +71,9 @@ def parse_kinds(text: str | list[str]) -> list[str]:
     if not names:
         raise BadParams("name at least one job kind, e.g. caption or caption,embed")
     for name in names:
-        spec(name)
+        if (after := spec(name).after) is not None and after not in names:
+            raise BadParams(f"{name} runs on the {after} of the same job: ask for {after},{name} "
+                            f"(or `imgq enqueue {after} --lang ...`)")
     return [name for name in KINDS if name in names]
 
 

@@ -22,6 +22,8 @@ MODEL_SECONDS = Histogram("imgq_model_seconds", "Model time per batch (forward o
                           buckets=_SECONDS)
 IMAGES = Counter("imgq_images", "Items whose result for this kind was committed; rate() is images/s.",
                  ["kind"])
+REUSED = Counter("imgq_reused_results", "Results found already stored for the same image version, model and "
+                 "params, so the model did not run (a caption a --lang job translates).", ["kind"])
 FAILURES = Counter("imgq_failures", "Failed item attempts, by error code (retried or dead-lettered).",
                    ["code"])
 RETRIES = Counter("imgq_retries", "Items re-published to be tried again after a retryable failure.")

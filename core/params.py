@@ -51,6 +51,10 @@ class Params(BaseModel):
         """Sequences one image occupies in a batch (beam search keeps several)."""
         return 1
 
+    def batch_digest(self) -> str:
+        """Tasks whose parameters have equal batch digests may share a model call."""
+        return self.digest()
+
     def problems(self, name: Namer = _same) -> list[str]:
         """Conflicts between fields that are each valid alone, naming fields with ``name``."""
         return []
@@ -78,13 +82,24 @@ class CaptionParams(Params):
     seed: int | None = Field(None, ge=0, le=2**32 - 1, description="Seed for sampling; fixes results per batch.")
     explain: bool = Field(False, description="Also store each token's cross-attention map (README, 'Explaining "
                           "a caption'). Part of the identity only when true, so plain jobs keep their digests.")
+    adapter: str | None = Field(None, min_length=1, max_length=200, description="A registered LoRA adapter that "
+                                "captions in its language (README, 'Captions in other languages').")
 
     def canonical(self) -> dict[str, object]:
-        # Omitted when false: every caption stored before this field existed keeps its params hash.
+        # Omitted when unset: every caption stored before these fields existed keeps its params hash.
         out = super().canonical()
         if not self.explain:
             out.pop("explain", None)
+        if self.adapter is None:
+            out.pop("adapter", None)
         return out
+
+    def batch_digest(self) -> str:
+        # Captions of different adapters share one generate (peft's mixed-adapter batches). Built
+        # anew, not with model_copy, which would copy the cached digest along.
+        if self.adapter is None:
+            return self.digest()
+        return type(self).model_validate({**self.model_dump(), "adapter": None}).digest()
 
     def problems(self, name: Namer = _same) -> list[str]:
         problems: list[str] = []
@@ -95,6 +110,8 @@ class CaptionParams(Params):
             for field, neutral in (("top_p", 1.0), ("top_k", 50), ("temperature", 1.0), ("seed", None)):
                 if getattr(self, field) != neutral:
                     problems.append(f"{name(field)} only applies with sampling ({name('do_sample')})")
+        if self.adapter is not None and self.explain:
+            problems.append(f"{name('explain')} is not available with {name('adapter')}")
         if self.prompt is not None and not self.prompt.strip():
             problems.append(f"{name('prompt')} must not be blank; omit it for unconditional captions")
         # Every prompt word is at least one token, plus [DEC] and [SEP]: past BLIP's 512 text
@@ -106,6 +123,23 @@ class CaptionParams(Params):
 
     def batch_cost(self) -> int:
         return self.num_beams
+
+
+class TranslateParams(Params):
+    """The languages an English caption is translated into (``imgq enqueue caption --lang de,fr``).
+    Decoding is fixed (greedy, length-bounded), so the languages are the only parameter."""
+
+    langs: list[str] = Field(min_length=1, max_length=32)
+
+    def problems(self, name: Namer = _same) -> list[str]:
+        from imgq.languages import LANGUAGES, SOURCE
+
+        unknown = [code for code in self.langs if code not in LANGUAGES or code == SOURCE]
+        if unknown:
+            return [f"{name('langs')}: unknown or source language {', '.join(map(repr, unknown))}"]
+        if len(set(self.langs)) != len(self.langs):
+            return [f"{name('langs')}: a language appears twice"]
+        return []
 
 
 class EmbedParams(Params):

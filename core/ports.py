@@ -112,6 +112,12 @@ class ItemStore(Protocol):
 
     def claim(self, job: uuid.UUID, seqs: Sequence[int], worker: str) -> dict[int, Claim]: ...
 
+    def existing_caption(self, source: str, bucket: str, key: str, version: str, model: str, revision: str,
+                         params_hash: str) -> tuple[str, int, int] | None:
+        """The English caption already stored for this object version, model, revision and params:
+        ``(text, width, height)``; None if there is none."""
+        ...
+
     def unsettled(self, job: uuid.UUID, seqs: Sequence[int]) -> set[int]:
         """Of ``seqs``, the items an earlier delivery took and never settled (crash suspects).
         Reads only: nothing is charged."""
@@ -175,3 +181,20 @@ class Runner(Protocol):
     def run(self, pixels: Any, texts: list[str] | None, params: Any) -> list[Any]:
         """One value per image of a batch (texts: one per image, for pair kinds)."""
         ...
+
+
+
+class CaptionText(str):
+    """A caption that is not BLIP's own English (the text, exactly as a plain caption), carrying its
+    language and what made it for the result writer (``imgq.languages``). A plain ``str`` value is
+    a native English caption."""
+
+    lang: str
+    method: str  # "translated" | "adapter"
+    via: str  # the translation model, or the adapter's name
+    via_revision: str  # that model's revision, or the SHA-256 of the adapter's weights
+
+    def __new__(cls, text: str, *, lang: str, method: str, via: str, via_revision: str) -> CaptionText:
+        obj = super().__new__(cls, text)
+        obj.lang, obj.method, obj.via, obj.via_revision = lang, method, via, via_revision
+        return obj

@@ -21,7 +21,7 @@ def check_items_sql(kinds: Sequence[str]) -> str:
     letter and no result; a pending item has neither, and so has a cancelled one (final, never run)."""
     from imgq.db.results import writer
 
-    links = [f"i.{writer(kind).link_column}" for kind in kinds] or ["NULL"]
+    links = [f"i.{col}" for kind in kinds if (col := writer(kind).link_column) is not None] or ["NULL"]
     has_all = " AND ".join(f"{link} IS NOT NULL" for link in links)
     has_any = " OR ".join(f"{link} IS NOT NULL" for link in links)
     return f"""
@@ -60,6 +60,30 @@ WHERE i.job_id = :job AND (r.model <> :model OR r.params_hash <> :phash)
 ORDER BY i.seq LIMIT 1000
 """
 
+
+# Translations (jobs with --lang): a done item has one linked row per language the job asked for,
+# each a translation into that language, by the job's translation model, of the item's own caption;
+# an item that is not done has none.
+_CHECK_TRANSLATIONS_MISSING = text("""
+SELECT i.seq, i.ref, l.lang FROM job_items i
+CROSS JOIN unnest(CAST(:langs AS text[])) AS l(lang)
+LEFT JOIN item_translations t ON t.job_id = i.job_id AND t.seq = i.seq AND t.lang = l.lang
+WHERE i.job_id = :job AND i.state = 'done' AND t.caption_id IS NULL
+ORDER BY i.seq, l.lang LIMIT 1000
+""")
+
+_CHECK_TRANSLATIONS_WRONG = text("""
+SELECT i.seq, i.ref, i.state, t.lang, c.lang AS row_lang, c.method, c.via, (c.source_id = i.caption_id) AS own
+FROM item_translations t
+JOIN job_items i ON i.job_id = t.job_id AND i.seq = t.seq
+JOIN captions c ON c.id = t.caption_id
+WHERE t.job_id = :job
+  AND (i.state <> 'done' OR c.lang <> t.lang OR c.method <> 'translated' OR c.via <> :model
+       OR c.source_id IS DISTINCT FROM i.caption_id OR NOT (t.lang = ANY(CAST(:langs AS text[]))))
+ORDER BY i.seq, t.lang LIMIT 1000
+""")
+
+_COUNT_TRANSLATIONS = text("SELECT count(*) FROM item_translations WHERE job_id = :job")
 
 _CHECK_TOTALS = text("""
 SELECT j.total, j.purged, count(i.seq) AS items,
@@ -226,6 +250,7 @@ class CheckReport:
     missing: int = 0
     duplicates: int = 0
     mismatched: int = 0  # results of another model or params than the job's
+    translations: int | None = None  # linked translated captions, for a job with --lang
     offenders: list[str] = field(default_factory=list)
 
     @property
@@ -299,6 +324,8 @@ class Admin:
         self.engine = engine
 
     def check(self, job: uuid.UUID) -> CheckReport | None:
+        from imgq.db.results import writer
+
         report = CheckReport(job)
         with self.engine.connect() as conn:
             totals = conn.execute(_CHECK_TOTALS, {"job": job}).mappings().first()
@@ -324,16 +351,35 @@ class Admin:
                 )
                 report.offenders.append(f"seq {row['seq']} {row['ref']}: {problem}")
             for task in tasks:
+                if writer(task["kind"]).link_column is None:
+                    self._check_translations(conn, report, job, task)
+                    continue
                 params = {"job": job, "model": task["model"], "phash": task["params_hash"]}
                 for seq, ref, model, phash in conn.execute(text(check_mismatch_sql(task["kind"])), params):
                     report.mismatched += 1
                     report.offenders.append(f"seq {seq} {ref}: {task['kind']} result of {model} params {phash}, "
                                             f"the job names {task['model']} params {task['params_hash']}")
             for kind in kinds:
+                if writer(kind).link_column is None:  # rows of another kind's table, checked with it
+                    continue
                 for image_id, n in conn.execute(text(check_duplicates_sql(kind)), {"job": job}):
                     report.duplicates += n - 1
                     report.offenders.append(f"image {image_id}: {n} {kind} rows for one identity")
         return report
+
+    @staticmethod
+    def _check_translations(conn: Any, report: CheckReport, job: uuid.UUID, task: dict[str, Any]) -> None:
+        params = {"job": job, "langs": list(task["params"]["langs"]), "model": task["model"]}
+        report.translations = conn.execute(_COUNT_TRANSLATIONS, params).scalar_one()
+        for seq, ref, lang in conn.execute(_CHECK_TRANSLATIONS_MISSING, params):
+            report.missing += 1
+            report.offenders.append(f"seq {seq} {ref}: done without its {lang} translation")
+        for row in conn.execute(_CHECK_TRANSLATIONS_WRONG, params).mappings():
+            report.mismatched += 1
+            problem = (f"state {row['state']} with a {row['lang']} translation" if row["state"] != "done"
+                       else f"{row['lang']} link to a {row['row_lang']} {row['method']} caption by {row['via']!r}"
+                       + ("" if row["own"] else ", not a translation of its own caption"))
+            report.offenders.append(f"seq {row['seq']} {row['ref']}: {problem}")
 
     def dead_letters(self, *, code: str | None, job: uuid.UUID | None, limit: int = 100) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:

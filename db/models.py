@@ -87,16 +87,26 @@ class Image(Base):
 class Caption(Base):
     __tablename__ = "captions"
     __table_args__ = (
-        UniqueConstraint("image_id", "model", "model_revision", "params_hash", name="captions_identity"),
+        UniqueConstraint("image_id", "model", "model_revision", "params_hash", "lang", "method", "via", "via_revision",
+                         name="captions_identity"),
+        CheckConstraint("method in ('native', 'translated', 'adapter')", name="captions_method"),
+        Index("captions_source", "source_id", postgresql_where=text("source_id IS NOT NULL")),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id"))
+    # model, revision and params are always BLIP's (a translation keeps its source caption's); ``via``
+    # names what made it another language: the translation model, or the adapter, with its revision.
     model: Mapped[str] = mapped_column(Text)
     model_revision: Mapped[str] = mapped_column(Text)
     params_hash: Mapped[str] = mapped_column(Text)
     params: Mapped[dict] = mapped_column(JSONB)
     text: Mapped[str] = mapped_column(Text)
+    lang: Mapped[str] = mapped_column(Text, server_default="en")  # ISO 639-1
+    method: Mapped[str] = mapped_column(Text, server_default="native")  # native | translated | adapter
+    via: Mapped[str] = mapped_column(Text, server_default="")
+    via_revision: Mapped[str] = mapped_column(Text, server_default="")
+    source_id: Mapped[int | None] = mapped_column(ForeignKey("captions.id"))  # a translation's English caption
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
@@ -176,6 +186,37 @@ class JobItem(Base):
     # when the message is found lost or the item is retried from the dead-letter store.
     published_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class ItemTranslation(Base):
+    """A translated caption an item asked for (``imgq enqueue caption --lang``): one per language."""
+
+    __tablename__ = "item_translations"
+    __table_args__ = (
+        ForeignKeyConstraint(["job_id", "seq"], ["job_items.job_id", "job_items.seq"], ondelete="CASCADE"),
+    )
+
+    job_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    lang: Mapped[str] = mapped_column(Text, primary_key=True)
+    caption_id: Mapped[int] = mapped_column(ForeignKey("captions.id"))
+
+
+class Adapter(Base):
+    """A per-language LoRA adapter on the caption model's text decoder (``imgq finetune`` registers
+    them; ``imgq enqueue caption --adapter NAME`` uses one). ``location`` is a local folder or an
+    ``s3://bucket/prefix``; ``revision`` is the SHA-256 of its weights, part of each caption's identity."""
+
+    __tablename__ = "adapters"
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    lang: Mapped[str] = mapped_column(Text)
+    base_model: Mapped[str] = mapped_column(Text)
+    base_revision: Mapped[str] = mapped_column(Text)
+    location: Mapped[str] = mapped_column(Text)
+    revision: Mapped[str] = mapped_column(Text)
+    metrics: Mapped[dict] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
 class DeadLetter(Base):

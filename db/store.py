@@ -92,6 +92,14 @@ FROM prev WHERE j.job_id = :job AND j.seq = ANY(CAST(:seqs AS int[])) AND j.seq 
 RETURNING j.seq, j.attempts, prev.state = 'running' AS unsettled, j.ref, j.text
 """)
 
+_EXISTING_CAPTION = text("""
+SELECT c.text, im.width, im.height FROM images im
+JOIN captions c ON c.image_id = im.id
+WHERE im.source = :source AND im.bucket = :bucket AND im.key = :key AND im.version = :version
+  AND c.model = :model AND c.model_revision = :rev AND c.params_hash = :phash
+  AND c.lang = 'en' AND c.method = 'native' AND c.via = '' AND c.via_revision = ''
+""")
+
 _UNSETTLED = text("""
 SELECT seq FROM job_items WHERE job_id = :job AND seq = ANY(CAST(:seqs AS int[])) AND state = 'running'
 """)
@@ -116,6 +124,24 @@ UPDATE job_items SET attempts = greatest(attempts - 1, 0), updated_at = now()
 WHERE job_id = :job AND seq = ANY(CAST(:seqs AS int[])) AND state = 'running'
 """)
 
+# `imgq results --lang L`: the item's caption in L: its translation, or its own caption when that is
+# in L already (an adapter's, or BLIP's English for en).
+_RESULTS_IN = text("""
+SELECT i.seq, i.ref, i.state, CAST(:lang AS text) AS lang, c.text AS caption, c.method, nullif(c.via, '') AS via,
+       nullif(c.via_revision, '') AS via_revision, src.text AS source_caption, d.code AS error_code,
+       d.message AS error
+FROM job_items i
+LEFT JOIN captions own ON own.id = i.caption_id
+LEFT JOIN item_translations t ON t.job_id = i.job_id AND t.seq = i.seq AND t.lang = :lang
+LEFT JOIN captions c ON c.id = coalesce(t.caption_id, CASE WHEN own.lang = :lang THEN own.id END)
+LEFT JOIN captions src ON src.id = c.source_id
+LEFT JOIN dead_letters d ON d.job_id = i.job_id AND d.seq = i.seq
+WHERE i.job_id = :job ORDER BY i.seq
+""")
+
+# `imgq enqueue translate --job J`: J's caption task and the refs of its captioned items.
+_CAPTIONED = text("SELECT ref FROM job_items WHERE job_id = :job AND caption_id IS NOT NULL ORDER BY seq")
+
 _COUNTS = text("SELECT state, count(*) FROM job_items WHERE job_id = :job GROUP BY state")
 
 _JOB_TASKS = text("SELECT tasks FROM jobs WHERE id = :job")
@@ -134,7 +160,8 @@ def results_sql(kinds: Sequence[str]) -> str:
     for kind in kinds:
         w = writer(kind)
         columns.append(w.results_columns)
-        joins.append(f"LEFT JOIN {w.table} r_{kind} ON r_{kind}.id = i.{w.link_column}")
+        if w.link_column is not None:
+            joins.append(f"LEFT JOIN {w.table} r_{kind} ON r_{kind}.id = i.{w.link_column}")
     return f"""
 SELECT i.seq, i.ref, i.state, i.attempts, {", ".join(columns) + "," if columns else ""}
        im.width, im.height, d.code AS error_code, d.message AS error
@@ -246,6 +273,13 @@ class Store:
             rows = conn.execute(_CLAIM, {"job": job, "seqs": list(seqs), "worker": worker})
             return {seq: Claim(attempts, unsettled, ref, text_) for seq, attempts, unsettled, ref, text_ in rows}
 
+    def existing_caption(self, source: str, bucket: str, key: str, version: str, model: str, revision: str,
+                         params_hash: str) -> tuple[str, int, int] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(_EXISTING_CAPTION, {"source": source, "bucket": bucket, "key": key, "version": version,
+                                                   "model": model, "rev": revision, "phash": params_hash}).first()
+        return None if row is None else (row[0], row[1], row[2])
+
     def unsettled(self, job: uuid.UUID, seqs: Sequence[int]) -> set[int]:
         with self.engine.connect() as conn:
             return set(conn.execute(_UNSETTLED, {"job": job, "seqs": list(seqs)}).scalars())
@@ -295,10 +329,14 @@ class Store:
                     by_kind.setdefault(kind, []).append(
                         ResultRow(item.job, item.seq, image_id, model, rev, phash, params, value, item.text))
             links: dict[str, list[int | None]] = {}
-            for kind, rows in by_kind.items():
+            written: dict[str, dict[tuple[uuid.UUID, int], int]] = {}
+            # A stage's writer (translate) runs after the kind it follows, whose result ids it links to.
+            for kind, rows in sorted(by_kind.items(), key=lambda kv: getattr(writer(kv[0]), "after", None) is not None):
                 w = writer(kind)
-                ids = w.write(conn, rows)
-                links[w.link_column] = [ids.get((i.job, i.seq)) for i in items]
+                after = getattr(w, "after", None)
+                ids = written[kind] = w.write(conn, rows) if after is None else w.write(conn, rows, written[after])
+                if w.link_column is not None:
+                    links[w.link_column] = [ids.get((i.job, i.seq)) for i in items]
             params: dict[str, Any] = {"job": [i.job for i in items], "seq": [i.seq for i in items],
                                       "image_id": image_of, "worker": [i.worker for i in items]}
             conn.execute(finish_sql(tuple(sorted(links))), params | links)
@@ -345,6 +383,23 @@ class Store:
         with self.engine.connect() as conn:
             tasks = conn.execute(_JOB_TASKS, {"job": job}).scalar_one_or_none()
         return [t["kind"] for t in tasks or []]
+
+    def results_in(self, job: uuid.UUID, lang: str) -> Iterator[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            result = conn.execution_options(stream_results=True, yield_per=2000).execute(
+                _RESULTS_IN, {"job": job, "lang": lang})
+            for row in result.mappings():
+                yield dict(row)
+
+    def captioned(self, job: uuid.UUID) -> tuple[dict[str, Any] | None, list[str]] | None:
+        """The job's caption task (None if it has none) and its captioned items' refs; None: no job."""
+        with self.engine.connect() as conn:
+            tasks = conn.execute(_JOB_TASKS, {"job": job}).scalar_one_or_none()
+            if tasks is None:
+                return None
+            caption = next((t for t in tasks if t["kind"] == "caption"), None)
+            refs = list(conn.execute(_CAPTIONED, {"job": job}).scalars()) if caption is not None else []
+        return caption, refs
 
     def results(self, job: uuid.UUID) -> Iterator[dict[str, Any]]:
         query = text(results_sql(self.kinds(job)))

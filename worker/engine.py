@@ -8,7 +8,10 @@ Three kinds of threads, so the models never wait on I/O while work is queued:
 Celery task threads call :meth:`Engine.submit` and wait on the futures before acknowledging.
 
 An item of a ``caption,embed`` job is fetched and decoded once and enters one batch per kind; it
-is written, all kinds in one transaction, only once every kind has a value.
+is written, all kinds in one transaction, only once every kind has a value. A stage (a kind with
+``after``: translate) runs on another kind's value instead of the image: once an item's caption is
+made, or found already stored for the same image version, model and parameters, it enters one
+translation batch per language, grouped by language across items and jobs.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from imgq import errors, metrics
 from imgq.batching import Batch, Batcher
 from imgq.classify import classify
 from imgq.contract import TaskSpec
+from imgq.kinds import KINDS
 from imgq.ports import Blob, DeadRow, Decoded, DoneItem, ItemStore, ObjectInfo, Runner
 
 log = logging.getLogger(__name__)
@@ -64,10 +68,24 @@ class WorkItem:
 
 @dataclass(slots=True)
 class _Entry:
-    """One task of one item, as the batcher holds it."""
+    """One task of one item, as the batcher holds it (a stage's entry: one of its languages)."""
 
     item: WorkItem
     task: TaskSpec
+    lang: str | None = None
+
+    def key(self) -> BatchKey:
+        digest = self.task.params.batch_digest()
+        return (self.task.kind, digest if self.lang is None else f"{digest}/{self.lang}")
+
+
+def _stages(tasks: Sequence[TaskSpec]) -> list[TaskSpec]:
+    return [t for t in tasks if KINDS[t.kind].after is not None]
+
+
+def _units(task: TaskSpec) -> int:
+    """Entries a task puts in batches: one per language for a stage, else one."""
+    return len(task.params.langs) if KINDS[task.kind].after is not None else 1  # type: ignore[attr-defined]
 
 
 @dataclass(slots=True)
@@ -123,7 +141,7 @@ class Engine:
             threading.Thread(target=self._infer_loop, name="imgq-infer", daemon=True),
             threading.Thread(target=self._write_loop, name="imgq-write", daemon=True),
         ]
-        self.stats = {"batches": 0, "items": 0, "split": 0, "decodes": 0}
+        self.stats = {"batches": 0, "items": 0, "split": 0, "decodes": 0, "reused": 0}
         # Model health: a batch in which every item fails says nothing about the items. Only an
         # item that fails alone while the model works is model_error; a run of failed batches
         # means the model or device is broken, and the worker must stop rather than drain the queue.
@@ -158,7 +176,7 @@ class Engine:
     def submit(self, job: uuid.UUID, tasks: Sequence[TaskSpec], items: Sequence[Sequence[Any]]) -> list[WorkItem]:
         """Start work on ``[seq, ref]`` (or ``[seq, ref, text]``) items; every task must be served."""
         for task in tasks:
-            self._costs[(task.kind, task.params.digest())] = task.params.batch_cost()
+            self._costs[(task.kind, task.params.batch_digest())] = task.params.batch_cost()
         work: list[WorkItem] = []
         for seq, ref, *rest in items:
             with self._lock:
@@ -188,17 +206,26 @@ class Engine:
         self._decoded.acquire()
         ready = False
         try:
+            for task in item.tasks:  # parameters only a worker can judge (a language, an adapter)
+                check = getattr(self.runners[task.kind], "check_params", None)
+                if check is not None:
+                    check(task.params)
             blob = self._fetch(item.ref)
-            with self._lock:
-                self._decoding[id(item)] = (item, self._clock())
-            try:
-                decoded = self._decode(blob.data)
-            finally:
+            stages = _stages(item.tasks)
+            size = self._reuse(item, blob, stages) if stages else None
+            todo = [t for t in item.tasks if KINDS[t.kind].after is None and t.kind not in item.results]
+            if todo:
                 with self._lock:
-                    self._decoding.pop(id(item), None)
+                    self._decoding[id(item)] = (item, self._clock())
+                try:
+                    decoded = self._decode(blob.data)
+                finally:
+                    with self._lock:
+                        self._decoding.pop(id(item), None)
+                size = (decoded.width, decoded.height)
             if item.failed:  # timed out meanwhile: settled already
                 return
-            for task in item.tasks:
+            for task in todo:
                 runner = self.runners[task.kind]
                 if item.text is not None:
                     runner.check_text(item.text)
@@ -206,13 +233,16 @@ class Engine:
                 key = runner.prep_key(task.params)
                 if key not in item.inputs:
                     item.inputs[key] = runner.prepare(decoded.image, task.params)
-            item.obj = ObjectInfo(blob.source, blob.bucket, blob.key, blob.version, len(blob.data),
-                                  decoded.width, decoded.height)
+            assert size is not None
+            item.obj = ObjectInfo(blob.source, blob.bucket, blob.key, blob.version, len(blob.data), *size)
             with self._lock:
-                self._remaining[id(item)] = len(item.tasks)
-                self.stats["decodes"] += 1
-            for task in item.tasks:
+                self._remaining[id(item)] = len(todo) + sum(_units(t) for t in stages)
+                self.stats["decodes"] += bool(todo)
+            for task in todo:
                 self._ready.put(_Entry(item, task))
+            for stage in stages:
+                if KINDS[stage.kind].after in item.results:
+                    self._queue_stage(item, stage)
             ready = True
         except Exception as exc:
             self._fail(item, classify(exc))
@@ -221,6 +251,38 @@ class Engine:
                 self._decoded.release()
             with self._lock:
                 self._preparing -= 1
+
+    def _reuse(self, item: WorkItem, blob: Blob, stages: list[TaskSpec]) -> tuple[int, int] | None:
+        """A stage's input already stored for this image version, model and parameters (a caption
+        from an earlier job): taken as this item's value, so the model does not run again. Returns
+        the image's size when found."""
+        for stage in stages:
+            after = KINDS[stage.kind].after
+            task = next((t for t in item.tasks if t.kind == after), None)
+            if task is None or after in item.results or getattr(task.params, "explain", False):
+                continue
+            runner = self.runners[task.kind]
+            found = self._store.existing_caption(blob.source, blob.bucket, blob.key, blob.version, runner.name,
+                                                 runner.revision, task.params.digest())
+            if found is not None:
+                text_, width, height = found
+                item.results[task.kind] = text_
+                with self._lock:
+                    self.stats["reused"] += 1
+                metrics.REUSED.labels(task.kind).inc()
+                return width, height
+        return None
+
+    def _queue_stage(self, item: WorkItem, stage: TaskSpec) -> None:
+        for lang in stage.params.langs:  # type: ignore[attr-defined]
+            self._ready.put(_Entry(item, stage, lang))
+
+    def _stages_after(self, entry: _Entry) -> list[TaskSpec]:
+        return [t for t in _stages(entry.item.tasks) if KINDS[t.kind].after == entry.task.kind]
+
+    def _settle_failed(self, entry: _Entry) -> None:
+        """Count a failed entry as run, and the stages that would have run on its value."""
+        self._finish_task(entry.item, 1 + sum(_units(t) for t in self._stages_after(entry)))
 
     def _fail(self, item: WorkItem, error: errors.ImgqError) -> None:
         """Settle an item that cannot finish (first failure wins; its other tasks are dropped)."""
@@ -242,7 +304,7 @@ class Engine:
             batches: list[Batch[BatchKey, _Entry]] = []
             try:
                 entry = self._ready.get(timeout=timeout)
-                batches += self._batcher.add((entry.task.kind, entry.task.params.digest()), entry)
+                batches += self._batcher.add(entry.key(), entry)
             except queue.Empty:
                 pass
             batches += self._batcher.due()
@@ -270,7 +332,7 @@ class Engine:
         if self.unhealthy is not None:
             for entry in entries:
                 self._fail(entry.item, errors.Retryable(f"worker unhealthy: {self.unhealthy}"))
-                self._finish_task(entry.item)
+                self._settle_failed(entry)
             return
         failed: list[tuple[_Entry, errors.ImgqError]] = []
         succeeded = self._run(entries, failed)
@@ -284,7 +346,7 @@ class Engine:
                 else:
                     self._fail(entry.item, errors.ModelError(
                         f"{entry.task.kind} model failed on this item: {error.message}"))
-                self._finish_task(entry.item)
+                self._settle_failed(entry)
             return
         # Every item failed: the model (or device) may be what is broken. Nothing is charged to
         # the items beyond the delivery; they go back to the queue.
@@ -293,7 +355,7 @@ class Engine:
         for entry, error in failed:
             self._fail(entry.item, error if isinstance(error, errors.OutOfMemory) else
                        errors.ModelUnhealthy(f"every item of the batch failed: {error.message}"))
-            self._finish_task(entry.item)
+            self._settle_failed(entry)
         if self._strikes >= self._max_strikes and self.unhealthy is None:
             self.unhealthy = f"{self._strikes} batches in a row failed entirely; last: {reason}"
             log.error("model unhealthy: %s", self.unhealthy, extra={"action": "unhealthy"})
@@ -305,11 +367,16 @@ class Engine:
         and collects the single items that failed, for :meth:`_run_batch` to judge."""
         task = entries[0].task
         runner = self.runners[task.kind]
+        lang = entries[0].lang
         try:
-            pixels = np.stack([e.item.input_for(runner, task) for e in entries])
-            texts = [e.item.text or "" for e in entries] if entries[0].item.text is not None else None
             started = time.perf_counter()
-            values = runner.run(pixels, texts, task.params)
+            if lang is not None:  # a stage: runs on the value of the kind it follows
+                after = KINDS[task.kind].after
+                values = runner.translate([str(e.item.results[after]) for e in entries], lang)  # type: ignore[attr-defined]
+            else:
+                pixels = np.stack([e.item.input_for(runner, task) for e in entries])
+                texts = [e.item.text or "" for e in entries] if entries[0].item.text is not None else None
+                values = self._run_model(runner, pixels, texts, entries)
             metrics.MODEL_SECONDS.labels(task.kind).observe(time.perf_counter() - started)
             metrics.BATCH_SIZE.labels(task.kind).observe(len(entries))
         except Exception as exc:
@@ -326,17 +393,33 @@ class Engine:
         self.stats["items"] += len(entries)
         done: list[WorkItem] = []
         for entry, value in zip(entries, values, strict=True):
-            entry.item.results[task.kind] = value
+            if lang is None:
+                entry.item.results[task.kind] = value
+            else:
+                entry.item.results.setdefault(task.kind, {})[lang] = value
+            for stage in self._stages_after(entry):
+                if entry.item.failed:  # settled already: its stages will not run
+                    self._finish_task(entry.item, _units(stage))
+                else:
+                    self._queue_stage(entry.item, stage)
             if self._finish_task(entry.item) and not entry.item.failed:
                 done.append(entry.item)
         if done:
             self._writes.put(_Write(done=done))
         return len(entries)
 
-    def _finish_task(self, item: WorkItem) -> bool:
-        """Count one task of ``item`` as run; True once all have (its input memory is then freed)."""
+    @staticmethod
+    def _run_model(runner: Runner, pixels: np.ndarray, texts: list[str] | None, entries: list[_Entry]) -> list[Any]:
+        params = [e.task.params for e in entries]
+        if getattr(params[0], "adapter", None) is not None or any(getattr(p, "adapter", None) for p in params):
+            # Captions of several adapters (and of none) in one generate: the batch key ignores them.
+            return runner.run_adapters(pixels, params[0], [p.adapter for p in params])  # type: ignore[attr-defined]
+        return runner.run(pixels, texts, params[0])
+
+    def _finish_task(self, item: WorkItem, n: int = 1) -> bool:
+        """Count ``n`` tasks of ``item`` as run; True once all have (its input memory is then freed)."""
         with self._lock:
-            left = self._remaining[id(item)] = self._remaining[id(item)] - 1
+            left = self._remaining[id(item)] = self._remaining[id(item)] - n
             if left:
                 return False
             del self._remaining[id(item)]

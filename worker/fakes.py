@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from imgq.ports import Claim, DeadRow, DoneItem
+from imgq.ports import CaptionText, Claim, DeadRow, DoneItem
 
 
 @dataclass
@@ -25,6 +25,7 @@ class MemoryResults:
     done: list[DoneItem] = field(default_factory=list)
     dead: list[DeadRow] = field(default_factory=list)
     fail_next: int = 0
+    stored: dict[tuple[str, str, str], tuple[str, int, int]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _maybe_fail(self) -> None:
@@ -44,6 +45,11 @@ class MemoryResults:
 
     def job_tasks(self, job: uuid.UUID) -> list[dict[str, Any]] | None:
         return None
+
+    def existing_caption(self, source: str, bucket: str, key: str, version: str, model: str, revision: str,
+                         params_hash: str) -> tuple[str, int, int] | None:
+        """Captions stored before: ``stored[(key, model, params_hash)] = (text, width, height)``."""
+        return self.stored.get((key, model, params_hash))
 
     def release(self, job: uuid.UUID, seqs: Sequence[int]) -> None:
         pass
@@ -83,6 +89,7 @@ class EchoRunner:
     oom_above: int | None = None
     input_size: int = 4
     batches: list[int] = field(default_factory=list)
+    adapter_batches: list[list[str | None]] = field(default_factory=list)
     prepared: int = 0
 
     @property
@@ -112,3 +119,37 @@ class EchoRunner:
             return [(float(m), float(len(t or "")) / 100) for m, t in zip(means, texts or [""] * len(means),
                                                                           strict=True)]
         return [f"mean {m:.3f}" for m in means]
+
+    def run_adapters(self, pixels: np.ndarray, params: Any, adapters: list[str | None]) -> list[Any]:
+        """Captions of a mixed-adapter batch: ``"<adapter> mean 0.250"`` (``base`` for none)."""
+        self.adapter_batches.append(list(adapters))
+        return [CaptionText(f"{name or 'base'} {text}", lang="de", method="adapter", via=name or "",
+                            via_revision="r1") if name else text
+                for name, text in zip(adapters, self.run(pixels, None, params), strict=True)]
+
+
+@dataclass
+class EchoTranslator:
+    """A translation ``Runner`` without a model: ``"de: <text>"``. A text containing ``poison``
+    fails its batch; ``langs`` are the languages it can write."""
+
+    kind: str = "translate"
+    name: str = "echo-mt"
+    input_size: int = 0
+    poison: str | None = None
+    langs: tuple[str, ...] = ("de", "fr", "ja")
+    batches: list[tuple[str, int]] = field(default_factory=list)
+    revision: str = "mt-1"
+
+    def check_params(self, params: Any) -> None:
+        from imgq import errors
+
+        if missing := [lang for lang in params.langs if lang not in self.langs]:
+            raise errors.UnsupportedLanguage(f"cannot translate into {', '.join(missing)}")
+
+    def translate(self, texts: list[str], lang: str) -> list[CaptionText]:
+        self.batches.append((lang, len(texts)))
+        if self.poison is not None and any(self.poison in t for t in texts):
+            raise ValueError("translation failed on a poison input")
+        return [CaptionText(f"{lang}: {t}", lang=lang, method="translated", via=self.name, via_revision=self.revision)
+                for t in texts]

@@ -20,7 +20,8 @@ import numpy as np
 from imgq import errors
 from imgq.config import Settings
 from imgq.kinds import KINDS, load
-from imgq.params import CaptionParams, Params
+from imgq.params import CaptionParams, Params, TranslateParams
+from imgq.ports import CaptionText
 from imgq.worker.preprocess import Preprocessor
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,9 @@ class CaptionRunner(ImageRunner):
         self._originals_limit = 4 * 32 + 8
         self._originals_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
+        self._settings: Settings | None = None
+        self._bank: Any = None
+        self._bank_lock = threading.Lock()
 
     @classmethod
     def make_model(cls, settings: Settings) -> Any:
@@ -118,6 +122,7 @@ class CaptionRunner(ImageRunner):
                             **_model_options(settings))
 
     def configure(self, settings: Settings) -> None:
+        self._settings = settings
         if settings.explain_output:
             from imgq.worker.explainer import OverlaySink
 
@@ -180,6 +185,33 @@ class CaptionRunner(ImageRunner):
         return [ExplainedCaption(ex.caption, summary(ex, size, where))
                 for ex, where in zip(explained, overlays, strict=True)]
 
+    # -- adapters (imgq.worker.adapters): built on the first job that names one ----------------------
+    @property
+    def bank(self) -> Any:
+        with self._bank_lock:
+            if self._bank is None:
+                from imgq.db.store import make_engine
+                from imgq.worker.adapters import AdapterBank
+
+                if self._settings is None:
+                    raise errors.AdapterUnavailable("this worker was built without settings: it serves no adapters")
+                engine = make_engine(self._settings.sync_database_url, pool_size=2, max_overflow=2)
+                self._bank = AdapterBank.for_worker(self.model, self._settings, engine)
+            return self._bank
+
+    def check_params(self, params: CaptionParams) -> None:
+        """An unregistered adapter, or one trained on another model, is dead-lettered before any work."""
+        if params.adapter is not None:
+            self.bank.resolve([params.adapter])
+
+    def run_adapters(self, pixels: np.ndarray, params: CaptionParams, adapters: list[str | None]) -> list[str]:
+        """Captions of a batch whose rows name different adapters (or none), in one generate."""
+        records = self.bank.resolve(adapters)
+        texts = self.bank.caption(pixels, params, records)
+        return [text if r is None else CaptionText(text, lang=r.lang, method="adapter", via=r.name,
+                                                   via_revision=r.revision)
+                for text, r in zip(texts, records, strict=True)]
+
     def _drawing(self) -> ThreadPoolExecutor:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="imgq-overlay")
@@ -223,10 +255,53 @@ class ValidateRunner(RetrievalRunner):
         return [(float(s), float(c)) for s, c in zip(scores, cosines, strict=True)]
 
 
-def build_runners(settings: Settings, models: dict[str, Any] | None = None) -> dict[str, ImageRunner]:
+class TranslateRunner:
+    """The translation stage: English captions -> one language per batch (``imgq.worker.translate``).
+    It runs on the caption's text, never on the image (``imgq.kinds`` ``after``)."""
+
+    kind = "translate"
+    input_size = 0  # takes no image: draft decoding follows the image models alone
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.name: str = model.name
+
+    @classmethod
+    def make_model(cls, settings: Settings) -> Any:
+        from imgq.worker.translate import TranslationModel
+
+        return TranslationModel(settings.translate_model, revision=settings.translate_model_revision,
+                                **_model_options(settings))
+
+    def configure(self, settings: Settings) -> None:
+        pass
+
+    def configure_batch(self, max_batch: int) -> None:
+        pass
+
+    def load(self) -> None:
+        self.model.load()
+
+    @property
+    def revision(self) -> str:
+        return str(self.model.revision)
+
+    def check_params(self, params: TranslateParams) -> None:
+        self.load()
+        missing = [lang for lang in params.langs if not self.model.supports(lang)]
+        if missing:
+            raise errors.UnsupportedLanguage(f"the translation model {self.name} cannot translate into "
+                                         f"{', '.join(missing)}")
+
+    def translate(self, texts: list[str], lang: str) -> list[CaptionText]:
+        return [CaptionText(text, lang=lang, method="translated", via=self.name, via_revision=self.revision)
+                for text in self.model.translate(texts, lang)]
+
+
+def build_runners(settings: Settings, models: dict[str, Any] | None = None) -> dict[str, Any]:
     """One runner per kind in IMGQ_KINDS, one model per family (``models`` may inject them)."""
     models = dict(models or {})
-    runners: dict[str, ImageRunner] = {}
+    runners: dict[str, Any] = {}
     for kind in settings.kinds:
         spec = KINDS[kind]
         cls = load(spec.runner)

@@ -14,19 +14,30 @@ from typing import Any
 
 from sqlalchemy import text
 
-from imgq.ports import ResultRow
+from imgq.ports import CaptionText, ResultRow
 
 # DISTINCT ON keeps the upsert from touching one row twice; a no-op DO UPDATE returns the id of
 # the row that won, so a redelivered item links to the first caption. The store links the items
 # (one UPDATE of job_items for every kind at once).
 _WRITE = text("""
-INSERT INTO captions (image_id, model, model_revision, params_hash, params, text)
-SELECT DISTINCT ON (image_id) image_id, :model, :rev, :phash, CAST(:params AS jsonb), txt
+INSERT INTO captions (image_id, model, model_revision, params_hash, params, text, lang, method, via, via_revision)
+SELECT DISTINCT ON (image_id) image_id, :model, :rev, :phash, CAST(:params AS jsonb), txt, :lang, :method, :via,
+       :via_rev
 FROM unnest(CAST(:image_id AS bigint[]), CAST(:txt AS text[])) WITH ORDINALITY AS v(image_id, txt, n)
 ORDER BY image_id, n
 ON CONFLICT ON CONSTRAINT captions_identity DO UPDATE SET text = captions.text
 RETURNING image_id, id
 """)
+
+# A caption's identity: BLIP's model, revision and params, and what made it another language.
+IDENTITY = "image_id, model, model_revision, params_hash, lang, method, via, via_revision"
+
+
+def how(value: Any) -> dict[str, str]:
+    """The language columns of a caption value (a plain str is BLIP's own English)."""
+    if isinstance(value, CaptionText):
+        return {"lang": value.lang, "method": value.method, "via": value.via, "via_rev": value.via_revision}
+    return {"lang": "en", "method": "native", "via": "", "via_rev": ""}
 
 
 _WRITE_EXPLANATIONS = text("""
@@ -70,14 +81,17 @@ class CaptionWriter:
     kind = "caption"
     table = "captions"
     link_column = "caption_id"
+    identity_columns = IDENTITY
     results_columns = "r_caption.text AS caption"
 
     def write(self, conn: Any, rows: Sequence[ResultRow]) -> dict[tuple[uuid.UUID, int], int]:
         ids: dict[tuple[uuid.UUID, int], int] = {}
         for (model, rev, phash), group in groups(rows).items():
+            # One params hash is one adapter (its name is a parameter), so one language per group.
             by_image = dict(conn.execute(_WRITE, {
                 "image_id": [r.image_id for r in group], "txt": [str(r.value) for r in group],
                 "model": model, "rev": rev, "phash": phash, "params": json.dumps(group[0].params),
+                **how(group[0].value),
             }).all())
             ids.update({(r.job, r.seq): by_image[r.image_id] for r in group})
             explained = [(by_image[r.image_id], r.value.summary) for r in group if hasattr(r.value, "summary")]

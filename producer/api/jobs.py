@@ -135,6 +135,11 @@ def create_job(body: JobRequest, request: Request, response: Response, caller: C
             return _replay(found, digest, response)
     names = parse_kinds(body.kinds)
     tasks = make_tasks(settings, names, body.params)
+    for task in tasks:
+        if getattr(task.params, "adapter", None) is not None:  # refused now, not dead-lettered later
+            from imgq.db.adapters import Adapters
+
+            Adapters(context.engine).require(task.params.adapter, task.model)
     check_cost(tasks, limits_for(settings, caller.limits))
     highest = int(caller.limits.get("max_priority", settings.api_priority))
     priority = settings.api_priority if body.priority is None else body.priority

@@ -24,16 +24,21 @@ class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"kinds": ["caption", "embed"], "refs": ["s3://photos/2026/0001.jpg"], "params": {"num_beams": 3}},
         {"kinds": ["caption"], "prefix": "s3://photos/2026/", "callback_url": "https://cms.example.com/hook"},
+        {"kinds": ["caption", "translate"], "refs": ["s3://photos/2026/0001.jpg"], "params": {"langs": ["de", "fr"]}},
+        {"kinds": ["caption"], "refs": ["s3://photos/2026/0001.jpg"], "params": {"adapter": "de-news"}},
     ]})
 
-    kinds: list[str] | str = Field(description="caption, embed, validate, or several (a list, or joined by commas).")
+    kinds: list[str] | str = Field(description="caption, embed, validate, or several (a list, or joined by commas); "
+                                   "caption,translate with params.langs also stores each caption in those "
+                                   "languages.")
     refs: list[str | PairRef] | None = Field(
         None, description="s3://bucket/key, s3://bucket/prefix/, or a local file or folder within the tenant's "
         "sources; validate takes {ref, text} objects.")
     prefix: str | None = Field(None, max_length=2048, description="Instead of refs: every object under "
                                "s3://bucket/prefix (or a local folder).")
     params: dict[str, Any] = Field(default_factory=dict, description="Per-kind parameters, by their JSON names "
-                                   "(num_beams, max_new_tokens, do_sample, prompt, resize, explain, ...).")
+                                   "(num_beams, max_new_tokens, do_sample, prompt, resize, explain, adapter, "
+                                   "langs, ...).")
     priority: int | None = Field(None, description="Higher is fed to the workers first (default "
                                  "IMGQ_API_PRIORITY, also the highest allowed).")
     callback_url: str | None = Field(None, max_length=2048, description="POSTed a signed summary when the job "

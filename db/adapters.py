@@ -1,0 +1,107 @@
+"""The registry of per-language LoRA adapters (table ``adapters``, migration 0008): what ``imgq finetune``
+registers and what a worker looks up to serve ``--adapter NAME``.
+
+Invariants:
+
+- A name is one adapter: registering a name again replaces the row (a retrained adapter keeps its name
+  and gets a new ``revision``, so captions it made before stay told apart by ``via_revision``).
+- Names are path- and URL-safe (``[A-Za-z0-9][A-Za-z0-9._-]*``, at most 200 characters): a worker keeps
+  an S3 adapter's copy in ``IMGQ_ADAPTER_DIR/<name>-<revision>``.
+- ``revision`` is the hex SHA-256 (at least its first 16 characters) of ``adapter_model.safetensors``;
+  a worker refuses files that do not hash to it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine, text
+
+from imgq.errors import BadParams, UnknownAdapter
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+REVISION = re.compile(r"^[0-9a-f]{16,64}$")
+
+_COLUMNS = "name, lang, base_model, base_revision, location, revision, metrics"
+_UPSERT = text(f"""
+INSERT INTO adapters ({_COLUMNS})
+VALUES (:name, :lang, :base_model, :base_revision, :location, :revision, CAST(:metrics AS jsonb))
+ON CONFLICT (name) DO UPDATE SET
+  lang = EXCLUDED.lang, base_model = EXCLUDED.base_model, base_revision = EXCLUDED.base_revision,
+  location = EXCLUDED.location, revision = EXCLUDED.revision, metrics = EXCLUDED.metrics, created_at = now()
+""")
+_GET = text(f"SELECT {_COLUMNS} FROM adapters WHERE name = :name")
+_LIST = text(f"SELECT {_COLUMNS} FROM adapters ORDER BY name")
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterRecord:
+    name: str
+    lang: str  # ISO 639-1: the language its captions are stored under
+    base_model: str  # IMGQ_CAPTION_MODEL it was trained on (hub id or local path, as the worker names it)
+    base_revision: str  # that model's revision (hub commit or local-<sha>)
+    location: str  # a local folder or s3://bucket/prefix holding adapter_config.json + adapter_model.safetensors
+    revision: str  # hex SHA-256 of adapter_model.safetensors
+    metrics: dict[str, Any] = field(default_factory=dict)  # held-out figures from imgq finetune
+
+    def check(self) -> None:
+        """Raise BadParams if the record could not be served as written."""
+        if not NAME.match(self.name):
+            raise BadParams(f"adapter name {self.name!r} must be letters, digits, '.', '_' or '-' (starting with a "
+                            "letter or digit), at most 200 characters")
+        if not REVISION.match(self.revision):
+            raise BadParams(f"adapter revision {self.revision!r} must be the hex SHA-256 of its weights "
+                            "(at least 16 characters)")
+        for name in ("lang", "base_model", "base_revision", "location"):
+            if not getattr(self, name):
+                raise BadParams(f"adapter {self.name!r} has an empty {name}")
+
+
+def _record(row: Any) -> AdapterRecord:
+    return AdapterRecord(row.name, row.lang, row.base_model, row.base_revision, row.location, row.revision,
+                         dict(row.metrics or {}))
+
+
+class Adapters:
+    """The ``adapters`` table over a SQLAlchemy engine (thread-safe as the engine is)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def register(self, record: AdapterRecord) -> None:
+        """Insert ``record``, or replace the adapter of the same name."""
+        record.check()
+        with self.engine.begin() as conn:
+            conn.execute(_UPSERT, {
+                "name": record.name, "lang": record.lang, "base_model": record.base_model,
+                "base_revision": record.base_revision, "location": record.location, "revision": record.revision,
+                "metrics": json.dumps(record.metrics, sort_keys=True),
+            })
+
+    def get(self, name: str) -> AdapterRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(_GET, {"name": name}).first()
+        return None if row is None else _record(row)
+
+    def list(self) -> list[AdapterRecord]:
+        with self.engine.connect() as conn:
+            return [_record(row) for row in conn.execute(_LIST)]
+
+    def require(self, name: str, caption_model: str, base_revision: str | None = None) -> AdapterRecord:
+        """The adapter ``name`` if it was trained on ``caption_model`` (and, when given, on that model
+        revision); else UnknownAdapter saying which."""
+        record = self.get(name)
+        if record is None:
+            known = [r.name for r in self.list()]
+            hint = f"registered: {', '.join(known[:20])}" if known else "none is registered (`imgq finetune`)"
+            raise UnknownAdapter(f"no adapter named {name!r}; {hint}")
+        if record.base_model != caption_model:
+            raise UnknownAdapter(f"adapter {name!r} was trained on caption model {record.base_model!r}, not on "
+                                 f"{caption_model!r} (IMGQ_CAPTION_MODEL); retrain it with `imgq finetune`")
+        if base_revision is not None and record.base_revision != base_revision:
+            raise UnknownAdapter(f"adapter {name!r} was trained on revision {record.base_revision!r} of "
+                                 f"{caption_model!r}, not on {base_revision!r}; retrain it with `imgq finetune`")
+        return record

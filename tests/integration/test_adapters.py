@@ -1,0 +1,220 @@
+"""Per-language LoRA adapters against real Postgres and S3 (moto), on the tiny checkpoint: the registry, mixed
+adapter batches vs one adapter at a time, the LRU, and what a worker refuses (a wrong hash, another base model,
+a location outside the allow-lists). The adapters are random LoRA weights in peft's saved layout."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from imgq import errors
+from imgq.config import Settings
+from imgq.contract import CaptionParams
+from imgq.db.adapters import AdapterRecord, Adapters
+from imgq.db.store import make_engine
+from imgq.worker.adapters import AdapterBank, AdapterFiles
+from imgq.worker.model import CaptionModel
+
+pytestmark = pytest.mark.integration
+
+GREEDY = CaptionParams(max_new_tokens=8)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    # The tiny model gains nothing from threads, and OpenMP spinning on a shared 2-core machine costs 100x.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_adapter(model_dir: Path, out: Path, seed: int) -> str:
+    """Random LoRA weights (A and B non-zero, so the adapter changes captions) saved by peft; returns the
+    SHA-256 of the weights."""
+    from peft import get_peft_model
+
+    from imgq.worker.lora import lora_config
+
+    model = CaptionModel(str(model_dir), device="cpu")
+    model.load()
+    peft_model = get_peft_model(model._model, lora_config(4, 8))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.6)
+    peft_model.save_pretrained(str(out))
+    return hashlib.sha256((out / "adapter_model.safetensors").read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, str]]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: (root / name, write_adapter(tiny_model_dir, root / name, seed))
+            for seed, name in enumerate(["a", "b", "c"])}
+
+
+def record(name: str, dirs: dict[str, tuple[Path, str]], model: CaptionModel, **changes: Any) -> AdapterRecord:
+    folder, revision = dirs[name]
+    fields = {"name": name, "lang": "de", "base_model": model.name, "base_revision": model.revision,
+              "location": str(folder), "revision": revision} | changes
+    return AdapterRecord(**fields)
+
+
+@pytest.fixture
+def model(tiny_model_dir: Path) -> CaptionModel:
+    m = CaptionModel(str(tiny_model_dir), device="cpu")
+    m.load()
+    return m
+
+
+@pytest.fixture(scope="module")
+def pixels() -> np.ndarray:
+    return np.random.default_rng(7).integers(0, 256, (8, 3, 384, 384), dtype=np.uint8)
+
+
+def test_mixed_batches_equal_one_adapter_at_a_time(model: CaptionModel, adapter_dirs: Any, pixels: np.ndarray):
+    base = model.caption(pixels, GREEDY)
+    bank = AdapterBank(model, None, capacity=4)
+    recs = {n: record(n, adapter_dirs, model) for n in "abc"}
+    rows = [recs["a"], recs["b"], None, recs["a"], recs["c"], recs["b"], None, recs["c"]]
+    for params in (GREEDY, CaptionParams(max_new_tokens=8, num_beams=2)):
+        plain = model.caption(pixels, params)
+        mixed = bank.caption(pixels, params, rows)
+        expected: list[str | None] = [None] * len(rows)
+        for name in "abc":
+            idx = [i for i, r in enumerate(rows) if r is not None and r.name == name]
+            one = bank.caption(pixels[idx], params, [recs[name]] * len(idx))
+            for i, text in zip(idx, one, strict=True):
+                expected[i] = text
+        for i, r in enumerate(rows):
+            if r is None:
+                expected[i] = plain[i]
+        assert mixed == expected, params
+    # The adapters do change captions, each its own way; the base model is untouched by loading them.
+    per_adapter = {n: bank.caption(pixels, GREEDY, [recs[n]] * 8) for n in "abc"}
+    assert all(per_adapter[n] != base for n in "abc")
+    assert len({tuple(v) for v in per_adapter.values()}) == 3
+    assert model.caption(pixels, GREEDY) == base
+    assert bank.caption(pixels, GREEDY, [None] * 8) == base
+    assert sorted(bank.loaded) == ["a", "b", "c"] and bank.loads == 3
+
+
+def test_lru_evicts_least_recently_used_and_reloads_it(model: CaptionModel, adapter_dirs: Any, pixels: np.ndarray):
+    bank = AdapterBank(model, None, capacity=2)
+    a, b, c = (record(n, adapter_dirs, model) for n in "abc")
+    first_a = bank.caption(pixels, GREEDY, [a] * 8)
+    bank.caption(pixels[:2], GREEDY, [b, b])
+    bank.caption(pixels[:2], GREEDY, [c, c])
+    assert bank.loaded == ["b", "c"] and bank.loads == 3  # a was least recently used
+    bank.caption(pixels[:1], GREEDY, [b])  # b is now the most recent: loading a evicts c
+    assert bank.caption(pixels, GREEDY, [a] * 8) == first_a
+    assert bank.loaded == ["b", "a"] and bank.loads == 4
+    # A batch that needs more adapters than the capacity still runs, then the bank shrinks back.
+    mixed = bank.caption(pixels[:3], GREEDY, [a, b, c])
+    assert mixed[0] == first_a[0]
+    assert len(bank.loaded) == 2
+
+
+def test_wrong_hash_and_wrong_base_are_refused(model: CaptionModel, adapter_dirs: Any, pixels: np.ndarray,
+                                               tmp_path: Path):
+    bank = AdapterBank(model, None, capacity=2)
+    with pytest.raises(errors.AdapterUnavailable, match="SHA-256"):
+        bank.caption(pixels[:1], GREEDY, [record("a", adapter_dirs, model, revision="0" * 64)])
+    # The same name and revision, but the file changed since it was registered.
+    folder = adapter_dirs["b"][0]
+    tampered = tmp_path / "b"
+    tampered.mkdir()
+    (tampered / "adapter_config.json").write_bytes((folder / "adapter_config.json").read_bytes())
+    weights = bytearray((folder / "adapter_model.safetensors").read_bytes())
+    weights[-1] ^= 1
+    (tampered / "adapter_model.safetensors").write_bytes(bytes(weights))
+    with pytest.raises(errors.AdapterUnavailable, match="registered revision"):
+        bank.load(record("b", adapter_dirs, model, location=str(tampered)))
+    with pytest.raises(errors.AdapterUnavailable, match="trained on"):
+        bank.load(record("a", adapter_dirs, model, base_model="Salesforce/blip-image-captioning-base"))
+    assert bank.loaded == [] and bank.loads == 0
+    assert model.caption(pixels[:2], GREEDY) == bank.caption(pixels[:2], GREEDY, [None, None])
+
+
+def test_registry_upserts_and_require_explains(database_url: str):
+    engine = make_engine(database_url)
+    registry = Adapters(engine)
+    rec = AdapterRecord("blip-de", "de", "cap-model", "local-abc", "/data/adapters/blip-de", "ab" * 32,
+                        {"chrf": 41.5})
+    registry.register(rec)
+    assert registry.get("blip-de") == rec
+    newer = AdapterRecord("blip-de", "de", "cap-model", "local-abc", "s3://models/blip-de", "cd" * 32, {})
+    registry.register(newer)  # re-registering a name replaces it
+    assert registry.list() == [newer]
+    assert registry.require("blip-de", "cap-model") == newer
+    with pytest.raises(errors.UnknownAdapter, match="no adapter named 'blip-fr'; registered: blip-de"):
+        registry.require("blip-fr", "cap-model")
+    with pytest.raises(errors.UnknownAdapter, match="trained on caption model 'cap-model'"):
+        registry.require("blip-de", "other-model")
+    with pytest.raises(errors.UnknownAdapter, match="revision"):
+        registry.require("blip-de", "cap-model", base_revision="local-xyz")
+    with pytest.raises(errors.BadParams, match="adapter name"):
+        registry.register(AdapterRecord("../x", "de", "m", "r", "/x", "ab" * 32))
+    with pytest.raises(errors.BadParams, match="SHA-256"):
+        registry.register(AdapterRecord("x", "de", "m", "r", "/x", "not-a-hash"))
+    engine.dispose()
+
+
+def test_worker_bank_reads_s3_and_local_roots_only(model: CaptionModel, adapter_dirs: Any, pixels: np.ndarray,
+                                                   database_url: str, s3_server: Any, s3_client: Any, bucket: str,
+                                                   tmp_path: Path):
+    folder_a, rev_a = adapter_dirs["a"]
+    folder_b, rev_b = adapter_dirs["b"]
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        s3_client.put_object(Bucket=bucket, Key=f"adapters/a/{name}", Body=(folder_a / name).read_bytes())
+    settings = Settings(_env_file=None, database_url=database_url, s3_endpoint_url=s3_server.url,
+                        allowed_buckets=[bucket], local_roots=[folder_b.parent], adapter_dir=tmp_path / "cache",
+                        caption_model=model.name)
+    engine = make_engine(settings.sync_database_url)
+    registry = Adapters(engine)
+    registry.register(record("a", adapter_dirs, model, location=f"s3://{bucket}/adapters/a"))
+    registry.register(record("b", adapter_dirs, model))  # a folder under IMGQ_LOCAL_ROOTS
+    bank = AdapterBank.for_worker(model, settings, engine)
+    other = CaptionModel(model.name, device="cpu")  # one bank per model, as in a worker
+    reference = AdapterBank(other, None, capacity=4)
+    direct = reference.caption(pixels[:4], GREEDY, [record("a", adapter_dirs, model)] * 2
+                               + [record("b", adapter_dirs, model)] * 2)
+    assert bank.caption(pixels[:4], GREEDY, ["a", "a", "b", "b"]) == direct
+    assert (tmp_path / "cache" / f"a-{rev_a}" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "cache" / f"b-{rev_b}" / "adapter_model.safetensors").is_file()
+    with pytest.raises(errors.AdapterUnavailable, match="no adapter named 'nope'"):
+        bank.caption(pixels[:1], GREEDY, ["nope"])
+
+    files = AdapterFiles(settings)
+    shutil.copytree(adapter_dirs["c"][0], tmp_path / "elsewhere")
+    outside = record("c", adapter_dirs, model, location=str(tmp_path / "elsewhere"))  # not under IMGQ_LOCAL_ROOTS
+    with pytest.raises(errors.AdapterUnavailable, match="outside IMGQ_LOCAL_ROOTS"):
+        AdapterBank(model, files, 2).load(outside)
+    with pytest.raises(errors.AdapterUnavailable, match="IMGQ_ALLOWED_BUCKETS"):
+        files(record("a", adapter_dirs, model, location="s3://not-allowed/adapters/a"))
+    engine.dispose()
+
+
+def test_fused_attention_runs_the_lora_layers(tiny_model_dir: Path, adapter_dirs: Any, pixels: np.ndarray):
+    """The SDPA decoder (imgq.worker.attention) calls query/key/value as modules, so LoRA applies there
+    exactly as on transformers' eager path."""
+    texts = {}
+    for attention in ("eager", "sdpa"):
+        m = CaptionModel(str(tiny_model_dir), device="cpu", attention=attention)
+        m.load()
+        bank = AdapterBank(m, None, capacity=2)
+        rec = record("a", adapter_dirs, m)
+        texts[attention] = (m.caption(pixels, GREEDY), bank.caption(pixels, GREEDY, [rec, None] * 4))
+    assert texts["sdpa"] == texts["eager"]
+    base, mixed = texts["sdpa"]
+    assert [mixed[i] for i in range(1, 8, 2)] == [base[i] for i in range(1, 8, 2)]
+    assert [mixed[i] for i in range(0, 8, 2)] != [base[i] for i in range(0, 8, 2)]

@@ -1,0 +1,161 @@
+"""Translated captions in a real Postgres: the store writes them beside their English caption and
+links one row per language; `imgq check` counts them and catches each way they can be wrong;
+`imgq results --lang` reads them back; a stored English caption is found for reuse."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from typer.testing import CliRunner
+
+from imgq.cli import app
+from imgq.contract import CaptionParams, make_task
+from imgq.db.store import DeadRow, DoneItem, ObjectInfo, Store
+from imgq.params import TranslateParams
+from imgq.ports import CaptionText
+from tests.integration.test_check import imgq_check, sql
+from tests.jobs import create_job
+
+pytestmark = pytest.mark.integration
+
+N = 4
+CAPTION = make_task("caption", "cap-model", CaptionParams())
+TRANSLATE = make_task("translate", "mt-model", TranslateParams(langs=["de", "fr"]))
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[Store]:
+    s = Store.from_url(database_url)
+    yield s
+    s.engine.dispose()
+
+
+def translated(text: str, lang: str, via: str = "mt-model") -> CaptionText:
+    return CaptionText(f"[{lang}] {text}", lang=lang, method="translated", via=via, via_revision="mt-rev")
+
+
+def done(job: uuid.UUID, seq: int, folder: str, langs: tuple[str, ...] = ("de", "fr")) -> DoneItem:
+    english = f"caption {seq}"
+    return DoneItem(job, seq, ObjectInfo("local", "", f"/{folder}/{seq}.jpg", "v1", 10, 4, 4), "w1", {
+        "caption": ("cap-model", "rev1", CAPTION.params.digest(), CAPTION.params.canonical(), english),
+        "translate": ("mt-model", "mt-rev", TRANSLATE.params.digest(), TRANSLATE.params.canonical(),
+                      {lang: translated(english, lang) for lang in langs}),
+    })
+
+
+def make_job(store: Store, folder: str) -> uuid.UUID:
+    """Items 0..N-2 done with English + de + fr, item N-1 dead."""
+    job = create_job(store, [CAPTION, TRANSLATE], [f"/{folder}/{i}.jpg" for i in range(N)])
+    store.claim(job, list(range(N)), "w1")
+    store.write_done([done(job, seq, folder) for seq in range(N - 1)])
+    store.write_dead([DeadRow(job, N - 1, "not_an_image", "not an image", "w1")])
+    return job
+
+
+def test_translations_are_stored_linked_and_accounted_for(store, database_url):
+    job = make_job(store, "t1")
+    rows = sql(store, "SELECT c.lang, c.method, c.via, c.via_revision, c.text, s.text AS source, c.model, "
+                      "c.params_hash FROM item_translations t JOIN captions c ON c.id = t.caption_id "
+                      "JOIN captions s ON s.id = c.source_id WHERE t.job_id = :j AND t.seq = 1 ORDER BY c.lang",
+               j=job).mappings().all()
+    assert [(r["lang"], r["method"], r["via"], r["text"], r["source"]) for r in rows] == [
+        ("de", "translated", "mt-model", "[de] caption 1", "caption 1"),
+        ("fr", "translated", "mt-model", "[fr] caption 1", "caption 1")]
+    # A translation keeps its source's BLIP identity: model and params.
+    assert {(r["model"], r["params_hash"]) for r in rows} == {("cap-model", CAPTION.params.digest())}
+    rc, out, err = imgq_check(database_url, job)
+    assert rc == 0, err
+    assert out.strip().endswith("missing=0 duplicates=0 mismatched=0 translations=6")
+
+
+def test_a_second_delivery_reuses_the_rows_and_adds_no_link(store):
+    job = make_job(store, "t2")
+    before = sql(store, "SELECT count(*) FROM captions").scalar_one()
+    store.write_done([done(job, 1, "t2")])  # already done: the state guard finishes nothing
+    assert sql(store, "SELECT count(*) FROM captions").scalar_one() == before
+    assert sql(store, "SELECT count(*) FROM item_translations WHERE job_id = :j", j=job).scalar_one() == 6
+
+
+def test_results_in_a_language(store, database_url):
+    job = make_job(store, "t3")
+    out = CliRunner().invoke(app, ["results", str(job), "--lang", "de"], env={"IMGQ_DATABASE_URL": database_url})
+    assert out.exit_code == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [(r["seq"], r["caption"], r["method"], r["source_caption"]) for r in rows[:2]] == [
+        (0, "[de] caption 0", "translated", "caption 0"), (1, "[de] caption 1", "translated", "caption 1")]
+    assert rows[-1]["caption"] is None and rows[-1]["error_code"] == "not_an_image"
+    english = CliRunner().invoke(app, ["results", str(job), "--lang", "en"], env={"IMGQ_DATABASE_URL": database_url})
+    assert json.loads(english.stdout.splitlines()[0])["caption"] == "caption 0"
+    bad = CliRunner().invoke(app, ["results", str(job), "--lang", "xx"], env={"IMGQ_DATABASE_URL": database_url})
+    assert bad.exit_code == 2 and "error[unknown_language]" in bad.stderr
+    plain = CliRunner().invoke(app, ["results", str(job)], env={"IMGQ_DATABASE_URL": database_url})
+    assert json.loads(plain.stdout.splitlines()[0])["translations"] == {"de": "[de] caption 0", "fr": "[fr] caption 0"}
+
+
+def test_a_stored_english_caption_is_found_for_reuse(store):
+    make_job(store, "t4")
+    digest = CAPTION.params.digest()
+    assert store.existing_caption("local", "", "/t4/1.jpg", "v1", "cap-model", "rev1", digest) == ("caption 1", 4, 4)
+    # Another version, revision or params is another caption; a translation is never taken for one.
+    assert store.existing_caption("local", "", "/t4/1.jpg", "v2", "cap-model", "rev1", digest) is None
+    assert store.existing_caption("local", "", "/t4/1.jpg", "v1", "cap-model", "rev2", digest) is None
+    assert store.existing_caption("local", "", "/t4/1.jpg", "v1", "cap-model", "rev1", "other") is None
+
+
+# -- each way a translation can be wrong ----------------------------------------------------------------
+
+
+def missing_language(store: Store, job: uuid.UUID) -> None:
+    sql(store, "DELETE FROM item_translations WHERE job_id = :j AND seq = 1 AND lang = 'fr'", j=job)
+
+
+def link_to_another_language(store: Store, job: uuid.UUID) -> None:
+    sql(store, "UPDATE item_translations SET caption_id = (SELECT caption_id FROM item_translations "
+               "WHERE job_id = :j AND seq = 1 AND lang = 'fr') WHERE job_id = :j AND seq = 1 AND lang = 'de'", j=job)
+
+
+def link_to_another_items_translation(store: Store, job: uuid.UUID) -> None:
+    sql(store, "UPDATE item_translations SET caption_id = (SELECT caption_id FROM item_translations "
+               "WHERE job_id = :j AND seq = 0 AND lang = 'de') WHERE job_id = :j AND seq = 1 AND lang = 'de'", j=job)
+
+
+def link_to_the_english_caption(store: Store, job: uuid.UUID) -> None:
+    sql(store, "UPDATE item_translations t SET caption_id = i.caption_id FROM job_items i "
+               "WHERE i.job_id = t.job_id AND i.seq = t.seq AND t.job_id = :j AND t.seq = 1 AND t.lang = 'de'", j=job)
+
+
+def translation_by_another_model(store: Store, job: uuid.UUID) -> None:
+    sql(store, "UPDATE captions SET via = 'other-mt' WHERE id = (SELECT caption_id FROM item_translations "
+               "WHERE job_id = :j AND seq = 1 AND lang = 'de')", j=job)
+
+
+def translation_of_a_dead_item(store: Store, job: uuid.UUID) -> None:
+    sql(store, "INSERT INTO item_translations (job_id, seq, lang, caption_id) SELECT job_id, :dead, lang, caption_id "
+               "FROM item_translations WHERE job_id = :j AND seq = 0 AND lang = 'de'", j=job, dead=N - 1)
+
+
+def a_language_the_job_did_not_ask_for(store: Store, job: uuid.UUID) -> None:
+    sql(store, "UPDATE item_translations SET lang = 'ja' WHERE job_id = :j AND seq = 1 AND lang = 'fr'", j=job)
+
+
+FAULTS = [(missing_language, "done without its fr translation"),
+          (link_to_another_language, "de link to a fr translated caption"),
+          (link_to_another_items_translation, "not a translation of its own caption"),
+          (link_to_the_english_caption, "de link to a en native caption"),
+          (translation_by_another_model, "by 'other-mt'"),
+          (translation_of_a_dead_item, "state dead with a de translation"),
+          (a_language_the_job_did_not_ask_for, "ja link")]
+
+
+@pytest.mark.parametrize(("fault", "named"), FAULTS, ids=[f.__name__ for f, _ in FAULTS])
+def test_check_catches_a_wrong_translation(store, database_url, fault, named):
+    job = make_job(store, f"f-{fault.__name__}")
+    healthy = make_job(store, f"h-{fault.__name__}")
+    fault(store, job)
+    rc, out, err = imgq_check(database_url, job)
+    assert rc == 1, out
+    assert named in err, err
+    assert imgq_check(database_url, healthy)[0] == 0
