@@ -6,6 +6,7 @@ that produced it, so two jobs with different parameters never share a row.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -164,7 +165,9 @@ def validate_params(cls: type[Params], raw: dict[str, object] | None, what: str 
         bad = {err["loc"][0] for err in exc.errors() if err["loc"]}
         if isinstance(raw, dict):
             good = {k: v for k, v in raw.items() if k in cls.model_fields and k not in bad}
-            problems += cls.model_validate(good, context={"fields_only": True}).problems(name)
+            # A required field that was the bad one fails this too: its own error says it all.
+            with contextlib.suppress(ValidationError):
+                problems += cls.model_validate(good, context={"fields_only": True}).problems(name)
         problems = problems or [err["msg"] for err in exc.errors()]  # e.g. not a JSON object at all
         raise BadParams(f"invalid {what}: {'; '.join(problems)}") from None
 

@@ -16,8 +16,9 @@ import os
 import re
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import urlparse
 
 import numpy as np
@@ -32,6 +33,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _PROBE_TIMEOUT_S = 3.0
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
+T = TypeVar("T")
 
 
 def env_true(*names: str) -> bool:
@@ -83,6 +85,66 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return torch.float32
 
 
+def prepare_torch(kind: str, name: str, threads: int, device: str, dtype_arg: str, dtype: torch.dtype) -> torch.dtype:
+    """Before a model loads: torch's threads, a CUDA check, and the dtype to load in."""
+    if threads > 0:
+        # Process-wide, and set here because the model loads in the worker process itself.
+        # Fewer intra-op threads than cores also stops idle OpenMP threads spinning on the
+        # cores that the decode threads need.
+        torch.set_num_threads(threads)
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ModelUnavailable(
+                f"cannot load {kind} {name!r}: device {device!r} requested but CUDA is not available")
+        if dtype_arg == "auto" and not torch.cuda.is_bf16_supported():
+            return torch.float16
+    return dtype
+
+
+def local_dir(name: str, kind: str, hint: str) -> Path | None:
+    """The checkpoint directory if ``name`` names one (None: a hub id); raises ModelUnavailable,
+    in one line that ends with ``hint``, if it names a path that is unusable."""
+    path = Path(name).expanduser()
+    if not path.exists() and _HUB_ID.match(name):
+        return None  # a hub id such as "Salesforce/blip-image-captioning-base"
+    if not path.is_dir():
+        raise ModelUnavailable(
+            f"cannot load {kind} {name!r}: local directory {str(path.absolute())!r} does not exist. {hint}"
+        )
+    if not (path / "config.json").is_file():
+        raise ModelUnavailable(
+            f"cannot load {kind} {name!r}: {str(path.absolute())!r} is not a model checkpoint (no config.json). {hint}"
+        )
+    return path.resolve()
+
+
+def load_checkpoint(name: str, kind: str, hint: str, requested_revision: str | None,
+                    load: Callable[..., T]) -> tuple[T, str]:
+    """``load(source, local_files_only=...)`` from a local directory, or from the hub (its cache only
+    when offline), and the checkpoint's revision. Every failure is one ModelUnavailable line that
+    says why and ends with ``hint``, the setting to change."""
+    local = local_dir(name, kind, hint)
+    if local is not None:
+        try:
+            loaded = load(str(local), local_files_only=True)
+        except Exception as exc:
+            raise ModelUnavailable(
+                f"cannot load {kind} {name!r} from {str(local)!r}: {first_line(exc)}. {hint}") from None
+        return loaded, local_revision(local)
+    offline = env_true("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") or not hub_reachable()
+    try:
+        loaded = load(name, local_files_only=offline)
+    except Exception as exc:
+        if offline:
+            raise ModelUnavailable(
+                f"cannot load {kind} {name!r}: not in the local cache and the model hub is unreachable "
+                f"(offline). {hint}"
+            ) from None
+        raise ModelUnavailable(f"cannot load {kind} {name!r} from the model hub: {first_line(exc)}. {hint}") from None
+    model = loaded[0] if isinstance(loaded, tuple) else loaded
+    return loaded, getattr(model.config, "_commit_hash", None) or requested_revision or "unknown"
+
+
 class BlipBase:
     """A BLIP checkpoint (hub id or local directory) of one transformers class, loaded on first use.
 
@@ -128,42 +190,9 @@ class BlipBase:
                 self._load_locked()
 
     def _load_locked(self) -> None:
-        if self._threads > 0:
-            # Process-wide, and set here because the model loads in the worker process itself.
-            # Fewer intra-op threads than cores also stops idle OpenMP threads spinning on the
-            # cores that the decode threads need.
-            torch.set_num_threads(self._threads)
-        if self.device.startswith("cuda"):
-            if not torch.cuda.is_available():
-                raise ModelUnavailable(
-                    f"cannot load {self.kind} {self.name!r}: device {self.device!r} requested but CUDA is not available"
-                )
-            if self._dtype_arg == "auto" and not torch.cuda.is_bf16_supported():
-                self.dtype = torch.float16
-        local = self._local_dir()
-        if local is not None:
-            try:
-                model, processor = self._from_pretrained(str(local), local_files_only=True)
-            except Exception as exc:
-                raise ModelUnavailable(
-                    f"cannot load {self.kind} {self.name!r} from {str(local)!r}: {first_line(exc)}. {self.hint}"
-                ) from None
-            self._revision = local_revision(local)
-        else:
-            offline = env_true("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") or not hub_reachable()
-            try:
-                model, processor = self._from_pretrained(self.name, local_files_only=offline)
-            except Exception as exc:
-                if offline:
-                    raise ModelUnavailable(
-                        f"cannot load {self.kind} {self.name!r}: not in the local cache and the model hub "
-                        f"is unreachable (offline). {self.hint}"
-                    ) from None
-                raise ModelUnavailable(
-                    f"cannot load {self.kind} {self.name!r} from the model hub: {first_line(exc)}. {self.hint}"
-                ) from None
-            commit = getattr(model.config, "_commit_hash", None)
-            self._revision = commit or self._requested_revision or "unknown"
+        self.dtype = prepare_torch(self.kind, self.name, self._threads, self.device, self._dtype_arg, self.dtype)
+        (model, processor), self._revision = load_checkpoint(
+            self.name, self.kind, self.hint, self._requested_revision, self._from_pretrained)
         model.to(self.device)
         model.eval()
         self._processor = processor
@@ -182,23 +211,6 @@ class BlipBase:
 
     def _on_loaded(self, model: Any) -> None:
         """Hook for subclasses: derive what they need from the loaded model and processor."""
-
-    def _local_dir(self) -> Path | None:
-        """The checkpoint directory if ``name`` names one; raises if it names a path that is unusable."""
-        path = Path(self.name).expanduser()
-        if not path.exists() and _HUB_ID.match(self.name):
-            return None  # a hub id such as "Salesforce/blip-image-captioning-base"
-        if not path.is_dir():
-            raise ModelUnavailable(
-                f"cannot load {self.kind} {self.name!r}: local directory {str(path.absolute())!r} "
-                f"does not exist. {self.hint}"
-            )
-        if not (path / "config.json").is_file():
-            raise ModelUnavailable(
-                f"cannot load {self.kind} {self.name!r}: {str(path.absolute())!r} is not a model "
-                f"checkpoint (no config.json). {self.hint}"
-            )
-        return path.resolve()
 
     def _from_pretrained(self, source: str, *, local_files_only: bool) -> tuple[Any, BlipProcessor]:
         kwargs: dict[str, Any] = {"revision": self._requested_revision, "local_files_only": local_files_only}

@@ -45,11 +45,10 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, StoppingCriteria,
 
 from imgq.errors import ModelUnavailable
 from imgq.languages import LANGUAGES, SOURCE
-from imgq.worker.loading import env_true, first_line, hub_reachable, local_revision, resolve_device, resolve_dtype
+from imgq.worker.loading import load_checkpoint, prepare_torch, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _OPUS_TARGET = re.compile(r"(?:^|[-_.])en[-_]([a-z]{2,3})$")  # opus-mt-en-de, opus-mt-tc-big-en-pt
 MAX_SOURCE_TOKENS = 256  # longer texts are cut (a BLIP caption is 10-30 tokens)
 MAX_NEW_TOKENS = 256
@@ -167,38 +166,9 @@ class TranslationModel:
                 self._load_locked()
 
     def _load_locked(self) -> None:
-        if self._threads > 0:
-            torch.set_num_threads(self._threads)  # process-wide, as in imgq.worker.loading
-        if self.device.startswith("cuda"):
-            if not torch.cuda.is_available():
-                raise ModelUnavailable(
-                    f"cannot load {self.kind} {self.name!r}: device {self.device!r} requested but CUDA is not available"
-                )
-            if self._dtype_arg == "auto" and not torch.cuda.is_bf16_supported():
-                self.dtype = torch.float16
-        local = self._local_dir()
-        if local is not None:
-            try:
-                model, tokenizer = self._from_pretrained(str(local), local_files_only=True)
-            except Exception as exc:
-                raise ModelUnavailable(
-                    f"cannot load {self.kind} {self.name!r} from {str(local)!r}: {first_line(exc)}. {HINT}"
-                ) from None
-            revision = local_revision(local)
-        else:
-            offline = env_true("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") or not hub_reachable()
-            try:
-                model, tokenizer = self._from_pretrained(self.name, local_files_only=offline)
-            except Exception as exc:
-                if offline:
-                    raise ModelUnavailable(
-                        f"cannot load {self.kind} {self.name!r}: not in the local cache and the model hub "
-                        f"is unreachable (offline). {HINT}"
-                    ) from None
-                raise ModelUnavailable(
-                    f"cannot load {self.kind} {self.name!r} from the model hub: {first_line(exc)}. {HINT}"
-                ) from None
-            revision = getattr(model.config, "_commit_hash", None) or self._requested_revision or "unknown"
+        self.dtype = prepare_torch(self.kind, self.name, self._threads, self.device, self._dtype_arg, self.dtype)
+        (model, tokenizer), revision = load_checkpoint(
+            self.name, self.kind, HINT, self._requested_revision, self._from_pretrained)
         vocab = tokenizer.get_vocab()
         names = [self.name, str(getattr(model.config, "_name_or_path", "") or "")]
         targets = steering(model.config.model_type, vocab, names, getattr(tokenizer, "target_lang", None))
@@ -228,23 +198,6 @@ class TranslationModel:
                 "languages": ",".join(targets),
             },
         )
-
-    def _local_dir(self) -> Path | None:
-        """The checkpoint directory if ``name`` names one; raises if it names a path that is unusable."""
-        path = Path(self.name).expanduser()
-        if not path.exists() and _HUB_ID.match(self.name):
-            return None  # a hub id such as "facebook/nllb-200-distilled-600M"
-        if not path.is_dir():
-            raise ModelUnavailable(
-                f"cannot load {self.kind} {self.name!r}: local directory {str(path.absolute())!r} "
-                f"does not exist. {HINT}"
-            )
-        if not (path / "config.json").is_file():
-            raise ModelUnavailable(
-                f"cannot load {self.kind} {self.name!r}: {str(path.absolute())!r} is not a model checkpoint "
-                f"(no config.json). {HINT}"
-            )
-        return path.resolve()
 
     def _from_pretrained(self, source: str, *, local_files_only: bool) -> tuple[Any, Any]:
         kwargs: dict[str, Any] = {"revision": self._requested_revision, "local_files_only": local_files_only}

@@ -221,3 +221,14 @@ def test_steering_per_model_family() -> None:
     romance = steering("marian", {">>fr<<": 1, ">>spa<<": 2, ">>xx<<": 3}, ["Helsinki-NLP/opus-mt-en-ROMANCE"], None)
     assert romance == {"fr": Target(prefix=">>fr<< "), "es": Target(prefix=">>spa<< ")}
     assert steering("t5", {"▁a": 3}, ["t5-small"], None) == {}
+
+
+def test_dev_tiny_model_writes_a_translation_checkpoint(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from imgq.cli import app
+
+    out = CliRunner().invoke(app, ["dev", "tiny-model", "--kind", "translate", str(tmp_path / "mt")])
+    assert out.exit_code == 0, out.stderr
+    model = TranslationModel(out.stdout.strip(), device="cpu")
+    assert model.supports("de") and model.translate(["a dog on a beach"], "de")[0]
