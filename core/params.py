@@ -132,6 +132,11 @@ class TranslateParams(Params):
 
     langs: list[str] = Field(min_length=1, max_length=32)
 
+    def batch_digest(self) -> str:
+        # A translation batch is one language (the engine adds it to the key), whatever other
+        # languages each job asked for: jobs of "de" and of "de,ja" share their German batches.
+        return "translate"
+
     def problems(self, name: Namer = _same) -> list[str]:
         from imgq.languages import LANGUAGES, SOURCE
 
