@@ -7,8 +7,11 @@ Each repeat runs every (variant, message size) once, alternating, on the same em
 * ``after``: the CLI as it is.
 * ``before``: the same CLI with the ref-validation path of before issue 14 put back
   (:func:`before_cli`): every ref through ``parse_ref`` and a list.
+* ``before-0009``: the acceptance of before migration 0009 put back (:func:`window_cli`,
+  :func:`schema_before_0009`): ``job_items`` with its foreign key to ``jobs`` and the index of
+  every pending item, and enqueue publishing the job's whole first window itself.
 
-    .venv/bin/python -m bench.enqueue [--refs 100000] [--repeats 3] [--variants before,after]
+    .venv/bin/python -m bench.enqueue [--refs 100000] [--repeats 3] [--variants before-0009,after]
 
 It uses its own embedded Postgres and Redis (``.imgq/bench-enqueue``): it truncates the tables
 between runs, which must not hit another bench's services.
@@ -53,11 +56,42 @@ def before_cli() -> None:
     main()
 
 
+def window_cli() -> None:
+    """`imgq` publishing the job's whole first window itself, as before migration 0009."""
+    import imgq.producer.submit as submit
+
+    submit.PRODUCER_MESSAGES = None  # type: ignore[assignment]
+    from imgq.cli import main
+
+    main()
+
+
+# What migration 0009 changed in job_items, for the before-0009 variant (on emptied tables: instant).
+_SCHEMA = {
+    "before-0009": [
+        "ALTER TABLE job_items ADD CONSTRAINT job_items_job_id_fkey FOREIGN KEY (job_id) REFERENCES jobs (id) "
+        "ON DELETE CASCADE",
+        "CREATE INDEX job_items_pending ON job_items (state, updated_at) WHERE state in ('queued', 'running')",
+    ],
+}
+
+
+def schema_before_0009(store: Any, variant: str) -> None:
+    """Put ``job_items`` as ``variant`` had it: that of before 0009, or today's."""
+    from sqlalchemy import text
+
+    with store.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE job_items DROP CONSTRAINT IF EXISTS job_items_job_id_fkey"))
+        conn.execute(text("DROP INDEX IF EXISTS job_items_pending"))
+        for statement in _SCHEMA.get(variant, []):
+            conn.execute(text(statement))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--refs", type=int, default=100_000)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--variants", default="before,after")
+    ap.add_argument("--variants", default="before-0009,after")
     ap.add_argument("--per-message", default=",".join(map(str, PER_MESSAGE)))
     args = ap.parse_args()
     variants = args.variants.split(",")
@@ -77,6 +111,7 @@ def main() -> int:
         commands = {
             "before": [sys.executable, "-c", "from bench.enqueue import before_cli; before_cli()"],
             "after": [sys.executable, "-m", "imgq.cli"],
+            "before-0009": [sys.executable, "-c", "from bench.enqueue import window_cli; window_cli()"],
         }
         results: dict[tuple[str, int], list[float]] = {(v, n): [] for n in sizes for v in variants}
         # The CLI's own CPU seconds (user + system): on a shared machine less noisy than the wall.
@@ -84,6 +119,7 @@ def main() -> int:
         for _ in range(args.repeats):
             for variant, per_message in results:
                 svc.truncate(store)  # the same starting table for every variant
+                schema_before_0009(store, variant)
                 rc.flushdb()
                 before = resource.getrusage(resource.RUSAGE_CHILDREN)
                 t = time.perf_counter()
@@ -101,12 +137,14 @@ def main() -> int:
             print(f"imgq enqueue -f ({args.refs:,} refs, {per_message:>3} refs/message) {variant:>6}: "
                   f"{median(values):>8,.0f} refs/s  raw {[round(v) for v in values]}; "
                   f"CLI CPU {median(cpu[variant, per_message]):.2f} s")
-        if {"before", "after"} <= set(variants):
-            for per_message in sizes:
-                ratio = [a / b for a, b in zip(results["after", per_message], results["before", per_message],
-                                               strict=True)]
-                print(f"after / before at {per_message:>3} refs/message: x{median(ratio):.2f} "
-                      f"(per repeat {[round(r, 2) for r in ratio]})")
+        for base in ("before", "before-0009"):
+            if {base, "after"} <= set(variants):
+                for per_message in sizes:
+                    ratio = [a / b for a, b in zip(results["after", per_message], results[base, per_message],
+                                                   strict=True)]
+                    print(f"after / {base} at {per_message:>3} refs/message: x{median(ratio):.2f} "
+                          f"(per repeat {[round(r, 2) for r in ratio]})")
+        schema_before_0009(store, "after")
     finally:
         svc.stop()
     return 0

@@ -170,7 +170,8 @@ def enqueue(
                                                "(default: refuse the whole job).")] = False,
 ) -> None:
     """Submit a job: every image gets every kind. Prints the job id once every item is committed
-    and the first window (IMGQ_BROKER_WINDOW) is published; workers' feeder publishes the rest.
+    and its first messages are published (at most 2,000, within IMGQ_BROKER_WINDOW); the workers'
+    feeder publishes the rest.
 
     \b
       imgq enqueue caption s3://photos/2026/ --num-beams 3

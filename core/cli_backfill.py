@@ -117,11 +117,12 @@ def _publish(settings: Any, engine: Any, job: Any) -> None:
     feeder publishes the rest. A broker outage only delays it."""
     from imgq.cli import _feeder
     from imgq.db.admin import Admin
+    from imgq.worker.feeder import PRODUCER_MESSAGES
 
     try:
         feeder = _feeder(settings, Admin(engine))
         try:
-            feeder.feed(job=job, wait_s=2.0)
+            feeder.feed(job=job, wait_s=2.0, max_messages=PRODUCER_MESSAGES)
         finally:
             feeder.stop()
     except Exception as exc:

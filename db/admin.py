@@ -131,12 +131,13 @@ RETURNING counted.n
 # Items whose message was lost: published and still queued for longer than :queued_age (the
 # caller passes it only once the queue is empty), or running for longer than :running_age. They
 # go back to the backlog (published_at NULL) and the feeder publishes them again in its order;
-# those of a job cancelled meanwhile end cancelled. A NULL age leaves that state alone.
+# those of a job cancelled meanwhile end cancelled. A NULL age leaves that state alone. (A running
+# item is always published: its claim marks it.)
 _LOST = text("""
 WITH lost AS (
   SELECT i.job_id, i.seq FROM job_items i JOIN jobs j ON j.id = i.job_id
-  WHERE ((i.state = 'queued' AND i.published_at IS NOT NULL
-          AND i.updated_at < now() - make_interval(secs => CAST(:queued_age AS float8)))
+  WHERE i.state IN ('queued', 'running') AND i.published_at IS NOT NULL  -- job_items_in_flight
+    AND ((i.state = 'queued' AND i.updated_at < now() - make_interval(secs => CAST(:queued_age AS float8)))
       OR (i.state = 'running' AND i.updated_at < now() - make_interval(secs => CAST(:running_age AS float8))))
     AND (CAST(:job AS uuid) IS NULL OR i.job_id = :job)
     AND (CAST(:queue AS text) IS NULL OR j.queue = :queue)

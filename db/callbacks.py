@@ -23,7 +23,11 @@ SELECT j.id, j.callback_url, j.tenant, t.callback_secret,
        (SELECT count(*) FROM callback_attempts a WHERE a.job_id = j.id) AS attempts
 FROM jobs j LEFT JOIN tenants t ON t.name = j.tenant
 WHERE j.callback_state = 'pending' AND j.callback_next_at <= now()
-  AND NOT EXISTS (SELECT 1 FROM job_items i WHERE i.job_id = j.id AND i.state IN ('queued', 'running'))
+  -- Nothing pending: nothing waiting in Postgres, nothing in flight (both probes are job-keyed
+  -- partial indexes; a running item is always published).
+  AND NOT EXISTS (SELECT 1 FROM job_items i WHERE i.job_id = j.id AND i.state = 'queued' AND i.published_at IS NULL)
+  AND NOT EXISTS (SELECT 1 FROM job_items i WHERE i.job_id = j.id AND i.state IN ('queued', 'running')
+                  AND i.published_at IS NOT NULL)
 ORDER BY j.callback_next_at
 LIMIT :limit
 FOR UPDATE OF j SKIP LOCKED

@@ -159,18 +159,21 @@ class JobItem(Base):
     __tablename__ = "job_items"
     __table_args__ = (
         CheckConstraint(f"state in {ITEM_STATES!r}", name="job_items_state"),
-        Index("job_items_pending", "state", "updated_at", postgresql_where=text("state in ('queued', 'running')")),
         Index("job_items_running_worker", "worker", postgresql_where=text("state = 'running'")),
         # The backlog waiting in Postgres, in the order the feeder takes it (one probe per job).
         Index("job_items_unpublished", "job_id", "seq",
               postgresql_where=text("state = 'queued' AND published_at IS NULL")),
         # Published and not final: bounded by the window plus what workers hold, so counting it per
-        # job each feed cycle stays cheap however deep the backlog is.
+        # job each feed cycle, and the lost sweep, stay cheap however deep the backlog is. Nothing
+        # indexes every pending item: a new item enters only the key and job_items_unpublished.
         Index("job_items_in_flight", "job_id",
               postgresql_where=text("state IN ('queued', 'running') AND published_at IS NOT NULL")),
     )
 
-    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    # The job's id, without a foreign key: its per-row check was half of a big COPY's server time.
+    # Items are inserted only with their job (Store.create_job); deleting a job deletes its items
+    # (trigger jobs_delete_items, migration 0009).
+    job_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
     seq: Mapped[int] = mapped_column(Integer, primary_key=True)
     ref: Mapped[str] = mapped_column(Text)
     state: Mapped[str] = mapped_column(Text, server_default="queued")

@@ -1,10 +1,11 @@
-"""Accept a job: validate, commit job + items in Postgres (one COPY), then publish its first window.
+"""Accept a job: validate, commit job + items in Postgres (one COPY), then publish its first messages.
 
 Acceptance is durable before anything is published. Postgres holds the backlog; the workers'
 feeder publishes it into a bounded broker window, in priority order (worker/feeder.py). The
-producer publishes at most the window's free room itself, under the same feed lock, so a small
-job starts at once even before a feeder looks. A producer that dies after the commit loses
-nothing: its items are waiting in Postgres for the feeder.
+producer publishes the first messages itself (at most the window's free room and
+``PRODUCER_MESSAGES``), under the same feed lock, so a job starts at once even before a feeder
+looks. A producer that dies after the commit loses nothing: its items wait in Postgres for the
+feeder.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from imgq.db.admin import Admin
 from imgq.db.store import EmptyJob, Store
 from imgq.errors import RefRefused
 from imgq.producer.expand import Expander
-from imgq.worker.feeder import Feeder
+from imgq.worker.feeder import PRODUCER_MESSAGES, Feeder
 
 # How long enqueue waits for a busy feeder before leaving the first window to it.
 FEED_LOCK_WAIT_S = 2.0
@@ -77,7 +78,8 @@ def submit(
     in_transaction: Callable[[Any, uuid.UUID], None] | None = None,
 ) -> Submitted:
     """Accept ``refs`` (or ``(ref, text)`` pairs; validated while they are copied into Postgres),
-    then publish as much of the job as the broker window has room for. ``in_transaction``: see
+    then publish its first messages (as many as the broker window has room for, at most
+    ``PRODUCER_MESSAGES``). ``in_transaction``: see
     :meth:`Store.create_job` (the API's idempotency key, source and callback)."""
     accepted = 0
 
@@ -101,7 +103,7 @@ def submit(
     feeder = Feeder(admin=Admin(store.engine), app=app, queue=settings.queue, window=settings.broker_window,
                     per_message=per_message)
     try:
-        report = feeder.feed(job=job, wait_s=FEED_LOCK_WAIT_S)
+        report = feeder.feed(job=job, wait_s=FEED_LOCK_WAIT_S, max_messages=PRODUCER_MESSAGES)
     except Exception as exc:
         # The job is accepted (committed); only its transport failed, and the marks rolled back:
         # every item is still waiting in Postgres for the feeder (or `imgq reconcile`).

@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 LEADER_RETRY_S = 1.0
 # Most messages planned and published in one pass of a cycle.
 PASS_MESSAGES = 2_000
+# What a producer (enqueue, a backfill, a dead-letter retry) publishes itself, so that its job starts
+# at once; the workers' feeder tops up the rest of the window every IMGQ_FEED_INTERVAL_S. A whole
+# 10,000-message window took 6.8 s of a 1M-ref enqueue (marks and publishing, docs/performance.md).
+PRODUCER_MESSAGES = 500
 # How long a count of the items in flight serves the fair shares (published items are added to it).
 FLIGHT_TTL_S = 2.0
 
@@ -116,13 +120,14 @@ class Feeder:
             return {n: int(size) for n, size in zip(LANES, pipe.execute(), strict=True)}
 
     def feed(self, *, job: uuid.UUID | None = None, sweep: bool = False, lost_after_s: float | None = None,
-             drained_only: bool = True, wait_s: float = 0.0) -> FeedReport | None:
+             drained_only: bool = True, wait_s: float = 0.0, max_messages: int | None = None) -> FeedReport | None:
         """One cycle; None if another feeder holds the lock. ``job`` feeds that job alone (enqueue's
-        first window); ``sweep`` first puts lost items back in the backlog (queued ones only once
-        the queue is empty, unless not ``drained_only``: `imgq reconcile`)."""
+        first messages); ``sweep`` first puts lost items back in the backlog (queued ones only once
+        the queue is empty, unless not ``drained_only``: `imgq reconcile`); ``max_messages`` stops
+        the cycle after that many messages even if the window has more room."""
         try:
             return self._feed(job=job, sweep=sweep, lost_after_s=lost_after_s, drained_only=drained_only,
-                              wait_s=wait_s)
+                              wait_s=wait_s, max_messages=max_messages)
         except BaseException:
             # The cycle's marks rolled back: what this feeder remembers of them is wrong now.
             self._next_seq.clear()
@@ -130,7 +135,7 @@ class Feeder:
             raise
 
     def _feed(self, *, job: uuid.UUID | None, sweep: bool, lost_after_s: float | None, drained_only: bool,
-              wait_s: float) -> FeedReport | None:
+              wait_s: float, max_messages: int | None) -> FeedReport | None:
         with self._admin.feeding(self._queue, wait_s=wait_s) as tx:
             if tx is None:
                 return None
@@ -160,6 +165,10 @@ class Feeder:
                 # Planned in passes: a job with fewer items waiting than planned leaves its slots
                 # to the next pass, and an unbounded window is never planned slot by slot at once.
                 budget = min(slots, PASS_MESSAGES)
+                if max_messages is not None:
+                    budget = min(budget, max_messages - report.messages)
+                    if budget <= 0:
+                        break
                 # Shares matter only between contenders; a lone backfill skips counting what is in
                 # flight (up to a window's worth of index entries per cycle).
                 contended = sum(1 for w in waiting.values() if w.priority == top) > 1

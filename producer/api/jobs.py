@@ -118,8 +118,9 @@ def _pairs(body: JobRequest, scoped: Any) -> Any:
     413: {"description": "Body over IMGQ_API_MAX_BODY_BYTES, or too many refs", **PROBLEM}, **ERRORS})
 def create_job(body: JobRequest, request: Request, response: Response, caller: Caller,
                idempotency_key: IdempotencyKey = None) -> JobAccepted:
-    """Submit a job: every image gets every kind. 202 once every item is committed and the first
-    window is published; the workers' feeder publishes the rest."""
+    """Submit a job: every image gets every kind. 202 once every item is committed and its first
+    messages are published (at most 2,000, within the broker window); the workers' feeder
+    publishes the rest."""
     import psycopg
 
     from imgq.cost import check_cost, limits_for
@@ -260,7 +261,7 @@ def retry_dead(job_id: str, request: Request, caller: Caller, code: str | None =
     `imgq dlq retry --job`."""
     from imgq.cli_errors import dead_letter_codes
     from imgq.db.admin import Admin
-    from imgq.worker.feeder import Feeder
+    from imgq.worker.feeder import PRODUCER_MESSAGES, Feeder
 
     context = _context(request)
     job = _job_id(job_id)
@@ -280,7 +281,7 @@ def retry_dead(job_id: str, request: Request, caller: Caller, code: str | None =
     feeder = Feeder(admin=admin, app=context.celery, queue=settings.queue, window=settings.broker_window,
                     per_message=settings.refs_per_message)
     try:
-        report = feeder.feed(job=job, wait_s=2.0)
+        report = feeder.feed(job=job, wait_s=2.0, max_messages=PRODUCER_MESSAGES)
         published = report.items if report is not None else 0
     except Exception as exc:  # the items are back in the backlog; the workers' feeder publishes them
         log.warning("retry-dead: publishing deferred to the feeder (%s)", exc, extra={"action": "api_retry_dead"})

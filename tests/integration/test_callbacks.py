@@ -210,8 +210,9 @@ def test_a_job_with_items_still_queued_or_running_gets_no_callback_yet(
     notifier = make_notifier(["127.0.0.1"])
     assert notifier.run_once() == 0
     with store.engine.begin() as conn:
-        conn.execute(text("UPDATE job_items SET state = CASE WHEN seq = 0 THEN 'running' ELSE 'done' END "
-                          "WHERE job_id = :j"), {"j": job})
+        # A running item was claimed, and a claim marks it published.
+        conn.execute(text("UPDATE job_items SET state = CASE WHEN seq = 0 THEN 'running' ELSE 'done' END, "
+                          "published_at = now() WHERE job_id = :j"), {"j": job})
     assert notifier.run_once() == 0
     assert receiver.requests == [] and CallbackStore(store.engine).attempts(job) == []
     assert _state(store, job)[0] == "pending"

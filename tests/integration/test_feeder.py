@@ -161,6 +161,44 @@ def test_enqueue_publishes_the_first_window_and_leaves_the_rest_in_postgres(stor
     assert client.llen(QUEUE) == 3
 
 
+def test_a_cycle_stops_at_max_messages_however_much_room_the_window_has(store, client, broker_url) -> None:
+    job = _job(store, 40)
+    feeder = _feeder(store, broker_url, window=100, per_message=3)
+    report = feeder.feed(max_messages=5)
+    assert (report.messages, report.items, client.llen(QUEUE)) == (5, 15, 5)
+    assert _published(store, job) == list(range(15))
+    assert feeder.feed(max_messages=0).messages == 0
+    assert feeder.feed().messages == 9, "a plain cycle publishes the rest (40 items, 3 per message)"
+    feeder.stop()
+
+
+def test_enqueue_publishes_at_most_producer_messages_and_the_workers_feeder_the_rest(
+    store, client, broker_url, monkeypatch
+) -> None:
+    import imgq.producer.submit as submit_module
+
+    monkeypatch.setattr(submit_module, "PRODUCER_MESSAGES", 4)
+    settings = Settings(_env_file=None, broker_url=broker_url, queue=QUEUE, broker_window=50, refs_per_message=2)
+    app = make_celery(settings)
+    out = submit(settings=settings, store=store, app=app, refs=[f"/p/{i}" for i in range(30)],
+                 tasks=[caption_task("m")])
+    assert (out.items, out.messages, out.published) == (30, 4, 8)
+    assert client.llen(QUEUE) == 4 and _published(store, out.job) == list(range(8))
+    assert store.waiting(out.job) == 22
+    feeder = _feeder(store, broker_url, window=50, per_message=2)
+    assert feeder.feed().items == 22 and store.waiting(out.job) == 0
+    feeder.stop()
+
+
+def test_deleting_a_job_deletes_its_items_without_a_foreign_key(store) -> None:
+    job, other = _job(store, 5), _job(store, 3)
+    with store.engine.begin() as conn:
+        conn.execute(text("DELETE FROM jobs WHERE id = :j"), {"j": job})
+    with store.engine.connect() as conn:
+        left = dict(conn.execute(text("SELECT job_id, count(*) FROM job_items GROUP BY job_id")).all())
+    assert left == {other: 3}
+
+
 # -- lanes: priority overtakes what is already in Redis ---------------------------------------------------------
 BACKFILL = f"{QUEUE}\x06\x16{BACKFILL_LANE}"  # kombu's name of the queue's lane 6
 

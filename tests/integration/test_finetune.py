@@ -35,8 +35,10 @@ from tests.corpus import scene
 
 pytestmark = pytest.mark.integration
 
-LOSS_FACTOR = 10  # measured 40x for these settings (300 epochs); the assertion leaves room
-OVERFIT = ["--holdout", "0", "--epochs", "300", "--lr", "1e-2", "--rank", "8", "--batch", "8"]
+# Measured 20.7x for these settings. With --lr 1e-2 the same seed gave 39.9x on one host and 2.6x on
+# another (the run diverged; floating point differs between CPUs): a rate that stays stable.
+LOSS_FACTOR = 10
+OVERFIT = ["--holdout", "0", "--epochs", "300", "--lr", "3e-3", "--rank", "8", "--batch", "8"]
 
 app = typer.Typer()
 
@@ -142,7 +144,7 @@ def test_finetune_overfits_registers_and_serves(env: dict[str, str], pairs: Any,
 
 def test_resume_continues_exactly(env: dict[str, str], pairs: Any, tmp_path: Path):
     csv_path, _ = pairs
-    common = ["--holdout", "0.25", "--lr", "1e-2", "--batch", "2", "--no-register"]
+    common = ["--holdout", "0.25", "--lr", "3e-3", "--batch", "2", "--no-register"]
     part = tmp_path / "part"
     assert finetune(env, csv_path, part, "--epochs", "2", *common).exit_code == 0
     resumed = finetune(env, csv_path, part, "--epochs", "4", "--resume", *common)

@@ -106,7 +106,7 @@ def test_reconcile_of_one_job_leaves_the_others_alone(database_url: str) -> None
     mine = create_job(store, [caption_task("m")], ["/a/0.jpg", "/a/1.jpg"])
     other = create_job(store, [caption_task("m")], ["/b/0.jpg"])
     with store.engine.begin() as conn:
-        conn.execute(text("UPDATE job_items SET state = 'running', worker = 'w'"))
+        conn.execute(text("UPDATE job_items SET state = 'running', worker = 'w', published_at = now()"))  # claimed
     with Admin(store.engine).feeding("imgq") as tx:
         assert tx.lost(queued_older_than_s=0, running_older_than_s=0, job=mine) == 2
     counts = store.counts(mine), store.counts(other)

@@ -188,6 +188,37 @@ def test_per_message_statements_touch_only_their_items_when_statistics_saw_nothi
     assert not slow, "\n\n".join(slow)
 
 
+def test_the_lost_sweep_reads_only_items_in_flight_however_deep_the_backlog(store: Store):
+    """No index holds every pending item any more (migration 0009): the sweep must find lost
+    messages among the items in flight (job_items_in_flight), not by reading the backlog."""
+    from imgq.db.admin import _LOST
+
+    job = new_job(store, [f"s3://b/{i}.jpg" for i in range(30_000)])
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE job_items SET published_at = now() - interval '1 hour', "
+                          "updated_at = now() - interval '1 hour' WHERE job_id = :j AND seq < 20"), {"j": job})
+        conn.execute(text("ANALYZE job_items"))
+    store.claim(job, [20, 21], "w1")  # running, and so published
+    params = {"queued_age": 60.0, "running_age": 0.0, "job": None, "queue": "imgq", "limit": 100_000}
+    with store.engine.connect() as conn, conn.begin() as tx:
+        plan = conn.execute(text(f"EXPLAIN (ANALYZE, FORMAT JSON) {_LOST.text}"), params).scalar_one()
+        found = conn.execute(text("SELECT count(*) FROM job_items WHERE job_id = :j AND published_at IS NULL "
+                                  "AND seq < 22"), {"j": job}).scalar_one()
+        tx.rollback()
+    assert found == 22, "the 20 old published items and the 2 running ones are the lost ones"
+    read = _job_items_rows_examined(plan[0]["Plan"])
+    assert read <= 100, f"the sweep examined {read:.0f} job_items rows for 22 in flight"
+
+
+def _job_items_rows_examined(plan: dict) -> float:
+    """Rows that plan nodes reading job_items produced or filtered out, over all their loops."""
+    own = 0.0
+    if plan.get("Relation Name") == "job_items":
+        own = (plan.get("Actual Rows", 0) + plan.get("Rows Removed by Filter", 0)
+               + plan.get("Rows Removed by Index Recheck", 0)) * plan.get("Actual Loops", 1)
+    return own + sum(_job_items_rows_examined(child) for child in plan.get("Plans", []))
+
+
 def test_a_running_item_of_a_job_cancelled_meanwhile_is_released_as_cancelled(store: Store):
     # DELETE /v1/jobs/{id} cancels only queued items; one that was running and then handed back for
     # a retry must not go back to the queue and run after all.
