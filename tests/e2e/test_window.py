@@ -212,7 +212,8 @@ def test_two_tenants_of_equal_priority_share_the_worker(make_settings, image_roo
     store = Store.from_url(settings.database_url)
     worker = start_worker(settings, Path(settings.caption_model), tmp_path, "w0", "--concurrency", str(CONCURRENCY))
     try:
-        wait_finished(store, [first, second], timeout=90, procs=[worker], log_dir=tmp_path)
+        # 200 items of 2 per message: ~30 s on a quiet machine, 90 s was not enough beside a mutation run.
+        wait_finished(store, [first, second], timeout=240, procs=[worker], log_dir=tmp_path)
     finally:
         stop(worker)
     head = done_order(store)[:n]  # both tenants still have work waiting all along
