@@ -42,9 +42,10 @@ soak: install
 	$(BIN)/python -m pytest -m soak --timeout 1800
 
 ## Mutation testing of the guarantee-holding modules, unit + integration tiers (docs/testing.md).
-## Not part of `make test`; the whole scope takes hours on 2 cores. PATTERNS='imgq.retry.*' narrows it.
+## Not part of `make test`; the whole scope (~4,100 mutants) takes about an hour on 2 shared cores.
+## PATTERNS='imgq.retry.*' narrows it; MUTATE_OPTS='--budget 0' or '--pytest-addopts=...' (tests/mutate.py).
 mutate: install
-	$(BIN)/python -m tests.mutate $(PATTERNS)
+	$(BIN)/python -m tests.mutate $(MUTATE_OPTS) $(PATTERNS)
 
 ## Headless Chromium (Debian's package) for the browser tests of Flower's pages and the jobs page.
 browser:

@@ -1,0 +1,136 @@
+"""The Fetcher's blob identity and size guarantees, which mutation testing found unchecked below e2e:
+which version of an object was read (VersionId, else the ETag, else the bytes' digest), a local
+file's identity, the size limit at exactly IMGQ_MAX_OBJECT_BYTES, an object that is longer than it
+said, and the client the Fetcher builds for itself."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imgq import errors
+from imgq.config import Settings
+from imgq.ports import Blob
+from imgq.worker import fetch as fetch_module
+from imgq.worker.fetch import Fetcher
+
+MAX = 64
+
+
+class Body(io.BytesIO):
+    pass
+
+
+class FakeS3:
+    """get_object as boto3 returns it: a streaming Body and the response's headers."""
+
+    def __init__(self, data: bytes, **headers: Any) -> None:
+        self.data = data
+        self.headers = headers
+        self.bodies: list[Body] = []
+        self.asked: list[tuple[str, str]] = []
+
+    def get_object(self, Bucket: str, Key: str) -> dict[str, Any]:
+        self.asked.append((Bucket, Key))
+        body = Body(self.data)
+        self.bodies.append(body)
+        return {"Body": body, **self.headers}
+
+
+def s3_fetcher(client: FakeS3) -> Fetcher:
+    return Fetcher(Settings(_env_file=None, allowed_buckets=["photos"], max_object_bytes=MAX), client)
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+@pytest.mark.parametrize(
+    ("headers", "version"),
+    [
+        ({"VersionId": "v-7", "ETag": '"etag-1"'}, "v-7"),
+        ({"ETag": '"etag-1"'}, "etag-1"),
+        ({"VersionId": None, "ETag": '"etag-1"'}, "etag-1"),
+        ({}, digest(b"\x89PNG-bytes")),
+    ],
+)
+def test_an_s3_blob_names_the_version_it_read(headers: dict[str, Any], version: str) -> None:
+    client = FakeS3(b"\x89PNG-bytes", ContentLength=10, **headers)
+    blob = s3_fetcher(client).fetch("s3://photos/cats/1.png")
+    assert blob == Blob(b"\x89PNG-bytes", "s3", "photos", "cats/1.png", version)
+    assert client.asked == [("photos", "cats/1.png")]
+    assert client.bodies[0].closed
+
+
+def test_an_s3_object_of_exactly_the_limit_is_read_whole() -> None:
+    data = bytes(range(MAX))
+    assert s3_fetcher(FakeS3(data, ContentLength=MAX, ETag='"e"')).fetch("s3://photos/a").data == data
+
+
+@pytest.mark.parametrize(("length", "body", "message"), [
+    (MAX + 1, MAX + 1, f"{MAX + 1} bytes exceeds IMGQ_MAX_OBJECT_BYTES={MAX}"),  # refused before reading
+    # The object is longer than its Content-Length said: only the limit plus one byte is read.
+    (10, MAX + 50, f"{MAX + 1} bytes exceeds IMGQ_MAX_OBJECT_BYTES={MAX}"),
+])
+def test_an_s3_object_over_the_limit_is_refused_and_its_body_closed(length: int, body: int, message: str) -> None:
+    client = FakeS3(b"x" * body, ContentLength=length)
+    with pytest.raises(errors.TooLarge) as exc:
+        s3_fetcher(client).fetch("s3://photos/a")
+    assert str(exc.value) == message
+    assert client.bodies[0].closed
+
+
+def test_an_empty_s3_object_is_refused() -> None:
+    with pytest.raises(errors.Empty) as exc:
+        s3_fetcher(FakeS3(b"", ContentLength=0)).fetch("s3://photos/a")
+    assert str(exc.value) == "the object has zero bytes"
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    folder = (tmp_path / "images").resolve()
+    folder.mkdir()
+    return folder
+
+
+def local_fetcher(root: Path) -> Fetcher:
+    return Fetcher(Settings(_env_file=None, local_roots=[root], max_object_bytes=MAX))
+
+
+def test_a_local_blob_is_named_by_its_path_and_the_digest_of_its_bytes(root: Path) -> None:
+    data = bytes(range(MAX))  # exactly the limit
+    (root / "a.png").write_bytes(data)
+    assert local_fetcher(root).fetch(str(root / "a.png")) == Blob(data, "local", "", str(root / "a.png"), digest(data))
+
+
+def test_a_local_file_that_grew_after_its_size_was_checked_is_read_only_to_the_limit(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (root / "growing.png").write_bytes(b"y" * (MAX + 50))
+    real_fstat = os.fstat
+
+    def fstat_before_it_grew(fd: int) -> os.stat_result:
+        st = real_fstat(fd)
+        return os.stat_result((st.st_mode, st.st_ino, st.st_dev, st.st_nlink, st.st_uid, st.st_gid, 10,
+                               st.st_atime, st.st_mtime, st.st_ctime))
+
+    monkeypatch.setattr(fetch_module.os, "fstat", fstat_before_it_grew)
+    with pytest.raises(errors.TooLarge) as exc:
+        local_fetcher(root).fetch(str(root / "growing.png"))
+    assert str(exc.value) == f"{MAX + 1} bytes exceeds IMGQ_MAX_OBJECT_BYTES={MAX}"
+
+
+def test_the_fetcher_builds_one_client_from_the_settings_with_a_connection_per_decode_thread_and_spare() -> None:
+    settings = Settings(_env_file=None, s3_endpoint_url="http://127.0.0.1:9", s3_region="eu-west-3",
+                        decode_threads=3)
+    fetcher = Fetcher(settings)
+    client = fetcher._client()
+    assert client is fetcher._client()
+    assert client.meta.endpoint_url == "http://127.0.0.1:9"
+    assert client.meta.region_name == "eu-west-3"
+    assert client.meta.config.max_pool_connections == 6
