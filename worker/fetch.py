@@ -49,8 +49,10 @@ class Fetcher:
         resp = self._client().get_object(Bucket=ref.bucket, Key=ref.key)
         body = resp["Body"]
         try:
-            size = int(resp.get("ContentLength", 0))
-            self._check_size(size)
+            # A declared size refuses an oversized object before any byte is read; a response
+            # without one (a chunked reply from an S3-compatible store) is judged by what it holds.
+            if resp.get("ContentLength") is not None:
+                self._check_size(int(resp["ContentLength"]))
             data = body.read(self._max + 1)
         finally:
             body.close()

@@ -91,6 +91,17 @@ def test_an_empty_s3_object_is_refused() -> None:
     assert str(exc.value) == "the object has zero bytes"
 
 
+def test_an_s3_response_without_a_content_length_is_judged_by_its_bytes() -> None:
+    blob = s3_fetcher(FakeS3(b"\x89PNG-bytes", ETag='"e"')).fetch("s3://photos/a")
+    assert blob.data == b"\x89PNG-bytes"
+    client = FakeS3(b"x" * (MAX + 5))
+    with pytest.raises(errors.TooLarge):
+        s3_fetcher(client).fetch("s3://photos/a")
+    assert client.bodies[0].closed
+    with pytest.raises(errors.Empty):
+        s3_fetcher(FakeS3(b"")).fetch("s3://photos/a")
+
+
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
     folder = (tmp_path / "images").resolve()
