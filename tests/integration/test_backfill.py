@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -34,13 +33,6 @@ def env(database_url: str, broker_url: str, s3_server: Any, bucket: str) -> dict
 @pytest.fixture
 def settings(env: dict[str, str]) -> Settings:
     return Settings(_env_file=None, **{k.removeprefix("IMGQ_").lower(): v for k, v in env.items()})
-
-
-@pytest.fixture
-def store(database_url: str) -> Iterator[Store]:
-    s = Store.from_url(database_url)
-    yield s
-    s.engine.dispose()
 
 
 def put(s3: Any, bucket: str, keys: list[str], body: bytes = b"x") -> None:

@@ -5,7 +5,7 @@ name the offender. Every job kind, and a job of two kinds, is checked the same w
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -36,13 +36,6 @@ TASKS: dict[str, TaskSpec] = {
 }
 # Jobs by their kinds: each kind alone, and a combined job (an item is done only with both rows).
 JOBS = ["caption", "embed", "validate", "caption,embed"]
-
-
-@pytest.fixture
-def store(database_url: str) -> Iterator[Store]:
-    s = Store.from_url(database_url)
-    yield s
-    s.engine.dispose()
 
 
 def make_job(store: Store, kinds: str, n: int = N, folder: str = "d") -> tuple[uuid.UUID, list[TaskSpec]]:

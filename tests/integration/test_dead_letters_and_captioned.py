@@ -20,13 +20,6 @@ from tests.jobs import caption_task, create_job, record
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def store(database_url: str) -> Store:
-    s = Store.from_url(database_url)
-    yield s
-    s.engine.dispose()
-
-
 def caption(store: Store, job: uuid.UUID, seq: int, task, words: str) -> None:
     obj = ObjectInfo("local", "", f"/data/{seq}.jpg", "v1", 10, 4, 4)
     store.write_done([DoneItem(job, seq, obj, "w1", {

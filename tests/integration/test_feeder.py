@@ -26,13 +26,6 @@ QUEUE = "feed-test"
 
 
 @pytest.fixture
-def store(database_url: str):
-    store = Store.from_url(database_url)
-    yield store
-    store.engine.dispose()
-
-
-@pytest.fixture
 def client(redis_server, broker_url: str):
     client = redis.Redis(unix_socket_path=str(redis_server.socket_path))
     yield client

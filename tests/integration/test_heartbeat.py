@@ -14,13 +14,6 @@ from tests.jobs import caption_task, create_job
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def store(database_url: str) -> Store:
-    s = Store.from_url(database_url)
-    yield s
-    s.engine.dispose()
-
-
 def test_a_silent_workers_items_are_republished_once_and_stay_suspect(store: Store):
     admin = Admin(store.engine)
     job = create_job(store, [caption_task("m")], [f"/d/{i}.jpg" for i in range(4)])

@@ -49,13 +49,6 @@ class RecordingEngine:
         return work
 
 
-@pytest.fixture
-def store(database_url: str) -> Store:
-    s = Store.from_url(database_url)
-    yield s
-    s.engine.dispose()
-
-
 def service(store: Store, engine: RecordingEngine, published: list | None = None) -> MessageService:
     sink = published if published is not None else []
     return MessageService(store=store, engine=engine, policy=RetryPolicy(3, 0.01, 0.01),  # type: ignore[arg-type]

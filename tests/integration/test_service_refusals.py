@@ -47,13 +47,6 @@ class ServingEngine:
         return work
 
 
-@pytest.fixture
-def store(database_url: str) -> Store:
-    s = Store.from_url(database_url)
-    yield s
-    s.engine.dispose()
-
-
 def service(store: Store, engine: ServingEngine) -> MessageService:
     return MessageService(store=store, engine=engine, policy=RetryPolicy(3, 0.01, 0.01),  # type: ignore[arg-type]
                           publish=lambda messages, delay: None)

@@ -10,13 +10,6 @@ from imgq.db.store import Claim, DeadRow, DoneItem, EmptyJob, ObjectInfo, Store
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def store(database_url: str) -> Store:
-    s = Store.from_url(database_url)
-    yield s
-    s.engine.dispose()
-
-
 CAPTION_TASK = {"kind": "caption", "model": "m", "params": {"num_beams": 1}, "params_hash": "h"}
 
 

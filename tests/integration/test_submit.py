@@ -9,19 +9,11 @@ from sqlalchemy import text
 
 from imgq.celeryconf import make_celery
 from imgq.config import Settings
-from imgq.db.store import Store
 from imgq.errors import RefRefused
 from imgq.producer.submit import accept_refs, submit
 from tests.jobs import caption_task
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def store(database_url: str):
-    store = Store.from_url(database_url)
-    yield store
-    store.engine.dispose()
 
 
 @pytest.fixture

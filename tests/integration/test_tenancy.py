@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,13 +28,6 @@ from imgq.db.tenancy import (
 from tests.jobs import caption_task, create_job
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def store(database_url: str) -> Iterator[Store]:
-    s = Store.from_url(database_url)
-    yield s
-    s.engine.dispose()
 
 
 def test_a_key_is_shown_once_stored_as_a_hash_and_verified(store: Store) -> None:

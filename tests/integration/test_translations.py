@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 
 import pytest
 from typer.testing import CliRunner
@@ -24,13 +23,6 @@ pytestmark = pytest.mark.integration
 N = 4
 CAPTION = make_task("caption", "cap-model", CaptionParams())
 TRANSLATE = make_task("translate", "mt-model", TranslateParams(langs=["de", "fr"]))
-
-
-@pytest.fixture
-def store(database_url: str) -> Iterator[Store]:
-    s = Store.from_url(database_url)
-    yield s
-    s.engine.dispose()
 
 
 def translated(text: str, lang: str, via: str = "mt-model") -> CaptionText:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,13 +28,6 @@ class Picture:
     image: np.ndarray
     width: int = 4
     height: int = 4
-
-
-@pytest.fixture
-def store(database_url: str) -> Iterator[Store]:
-    s = Store.from_url(database_url)
-    yield s
-    s.engine.dispose()
 
 
 def state(store: Store, job: uuid.UUID, seq: int) -> str:
