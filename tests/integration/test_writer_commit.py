@@ -19,6 +19,7 @@ from imgq.ports import Blob
 from imgq.worker.engine import Engine
 from imgq.worker.fakes import EchoRunner
 from tests.jobs import caption_task, create_job
+from tests.waits import SETTLE_S
 
 pytestmark = pytest.mark.integration
 
@@ -76,7 +77,7 @@ def test_a_future_resolves_only_after_its_result_commits(store: Store):
         assert not item.future.done(), "resolved while the write was still uncommitted"
         assert state(store, job, 0) == "running"
         tx.rollback()
-        assert item.future.result(10).state == "done"
+        assert item.future.result(SETTLE_S).state == "done"
         assert called.wait(10)
         assert seen_at_resolution == ["done"], "the future resolved before the commit was visible"
     finally:

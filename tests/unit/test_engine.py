@@ -16,6 +16,7 @@ from imgq.contract import CaptionParams, TaskSpec, make_task
 from imgq.params import EmbedParams, ValidateParams
 from imgq.worker.engine import Engine, Outcome
 from imgq.worker.fakes import EchoRunner, MemoryResults
+from tests.waits import SETTLE_S
 
 JOB = uuid.uuid4()
 
@@ -66,7 +67,7 @@ def caption(params: CaptionParams | None = None) -> TaskSpec:
 def run(engine: Engine, refs: list[str], params: CaptionParams | None = None,
         tasks: list[TaskSpec] | None = None) -> dict[int, tuple[str, str | None]]:
     work = engine.submit(JOB, tasks or [caption(params)], list(enumerate(refs)))
-    outcomes = {item.seq: item.future.result(10) for item in work}
+    outcomes = {item.seq: item.future.result(SETTLE_S) for item in work}
     return {seq: (o.state, o.code) for seq, o in outcomes.items()}
 
 
@@ -133,7 +134,7 @@ def test_write_outage_past_the_limit_asks_for_retry(results):
     results.fail_next = 1000
     engine = make_engine(EchoRunner(), results)
     [item] = engine.submit(JOB, [caption()], [(3, "img-0.1")])
-    outcome = item.future.result(10)
+    outcome = item.future.result(SETTLE_S)
     engine.stop()
     assert outcome == Outcome(3, "retry", "db_unavailable", "database unavailable (injected)")
 
@@ -141,7 +142,7 @@ def test_write_outage_past_the_limit_asks_for_retry(results):
 def test_every_outcome_names_its_item(results):
     engine = make_engine(EchoRunner(poison=0.5), results, 8)
     work = engine.submit(JOB, [caption()], [(10, "img-0.1"), (11, "img-0.5"), (12, "missing-c")])
-    outcomes = [item.future.result(10) for item in work]
+    outcomes = [item.future.result(SETTLE_S) for item in work]
     engine.stop()
     assert outcomes[0] == Outcome(10, "done")
     assert outcomes[1].seq == 11 and outcomes[1].state == "dead" and outcomes[1].code == "model_error"
@@ -168,7 +169,7 @@ def test_writes_still_queued_at_shutdown_are_committed_before_the_writer_exits()
     engine = Engine(store=results, runners={"caption": EchoRunner()}, fetch=fetch, decode=decode,  # type: ignore[arg-type]
                     worker_name="w", max_batch=1, max_wait_s=0.0, decode_threads=1).start()
     work = engine.submit(JOB, [caption()], [(1, "img-0.1")])
-    assert results.entered.wait(10)  # the writer holds the first write alone
+    assert results.entered.wait(SETTLE_S)  # the writer holds the first write alone
     work += engine.submit(JOB, [caption()], [(i, f"img-0.{i}") for i in range(2, 7)])
     stopping = threading.Thread(target=engine.stop, daemon=True)
     stopping.start()
@@ -198,7 +199,7 @@ def test_duplicate_submission_joins_the_item_in_flight(results):
     second = engine.submit(JOB, [caption()], [(0, "img-0.1")])
     assert second[0] is first[0]
     model.gate.set()
-    first[0].future.result(10)
+    first[0].future.result(SETTLE_S)
     engine.stop()
     assert sum(model.batches) == 1 and len(results.done) == 1
 
@@ -220,7 +221,7 @@ def test_decoded_images_waiting_for_the_model_are_bounded(results):
     waiting = sum(bool(item.inputs) for item in work)
     model.gate.set()
     for item in work:
-        assert item.future.result(10).state == "done"
+        assert item.future.result(SETTLE_S).state == "done"
     engine.stop()
     assert waiting <= 8  # 4 x max_batch
     assert len(results.done) == 40
@@ -259,7 +260,7 @@ def test_pair_items_carry_their_text_to_the_runner_and_the_store(results):
     engine = make_engine(val, results)
     work = engine.submit(JOB, [make_task("validate", "echo-itm", ValidateParams())],
                          [(0, "img-0.1", "a dog"), (1, "img-0.2", "two cats here")])
-    assert [w.future.result(10).state for w in work] == ["done", "done"]
+    assert [w.future.result(SETTLE_S).state for w in work] == ["done", "done"]
     engine.stop()
     assert results.values("validate") == {0: (np.float32(0.1).item(), 0.05), 1: (np.float32(0.2).item(), 0.13)}
     assert {d.seq: d.text for d in results.done} == {0: "a dog", 1: "two cats here"}
@@ -275,7 +276,7 @@ def test_a_text_the_runner_refuses_is_dead_lettered_before_inference(results):
     engine = make_engine(val, results)
     work = engine.submit(JOB, [make_task("validate", "echo-itm", ValidateParams())],
                          [(0, "img-0.1", "short"), (1, "img-0.2", "much too long")])
-    states = [(w.future.result(10).state, w.future.result(10).code) for w in work]
+    states = [(w.future.result(SETTLE_S).state, w.future.result(SETTLE_S).code) for w in work]
     engine.stop()
     assert states == [("done", None), ("dead", "bad_text")]
     assert sum(val.batches) == 1
@@ -323,7 +324,7 @@ def test_a_decode_past_its_time_bound_is_dead_lettered_and_its_batchmates_go_on(
                     decode_timeout_s=0.3).start()
     t0 = time.monotonic()
     work = engine.submit(JOB, [caption()], [(0, "slow-0.1"), (1, "img-0.2")])
-    outcomes = {w.seq: (w.future.result(5).state, w.future.result(5).code) for w in work}
+    outcomes = {w.seq: (w.future.result(SETTLE_S).state, w.future.result(SETTLE_S).code) for w in work}
     settled_s = time.monotonic() - t0
     time.sleep(1.5)  # the late decode ends; its result must be dropped
     engine.stop()
@@ -337,8 +338,8 @@ def test_dead_letters_and_retries_carry_the_item_its_code_and_the_error(results)
     error's own code and message, for the right item, under this worker's name."""
     engine = make_engine(EchoRunner(), results)
     work = engine.submit(JOB, [caption()], [(5, "missing-a"), (6, "flaky-b")])
-    retry = work[1].future.result(10)
-    work[0].future.result(10)
+    retry = work[1].future.result(SETTLE_S)
+    work[0].future.result(SETTLE_S)
     engine.stop()
     [dead] = results.dead
     assert (dead.job, dead.seq, dead.code, dead.message, dead.worker) == (JOB, 5, "not_found", "no such file", "w")

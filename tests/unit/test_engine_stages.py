@@ -12,6 +12,7 @@ from imgq.ports import CaptionText
 from imgq.worker.engine import Engine, _Entry
 from imgq.worker.fakes import EchoRunner, EchoTranslator, MemoryResults
 from tests.unit.test_engine import DECODES, decode, fetch
+from tests.waits import SETTLE_S
 
 
 def make(results: MemoryResults, captioner: EchoRunner, translator: EchoTranslator, max_batch: int = 8) -> Engine:
@@ -27,7 +28,7 @@ def tasks(*langs: str, params: CaptionParams | None = None) -> list:
 
 def settle(engine: Engine, job: uuid.UUID, refs: list[str], task_list: list) -> dict[int, tuple[str, str | None]]:
     work = engine.submit(job, task_list, list(enumerate(refs)))
-    return {item.seq: (o.state, o.code) for item in work for o in [item.future.result(10)]}
+    return {item.seq: (o.state, o.code) for item in work for o in [item.future.result(SETTLE_S)]}
 
 
 @pytest.fixture
@@ -60,7 +61,7 @@ def test_languages_of_different_jobs_share_batches(results):
     a = engine.submit(uuid.uuid4(), tasks("de"), [(0, "img-0.1"), (1, "img-0.2")])
     b = engine.submit(uuid.uuid4(), tasks("de", "ja"), [(0, "img-0.3"), (1, "img-0.4")])
     for item in [*a, *b]:
-        assert item.future.result(10).state == "done"
+        assert item.future.result(SETTLE_S).state == "done"
     engine.stop()
     assert sum(n for lang, n in translator.batches if lang == "de") == 4
     assert sum(n for lang, n in translator.batches if lang == "ja") == 2
@@ -134,7 +135,7 @@ def test_captions_of_different_adapters_share_one_batch(results):
     jobs = [(uuid.uuid4(), CaptionParams(adapter=name)) for name in ("de-news", "fr-art", None)]
     work = [item for i, (job, params) in enumerate(jobs)
             for item in engine.submit(job, [make_task("caption", "echo", params)], [(0, f"img-0.{i + 1}")])]
-    assert {item.future.result(10).state for item in work} == {"done"}
+    assert {item.future.result(SETTLE_S).state for item in work} == {"done"}
     engine.stop()
     assert sorted((a for b in captioner.adapter_batches for a in b), key=str) == [None, "de-news", "fr-art"]
     assert len(captioner.adapter_batches) < 3  # at least two adapters shared a generate

@@ -26,6 +26,7 @@ from imgq.worker.engine import Engine
 from imgq.worker.fakes import EchoRunner, MemoryResults
 from imgq.worker.fetch import Fetcher
 from tests.jobs import caption_task
+from tests.waits import SETTLE_S
 
 # -- the writer resolves an item's future only after its transaction commits --------------------
 
@@ -74,14 +75,14 @@ def test_the_writer_resolves_futures_only_after_the_write_commits():
 
         [item] = engine.submit(uuid.uuid4(), [make_task("caption", "echo", CaptionParams())], [(0, "/d/a.jpg")])
         item.future.add_done_callback(on_resolved)
-        assert results.entered.wait(10), "the item never reached the writer"
+        assert results.entered.wait(SETTLE_S), "the item never reached the writer"
         # The write is in progress and has not committed: a message acknowledged now could lose it.
         assert not item.future.done()
         with pytest.raises(TimeoutError):
             item.future.result(0.3)
         results.gate.set()
-        assert item.future.result(10).state == "done"
-        assert called.wait(10)
+        assert item.future.result(SETTLE_S).state == "done"
+        assert called.wait(SETTLE_S)
         assert seen_at_resolution == [1], "resolved before the row was stored"
     finally:
         results.gate.set()
