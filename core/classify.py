@@ -11,16 +11,7 @@ from imgq import errors
 _S3_NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "404", "NotFound", "NoSuchVersion"}
 _S3_DENIED = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled", "InvalidAccessKeyId",
               "SignatureDoesNotMatch"}
-_S3_TRANSIENT = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
-                 "ServiceUnavailable", "RequestTimeTooSkewed", "500", "502", "503", "504"}
-_TRANSIENT_NAMES = {
-    # botocore / urllib3 transport failures
-    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
-    "ResponseStreamingError", "IncompleteReadError", "ProxyConnectionError",
-    # database and broker outages
-    "OperationalError", "InterfaceError", "DisconnectionError", "ConnectionError",
-    "TimeoutError", "BusyLoadingError",
-}
+# Any other S3 code (SlowDown, RequestTimeout, InternalError, 5xx ...) is transient.
 
 
 def _names(exc: BaseException) -> set[str]:
@@ -59,8 +50,9 @@ def classify(exc: BaseException) -> errors.ImgqError:
         return errors.AccessDenied(f"permission denied: {getattr(exc, 'filename', '') or text}")
     if "OutOfMemoryError" in names:  # torch.OutOfMemoryError: the engine retries smaller batches
         return errors.OutOfMemory(f"{type(exc).__name__}: {text}")
-    if names & _TRANSIENT_NAMES:
-        return errors.Retryable(f"{type(exc).__name__}: {text}")
+    # Everything else is transient: transport failures (botocore's EndpointConnectionError,
+    # ReadTimeoutError ...), database and broker outages, and errors nobody foresaw. The retry
+    # budget bounds the last kind; the dead letter then keeps the class name and text.
     return errors.Retryable(f"{type(exc).__name__}: {text}")
 
 

@@ -25,7 +25,9 @@ class MemoryResults:
     done: list[DoneItem] = field(default_factory=list)
     dead: list[DeadRow] = field(default_factory=list)
     fail_next: int = 0
-    stored: dict[tuple[str, str, str], tuple[str, int, int]] = field(default_factory=dict)
+    # The whole lookup key, as Store.existing_caption matches it: a caption of another image version
+    # or model revision must not be taken.
+    stored: dict[tuple[str, ...], tuple[str, int, int]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _maybe_fail(self) -> None:
@@ -48,8 +50,9 @@ class MemoryResults:
 
     def existing_caption(self, source: str, bucket: str, key: str, version: str, model: str, revision: str,
                          params_hash: str) -> tuple[str, int, int] | None:
-        """Captions stored before: ``stored[(key, model, params_hash)] = (text, width, height)``."""
-        return self.stored.get((key, model, params_hash))
+        """Captions stored before: ``stored[(source, bucket, key, version, model, revision,
+        params_hash)] = (text, width, height)``."""
+        return self.stored.get((source, bucket, key, version, model, revision, params_hash))
 
     def release(self, job: uuid.UUID, seqs: Sequence[int]) -> None:
         pass

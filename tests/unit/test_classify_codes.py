@@ -105,3 +105,41 @@ def test_decode_errors_are_truncated_and_keep_what_pillow_said(exc: BaseExceptio
 )
 def test_only_an_unreachable_database_or_broker_is_an_outage(exc: BaseException, outage: bool) -> None:
     assert is_outage(exc) is outage
+
+
+class OutOfMemoryError(RuntimeError):  # torch.OutOfMemoryError, matched by class name
+    pass
+
+
+class DecompressionBombError(Exception):  # PIL.Image.DecompressionBombError, by class name
+    pass
+
+
+class UnidentifiedImageError(OSError):  # PIL.UnidentifiedImageError, by class name
+    pass
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind", "message"),
+    [
+        (DecompressionBombError("Image size (200000000 pixels) exceeds limit"), errors.TooManyPixels,
+         "Image size (200000000 pixels) exceeds limit"),
+        (UnidentifiedImageError("cannot identify image file <_io.BytesIO>"), errors.NotAnImage,
+         "Pillow cannot identify the bytes as an image"),
+        (FileNotFoundError(2, "No such file or directory", "/data/a.jpg"), errors.NotFound,
+         "no such file: /data/a.jpg"),
+        (FileNotFoundError("gone"), errors.NotFound, "no such file: gone"),
+        (IsADirectoryError(21, "Is a directory", "/data/dir"), errors.NotFound, "no such file: /data/dir"),
+        (PermissionError(13, "Permission denied", "/data/b.jpg"), errors.AccessDenied,
+         "permission denied: /data/b.jpg"),
+        (PermissionError("nope"), errors.AccessDenied, "permission denied: nope"),
+        (OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), errors.OutOfMemory,
+         "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"),
+        (ConnectionResetError("peer closed"), errors.Retryable, "ConnectionResetError: peer closed"),
+        (KeyError("x"), errors.Retryable, "KeyError: 'x'"),
+    ],
+)
+def test_what_each_branch_tells_the_dead_letter(exc: BaseException, kind: type, message: str) -> None:
+    got = classify(exc)
+    assert type(got) is kind
+    assert str(got) == message

@@ -31,6 +31,12 @@ def settle(engine: Engine, job: uuid.UUID, refs: list[str], task_list: list) -> 
     return {item.seq: (o.state, o.code) for item in work for o in [item.future.result(SETTLE_S)]}
 
 
+def stored_key(ref: str, params: CaptionParams, version: str = "v", revision: str = "echo-1") -> tuple[str, ...]:
+    """The key a caption of ``ref`` (tests/unit/test_engine.py's fetch: a local blob, version "v")
+    is stored under for the echo captioner."""
+    return ("local", "", ref, version, "echo", revision, params.digest())
+
+
 @pytest.fixture
 def results() -> MemoryResults:
     return MemoryResults()
@@ -74,7 +80,7 @@ def test_languages_of_different_jobs_share_batches(results):
 
 def test_a_stored_english_caption_is_translated_without_running_the_captioner_again(results):
     captioner, translator = EchoRunner(), EchoTranslator()
-    results.stored[("img-0.5", "echo", CaptionParams().digest())] = ("an old caption", 640, 480)
+    results.stored[stored_key("img-0.5", CaptionParams())] = ("an old caption", 640, 480)
     engine = make(results, captioner, translator)
     DECODES.clear()
     outcomes = settle(engine, uuid.uuid4(), ["img-0.5", "img-0.25"], tasks("de"))
@@ -88,10 +94,24 @@ def test_a_stored_english_caption_is_translated_without_running_the_captioner_ag
     assert sum(captioner.batches) == 1 and engine.stats["reused"] == 1
 
 
+@pytest.mark.parametrize("key", [stored_key("img-0.5", CaptionParams(), version="v0"),
+                                 stored_key("img-0.5", CaptionParams(), revision="echo-0"),
+                                 stored_key("img-0.5", CaptionParams(max_new_tokens=7)),
+                                 ("s3", "", "img-0.5", "v", "echo", "echo-1", CaptionParams().digest())])
+def test_a_caption_of_another_version_revision_params_or_source_is_not_reused(results, key):
+    captioner, translator = EchoRunner(), EchoTranslator()
+    results.stored[key] = ("an old caption", 640, 480)
+    engine = make(results, captioner, translator)
+    settle(engine, uuid.uuid4(), ["img-0.5"], tasks("de"))
+    engine.stop()
+    assert results.done[0].results["caption"][4] != "an old caption"
+    assert sum(captioner.batches) == 1 and engine.stats["reused"] == 0
+
+
 def test_an_explained_caption_is_never_reused(results):
     captioner, translator = EchoRunner(), EchoTranslator()
     params = CaptionParams(explain=True)
-    results.stored[("img-0.5", "echo", params.digest())] = ("an old caption", 640, 480)
+    results.stored[stored_key("img-0.5", params)] = ("an old caption", 640, 480)
     engine = make(results, captioner, translator)
     settle(engine, uuid.uuid4(), ["img-0.5"], tasks("de", params=params))
     engine.stop()
