@@ -93,3 +93,27 @@ def test_a_slow_but_live_worker_keeps_its_items_and_a_paused_ones_late_result_is
     report = admin.check(job)
     assert report is not None and report.ok and report.done == 1
     assert [r["caption"] for r in store.results(job)] == ["first"]
+
+
+def test_an_orphan_goes_back_with_its_jobs_tasks_text_and_priority(store: Store):
+    """What the reaper hands back is enough to publish the items as the job recorded them: its
+    tasks, each item's text (a matching job) and the job's priority, which picks the broker lane."""
+    admin = Admin(store.engine)
+    task = caption_task("m")
+    job = create_job(store, [task], [("/d/0.jpg", "a dog"), ("/d/1.jpg", "a cat"), "/d/2.jpg"])
+    other = create_job(store, [task], ["/e/0.jpg"])
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE jobs SET priority = 7 WHERE id = :j"), {"j": job})
+    admin.heartbeat("dead:1", "dead", 1)
+    store.claim(job, [2, 0, 1], "dead:1")
+    store.claim(other, [0], "dead:1")
+    first = admin.take_orphans(dead_after_s=0, gone=["dead:1"], limit=3)
+    assert sum(len(b.items) for b in first) == 3  # the limit (in job id, then seq order)
+    items: dict = {}
+    with store.engine.connect() as conn:
+        recorded = conn.execute(text("SELECT tasks FROM jobs WHERE id = :j"), {"j": job}).scalar_one()
+    for back in first + admin.take_orphans(dead_after_s=0, gone=["dead:1"]):
+        assert (back.priority, back.tasks) == ((7, recorded) if back.job == job else (0, back.tasks))
+        items.setdefault(back.job, []).extend(back.items)
+    assert items == {job: [(0, "/d/0.jpg", "a dog"), (1, "/d/1.jpg", "a cat"), (2, "/d/2.jpg")],
+                     other: [(0, "/e/0.jpg")]}

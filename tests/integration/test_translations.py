@@ -133,21 +133,33 @@ def a_language_the_job_did_not_ask_for(store: Store, job: uuid.UUID) -> None:
     sql(store, "UPDATE item_translations SET lang = 'ja' WHERE job_id = :j AND seq = 1 AND lang = 'fr'", j=job)
 
 
-FAULTS = [(missing_language, "done without its fr translation"),
-          (link_to_another_language, "de link to a fr translated caption"),
-          (link_to_another_items_translation, "not a translation of its own caption"),
-          (link_to_the_english_caption, "de link to a en native caption"),
-          (translation_by_another_model, "by 'other-mt'"),
-          (translation_of_a_dead_item, "state dead with a de translation"),
-          (a_language_the_job_did_not_ask_for, "ja link")]
+# (fault, the counters `imgq check` prints, its offender lines; {r} is the item's folder)
+FAULTS = [
+    (missing_language, "missing=1 duplicates=0 mismatched=0 translations=5",
+     ["seq 1 {r}/1.jpg: done without its fr translation"]),
+    (link_to_another_language, "missing=0 duplicates=0 mismatched=1 translations=6",
+     ["seq 1 {r}/1.jpg: de link to a fr translated caption by 'mt-model'"]),
+    (link_to_another_items_translation, "missing=0 duplicates=0 mismatched=1 translations=6",
+     ["seq 1 {r}/1.jpg: de link to a de translated caption by 'mt-model', not a translation of its own caption"]),
+    (link_to_the_english_caption, "missing=0 duplicates=0 mismatched=1 translations=6",
+     ["seq 1 {r}/1.jpg: de link to a en native caption by '', not a translation of its own caption"]),
+    (translation_by_another_model, "missing=0 duplicates=0 mismatched=1 translations=6",
+     ["seq 1 {r}/1.jpg: de link to a de translated caption by 'other-mt'"]),
+    (translation_of_a_dead_item, "missing=0 duplicates=0 mismatched=1 translations=7",
+     ["seq 3 {r}/3.jpg: state dead with a de translation"]),
+    (a_language_the_job_did_not_ask_for, "missing=1 duplicates=0 mismatched=1 translations=6",
+     ["seq 1 {r}/1.jpg: done without its fr translation",
+      "seq 1 {r}/1.jpg: ja link to a fr translated caption by 'mt-model'"]),
+]
 
 
-@pytest.mark.parametrize(("fault", "named"), FAULTS, ids=[f.__name__ for f, _ in FAULTS])
-def test_check_catches_a_wrong_translation(store, database_url, fault, named):
+@pytest.mark.parametrize(("fault", "counts", "offenders"), FAULTS, ids=[f[0].__name__ for f in FAULTS])
+def test_check_catches_a_wrong_translation(store, database_url, fault, counts, offenders):
     job = make_job(store, f"f-{fault.__name__}")
     healthy = make_job(store, f"h-{fault.__name__}")
     fault(store, job)
     rc, out, err = imgq_check(database_url, job)
     assert rc == 1, out
-    assert named in err, err
+    assert out == f"job {job}: total=4 done=3 dead=1 pending=0 purged=0 {counts}\n"
+    assert err.splitlines() == ["  " + line.format(r=f"/f-{fault.__name__}") for line in offenders]
     assert imgq_check(database_url, healthy)[0] == 0
