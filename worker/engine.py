@@ -83,9 +83,9 @@ def _stages(tasks: Sequence[TaskSpec]) -> list[TaskSpec]:
     return [t for t in tasks if KINDS[t.kind].after is not None]
 
 
-def _units(task: TaskSpec) -> int:
-    """Entries a task puts in batches: one per language for a stage, else one."""
-    return len(task.params.langs) if KINDS[task.kind].after is not None else 1  # type: ignore[attr-defined]
+def _stage_units(stage: TaskSpec) -> int:
+    """Entries a stage puts in batches: one per language (any other task puts one)."""
+    return len(stage.params.langs)  # type: ignore[attr-defined]
 
 
 @dataclass(slots=True)
@@ -236,7 +236,7 @@ class Engine:
             assert size is not None
             item.obj = ObjectInfo(blob.source, blob.bucket, blob.key, blob.version, len(blob.data), *size)
             with self._lock:
-                self._remaining[id(item)] = len(todo) + sum(_units(t) for t in stages)
+                self._remaining[id(item)] = len(todo) + sum(_stage_units(t) for t in stages)
                 self.stats["decodes"] += bool(todo)
             for task in todo:
                 self._ready.put(_Entry(item, task))
@@ -282,7 +282,7 @@ class Engine:
 
     def _settle_failed(self, entry: _Entry) -> None:
         """Count a failed entry as run, and the stages that would have run on its value."""
-        self._finish_task(entry.item, 1 + sum(_units(t) for t in self._stages_after(entry)))
+        self._finish_task(entry.item, 1 + sum(_stage_units(t) for t in self._stages_after(entry)))
 
     def _fail(self, item: WorkItem, error: errors.ImgqError) -> None:
         """Settle an item that cannot finish (first failure wins; its other tasks are dropped)."""
@@ -399,7 +399,7 @@ class Engine:
                 entry.item.results.setdefault(task.kind, {})[lang] = value
             for stage in self._stages_after(entry):
                 if entry.item.failed:  # settled already: its stages will not run
-                    self._finish_task(entry.item, _units(stage))
+                    self._finish_task(entry.item, _stage_units(stage))
                 else:
                     self._queue_stage(entry.item, stage)
             if self._finish_task(entry.item) and not entry.item.failed:

@@ -117,3 +117,20 @@ def test_kind_registry_names_every_part_of_a_kind():
         assert attr and module.startswith("imgq.db.results.")
         assert kind.runner.startswith("imgq.worker.runners:")
     assert CaptionParams(num_beams=4).batch_cost() == 4 and EmbedParams().batch_cost() == 1
+
+
+MESSAGE_OF_THREE = ("invalid generation parameters: num_beams: Input should be greater than or equal to 1; "
+                    "top_k only applies with sampling (do_sample); temperature only applies with sampling (do_sample)")
+
+
+def test_the_problems_are_joined_in_one_exact_line():
+    with pytest.raises(BadParams) as info:
+        parse_params({"temperature": 0.5, "top_k": 3, "num_beams": 0})
+    assert info.value.message == MESSAGE_OF_THREE
+
+
+@pytest.mark.parametrize("raw", [[1, 2], "greedy", 7])
+def test_parameters_that_are_not_an_object_say_what_they_should_be(raw):
+    with pytest.raises(BadParams) as info:
+        validate_params(CaptionParams, raw)  # type: ignore[arg-type]
+    assert info.value.message == "invalid parameters: Input should be a valid dictionary or instance of CaptionParams"

@@ -84,3 +84,13 @@ def test_tenant_limits_override_the_settings_defaults() -> None:
     assert mine == {"num_beams": 16, "max_new_tokens": 128, "item_cost": 64.0, "rate": 5}
     tight = Settings(_env_file=None, max_num_beams=2, max_new_tokens=30, max_item_cost=2)  # type: ignore[call-arg]
     assert limits_for(tight, None) == {"num_beams": 2, "max_new_tokens": 30, "item_cost": 2.0}
+
+
+def test_a_stored_caption_record_without_beams_or_tokens_costs_a_default_caption() -> None:
+    stored = {"kind": "caption", "model": "m", "params": {"num_beams": None}}
+    assert task_cost(stored) == task_cost({"kind": "caption", "params": {"num_beams": 1, "max_new_tokens": 30}})
+    assert task_cost({"kind": "caption", "params": {}}) == pytest.approx(0.3 + 0.7 * 30 / 20)
+
+
+def test_a_kind_the_cost_model_does_not_know_costs_one() -> None:
+    assert task_cost({"kind": "sketch", "params": {"strokes": 9}}) == 1.0

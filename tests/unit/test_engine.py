@@ -349,3 +349,18 @@ def test_dead_letters_and_retries_carry_the_item_its_code_and_the_error(results)
 def test_an_error_without_a_message_says_what_its_class_means():
     assert errors.NotFound().message == "The object or file does not exist."
     assert errors.NotFound("gone").message == "gone"
+
+
+def test_failures_before_inference_are_counted_for_ops_by_code(results):
+    from imgq import metrics
+
+    def failures(code: str) -> float:
+        return metrics.FAILURES.labels(code)._value.get()
+
+    before = {code: failures(code) for code in ("not_found", "transient")}
+    engine = make_engine(EchoRunner(), results, 8)
+    work = engine.submit(JOB, [caption()], [(1, "missing-a"), (2, "missing-b"), (3, "flaky-c")])
+    assert [item.future.result(SETTLE_S).code for item in work] == ["not_found", "not_found", "transient"]
+    engine.stop()
+    assert failures("not_found") - before["not_found"] == 2
+    assert failures("transient") - before["transient"] == 1

@@ -124,3 +124,10 @@ def test_an_expensive_job_shares_its_own_tenant_fairly_with_that_tenants_cheap_j
     cheap = Backlog("cheap", "t", 0, 0, age_rank=1, cost=1.0)
     dear = Backlog("dear", "t", 0, 0, age_rank=0, cost=3.0)
     assert _plan([cheap, dear], 8) == {"dear": 2, "cheap": 6}
+
+
+def test_a_tenant_missing_from_busy_holds_nothing_in_flight() -> None:
+    # b has nothing busy and a only half an item's load: b is the lighter and is served first.
+    a = Backlog("a", "tenant-a", 0, in_flight=0)
+    b = Backlog("b", "tenant-b", 0, in_flight=0, age_rank=1)
+    assert plan([a, b], 1, 2, busy={"tenant-a": 0.5}) == [("b", 1)]

@@ -23,7 +23,16 @@ MAX = 64
 
 
 class Body(io.BytesIO):
-    pass
+    """A streaming body that counts the bytes read from it."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.bytes_read = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        chunk = super().read(size)
+        self.bytes_read += len(chunk)
+        return chunk
 
 
 class FakeS3:
@@ -55,6 +64,7 @@ def digest(data: bytes) -> str:
     [
         ({"VersionId": "v-7", "ETag": '"etag-1"'}, "v-7"),
         ({"ETag": '"etag-1"'}, "etag-1"),
+        ({"ETag": '"X-etag-X"'}, "X-etag-X"),  # only the quotes are taken off
         ({"VersionId": None, "ETag": '"etag-1"'}, "etag-1"),
         ({}, digest(b"\x89PNG-bytes")),
     ],
@@ -72,17 +82,21 @@ def test_an_s3_object_of_exactly_the_limit_is_read_whole() -> None:
     assert s3_fetcher(FakeS3(data, ContentLength=MAX, ETag='"e"')).fetch("s3://photos/a").data == data
 
 
-@pytest.mark.parametrize(("length", "body", "message"), [
-    (MAX + 1, MAX + 1, f"{MAX + 1} bytes exceeds IMGQ_MAX_OBJECT_BYTES={MAX}"),  # refused before reading
+@pytest.mark.parametrize(("length", "body", "message", "read"), [
+    # Refused by its declared size, before a byte is read; the message names that size.
+    (MAX + 100, MAX + 100, f"{MAX + 100} bytes exceeds IMGQ_MAX_OBJECT_BYTES={MAX}", 0),
+    (MAX + 1, MAX + 1, f"{MAX + 1} bytes exceeds IMGQ_MAX_OBJECT_BYTES={MAX}", 0),
     # The object is longer than its Content-Length said: only the limit plus one byte is read.
-    (10, MAX + 50, f"{MAX + 1} bytes exceeds IMGQ_MAX_OBJECT_BYTES={MAX}"),
+    (10, MAX + 50, f"{MAX + 1} bytes exceeds IMGQ_MAX_OBJECT_BYTES={MAX}", MAX + 1),
 ])
-def test_an_s3_object_over_the_limit_is_refused_and_its_body_closed(length: int, body: int, message: str) -> None:
+def test_an_s3_object_over_the_limit_is_refused_and_its_body_closed(length: int, body: int, message: str,
+                                                                    read: int) -> None:
     client = FakeS3(b"x" * body, ContentLength=length)
     with pytest.raises(errors.TooLarge) as exc:
         s3_fetcher(client).fetch("s3://photos/a")
     assert str(exc.value) == message
     assert client.bodies[0].closed
+    assert client.bodies[0].bytes_read == read
 
 
 def test_an_empty_s3_object_is_refused() -> None:
