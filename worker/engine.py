@@ -127,7 +127,7 @@ class Engine:
             max_batch, max_wait_s, clock, limit=lambda key: max_batch // self._costs.get(key, 1)
         )
         self._pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="imgq-decode")
-        self._ready: queue.Queue[_Entry] = queue.Queue()
+        self._ready: queue.Queue[_Entry | None] = queue.Queue()  # None: stop() waking the loop
         self._writes: queue.Queue[_Write | None] = queue.Queue()
         self._preparing = 0
         # Backpressure: at most this many decoded items wait for the models. Decode threads block
@@ -164,6 +164,7 @@ class Engine:
     def stop(self, timeout: float = 30.0) -> None:
         self._pool.shutdown(wait=True, cancel_futures=False)
         self._stop.set()
+        self._ready.put(None)  # the inference thread sees the stop now, not at its next 0.2 s poll
         self._threads[0].join(timeout)
         self._writes.put(None)
         self._threads[1].join(timeout)
@@ -304,7 +305,8 @@ class Engine:
             batches: list[Batch[BatchKey, _Entry]] = []
             try:
                 entry = self._ready.get(timeout=timeout)
-                batches += self._batcher.add(entry.key(), entry)
+                if entry is not None:
+                    batches += self._batcher.add(entry.key(), entry)
             except queue.Empty:
                 pass
             batches += self._batcher.due()
