@@ -259,8 +259,10 @@ class Engine:
         the image's size when found."""
         for stage in stages:
             after = KINDS[stage.kind].after
-            task = next((t for t in item.tasks if t.kind == after), None)
-            if task is None or after in item.results or getattr(task.params, "explain", False):
+            # A stage's input task is in every job that has the stage (imgq.kinds checks it at
+            # enqueue), and nothing has run yet: this is the item's first step.
+            task = next(t for t in item.tasks if t.kind == after)
+            if getattr(task.params, "explain", False):
                 continue
             runner = self.runners[task.kind]
             found = self._store.existing_caption(blob.source, blob.bucket, blob.key, blob.version, runner.name,
@@ -413,7 +415,7 @@ class Engine:
     @staticmethod
     def _run_model(runner: Runner, pixels: np.ndarray, texts: list[str] | None, entries: list[_Entry]) -> list[Any]:
         params = [e.task.params for e in entries]
-        if getattr(params[0], "adapter", None) is not None or any(getattr(p, "adapter", None) for p in params):
+        if any(getattr(p, "adapter", None) is not None for p in params):
             # Captions of several adapters (and of none) in one generate: the batch key ignores them.
             return runner.run_adapters(pixels, params[0], [p.adapter for p in params])  # type: ignore[attr-defined]
         return runner.run(pixels, texts, params[0])
