@@ -68,6 +68,14 @@ def test_dead_letters_are_listed_newest_first_filtered_by_code_and_job(store: St
     assert admin.dead_letters(code="not_found", job=second) == []
 
 
+def test_a_dead_letters_message_is_kept_to_its_first_2000_characters(store: Store):
+    job = create_job(store, [caption_task("m")], ["/data/long.jpg"])
+    store.claim(job, [0], "w9")
+    store.write_dead([DeadRow(job, 0, "model_error", "x" * 1999 + "yz" + "w" * 1000, "w9")])
+    (row,) = Admin(store.engine).dead_letters(code=None, job=job)
+    assert row["message"] == "x" * 1999 + "y"
+
+
 def test_dead_letters_are_listed_a_hundred_at_a_time_by_default(store: Store):
     job = create_job(store, [caption_task("m")], [f"/data/{i}.jpg" for i in range(101)])
     dead(store, job, range(101), "not_found")
