@@ -14,7 +14,7 @@ build passes (mutmut's forced-fail check), so an inert setup cannot report a sco
     python -m tests.mutate imgq.retry.*    # only mutants whose names match (fnmatch)
     python -m tests.mutate --report        # the summary of the last run, again
     python -m tests.mutate --keep PATTERN  # again, reusing the last run's stats (new tests get theirs)
-    python -m tests.mutate --budget 0      # every covering test for each mutant (default: 10 s worth)
+    python -m tests.mutate --budget 0      # every covering test for each mutant (default: 5 s worth)
 
 The run's own services (tests/mutation_plugin.py says what each session gets): one Postgres, its
 template migrated by the staged code, without fsync; one moto; the tiny checkpoints written once;
@@ -57,7 +57,7 @@ SCOPE = [
 # (tests/mutation_plugin.py): a survivor then costs seconds, not minutes of every test that happens
 # to call the function. A mutant only a slower test would kill counts as surviving: the score is a
 # lower bound. ``--budget 0`` runs them all.
-BUDGET_S = 10.0
+BUDGET_S = 5.0
 
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout",
           37: "type check", 24: "timeout", -24: "timeout", 152: "timeout", 255: "timeout", None: "not checked"}

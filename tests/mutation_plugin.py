@@ -21,10 +21,10 @@ start moto and write the tiny model checkpoints: seconds per mutant, most of a r
   happens to call its function (110 tests, 84 s, for one of ``Store.claim``). A mutant only a
   slower test would kill counts as surviving: the score is a lower bound.
 - Each test gets a time limit of its own (pytest-timeout), ten times its stats-run duration and at
-  least 30 s (5 s for a unit test), instead of the suite's 300 s: a mutant that makes a test wait
+  least 15 s (5 s for a unit test), instead of the suite's 300 s: a mutant that makes a test wait
   for ever (a job that never finishes) is a failure after seconds, not five minutes. mutmut's own
   limit is per mutant, fifteen times the sum of its tests' durations. Futures the tests expect to
-  settle at once are awaited 3 s instead of 10 (``IMGQ_TEST_WAIT_S``, tests/waits.py).
+  settle at once are awaited 1.5 s instead of 10 (``IMGQ_TEST_WAIT_S``, tests/waits.py).
 - The heap the session inherits (torch, transformers, the collected suite: millions of objects) is
   frozen (``gc.freeze``) when the session starts. Without it every session spends most of its
   start-up and teardown walking that heap: pytest's unraisable-exception plugin runs ``gc.collect``
@@ -50,12 +50,12 @@ from typing import Any
 import pytest
 
 TIMEOUT_FACTOR = 10
-MIN_TIMEOUT_S = 30.0
+MIN_TIMEOUT_S = 15.0
 # A unit test takes milliseconds and starts no server: a floor of 5 s is still 50 times the
-# slowest one's stats-run time, and a hanging mutant of the engine then costs 5 s, not 30.
+# slowest one's stats-run time, and a hanging mutant of the engine then costs 5 s, not 15.
 MIN_UNIT_TIMEOUT_S = 5.0
 # Futures that should settle at once are awaited this long (tests/waits.py), not 10 s.
-os.environ.setdefault("IMGQ_TEST_WAIT_S", "3")
+os.environ.setdefault("IMGQ_TEST_WAIT_S", "1.5")
 
 
 def pytest_configure(config: pytest.Config) -> None:

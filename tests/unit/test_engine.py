@@ -134,7 +134,7 @@ def test_write_outage_past_the_limit_asks_for_retry(results):
     results.fail_next = 1000
     engine = make_engine(EchoRunner(), results)
     [item] = engine.submit(JOB, [caption()], [(3, "img-0.1")])
-    outcome = item.future.result(SETTLE_S)
+    outcome = item.future.result(SETTLE_S + 2.0)  # past db_retry_s
     engine.stop()
     assert outcome == Outcome(3, "retry", "db_unavailable", "database unavailable (injected)")
 
