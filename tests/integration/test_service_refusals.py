@@ -17,34 +17,20 @@ from imgq.params import EmbedParams, ValidateParams
 from imgq.retry import RetryPolicy
 from imgq.worker.engine import Outcome, WorkItem
 from imgq.worker.service import MessageService, Summary
+from tests.integration.test_service import RecordingEngine
 from tests.jobs import caption_task, create_job, message
 
 pytestmark = pytest.mark.integration
 
 
-class ServingEngine:
-    """Stands in for the Engine: serves ``served`` with runners named after their models, settles
-    every item it is given as done."""
+class ServingEngine(RecordingEngine):
+    """RecordingEngine with runners named after their models and a worker name like a real one's."""
 
     worker_name = "host-a:4242"
 
     def __init__(self, served: list[TaskSpec]) -> None:
-        self.served = served
+        super().__init__(served)
         self.runners = {t.kind: SimpleNamespace(name=t.model) for t in served}
-
-    def serves(self, task: TaskSpec) -> bool:
-        return task in self.served
-
-    def in_flight(self, job: uuid.UUID, seqs: list[int]) -> dict[int, Any]:
-        return {}
-
-    def submit(self, job: uuid.UUID, tasks: list[TaskSpec], items: list[Any]) -> list[WorkItem]:
-        work = []
-        for seq, ref, *rest in items:
-            item = WorkItem(job, seq, ref, tuple(tasks), rest[0] if rest else None)
-            item.future.set_result(Outcome(seq, "done"))
-            work.append(item)
-        return work
 
 
 def service(store: Store, engine: ServingEngine) -> MessageService:

@@ -35,6 +35,16 @@ def eventually(check, seconds: float = SETTLE_S) -> bool:  # type: ignore[no-unt
     return True
 
 
+def gated(gate: threading.Event):  # type: ignore[no-untyped-def]
+    """A decode that waits for ``gate``: items submitted before it opens meet in one batch."""
+
+    def held_decode(data: bytes):  # type: ignore[no-untyped-def]
+        assert gate.wait(SETTLE_S)
+        return decode(data)
+
+    return held_decode
+
+
 def engine_of(results: MemoryResults, *runners: object, max_batch: int = 4, max_wait_s: float = 0.01,
               **kw: object) -> Engine:
     return Engine(store=results, runners={r.kind: r for r in runners}, fetch=fetch, decode=decode,  # type: ignore[attr-defined,arg-type]
@@ -126,10 +136,7 @@ def test_captions_with_an_adapter_anywhere_in_the_batch_go_through_the_adapter_p
     """The first row plain, the second tuned: one generate with the adapters named per row. The
     decodes wait until all three are submitted, so that the three meet in one batch."""
     gate = threading.Event()
-
-    def held_decode(data: bytes):  # type: ignore[no-untyped-def]
-        assert gate.wait(SETTLE_S)
-        return decode(data)
+    held_decode = gated(gate)
 
     runner = EchoRunner()
     engine = Engine(store=MemoryResults(), runners={"caption": runner}, fetch=fetch, decode=held_decode,  # type: ignore[arg-type,dict-item]
@@ -151,10 +158,7 @@ def test_strikes_reset_when_a_batch_succeeds_and_the_model_turns_unhealthy_only_
     """Batches of two that fail entirely strike the model (a lone item failing while the model
     works is the item's fault); a batch that succeeds clears the strikes."""
     gate = threading.Event()
-
-    def held_decode(data: bytes):  # type: ignore[no-untyped-def]
-        assert gate.wait(SETTLE_S)
-        return decode(data)
+    held_decode = gated(gate)
 
     class Flaky(EchoRunner):
         def run(self, pixels: np.ndarray, texts: object, params: object) -> list[object]:
