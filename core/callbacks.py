@@ -58,7 +58,8 @@ class HostPolicy:
         suffixes: list[str] = []
         networks: list[IPNetwork] = []
         for raw in entries:
-            entry = raw.strip().lower().rstrip(".")
+            # No lower(): _hostname lower-cases names, and ip_network reads either case.
+            entry = raw.strip().rstrip(".")
             if not entry:
                 continue
             if entry.startswith("[") and entry.endswith("]"):

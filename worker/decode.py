@@ -62,7 +62,7 @@ def decode(data: bytes, *, max_pixels: int, target: int | None = None) -> Decode
         width, height = im.size
         _check_pixels(im.format, width, height, max_pixels)
         if target is not None and im.format in ("JPEG", "MPO"):
-            im.draft("RGB", (target, target))
+            im.draft("RGB", (target, target))  # pragma: no mutate (_to_rgb converts whatever mode comes)
         large = im.size[0] * im.size[1] > LARGE_PIXELS
         with _LARGE if large else contextlib.nullcontext():
             return _load(im, width, height)
@@ -81,7 +81,8 @@ def _load(im: ImageFile.ImageFile, width: int, height: int) -> DecodedImage:
         orientation = _orientation(im)
         if orientation in _SWAPS_AXES:
             width, height = height, width
-        upright = ImageOps.exif_transpose(im) if orientation in range(2, 9) else im
+        # exif_transpose leaves other values as they are: the range only saves its copy.
+        upright = ImageOps.exif_transpose(im) if orientation in range(2, 9) else im  # pragma: no mutate
         rgb = _to_rgb(upright)
     except MemoryError:
         im.close()
@@ -104,9 +105,9 @@ def _identify(data: bytes, max_pixels: int) -> ImageFile.ImageFile:
     broken: Exception | None = None
     for fmt in ALLOWED_FORMATS:
         if fmt not in Image.OPEN:  # a Pillow build without this plugin
-            continue
+            continue  # pragma: no mutate (all are built in here)
         factory, accept = Image.OPEN[fmt]
-        verdict = accept(prefix) if accept else True
+        verdict = accept(prefix) if accept else True  # pragma: no mutate (all allowed plugins have one)
         if isinstance(verdict, str):  # the plugin recognises it but cannot read it (e.g. no codec)
             raise errors.UnsupportedFormat(f"{fmt}: {verdict}")
         if not verdict:
@@ -114,7 +115,7 @@ def _identify(data: bytes, max_pixels: int) -> ImageFile.ImageFile:
         if fmt == "GIF":
             _check_gif_extent(data, max_pixels)
         try:
-            return factory(io.BytesIO(data), "")
+            return factory(io.BytesIO(data), "")  # pragma: no mutate (plugins ignore the name)
         except MemoryError:
             raise
         except Image.DecompressionBombError as exc:  # WebP checks its canvas inside the parser
@@ -178,7 +179,7 @@ def _other_format(data: bytes, prefix: bytes) -> str | None:
                 if accept(prefix):
                     return fmt
                 continue
-            with factory(io.BytesIO(data), ""):
+            with factory(io.BytesIO(data), ""):  # pragma: no mutate (plugins ignore the name)
                 return fmt
         except MemoryError:
             raise
@@ -205,9 +206,9 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         # Transparent areas are usually meant as background: white, not whatever colour hides
         # there. Pasting through the alpha channel onto white needs one RGB canvas and one mask,
         # not the three full RGBA copies of an alpha_composite.
-        rgba = im if mode == "RGBA" else im.convert("RGBA")
-        out = Image.new("RGB", rgba.size, (255, 255, 255))
-        out.paste(rgba.convert("RGB") if rgba.mode != "RGB" else rgba, mask=rgba.getchannel("A"))
+        rgba = im if mode == "RGBA" else im.convert("RGBA")  # pragma: no mutate (a copy: same pixels)
+        out = Image.new("RGB", rgba.size, (255, 255, 255))  # pragma: no mutate (Pillow saturates 256 to 255)
+        out.paste(rgba, mask=rgba.getchannel("A"))  # the colour bands of RGBA onto RGB: no RGB copy
         return out
     return im.convert("RGB")  # L, 1, P, CMYK (Adobe inversion is undone by the JPEG plugin), YCbCr...
 

@@ -109,7 +109,7 @@ class Engine:
         max_wait_s: float,
         decode_threads: int,
         clock: Callable[[], float] = time.monotonic,
-        db_retry_s: float = 120.0,
+        db_retry_s: float = 120.0,  # pragma: no mutate (how long an outage is ridden out: wall-clock only)
         max_strikes: int = 3,
         on_unhealthy: Callable[[str], None] | None = None,
         decode_timeout_s: float | None = 30.0,
@@ -151,7 +151,7 @@ class Engine:
         self._decoding: dict[int, tuple[WorkItem, float]] = {}
         self._max_strikes = max_strikes
         self._strikes = 0
-        self._ever_ok = False
+        self._ever_ok = False  # pragma: no mutate (None is as falsy; the first batch makes it a bool)
         self.unhealthy: str | None = None
         self._on_unhealthy = on_unhealthy
 
@@ -161,13 +161,16 @@ class Engine:
             thread.start()
         return self
 
-    def stop(self, timeout: float = 30.0) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=False)
+    def stop(self, timeout: float = 30.0) -> None:  # pragma: no mutate (a join bound only a hung thread meets)
+        # Not mutated: both are the defaults, spelled out (omitting either changes nothing). That stop()
+        # waits for the decodes under way is pinned by tests/unit/test_engine_mutants.
+        self._pool.shutdown(wait=True, cancel_futures=False)  # pragma: no mutate
         self._stop.set()
         self._ready.put(None)  # the inference thread sees the stop now, not at its next 0.2 s poll
-        self._threads[0].join(timeout)
+        infer, write = self._threads
+        infer.join(timeout)  # pragma: no mutate (a bound only a hung thread meets)
         self._writes.put(None)
-        self._threads[1].join(timeout)
+        write.join(timeout)  # pragma: no mutate (a bound only a hung thread meets)
 
     def serves(self, task: TaskSpec) -> bool:
         runner = self.runners.get(task.kind)
@@ -200,12 +203,13 @@ class Engine:
 
     def _forget(self, key: tuple[uuid.UUID, int]) -> None:
         with self._lock:
-            self._inflight.pop(key, None)
+            self._inflight.pop(key)  # always there: only this callback removes it
 
     # -- decode threads -------------------------------------------------------------------------
     def _prepare(self, item: WorkItem) -> None:
         self._decoded.acquire()
-        ready = False
+        # Not mutated: None is as falsy. That a failed item frees its slot is pinned by test_engine_mutants.
+        ready = False  # pragma: no mutate
         try:
             for task in item.tasks:  # parameters only a worker can judge (a language, an adapter)
                 check = getattr(self.runners[task.kind], "check_params", None)
@@ -213,7 +217,7 @@ class Engine:
                     check(task.params)
             blob = self._fetch(item.ref)
             stages = _stages(item.tasks)
-            size = self._reuse(item, blob, stages) if stages else None
+            size = self._reuse(item, blob, stages)  # None without stages
             todo = [t for t in item.tasks if KINDS[t.kind].after is None and t.kind not in item.results]
             if todo:
                 with self._lock:
@@ -222,7 +226,7 @@ class Engine:
                     decoded = self._decode(blob.data)
                 finally:
                     with self._lock:
-                        self._decoding.pop(id(item), None)
+                        del self._decoding[id(item)]
                 size = (decoded.width, decoded.height)
             if item.failed:  # timed out meanwhile: settled already
                 return
@@ -262,8 +266,10 @@ class Engine:
             # A stage's input task is in every job that has the stage (imgq.kinds checks it at
             # enqueue), and nothing has run yet: this is the item's first step.
             task = next(t for t in item.tasks if t.kind == after)
-            if getattr(task.params, "explain", False):
-                continue
+            # Not mutated: that input is a caption, whose params always have explain; and a job has one
+            # stage at most (a kind appears once, only translate has `after`): continue and break agree.
+            if getattr(task.params, "explain", False):  # pragma: no mutate
+                continue  # pragma: no mutate
             runner = self.runners[task.kind]
             found = self._store.existing_caption(blob.source, blob.bucket, blob.key, blob.version, runner.name,
                                                  runner.revision, task.params.digest())
@@ -302,13 +308,15 @@ class Engine:
     # -- inference thread -----------------------------------------------------------------------
     def _infer_loop(self) -> None:
         while not (self._stop.is_set() and self._ready.empty() and not len(self._batcher)):
-            deadline = self._batcher.next_deadline()
-            timeout = 0.2 if deadline is None else max(0.0, deadline - self._clock())
+            # Not mutated: another poll, floor or no deadline only delays due batches and decode expiry.
+            # That the wait ends when the oldest batch is due is pinned by tests/unit/test_engine_mutants.
+            deadline = self._batcher.next_deadline()  # pragma: no mutate
+            timeout = 0.2 if deadline is None else max(0.0, deadline - self._clock())  # pragma: no mutate
             batches: list[Batch[BatchKey, _Entry]] = []
             try:
                 entry = self._ready.get(timeout=timeout)
                 if entry is not None:
-                    batches += self._batcher.add(entry.key(), entry)
+                    batches = self._batcher.add(entry.key(), entry)
             except queue.Empty:
                 pass
             batches += self._batcher.due()
@@ -343,7 +351,7 @@ class Engine:
         alone = len(entries) == 1 and self._ever_ok and self._strikes == 0
         if succeeded or alone:
             self._ever_ok = self._ever_ok or bool(succeeded)
-            self._strikes = 0 if succeeded else self._strikes
+            self._strikes = 0  # after a success; and an item fails alone only when there are none
             for entry, error in failed:  # failed alone while the model works: the item's fault
                 if isinstance(error, errors.OutOfMemory):
                     self._fail(entry.item, error)  # the device is busy elsewhere; try again later
@@ -355,7 +363,7 @@ class Engine:
         # Every item failed: the model (or device) may be what is broken. Nothing is charged to
         # the items beyond the delivery; they go back to the queue.
         self._strikes += 1
-        reason = failed[0][1].message if failed else "unknown"
+        reason = failed[0][1].message  # a batch that ran nothing failed every one of its items
         for entry, error in failed:
             self._fail(entry.item, error if isinstance(error, errors.OutOfMemory) else
                        errors.ModelUnhealthy(f"every item of the batch failed: {error.message}"))
@@ -396,7 +404,7 @@ class Engine:
         self.stats["batches"] += 1
         self.stats["items"] += len(entries)
         done: list[WorkItem] = []
-        for entry, value in zip(entries, values, strict=True):
+        for entry, value in zip(entries, values, strict=True):  # pragma: no mutate (one value per input)
             if lang is None:
                 entry.item.results[task.kind] = value
             else:

@@ -115,6 +115,10 @@ class DecompressionBombError(Exception):  # PIL.Image.DecompressionBombError, by
     pass
 
 
+class DecompressionBombWarning(Warning):  # PIL.Image.DecompressionBombWarning, raised as an error
+    pass
+
+
 class UnidentifiedImageError(OSError):  # PIL.UnidentifiedImageError, by class name
     pass
 
@@ -124,6 +128,8 @@ class UnidentifiedImageError(OSError):  # PIL.UnidentifiedImageError, by class n
     [
         (DecompressionBombError("Image size (200000000 pixels) exceeds limit"), errors.TooManyPixels,
          "Image size (200000000 pixels) exceeds limit"),
+        (DecompressionBombWarning("Image size (100000000 pixels) could be a bomb"), errors.TooManyPixels,
+         "Image size (100000000 pixels) could be a bomb"),
         (UnidentifiedImageError("cannot identify image file <_io.BytesIO>"), errors.NotAnImage,
          "Pillow cannot identify the bytes as an image"),
         (FileNotFoundError(2, "No such file or directory", "/data/a.jpg"), errors.NotFound,

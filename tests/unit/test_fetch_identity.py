@@ -159,3 +159,16 @@ def test_the_fetcher_builds_one_client_from_the_settings_with_a_connection_per_d
     assert client.meta.endpoint_url == "http://127.0.0.1:9"
     assert client.meta.region_name == "eu-west-3"
     assert client.meta.config.max_pool_connections == 6
+
+
+def test_a_ref_refused_at_fetch_keeps_the_parser_s_reason(root: Path) -> None:
+    """A forged message, or a root removed since enqueue: the dead letter says why, as enqueue would."""
+    from imgq.refs import parse_ref
+
+    outside = str(root.parent / "elsewhere.png")
+    with pytest.raises(errors.RefRefused) as parsed:
+        parse_ref(outside, allowed_buckets=[], local_roots=[root])
+    with pytest.raises(errors.BadRef) as refused:
+        local_fetcher(root).fetch(outside)
+    assert str(refused.value) == str(parsed.value) == f"{outside!r} is outside IMGQ_LOCAL_ROOTS"
+

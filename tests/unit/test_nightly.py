@@ -113,3 +113,13 @@ def test_pair_kinds_and_unknown_parameters_are_refused():
 def test_a_backfill_without_a_name_is_named_after_its_kinds_and_source():
     assert default_name("s3://photos/2026/", "caption,embed") == "caption,embed:s3://photos/2026/"
     assert BackfillSpec(name="x", source="s3://b").kinds == "caption"
+
+
+def test_repeated_backfill_names_are_all_named_once_in_order():
+    from imgq.nightly import BackfillSpec, check_unique
+
+    specs = [BackfillSpec(name=n, source="s3://photos/") for n in ("b", "a", "b", "c", "a", "b")]
+    with pytest.raises(ValueError) as info:
+        check_unique(specs)
+    assert str(info.value) == "backfill names must be unique; repeated: a, b"
+    assert check_unique(specs[1:2] + specs[3:4]) == [specs[1], specs[3]]
