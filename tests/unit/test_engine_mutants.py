@@ -124,6 +124,16 @@ def test_a_lone_item_runs_at_once_when_nothing_else_is_being_prepared():
     assert (row.job, row.seq, row.worker, row.results["caption"][4]) == (JOB, 0, "w", "mean 0.100")
 
 
+def test_an_engine_that_idled_past_its_poll_still_takes_work():
+    """The inference thread outlives empty polls (0.2 s each with nothing batched): a worker that
+    sat idle between messages must still run the next one."""
+    results = MemoryResults()
+    engine = engine_of(results, EchoRunner())
+    time.sleep(0.45)  # two empty polls
+    assert settle(engine, [CAPTION], ["img-0.1"]) == [("done", None)]
+    engine.stop()
+
+
 def test_a_batch_due_by_max_wait_runs_while_another_item_is_still_decoding():
     """The inference thread waits for the next entry only until the oldest batch is due: an item
     must not wait for an unrelated decode to end."""
