@@ -9,6 +9,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from prometheus_client import REGISTRY
@@ -45,10 +46,15 @@ def gated(gate: threading.Event):  # type: ignore[no-untyped-def]
     return held_decode
 
 
-def engine_of(results: MemoryResults, *runners: object, max_batch: int = 4, max_wait_s: float = 0.01,
-              **kw: object) -> Engine:
-    return Engine(store=results, runners={r.kind: r for r in runners}, fetch=fetch, decode=decode,  # type: ignore[attr-defined,arg-type]
-                  worker_name="w", max_batch=max_batch, max_wait_s=max_wait_s, decode_threads=2, **kw).start()
+def build(results: MemoryResults, *runners: Any, max_batch: int = 4, max_wait_s: float = 0.01,
+          decode_threads: int = 2, decoder: Any = decode, **kw: Any) -> Engine:
+    """An engine not started yet (``engine_of`` starts it)."""
+    return Engine(store=results, runners={r.kind: r for r in runners}, fetch=fetch, decode=decoder,
+                  worker_name="w", max_batch=max_batch, max_wait_s=max_wait_s, decode_threads=decode_threads, **kw)
+
+
+def engine_of(results: MemoryResults, *runners: Any, **kw: Any) -> Engine:
+    return build(results, *runners, **kw).start()
 
 
 def settle(engine: Engine, tasks: list, refs: list[str], job: uuid.UUID | None = None) -> list[tuple[str, str | None]]:

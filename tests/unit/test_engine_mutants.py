@@ -26,34 +26,11 @@ from imgq.params import TranslateParams, ValidateParams
 from imgq.worker import engine as engine_module
 from imgq.worker.engine import Engine, Outcome, WorkItem, _Write
 from imgq.worker.fakes import EchoRunner, EchoTranslator, MemoryResults, OutOfMemoryError
-from tests.unit.test_engine import GatedModel, decode, fetch
-from tests.unit.test_engine_accounting import CAPTION, engine_of, eventually, gated, settle
+from tests.unit.test_engine import GatedModel, decode
+from tests.unit.test_engine_accounting import CAPTION, build, engine_of, eventually, gated, settle
 from tests.waits import SETTLE_S
 
 JOB = uuid.uuid4()
-
-
-def build(
-    results: MemoryResults,
-    *runners: Any,
-    max_batch: int = 4,
-    max_wait_s: float = 0.01,
-    decode_threads: int = 2,
-    decoder: Any = decode,
-    **kw: Any,
-) -> Engine:
-    """An engine not started yet (``engine_of`` starts it)."""
-    return Engine(
-        store=results,
-        runners={r.kind: r for r in runners},
-        fetch=fetch,
-        decode=decoder,
-        worker_name="w",
-        max_batch=max_batch,
-        max_wait_s=max_wait_s,
-        decode_threads=decode_threads,
-        **kw,
-    )
 
 
 def queued(engine: Engine, tasks: list[TaskSpec], refs: list[str], job: uuid.UUID = JOB) -> list[WorkItem]:
