@@ -3,7 +3,9 @@
 - ``poison``: an image whose bytes contain b"IMGQ-POISON" kills the process (SIGKILL) when decoded;
 - ``kill_before_commit``: the first result write after the file named by IMGQ_TEST_MARKER
   appears kills the process after inference, before the commit (the file is removed first);
-- ``broken_model``: every caption batch fails as a dead CUDA context would.
+- ``broken_model``: every caption batch fails as a dead CUDA context would;
+- ``slow_model``: every caption batch first sleeps IMGQ_TEST_SLOW_S seconds (default 3), so
+  that work is surely in flight when a test signals the worker, however fast the machine.
 
 Everything else is the real CLI entry point, unchanged.
 """
@@ -49,6 +51,20 @@ if "broken_model" in faults:
         raise RuntimeError("CUDA error: device-side assert triggered")
 
     CaptionModel.caption = caption
+
+if "slow_model" in faults:
+    import time
+
+    from imgq.worker.model import CaptionModel
+
+    real_caption = CaptionModel.caption
+    pause = float(os.environ.get("IMGQ_TEST_SLOW_S", "3"))
+
+    def slow_caption(self, pixel_values, params):  # type: ignore[no-untyped-def]
+        time.sleep(pause)
+        return real_caption(self, pixel_values, params)
+
+    CaptionModel.caption = slow_caption
 
 if __name__ == "__main__":
     from imgq.cli import main

@@ -110,7 +110,10 @@ def test_a_worker_that_exits_past_its_shutdown_grace_has_its_items_reaped(
         path.write_bytes(jpeg_bytes(160, 120, 300 + i))
         refs.append(str(path))
     store = Store.from_url(settings.database_url)
-    victim = start_worker(settings, slow_tiny_model_dir, tmp_path, "victim")
+    # The victim's batches each take 3 s more, so when it is signalled it surely holds work that
+    # outlasts the 1 s grace (with the plain model, a fast run could finish it in time: exit 0).
+    victim = start_worker(settings, slow_tiny_model_dir, tmp_path, "victim",
+                          env_extra={"IMGQ_TEST_FAULTS": "slow_model", "IMGQ_TEST_SLOW_S": "3"})
     survivor = start_worker(settings, slow_tiny_model_dir, tmp_path, "survivor")
     try:
         deadline = time.monotonic() + 90
@@ -125,8 +128,12 @@ def test_a_worker_that_exits_past_its_shutdown_grace_has_its_items_reaped(
                       "--max-new-tokens", "6")
         assert out.returncode == 0, out.stderr
         job = uuid.UUID(out.stdout.strip())
-        while store.counts(job)["done"] < 8:
-            time.sleep(0.1)
+        held = text("SELECT count(*) FROM job_items WHERE state = 'running' AND worker LIKE :pid")
+        with store.engine.connect() as conn:
+            while conn.execute(held, {"pid": f"%:{victim.pid}"}).scalar_one() == 0:
+                assert time.monotonic() < deadline, "the victim never claimed an item"
+                time.sleep(0.1)
+                conn.rollback()
         victim.send_signal(signal.SIGTERM)
         assert victim.wait(30) == 70, "past the 1 s grace the worker exits 70 with messages unacknowledged"
         left = time.monotonic()
