@@ -127,7 +127,7 @@ class Engine:
             max_batch, max_wait_s, clock, limit=lambda key: max_batch // self._costs.get(key, 1)
         )
         self._pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="imgq-decode")
-        self._ready: queue.Queue[_Entry | None] = queue.Queue()  # None: stop() waking the loop
+        self._ready: queue.Queue[_Entry | None] = queue.Queue()  # None: a wake-up (stop, or decodes done)
         self._writes: queue.Queue[_Write | None] = queue.Queue()
         self._preparing = 0
         # Backpressure: at most this many decoded items wait for the models. Decode threads block
@@ -182,18 +182,23 @@ class Engine:
         for task in tasks:
             self._costs[(task.kind, task.params.batch_digest())] = task.params.batch_cost()
         work: list[WorkItem] = []
-        for seq, ref, *rest in items:
-            with self._lock:
+        fresh: list[WorkItem] = []
+        with self._lock:
+            for seq, ref, *rest in items:
                 # A second delivery of an item this process is already working on (a requeued or
                 # duplicated message) waits for the same outcome instead of computing it again.
                 running = self._inflight.get((job, seq))
-                if running is not None:
-                    work.append(running)
-                    continue
-                item = self._inflight[(job, seq)] = WorkItem(job, seq, ref, tuple(tasks), rest[0] if rest else None)
-                self._preparing += 1
-            item.future.add_done_callback(lambda _f, key=(job, seq): self._forget(key))
-            work.append(item)
+                if running is None:
+                    running = self._inflight[(job, seq)] = WorkItem(job, seq, ref, tuple(tasks),
+                                                                    rest[0] if rest else None)
+                    fresh.append(running)
+                work.append(running)
+            # The whole message counts as preparing before its first item reaches a decode thread:
+            # counted one by one, an item decoded before the next was counted left the inference
+            # loop seeing nothing more coming, and it flushed batches of one.
+            self._preparing += len(fresh)
+        for item in fresh:
+            item.future.add_done_callback(lambda _f, key=(item.job, item.seq): self._forget(key))
             self._pool.submit(self._prepare, item)
         return work
 
@@ -256,6 +261,11 @@ class Engine:
                 self._decoded.release()
             with self._lock:
                 self._preparing -= 1
+                last = self._preparing == 0
+            if last:
+                # The loop may have taken this item's entries while it still counted as preparing,
+                # and be waiting out max_wait_s for more: nothing more is coming, so wake it.
+                self._ready.put(None)
 
     def _reuse(self, item: WorkItem, blob: Blob, stages: list[TaskSpec]) -> tuple[int, int] | None:
         """A stage's input already stored for this image version, model and parameters (a caption
