@@ -10,6 +10,10 @@ Each repeat runs every (variant, message size) once, alternating, on the same em
 * ``before-0009``: the acceptance of before migration 0009 put back (:func:`window_cli`,
   :func:`schema_before_0009`): ``job_items`` with its foreign key to ``jobs`` and the index of
   every pending item, and enqueue publishing the job's whole first window itself.
+* ``before-0010``: the CLI as it is on ``job_items`` with the four foreign keys of its result links
+  put back (image, caption, embedding, match), as before migration 0010.
+* ``streams-1``: the CLI as it is with ``IMGQ_COPY_STREAMS=1``: the items in one COPY, as before
+  the side streams (``after`` runs the default, 2).
 
     .venv/bin/python -m bench.enqueue [--refs 100000] [--repeats 3] [--variants before-0009,after]
 
@@ -67,7 +71,10 @@ def window_cli() -> None:
 
 
 # What migration 0009 changed in job_items, for the before-0009 variant (on emptied tables: instant).
+_LINKS = {"image_id": "images", "caption_id": "captions", "embedding_id": "embeddings", "match_id": "matches"}
 _SCHEMA = {
+    "before-0010": [f"ALTER TABLE job_items ADD CONSTRAINT job_items_{column}_fkey FOREIGN KEY ({column}) "
+                    f"REFERENCES {table} (id)" for column, table in _LINKS.items()],
     "before-0009": [
         "ALTER TABLE job_items ADD CONSTRAINT job_items_job_id_fkey FOREIGN KEY (job_id) REFERENCES jobs (id) "
         "ON DELETE CASCADE",
@@ -77,12 +84,14 @@ _SCHEMA = {
 
 
 def schema_before_0009(store: Any, variant: str) -> None:
-    """Put ``job_items`` as ``variant`` had it: that of before 0009, or today's."""
+    """Put ``job_items`` as ``variant`` had it: that of before 0009 or 0010, or today's."""
     from sqlalchemy import text
 
     with store.engine.begin() as conn:
         conn.execute(text("ALTER TABLE job_items DROP CONSTRAINT IF EXISTS job_items_job_id_fkey"))
         conn.execute(text("DROP INDEX IF EXISTS job_items_pending"))
+        for column in _LINKS:
+            conn.execute(text(f"ALTER TABLE job_items DROP CONSTRAINT IF EXISTS job_items_{column}_fkey"))
         for statement in _SCHEMA.get(variant, []):
             conn.execute(text(statement))
 
@@ -112,7 +121,10 @@ def main() -> int:
             "before": [sys.executable, "-c", "from bench.enqueue import before_cli; before_cli()"],
             "after": [sys.executable, "-m", "imgq.cli"],
             "before-0009": [sys.executable, "-c", "from bench.enqueue import window_cli; window_cli()"],
+            "streams-1": [sys.executable, "-m", "imgq.cli"],
+            "before-0010": [sys.executable, "-m", "imgq.cli"],
         }
+        envs = {variant: env for variant in commands} | {"streams-1": env | {"IMGQ_COPY_STREAMS": "1"}}
         results: dict[tuple[str, int], list[float]] = {(v, n): [] for n in sizes for v in variants}
         # The CLI's own CPU seconds (user + system): on a shared machine less noisy than the wall.
         cpu: dict[tuple[str, int], list[float]] = {key: [] for key in results}
@@ -125,7 +137,7 @@ def main() -> int:
                 t = time.perf_counter()
                 out = subprocess.run([*commands[variant], "enqueue", "caption", "-f", str(listing),
                                       "--refs-per-message", str(per_message)],
-                                     env=env, cwd=ROOT, capture_output=True, text=True)
+                                     env=envs[variant], cwd=ROOT, capture_output=True, text=True)
                 elapsed = time.perf_counter() - t
                 after = resource.getrusage(resource.RUSAGE_CHILDREN)
                 cpu[variant, per_message].append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
@@ -137,7 +149,7 @@ def main() -> int:
             print(f"imgq enqueue -f ({args.refs:,} refs, {per_message:>3} refs/message) {variant:>6}: "
                   f"{median(values):>8,.0f} refs/s  raw {[round(v) for v in values]}; "
                   f"CLI CPU {median(cpu[variant, per_message]):.2f} s")
-        for base in ("before", "before-0009"):
+        for base in ("before", "before-0009", "before-0010", "streams-1"):
             if {base, "after"} <= set(variants):
                 for per_message in sizes:
                     ratio = [a / b for a, b in zip(results["after", per_message], results[base, per_message],

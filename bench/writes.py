@@ -20,6 +20,9 @@ Variants, each one transaction per call:
   prepared statements off (``prepare_threshold=None``), so Postgres plans every call for its own
   parameters instead of reusing a generic plan after the fifth. Diagnostic, not a deployment:
   the worker's store uses psycopg's default (prepare from the fifth execution).
+* ``write_done, links with keys (before 0010)``: ``Store.write_done`` itself, on ``job_items`` with
+  the foreign keys of its result links put back (:data:`SETUP`), as before migration 0010: the
+  finishing UPDATE then checks each link it sets.
 ``--variants`` picks some of them (default: all).
 ``--stale-stats N`` times each variant's first writes into a new job of N items when ``job_items``
 was analysed while the queue was drained, so the statistics say the partial index
@@ -225,10 +228,27 @@ VARIANTS: dict[str, Callable[[Store, Sequence[DoneItem]], None]] = {
     "one CTE (before kinds)": one_cte,
     "three statements (older)": three_statements,
     "write_done, unprepared": write_done_unprepared,
+    "write_done, links with keys (before 0010)": write_done,
 }
+_LINKS = {"image_id": "images", "caption_id": "captions", "embedding_id": "embeddings", "match_id": "matches"}
+
+
+def _link_keys(add: bool) -> Any:
+    def apply(store: Store) -> None:
+        with store.engine.begin() as conn:
+            for column, table in _LINKS.items():
+                conn.execute(text(
+                    f"ALTER TABLE job_items ADD CONSTRAINT job_items_{column}_fkey FOREIGN KEY ({column}) "
+                    f"REFERENCES {table} (id)" if add else
+                    f"ALTER TABLE job_items DROP CONSTRAINT job_items_{column}_fkey"))
+    return apply
+
+
+# What a variant's schema differs in: set up before its timed writes, undone after them.
+SETUP = {"write_done, links with keys (before 0010)": (_link_keys(True), _link_keys(False))}
 BASELINE = "write_done before the guard"
 # Names for --variants.
-SHORT = dict(zip(["now", "before", "cte", "three", "unprepared"], VARIANTS, strict=True))
+SHORT = dict(zip(["now", "before", "cte", "three", "unprepared", "keys"], VARIANTS, strict=True))
 
 
 def items_for(store: Store, n: int, tag: str) -> list[DoneItem]:
@@ -321,11 +341,16 @@ def main() -> int:
                     if args.history:
                         with store.engine.begin() as conn:
                             conn.execute(text("ANALYZE job_items"))
+                    setup, undo = SETUP.get(name, (None, None))
+                    if setup is not None:
+                        setup(store)
                     c = time.thread_time()
                     t = time.perf_counter()
                     for start in range(0, len(items), batch):
                         VARIANTS[name](store, items[start : start + batch])
                     dt = time.perf_counter() - t
+                    if undo is not None:
+                        undo(store)
                     res[name].append(len(items) / dt)
                     client[name].append((time.thread_time() - c) / dt)
             base = median(res[BASELINE])

@@ -100,6 +100,10 @@ class Settings(BaseSettings):
 
     queue: str = "imgq"
     refs_per_message: int = Field(16, ge=1, le=1000, description="Refs packed into one broker message.")
+    copy_streams: int = Field(
+        2, ge=1, le=8, description="COPY streams (connections) loading a job of more than 5,000 refs into "
+        "Postgres: 1 = one transaction; more spread the server's load over its cores.",
+    )
     max_batch: int = Field(
         0, ge=0, le=4096, description="Largest model batch; 0 = chosen by the worker from timings of its model "
         "(IMGQ_AUTOTUNE), else 32.",

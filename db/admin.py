@@ -22,12 +22,14 @@ def check_items_sql(kinds: Sequence[str]) -> str:
     from imgq.db.results import writer
 
     # SQL case: "NULL"/"null", " AND "/" and ", " OR "/" or " are the same SQL.
-    links = (
-        [f"i.{col}" for kind in kinds if (col := writer(kind).link_column) is not None]
-        or ["NULL"]  # pragma: no mutate (SQL case)
-    )
-    has_all = " AND ".join(f"{link} IS NOT NULL" for link in links)  # pragma: no mutate (SQL case)
-    has_any = " OR ".join(f"{link} IS NOT NULL" for link in links)  # pragma: no mutate (SQL case)
+    writers = [w for kind in kinds if (w := writer(kind)).link_column is not None]
+    # A done item's links must reach their rows: they have no foreign keys (migration 0010).
+    has_all = " AND ".join(  # pragma: no mutate (SQL case)
+        f"EXISTS (SELECT 1 FROM {w.table} r WHERE r.id = i.{w.link_column})" for w in writers
+    ) or "false"  # pragma: no mutate (SQL case)
+    has_any = " OR ".join(  # pragma: no mutate (SQL case)
+        f"i.{w.link_column} IS NOT NULL" for w in writers
+    ) or "false"  # pragma: no mutate (SQL case)
     return f"""
 SELECT i.seq, i.ref, i.state, ({has_all}) AS has_result, (d.job_id IS NOT NULL) AS has_dead_letter
 FROM job_items i

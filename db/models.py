@@ -179,12 +179,15 @@ class JobItem(Base):
     state: Mapped[str] = mapped_column(Text, server_default="queued")
     attempts: Mapped[int] = mapped_column(Integer, server_default="0")
     worker: Mapped[str | None] = mapped_column(Text)
-    image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id"))
+    # The result links have no foreign keys (migration 0010): an insert queues a check per key even
+    # when it is NULL, a third of a big COPY's server time. Only the result writer sets a link, to a
+    # row it inserted in the same transaction; `imgq check` follows every link of a done item.
+    image_id: Mapped[int | None] = mapped_column(BigInteger)  # images.id
     text: Mapped[str | None] = mapped_column(Text)  # the pair's text, for validate jobs
     # One link per kind: a kind's result writer sets its column, and `imgq check` follows it.
-    caption_id: Mapped[int | None] = mapped_column(ForeignKey("captions.id"))
-    embedding_id: Mapped[int | None] = mapped_column(ForeignKey("embeddings.id"))
-    match_id: Mapped[int | None] = mapped_column(ForeignKey("matches.id"))
+    caption_id: Mapped[int | None] = mapped_column(BigInteger)  # captions.id
+    embedding_id: Mapped[int | None] = mapped_column(BigInteger)  # embeddings.id
+    match_id: Mapped[int | None] = mapped_column(BigInteger)  # matches.id
     # NULL: waiting in Postgres for the feeder. Set when its message goes to Redis; cleared again
     # when the message is found lost or the item is retried from the dead-letter store.
     published_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))

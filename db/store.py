@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, text
 
+from imgq.db.copy_stream import CopyStreams
 from imgq.ports import Claim, DeadRow, DoneItem, ObjectInfo, ResultRow
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Claim", "DeadRow", "DoneItem", "EmptyJob", "ObjectInfo", "Store", "make_engine"]
 
@@ -177,6 +181,10 @@ class EmptyJob(ValueError):
     """A job with no items is refused, not committed."""
 
 
+# SQL case: keywords and unquoted names are case-insensitive.
+_COPY_ITEMS = "COPY job_items (job_id, seq, ref, text) FROM STDIN"  # pragma: no mutate
+
+
 def _chunks(values: Iterable[Any], size: int) -> Iterator[list[Any]]:
     chunk: list[Any] = []
     for value in values:
@@ -218,7 +226,7 @@ class Store:
     def create_job(
         self, *, tasks: Sequence[dict[str, Any]], refs: Iterable[str] | Iterable[tuple[str, str]],
         priority: int = 0, tenant: str = "default", queue: str = "imgq", refs_per_message: int | None = None,
-        in_transaction: Callable[[Any, uuid.UUID], None] | None = None,
+        in_transaction: Callable[[Any, uuid.UUID], None] | None = None, copy_streams: int = 1,
     ) -> uuid.UUID:
         """Commit the job and all its items (COPY) before anything is published.
 
@@ -231,9 +239,14 @@ class Store:
 
         ``in_transaction(cursor, job)`` runs in the job's transaction right after its ``jobs`` row is
         inserted, before any item is copied: the API records its idempotency key there, so concurrent
-        duplicates wait on that key's primary key and then fail, before copying anything."""
+        duplicates wait on that key's primary key and then fail, before copying anything.
+
+        Writer threads load the chunks while this thread validates and formats the next: the job's
+        own COPY, and up to ``copy_streams`` - 1 side COPYs in their own transactions, which commit
+        just before this one (:mod:`imgq.db.copy_stream`)."""
         job = uuid.uuid4()
         first = tasks[0]
+        streams: CopyStreams | None = None
         raw = self.engine.raw_connection()
         try:
             with raw.cursor() as cur:
@@ -248,26 +261,50 @@ class Store:
                 if in_transaction is not None:
                     in_transaction(cur, job)
                 total = 0
-                # SQL case: keywords and unquoted names are case-insensitive.
-                with cur.copy("COPY job_items (job_id, seq, ref, text) FROM STDIN") as copy:  # pragma: no mutate
+                with cur.copy(_COPY_ITEMS) as copy:
+                    streams = CopyStreams(copy, self.engine, _COPY_ITEMS, copy_streams)
                     # COPY's text format built in one buffer per chunk: ~3x faster than write_row.
                     prefix = f"{job}\t"
-                    # The chunk size (None: one chunk) changes memory and overlap, not the rows.
-                    for chunk in _chunks(refs, 5_000):  # pragma: no mutate
-                        copy.write("".join(
-                            f"{prefix}{seq}\t{_copy_row(ref)}\n" for seq, ref in enumerate(chunk, total)
-                        ))
-                        total += len(chunk)
+                    try:
+                        # The chunk size (None: one chunk) changes memory and overlap, not the rows.
+                        for chunk in _chunks(refs, 5_000):  # pragma: no mutate
+                            streams.write("".join(
+                                f"{prefix}{seq}\t{_copy_row(ref)}\n" for seq, ref in enumerate(chunk, total)
+                            ))
+                            total += len(chunk)
+                        streams.finish()
+                    except BaseException:
+                        streams.abort()  # no writer touches the COPY once it is failed
+                        raise
                 if total == 0:
                     raise EmptyJob("a job needs at least one item")
                 cur.execute("UPDATE jobs SET total = %s WHERE id = %s", (total, job))  # pragma: no mutate (SQL case)
+            streams.commit_sides()
+        except BaseException:
+            if streams is not None:
+                streams.abort()
+            raw.rollback()
+            raw.close()
+            if streams is not None and streams.committed:  # another side's commit failed after it
+                self._drop_items(job)
+            raise
+        try:
             raw.commit()
         except BaseException:
-            raw.rollback()
+            # The side streams committed: drop their items rather than leave them without a job.
+            if streams.committed:
+                self._drop_items(job)
             raise
         finally:
             raw.close()
         return job
+
+    def _drop_items(self, job: uuid.UUID) -> None:
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(text("DELETE FROM job_items WHERE job_id = :job"), {"job": job})
+        except Exception:  # the server is gone: the items stay, unread (imgq.db.copy_stream)
+            log.warning("could not drop the side streams' items of job %s, whose commit failed", job)
 
     # -- worker ---------------------------------------------------------------------------------
     def claim(self, job: uuid.UUID, seqs: Sequence[int], worker: str) -> dict[int, Claim]:

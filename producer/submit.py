@@ -97,6 +97,7 @@ def submit(
             tasks=records, refs=count(refs), queue=settings.queue,
             priority=settings.priority if priority is None else priority,
             tenant=tenant or settings.tenant, refs_per_message=refs_per_message, in_transaction=in_transaction,
+            copy_streams=settings.copy_streams,
         )
     except EmptyJob:
         raise RefRefused("no image references to enqueue") from None
