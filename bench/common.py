@@ -20,6 +20,10 @@ WORK = ROOT / ".imgq" / "bench"
 CAPTION_TOKENS = 20
 
 
+# job_items' result links and their tables: foreign keys until migration 0010 (bench variants put them back).
+ITEM_LINKS = {"image_id": "images", "caption_id": "captions", "embedding_id": "embeddings", "match_id": "matches"}
+
+
 def median(xs: list[float]) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
 

@@ -31,7 +31,7 @@ import time
 from typing import Any
 
 import bench.common as common
-from bench.common import ROOT, median, settings_env
+from bench.common import ITEM_LINKS, ROOT, median, settings_env
 
 PER_MESSAGE = (16, 64, 256)
 
@@ -71,10 +71,9 @@ def window_cli() -> None:
 
 
 # What migration 0009 changed in job_items, for the before-0009 variant (on emptied tables: instant).
-_LINKS = {"image_id": "images", "caption_id": "captions", "embedding_id": "embeddings", "match_id": "matches"}
 _SCHEMA = {
     "before-0010": [f"ALTER TABLE job_items ADD CONSTRAINT job_items_{column}_fkey FOREIGN KEY ({column}) "
-                    f"REFERENCES {table} (id)" for column, table in _LINKS.items()],
+                    f"REFERENCES {table} (id)" for column, table in ITEM_LINKS.items()],
     "before-0009": [
         "ALTER TABLE job_items ADD CONSTRAINT job_items_job_id_fkey FOREIGN KEY (job_id) REFERENCES jobs (id) "
         "ON DELETE CASCADE",
@@ -90,7 +89,7 @@ def schema_before_0009(store: Any, variant: str) -> None:
     with store.engine.begin() as conn:
         conn.execute(text("ALTER TABLE job_items DROP CONSTRAINT IF EXISTS job_items_job_id_fkey"))
         conn.execute(text("DROP INDEX IF EXISTS job_items_pending"))
-        for column in _LINKS:
+        for column in ITEM_LINKS:
             conn.execute(text(f"ALTER TABLE job_items DROP CONSTRAINT IF EXISTS job_items_{column}_fkey"))
         for statement in _SCHEMA.get(variant, []):
             conn.execute(text(statement))

@@ -52,7 +52,7 @@ from typing import Any
 
 from sqlalchemy import text
 
-from bench.common import WORK, Services, bench_task, caption_done, create_job, median
+from bench.common import ITEM_LINKS, WORK, Services, bench_task, caption_done, create_job, median
 from imgq.db.store import Store
 from imgq.ports import DoneItem, ObjectInfo
 
@@ -230,13 +230,12 @@ VARIANTS: dict[str, Callable[[Store, Sequence[DoneItem]], None]] = {
     "write_done, unprepared": write_done_unprepared,
     "write_done, links with keys (before 0010)": write_done,
 }
-_LINKS = {"image_id": "images", "caption_id": "captions", "embedding_id": "embeddings", "match_id": "matches"}
 
 
 def _link_keys(add: bool) -> Any:
     def apply(store: Store) -> None:
         with store.engine.begin() as conn:
-            for column, table in _LINKS.items():
+            for column, table in ITEM_LINKS.items():
                 conn.execute(text(
                     f"ALTER TABLE job_items ADD CONSTRAINT job_items_{column}_fkey FOREIGN KEY ({column}) "
                     f"REFERENCES {table} (id)" if add else
