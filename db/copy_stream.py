@@ -4,7 +4,7 @@ The server loads one COPY on one core, and a thread that writes its own COPY wai
 instead of validating the next refs. Here the job's thread only formats chunks; writer threads
 take them, whichever is free first: one writes the job's own COPY (in the job's transaction), the
 others each their side COPY in their own connection and transaction, opened only once a job has
-more chunks than streams (docs/performance.md, "Acceptance in COPY streams").
+more chunks than streams (docs/performance.md, "Acceptance after migration 0010").
 
 A side transaction commits only when told, just before the job's own commits, so a failure
 anywhere before that rolls everything back. Only a crash between those commits (milliseconds)
