@@ -106,14 +106,14 @@ class CopyStreams:
 
     def _start(self) -> None:
         copied = threading.Event()
+        target: Callable[..., None] = self._own
+        args: tuple[Any, ...] = (copied,)
         if self._threads:
             decision: queue.Queue[bool] = queue.Queue(maxsize=1)
             self._decisions.append(decision)
-            target: Callable[[], None] = lambda: self._side(copied, decision)  # noqa: E731
-        else:
-            target = lambda: self._own(copied)  # noqa: E731
+            target, args = self._side, (copied, decision)
         self._copied.append(copied)
-        thread = threading.Thread(target=target, name=f"imgq-copy-{len(self._threads)}", daemon=True)
+        thread = threading.Thread(target=target, args=args, name=f"imgq-copy-{len(self._threads)}", daemon=True)
         self._threads.append(thread)
         thread.start()
 
