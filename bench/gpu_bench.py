@@ -55,6 +55,10 @@ CAPTION_PHASES = ["model", "beam", "pipeline", "decode", "naive"]
 # photos last: if the run's hard cap hits, only it is lost
 ALL_PHASES = [*CAPTION_PHASES, "embed", "translate", "photos"]
 TOKENS = 20
+# docs/performance.md's roofline: ~133 GFLOP per BLIP-base caption of 20 greedy tokens; H100 SXM and
+# H200 dense bf16 peak ~989 TFLOP/s.
+CAPTION_FLOP = 133e9
+BF16_PEAK_FLOPS = 989e12
 PHASES: list[tuple[str, float, float]] = []  # (name, wall start, wall end) in time.time()
 
 
@@ -162,7 +166,10 @@ def smi_by_phase(path: Path) -> dict[str, dict[str, float]]:
 
 # -- phases -------------------------------------------------------------------------------------------
 
-def bench_model(model: Any, params_cls: Any, batches: list[int], beams: int, seconds: float) -> dict[str, Any]:
+def bench_model(models: dict[str, Any], params_cls: Any, batches: list[int], beams: int,
+                seconds: float, flop: float | None = None) -> dict[str, Any]:
+    """Model-only images/s of each attention variant in ``models``, side by side: at each batch
+    size every variant runs in turn, so a drifting clock or a neighbour hits them alike."""
     import numpy as np
     import torch
 
@@ -171,26 +178,68 @@ def bench_model(model: Any, params_cls: Any, batches: list[int], beams: int, sec
     results = {}
     for batch in batches:
         x = rng.standard_normal((batch, 3, 384, 384), dtype=np.float32)
-        name = f"model-only beams={beams} batch={batch}"
-        try:
-            model.caption(x, params)  # warm-up (allocator, kernels)
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
-            with Phase(name):
-                t0 = time.perf_counter()
-                runs = 0
-                while runs < 2 or time.perf_counter() - t0 < seconds:
-                    model.caption(x, params)
-                    runs += 1
-                dt = time.perf_counter() - t0
-            peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-            results[name] = {"img_s": runs * batch / dt, "batch_s": dt / runs, "runs": runs, "peak_gib": peak}
-            log(f"{name}: {runs * batch / dt:,.1f} img/s ({dt / runs * 1000:.0f} ms/batch, peak {peak:.1f} GiB)")
-        except Exception as exc:  # e.g. out of memory at the largest batch: report and go on
-            results[name] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
-            log(f"{name}: FAILED {results[name]['error']}")
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        for attention, model in models.items():
+            name = f"model-only {attention} beams={beams} batch={batch}"
+            try:
+                model.caption(x, params)  # warm-up (allocator, kernels)
+                if torch.cuda.is_available():
+                    torch.cuda.reset_peak_memory_stats()
+                with Phase(name):
+                    t0 = time.perf_counter()
+                    runs = 0
+                    while runs < 2 or time.perf_counter() - t0 < seconds:
+                        model.caption(x, params)
+                        runs += 1
+                    dt = time.perf_counter() - t0
+                peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+                results[name] = {"img_s": runs * batch / dt, "batch_s": dt / runs, "runs": runs, "peak_gib": peak}
+                # Greedy only: the FLOP count is the roofline's, for BLIP-base at 20 greedy tokens.
+                share = runs * batch / dt * flop / BF16_PEAK_FLOPS if flop and beams == 1 else None
+                results[name]["bf16_peak_fraction"] = share
+                log(f"{name}: {runs * batch / dt:,.1f} img/s ({dt / runs * 1000:.0f} ms/batch, peak {peak:.1f} GiB"
+                    + (f", {share:.1%} of bf16 peak)" if share is not None else ")"))
+            except Exception as exc:  # e.g. out of memory at the largest batch: report and go on
+                results[name] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+                log(f"{name}: FAILED {results[name]['error']}")
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+    return results
+
+
+def attention_agreement(models: dict[str, Any], params_cls: Any, blobs: list[bytes], n: int = 64) -> dict[str, Any]:
+    """Each variant against eager on ``n`` images of the bench corpus, in the run's dtype: the
+    largest logit difference (relative to eager's largest logit) on a 6-token teacher-forced
+    forward, and how many greedy captions differ."""
+    import numpy as np
+    import torch
+
+    from imgq.worker.decode import decode
+    from imgq.worker.runners import CaptionRunner
+
+    if "eager" not in models or len(models) < 2:
+        return {}
+    eager = models["eager"]
+    runner = CaptionRunner(eager)
+    pixels = np.stack([runner.prepare(decode(b, max_pixels=40_000_000, target=runner.input_size).image,
+                                      params_cls()) for b in blobs[:n]])
+    params = params_cls(max_new_tokens=TOKENS)
+
+    def logits(model: Any) -> Any:
+        ids = torch.full((len(pixels), 6), model._model.config.text_config.bos_token_id, device=model.device)
+        with torch.inference_mode():
+            return model._model(pixel_values=model.model_input(pixels), input_ids=ids).logits.float()
+
+    base_logits, base_captions = logits(eager), eager.caption(pixels, params)
+    results = {}
+    for attention, model in models.items():
+        if attention == "eager":
+            continue
+        rel = float((logits(model) - base_logits).abs().max() / base_logits.abs().max())
+        differ = sum(a != b for a, b in zip(model.caption(pixels, params), base_captions, strict=True))
+        results[f"agreement {attention} vs eager"] = {"images": len(pixels), "max_rel_logit_diff": rel,
+                                                      "captions_differ": differ}
+        log(f"{attention} vs eager ({len(pixels)} corpus images): max logit diff {rel:.2e} of scale, "
+            f"{differ} of {len(pixels)} greedy captions differ")
     return results
 
 
@@ -250,8 +299,13 @@ def bench_engine(model: Any, blobs: list[bytes], max_batch: int, threads: int,
         engine.stop()
     mean_batch = stats["items"] / max(1, stats["batches"])
     log(f"{name}: {done / dt:,.1f} img/s ({done}/{n} done, mean batch {mean_batch:.0f})")
-    return {name: {"img_s": done / dt, "done": done, "images": n, "mean_batch": mean_batch,
-                   "prep_only_img_s": prep_img_s}}
+    result: dict[str, Any] = {"img_s": done / dt, "done": done, "images": n, "mean_batch": mean_batch,
+                              "prep_only_img_s": prep_img_s}
+    if done < n:  # a rate of the items that failed fast is no figure: say why they failed
+        failed = next(o for o in outcomes if o.state != "done")
+        result["error"] = f"{n - done} of {n} items not done; first: {failed.state} {failed}"[:300]
+        log(f"{name}: FAILED {result['error']}")
+    return {name: result}
 
 
 def bench_gpu_decode(model: Any, blobs: list[bytes], device: str, batch: int = 64) -> dict[str, Any]:
@@ -343,14 +397,52 @@ def pillow_rate(blobs: list[bytes], prepare: Any, threads: int, draft: bool) -> 
     return {"img_s": len(blobs) / dt, "cpu_ms_per_img": cpu * 1000 / len(blobs)}
 
 
-def gpu_decode_resize(chunk: list[Any], size: int, device: str, decode_jpeg: Any, exif: bool) -> Any:
-    """nvJPEG decode of a list of JPEG byte tensors, upright per EXIF, then the bicubic antialiased
-    resize to ``size`` on the device; uint8 (B, 3, size, size) in input order. Images are grouped
-    by shape for the resize: a 12 MP batch holds landscape and (EXIF-rotated) portrait frames."""
+def exif_orientation(blob: bytes) -> int:
+    """The EXIF Orientation tag of an image file (1 when absent or not 1-8). Pillow reads it from the
+    header without decoding pixels, so it is the only CPU work of the nvJPEG path besides the call."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(blob)) as im:
+            value = im.getexif().get(0x0112, 1)
+    except (OSError, ValueError, SyntaxError):
+        return 1
+    return value if value in range(1, 9) else 1
+
+
+def orient(image: Any, orientation: int) -> Any:
+    """A (C, H, W) tensor made upright for an EXIF ``orientation``, the transform Pillow's
+    ``ImageOps.exif_transpose`` applies (tests/unit/test_photos.py compares all eight)."""
+    if orientation == 2:
+        return image.flip((-1,))
+    if orientation == 3:
+        return image.flip((-2, -1))
+    if orientation == 4:
+        return image.flip((-2,))
+    if orientation == 5:
+        return image.transpose(-2, -1)
+    if orientation == 6:
+        return image.rot90(-1, (-2, -1))
+    if orientation == 7:
+        return image.transpose(-2, -1).flip((-2, -1))
+    if orientation == 8:
+        return image.rot90(1, (-2, -1))
+    return image
+
+
+def gpu_decode_resize(chunk: list[Any], orientations: list[int], size: int, device: str, decode_jpeg: Any) -> Any:
+    """nvJPEG decode of a list of JPEG byte tensors, made upright per their EXIF ``orientations``
+    on the device, then the bicubic antialiased resize to ``size`` there; uint8 (B, 3, size, size)
+    in input order. ``decode_jpeg``'s own ``apply_exif_orientation`` is CPU-only: on CUDA it is
+    ignored without an error (torchvision's docs; GPU run 4 compared rotated photos unrotated).
+    Images are grouped by shape for the resize: a 12 MP batch holds landscape and portrait frames."""
     import torch
     import torch.nn.functional as F
 
-    images = decode_jpeg(chunk, device=device, mode=_rgb_mode(), apply_exif_orientation=exif)
+    decoded = decode_jpeg(chunk, device=device, mode=_rgb_mode())
+    images = [orient(im, o) for im, o in zip(decoded, orientations, strict=True)]
     out = torch.empty((len(images), 3, size, size), dtype=torch.uint8, device=device)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, im in enumerate(images):
@@ -410,21 +502,13 @@ def bench_photos(image_processor: Any, device: str, threads: int, n: int = 256, 
         import torch
 
         tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
-        exif = True
 
         def gpu_pass() -> dict[str, float]:
-            nonlocal exif
             c, t0 = time.process_time(), time.perf_counter()
             for start in range(0, len(tensors), batch):
-                chunk = tensors[start : start + batch]
-                try:
-                    out = gpu_decode_resize(chunk, pre.size, device, decode_jpeg, exif)
-                except (TypeError, RuntimeError, NotImplementedError) as exc:
-                    if not exif:
-                        raise
-                    log(f"{name}: apply_exif_orientation refused on {device} ({exc}); timing without it")
-                    exif = False
-                    out = gpu_decode_resize(chunk, pre.size, device, decode_jpeg, exif)
+                # The orientation is read per image inside the timed loop: it is part of this path's CPU.
+                orientations = [exif_orientation(b) for b in blobs[start : start + batch]]
+                out = gpu_decode_resize(tensors[start : start + batch], orientations, pre.size, device, decode_jpeg)
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             dt, cpu = time.perf_counter() - t0, time.process_time() - c
@@ -444,7 +528,7 @@ def bench_photos(image_processor: Any, device: str, threads: int, n: int = 256, 
                 for key, run in paths.items():
                     runs[key].append(run())
         result: dict[str, Any] = {"images": n, "distinct": distinct, "threads": threads, "batch": batch,
-                                  "gpu_skipped": gpu_reason, "exif_on_gpu": exif if not gpu_reason else None}
+                                  "gpu_skipped": gpu_reason}
         for key, values in runs.items():
             img_s = sorted(v["img_s"] for v in values)[len(values) // 2]
             cpu_ms = sorted(v["cpu_ms_per_img"] for v in values)[len(values) // 2]
@@ -453,9 +537,10 @@ def bench_photos(image_processor: Any, device: str, threads: int, n: int = 256, 
             log(f"{name}, {key}: {img_s:,.0f} img/s, {cpu_ms:.1f} CPU-ms/img -> "
                 f"{target_rate * cpu_ms / 1000:.1f} cores per GPU at {target_rate:,.0f} img/s")
         if not gpu_reason:
-            # Without EXIF on the GPU, compare the upright photos only (index % 4 in 0, 2).
-            picked = [i for i in range(min(n, 4 * distinct)) if exif or (i % distinct) % 4 in (0, 2)][:8]
-            gpu = gpu_decode_resize([tensors[i] for i in picked], pre.size, device, decode_jpeg, exif)
+            # The first 8 photos: orientations 6, 1, 8, 1, ... (bench/photos.py), both rotations.
+            picked = list(range(min(n, 8)))
+            gpu = gpu_decode_resize([tensors[i] for i in picked], [exif_orientation(blobs[i]) for i in picked],
+                                    pre.size, device, decode_jpeg)
             gpu = gpu.cpu().numpy().astype(int)
             result["compared_images"] = len(picked)
             for key, target in (("vs_pillow_draft", pre.size), ("vs_pillow_full", None)):
@@ -504,21 +589,29 @@ def run_caption_phases(args: Any, phases: list[str], results: dict[str, Any], dt
     import torch
 
     ckpt = checkpoint(args.arch, REPO / ".imgq" / "bench" / "gpu-ckpt")
-    model = caption_model(str(ckpt), device=args.device, dtype=dtype,
-                          attention=os.environ.get("IMGQ_ATTENTION", "sdpa"))  # captioning default: sdpa
-    model.load()
-    if "model" in phases:
-        results.update(bench_model(model, params_cls, args.batches, 1, args.seconds))
-    if "beam" in phases:
-        results.update(bench_model(model, params_cls, args.beam_batches, 3, args.seconds))
+    # Each attention variant is its own instance (the patch is per instance); the first one, the
+    # production default sdpa unless --attentions says otherwise, runs the pipeline phase.
+    models = {}
+    for attention in args.attentions:
+        models[attention] = caption_model(str(ckpt), device=args.device, dtype=dtype, attention=attention)
+        models[attention].load()
+    model = models[args.attentions[0]]
     blobs = jpeg_images(max(args.pipeline_images, 1024))  # 256 distinct, repeated: cheap
+    if "model" in phases:
+        results.update(attention_agreement(models, params_cls, blobs))
+        flop = CAPTION_FLOP if args.arch == "base" else None
+        results.update(bench_model(models, params_cls, args.batches, 1, args.seconds, flop))
+    if "beam" in phases:
+        results.update(bench_model(models, params_cls, args.beam_batches, 3, args.seconds))
+    for attention in args.attentions[1:]:
+        del models[attention]
     if "pipeline" in phases:
         results.update(bench_engine(model, blobs[: args.pipeline_images], args.pipeline_batch,
                                     args.threads, args.max_wait_ms))
     if "decode" in phases:
         results.update(bench_gpu_decode(model, blobs, args.device))
     if "naive" in phases:
-        del model
+        del model, models
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         results.update(bench_naive(ckpt, args.device, getattr(torch, dtype), jpeg_images(args.naive_images)))
@@ -532,7 +625,10 @@ def main() -> int:
     ap.add_argument("--dtype", default=None, help="default bfloat16 on cuda, float32 on cpu")
     ap.add_argument("--batches", type=int, nargs="+", default=[64, 128, 256, 512])
     ap.add_argument("--beam-batches", type=int, nargs="+", default=[64, 128, 256])
-    ap.add_argument("--seconds", type=float, default=6.0, help="minimum timed seconds per model-only point")
+    ap.add_argument("--seconds", type=float, default=4.0, help="minimum timed seconds per model-only point")
+    ap.add_argument("--attentions", nargs="+", choices=["sdpa", "eager"], default=["sdpa", "eager"],
+                    help="caption attention variants, side by side in the model and beam phases; the first "
+                         "runs the pipeline")
     ap.add_argument("--pipeline-images", type=int, default=8192)
     ap.add_argument("--pipeline-batch", type=int, default=256)
     ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 2))

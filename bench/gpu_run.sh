@@ -7,8 +7,9 @@
 #     bash bench/gpu_run.sh --phases translate   # the translate phase alone: < 60 s of bench, timeout_s=150
 #
 # Prints model-only images/s (BLIP-base architecture, random weights, bf16, greedy 20 tokens at batch
-# 64..512, and beam 3 at 64..256), the in-process pipeline images/s (decode thread pool -> batcher ->
-# model -> in-memory store; no Redis/Postgres there), nvJPEG decode + GPU resize images/s and its
+# 64..512, and beam 3 at 64..256), sdpa and eager attention side by side at each point (with their
+# share of bf16 peak, and sdpa's agreement with eager on 64 corpus images), the in-process
+# pipeline images/s (decode thread pool -> batcher -> model -> in-memory store; no Redis/Postgres there), nvJPEG decode + GPU resize images/s and its
 # difference from the Pillow path (if torchvision is there), the naive transformers-pipeline
 # images/s, the embed phase (RetrievalModel on the BLIP-base retrieval architecture, random weights, bf16:
 # embed_images images/s from host uint8 at batch 128..1024, the same on device-resident input, SDPA
@@ -25,6 +26,9 @@
 #     --batches 8 16 --beam-batches 8 --pipeline-images 64 --pipeline-batch 16 --naive-images 8 --seconds 1 \
 #     --embed-batches 8 16 --text-batch 64 --embed-seconds 0.5 --photo-images 8 --photo-distinct 4 --threads 2 \
 #     --translate-batches 8 32 --translate-seconds 0.5
+# and again with the GPU image's transformers (5.17; `make compat` installs it beside the venv):
+#     PYTHONPATH=.imgq/compat/transformers-5.17.0 .venv/bin/python -m bench.gpu_bench ...  (same flags)
+# `make test` runs the caption phases that way too (tests/unit/test_gpu_bench_smoke.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/.imgq/bench/gpu-out}"
@@ -40,8 +44,8 @@ fi
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
   "$PY" -c 'import sys, torch, transformers, PIL, numpy; print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__, "pillow", PIL.__version__, "numpy", numpy.__version__, "cpus", __import__("os").cpu_count())'
 } 2>&1 | tee "$OUT/env.txt"
-# Budget (H100, estimated): checkpoint ~15 s, model-only 4 points x (warm-up + >=6 s) ~50 s,
-# beam 3 points ~40 s, pipeline 8192 images ~30-60 s, naive 128 images ~30 s, embed <= 90 s (its points
+# Budget (H100, estimated): checkpoint ~15 s, model-only 4 points x 2 attentions x (warm-up + >=4 s)
+# ~55 s, beam 3 points x 2 ~45 s, pipeline 8192 images ~30-60 s, naive 128 images ~30 s, embed <= 90 s (its points
 # stop starting after --embed-budget 80 s), translate (615M-parameter model built on the GPU ~5-10 s,
 # 2 points x (warm-up + >=5 s)) ~30-45 s, photos (12 MP: 32 generated on 14 processes ~6-10 s, then
 # Pillow draft 256 + Pillow full 64 + nvJPEG 256 images, x2 alternated) ~30-45 s. Hard cap 490 s.

@@ -12,6 +12,7 @@ bf16 went from 1,486 to 3,305 images/s at batch 512; fp32 on CPU agrees with eag
 
 from __future__ import annotations
 
+import inspect
 import math
 import types
 from typing import Any, Literal
@@ -48,11 +49,18 @@ def _text_sdpa_forward(self: Any, hidden_states: torch.Tensor, attention_mask: t
                        encoder_hidden_states: torch.Tensor | None = None,
                        encoder_attention_mask: torch.Tensor | None = None, cache: Any = None,
                        **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    # transformers < 5.2x passes the cache as ``past_key_values`` (5.17, the GPU image's, does);
+    # later releases call it ``cache`` and only accept the old name with a deprecation.
+    if cache is None:
+        cache = kwargs.pop("past_key_values", None)
     # A forward hook reads the attention probabilities (explained captions capture the
-    # cross-attention): only the eager path has them.
-    if self._forward_hooks or kwargs.get("past_key_values") is not None:
-        return self._eager_forward(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
-                                   cache, **kwargs)
+    # cross-attention): only the eager path has them. Keywords only: the eager signature's
+    # positions differ between releases.
+    if self._forward_hooks:
+        return self._eager_forward(hidden_states, attention_mask=attention_mask,
+                                   encoder_hidden_states=encoder_hidden_states,
+                                   encoder_attention_mask=encoder_attention_mask,
+                                   **{self._cache_arg: cache}, **kwargs)
     from transformers.cache_utils import EncoderDecoderCache
 
     bsz, tokens, _ = hidden_states.shape
@@ -75,7 +83,8 @@ def _text_sdpa_forward(self: Any, hidden_states: torch.Tensor, attention_mask: t
         key = self.key(states).view(shape).transpose(1, 2)
         value = self.value(states).view(shape).transpose(1, 2)
         if cache is not None:
-            key, value = current.update(key, value, self.layer_idx, kwargs=kwargs)
+            # Three positional arguments: what both releases' cache layers take.
+            key, value = current.update(key, value, self.layer_idx)
             if cross and isinstance(cache, EncoderDecoderCache):
                 cache.is_updated[self.layer_idx] = True
     dropout = self.dropout.p if self.training else 0.0
@@ -92,10 +101,13 @@ def install_text_sdpa(text_model: torch.nn.Module) -> int:
     captions) keeps the eager path. Returns how many modules were patched."""
     from transformers.models.blip.modeling_blip_text import BlipTextSelfAttention
 
+    params = inspect.signature(BlipTextSelfAttention.forward).parameters
+    cache_arg = "cache" if "cache" in params else "past_key_values"
     patched = 0
     for module in text_model.modules():
         if isinstance(module, BlipTextSelfAttention):
             module._eager_forward = module.forward
+            module._cache_arg = cache_arg
             module.forward = types.MethodType(_text_sdpa_forward, module)
             patched += 1
     return patched
