@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-CAPTION_PHASES = ["model", "beam", "pipeline", "decode", "naive"]
+CAPTION_PHASES = ["model", "beam", "profile", "pipeline", "decode", "naive"]
 # photos last: if the run's hard cap hits, only it is lost
 ALL_PHASES = [*CAPTION_PHASES, "embed", "translate", "photos"]
 TOKENS = 20
@@ -204,6 +204,68 @@ def bench_model(models: dict[str, Any], params_cls: Any, batches: list[int], bea
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
     return results
+
+
+def bench_profile(model: Any, params_cls: Any, batch: int, out: Path) -> dict[str, Any]:
+    """Where one greedy caption batch's time goes (issue 17: measure before speeding the decode
+    loop up): the vision encoder alone, then one whole ``caption`` under torch.profiler. Reports the
+    decode's milliseconds per step, kernel launches per step, and the share of the wall time that a
+    kernel was running (low: the loop is bound by launches and Python, which CUDA graphs remove;
+    high: by the kernels themselves). The top ops table goes to ``out/profile.txt``."""
+    import numpy as np
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available() and str(getattr(model, "device", "")).startswith("cuda")
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    name = f"profile greedy batch={batch}"
+    x = np.random.default_rng(1).standard_normal((batch, 3, 384, 384), dtype=np.float32)
+    params = params_cls(max_new_tokens=TOKENS, min_new_tokens=TOKENS)
+    try:
+        model.caption(x, params)  # warm-up
+        pixels = model.model_input(x)
+        with torch.inference_mode():
+            model._model.vision_model(pixel_values=pixels)
+            sync()
+            t0 = time.perf_counter()
+            model._model.vision_model(pixel_values=pixels)
+            sync()
+            vision_s = time.perf_counter() - t0
+        sync()
+        t0 = time.perf_counter()
+        model.caption(x, params)
+        sync()
+        whole_s = time.perf_counter() - t0
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            model.caption(x, params)
+            sync()
+        events = prof.key_averages()
+        sort = "cuda_time_total" if cuda else "cpu_time_total"
+        (out / "profile.txt").write_text(f"{name}, {model.dtype}, sdpa={getattr(model, 'attention', '?')}\n"
+                                         + events.table(sort_by=sort, row_limit=30))
+        result: dict[str, Any] = {"wall_ms": whole_s * 1000, "vision_ms": vision_s * 1000,
+                                  "decode_ms_per_step": (whole_s - vision_s) * 1000 / TOKENS}
+        if cuda:
+            # FunctionEvents in microseconds; a kernel's is its device time (one stream: no overlap).
+            every = list(prof.events())
+            kernels = [e for e in every if e.device_type == torch.autograd.DeviceType.CUDA]
+            busy_us = sum(e.time_range.elapsed_us() for e in kernels)
+            span_us = max(e.time_range.end for e in every) - min(e.time_range.start for e in every)
+            result.update(kernels=len(kernels), kernels_per_step=len(kernels) / TOKENS,
+                          kernel_busy_share=busy_us / span_us if span_us > 0 else None)
+        log(f"{name}: {result['wall_ms']:.0f} ms = vision {result['vision_ms']:.0f} ms + "
+            f"{result['decode_ms_per_step']:.2f} ms x {TOKENS} steps"
+            + (f"; {result['kernels_per_step']:.0f} kernels per step, kernels running "
+               f"{result['kernel_busy_share']:.0%} of the time" if cuda else ""))
+        return {name: result}
+    except Exception as exc:  # the profile is a diagnosis: it must not cost the phases after it
+        log(f"{name}: FAILED {type(exc).__name__}: {str(exc)[:200]}")
+        return {name: {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}}
 
 
 def attention_agreement(models: dict[str, Any], params_cls: Any, blobs: list[bytes], n: int = 64) -> dict[str, Any]:
@@ -603,6 +665,8 @@ def run_caption_phases(args: Any, phases: list[str], results: dict[str, Any], dt
         results.update(bench_model(models, params_cls, args.batches, 1, args.seconds, flop))
     if "beam" in phases:
         results.update(bench_model(models, params_cls, args.beam_batches, 3, args.seconds))
+    if "profile" in phases:
+        results.update(bench_profile(models[args.attentions[0]], params_cls, args.profile_batch, args.out))
     for attention in args.attentions[1:]:
         del models[attention]
     if "pipeline" in phases:
@@ -629,6 +693,7 @@ def main() -> int:
     ap.add_argument("--attentions", nargs="+", choices=["sdpa", "eager"], default=["sdpa", "eager"],
                     help="caption attention variants, side by side in the model and beam phases; the first "
                          "runs the pipeline")
+    ap.add_argument("--profile-batch", type=int, default=256, help="the profile phase's greedy batch")
     ap.add_argument("--pipeline-images", type=int, default=8192)
     ap.add_argument("--pipeline-batch", type=int, default=256)
     ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 2))

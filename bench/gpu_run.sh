@@ -8,7 +8,8 @@
 #
 # Prints model-only images/s (BLIP-base architecture, random weights, bf16, greedy 20 tokens at batch
 # 64..512, and beam 3 at 64..256), sdpa and eager attention side by side at each point (with their
-# share of bf16 peak, and sdpa's agreement with eager on 64 corpus images), the in-process
+# share of bf16 peak, and sdpa's agreement with eager on 64 corpus images), a profile of one greedy
+# batch of 256 (vision vs decode ms per step, kernels per step, kernel-busy share; $OUT/profile.txt), the in-process
 # pipeline images/s (decode thread pool -> batcher -> model -> in-memory store; no Redis/Postgres there), nvJPEG decode + GPU resize images/s and its
 # difference from the Pillow path (if torchvision is there), the naive transformers-pipeline
 # images/s, the embed phase (RetrievalModel on the BLIP-base retrieval architecture, random weights, bf16:
@@ -20,7 +21,7 @@
 # per image, cores per GPU at 2,000 img/s; nvJPEG skipped without torchvision), and nvidia-smi GPU
 # utilisation per phase. Needs what the GPU image has (torch, transformers, numpy, Pillow, nvidia-smi)
 # plus the pydantic wheels in .whl, installed below into /tmp/site. Results: $OUT/gpu.json, $OUT/gpu.log,
-# $OUT/smi.csv.
+# $OUT/smi.csv, $OUT/profile.txt.
 #
 # Validated on CPU with:  .venv/bin/python -m bench.gpu_bench --device cpu --arch tiny \
 #     --batches 8 16 --beam-batches 8 --pipeline-images 64 --pipeline-batch 16 --naive-images 8 --seconds 1 \

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_caption_phases_run_and_every_point_has_a_figure(tmp_path: Path) -> None:
     out = tmp_path / "gpu-out"
     cmd = [sys.executable, "-m", "bench.gpu_bench", "--device", "cpu", "--arch", "tiny", "--phases", "model",
-           "beam", "pipeline", "--batches", "4", "--beam-batches", "4", "--seconds", "0.1", "--pipeline-images",
+           "beam", "profile", "pipeline", "--batches", "4", "--profile-batch", "4", "--beam-batches", "4", "--seconds", "0.1", "--pipeline-images",
            "16", "--pipeline-batch", "8", "--threads", "1", "--out", str(out)]
     run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
@@ -28,6 +28,9 @@ def test_caption_phases_run_and_every_point_has_a_figure(tmp_path: Path) -> None
                               "pipeline in-process batch<=8 threads=1"]
     assert [k for k, v in points.items() if "error" in v or not v["img_s"] > 0] == []
     assert points["pipeline in-process batch<=8 threads=1"]["done"] == 16
+    profile = results["profile greedy batch=4"]
+    assert "error" not in profile and 0 < profile["vision_ms"] < profile["wall_ms"]
+    assert "aten::" in (out / "profile.txt").read_text()
     agreement = results["agreement sdpa vs eager"]
     assert agreement["captions_differ"] == 0
     assert agreement["max_rel_logit_diff"] < 1e-5
