@@ -35,7 +35,8 @@ test: install lint browser
 COMPAT_TRANSFORMERS ?= 5.17.0
 COMPAT_DIR := .imgq/compat/transformers-$(COMPAT_TRANSFORMERS)
 COMPAT_TESTS ?= tests/unit/test_model.py tests/unit/test_explain_model.py tests/unit/test_retrieval.py \
-	tests/integration/test_translate_model.py tests/integration/test_adapters.py tests/unit/test_gpu_bench_smoke.py
+	tests/integration/test_translate_model.py tests/integration/test_adapters.py tests/unit/test_gpu_bench_smoke.py \
+	tests/unit/test_decode_loop.py
 compat: install
 	@test -f $(COMPAT_DIR)/.installed || { $(BIN)/python -m pip install -q --no-deps --target $(COMPAT_DIR) \
 	  transformers==$(COMPAT_TRANSFORMERS) 'huggingface-hub>=1.5,<2' && touch $(COMPAT_DIR)/.installed; }

@@ -206,12 +206,12 @@ def bench_model(models: dict[str, Any], params_cls: Any, batches: list[int], bea
     return results
 
 
-def bench_profile(model: Any, params_cls: Any, batch: int, out: Path) -> dict[str, Any]:
+def bench_profile(model: Any, variant: str, params_cls: Any, batch: int, out: Path) -> dict[str, Any]:
     """Where one greedy caption batch's time goes (issue 17: measure before speeding the decode
     loop up): the vision encoder alone, then one whole ``caption`` under torch.profiler. Reports the
     decode's milliseconds per step, kernel launches per step, and the share of the wall time that a
     kernel was running (low: the loop is bound by launches and Python, which CUDA graphs remove;
-    high: by the kernels themselves). The top ops table goes to ``out/profile.txt``."""
+    high: by the kernels themselves). The top ops table goes to ``out/profile-<variant>.txt``."""
     import numpy as np
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -222,7 +222,7 @@ def bench_profile(model: Any, params_cls: Any, batch: int, out: Path) -> dict[st
         if cuda:
             torch.cuda.synchronize()
 
-    name = f"profile greedy batch={batch}"
+    name = f"profile {variant} greedy batch={batch}"
     x = np.random.default_rng(1).standard_normal((batch, 3, 384, 384), dtype=np.float32)
     params = params_cls(max_new_tokens=TOKENS, min_new_tokens=TOKENS)
     try:
@@ -246,8 +246,8 @@ def bench_profile(model: Any, params_cls: Any, batch: int, out: Path) -> dict[st
             sync()
         events = prof.key_averages()
         sort = "cuda_time_total" if cuda else "cpu_time_total"
-        (out / "profile.txt").write_text(f"{name}, {model.dtype}, sdpa={getattr(model, 'attention', '?')}\n"
-                                         + events.table(sort_by=sort, row_limit=30))
+        (out / f"profile-{variant.replace('+', '-')}.txt").write_text(f"{name}, {model.dtype}\n"
+                                                                      + events.table(sort_by=sort, row_limit=30))
         result: dict[str, Any] = {"wall_ms": whole_s * 1000, "vision_ms": vision_s * 1000,
                                   "decode_ms_per_step": (whole_s - vision_s) * 1000 / TOKENS}
         if cuda:
@@ -651,22 +651,26 @@ def run_caption_phases(args: Any, phases: list[str], results: dict[str, Any], dt
     import torch
 
     ckpt = checkpoint(args.arch, REPO / ".imgq" / "bench" / "gpu-ckpt")
-    # Each attention variant is its own instance (the patch is per instance); the first one, the
-    # production default sdpa unless --attentions says otherwise, runs the pipeline phase.
+    # Each variant is its own instance (the patches are per instance); the first one, the production
+    # default sdpa+static unless --attentions says otherwise, runs the pipeline phase.
     models = {}
-    for attention in args.attentions:
-        models[attention] = caption_model(str(ckpt), device=args.device, dtype=dtype, attention=attention)
-        models[attention].load()
+    for variant in args.attentions:
+        attention, _, loop = variant.partition("+")
+        models[variant] = caption_model(str(ckpt), device=args.device, dtype=dtype, attention=attention,
+                                        decode_loop=loop or "generate")
+        models[variant].load()
     model = models[args.attentions[0]]
     blobs = jpeg_images(max(args.pipeline_images, 1024))  # 256 distinct, repeated: cheap
     if "model" in phases:
         results.update(attention_agreement(models, params_cls, blobs))
         flop = CAPTION_FLOP if args.arch == "base" else None
         results.update(bench_model(models, params_cls, args.batches, 1, args.seconds, flop))
-    if "beam" in phases:
-        results.update(bench_model(models, params_cls, args.beam_batches, 3, args.seconds))
+    if "beam" in phases:  # the static loop is greedy only: under beams it would time generate again
+        beam_models = {k: m for k, m in models.items() if "+" not in k}
+        results.update(bench_model(beam_models, params_cls, args.beam_batches, 3, args.seconds))
     if "profile" in phases:
-        results.update(bench_profile(models[args.attentions[0]], params_cls, args.profile_batch, args.out))
+        for variant in (v for v in args.attentions if v != "eager"):
+            results.update(bench_profile(models[variant], variant, params_cls, args.profile_batch, args.out))
     for attention in args.attentions[1:]:
         del models[attention]
     if "pipeline" in phases:
@@ -690,9 +694,12 @@ def main() -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[64, 128, 256, 512])
     ap.add_argument("--beam-batches", type=int, nargs="+", default=[64, 128, 256])
     ap.add_argument("--seconds", type=float, default=4.0, help="minimum timed seconds per model-only point")
-    ap.add_argument("--attentions", nargs="+", choices=["sdpa", "eager"], default=["sdpa", "eager"],
-                    help="caption attention variants, side by side in the model and beam phases; the first "
-                         "runs the pipeline")
+    ap.add_argument("--attentions", nargs="+", choices=["sdpa", "eager", "sdpa+static", "sdpa+graphs"],
+                    default=["sdpa+static", "sdpa", "eager", "sdpa+graphs"],
+                    help="caption variants, side by side in the model phase (+static: IMGQ_DECODE_LOOP=static, "
+                         "+graphs: the same with each step a CUDA graph; greedy only, so the beam phase leaves "
+                         "them out); the first, the production default (IMGQ_ATTENTION=sdpa, "
+                         "IMGQ_DECODE_LOOP=static), runs the pipeline; all but eager are profiled")
     ap.add_argument("--profile-batch", type=int, default=256, help="the profile phase's greedy batch")
     ap.add_argument("--pipeline-images", type=int, default=8192)
     ap.add_argument("--pipeline-batch", type=int, default=256)

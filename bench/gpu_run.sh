@@ -7,9 +7,11 @@
 #     bash bench/gpu_run.sh --phases translate   # the translate phase alone: < 60 s of bench, timeout_s=150
 #
 # Prints model-only images/s (BLIP-base architecture, random weights, bf16, greedy 20 tokens at batch
-# 64..512, and beam 3 at 64..256), sdpa and eager attention side by side at each point (with their
-# share of bf16 peak, and sdpa's agreement with eager on 64 corpus images), a profile of one greedy
-# batch of 256 (vision vs decode ms per step, kernels per step, kernel-busy share; $OUT/profile.txt), the in-process
+# 64..512, and beam 3 at 64..256), side by side at each point: sdpa, eager, sdpa+static (the static
+# decode loop) and sdpa+graphs (the same, each step a CUDA graph), greedy ones with their share of bf16
+# peak, each checked against eager on 64 corpus images first; a profile of one greedy batch of 256 per
+# non-eager variant (vision vs decode ms per step, kernels per step, kernel-busy share;
+# $OUT/profile-<variant>.txt), the in-process
 # pipeline images/s (decode thread pool -> batcher -> model -> in-memory store; no Redis/Postgres there), nvJPEG decode + GPU resize images/s and its
 # difference from the Pillow path (if torchvision is there), the naive transformers-pipeline
 # images/s, the embed phase (RetrievalModel on the BLIP-base retrieval architecture, random weights, bf16:
@@ -21,7 +23,7 @@
 # per image, cores per GPU at 2,000 img/s; nvJPEG skipped without torchvision), and nvidia-smi GPU
 # utilisation per phase. Needs what the GPU image has (torch, transformers, numpy, Pillow, nvidia-smi)
 # plus the pydantic wheels in .whl, installed below into /tmp/site. Results: $OUT/gpu.json, $OUT/gpu.log,
-# $OUT/smi.csv, $OUT/profile.txt.
+# $OUT/smi.csv, $OUT/profile-*.txt.
 #
 # Validated on CPU with:  .venv/bin/python -m bench.gpu_bench --device cpu --arch tiny \
 #     --batches 8 16 --beam-batches 8 --pipeline-images 64 --pipeline-batch 16 --naive-images 8 --seconds 1 \
@@ -45,8 +47,8 @@ fi
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
   "$PY" -c 'import sys, torch, transformers, PIL, numpy; print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__, "pillow", PIL.__version__, "numpy", numpy.__version__, "cpus", __import__("os").cpu_count())'
 } 2>&1 | tee "$OUT/env.txt"
-# Budget (H100, estimated): checkpoint ~15 s, model-only 4 points x 2 attentions x (warm-up + >=4 s)
-# ~55 s, beam 3 points x 2 ~45 s, pipeline 8192 images ~30-60 s, naive 128 images ~30 s, embed <= 90 s (its points
+# Budget (H100, estimated): checkpoint ~15 s, model-only 4 points x 4 variants x (warm-up + >=4 s)
+# ~100 s, beam 3 points x 2 ~45 s, profiles ~15 s, pipeline 8192 images ~30-60 s, naive 128 images ~30 s, embed <= 90 s (its points
 # stop starting after --embed-budget 80 s), translate (615M-parameter model built on the GPU ~5-10 s,
 # 2 points x (warm-up + >=5 s)) ~30-45 s, photos (12 MP: 32 generated on 14 processes ~6-10 s, then
 # Pillow draft 256 + Pillow full 64 + nvJPEG 256 images, x2 alternated) ~30-45 s. Hard cap 490 s.

@@ -34,6 +34,7 @@ from transformers import BlipForConditionalGeneration
 
 from imgq.contract import CaptionParams
 from imgq.worker.attention import Attention, install_text_sdpa, install_vision_sdpa
+from imgq.worker.decode_loop import DecodeLoop, StaticGreedy, supported
 from imgq.worker.loading import BlipBase
 
 # torch's sampling RNG is process-global: a seeded batch must not interleave with another
@@ -100,9 +101,12 @@ class CaptionModel(BlipBase):
     hint = "Set IMGQ_CAPTION_MODEL to a local checkpoint directory (e.g. one written by `imgq dev tiny-model DIR`)."
     attention: Attention = "sdpa"
 
-    def __init__(self, name_or_path: str, *, attention: Attention = "sdpa", **kwargs: Any) -> None:
+    def __init__(self, name_or_path: str, *, attention: Attention = "sdpa",
+                 decode_loop: DecodeLoop = "static", **kwargs: Any) -> None:
         super().__init__(name_or_path, **kwargs)
         self.attention = attention
+        self.decode_loop = decode_loop
+        self._static: StaticGreedy | None = None
 
     def _on_loaded(self, model: Any) -> None:
         if self.attention == "sdpa":
@@ -110,6 +114,8 @@ class CaptionModel(BlipBase):
             # caption's hooked cross-attention modules still run eager (imgq.worker.attention).
             install_vision_sdpa(model.vision_model)
             install_text_sdpa(model.text_decoder)
+        if self.decode_loop != "generate":
+            self._static = StaticGreedy(model, graphs=self.decode_loop == "graphs")
 
     # -- inference -------------------------------------------------------------------------------
 
@@ -144,6 +150,11 @@ class CaptionModel(BlipBase):
             kwargs["input_ids"] = ids.repeat(batch, 1)
             kwargs["attention_mask"] = torch.ones_like(kwargs["input_ids"])
             prompt_len = ids.shape[1] - 1  # generate drops the trailing [SEP]
+        if self._static is not None and capture is None and not self._static.hooked():
+            why_not = supported(self._model.generation_config, num_beams=params.num_beams,
+                                do_sample=params.do_sample, repetition_penalty=params.repetition_penalty)
+            if why_not is None:
+                return self._generate_static(pixels, kwargs.get("input_ids"), params), None, prompt_len
         if capture is not None and params.num_beams > 1:
             # Only for beam_indices: which running beam chose each token of the returned sequence.
             kwargs["return_dict_in_generate"] = True
@@ -160,6 +171,22 @@ class CaptionModel(BlipBase):
             return out.cpu(), None, prompt_len
         beams = getattr(out, "beam_indices", None)
         return out.sequences.cpu(), None if beams is None else beams.cpu(), prompt_len
+
+    def _generate_static(self, pixels: torch.Tensor, prompt_ids: torch.Tensor | None,
+                         params: CaptionParams) -> torch.Tensor:
+        """Greedy ids through :class:`StaticGreedy`, from the same start as BLIP's ``generate``:
+        the bos token, then the prompt's tokens without their trailing [SEP]."""
+        assert self._model is not None and self._static is not None
+        text = self._model.config.text_config
+        if prompt_ids is None:
+            ids = torch.full((len(pixels), 1), text.bos_token_id, dtype=torch.long, device=self.device)
+        else:
+            ids = prompt_ids[:, :-1].clone()
+            ids[:, 0] = text.bos_token_id
+        with torch.inference_mode():
+            image_embeds = self._model.vision_model(pixel_values=pixels)[0]
+            out = self._static.generate(image_embeds, ids, params.max_new_tokens, params.min_new_tokens)
+        return out.cpu()
 
     def explain(
         self, pixel_values: np.ndarray, params: CaptionParams, heads: Literal["mean", "max"] = "mean"

@@ -119,7 +119,7 @@ class CaptionRunner(ImageRunner):
         from imgq.worker.model import CaptionModel
 
         return CaptionModel(settings.caption_model, revision=settings.model_revision, attention=settings.attention,
-                            **_model_options(settings))
+                            decode_loop=settings.decode_loop, **_model_options(settings))
 
     def configure(self, settings: Settings) -> None:
         self._settings = settings
