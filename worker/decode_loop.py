@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -106,6 +107,8 @@ class StaticGreedy:
         self.pad = int(text.pad_token_id)
         self._graphs: dict[tuple[int, int, int], _Graph] = {}
         self._pool: Any = None
+        # A graph's buffers are shared by every call of its shape: one graphed call at a time.
+        self._graph_lock = threading.Lock()
         self.graphs_off: str | None = None  # why CUDA graphs are not used, once a capture failed
 
     def hooked(self) -> bool:
@@ -170,7 +173,8 @@ class StaticGreedy:
         ending where every row has finished, as ``generate`` returns them."""
         if self.graphs and image_embeds.is_cuda and self.graphs_off is None:
             try:
-                return self._generate_graphed(image_embeds, input_ids, max_new_tokens, min_new_tokens)
+                with self._graph_lock:
+                    return self._generate_graphed(image_embeds, input_ids, max_new_tokens, min_new_tokens)
             except Exception as exc:  # capture refused (an op, the driver): keep serving, without graphs
                 self.graphs_off = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 log.warning("CUDA graphs off for the static decode loop (%s)", self.graphs_off,
