@@ -16,11 +16,13 @@ masks [SEP] as transformers' ``MinNewTokensLengthLogitsProcessor`` does, finishe
 config or the parameters could ask for (beams, sampling, a repetition penalty, other logits
 processors) is not here: :func:`supported` says so and the caller keeps ``generate``.
 
-Off the GPU the loop runs without graphs and slices the cache to the filled length, so it is the
-same computation as ``generate`` with ``IMGQ_ATTENTION=sdpa`` (tests/unit/test_decode_loop.py
-compares ids). The CUDA-graph path masks the unfilled tail instead; it is measured side by side in
-``bench/gpu_run.sh`` (variant ``sdpa+static``) and stays opt-in (``IMGQ_DECODE_LOOP=static``)
-until a GPU run has shown it equal and faster.
+``static`` slices the cache to the filled length, so it is the same computation as ``generate``
+with ``IMGQ_ATTENTION=sdpa`` (tests/unit/test_decode_loop.py compares ids). ``graphs`` keeps every
+shape fixed instead: the whole cache with its unfilled tail masked, the position a device tensor
+the step advances itself. Off CUDA that step runs without a capture, which is how the tests check
+it against ``generate``; the capture itself has not run yet. It is measured side by side in
+``bench/gpu_run.sh`` (variant ``sdpa+graphs``) and stays opt-in until a GPU run has shown it
+equal and faster.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def supported(generation_config: Any, *, num_beams: int, do_sample: bool, repeti
 class _Graph:
     """One captured step for a batch size and cache length, with the buffers it reads and writes."""
 
-    graph: Any
+    replay: Any  # the captured step's replay; off CUDA (tests) the step itself
     token: torch.Tensor  # (B, 1) the token the step consumes
     pos: torch.Tensor  # (1,) its position; the step advances it
     min_end: torch.Tensor  # (1,) prompt length + min_new_tokens: [SEP] is masked before it
@@ -171,7 +173,7 @@ class StaticGreedy:
                  min_new_tokens: int) -> torch.Tensor:
         """(B, P + n) ids: the prompt (bos first), then up to ``max_new_tokens`` greedy tokens,
         ending where every row has finished, as ``generate`` returns them."""
-        if self.graphs and image_embeds.is_cuda and self.graphs_off is None:
+        if self.graphs and self.graphs_off is None:
             try:
                 with self._graph_lock:
                     return self._generate_graphed(image_embeds, input_ids, max_new_tokens, min_new_tokens)
@@ -255,7 +257,7 @@ class StaticGreedy:
         while steps < max_new_tokens:
             if steps % 4 == 1 and bool(g.finished.all()):
                 break
-            g.graph.replay()
+            g.replay()
             steps += 1
         out = g.out[:, : prompt + steps].clone()
         return _trim(out, prompt, self.eos, self.pad)
@@ -267,7 +269,7 @@ class StaticGreedy:
         device = like.device
         keys, values = self._buffers(batch, total, like)
         cross = [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in self.cross_kv(like)]
-        g = _Graph(graph=torch.cuda.CUDAGraph(), token=torch.zeros(batch, 1, dtype=torch.long, device=device),
+        g = _Graph(replay=None, token=torch.zeros(batch, 1, dtype=torch.long, device=device),
                    pos=torch.zeros(1, dtype=torch.long, device=device),
                    min_end=torch.zeros(1, dtype=torch.long, device=device),
                    finished=torch.zeros(batch, dtype=torch.bool, device=device),
@@ -289,11 +291,16 @@ class StaticGreedy:
             g.token.copy_(token[:, None])
             g.pos += 1
 
+        if not like.is_cuda:
+            # The same buffers, masks and in-place position, stepped without a capture: how the tests
+            # check everything but the capture itself on a CPU.
+            g.replay = step
+            self._graphs[key] = g
+            return g
         # Warm up on a side stream (cuBLAS handles, allocator), then capture; the shared pool lets
         # the graphs of several batch sizes reuse one another's memory.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        saved = g.pos.clone()
         with torch.cuda.stream(side):
             for _ in range(2):
                 g.pos.fill_(0)
@@ -301,10 +308,11 @@ class StaticGreedy:
         torch.cuda.current_stream().wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
         g.pos.fill_(0)
-        with torch.cuda.graph(g.graph, pool=self._pool):
+        with torch.cuda.graph(graph, pool=self._pool):
             step()
-        g.pos.copy_(saved)
+        g.replay = graph.replay
         self._graphs[key] = g
         return g
 

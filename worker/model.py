@@ -115,7 +115,9 @@ class CaptionModel(BlipBase):
             install_vision_sdpa(model.vision_model)
             install_text_sdpa(model.text_decoder)
         if self.decode_loop != "generate":
-            self._static = StaticGreedy(model, graphs=self.decode_loop == "graphs")
+            # Off a GPU, graphs would be the same fixed shapes without a capture: no gain, so static.
+            graphs = self.decode_loop == "graphs" and str(self.device).startswith("cuda")
+            self._static = StaticGreedy(model, graphs=graphs)
 
     # -- inference -------------------------------------------------------------------------------
 

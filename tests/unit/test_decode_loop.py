@@ -26,6 +26,17 @@ def pair(tiny_model_dir: Path) -> tuple[CaptionModel, CaptionModel]:
 
 
 @pytest.fixture(scope="module")
+def shaped(tiny_model_dir: Path) -> CaptionModel:
+    """IMGQ_DECODE_LOOP=graphs' fixed-shape step (whole cache, masked tail, the position a tensor
+    the step advances), stepped on the CPU without a capture: all of the graph path but the capture."""
+    model = CaptionModel(str(tiny_model_dir), device="cpu", decode_loop="graphs")
+    model.load()
+    assert model._static is not None and not model._static.graphs  # off a GPU, graphs is static
+    model._static = StaticGreedy(model._model, graphs=True)
+    return model
+
+
+@pytest.fixture(scope="module")
 def pixels() -> np.ndarray:
     return np.random.default_rng(0).standard_normal((6, 3, 384, 384)).astype(np.float32)
 
@@ -49,30 +60,36 @@ PARAMS = [
 
 
 @pytest.mark.parametrize("params", PARAMS, ids=lambda p: f"max{p.max_new_tokens}-min{p.min_new_tokens}-{p.prompt}")
-def test_static_loop_returns_generates_ids(pair, pixels, params):
+def test_static_loop_returns_generates_ids(pair, shaped, pixels, params):
     plain, static = pair
     assert static._static is not None
     expected = plain.generate_ids(pixels, params)
     got = static.generate_ids(pixels, params)
     assert got.shape == expected.shape and torch.equal(got, expected)
+    fixed = shaped.generate_ids(pixels, params)
+    assert fixed.shape == expected.shape and torch.equal(fixed, expected)
+    assert shaped._static.graphs_off is None
 
 
 @pytest.mark.parametrize("shift", [1e4 + 5, 1e4 + 10, 1e4 + 40])
 @pytest.mark.parametrize("min_new", [0, 4])
 @pytest.mark.parametrize("prompt", [None, "a picture of"])
-def test_rows_that_end_early_get_pad_and_the_output_stops_when_all_have_ended(pair, pixels, shift, min_new, prompt):
+def test_rows_that_end_early_get_pad_and_the_output_stops_when_all_have_ended(pair, shaped, pixels, shift, min_new,
+                                                                                prompt):
     """+5: some rows end, some run to the maximum; +10: all end within a few steps (the output is
     shorter than max_new_tokens); +40: every row ends at once, unless min_new_tokens holds it off
     (counted after the prompt)."""
     plain, static = pair
     params = CaptionParams(max_new_tokens=15, min_new_tokens=min_new, prompt=prompt)
-    sep_bias(pair, shift)
+    sep_bias((*pair, shaped), shift)
     try:
         expected = plain.generate_ids(pixels, params)
         got = static.generate_ids(pixels, params)
+        fixed = shaped.generate_ids(pixels, params)
     finally:
-        sep_bias(pair, -shift)
+        sep_bias((*pair, shaped), -shift)
     assert torch.equal(got, expected)
+    assert torch.equal(fixed, expected)
     sep = plain._model.config.text_config.sep_token_id
     assert (expected == sep).any(), "the bias must make some caption end"
     if shift > 1e4 + 20:
@@ -141,6 +158,12 @@ def test_trim_stops_after_the_step_at_which_every_row_has_ended():
     assert torch.equal(_trim(running, 1, eos, pad), running)
 
 
-def test_graphs_are_off_without_cuda(pair):
-    _, static = pair
-    assert isinstance(static._static, StaticGreedy) and static._static._graphs == {}
+def test_the_fixed_shape_step_is_reused_per_shape(shaped, pixels):
+    """One set of buffers per (batch, length, prompt), reused: the second call of a shape must not
+    see the first one's tokens, cache or finished rows."""
+    params = CaptionParams(max_new_tokens=9)
+    first = shaped.generate_ids(pixels, params)
+    other = shaped.generate_ids(pixels[::-1].copy(), params)
+    again = shaped.generate_ids(pixels, params)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert (len(pixels), 1 + 9, 1) in shaped._static._graphs
