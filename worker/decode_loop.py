@@ -211,23 +211,29 @@ class StaticGreedy:
         keys, values = self._buffers(batch, total, image_embeds)
         cross = self.cross_kv(image_embeds)
         logits = self._prefill(input_ids, keys, values, cross, total)
-        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-        min_new = torch.tensor(min_new_tokens, device=input_ids.device)
+        device = input_ids.device
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        min_new = torch.tensor(min_new_tokens, device=device)
+        # Step numbers and positions made once on the device: no host-to-device copy per step.
+        counts = torch.arange(max_new_tokens, device=device)
+        positions = torch.arange(total, device=device).view(1, -1)
         tokens = [input_ids]
         for step in range(max_new_tokens):
-            token = self._select(logits, torch.tensor(step, device=input_ids.device), min_new, finished)
+            token = self._select(logits, counts[step], min_new, finished)
             tokens.append(token[:, None])
             finished = finished | (token == self.eos)
-            if step == max_new_tokens - 1 or bool(finished.all()):
+            # Whether every row has ended needs a host sync: asked every 4 steps, as the graphed
+            # path does; the steps in between only add [PAD], cut by _trim.
+            if step == max_new_tokens - 1 or (step % 4 == 0 and bool(finished.all())):
                 break
             pos = prompt + step
 
             def write(cache: torch.Tensor, new: torch.Tensor, at: int = pos) -> None:
                 cache[:, :, at : at + 1] = new
 
-            logits = self._pass(token[:, None], torch.tensor([[pos]], device=input_ids.device), keys, values,
+            logits = self._pass(token[:, None], positions[:, pos : pos + 1], keys, values,
                                 cross, write, lambda c, end=pos + 1: c[:, :, :end], None)
-        return torch.cat(tokens, dim=1)
+        return _trim(torch.cat(tokens, dim=1), prompt, self.eos, self.pad)
 
     def _generate_graphed(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, max_new_tokens: int,
                           min_new_tokens: int) -> torch.Tensor:
