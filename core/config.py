@@ -91,8 +91,9 @@ class Settings(BaseSettings):
     )
     decode_loop: Literal["generate", "static", "graphs"] = Field(
         "static", description="How greedy captions are decoded: static (imgq.worker.decode_loop: a static key/value "
-        "cache driven step by step; generate's ids, 1.7-2.0x its images/s for the tiny model on CPU), graphs (the same, "
-        "each step replayed as a CUDA graph on a GPU; not yet measured on one) or generate (transformers' own loop). "
+        "cache driven step by step; generate's ids, 1.7-2.0x its images/s for the tiny model on CPU), graphs (the "
+        "same, each step replayed as a CUDA graph on a GPU; not yet measured on one) or generate (transformers' own "
+        "loop). "
         "Beams, sampling, a repetition penalty and explained captions always use generate.",
     )
     explain_output: str | None = Field(
