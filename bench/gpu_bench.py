@@ -476,7 +476,7 @@ def exif_orientation(blob: bytes) -> int:
 
 def orient(image: Any, orientation: int) -> Any:
     """A (C, H, W) tensor made upright for an EXIF ``orientation``, the transform Pillow's
-    ``ImageOps.exif_transpose`` applies (tests/unit/test_photos.py compares all eight)."""
+    ``ImageOps.exif_transpose`` applies (tests/unit/test_gpu_photo_path.py compares all eight)."""
     if orientation == 2:
         return image.flip((-1,))
     if orientation == 3:

@@ -160,8 +160,9 @@ class StaticGreedy:
 
     def _select(self, logits: torch.Tensor, generated: torch.Tensor, min_new: torch.Tensor,
                 finished: torch.Tensor) -> torch.Tensor:
-        """generate's greedy choice: float32 scores, [SEP] at -inf until ``min_new`` tokens exist,
-        argmax, [PAD] for rows already finished."""
+        """generate's greedy choice: float32 scores, [SEP] at -inf while ``generated < min_new``
+        (both counted from the same origin: new tokens, or positions for the graphed step), argmax,
+        [PAD] for rows already finished."""
         scores = logits.float()
         scores[:, self.eos] = torch.where(generated < min_new, float("-inf"), scores[:, self.eos])
         token = scores.argmax(-1)
@@ -184,7 +185,7 @@ class StaticGreedy:
         return self._generate_eager(image_embeds, input_ids, max_new_tokens, min_new_tokens)
 
     def _prefill(self, ids: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
-                 cross: list[tuple[torch.Tensor, torch.Tensor]], total: int) -> torch.Tensor:
+                 cross: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """The bos token and the prompt, causally, into cache positions [0, P); the last one's logits."""
         prompt = ids.shape[1]
         positions = torch.arange(prompt, device=ids.device).unsqueeze(0)
@@ -210,7 +211,7 @@ class StaticGreedy:
         total = prompt + max_new_tokens
         keys, values = self._buffers(batch, total, image_embeds)
         cross = self.cross_kv(image_embeds)
-        logits = self._prefill(input_ids, keys, values, cross, total)
+        logits = self._prefill(input_ids, keys, values, cross)
         device = input_ids.device
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         min_new = torch.tensor(min_new_tokens, device=device)
@@ -245,7 +246,7 @@ class StaticGreedy:
             cv.copy_(v)
         for cache in (*g.keys, *g.values):
             cache.zero_()
-        logits = self._prefill(input_ids, g.keys, g.values, g.cross, total)
+        logits = self._prefill(input_ids, g.keys, g.values, g.cross)
         g.finished.zero_()
         g.out.fill_(self.pad)
         g.out[:, :prompt] = input_ids
@@ -274,7 +275,7 @@ class StaticGreedy:
             return self._graphs[key]
         device = like.device
         keys, values = self._buffers(batch, total, like)
-        cross = [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in self.cross_kv(like)]
+        cross = list(zip(*self._buffers(batch, like.shape[1], like), strict=True))
         g = _Graph(replay=None, token=torch.zeros(batch, 1, dtype=torch.long, device=device),
                    pos=torch.zeros(1, dtype=torch.long, device=device),
                    min_end=torch.zeros(1, dtype=torch.long, device=device),
@@ -291,7 +292,8 @@ class StaticGreedy:
                 cache.index_copy_(2, g.pos, new)
 
             logits = self._pass(g.token, g.pos.view(1, 1), g.keys, g.values, g.cross, write, lambda c: c, mask)
-            token = self._select_graph(logits, g.pos, g.min_end, g.finished)
+            # The token lands at pos + 1: counted from the start, [SEP] waits until min_end.
+            token = self._select(logits, g.pos + 1, g.min_end, g.finished)
             g.out.index_copy_(1, g.pos + 1, token[:, None])
             g.finished |= token == self.eos
             g.token.copy_(token[:, None])
@@ -321,15 +323,6 @@ class StaticGreedy:
         g.replay = graph.replay
         self._graphs[key] = g
         return g
-
-    def _select_graph(self, logits: torch.Tensor, pos: torch.Tensor, min_end: torch.Tensor,
-                      finished: torch.Tensor) -> torch.Tensor:
-        """:meth:`_select` for a step whose new token lands at ``pos + 1``: [SEP] is masked while
-        ``pos + 1 < min_end`` (fewer than ``min_new_tokens`` generated before it)."""
-        scores = logits.float()
-        scores[:, self.eos] = torch.where(pos + 1 < min_end, float("-inf"), scores[:, self.eos])
-        token = scores.argmax(-1)
-        return torch.where(finished, self.pad, token)
 
 
 def _trim(out: torch.Tensor, prompt: int, eos: int, pad: int) -> torch.Tensor:
