@@ -7,7 +7,13 @@ Variants, each one transaction per call:
 
 * ``write_done`` (imgq now): ``Store.write_done`` (``db/store.py``): the same three statements as
   the next, with the items' state guard written so the planner cannot match it to the partial
-  index ``job_items_pending`` (``PENDING``).
+  index ``job_items_pending`` (``PENDING``), and its array parameters sent in binary
+  (``db/arrays.py``). One writer.
+* ``write_done, 2 writers`` (the worker's default, ``IMGQ_RESULT_WRITERS=2``): the same write from
+  two threads on their own connections, each taking the next batch from one queue as the
+  engine's writers do.
+* ``write_done, text arrays``: ``Store.write_done`` on an engine without ``db.arrays.register``,
+  so psycopg sends every array parameter as a text literal, as before binary arrays. One writer.
 * ``write_done before the guard``: the write_done of job kinds, kept here verbatim: the images
   upsert, one caption statement per (model, revision, params) group (captions upsert), and the
   finishing UPDATE of the items with ``state IN ('queued', 'running')``, parameters as arrays:
@@ -23,7 +29,7 @@ Variants, each one transaction per call:
 * ``write_done, links with keys (before 0010)``: ``Store.write_done`` itself, on ``job_items`` with
   the foreign keys of its result links put back (:data:`SETUP`), as before migration 0010: the
   finishing UPDATE then checks each link it sets.
-``--variants`` picks some of them (default: all).
+``--variants`` picks some of them (default: all); ``--baseline`` the one the ratios divide by.
 ``--stale-stats N`` times each variant's first writes into a new job of N items when ``job_items``
 was analysed while the queue was drained, so the statistics say the partial index
 ``job_items_pending`` is nearly empty (autovacuum is paused on ``job_items`` for that part, then
@@ -35,22 +41,24 @@ Every run starts with a new database cluster (``--reuse-db`` keeps the last one:
 earlier runs filled made 32-row commits 4-7x slower here), and every variant's run starts from
 emptied tables (TRUNCATE), ``--history N`` finished items of an earlier job, then one job of
 ``--rows`` queued items (with ``--history``, job_items is then analysed).
-Client thread CPU as a share of wall time is printed too: the rest is round trips and the server.
+Client CPU (every thread of the bench) as a share of wall time is printed too: the rest is round trips and the server.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import queue
 import shlex
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import create_engine, text
 
 from bench.common import ITEM_LINKS, WORK, Services, bench_task, caption_done, create_job, median
 from imgq.db.store import Store
@@ -178,6 +186,15 @@ def write_done_before_guard(store: Store, items: Sequence[DoneItem]) -> None:
 
 
 _UNPREPARED: dict[str, Store] = {}
+_TEXT_ARRAYS: dict[str, Store] = {}
+
+
+def write_done_text_arrays(store: Store, items: Sequence[DoneItem]) -> None:
+    url = store.engine.url.render_as_string(hide_password=False)
+    if url not in _TEXT_ARRAYS:
+        # create_engine, not make_engine: no binary dumper for db.arrays.Binary, so it goes as a list.
+        _TEXT_ARRAYS[url] = Store(create_engine(url, pool_pre_ping=True))
+    _TEXT_ARRAYS[url].write_done(items)
 
 
 def write_done_unprepared(store: Store, items: Sequence[DoneItem]) -> None:
@@ -222,8 +239,37 @@ def three_statements(store: Store, items: Sequence[DoneItem]) -> None:
                               "caption_id": [caps[i] for i in image], "worker": [r.worker for r in items]})
 
 
+def in_parallel(store: Store, batches: list[Sequence[DoneItem]], writers: int) -> None:
+    """``batches`` written by ``writers`` threads that each take the next one from a shared queue."""
+    todo: queue.SimpleQueue[Sequence[DoneItem]] = queue.SimpleQueue()
+    for batch in batches:
+        todo.put(batch)
+    errors: list[BaseException] = []
+
+    def drain() -> None:
+        try:
+            while True:
+                try:
+                    batch = todo.get_nowait()
+                except queue.Empty:
+                    return
+                store.write_done(batch)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=drain) for _ in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
 VARIANTS: dict[str, Callable[[Store, Sequence[DoneItem]], None]] = {
     "write_done (imgq now)": write_done,
+    "write_done, 2 writers": write_done,
+    "write_done, text arrays": write_done_text_arrays,
     "write_done before the guard": write_done_before_guard,
     "one CTE (before kinds)": one_cte,
     "three statements (older)": three_statements,
@@ -245,9 +291,10 @@ def _link_keys(add: bool) -> Any:
 
 # What a variant's schema differs in: set up before its timed writes, undone after them.
 SETUP = {"write_done, links with keys (before 0010)": (_link_keys(True), _link_keys(False))}
-BASELINE = "write_done before the guard"
-# Names for --variants.
-SHORT = dict(zip(["now", "before", "cte", "three", "unprepared", "keys"], VARIANTS, strict=True))
+# Variants whose batches are written by several threads at once (the rest: one call after another).
+WRITERS = {"write_done, 2 writers": 2}
+# Names for --variants and --baseline.
+SHORT = dict(zip(["now", "two", "text", "before", "cte", "three", "unprepared", "keys"], VARIANTS, strict=True))
 
 
 def items_for(store: Store, n: int, tag: str) -> list[DoneItem]:
@@ -306,7 +353,9 @@ def main() -> int:
                     help="also time each variant's first writes into a new job of N items that the "
                     "statistics have not seen (0 = skip)")
     ap.add_argument("--variants", nargs="+", choices=list(SHORT), default=list(SHORT),
-                    help="which variants to run (the baseline, 'before', always runs)")
+                    help="which variants to run (the baseline always runs)")
+    ap.add_argument("--baseline", choices=list(SHORT), default="before",
+                    help="the variant the ratios divide by")
     ap.add_argument("--home", type=Path, default=WORK / "writes",
                     help="where the servers keep their files (one per concurrent bench)")
     ap.add_argument("--history", type=int, default=0, metavar="N",
@@ -316,7 +365,8 @@ def main() -> int:
                     help="keep the database cluster of earlier runs (default: a new one for every run)")
     args = ap.parse_args()
     print(f"# python -m bench.writes {shlex.join(sys.argv[1:])}")
-    chosen = {SHORT[k] for k in args.variants} | {BASELINE}
+    baseline = SHORT[args.baseline]
+    chosen = {SHORT[k] for k in args.variants} | {baseline}
     for name in list(VARIANTS):
         if name not in chosen:
             del VARIANTS[name]
@@ -343,20 +393,24 @@ def main() -> int:
                     setup, undo = SETUP.get(name, (None, None))
                     if setup is not None:
                         setup(store)
-                    c = time.thread_time()
+                    c = time.process_time()
                     t = time.perf_counter()
-                    for start in range(0, len(items), batch):
-                        VARIANTS[name](store, items[start : start + batch])
+                    batches = [items[start : start + batch] for start in range(0, len(items), batch)]
+                    if name in WRITERS:
+                        in_parallel(store, batches, WRITERS[name])
+                    else:
+                        for part in batches:
+                            VARIANTS[name](store, part)
                     dt = time.perf_counter() - t
                     if undo is not None:
                         undo(store)
                     res[name].append(len(items) / dt)
-                    client[name].append((time.thread_time() - c) / dt)
-            base = median(res[BASELINE])
+                    client[name].append((time.process_time() - c) / dt)
+            base = median(res[baseline])
             for name, values in res.items():
-                paired = median([v / b for v, b in zip(values, res[BASELINE], strict=True)])
+                paired = median([v / b for v, b in zip(values, res[baseline], strict=True)])
                 print(f"batch {batch:>4}  {name:30s} {median(values):>9,.0f} rows/s  x{median(values) / base:.2f} "
-                      f"of {BASELINE} (paired x{paired:.2f}); client CPU {100 * median(client[name]):.0f}% "
+                      f"of {baseline} (paired x{paired:.2f}); client CPU {100 * median(client[name]):.0f}% "
                       f"of wall; raw {[round(v) for v in values]}")
         if args.stale_stats:
             stale_stats(store, args.stale_stats, args.batches)

@@ -119,6 +119,10 @@ class Settings(BaseSettings):
     decode_threads: int = Field(
         0, ge=0, le=256, description="Fetch/decode threads per worker; 0 = one per CPU core this process may use."
     )
+    result_writers: int = Field(
+        2, ge=1, le=16, description="Threads writing results to Postgres, each on its own connection: while one "
+        "waits on the server, the next prepares its write (docs/performance.md).",
+    )
     torch_threads: int = Field(
         0,
         ge=0,

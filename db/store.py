@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, text
 
+from imgq.db.arrays import Binary, register
 from imgq.db.copy_stream import CopyStreams
 from imgq.ports import Claim, DeadRow, DoneItem, ObjectInfo, ResultRow
 
@@ -211,7 +212,7 @@ def _copy_text(value: str) -> str:
 
 def make_engine(database_url: str, **kwargs: Any) -> Engine:
     kwargs.setdefault("pool_pre_ping", True)
-    return create_engine(database_url, **kwargs)
+    return register(create_engine(database_url, **kwargs))
 
 
 class Store:
@@ -357,10 +358,10 @@ class Store:
             ids = {
                 (src, bucket, key, version): image_id
                 for image_id, src, bucket, key, version in conn.execute(_UPSERT_IMAGES, {
-                    "source": [o.source for o in objs], "bucket": [o.bucket for o in objs],
-                    "key": [o.key for o in objs], "version": [o.version for o in objs],
-                    "bytes": [o.bytes for o in objs], "width": [o.width for o in objs],
-                    "height": [o.height for o in objs],
+                    "source": Binary(o.source for o in objs), "bucket": Binary(o.bucket for o in objs),
+                    "key": Binary(o.key for o in objs), "version": Binary(o.version for o in objs),
+                    "bytes": Binary(o.bytes for o in objs), "width": Binary(o.width for o in objs),
+                    "height": Binary(o.height for o in objs),
                 })
             }
             image_of = [ids[(o.source, o.bucket, o.key, o.version)] for o in objs]
@@ -377,9 +378,9 @@ class Store:
                 after = getattr(w, "after", None)
                 ids = written[kind] = w.write(conn, rows) if after is None else w.write(conn, rows, written[after])
                 if w.link_column is not None:
-                    links[w.link_column] = [ids.get((i.job, i.seq)) for i in items]
-            params: dict[str, Any] = {"job": [i.job for i in items], "seq": [i.seq for i in items],
-                                      "image_id": image_of, "worker": [i.worker for i in items]}
+                    links[w.link_column] = Binary(ids.get((i.job, i.seq)) for i in items)
+            params: dict[str, Any] = {"job": Binary(i.job for i in items), "seq": Binary(i.seq for i in items),
+                                      "image_id": Binary(image_of), "worker": Binary(i.worker for i in items)}
             conn.execute(finish_sql(tuple(sorted(links))), params | links)
 
     def write_dead(self, rows: Sequence[DeadRow]) -> None:
@@ -389,11 +390,11 @@ class Store:
             conn.execute(
                 _ITEMS_DEAD,
                 {
-                    "job": [r.job for r in rows],
-                    "seq": [r.seq for r in rows],
-                    "code": [r.code for r in rows],
-                    "message": [r.message[:2000] for r in rows],
-                    "worker": [r.worker for r in rows],
+                    "job": Binary(r.job for r in rows),
+                    "seq": Binary(r.seq for r in rows),
+                    "code": Binary(r.code for r in rows),
+                    "message": Binary(r.message[:2000] for r in rows),
+                    "worker": Binary(r.worker for r in rows),
                 },
             )
 

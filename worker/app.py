@@ -97,6 +97,7 @@ class WorkerRuntime:
             worker_name=self.name, max_batch=self.settings.max_batch,
             max_wait_s=self.settings.max_wait_ms / 1000, decode_threads=self.settings.decode_threads,
             on_unhealthy=self._unhealthy, decode_timeout_s=self.settings.decode_timeout_s,
+            writers=self.settings.result_writers,
         ).start()
         queue = self.settings.queue
 

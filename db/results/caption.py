@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import text
 
+from imgq.db.arrays import Binary
 from imgq.ports import CaptionText, ResultRow
 
 # DISTINCT ON keeps the upsert from touching one row twice; a no-op DO UPDATE returns the id of
@@ -89,7 +90,7 @@ class CaptionWriter:
         for (model, rev, phash), group in groups(rows).items():
             # One params hash is one adapter (its name is a parameter), so one language per group.
             by_image = dict(conn.execute(_WRITE, {
-                "image_id": [r.image_id for r in group], "txt": [str(r.value) for r in group],
+                "image_id": Binary(r.image_id for r in group), "txt": Binary(str(r.value) for r in group),
                 "model": model, "rev": rev, "phash": phash, "params": json.dumps(group[0].params),
                 **how(group[0].value),
             }).all())

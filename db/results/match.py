@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import text
 
+from imgq.db.arrays import Binary
 from imgq.db.results.caption import groups
 from imgq.ports import ResultRow
 
@@ -44,8 +45,8 @@ class MatchWriter:
             texts = [r.text or "" for r in group]
             hashes = [text_hash(t) for t in texts]
             found = {(image_id, th): rid for image_id, th, rid in conn.execute(_WRITE, {
-                "image_id": [r.image_id for r in group], "txt": texts, "thash": hashes,
-                "itm": [float(r.value[0]) for r in group], "cos": [float(r.value[1]) for r in group],
+                "image_id": Binary(r.image_id for r in group), "txt": Binary(texts), "thash": Binary(hashes),
+                "itm": Binary(float(r.value[0]) for r in group), "cos": Binary(float(r.value[1]) for r in group),
                 "model": model, "rev": rev, "phash": phash, "params": json.dumps(group[0].params),
             })}
             ids.update({(r.job, r.seq): found[(r.image_id, th)] for r, th in zip(group, hashes, strict=True)})

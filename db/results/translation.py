@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import text
 
+from imgq.db.arrays import Binary
 from imgq.db.results.caption import IDENTITY
 from imgq.db.store import PENDING
 from imgq.ports import ResultRow
@@ -65,12 +66,13 @@ class TranslationWriter:
                 by_via.setdefault((row.model, row.model_revision), []).append((row, lang, str(value)))
         for (via, via_rev), group in by_via.items():
             ids = {(source, lang): id_ for source, lang, id_ in conn.execute(_WRITE, {
-                "source": [sources[(r.job, r.seq)] for r, _, _ in group], "lang": [lang for _, lang, _ in group],
-                "txt": [t for _, _, t in group], "via": via, "via_rev": via_rev,
+                "source": Binary(sources[(r.job, r.seq)] for r, _, _ in group),
+                "lang": Binary(lang for _, lang, _ in group), "txt": Binary(t for _, _, t in group),
+                "via": via, "via_rev": via_rev,
             })}
             conn.execute(_LINK, {
-                "job": [r.job for r, _, _ in group], "seq": [r.seq for r, _, _ in group],
-                "lang": [lang for _, lang, _ in group],
-                "caption_id": [ids[(sources[(r.job, r.seq)], lang)] for r, lang, _ in group],
+                "job": Binary(r.job for r, _, _ in group), "seq": Binary(r.seq for r, _, _ in group),
+                "lang": Binary(lang for _, lang, _ in group),
+                "caption_id": Binary(ids[(sources[(r.job, r.seq)], lang)] for r, lang, _ in group),
             })
         return {}

@@ -111,7 +111,7 @@ def test_the_engines_threads_are_named_for_ops_and_never_keep_the_process_alive(
     settle(engine, [CAPTION], ["img-0.1"])
     threads = {t.name: t for t in threading.enumerate()}
     try:
-        assert threads["imgq-infer"].daemon and threads["imgq-write"].daemon
+        assert threads["imgq-infer"].daemon and threads["imgq-write-0"].daemon and threads["imgq-write-1"].daemon
         assert any(name.startswith("imgq-decode_") for name in threads)
     finally:
         engine.stop()
