@@ -185,23 +185,25 @@ def write_done_before_guard(store: Store, items: Sequence[DoneItem]) -> None:
         })
 
 
-_UNPREPARED: dict[str, Store] = {}
-_TEXT_ARRAYS: dict[str, Store] = {}
+# Stores on other engines of the bench's database, one per (purpose, url), made on first use.
+_SIDE: dict[tuple[str, str], Store] = {}
+
+
+def _side_store(store: Store, purpose: str, make: Callable[[str], Store]) -> Store:
+    url = store.engine.url.render_as_string(hide_password=False)
+    if (purpose, url) not in _SIDE:
+        _SIDE[(purpose, url)] = make(url)
+    return _SIDE[(purpose, url)]
 
 
 def write_done_text_arrays(store: Store, items: Sequence[DoneItem]) -> None:
-    url = store.engine.url.render_as_string(hide_password=False)
-    if url not in _TEXT_ARRAYS:
-        # create_engine, not make_engine: no binary dumper for db.arrays.Binary, so it goes as a list.
-        _TEXT_ARRAYS[url] = Store(create_engine(url, pool_pre_ping=True))
-    _TEXT_ARRAYS[url].write_done(items)
+    # create_engine, not make_engine: no binary dumper for db.arrays.Binary, so it goes as a list.
+    _side_store(store, "text", lambda url: Store(create_engine(url, pool_pre_ping=True))).write_done(items)
 
 
 def write_done_unprepared(store: Store, items: Sequence[DoneItem]) -> None:
-    url = store.engine.url.render_as_string(hide_password=False)
-    if url not in _UNPREPARED:
-        _UNPREPARED[url] = Store.from_url(url, connect_args={"prepare_threshold": None})
-    _UNPREPARED[url].write_done(items)
+    _side_store(store, "unprepared",
+                lambda url: Store.from_url(url, connect_args={"prepare_threshold": None})).write_done(items)
 
 
 def one_cte(store: Store, items: Sequence[DoneItem]) -> None:

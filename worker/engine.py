@@ -142,7 +142,7 @@ class Engine:
         # prepares its parameters (x1.4-1.6 with two on a 2-core host, docs/performance.md).
         self._writers = [threading.Thread(target=self._write_loop, name=f"imgq-write-{i}", daemon=True)
                          for i in range(max(1, writers))]
-        self._threads = [threading.Thread(target=self._infer_loop, name="imgq-infer", daemon=True), *self._writers]
+        self._infer = threading.Thread(target=self._infer_loop, name="imgq-infer", daemon=True)
         self.stats = {"batches": 0, "items": 0, "split": 0, "decodes": 0, "reused": 0}
         # Model health: a batch in which every item fails says nothing about the items. Only an
         # item that fails alone while the model works is model_error; a run of failed batches
@@ -159,7 +159,7 @@ class Engine:
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> Engine:
-        for thread in self._threads:
+        for thread in (self._infer, *self._writers):
             thread.start()
         return self
 
@@ -169,7 +169,7 @@ class Engine:
         self._pool.shutdown(wait=True, cancel_futures=False)  # pragma: no mutate
         self._stop.set()
         self._ready.put(None)  # the inference thread sees the stop now, not at its next 0.2 s poll
-        self._threads[0].join(timeout)  # pragma: no mutate (a bound only a hung thread meets)
+        self._infer.join(timeout)  # pragma: no mutate (a bound only a hung thread meets)
         # One stop per writer, queued behind every write: each writer takes one and ends.
         for _ in self._writers:
             self._writes.put(None)
