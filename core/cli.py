@@ -364,7 +364,8 @@ def wait(
     counts = _counts(store, job_id)
     # Purged items were dead and are gone from job_items; they count as finished.
     total = sum(counts.values())
-    with tqdm(total=total, unit="img", desc="finished", file=sys.stderr) as bar:
+    # disable=None: no bar when stderr is not a terminal (cron, CI logs); the final line still prints.
+    with tqdm(total=total, unit="img", desc="finished", file=sys.stderr, disable=None) as bar:
         while True:
             counts = _counts(store, job_id)
             finished = counts["done"] + counts["dead"] + counts["purged"] + counts.get("cancelled", 0)

@@ -110,6 +110,7 @@ def test_purged_items_show_in_status_and_wait_and_dlq_list_has_a_header(make_set
     waited = run_cli(settings, "wait", str(job), "--timeout", "5")
     assert waited.returncode == 0 and waited.stdout.split() == ["queued=0", "running=0", "done=0", "dead=1",
                                                                  "purged=2"]
+    assert "finished" not in waited.stderr, "no progress bar drawn into a pipe"
     run_cli(settings, "dlq", "purge", "--older-than", "all")
     empty = run_cli(settings, "dlq", "list")
     assert empty.returncode == 0 and empty.stdout == "" and empty.stderr.strip() == "no dead letters"
