@@ -47,7 +47,7 @@ SCOPE = [
     "imgq.batching.*", "imgq.retry.*", "imgq.refs.*", "imgq.classify.*", "imgq.errors.*", "imgq.contract.*",
     "imgq.params.*", "imgq.kinds.*", "imgq.ages.*", "imgq.cost.*", "imgq.feeding.*", "imgq.languages.*",
     "imgq.pacing.*", "imgq.tuning.*", "imgq.callbacks.*", "imgq.nightly.*",
-    "imgq.db.store.*",
+    "imgq.db.store.*", "imgq.db.copy_stream.*", "imgq.db.arrays.*",
     "imgq.db.admin.x_*", "imgq.db.admin.xǁCheckReportǁ*", "imgq.db.admin.xǁAdminǁ[!f]*",
     "imgq.worker.service.*", "imgq.worker.engine.*", "imgq.worker.beneath.*", "imgq.worker.fetch.*",
     "imgq.worker.decode.*",

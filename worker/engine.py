@@ -139,7 +139,7 @@ class Engine:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         # Writers each commit on their own connection: while one waits on Postgres, the next one
-        # prepares its parameters (x1.4-1.6 with two on a 2-core host, docs/performance.md).
+        # prepares its parameters (two: x1.86 rows/s of one at 512 rows per call, docs/performance.md W6).
         self._writers = [threading.Thread(target=self._write_loop, name=f"imgq-write-{i}", daemon=True)
                          for i in range(max(1, writers))]
         self._infer = threading.Thread(target=self._infer_loop, name="imgq-infer", daemon=True)
