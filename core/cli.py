@@ -612,7 +612,10 @@ def reconcile(
     report = feeder.feed(job=_job_id(job, settings) if job else None, sweep=True, drained_only=False, wait_s=10)
     if report is None:
         _fail("busy", "another feeder holds the feed lock", 1)
-    typer.echo(f"re-published {report.items} items ({report.lost} found lost)")
+    line = f"re-published {report.items} items ({report.lost} found lost)"
+    if report.abandoned:
+        line += f"; deleted {report.abandoned} items of abandoned acceptances"
+    typer.echo(line)
 
 
 def _image_vector(settings: Settings, engine: Any, ref: str, model: str) -> tuple[Any, str, int | None]:

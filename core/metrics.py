@@ -32,6 +32,8 @@ SWEEPS = Counter("imgq_reconcile_sweeps", "Lost-message sweeps this worker ran (
 RECOVERED = Counter("imgq_recovered_items",
                     "Items published again because their message was lost, by reason "
                     "(lost: queued but gone from Redis; orphan: their worker died).", ["reason"])
+ABANDONED = Counter("imgq_abandoned_items", "Items of acceptances whose producer died between its commits, deleted "
+                    "by the feeder's sweep: no job ever had them (migration 0011).")
 PUBLISHED = Counter("imgq_fed_messages", "Messages the feeder published to keep the broker window full.")
 
 

@@ -12,6 +12,8 @@ from typing import Any
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError
 
+from imgq.db.store import drop_acceptance
+
 _JOB_KINDS = text("SELECT tasks FROM jobs WHERE id = :job")
 
 
@@ -211,6 +213,9 @@ _FEED_LOCK_WAIT = text("SELECT pg_advisory_xact_lock(74657303, hashtext(:queue))
 LEADER_LOCK = text("SELECT pg_try_advisory_lock(74657304, hashtext(:queue))")
 LEADER_UNLOCK = text("SELECT pg_advisory_unlock(74657304, hashtext(:queue))")
 _REAPER_LOCK = text("SELECT pg_try_advisory_xact_lock(74657302)")
+# Recorded acceptances whose job is missing: going on now, or abandoned (Store.create_job).
+_ABANDONED = text("SELECT a.job_id FROM acceptances a "
+                  "WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = a.job_id) ORDER BY a.started_at LIMIT 100")
 
 _HEARTBEAT = text("""
 INSERT INTO workers (name, host, pid) VALUES (:name, :host, :pid)
@@ -425,6 +430,24 @@ class Admin:
                 yield None
                 return
             yield Feeding(conn, queue)
+
+    def drop_abandoned(self) -> tuple[int, int]:
+        """Delete what acceptances whose producer died left: the items of a job that never
+        committed (migration 0011). An acceptance still going holds its lock and is left alone.
+        Returns (acceptances, items) dropped."""
+        with self.engine.connect() as conn:
+            jobs = conn.execute(_ABANDONED).scalars().all()
+        dropped = [0, 0]
+        for job in jobs:
+            with self.engine.begin() as conn:
+                # The advisory lock says the acceptance is over, so no row here is still locked
+                # by it; a wait would mean that rule broke, and must not stall the feeder.
+                conn.execute(text("SET LOCAL lock_timeout = '2s'"))  # pragma: no mutate
+                items = drop_acceptance(conn, job, wait=False)
+            if items is not None:
+                dropped[0] += 1
+                dropped[1] += items
+        return dropped[0], dropped[1]
 
     # -- worker heartbeats ----------------------------------------------------------------------
     def heartbeat(self, name: str, host: str, pid: int) -> None:

@@ -9,7 +9,9 @@ more chunks than streams (docs/performance.md, "Acceptance after migration 0010"
 A side transaction commits only when told, just before the job's own commits, so a failure
 anywhere before that rolls everything back. Only a crash between those commits (milliseconds)
 can leave committed items whose job never was: every reader of items joins ``jobs`` (no foreign
-key since migration 0009), so they are never fed, counted or shown, only stored.
+key since migration 0009), so they are never fed, counted or shown. ``on_first_side`` runs before
+the first side stream opens: the store records the acceptance there, so that the feeder's sweep
+can find and delete such items (migration 0011).
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ class CopyStreams:
     streams on ``engine``. ``write`` blocks while every stream is busy, so memory stays at a few
     chunks; ``finish``, ``commit_sides`` and ``abort`` are called from the job's thread."""
 
-    def __init__(self, copy: Any, engine: Any, statement: str, n: int) -> None:
+    def __init__(self, copy: Any, engine: Any, statement: str, n: int,
+                 on_first_side: Callable[[], None] | None = None) -> None:
         self._copy = copy
+        self._on_first_side = on_first_side
         self._engine = engine
         self._statement = statement
         self._n = n
@@ -46,6 +50,11 @@ class CopyStreams:
         self._decisions: list[queue.Queue[bool]] = []
         self._errors: list[BaseException] = []
         self._commits: list[int] = []  # one per side transaction committed (appended by its thread)
+
+    @property
+    def sides(self) -> bool:
+        """Whether a side stream was opened (``on_first_side`` ran)."""
+        return bool(self._decisions)
 
     @property
     def committed(self) -> bool:
@@ -109,6 +118,8 @@ class CopyStreams:
         target: Callable[..., None] = self._own
         args: tuple[Any, ...] = (copied,)
         if self._threads:
+            if not self._decisions and self._on_first_side is not None:
+                self._on_first_side()
             decision: queue.Queue[bool] = queue.Queue(maxsize=1)
             self._decisions.append(decision)
             target, args = self._side, (copied, decision)

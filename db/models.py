@@ -194,6 +194,17 @@ class JobItem(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
+class Acceptance(Base):
+    """A job being loaded by side COPY streams (migration 0011). Its own transaction deletes the row
+    as it commits; a row whose job does not exist and whose advisory lock is free is an acceptance
+    its producer died in, and the feeder's sweep deletes its items (``Admin.drop_abandoned``)."""
+
+    __tablename__ = "acceptances"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
 class ItemTranslation(Base):
     """A translated caption an item asked for (``imgq enqueue caption --lang``): one per language."""
 

@@ -6,6 +6,7 @@ per batch, with constant SQL text), never one INSERT per row.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -184,6 +185,33 @@ class EmptyJob(ValueError):
 
 # SQL case: keywords and unquoted names are case-insensitive.
 _COPY_ITEMS = "COPY job_items (job_id, seq, ref, text) FROM STDIN"  # pragma: no mutate
+# A job loaded by side streams holds this lock (class, hashtext of its id) from its transaction's
+# first statement to its end, and is recorded in ``acceptances`` until it commits: a record whose
+# job is missing and whose lock is free was left by a producer that died (Admin.drop_abandoned).
+ACCEPTANCE_LOCK_CLASS = 74657306
+_ACCEPTANCE_LOCK = f"SELECT pg_advisory_xact_lock({ACCEPTANCE_LOCK_CLASS}, hashtext(%s))"
+_ACCEPTANCE_BEGUN = text("INSERT INTO acceptances (job_id) VALUES (:job)")
+_ACCEPTANCE_DONE = "DELETE FROM acceptances WHERE job_id = %s"  # pragma: no mutate (SQL case)
+_ACCEPTANCE_WAIT = text(f"SELECT pg_advisory_xact_lock({ACCEPTANCE_LOCK_CLASS}, hashtext(CAST(:job AS text)))")
+_ACCEPTANCE_TRY = text(f"SELECT pg_try_advisory_xact_lock({ACCEPTANCE_LOCK_CLASS}, hashtext(CAST(:job AS text)))")
+# Only items whose job is missing: a commit the client saw fail may have reached the server.
+_DROP_ORPHAN_ITEMS = text("DELETE FROM job_items WHERE job_id = :job "
+                          "AND NOT EXISTS (SELECT 1 FROM jobs WHERE id = :job)")
+_DROP_ACCEPTANCE = text("DELETE FROM acceptances WHERE job_id = :job")
+
+
+def drop_acceptance(conn: Any, job: uuid.UUID, *, wait: bool) -> int | None:
+    """In ``conn``'s transaction: delete the items and the record of ``job``'s acceptance unless
+    its job exists. Taking the job's acceptance lock first means its own transaction has ended
+    (it holds the lock from its first statement), so what this sees of ``jobs`` is final. Returns
+    the items deleted, or None if the lock is held (``wait=False``: the acceptance is still going)."""
+    if wait:
+        conn.execute(_ACCEPTANCE_WAIT, {"job": job})
+    elif not conn.execute(_ACCEPTANCE_TRY, {"job": job}).scalar_one():
+        return None
+    dropped = conn.execute(_DROP_ORPHAN_ITEMS, {"job": job}).rowcount
+    conn.execute(_DROP_ACCEPTANCE, {"job": job})
+    return int(dropped)
 
 
 def _chunks(values: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -251,6 +279,8 @@ class Store:
         raw = self.engine.raw_connection()
         try:
             with raw.cursor() as cur:
+                if copy_streams > 1:  # before anything can record the acceptance (migration 0011)
+                    cur.execute(_ACCEPTANCE_LOCK, (str(job),))
                 cur.execute(
                     # SQL case: keywords and unquoted names are case-insensitive.
                     "INSERT INTO jobs (id, kind, model, params, params_hash, tasks, total, "  # pragma: no mutate
@@ -263,7 +293,8 @@ class Store:
                     in_transaction(cur, job)
                 total = 0
                 with cur.copy(_COPY_ITEMS) as copy:
-                    streams = CopyStreams(copy, self.engine, _COPY_ITEMS, copy_streams)
+                    streams = CopyStreams(copy, self.engine, _COPY_ITEMS, copy_streams,
+                                          on_first_side=functools.partial(self._begin_acceptance, job))
                     # COPY's text format built in one buffer per chunk: ~3x faster than write_row.
                     prefix = f"{job}\t"
                     try:
@@ -280,31 +311,41 @@ class Store:
                 if total == 0:
                     raise EmptyJob("a job needs at least one item")
                 cur.execute("UPDATE jobs SET total = %s WHERE id = %s", (total, job))  # pragma: no mutate (SQL case)
+                if streams.sides:
+                    cur.execute(_ACCEPTANCE_DONE, (job,))  # committed with the job, or not at all
             streams.commit_sides()
         except BaseException:
             if streams is not None:
                 streams.abort()
             raw.rollback()
             raw.close()
-            if streams is not None and streams.committed:  # another side's commit failed after it
+            if streams is not None and streams.sides:  # a side's commit may have failed after another's
                 self._drop_items(job)
             raise
         try:
             raw.commit()
         except BaseException:
+            with contextlib.suppress(Exception):  # ends the transaction, if the server still has it, and the lock
+                raw.close()
             # The side streams committed: drop their items rather than leave them without a job.
-            if streams.committed:
+            if streams.sides:
                 self._drop_items(job)
             raise
-        finally:
-            raw.close()
+        raw.close()
         return job
 
+    def _begin_acceptance(self, job: uuid.UUID) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(_ACCEPTANCE_BEGUN, {"job": job})
+
     def _drop_items(self, job: uuid.UUID) -> None:
+        """After a failed acceptance: its committed side items and its record, if any."""
         try:
             with self.engine.begin() as conn:
-                conn.execute(text("DELETE FROM job_items WHERE job_id = :job"), {"job": job})
-        except Exception:  # the server is gone: the items stay, unread (imgq.db.copy_stream)
+                # A job connection the server has not yet seen die still holds the lock.
+                conn.execute(text("SET LOCAL lock_timeout = '5s'"))  # pragma: no mutate
+                drop_acceptance(conn, job, wait=True)
+        except Exception:  # the server is gone: the feeder's sweep drops them later (Admin.drop_abandoned)
             log.warning("could not drop the side streams' items of job %s, whose commit failed", job)
 
     # -- worker ---------------------------------------------------------------------------------

@@ -209,6 +209,8 @@ def _count_feed(report: FeedReport, swept: bool) -> None:
         metrics.SWEEPS.inc()
     if report.lost:
         metrics.RECOVERED.labels("lost").inc(report.lost)
+    if report.abandoned:
+        metrics.ABANDONED.inc(report.abandoned)
 
 
 def make_worker_app(settings: Settings, runtime: WorkerRuntime) -> Celery:

@@ -55,6 +55,7 @@ class FeedReport:
     messages: int = 0
     items: int = 0
     lost: int = 0  # items put back in the backlog (lost messages)
+    abandoned: int = 0  # items of abandoned acceptances deleted (no job ever had them)
 
 
 class Feeder:
@@ -124,15 +125,19 @@ class Feeder:
         """One cycle; None if another feeder holds the lock. ``job`` feeds that job alone (enqueue's
         first messages); ``sweep`` first puts lost items back in the backlog (queued ones only once
         the queue is empty, unless not ``drained_only``: `imgq reconcile`); ``max_messages`` stops
-        the cycle after that many messages even if the window has more room."""
+        the cycle after that many messages even if the window has more room. A sweep also deletes
+        the items of acceptances abandoned between their commits (``Admin.drop_abandoned``)."""
         try:
-            return self._feed(job=job, sweep=sweep, lost_after_s=lost_after_s, drained_only=drained_only,
-                              wait_s=wait_s, max_messages=max_messages)
+            report = self._feed(job=job, sweep=sweep, lost_after_s=lost_after_s, drained_only=drained_only,
+                                wait_s=wait_s, max_messages=max_messages)
         except BaseException:
             # The cycle's marks rolled back: what this feeder remembers of them is wrong now.
             self._next_seq.clear()
             self._flight_at = float("-inf")
             raise
+        if report is not None and sweep:
+            report.abandoned = self._admin.drop_abandoned()[1]
+        return report
 
     def _feed(self, *, job: uuid.UUID | None, sweep: bool, lost_after_s: float | None, drained_only: bool,
               wait_s: float, max_messages: int | None) -> FeedReport | None:
@@ -297,6 +302,9 @@ class Feeder:
                     next_sweep = time.monotonic() + self._sweep_interval_s
                 if report is not None and self._on_cycle is not None:
                     self._on_cycle(report, sweep)
+                if report is not None and report.abandoned:
+                    log.warning("deleted %d items of acceptances abandoned mid-commit (their jobs never existed)",
+                                report.abandoned, extra={"action": "reconcile", "items": report.abandoned})
                 if report is not None and report.lost:
                     log.warning("%d items were lost from the broker; re-published them through the window",
                                 report.lost, extra={"action": "reconcile", "items": report.lost})

@@ -115,6 +115,22 @@ def test_lost_messages_are_fed_again_once_the_queue_is_empty(store, client, brok
     feeder.stop()
 
 
+def test_a_sweep_deletes_the_items_of_an_abandoned_acceptance_and_only_those(store, client, broker_url) -> None:
+    job = _job(store, 4)
+    abandoned = uuid.uuid4()  # a producer died between its side streams' commit and its job's
+    with store.engine.begin() as conn:
+        conn.execute(text("INSERT INTO job_items (job_id, seq, ref) SELECT :j, g, '/d/x.jpg' "
+                          "FROM generate_series(0, 9) g"), {"j": abandoned})
+        conn.execute(text("INSERT INTO acceptances (job_id) VALUES (:j)"), {"j": abandoned})
+    feeder = _feeder(store, broker_url, window=10)
+    assert feeder.feed().abandoned == 0, "only a sweep looks"
+    assert feeder.feed(sweep=True).abandoned == 10
+    with store.engine.connect() as conn:
+        left = conn.execute(text("SELECT job_id, count(*) FROM job_items GROUP BY job_id")).all()
+    assert [tuple(r) for r in left] == [(job, 4)]
+    feeder.stop()
+
+
 def test_one_leader_at_a_time_and_a_dead_leaders_lock_is_taken_over(store, broker_url, database_url) -> None:
     first = _feeder(store, broker_url, window=4)
     second = _feeder(store, broker_url, window=4)

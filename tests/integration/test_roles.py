@@ -1,0 +1,96 @@
+"""The deployment's least-privilege roles (deploy/postgres/10-roles.sh), run for real: a fresh
+database set up by the script's own SQL and migrated as ``imgq_owner``, then each service's code
+paths run as its role. A migration that forgets a grant fails here, not in production."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import ProgrammingError
+
+from imgq.db.admin import Admin
+from imgq.db.migrate import upgrade
+from imgq.db.store import DeadRow, DoneItem, ObjectInfo, Store
+from tests.fixtures.services import TEMPLATE, _admin
+
+pytestmark = pytest.mark.integration
+
+ROLES_SH = Path(__file__).resolve().parents[2] / "deploy" / "postgres" / "10-roles.sh"
+TASK = {"kind": "caption", "model": "m", "params": {}, "params_hash": "h"}
+CHUNK = 5_000  # create_job's COPY chunk: a third chunk opens the side stream
+
+
+def roles_sql() -> str:
+    """The script's SQL, with its psql variables filled in (every password 'pw')."""
+    body = ROLES_SH.read_text().split("<<'SQL'\n", 1)[1].rsplit("\nSQL", 1)[0]
+    return re.sub(r":'\w+_pw'", "'pw'", body)
+
+
+@pytest.fixture
+def deployed(pg_server) -> dict[str, str]:
+    """A database as compose sets it up: the roles script, then the migrations run by imgq_owner.
+    Returns a URL per role (the role set at connection start, as its own login would be)."""
+    name = f"roles_{uuid.uuid4().hex[:8]}"
+    _admin(pg_server, f'CREATE DATABASE "{name}" TEMPLATE template0')
+    url = pg_server.url.replace(f"/{TEMPLATE}?", f"/{name}?")
+    engine = Store.from_url(url).engine
+    with engine.connect() as conn:
+        exists = conn.execute(text("SELECT count(*) FROM pg_roles WHERE rolname = 'imgq_owner'")).scalar_one()
+        sql = roles_sql()
+        if exists:  # roles are the cluster's: a second database of this session only sets up its own
+            sql = "\n".join(line for line in sql.splitlines() if not line.startswith("CREATE ROLE"))
+        conn.exec_driver_sql(sql)
+        conn.commit()
+    engine.dispose()
+    as_role = {role: f"{url}&options=-crole%3Dimgq_{role}" for role in ("owner", "producer", "worker", "reader",
+                                                                         "api")}
+    upgrade(as_role["owner"])
+    return as_role
+
+
+def test_each_role_can_do_its_services_work(deployed: dict[str, str]):
+    producer = Store.from_url(deployed["producer"])
+    with producer.engine.connect() as conn:
+        assert conn.execute(text("SELECT current_user")).scalar_one() == "imgq_producer"
+    # A job big enough for a side stream: the producer records and deletes its acceptance.
+    refs = [f"s3://b/{i}.jpg" for i in range(2 * CHUNK + 10)]
+    job = producer.create_job(tasks=[TASK], refs=refs, copy_streams=2)
+    assert producer.counts(job)["queued"] == len(refs)
+    with Admin(producer.engine).feeding("imgq") as feeding:  # enqueue publishes its first window
+        assert feeding is not None
+        assert len(feeding.take(job, 4)) == 4
+
+    # What a failed acceptance leaves, dropped by the producer that saw it fail.
+    stranded = uuid.uuid4()
+    owner = Store.from_url(deployed["owner"])
+    with owner.engine.begin() as conn:
+        conn.execute(text("INSERT INTO job_items (job_id, seq, ref) VALUES (:j, 0, 's3://b/x.jpg')"), {"j": stranded})
+        conn.execute(text("INSERT INTO acceptances (job_id) VALUES (:j)"), {"j": stranded})
+    producer._drop_items(stranded)
+    with owner.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM job_items WHERE job_id = :j"), {"j": stranded}).scalar_one() == 0
+
+    worker = Store.from_url(deployed["worker"])
+    assert set(worker.claim(job, [0, 1], "w")) == {0, 1}
+    worker.write_done([DoneItem(job, 0, ObjectInfo("s3", "b", "0.jpg", "v1", 10, 64, 48), "w",
+                                {"caption": ("m", "rev", "h", {}, "a cat")})])
+    worker.write_dead([DeadRow(job, 1, "truncated", "ends early", "w")])
+    admin = Admin(worker.engine)
+    admin.heartbeat("w", "host", 1)
+    admin.retire("w")
+    assert admin.drop_abandoned() == (0, 0)
+    assert worker.counts(job)["done"] == 1
+
+    reader = Store.from_url(deployed["reader"])
+    with reader.engine.connect() as conn:
+        assert conn.execute(text("SELECT text FROM captions")).scalars().all() == ["a cat"]
+        with pytest.raises(ProgrammingError, match="permission denied"):
+            conn.execute(text("SELECT * FROM api_keys"))
+    with reader.engine.begin() as conn, pytest.raises(ProgrammingError, match="permission denied"):
+        conn.execute(text("DELETE FROM acceptances"))
+    for store in (producer, owner, worker, reader):
+        store.engine.dispose()
