@@ -43,13 +43,13 @@ class CopyStreams:
         self._engine = engine
         self._statement = statement
         self._n = n
-        self._chunks: queue.Queue[Any] = queue.Queue(maxsize=2 * n)
-        self._written = 0
+        # A memory bound (two chunks per stream), not a behaviour: any size passes the tests.
+        self._chunks: queue.Queue[Any] = queue.Queue(maxsize=2 * n)  # pragma: no mutate
         self._threads: list[threading.Thread] = []
         self._copied: list[threading.Event] = []
         self._decisions: list[queue.Queue[bool]] = []
         self._errors: list[BaseException] = []
-        self._commits: list[int] = []  # one per side transaction committed (appended by its thread)
+        self._committed = threading.Event()  # set by the first side transaction to commit
 
     @property
     def sides(self) -> bool:
@@ -59,13 +59,12 @@ class CopyStreams:
     @property
     def committed(self) -> bool:
         """Whether a side transaction committed (its items then outlive a failed job)."""
-        return bool(self._commits)
+        return self._committed.is_set()
 
     # -- the job's thread ---------------------------------------------------------------------
     def write(self, chunk: str) -> None:
-        if len(self._threads) < self._n and len(self._threads) <= self._written:
+        if len(self._threads) < self._n:  # the k-th chunk opens the k-th stream: a side only when needed
             self._start()
-        self._written += 1
         self._put(chunk)
 
     def finish(self) -> None:
@@ -83,7 +82,7 @@ class CopyStreams:
             thread.join()
         self._raise_failure()
 
-    def abort(self, timeout: float = 30.0) -> None:
+    def abort(self, timeout: float = 30.0) -> None:  # pragma: no mutate (how long a stuck writer is waited for)
         """Stop every writer (the job's COPY is not written to after this returns) and roll the
         side transactions back, wherever they stand; never raises."""
         while True:  # chunks not taken yet are dropped, so the aborts are next in line
@@ -91,9 +90,8 @@ class CopyStreams:
                 self._chunks.get_nowait()
             except queue.Empty:
                 break
-        for _ in self._threads:
-            with contextlib.suppress(queue.Full):  # a finished writer reads no more
-                self._chunks.put_nowait(_ABORT)
+        for _ in self._threads:  # fits: the queue was just emptied, and holds 2 per stream
+            self._chunks.put_nowait(_ABORT)
         for decision in self._decisions:
             with contextlib.suppress(queue.Full):  # commit_sides() decided already
                 decision.put_nowait(False)
@@ -124,7 +122,9 @@ class CopyStreams:
             self._decisions.append(decision)
             target, args = self._side, (copied, decision)
         self._copied.append(copied)
-        thread = threading.Thread(target=target, args=args, name=f"imgq-copy-{len(self._threads)}", daemon=True)
+        name = f"imgq-copy-{len(self._threads)}"
+        # Daemon: a stuck COPY must not keep a producer that is exiting alive.
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)  # pragma: no mutate
         self._threads.append(thread)
         thread.start()
 
@@ -154,11 +154,11 @@ class CopyStreams:
             raw = self._engine.raw_connection()
             with raw.cursor() as cur, cur.copy(self._statement) as copy:
                 if not self._pump(copy):
-                    raise StreamFailed("stopped")  # fails the COPY: its rows are never loaded
+                    raise StreamFailed  # fails the COPY: its rows are never loaded
             copied.set()  # loaded by the server: leaving the `with` ended the COPY
             if decision.get():
                 raw.commit()
-                self._commits.append(1)
+                self._committed.set()
                 return
         except BaseException as exc:
             if not isinstance(exc, StreamFailed):

@@ -113,7 +113,7 @@ class Engine:
         max_strikes: int = 3,
         on_unhealthy: Callable[[str], None] | None = None,
         decode_timeout_s: float | None = 30.0,
-        writers: int = 2,
+        writers: int = 2,  # pragma: no mutate (the worker always passes IMGQ_RESULT_WRITERS)
     ) -> None:
         self._store = store
         self.runners = dict(runners)
