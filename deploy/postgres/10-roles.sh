@@ -1,7 +1,7 @@
 #!/bin/sh
 # Least privilege for each service (run once by the postgres image on an empty data directory).
-# imgq_owner runs the migrations and owns the schema; producers may add and update jobs (and delete
-# what a failed acceptance of theirs left: migration 0011 grants that);
+# imgq_owner runs the migrations and owns the schema; producers may add and update jobs (migration
+# 0011 adds deleting what a failed acceptance of theirs left, and dead letters: the operators' CLI);
 # workers and the API also delete (dead-letter retry, jobs-page sessions); analysts only read, and
 # never the tenants' keys and callback secrets (migration 0007 revokes those tables from imgq_reader). No service is a superuser.
 set -eu

@@ -4,6 +4,7 @@ paths run as its role. A migration that forgets a grant fails here, not in produ
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import uuid
 from pathlib import Path
@@ -85,6 +86,19 @@ def test_each_role_can_do_its_services_work(deployed: dict[str, str]):
     assert admin.drop_abandoned() == (0, 0)
     assert worker.counts(job)["done"] == 1
 
+    # The operators' CLI runs as the producer: `imgq dlq retry` and `imgq dlq purge`.
+    operator = Admin(producer.engine)
+    [retried] = operator.take_dead_letters(code="truncated", job=job, seq=None)
+    assert retried.items == [(1, "s3://b/1.jpg")]
+    worker.claim(job, [1], "w")
+    worker.write_dead([DeadRow(job, 1, "truncated", "ends early", "w")])
+    assert operator.purge(dt.timedelta(0)) == 1
+    with producer.engine.connect() as conn:
+        assert conn.execute(text("SELECT purged FROM jobs WHERE id = :j"), {"j": job}).scalar_one() == 1
+
+    api = Store.from_url(deployed["api"])  # the HTTP API accepts jobs as big as the CLI's
+    assert api.counts(api.create_job(tasks=[TASK], refs=refs, copy_streams=2))["queued"] == len(refs)
+
     reader = Store.from_url(deployed["reader"])
     with reader.engine.connect() as conn:
         assert conn.execute(text("SELECT text FROM captions")).scalars().all() == ["a cat"]
@@ -92,5 +106,5 @@ def test_each_role_can_do_its_services_work(deployed: dict[str, str]):
             conn.execute(text("SELECT * FROM api_keys"))
     with reader.engine.begin() as conn, pytest.raises(ProgrammingError, match="permission denied"):
         conn.execute(text("DELETE FROM acceptances"))
-    for store in (producer, owner, worker, reader):
+    for store in (producer, owner, worker, api, reader):
         store.engine.dispose()

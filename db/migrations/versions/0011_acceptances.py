@@ -29,11 +29,13 @@ def upgrade() -> None:
         sa.Column("started_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.text("now()")),
     )
     # deploy/postgres/10-roles.sh gives producers no DELETE by default, but a producer deletes its
-    # acceptance record as its job commits, and its side items after a commit that failed.
+    # acceptance record as its job commits and its side items after a commit that failed, and the
+    # producer's CLI is the operators' (`imgq dlq retry` and `dlq purge` delete dead letters, and
+    # purge deletes their items; both were refused in a compose deployment until now).
     op.execute("""
         DO $$ BEGIN
           IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'imgq_producer') THEN
-            GRANT DELETE ON acceptances, job_items TO imgq_producer;
+            GRANT DELETE ON acceptances, job_items, dead_letters TO imgq_producer;
           END IF;
         END $$""")
 
