@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import random
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,6 +46,8 @@ CHECKPOINT = "checkpoint.pt"
 FEATURES = "features.pt"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _HEADER = ("ref", "caption")
+# peft (get_peft_model) reads `is_gradient_checkpointing`, which transformers 5 deprecated.
+PEFT_CHECKPOINTING_WARNING = r"`is_gradient_checkpointing` is deprecated"
 
 
 @dataclass(frozen=True)
@@ -247,7 +250,9 @@ class Trainer:
         train, held = split(len(pairs), o.holdout, o.seed)
 
         torch.manual_seed(o.seed)  # the LoRA init (A random, B zero): the same for every run of a seed
-        peft_model = get_peft_model(self.model._model, lora_config(o.rank, o.alpha, 0.0))
+        with warnings.catch_warnings():  # peft reads a property transformers 5 deprecated: not the user's to fix
+            warnings.filterwarnings("ignore", PEFT_CHECKPOINTING_WARNING, FutureWarning)
+            peft_model = get_peft_model(self.model._model, lora_config(o.rank, o.alpha, 0.0))
         decoder = self.model._model.text_decoder
         params = [p for p in peft_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=o.lr)
