@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import json
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -192,9 +193,10 @@ WHERE id = %s
 _IDEMPOTENCY_INSERT = "INSERT INTO idempotency_keys (tenant, key, request_sha256, job_id) VALUES (%s, %s, %s, %s)"
 
 _IDEMPOTENT = text("""
-SELECT k.request_sha256, k.job_id, j.total FROM idempotency_keys k JOIN jobs j ON j.id = k.job_id
+SELECT k.request_sha256, k.job_id, j.total, k.rejected FROM idempotency_keys k JOIN jobs j ON j.id = k.job_id
 WHERE k.tenant = :tenant AND k.key = :key
 """)
+_IDEMPOTENCY_REJECTED = "UPDATE idempotency_keys SET rejected = CAST(%s AS jsonb) WHERE tenant = %s AND key = %s"
 
 
 def record_api_job(
@@ -210,8 +212,16 @@ def record_api_job(
         cursor.execute(_IDEMPOTENCY_INSERT, (tenant, idempotency_key, request_sha256, job))
 
 
-def idempotent_job(engine: Engine, tenant: str, key: str) -> tuple[str, uuid.UUID, int] | None:
-    """(request_sha256, job, items) of the job an Idempotency-Key already made for ``tenant``."""
+def record_rejected(cursor: Any, *, tenant: str, idempotency_key: str, rejected: list[tuple[str, str]]) -> None:
+    """Run at the end of the job's transaction (``Store.create_job``'s ``before_commit``): keep the
+    refs the request skipped with its key, so that a replay can answer with them."""
+    document = json.dumps([{"ref": ref, "reason": reason} for ref, reason in rejected])
+    cursor.execute(_IDEMPOTENCY_REJECTED, (document, tenant, idempotency_key))
+
+
+def idempotent_job(engine: Engine, tenant: str, key: str) -> tuple[str, uuid.UUID, int, list[dict[str, str]]] | None:
+    """(request_sha256, job, items, rejected) of the job an Idempotency-Key already made for
+    ``tenant``; ``rejected`` is [] for a key recorded before migration 0012."""
     with engine.connect() as conn:
         row = conn.execute(_IDEMPOTENT, {"tenant": tenant, "key": key}).first()
-    return (row[0], row[1], int(row[2])) if row is not None else None
+    return (row[0], row[1], int(row[2]), list(row[3] or [])) if row is not None else None

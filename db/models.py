@@ -326,6 +326,8 @@ class IdempotencyKey(Base):
     key: Mapped[str] = mapped_column(Text, primary_key=True)
     request_sha256: Mapped[str] = mapped_column(Text)
     job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    # [{ref, reason}] the first request skipped (skip_invalid), for its replays (migration 0012).
+    rejected: Mapped[list | None] = mapped_column(JSONB)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 

@@ -256,6 +256,7 @@ class Store:
         self, *, tasks: Sequence[dict[str, Any]], refs: Iterable[str] | Iterable[tuple[str, str]],
         priority: int = 0, tenant: str = "default", queue: str = "imgq", refs_per_message: int | None = None,
         in_transaction: Callable[[Any, uuid.UUID], None] | None = None, copy_streams: int = 1,
+        before_commit: Callable[[Any, uuid.UUID], None] | None = None,
     ) -> uuid.UUID:
         """Commit the job and all its items (COPY) before anything is published.
 
@@ -269,6 +270,8 @@ class Store:
         ``in_transaction(cursor, job)`` runs in the job's transaction right after its ``jobs`` row is
         inserted, before any item is copied: the API records its idempotency key there, so concurrent
         duplicates wait on that key's primary key and then fail, before copying anything.
+        ``before_commit(cursor, job)`` runs in the same transaction once every ref is consumed (the
+        API stores the refs it skipped with the key there).
 
         Writer threads load the chunks while this thread validates and formats the next: the job's
         own COPY, and up to ``copy_streams`` - 1 side COPYs in their own transactions, which commit
@@ -313,6 +316,8 @@ class Store:
                 cur.execute("UPDATE jobs SET total = %s WHERE id = %s", (total, job))  # pragma: no mutate (SQL case)
                 if streams.sides:
                     cur.execute(_ACCEPTANCE_DONE, (job,))  # committed with the job, or not at all
+                if before_commit is not None:
+                    before_commit(cur, job)
             streams.commit_sides()
         except BaseException:
             if streams is not None:

@@ -76,11 +76,12 @@ def submit(
     priority: int | None = None,
     tenant: str | None = None,
     in_transaction: Callable[[Any, uuid.UUID], None] | None = None,
+    before_commit: Callable[[Any, uuid.UUID], None] | None = None,
 ) -> Submitted:
     """Accept ``refs`` (or ``(ref, text)`` pairs; validated while they are copied into Postgres),
     then publish its first messages (as many as the broker window has room for, at most
-    ``PRODUCER_MESSAGES``). ``in_transaction``: see
-    :meth:`Store.create_job` (the API's idempotency key, source and callback)."""
+    ``PRODUCER_MESSAGES``). ``in_transaction`` and ``before_commit``: see
+    :meth:`Store.create_job` (the API's idempotency key, source and callback; its skipped refs)."""
     accepted = 0
 
     def count(stream: Iterable[Any]) -> Iterator[Any]:
@@ -97,7 +98,7 @@ def submit(
             tasks=records, refs=count(refs), queue=settings.queue,
             priority=settings.priority if priority is None else priority,
             tenant=tenant or settings.tenant, refs_per_message=refs_per_message, in_transaction=in_transaction,
-            copy_streams=settings.copy_streams,
+            copy_streams=settings.copy_streams, before_commit=before_commit,
         )
     except EmptyJob:
         raise RefRefused("no image references to enqueue") from None

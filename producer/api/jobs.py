@@ -82,14 +82,14 @@ def make_tasks(settings: Any, kinds: list[str], raw: dict[str, Any]) -> list[Any
             for kind, cls in models.items()]
 
 
-def _replay(found: tuple[str, uuid.UUID, int], digest: str, response: Response) -> JobAccepted:
-    stored_digest, job, items = found
+def _replay(found: tuple[str, uuid.UUID, int, list[dict[str, str]]], digest: str, response: Response) -> JobAccepted:
+    stored_digest, job, items, rejected = found
     if stored_digest != digest:
         raise ApiProblem(409, "idempotency_conflict", "this Idempotency-Key was used with another request body; "
                          "use a new key for a new job")
     response.status_code = 200
     response.headers["Location"] = f"/v1/jobs/{job}"
-    return JobAccepted(job=job, items=items, replayed=True)
+    return JobAccepted(job=job, items=items, rejected=rejected, replayed=True)
 
 
 def _pairs(body: JobRequest, scoped: Any) -> Any:
@@ -170,9 +170,14 @@ def create_job(body: JobRequest, request: Request, response: Response, caller: C
         jobs_view.record_api_job(cursor, job, tenant=caller.tenant, idempotency_key=idempotency_key,
                                  request_sha256=digest, callback_url=callback_url)
 
+    def before_commit(cursor: Any, job: uuid.UUID) -> None:  # every ref is consumed: the skipped ones are known
+        if idempotency_key is not None:
+            jobs_view.record_rejected(cursor, tenant=caller.tenant, idempotency_key=idempotency_key, rejected=rejected)
+
     try:
         result = submit(settings=settings, store=context.store, app=context.celery, refs=refs, tasks=tasks,
-                        rejected=rejected, priority=priority, tenant=caller.tenant, in_transaction=in_transaction)
+                        rejected=rejected, priority=priority, tenant=caller.tenant, in_transaction=in_transaction,
+                        before_commit=before_commit)
     except psycopg.errors.UniqueViolation:
         # A concurrent request with the same key committed first: this one's job was rolled back.
         found = jobs_view.idempotent_job(context.engine, caller.tenant, idempotency_key or "")

@@ -228,6 +228,23 @@ def test_concurrent_repeats_of_an_idempotency_key_make_one_job(api: Api) -> None
         assert r.status_code == 202
 
 
+def test_a_replay_answers_with_the_refs_the_first_request_skipped(api: Api) -> None:
+    """The case an Idempotency-Key is for: the first answer was lost. The refs it skipped are stored
+    nowhere else, so the replay must carry them."""
+    good = _refs(api, "acme", 2)
+    bad = ["http://169.254.169.254/latest/meta-data", "s3://"]
+    body = {"kinds": ["caption"], "refs": good + bad, "skip_invalid": True}
+    with api.client("acme") as c:
+        first = c.post("/v1/jobs", json=body, headers={"Idempotency-Key": "import-7"})
+        assert first.status_code == 202, first.text
+        assert first.json()["items"] == 2 and [r["ref"] for r in first.json()["rejected"]] == bad
+        assert all(r["reason"] for r in first.json()["rejected"])
+        again = c.post("/v1/jobs", json=body, headers={"Idempotency-Key": "import-7"})
+        assert again.status_code == 200 and again.json()["replayed"] is True
+        assert (again.json()["job"], again.json()["items"]) == (first.json()["job"], 2)
+        assert again.json()["rejected"] == first.json()["rejected"]
+
+
 # -- limits and refusals ---------------------------------------------------------------------------
 
 def test_each_limit_answers_with_its_code(api: Api) -> None:
