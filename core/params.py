@@ -11,11 +11,12 @@ import functools
 import hashlib
 import json
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from imgq.errors import BadParams
+from imgq.storable import first_unstorable
 
 ResizeMode = Literal["stretch", "center_crop", "letterbox"]
 MAX_TEXT_POSITIONS = 512  # BLIP-base's text decoder and encoder
@@ -59,6 +60,14 @@ class Params(BaseModel):
     def problems(self, name: Namer = _same) -> list[str]:
         """Conflicts between fields that are each valid alone, naming fields with ``name``."""
         return []
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _storable(cls, value: Any) -> Any:
+        # A NUL in a prompt or an adapter's name would fail the job's insert (jsonb), not name the field.
+        if (reason := first_unstorable(value)) is not None:
+            raise ValueError(f"contains {reason}")
+        return value
 
     @model_validator(mode="after")
     def _coherent(self, info: ValidationInfo) -> Params:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imgq.errors import RefRefused
+from imgq.storable import unstorable
 
 _S3 = "s3://"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -40,6 +41,8 @@ def _check_text(raw: str) -> str:
         raise RefRefused("empty reference")
     if _CONTROL.search(raw):
         raise RefRefused(f"reference contains control characters: {raw!r}")
+    if (reason := unstorable(raw)) is not None:
+        raise RefRefused(f"reference contains {reason}: {raw!r}")
     if len(raw) > 2048:
         raise RefRefused("reference longer than 2048 characters")
     # Not stripped: an S3 key may end in a space, and a stored ref must name the object it named

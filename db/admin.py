@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -213,6 +213,8 @@ _FEED_LOCK_WAIT = text("SELECT pg_advisory_xact_lock(74657303, hashtext(:queue))
 LEADER_LOCK = text("SELECT pg_try_advisory_lock(74657304, hashtext(:queue))")
 LEADER_UNLOCK = text("SELECT pg_advisory_unlock(74657304, hashtext(:queue))")
 _REAPER_LOCK = text("SELECT pg_try_advisory_xact_lock(74657302)")
+_REAPER_LOCK_WAIT = text("SELECT pg_advisory_xact_lock(74657302)")
+_LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of a lock_timeout
 # Recorded acceptances whose job is missing: going on now, or abandoned (Store.create_job).
 _ABANDONED = text("SELECT a.job_id FROM acceptances a "
                   "WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = a.job_id) ORDER BY a.started_at LIMIT 100")
@@ -466,17 +468,41 @@ class Admin:
 
     def take_orphans(
         # limit: a batch bound; 10,000 and 10,001 differ only past 10,000 orphans.
-        self, *, dead_after_s: float, gone: list[str] | None = None, limit: int = 10_000  # pragma: no mutate
+        self, *, dead_after_s: float, gone: list[str] | None = None, limit: int = 10_000,  # pragma: no mutate
+        publish: Callable[[list[Republish]], object] | None = None, wait_s: float = 0.0,
     ) -> list[Republish] | None:
         """Running items of workers whose heartbeat is older than ``dead_after_s`` (or that are
-        known to be ``gone``), to publish again. None if another reaper holds the lock."""
+        known to be ``gone``), to publish again. None if another reaper holds the lock (for
+        ``wait_s`` seconds).
+
+        ``publish`` runs before the commit, as a feed cycle's does: the take leaves the items
+        without a worker, so once committed no later reap could find them, and a publish that
+        fails must roll it back for the next beat to try again."""
         with self.engine.begin() as conn:
-            if not conn.execute(_REAPER_LOCK).scalar_one():
+            if not self._reaper_lock(conn, wait_s):
                 return None
             params = {"age": dead_after_s, "gone": list(gone or []), "limit": limit}
             rows = conn.execute(_ORPHANS, params).all()
             conn.execute(_FORGET_DEAD, params)
-            return self._with_jobs(conn, rows)
+            batches = self._with_jobs(conn, rows)
+            if batches and publish is not None:
+                publish(batches)
+            return batches
+
+    @staticmethod
+    def _reaper_lock(conn: Any, wait_s: float) -> bool:
+        if wait_s <= 0:
+            return bool(conn.execute(_REAPER_LOCK).scalar_one())
+        conn.execute(text(f"SET LOCAL lock_timeout = '{max(1, int(wait_s * 1000))}ms'"))  # 0 would wait forever
+        try:
+            with conn.begin_nested():
+                conn.execute(_REAPER_LOCK_WAIT)
+        except OperationalError as exc:
+            if getattr(exc.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE:
+                raise
+            return False
+        conn.execute(text("SET LOCAL lock_timeout = 0"))
+        return True
 
     @staticmethod
     def _with_jobs(conn: Any, rows: Sequence[Any]) -> list[Republish]:

@@ -18,6 +18,7 @@ import numpy as np
 from sqlalchemy import Connection, Engine, text
 
 from imgq.errors import DimensionMismatch, EmptyQuery, NoEmbeddings, SearchError
+from imgq.storable import unstorable
 
 INDEXED_DIM = 256  # the dimension that has an HNSW index (migration 0003)
 MAX_LIMIT = 1000  # the most hits one search returns; also hnsw.ef_search's upper bound
@@ -38,7 +39,7 @@ class Hit:
     image_id: int
     ref: str  # s3://bucket/key, or the local path
     similarity: float  # cosine similarity, 1 = same direction
-    caption: str | None  # the image's newest caption (any model), if any
+    caption: str | None  # the image's newest BLIP (native) caption, else its newest translated one
     model_revision: str
     width: int
     height: int
@@ -58,7 +59,8 @@ _EXCLUDE = """
 
 # The inner queries find the nearest rows; the outer query sorts them again (relaxed_order: an
 # iterative scan may return rows slightly out of order) and only then joins what is shown: the
-# image's ref and size and its newest caption (a LATERAL probe per hit).
+# image's ref and size and its newest BLIP caption, or failing that its newest caption in
+# another language (a LATERAL probe per hit): a search reads in English.
 _OUTER = """
 WITH {ctes}
 SELECT nn.image_id, nn.model_revision, 1 - nn.distance AS similarity,
@@ -66,7 +68,8 @@ SELECT nn.image_id, nn.model_revision, 1 - nn.distance AS similarity,
        im.width, im.height, cap.text AS caption
 FROM nn JOIN images im ON im.id = nn.image_id
 LEFT JOIN LATERAL (
-  SELECT c.text FROM captions c WHERE c.image_id = nn.image_id ORDER BY c.created_at DESC, c.id DESC LIMIT 1
+  SELECT c.text FROM captions c WHERE c.image_id = nn.image_id
+  ORDER BY c.method = 'native' DESC, c.created_at DESC, c.id DESC LIMIT 1
 ) cap ON true
 ORDER BY nn.distance, nn.image_id
 """
@@ -204,6 +207,9 @@ def _params(
 ) -> dict[str, Any]:
     if not 1 <= limit <= MAX_LIMIT:
         raise SearchError(f"limit must be between 1 and {MAX_LIMIT}; got {limit}")
+    for name, value in (("bucket", bucket), ("prefix", prefix)):
+        if value is not None and (reason := unstorable(value)) is not None:
+            raise SearchError(f"{name} contains {reason}")
     return {
         "q": vector_literal(q),
         "model": model,

@@ -152,6 +152,8 @@ _COUNTS = text("SELECT state, count(*) FROM job_items WHERE job_id = :job GROUP 
 
 _JOB_TASKS = text("SELECT tasks FROM jobs WHERE id = :job")
 
+_ADAPTER_LANG = text("SELECT lang FROM adapters WHERE name = :name")
+
 _PURGED = text("SELECT purged FROM jobs WHERE id = :job")
 
 # Queued items not yet handed to the broker (the backlog the feeder publishes from).
@@ -473,6 +475,23 @@ class Store:
         with self.engine.connect() as conn:
             tasks = conn.execute(_JOB_TASKS, {"job": job}).scalar_one_or_none()
         return [t["kind"] for t in tasks or []]
+
+    def languages(self, job: uuid.UUID) -> list[str]:
+        """The languages whose captions ``job`` asked for: en for BLIP's own, its adapter's, and those
+        it translates into (``imgq results --lang`` of another one would be a column of nulls)."""
+        with self.engine.connect() as conn:
+            tasks = conn.execute(_JOB_TASKS, {"job": job}).scalar_one_or_none() or []
+            out: list[str] = []
+            for task in tasks:
+                params = task.get("params") or {}
+                if task["kind"] == "caption" and params.get("adapter"):
+                    lang = conn.execute(_ADAPTER_LANG, {"name": params["adapter"]}).scalar_one_or_none()
+                    out += [lang] if lang else []
+                elif task["kind"] == "caption":
+                    out.append("en")
+                elif task["kind"] == "translate":
+                    out += list(params.get("langs") or [])
+        return list(dict.fromkeys(out))
 
     def results_in(self, job: uuid.UUID, lang: str) -> Iterator[dict[str, Any]]:
         with self.engine.connect() as conn:

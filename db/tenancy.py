@@ -24,6 +24,8 @@ from typing import Any
 
 from sqlalchemy import Engine, text
 
+from imgq.feeding import PRIORITY_MAX, PRIORITY_MIN
+
 KEY_PREFIX = "imgq"
 _KEY = re.compile(r"^imgq_([0-9a-f]{16})_([A-Za-z0-9_-]{20,128})$")
 TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -202,6 +204,8 @@ def parse_limits(assignments: Sequence[str]) -> dict[str, int | float]:
             value = LIMIT_TYPES[name](raw.strip())
         except ValueError:
             raise ValueError(f"{assignment!r}: {name} takes a {LIMIT_TYPES[name].__name__}") from None
+        if name == "max_priority" and not PRIORITY_MIN <= value <= PRIORITY_MAX:
+            raise ValueError(f"{assignment!r}: max_priority must be within {PRIORITY_MIN:,} .. {PRIORITY_MAX:,}")
         if name != "max_priority" and value <= 0:  # a priority cap may be negative; the rest are sizes
             raise ValueError(f"{assignment!r}: {name} must be positive")
         out[name] = value

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,10 @@ from imgq.s3 import make_s3_client
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def _list_s3(client: Any, bucket: str, prefix: str) -> Iterator[str]:
+OnBad = Callable[[str, str], None]  # (ref, reason): a listed key refused, the listing goes on
+
+
+def _list_s3(client: Any, bucket: str, prefix: str, on_bad: OnBad | None = None) -> Iterator[str]:
     paginator = client.get_paginator("list_objects_v2")
     for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
@@ -25,7 +28,11 @@ def _list_s3(client: Any, bucket: str, prefix: str) -> Iterator[str]:
             if key.endswith("/"):
                 continue
             if _CONTROL.search(key):
-                raise RefRefused(f"s3://{bucket}/{key!r} has control characters in its key")
+                reason = f"s3://{bucket}/{key!r} has control characters in its key"
+                if on_bad is None:
+                    raise RefRefused(reason)
+                on_bad(f"s3://{bucket}/{key!r}", reason)
+                continue
             yield f"s3://{bucket}/{key}"
 
 
@@ -60,12 +67,14 @@ class Expander:
         self._s3 = s3_client
         self._buckets = frozenset(settings.allowed_buckets)
 
-    def list_prefix(self, raw: str) -> Iterator[str]:
-        """Every object whose key starts with the prefix of ``s3://bucket/prefix``, slash or not."""
+    def list_prefix(self, raw: str, on_bad: OnBad | None = None) -> Iterator[str]:
+        """Every object whose key starts with the prefix of ``s3://bucket/prefix``, slash or not. A
+        key that cannot be a ref raises :class:`RefRefused`, or with ``on_bad`` is reported there
+        and the listing goes on (``--skip-invalid``: one bad key must not hide the keys after it)."""
         bucket, prefix = split_s3(raw.strip(), self._settings.allowed_buckets)
         if self._s3 is None:
             self._s3 = make_s3_client(self._settings)
-        return _list_s3(self._s3, bucket, prefix)
+        return _list_s3(self._s3, bucket, prefix, on_bad)
 
     def object_ref(self, raw: str) -> str | None:
         """The canonical ref of ``raw`` when it names one S3 object, the common case of a backfill
@@ -75,15 +84,17 @@ class Expander:
             return None
         return s3_object_ref(raw, self._buckets)
 
-    def __call__(self, raw: str) -> list[str]:
-        """Canonical single-object refs for ``raw``; raises :class:`RefRefused` if it is bad."""
+    def __call__(self, raw: str, on_bad: OnBad | None = None) -> list[str]:
+        """Canonical single-object refs for ``raw``; raises :class:`RefRefused` if it is bad (and,
+        without ``on_bad``, if a key listed under it is). Comment and blank lines of a refs file are
+        the file reader's to drop: an empty ref here is refused, never silently nothing."""
         raw = raw.strip()
-        if not raw or raw.startswith("#"):
-            return []
+        if not raw:
+            raise RefRefused("empty reference")
         settings = self._settings
         if raw.lower().startswith("s3://"):
             if raw.endswith("/"):
-                return list(self.list_prefix(raw))
+                return list(self.list_prefix(raw, on_bad))
             return [s3_object_ref(raw, settings.allowed_buckets)]
         ref = parse_ref(raw, allowed_buckets=settings.allowed_buckets, local_roots=settings.local_roots)
         path = Path(str(ref))

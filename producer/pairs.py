@@ -9,6 +9,7 @@ from typing import TextIO
 
 from imgq.errors import InvalidRequest, RefRefused
 from imgq.producer.expand import Expander
+from imgq.storable import unstorable
 
 # BLIP's text encoder has 512 positions, and every word is at least one WordPiece token, so more
 # words than this is certainly too long; the worker counts tokens exactly (dead letter bad_text).
@@ -39,6 +40,8 @@ def read_pairs(stream: TextIO, *, max_words: int = MAX_WORDS) -> Iterator[tuple[
             raise BadPairs(f"row {line}: empty ref")
         if not text:
             raise BadPairs(f"row {line}: empty text for {ref}")
+        if (reason := unstorable(text)) is not None:
+            raise BadPairs(f"row {line}: the text contains {reason}")
         if len(text.split()) > max_words:
             raise BadPairs(f"row {line}: text has {len(text.split())} words; the model reads at most 512 tokens")
         yield line, ref, text

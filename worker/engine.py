@@ -17,6 +17,7 @@ translation batch per language, grouped by language across items and jobs.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -30,7 +31,7 @@ import numpy as np
 
 from imgq import errors, metrics
 from imgq.batching import Batch, Batcher
-from imgq.classify import classify
+from imgq.classify import classify, is_outage
 from imgq.contract import TaskSpec
 from imgq.kinds import KINDS
 from imgq.ports import Blob, DeadRow, Decoded, DoneItem, ItemStore, ObjectInfo, Runner
@@ -86,6 +87,25 @@ def _stages(tasks: Sequence[TaskSpec]) -> list[TaskSpec]:
 def _stage_units(stage: TaskSpec) -> int:
     """Entries a stage puts in batches: one per language (any other task puts one)."""
     return len(stage.params.langs)  # type: ignore[attr-defined]
+
+
+def _items_own(error: errors.ImgqError) -> bool:
+    """A permanent error imgq raised itself is a fact about the item, whatever the model's health."""
+    return isinstance(error, errors.Permanent) and not isinstance(error, errors.ModelError)
+
+
+def unstorable(value: Any) -> str | None:
+    """Why a model's output for one item cannot be its result (pgvector refuses NaN and infinity;
+    a score that is not a number means nothing), or None."""
+    if isinstance(value, np.ndarray):
+        if value.ndim != 1 or value.size == 0:
+            return f"an output of shape {value.shape}, not a vector"
+        if not np.isfinite(value).all():
+            return "a vector with NaN or infinite values"
+    scores = value if isinstance(value, tuple) else (value,)  # validate: (score, cosine)
+    if bad := [v for v in scores if isinstance(v, float | np.floating) and not math.isfinite(v)]:
+        return f"a score of {bad[0]}"
+    return None
 
 
 @dataclass(slots=True)
@@ -362,13 +382,25 @@ class Engine:
             return
         failed: list[tuple[_Entry, errors.ImgqError]] = []
         succeeded = self._run(entries, failed)
+        # A permanent error that imgq raised itself (an adapter withdrawn or outside the roots, a
+        # language the model cannot write, a text too long) is a fact about the item, whatever the
+        # model's health: dead-lettered under its own code, never counted against the model.
+        # (classify() makes every foreign exception, a real model crash included, retryable; and a
+        # model_error, an output that cannot be stored, is not one: a batch of NaNs is the model's.)
+        for entry, error in failed:
+            if _items_own(error):
+                self._fail(entry.item, error)
+                self._settle_failed(entry)
+        failed = [(entry, error) for entry, error in failed if not _items_own(error)]
+        if not failed and not succeeded:
+            return
         alone = len(entries) == 1 and self._ever_ok and self._strikes == 0
         if succeeded or alone:
             self._ever_ok = self._ever_ok or bool(succeeded)
             self._strikes = 0  # after a success; and an item fails alone only when there are none
             for entry, error in failed:  # failed alone while the model works: the item's fault
-                if isinstance(error, errors.OutOfMemory):
-                    self._fail(entry.item, error)  # the device is busy elsewhere; try again later
+                if isinstance(error, errors.OutOfMemory | errors.ModelError):
+                    self._fail(entry.item, error)  # OOM: the device is busy elsewhere; try again later
                 else:
                     self._fail(entry.item, errors.ModelError(
                         f"{entry.task.kind} model failed on this item: {error.message}"))
@@ -418,7 +450,13 @@ class Engine:
         self.stats["batches"] += 1
         self.stats["items"] += len(entries)
         done: list[WorkItem] = []
+        stored = 0
         for entry, value in zip(entries, values, strict=True):  # pragma: no mutate (one value per input)
+            if (reason := unstorable(value)) is not None:
+                # Caught here, not by the writer: there it would fail every batch coalesced into the write.
+                failed.append((entry, errors.ModelError(f"{task.kind} model returned {reason}")))
+                continue
+            stored += 1
             if lang is None:
                 entry.item.results[task.kind] = value
             else:
@@ -432,7 +470,7 @@ class Engine:
                 done.append(entry.item)
         if done:
             self._writes.put(_Write(done=done))
-        return len(entries)
+        return stored
 
     @staticmethod
     def _run_model(runner: Runner, pixels: np.ndarray, texts: list[str] | None, entries: list[_Entry]) -> list[Any]:
@@ -496,6 +534,11 @@ class Engine:
                 self._store.write_dead(dead)
                 break
             except Exception as exc:
+                if not is_outage(exc):
+                    # Not the database being away: a row it refuses. Retrying the whole write would
+                    # fail it again and every batchmate with it, as db_unavailable.
+                    self._split_commit(write, exc)
+                    return
                 if time.monotonic() + delay > deadline:
                     log.error("result write failed for %d items; asking for retry: %s", len(done) + len(dead), exc)
                     for item in [*write.done, *(item for item, _ in write.dead)]:
@@ -509,3 +552,18 @@ class Engine:
             item.future.set_result(Outcome(item.seq, "done"))
         for item, err in write.dead:
             item.future.set_result(Outcome(item.seq, "dead", err.code, err.message))
+
+    def _split_commit(self, write: _Write, exc: Exception) -> None:
+        """Commit the halves of a write the database refused, down to the one item it refuses; that
+        item is retried (transient: bounded by its attempts, then a dead letter with this message)."""
+        rows: list[Any] = [*write.done, *write.dead]
+        if len(rows) == 1:
+            item = rows[0] if isinstance(rows[0], WorkItem) else rows[0][0]
+            log.error("result write refused job %s item %d: %s", item.job, item.seq, exc)
+            if not item.future.done():
+                item.future.set_result(Outcome(item.seq, "retry", "transient", f"result write failed: {exc}"))
+            return
+        half = len(rows) // 2
+        for part in (rows[:half], rows[half:]):
+            self._commit(_Write(done=[r for r in part if isinstance(r, WorkItem)],
+                                dead=[r for r in part if not isinstance(r, WorkItem)]))

@@ -8,7 +8,12 @@ suspects and runs them alone. A late result from a worker that was only paused i
 first stored result wins and a finished item is never claimed again.
 
 At start a worker also reaps, at once, its own earlier incarnation (same name) and the workers
-registered on its host whose process is gone: a restarted worker picks up its own orphans.
+registered on its host whose process is gone: a restarted worker picks up its own orphans. That
+reap waits for the lock rather than leave it to another reaper: once the new process beats, its
+earlier incarnation's items would look like a live worker's.
+
+A reap publishes inside the transaction that takes the items (``Admin.take_orphans``): a publish
+that fails leaves them with their dead worker, for the next beat's reap.
 """
 
 from __future__ import annotations
@@ -21,6 +26,13 @@ from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+# How long a starting worker waits for another worker's reap (a few queries and one publish).
+START_REAP_WAIT_S = 60.0
+
+
+class ReaperBusy(RuntimeError):
+    """The start-up reap could not get the reaper lock in time."""
 
 
 def process_alive(pid: int) -> bool:
@@ -39,6 +51,7 @@ class Heartbeat:
     def __init__(
         self, *, admin: Any, name: str, interval_s: float, dead_after_s: float,
         republish: Callable[[list[Any]], int], host: str | None = None, pid: int | None = None,
+        start_wait_s: float = START_REAP_WAIT_S,
     ) -> None:
         self._admin = admin
         self.name = name
@@ -47,6 +60,7 @@ class Heartbeat:
         self._interval_s = interval_s
         self._dead_after_s = dead_after_s
         self._republish = republish
+        self._start_wait_s = start_wait_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="imgq-heartbeat", daemon=True)
         self.reaped = 0
@@ -54,7 +68,11 @@ class Heartbeat:
     def start(self) -> Heartbeat:
         gone = [self.name] + [n for n, pid in self._admin.host_workers(self._host, self.name)
                               if not process_alive(pid)]
-        self.reap(gone)
+        # Before the first beat: it refreshes this name, and the earlier incarnation's items
+        # would then look like ours.
+        if self._reap(gone, wait_s=self._start_wait_s) is None:
+            raise ReaperBusy(f"worker {self.name} could not reap its earlier incarnation: another reaper "
+                             f"held the lock for {self._start_wait_s:g} s")
         self._admin.heartbeat(self.name, self._host, self._pid)
         self._thread.start()
         return self
@@ -69,10 +87,14 @@ class Heartbeat:
                 log.warning("could not retire worker %s: %s", self.name, exc)
 
     def reap(self, gone: list[str] | None = None) -> int:
-        batches = self._admin.take_orphans(dead_after_s=self._dead_after_s, gone=gone)
+        """Re-publish the running items of dead workers; 0 when another reaper is at it."""
+        return self._reap(gone) or 0
+
+    def _reap(self, gone: list[str] | None, wait_s: float = 0.0) -> int | None:
+        batches = self._admin.take_orphans(dead_after_s=self._dead_after_s, gone=gone,
+                                           publish=self._republish, wait_s=wait_s)
         if not batches:
-            return 0
-        self._republish(batches)
+            return None if batches is None else 0
         count = sum(len(b.items) for b in batches)
         self.reaped += count
         log.warning("re-published %d items of dead workers", count, extra={"action": "reap", "items": count})

@@ -13,9 +13,10 @@ be acknowledged. A message that names nothing identifiable is dropped with one e
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,7 @@ from imgq.contract import TaskMessage, TaskSpec
 from imgq.ports import DeadRow, ItemStore, Publisher
 from imgq.publish import tasks_from_record
 from imgq.retry import RetryPolicy, decide
-from imgq.worker.engine import Engine, Outcome
+from imgq.worker.engine import Engine, Outcome, WorkItem
 from imgq.worker.quarantine import Quarantine
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,15 @@ def pointer(payload: Any) -> tuple[uuid.UUID, list[int]] | None:
     return (job, list(dict.fromkeys(seqs))) if seqs else None
 
 
+@dataclass(frozen=True, slots=True)
+class _Orphan:
+    """An item whose handler stopped waiting for it (its time limit): a handler that joins it settles it."""
+
+    work: WorkItem
+    item: tuple[Any, ...]  # as that handler claimed it: (seq, ref) or (seq, ref, text)
+    attempts: int
+
+
 class MessageService:
     """Settles every item of one message: claim, process (or refuse), retry or dead-letter."""
 
@@ -78,6 +88,12 @@ class MessageService:
         self._quarantine = Quarantine()
         self._jobs: OrderedDict[uuid.UUID, list[TaskSpec] | errors.ImgqError] = OrderedDict()
         self.dropped = 0
+        # A handler past its time limit gives its message back unsettled; the delivery that joins its
+        # items (that message again, or a duplicate) settles them as it would have. An orphan is kept
+        # (by id: a WorkItem is not hashable) while a handler waits for it or one can still join it.
+        self._lock = threading.Lock()
+        self._orphans: dict[int, _Orphan] = {}
+        self._joins: Counter[int] = Counter()  # id(item) -> handlers that joined it and are not done
 
     def handle(self, payload: Any) -> Summary:
         found = pointer(payload)
@@ -110,20 +126,34 @@ class MessageService:
     def _process(self, job: uuid.UUID, seqs: list[int], tasks: list[TaskSpec], msg: TaskMessage | None) -> Summary:
         # Items this process is already working on (a duplicate or requeued message) are awaited,
         # not claimed again: a duplicate costs neither an attempt nor a second inference.
-        joined = self._engine.in_flight(job, seqs)
-        pending = [s for s in seqs if s not in joined]
-        # Crash suspects are looked at before anything is claimed: an attempt is charged only to
-        # an item that is about to run, not to one that waits for the quarantine or is split off.
-        suspects = self._store.unsettled(job, pending)
-        if suspects and len(pending) > 1:
-            # The last worker died holding these items; one of them may be why. Each goes out
-            # again on its own, so a poison item cannot take its batchmates down with it.
-            records = self._store.records(job, pending)
-            self._publish([TaskMessage(job=str(job), tasks=tasks, items=[records[s]]) for s in pending if s in records],
-                          0.0)
-            return Summary(retried=len(records), skipped=len(seqs) - len(records))
-        with self._quarantine.exclusive() if suspects else self._quarantine.shared():
-            return self._run(job, seqs, pending, joined, tasks, msg)
+        with self._lock:
+            joined = self._engine.in_flight(job, seqs)
+            self._joins.update(id(work) for work in joined.values())
+        try:
+            pending = [s for s in seqs if s not in joined]
+            # Crash suspects are looked at before anything is claimed: an attempt is charged only to
+            # an item that is about to run, not to one that waits for the quarantine or is split off.
+            suspects = self._store.unsettled(job, pending)
+            if suspects and len(pending) > 1:
+                # The last worker died holding these items; one of them may be why. Each goes out
+                # again on its own, so a poison item cannot take its batchmates down with it. So does
+                # each orphan joined here (not awaited here): its next delivery joins and settles it.
+                records = self._store.records(job, pending)
+                with self._lock:
+                    orphans = [o.item for w in joined.values() if (o := self._orphans.get(id(w))) is not None]
+                items = [records[s] for s in pending if s in records] + orphans
+                self._publish([TaskMessage(job=str(job), tasks=tasks, items=[item]) for item in items], 0.0)
+                return Summary(retried=len(items), skipped=len(seqs) - len(items))
+            with self._quarantine.exclusive() if suspects else self._quarantine.shared():
+                return self._run(job, seqs, pending, joined, tasks, msg)
+        finally:
+            with self._lock:
+                for work in joined.values():
+                    self._joins[id(work)] -= 1
+                    if not self._joins[id(work)]:
+                        del self._joins[id(work)]
+            for work in joined.values():
+                self._prune(work)
 
     def _run(self, job: uuid.UUID, seqs: list[int], pending: list[int], joined: dict[int, Any],
              tasks: list[TaskSpec], msg: TaskMessage | None) -> Summary:
@@ -149,16 +179,37 @@ class MessageService:
             ])
         work = self._engine.submit(job, tasks, fresh) + list(joined.values())
         deadline = time.monotonic() + self._time_limit_s
-        # Past the limit this raises TimeoutError: the message goes back unacknowledged.
-        outcomes = [item.future.result(max(0.0, deadline - time.monotonic())) for item in work]
-        own = outcomes[: len(fresh)]
-        retried, gave_up = self._settle_retries(job, tasks, fresh, own, {s: c.attempts for s, c in claims.items()})
+        try:
+            # Past the limit this raises TimeoutError: the message goes back unacknowledged.
+            outcomes = [item.future.result(max(0.0, deadline - time.monotonic())) for item in work]
+        except TimeoutError:
+            # Its own items are settled by a delivery that joins them (what it joined stays with their owners).
+            submitted = work[: len(fresh)]
+            with self._lock:
+                for item, mine in zip(fresh, submitted, strict=True):
+                    self._orphans[id(mine)] = _Orphan(mine, tuple(item), claims[item[0]].attempts)
+            for mine in submitted:
+                mine.future.add_done_callback(lambda _f, w=mine: self._prune(w))
+            raise
+        # Joined items whose handler gave up are this message's to settle: it took that one's place.
+        with self._lock:
+            adopted = [o for w in joined.values() if (o := self._orphans.pop(id(w), None)) is not None]
+        own = outcomes[: len(fresh)] + [o.work.future.result() for o in adopted]
+        attempts = {s: c.attempts for s, c in claims.items()} | {o.item[0]: o.attempts for o in adopted}
+        retried, gave_up = self._settle_retries(job, tasks, fresh + [o.item for o in adopted], own, attempts)
         return Summary(
             done=sum(o.state == "done" for o in own),
             dead=sum(o.state == "dead" for o in own) + len(worn) + gave_up,
             retried=retried,
-            skipped=skipped + len(joined),
+            skipped=skipped + len(joined) - len(adopted),
         )
+
+    def _prune(self, work: WorkItem) -> None:
+        """Forget an orphan that no handler waits for and none can join any more (it left the engine)."""
+        with self._lock:
+            if (id(work) in self._orphans and id(work) not in self._joins
+                    and self._engine.in_flight(work.job, [work.seq]).get(work.seq) is not work):
+                del self._orphans[id(work)]
 
     def _settle_retries(
         self, job: uuid.UUID, tasks: list[TaskSpec], items: list[Any], outcomes: list[Outcome],

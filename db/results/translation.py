@@ -36,7 +36,10 @@ RETURNING source_id, lang, id
 """)
 
 # Only items still pending get links: a late duplicate of a finished or dead item adds nothing
-# (the same guard as the store's finishing UPDATE).
+# (the same guard as the store's finishing UPDATE). The guard locks the items it passes, so that
+# UPDATE, later in this transaction, finishes every item linked here: another worker's dead letter
+# committed in between would leave a dead item with links. Key order, so that two writes of the
+# same items lock them in one order; one that waits re-reads the state and links nothing.
 _LINK = text(f"""
 INSERT INTO item_translations (job_id, seq, lang, caption_id)
 SELECT v.job_id, v.seq, v.lang, v.caption_id
@@ -44,6 +47,8 @@ FROM unnest(CAST(:job AS uuid[]), CAST(:seq AS int[]), CAST(:lang AS text[]), CA
      AS v(job_id, seq, lang, caption_id)
 JOIN job_items j ON j.job_id = v.job_id AND j.seq = v.seq
 WHERE {PENDING}
+ORDER BY v.job_id, v.seq
+FOR UPDATE OF j
 ON CONFLICT (job_id, seq, lang) DO NOTHING
 """)
 

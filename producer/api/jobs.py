@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import uuid
 from typing import Annotated, Any
 
@@ -33,6 +34,7 @@ from imgq.producer.api.schemas import (
     ResultsPage,
 )
 from imgq.producer.api.sources import check_source, expand_refs, tenant_settings
+from imgq.storable import unstorable
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +64,18 @@ def _job_id(raw: str) -> uuid.UUID:
         raise not_found() from None
 
 
-def request_digest(body: JobRequest) -> str:
-    """SHA-256 of the request's canonical JSON (sorted keys, defaults filled in)."""
-    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+def request_digest(body: JobRequest, *, kinds: list[str] | None = None, params: dict[str, Any] | None = None,
+                   priority: int | None = None) -> str:
+    """SHA-256 of the request's canonical JSON (sorted keys). Given the parsed ``kinds``, each kind's
+    ``params`` with their defaults and the ``priority`` the job gets, those replace what was sent:
+    ``"caption"`` and ``["caption"]``, an omitted default and the default itself are one request.
+    Without them: the digest keys recorded before that (still honoured on a replay)."""
+    data = body.model_dump(mode="json")
+    if kinds is not None:
+        data.update(kinds=kinds, params=params, priority=priority)
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    # surrogatepass: a lone surrogate must reach the check that refuses it by name (bad_ref, bad_params).
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def make_tasks(settings: Any, kinds: list[str], raw: dict[str, Any]) -> list[Any]:
@@ -82,9 +92,10 @@ def make_tasks(settings: Any, kinds: list[str], raw: dict[str, Any]) -> list[Any
             for kind, cls in models.items()]
 
 
-def _replay(found: tuple[str, uuid.UUID, int, list[dict[str, str]]], digest: str, response: Response) -> JobAccepted:
+def _replay(found: tuple[str, uuid.UUID, int, list[dict[str, str]]], digests: tuple[str, ...],
+            response: Response) -> JobAccepted:
     stored_digest, job, items, rejected = found
-    if stored_digest != digest:
+    if stored_digest not in digests:
         raise ApiProblem(409, "idempotency_conflict", "this Idempotency-Key was used with another request body; "
                          "use a new key for a new job")
     response.status_code = 200
@@ -105,6 +116,8 @@ def _pairs(body: JobRequest, scoped: Any) -> Any:
         text = pair.text.strip()
         if not text:
             raise BadPairs(f"refs[{i}]: empty text for {pair.ref}")
+        if (reason := unstorable(text)) is not None:
+            raise BadPairs(f"refs[{i}]: the text contains {reason}")
         if len(text.split()) > MAX_WORDS:
             raise BadPairs(f"refs[{i}]: text has {len(text.split())} words; the model reads at most 512 tokens")
         check_source(pair.ref, scoped)
@@ -119,7 +132,7 @@ def _pairs(body: JobRequest, scoped: Any) -> Any:
 def create_job(body: JobRequest, request: Request, response: Response, caller: Caller,
                idempotency_key: IdempotencyKey = None) -> JobAccepted:
     """Submit a job: every image gets every kind. 202 once every item is committed and its first
-    messages are published (at most 2,000, within the broker window); the workers' feeder
+    messages are published (at most 500, within the broker window); the workers' feeder
     publishes the rest."""
     import psycopg
 
@@ -129,21 +142,25 @@ def create_job(body: JobRequest, request: Request, response: Response, caller: C
 
     context = _context(request)
     settings = context.settings
-    digest = request_digest(body)
+    names = parse_kinds(body.kinds)
+    tasks = make_tasks(settings, names, body.params)
+    highest = int(caller.limits.get("max_priority", settings.api_priority))
+    # A tenant capped below the default gets its cap when it names no priority: refusing a request
+    # for a value it never sent would make every plain request of a lowered tenant fail.
+    priority = min(settings.api_priority, highest) if body.priority is None else body.priority
+    digest = request_digest(body, kinds=names, params={t.kind: t.params.canonical() for t in tasks},
+                            priority=priority)
+    digests = (digest, request_digest(body))
     if idempotency_key is not None:
         found = jobs_view.idempotent_job(context.engine, caller.tenant, idempotency_key)
         if found is not None:
-            return _replay(found, digest, response)
-    names = parse_kinds(body.kinds)
-    tasks = make_tasks(settings, names, body.params)
+            return _replay(found, digests, response)
     for task in tasks:
         if getattr(task.params, "adapter", None) is not None:  # refused now, not dead-lettered later
             from imgq.db.adapters import Adapters
 
             Adapters(context.engine).require(task.params.adapter, task.model)
     check_cost(tasks, limits_for(settings, caller.limits))
-    highest = int(caller.limits.get("max_priority", settings.api_priority))
-    priority = settings.api_priority if body.priority is None else body.priority
     if priority > highest:
         raise ApiProblem(422, "priority_not_allowed", f"priority {priority} is above this tenant's highest, {highest}")
     callback_url = None
@@ -183,7 +200,7 @@ def create_job(body: JobRequest, request: Request, response: Response, caller: C
         found = jobs_view.idempotent_job(context.engine, caller.tenant, idempotency_key or "")
         if found is None:
             raise
-        return _replay(found, digest, response)
+        return _replay(found, digests, response)
     log.info("job accepted over the API", extra={"action": "api_job", "job_id": str(result.job),
                                                  "tenant": caller.tenant, "items": result.items})
     response.headers["Location"] = f"/v1/jobs/{result.job}"
@@ -241,7 +258,7 @@ def job_results(job_id: str, request: Request, caller: Caller, cursor: str | Non
     after = -1
     if cursor:
         parts = jobs_view.decode_cursor(cursor, 1)
-        if parts is None or not parts[0].lstrip("-").isdigit():
+        if parts is None or re.fullmatch(r"-?[0-9]+", parts[0]) is None:  # isdigit() takes "²", int() not
             raise ApiProblem(422, "bad_cursor", "cursor is not one this API returned")
         after = int(parts[0])
     page = jobs_view.results_page(_context(request).engine, caller.tenant, _job_id(job_id), after=after, limit=limit)

@@ -8,6 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from imgq.feeding import PRIORITY_MAX, PRIORITY_MIN
+
 
 class PairRef(BaseModel):
     """One image and its text, for ``validate`` jobs."""
@@ -39,8 +41,9 @@ class JobRequest(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict, description="Per-kind parameters, by their JSON names "
                                    "(num_beams, max_new_tokens, do_sample, prompt, resize, explain, adapter, "
                                    "langs, ...).")
-    priority: int | None = Field(None, description="Higher is fed to the workers first (default "
-                                 "IMGQ_API_PRIORITY, also the highest allowed).")
+    priority: int | None = Field(None, ge=PRIORITY_MIN, le=PRIORITY_MAX, description="Higher is fed to the "
+                                 "workers first (default IMGQ_API_PRIORITY, also the highest allowed; a tenant "
+                                 "whose max_priority is lower gets that as its default).")
     callback_url: str | None = Field(None, max_length=2048, description="POSTed a signed summary when the job "
                                      "finishes (host must be on IMGQ_CALLBACK_HOSTS).")
     skip_invalid: bool = Field(False, description="Accept the valid refs and list the refused ones in "

@@ -67,13 +67,18 @@ def expand_refs(
 
     expand = Expander(scoped, s3_client)
     count = 0
+
+    def on_bad(ref: str, reason: str) -> None:
+        rejected.append((ref, reason))
+
+    listed_bad = on_bad if skip_invalid else None
     for raw in raws:
         try:
             check_source(raw, scoped)
             if prefix and raw.strip().lower().startswith("s3://"):
-                found: Iterable[str] = expand.list_prefix(raw)
+                found: Iterable[str] = expand.list_prefix(raw, listed_bad)
             else:
-                found = expand(raw)
+                found = expand(raw, listed_bad)
             for ref in found:
                 count += 1
                 if count > limit:
@@ -82,7 +87,8 @@ def expand_refs(
         except (RefRefused, ApiProblem) as exc:
             if not skip_invalid or (isinstance(exc, ApiProblem) and exc.code == "too_many_refs"):
                 raise
-            rejected.append((raw, exc.message if isinstance(exc, RefRefused) else exc.detail))
+            reason = exc.message if isinstance(exc, RefRefused) else exc.detail
+            rejected.append((raw, reason.removesuffix("; nothing was accepted")))  # the rest was
         except Exception as exc:
             if not type(exc).__module__.startswith(("botocore", "boto3")):
                 raise

@@ -199,6 +199,84 @@ def test_images_and_search_by_image_stay_within_the_tenant(api: Api) -> None:
                  422, "source_not_allowed")
 
 
+def test_text_postgres_cannot_store_and_odd_values_are_refused_by_name(api: Api) -> None:
+    """NUL characters, lone surrogates, priorities past the integer column and Unicode digits in a
+    cursor were each a 500 (found by review); each is now a 4xx naming what is wrong, and nothing is
+    kept of a refused job."""
+    mine = _submit(api, "acme", 2, kinds=["caption", "embed"])
+    _finish(api, mine, done=[0, 1])
+    ref = _refs(api, "acme", 1)[0]
+    with api.client("acme") as c:
+        before = api.sql("SELECT count(*) FROM jobs")
+        nul = {"kinds": ["caption"], "refs": [ref], "params": {"prompt": "a\x00b"}}
+        prompt = _problem(c.post("/v1/jobs", json=nul), 422, "bad_params")
+        assert "prompt: Value error, contains a NUL character" in prompt["detail"]
+        _problem(c.post("/v1/jobs", json={"kinds": ["caption"], "refs": [ref], "params": {"adapter": "a\x00"}}),
+                 422, "bad_params")
+        pair = _problem(c.post("/v1/jobs", json={"kinds": ["validate"], "refs": [{"ref": ref, "text": "a\x00b"}]}),
+                        422, "bad_pairs")
+        assert pair["detail"] == "refs[0]: the text contains a NUL character"
+        for body in ('{"kinds": ["caption"], "refs": ["' + ref + '\\ud800.jpg"]}',
+                     '{"kinds": ["caption"], "refs": ["' + ref + '"], "params": {"prompt": "a\\ud800"}}'):
+            r = c.post("/v1/jobs", content=body, headers={"Content-Type": "application/json"})
+            assert r.status_code == 422 and r.json()["code"] in ("bad_ref", "bad_params", "validation_error"), r.text
+        for value in (-(10**12), 2**31, 1_000_001):
+            _problem(c.post("/v1/jobs", json={"kinds": ["caption"], "refs": [ref], "priority": value}), 422,
+                     "validation_error")
+        for refs in ([ref, ""], [ref, "   "], [ref, "#" + ref]):
+            _problem(c.post("/v1/jobs", json={"kinds": ["caption"], "refs": refs}), 422, "bad_ref")
+        assert api.sql("SELECT count(*) FROM jobs") == before
+        skipped = c.post("/v1/jobs", json={"kinds": ["caption"], "refs": [ref, ""], "skip_invalid": True})
+        assert skipped.status_code == 202 and skipped.json()["items"] == 1
+        assert skipped.json()["rejected"] == [{"ref": "", "reason": "empty reference"}]
+        _problem(c.post("/v1/search", json={"image": ref, "prefix": "img/\x00"}), 422, "search_error")
+        cursor = __import__("base64").urlsafe_b64encode("²".encode()).decode().rstrip("=")
+        _problem(c.get(f"/v1/jobs/{mine}/results", params={"cursor": cursor}), 422, "bad_cursor")
+
+
+def test_a_tenant_capped_below_the_default_priority_submits_without_naming_one(api: Api) -> None:
+    api.sql("UPDATE tenants SET limits = '{\"max_priority\": 5}' WHERE name = 'acme'")
+    time.sleep(KEY_TTL_S + 0.1)  # a tenant's limits are read with its key
+    job = _submit(api, "acme", 1)
+    assert api.sql("SELECT priority FROM jobs WHERE id = :j", j=uuid.UUID(job)) == [(5,)]
+    with api.client("acme") as c:
+        _problem(c.post("/v1/jobs", json={"kinds": ["caption"], "refs": _refs(api, "acme", 1), "priority": 6}), 422,
+                 "priority_not_allowed")
+
+
+def test_skip_invalid_lists_a_bad_key_of_a_prefix_and_keeps_the_keys_after_it(api: Api) -> None:
+    s3 = __import__("boto3").client("s3", endpoint_url=api.settings.s3_endpoint_url, region_name="us-east-1")
+    for key in ("p/a.jpg", "p/b.jpg", "p/c\x01.jpg", "p/d.jpg", "p/e.jpg"):
+        s3.put_object(Bucket=api.buckets["acme"], Key=key, Body=b"x")
+    prefix = f"s3://{api.buckets['acme']}/p/"
+    with api.client("acme") as c:
+        _problem(c.post("/v1/jobs", json={"kinds": ["caption"], "prefix": prefix}), 422, "bad_ref")
+        r = c.post("/v1/jobs", json={"kinds": ["caption"], "prefix": prefix, "skip_invalid": True})
+        assert r.status_code == 202 and r.json()["items"] == 4, r.text
+        assert [x["ref"] for x in r.json()["rejected"]] == [f"s3://{api.buckets['acme']}/'p/c\\x01.jpg'"]
+        # A tenant's own ref outside its sources, skipped: the reason does not claim nothing was accepted.
+        mixed = c.post("/v1/jobs", json={"kinds": ["caption"], "refs": [_refs(api, "acme", 1)[0],
+                                                                        _refs(api, "globex", 1)[0]],
+                                         "skip_invalid": True})
+        assert mixed.status_code == 202 and "nothing was accepted" not in mixed.json()["rejected"][0]["reason"]
+    refs = [ref for (ref,) in api.sql("SELECT ref FROM job_items WHERE job_id = :j ORDER BY seq",
+                                      j=uuid.UUID(r.json()["job"]))]
+    assert refs == [f"{prefix}{k}.jpg" for k in "abde"]
+
+
+def test_a_replay_is_the_same_request_however_its_defaults_are_spelled(api: Api) -> None:
+    refs = _refs(api, "acme", 2)
+    with api.client("acme") as c:
+        first = c.post("/v1/jobs", json={"kinds": ["caption"], "refs": refs}, headers={"Idempotency-Key": "k-norm"})
+        assert first.status_code == 202, first.text
+        for body in ({"kinds": "caption", "refs": refs}, {"kinds": ["caption"], "refs": refs, "priority": 10},
+                     {"kinds": ["caption"], "refs": refs, "params": {"num_beams": 1, "max_new_tokens": 30}}):
+            again = c.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k-norm"})
+            assert again.status_code == 200 and again.json()["job"] == first.json()["job"], (body, again.text)
+        _problem(c.post("/v1/jobs", json={"kinds": ["caption"], "refs": refs, "params": {"num_beams": 2}},
+                        headers={"Idempotency-Key": "k-norm"}), 409, "idempotency_conflict")
+
+
 # -- idempotency ---------------------------------------------------------------------------------
 
 def test_concurrent_repeats_of_an_idempotency_key_make_one_job(api: Api) -> None:

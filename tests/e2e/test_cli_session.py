@@ -7,6 +7,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -164,3 +165,25 @@ def test_the_demo_runs_without_warnings_and_says_how_to_keep_the_services(tmp_pa
     assert "KEEP=1" in out.stdout and re.search(r"^\s+0\s+'", out.stdout, re.MULTILINE)  # a caption row
     assert not (tmp_path / "demo" / "services.json").exists()
     assert uuid.UUID(re.search(r"job_id = '([0-9a-f-]+)'", out.stdout).group(1))  # type: ignore[union-attr]
+
+
+def test_a_kept_demo_prints_commands_that_reach_its_services_and_stop_them(tmp_path: Path):
+    """`imgq demo --keep`: the lines it prints, pasted into a shell as they are, reach the demo's
+    services and models (search needed the tiny retrieval model's export) and then stop them."""
+    env = _clean_env() | {"HF_HUB_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    folder = tmp_path / "demo"
+    out = subprocess.run([*IMGQ, "demo", "--model", "tiny", "--keep", "--workdir", str(folder), "--count", "2"],
+                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    try:
+        assert out.returncode == 0, out.stderr[-3000:]
+        pids = [s["pid"] for s in json.loads((folder / "services.json").read_text())["services"]]
+        printed = out.stdout.split("In your shell:\n", 1)[1].splitlines()
+        steps = [re.sub(r"\s+#.*$", "", line).strip() for line in printed]
+        assert steps[-1].startswith("imgq dev down") and any(s.startswith("imgq search") for s in steps), steps
+        shell = subprocess.run(["bash", "-ec", "\n".join(steps)], env=env, cwd=tmp_path, capture_output=True,
+                               text=True, timeout=180)
+        assert shell.returncode == 0, shell.stderr[-3000:]
+        assert "samples/" in shell.stdout and "error[" not in shell.stderr  # results and search found the images
+        assert not any(_alive(pid) for pid in pids)
+    finally:
+        subprocess.run([*IMGQ, "dev", "down", "--dir", str(folder)], env=env, capture_output=True, timeout=60)

@@ -136,3 +136,5 @@ def test_adapter_jobs_caption_in_the_adapters_language_and_a_withdrawn_adapter_i
     out = run_cli(settings, "results", jobs["fr-art"], "--lang", "fr")
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert all(r["method"] == "adapter" and r["via"] == "fr-art" and r["caption"] for r in rows)
+    other = run_cli(settings, "results", jobs["fr-art"], "--lang", "de")  # the adapter's language is fr
+    assert other.returncode == 2 and "has no de captions (it asked for: fr)" in other.stderr

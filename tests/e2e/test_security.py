@@ -149,7 +149,7 @@ def test_enqueue_refuses_refs_and_params_and_commits_nothing(make_settings, buck
     for ref in bad_refs:
         assert f"refused[bad_ref]: {ref}: " in stderr, (ref, stderr)
     job = uuid.UUID(stdout.strip())
-    assert "accepted 2 items in 1 messages" in stderr, stderr
+    assert "accepted 2 items in 1 message" in stderr, stderr
     with store.engine.connect() as conn:
         items = conn.execute(text("SELECT ref FROM job_items WHERE job_id = :j ORDER BY seq"), {"j": job}).scalars()
         assert list(items) == [ok, ok]  # the walk found ok.jpg only: escape.jpg and linked-dir/ stay out

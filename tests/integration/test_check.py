@@ -244,3 +244,12 @@ def test_every_mismatch_and_every_extra_row_is_counted(store, database_url):
                "WHERE id IN (SELECT caption_id FROM job_items WHERE job_id = :j AND seq IN (1, 2))", j=job)
     rc, out, _ = imgq_check(database_url, job)
     assert rc == 1 and "missing=0 duplicates=2 mismatched=2" in out
+
+
+def test_require_finished_names_the_pending_items_and_exits_3(store, database_url):
+    job = create_job(store, [TASKS["caption"]], ["/x/0.jpg", "/x/1.jpg"])
+    store.claim(job, [1], "w1")
+    out = CliRunner().invoke(app, ["check", str(job), "--require-finished"], env={"IMGQ_DATABASE_URL": database_url})
+    assert out.exit_code == 3 and "pending=2" in out.stdout
+    assert out.stderr.strip() == (f"error[job_unfinished]: 2 items are still queued or running (`imgq wait {job}` "
+                                  "blocks until they are final)")

@@ -200,3 +200,44 @@ def test_results_columns_read_back(engine: Engine):
         got = conn.execute(text(sql), {"job": job}).mappings().all()
     assert [(r["embedding_revision"], r["embedding_dim"]) for r in got] == [("r1", DIM)] * 2
     assert np.array_equal(parse_vector(got[1]["embedding"]), x[1])
+
+
+def test_a_nan_vector_is_its_items_dead_letter_and_its_batchmates_are_stored(store):
+    """Through the engine and the real store: one image's NaN vector (pgvector refuses it) must not
+    fail the write it would have shared; before, all four were retried as db_unavailable."""
+    from dataclasses import dataclass
+
+    from imgq.contract import make_task
+    from imgq.params import EmbedParams
+    from imgq.ports import Blob
+    from imgq.worker.engine import Engine
+    from imgq.worker.fakes import EchoRunner
+    from tests.jobs import create_job
+
+    @dataclass
+    class Picture:
+        image: np.ndarray
+        width: int = 4
+        height: int = 4
+
+    class NanEmbed(EchoRunner):
+        def run(self, pixels, texts, params):  # type: ignore[no-untyped-def]
+            means = pixels.reshape(len(pixels), -1).mean(axis=1)
+            return [np.array([np.nan if np.isclose(m, 0.5) else m, 1.0], dtype=np.float32) for m in means]
+
+    task = make_task("embed", "echo", EmbedParams())
+    refs = [f"/d/{v}.jpg" for v in (0.1, 0.2, 0.5, 0.3)]
+    job = create_job(store, [task], refs)
+    store.claim(job, [0, 1, 2, 3], "w")
+    engine = Engine(store=store, runners={"embed": NanEmbed(kind="embed")},
+                    fetch=lambda ref: Blob(ref.encode(), "local", "", ref, "v1"),
+                    decode=lambda data: Picture(np.full((3, 4, 4), float(data.decode()[3:-4]), dtype=np.float32)),
+                    worker_name="w", max_batch=4, max_wait_s=0.5, decode_threads=1, db_retry_s=1.0).start()
+    work = engine.submit(job, [task], list(enumerate(refs)))
+    outcomes = [(w.seq, w.future.result(30).state, w.future.result(30).code) for w in work]
+    engine.stop()
+    assert outcomes == [(0, "done", None), (1, "done", None), (2, "dead", "model_error"), (3, "done", None)]
+    with store.engine.connect() as conn:
+        stored = conn.execute(text("SELECT seq FROM job_items WHERE job_id = :j AND embedding_id IS NOT NULL "
+                                   "ORDER BY seq"), {"j": job}).scalars().all()
+    assert stored == [0, 1, 3]

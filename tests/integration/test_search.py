@@ -90,6 +90,13 @@ def seeded(pg_server) -> Iterator[Seeded]:  # type: ignore[no-untyped-def]
         conn.execute(text("INSERT INTO captions (image_id, model, model_revision, params_hash, params, text, "
                           "created_at) VALUES (:id, 'cap-a', 'r', 'h', '{}', 'older', now() - interval '1 day'), "
                           "(:id, 'cap-b', 'r', 'h', '{}', 'newer', now())"), {"id": ids[0]})
+        # Translations are newer still: a search shows BLIP's own caption where there is one.
+        conn.execute(text("INSERT INTO captions (image_id, model, model_revision, params_hash, params, text, "
+                          "created_at, lang, method, via) VALUES "
+                          "(:a, 'cap-b', 'r', 'h', '{}', 'neuer', now() + interval '1 minute', 'de', 'translated', "
+                          "'mt'), "
+                          "(:b, 'cap-b', 'r', 'h', '{}', 'nur deutsch', now(), 'de', 'adapter', 'de-news')"),
+                     {"a": ids[0], "b": ids[1]})
     x = clustered(N, 256, seed=0)
     write_embeddings(engine, ids, x, MODEL, REV)
     write_embeddings(engine, ids[:40], clustered(40, 8, seed=1), "tiny8", "t1")  # an un-indexed dimension
@@ -120,6 +127,7 @@ def test_exact_nearest_vector_is_the_top_hit(seeded: Seeded):
 
 def test_hit_carries_newest_caption_and_local_path(seeded: Seeded):
     assert S.search(seeded.engine, seeded.x[0], model=MODEL, revision=REV, limit=1)[0].caption == "newer"
+    assert S.search(seeded.engine, seeded.x[1], model=MODEL, revision=REV, limit=1)[0].caption == "nur deutsch"
     local = S.search(seeded.engine, seeded.x[LOCAL], model=MODEL, revision=REV, limit=1)[0]
     assert (local.ref, local.caption, local.model_revision) == (f"/data/local/{LOCAL}.jpg", None, REV)
 

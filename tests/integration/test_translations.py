@@ -83,6 +83,14 @@ def test_results_in_a_language(store, database_url):
     assert json.loads(english.stdout.splitlines()[0])["caption"] == "caption 0"
     bad = CliRunner().invoke(app, ["results", str(job), "--lang", "xx"], env={"IMGQ_DATABASE_URL": database_url})
     assert bad.exit_code == 2 and "error[unknown_language]" in bad.stderr
+    # A language the job never asked for would be a column of nulls: refused, naming those it has.
+    other = CliRunner().invoke(app, ["results", str(job), "--lang", "es"], env={"IMGQ_DATABASE_URL": database_url})
+    assert other.exit_code == 2 and other.stdout == ""
+    assert f"error[bad_request]: job {job} has no es captions (it asked for: en, de, fr)" in other.stderr
+    nowhere = CliRunner().invoke(app, ["results", str(job), "-o", "/nonexistent/dir/x.csv", "--format", "csv"],
+                                 env={"IMGQ_DATABASE_URL": database_url})
+    assert nowhere.exit_code == 2
+    assert "error[bad_file]: cannot write /nonexistent/dir/x.csv: No such file or directory" in nowhere.stderr
     plain = CliRunner().invoke(app, ["results", str(job)], env={"IMGQ_DATABASE_URL": database_url})
     assert json.loads(plain.stdout.splitlines()[0])["translations"] == {"de": "[de] caption 0", "fr": "[fr] caption 0"}
 

@@ -67,3 +67,18 @@ def test_the_configuration_table_documents_every_variable_imgq_config_prints():
     variables = {f"IMGQ_{field.upper()}" for field in Settings.model_fields}
     assert variables - documented == set(), "variables missing from the README"
     assert documented - variables == set(), "README variables that Settings does not read"
+
+
+def test_the_first_publish_cap_is_the_one_the_help_texts_and_docs_state():
+    """`imgq enqueue --help`, the API's OpenAPI text and the README quote PRODUCER_MESSAGES."""
+    from imgq.cli import enqueue
+    from imgq.producer.api.jobs import create_job
+    from imgq.worker.feeder import PRODUCER_MESSAGES
+
+    quoted = f"at most {PRODUCER_MESSAGES:,}"
+    assert quoted in " ".join((enqueue.__doc__ or "").split())
+    assert quoted in " ".join((create_job.__doc__ or "").split())
+    api = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+    for text in (README, api):  # every "first messages ... (at most N" and "publishes at most N messages"
+        stated = re.findall(r"first messages[^(]{0,40}\(at most ([\d,]+)|publishes at most ([\d,]+) messages", text)
+        assert stated and {n.rstrip(",") for pair in stated for n in pair if n} == {f"{PRODUCER_MESSAGES:,}"}

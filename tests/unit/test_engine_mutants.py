@@ -22,7 +22,7 @@ from prometheus_client import REGISTRY
 
 from imgq import errors
 from imgq.contract import CaptionParams, TaskSpec, make_task
-from imgq.params import TranslateParams, ValidateParams
+from imgq.params import EmbedParams, TranslateParams, ValidateParams
 from imgq.worker import engine as engine_module
 from imgq.worker.engine import Engine, Outcome, WorkItem, _Write
 from imgq.worker.fakes import EchoRunner, EchoTranslator, MemoryResults, OutOfMemoryError
@@ -324,6 +324,96 @@ def test_three_failed_batches_in_a_row_by_default_make_the_model_unhealthy():
     assert pair("1", "2") == [("retry", "transient", f"worker unhealthy: {reason}")] * 2
     engine.stop()
     assert unhealthy == [reason]
+
+
+class WithdrawnAdapter(EchoRunner):
+    """Like a caption runner whose adapter files are refused: a batch holding an image of mean 0.5 or
+    more raises AdapterUnavailable, the permanent error imgq's own adapter loading raises."""
+
+    def run(self, pixels: np.ndarray, texts: list[str] | None, params: Any) -> list[Any]:
+        means = pixels.reshape(len(pixels), -1).mean(axis=1)
+        if bad := [m for m in means if m >= 0.5]:
+            raise errors.AdapterUnavailable(f"adapter for mean {bad[0]:.1f} is outside IMGQ_LOCAL_ROOTS")
+        return super().run(pixels, texts, params)
+
+
+def test_a_permanent_error_of_imgq_is_the_items_and_never_strikes_the_model():
+    """An adapter refused in every batch dead-letters its items under their own code on the first
+    delivery, in a batch alone or with batchmates that caption; however many batches fail that way,
+    the model is not made unhealthy (it was: model_unhealthy, retried until the worker stopped)."""
+    gate = threading.Event()
+    unhealthy: list[str] = []
+    engine = build(MemoryResults(), WithdrawnAdapter(), max_batch=2, max_wait_s=60.0, decode_threads=1,
+                   decoder=gated(gate), on_unhealthy=unhealthy.append).start()
+
+    def pair(a: str, b: str) -> list[tuple[str, str | None, str | None]]:
+        gate.clear()
+        work = engine.submit(uuid.uuid4(), [CAPTION], [(0, f"img-0.{a}"), (1, f"img-0.{b}")])
+        gate.set()
+        return [(o.state, o.code, o.message) for o in outcomes(work)]
+
+    def refused(m: str) -> tuple[str, str | None, str | None]:
+        return ("dead", "adapter_unavailable", f"adapter for mean 0.{m} is outside IMGQ_LOCAL_ROOTS")
+
+    for _ in range(4):  # past the default three strikes
+        assert pair("5", "6") == [refused("5"), refused("6")]
+    assert pair("1", "7") == [("done", None, None), refused("7")]
+    assert pair("1", "2") == [("done", None, None)] * 2
+    engine.stop()
+    assert engine.unhealthy is None and unhealthy == []
+
+
+class NanFor(EchoRunner):
+    """An embed runner whose vector is NaN for images of mean 0.5 or more."""
+
+    def run(self, pixels: np.ndarray, texts: list[str] | None, params: Any) -> list[Any]:
+        means = pixels.reshape(len(pixels), -1).mean(axis=1)
+        return [np.array([np.nan, 1.0], dtype=np.float32) if m >= 0.5 else np.array([m, 1.0], dtype=np.float32)
+                for m in means]
+
+
+EMBED = make_task("embed", "echo", EmbedParams())
+
+
+def test_an_output_that_cannot_be_stored_is_its_items_model_error_and_a_batch_of_them_a_strike():
+    """A NaN vector is caught before the write (where pgvector would refuse the whole coalesced
+    transaction): among vectors that are fine it is that item's model_error; a batch of nothing
+    but NaNs is the model's fault (a strike, retried), as any batch that fails entirely."""
+    results = MemoryResults()
+    engine = build(results, NanFor(kind="embed"), max_batch=4, max_wait_s=60.0, decode_threads=1)
+    work = queued(engine, [EMBED], ["img-0.1", "img-0.5", "img-0.2", "img-0.3"])
+    assert [(o.state, o.code, o.message) for o in outcomes(work)] == [
+        ("done", None, None), ("dead", "model_error", "embed model returned a vector with NaN or infinite values"),
+        ("done", None, None), ("done", None, None)]
+    assert sorted(d.seq for d in results.done) == [0, 2, 3]
+    engine.stop()
+    engine = build(MemoryResults(), NanFor(kind="embed"), max_batch=2, max_wait_s=60.0, decode_threads=1)
+    work = queued(engine, [EMBED], ["img-0.6", "img-0.7"])
+    assert {(o.state, o.code) for o in outcomes(work)} == {("retry", "model_unhealthy")}
+    engine.stop()
+
+
+@dataclass
+class RefusesSeq(MemoryResults):
+    """Refuses (not an outage: a ValueError, as a driver's data error) any write holding seq 2."""
+
+    def write_done(self, items: Any) -> None:
+        if any(i.seq == 2 for i in items):
+            raise ValueError("row 2 cannot be written")
+        super().write_done(items)
+
+
+def test_a_row_the_database_refuses_fails_alone_and_its_batchmates_commit():
+    results = RefusesSeq()
+    engine = build(results, EchoRunner(), max_batch=4, max_wait_s=60.0, decode_threads=1, db_retry_s=30.0)
+    started = time.monotonic()
+    work = queued(engine, [CAPTION], ["img-0.1", "img-0.2", "img-0.3", "img-0.4"])
+    assert [(o.state, o.code) for o in outcomes(work)] == [("done", None), ("done", None),
+                                                           ("retry", "transient"), ("done", None)]
+    assert outcomes(work)[2].message == "result write failed: row 2 cannot be written"
+    assert time.monotonic() - started < 10, "not retried as an outage until db_retry_s"
+    assert sorted(d.seq for d in results.done) == [0, 1, 3]
+    engine.stop()
 
 
 def test_failed_items_give_back_their_decode_slot():

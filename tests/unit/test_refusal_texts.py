@@ -102,6 +102,10 @@ def test_a_bucket_needs_a_positive_rate_and_burst(rate: float, burst: float | No
     ("0 2 * *", "a schedule is five crontab fields (minute hour day month weekday), not '0 2 * *'"),
     ("0 2 * * * *", "a schedule is five crontab fields (minute hour day month weekday), not '0 2 * * * *'"),
     ("0 2 * * mon;", "crontab field 'mon;' of '0 2 * * mon;' is malformed"),
+    # Well formed but out of range: refused at configuration, not by beat as an internal error.
+    ("61 2 * * *", "crontab minute '61' of '61 2 * * *': Invalid end range: 61 > 59."),
+    ("0 0 0 * *", "crontab day of month '0' of '0 0 0 * *': Invalid beginning range: 0 < 1."),
+    ("0 0 * * 8", "crontab day of week '8' of '0 0 * * 8': Invalid end range: 8 > 6."),
 ])
 def test_a_malformed_schedule_is_refused_naming_what_is_wrong(text: str, message: str) -> None:
     with pytest.raises(ValueError) as exc:
@@ -280,3 +284,14 @@ def test_the_settings_callback_hosts_are_the_policy() -> None:
         "https://hooks.example.com/cb")
     with pytest.raises(CallbackRefused):
         check_callback_url("https://hooks.example.com/cb", SimpleNamespace())
+
+
+def test_text_postgres_cannot_store_is_found_anywhere_in_a_value() -> None:
+    from imgq.storable import first_unstorable, unstorable
+
+    assert unstorable("a photo of") is None and unstorable("café ☕") is None
+    assert unstorable("a\x00b") == "a NUL character"
+    assert unstorable("a\ud800") == "text that is not UTF-8 (a lone surrogate)"
+    assert first_unstorable({"langs": ["de", "fr"], "n": 3}) is None
+    assert first_unstorable({"langs": ["de", "f\x00r"]}) == "a NUL character"
+    assert first_unstorable({"k\ud800": 1}) == "text that is not UTF-8 (a lone surrogate)"
