@@ -259,9 +259,12 @@ def enqueue(
     except OSError as exc:
         _fail("bad_file", f"cannot read {exc.filename or 'input'}: {exc.strerror or exc}")
     except Exception as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        if type(exc).__module__.startswith(("botocore", "boto3")):  # listing a prefix: the job rolled back
+            _fail("s3_error", f"nothing was accepted; cannot list S3 (IMGQ_S3_ENDPOINT_URL): {first}", 1)
         if type(exc).__name__ not in ("OperationalError", "InterfaceError"):
             raise
-        _fail("db_unavailable", f"nothing was accepted; cannot use Postgres: {str(exc).splitlines()[0]}", 1)
+        _fail("db_unavailable", f"nothing was accepted; cannot use Postgres: {first}", 1)
 
 
 def _submit_and_report(settings: Settings, tasks: list[Any], items: Any, rejected: list[tuple[str, str]],
@@ -382,6 +385,7 @@ def wait(
             if finished >= total:
                 break
             if time.monotonic() > deadline:
+                bar.close()  # ends the bar's line: the error gets its own
                 _fail("timeout", f"{total - finished} items unfinished after {timeout:.0f}s", 1)
             time.sleep(0.5)
     typer.echo(_counts_line(counts))

@@ -11,9 +11,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from imgq.classify import classify
 from imgq.config import Settings
 from imgq.db.tenancy import Principal, effective_sources
-from imgq.errors import RefRefused
+from imgq.errors import RefRefused, Retryable
 from imgq.producer.api.problems import ApiProblem
 from imgq.refs import Ref, confine, parse_ref
 
@@ -92,5 +93,9 @@ def expand_refs(
         except Exception as exc:
             if not type(exc).__module__.startswith(("botocore", "boto3")):
                 raise
-            raise ApiProblem(422, "bad_ref", f"cannot list {raw!r}: {exc}; nothing was accepted") from None
+            known = classify(exc)
+            if isinstance(known, Retryable):  # S3 away or throttling: the same request will do later
+                raise ApiProblem(503, "s3_unavailable", f"cannot list {raw!r} now ({known.message}); nothing was "
+                                 "accepted, try again", headers={"Retry-After": "5"}) from None
+            raise ApiProblem(422, "bad_ref", f"cannot list {raw!r}: {known.message}; nothing was accepted") from None
 

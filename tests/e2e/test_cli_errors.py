@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from sqlalchemy import text
 
 from tests.e2e.helpers import jpeg_bytes, run_cli
 
@@ -102,3 +103,15 @@ def test_debug_shows_the_traceback(make_settings, tmp_path: Path):
     settings = make_settings(database_url=f"postgresql+psycopg://postgres@/imgq?host={tmp_path}")
     out = run_cli(settings, "--debug", "status", JOB)
     assert out.returncode != 0 and "Traceback" in out.stderr
+
+
+def test_an_s3_prefix_that_cannot_be_listed_accepts_nothing_and_says_so(make_settings, store):
+    settings = make_settings(s3_endpoint_url="http://127.0.0.1:9", allowed_buckets=["photos"])  # 9: nothing listens
+    count = text("SELECT count(*) FROM jobs")
+    with store.engine.connect() as conn:
+        before = conn.execute(count).scalar_one()
+    out = run_cli(settings, "enqueue", "caption", f"s3://{settings.allowed_buckets[0]}/photos/")
+    _one_error_line(out, "s3_error", 1)
+    assert "nothing was accepted; cannot list S3 (IMGQ_S3_ENDPOINT_URL)" in out.stderr
+    with store.engine.connect() as conn:
+        assert conn.execute(count).scalar_one() == before

@@ -1,0 +1,34 @@
+"""How the API answers a prefix S3 will not list: now (503, try again) or never (422)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import boto3
+import pytest
+from botocore.config import Config
+
+from imgq.producer.api.problems import ApiProblem
+from imgq.producer.api.sources import expand_refs
+
+pytestmark = pytest.mark.integration
+
+
+def _expand(settings: Any, client: Any, raw: str) -> list[str]:
+    return list(expand_refs([raw], settings, limit=100, skip_invalid=False, rejected=[], prefix=True,
+                            s3_client=client))
+
+
+def test_s3_away_is_503_and_a_missing_bucket_is_422(make_settings: Any, s3_client: Any) -> None:
+    settings = make_settings(allowed_buckets=["imgq-gone", "imgq-away"])
+    with pytest.raises(ApiProblem) as missing:
+        _expand(settings, s3_client, "s3://imgq-gone/p/")  # allowed, but moto has no such bucket
+    assert (missing.value.status, missing.value.code) == (422, "bad_ref")
+    assert "S3 object not found (NoSuchBucket)" in missing.value.detail
+    away = boto3.client("s3", endpoint_url="http://127.0.0.1:9", region_name="us-east-1",  # nothing listens on 9
+                        aws_access_key_id="x", aws_secret_access_key="x",
+                        config=Config(retries={"total_max_attempts": 1}, connect_timeout=2))
+    with pytest.raises(ApiProblem) as unavailable:
+        _expand(settings, away, "s3://imgq-away/p/")
+    assert (unavailable.value.status, unavailable.value.code) == (503, "s3_unavailable")
+    assert unavailable.value.headers == {"Retry-After": "5"} and "try again" in unavailable.value.detail
