@@ -59,10 +59,14 @@ class MeteredStore:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
 
-    def write_done(self, items: Sequence[Any]) -> None:
-        self._store.write_done(items)
-        count_done(items)
+    # Only what the write finished: a duplicate delivery's rows, skipped by the state guard, and a
+    # write repeated after a failure of the next one are not counted twice.
+    def write_done(self, items: Sequence[Any]) -> Any:
+        finished = self._store.write_done(items)
+        count_done(items if finished is None else [i for i in items if (i.job, i.seq) in finished])
+        return finished
 
-    def write_dead(self, rows: Sequence[Any]) -> None:
-        self._store.write_dead(rows)
-        count_dead(rows)
+    def write_dead(self, rows: Sequence[Any]) -> Any:
+        finished = self._store.write_dead(rows)
+        count_dead(rows if finished is None else [r for r in rows if (r.job, r.seq) in finished])
+        return finished

@@ -60,6 +60,7 @@ UPDATE job_items AS j SET state = 'done', image_id = v.image_id, worker = v.work
 FROM unnest(CAST(:job AS uuid[]), CAST(:seq AS int[]), CAST(:image_id AS bigint[]), CAST(:worker AS text[]){arrays})
      AS v(job_id, seq, image_id, worker{names})
 WHERE j.job_id = v.job_id AND j.seq = v.seq AND {PENDING}
+RETURNING j.job_id, j.seq
 """)
 
 
@@ -78,6 +79,7 @@ SELECT job_id, seq, ref, code, message, attempts, worker FROM u
 ON CONFLICT (job_id, seq) DO UPDATE
 SET code = EXCLUDED.code, message = EXCLUDED.message, attempts = EXCLUDED.attempts,
     worker = EXCLUDED.worker, created_at = now()
+RETURNING job_id, seq
 """)
 
 # prev.state = 'running' means an earlier delivery claimed the item and never settled it.
@@ -394,11 +396,12 @@ class Store:
             with self.engine.begin() as conn:
                 conn.execute(_UNCLAIM, {"job": job, "seqs": list(seqs)})
 
-    def write_done(self, items: Sequence[DoneItem]) -> None:
+    def write_done(self, items: Sequence[DoneItem]) -> set[tuple[uuid.UUID, int]]:
         """Store every kind's result of a batch of items and finish them, in one transaction:
-        objects, then one statement per kind and parameter group, then the items' state."""
+        objects, then one statement per kind and parameter group, then the items' state. Returns
+        the (job, seq) this write finished: not those a duplicate delivery had finished already."""
         if not items:
-            return
+            return set()
         from imgq.db.results import writer
 
         with self.engine.begin() as conn:
@@ -429,13 +432,14 @@ class Store:
                     links[w.link_column] = Binary(ids.get((i.job, i.seq)) for i in items)
             params: dict[str, Any] = {"job": Binary(i.job for i in items), "seq": Binary(i.seq for i in items),
                                       "image_id": Binary(image_of), "worker": Binary(i.worker for i in items)}
-            conn.execute(finish_sql(tuple(sorted(links))), params | links)
+            return {(job, seq) for job, seq in conn.execute(finish_sql(tuple(sorted(links))), params | links)}
 
-    def write_dead(self, rows: Sequence[DeadRow]) -> None:
+    def write_dead(self, rows: Sequence[DeadRow]) -> set[tuple[uuid.UUID, int]]:
+        """Dead-letter the pending items of ``rows``; returns the (job, seq) it dead-lettered."""
         if not rows:
-            return
+            return set()
         with self.engine.begin() as conn:
-            conn.execute(
+            found = conn.execute(
                 _ITEMS_DEAD,
                 {
                     "job": Binary(r.job for r in rows),
@@ -445,6 +449,7 @@ class Store:
                     "worker": Binary(r.worker for r in rows),
                 },
             )
+            return {(job, seq) for job, seq in found}
 
     # -- reading --------------------------------------------------------------------------------
     def job_exists(self, job: uuid.UUID) -> bool:

@@ -135,3 +135,32 @@ def test_the_vector_index_defaults_to_blip_bases_256_dimensions_and_1gb_of_memor
     with pytest.raises(ValueError) as exc:
         build_vector_index(store.engine, maintenance_work_mem="1TB")
     assert str(exc.value) == "maintenance_work_mem must look like 512MB or 1GB, not '1TB'"
+
+
+def test_the_counters_count_what_a_write_finished_not_what_it_was_given(store: Store):
+    """A duplicate delivery's rows are skipped by the state guard: imgq_images_total and
+    imgq_dead_letters_total count each item once, as the tables do."""
+    from prometheus_client import REGISTRY
+
+    from imgq.metrics import MeteredStore
+
+    def sample(name: str, labels: dict[str, str]) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    task = caption_task("m")
+    job = create_job(store, [task], ["/data/0.jpg", "/data/1.jpg"])
+    store.claim(job, [0, 1], "w1")
+    metered = MeteredStore(store)
+    images, dead = sample("imgq_images_total", {"kind": "caption"}), sample("imgq_dead_letters_total",
+                                                                            {"code": "not_found"})
+    obj = ObjectInfo("local", "", "/data/0.jpg", "v1", 10, 4, 4)
+    row = DoneItem(job, 0, obj, "w1", {"caption": (task.model, "r", task.params.digest(), task.params.canonical(),
+                                                   "a cat")})
+    assert metered.write_done([row]) == {(job, 0)}
+    assert metered.write_done([row]) == set()  # the duplicate: nothing finished
+    assert metered.write_dead([DeadRow(job, 1, "not_found", "gone", "w1")]) == {(job, 1)}
+    assert metered.write_dead([DeadRow(job, 1, "not_found", "gone again", "w2"),
+                               DeadRow(job, 0, "not_found", "late", "w2")]) == set()
+    assert sample("imgq_images_total", {"kind": "caption"}) - images == 1
+    assert sample("imgq_dead_letters_total", {"code": "not_found"}) - dead == 1
+    assert store.counts(job) == {"queued": 0, "running": 0, "done": 1, "dead": 1}
