@@ -117,12 +117,16 @@ WITH taken AS (
   WHERE (CAST(:code AS text) IS NULL OR d.code = :code)
     AND (CAST(:job AS uuid) IS NULL OR d.job_id = :job)
     AND (CAST(:seq AS int) IS NULL OR d.seq = :seq)
+    -- A cancelled job's dead letters stay: requeued, its items would run after all.
+    AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = d.job_id AND j.cancelled_at IS NOT NULL)
   RETURNING d.job_id, d.seq
 )
 UPDATE job_items i SET state = 'queued', attempts = 0, published_at = NULL, updated_at = now()
 FROM taken WHERE i.job_id = taken.job_id AND i.seq = taken.seq AND i.state = 'dead'
 RETURNING i.job_id, i.seq, i.ref, i.text
 """)
+
+_JOB_SHARE = text("SELECT 1 FROM jobs WHERE id = :job FOR SHARE")
 
 _DLQ_PURGE = text("""
 WITH gone AS (
@@ -406,6 +410,10 @@ class Admin:
         """Remove matching dead letters and put their items back in the backlog (queued, attempts
         0, unpublished): the feeder publishes them in its order, within the window."""
         with self.engine.begin() as conn:
+            if job is not None:
+                # Held until the commit: a cancel of this job waits, then cancels what this requeued
+                # (or, committed first, is seen by the take's cancelled check).
+                conn.execute(_JOB_SHARE, {"job": job})
             rows = conn.execute(_DLQ_TAKE, {"code": code, "job": job, "seq": seq}).all()
             return self._with_jobs(conn, rows)
 

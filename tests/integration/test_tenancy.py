@@ -167,6 +167,10 @@ def test_cancel_leaves_running_items_and_the_worker_never_claims_a_cancelled_one
     assert '"cancelled": 3' in status.stdout
     waited = CliRunner().invoke(app, ["wait", str(job), "--timeout", "5"], env=env)
     assert waited.exit_code == 0 and "cancelled=3" in waited.stdout
+    # Its dead letter stays, whoever retries: requeued, the item would run in a cancelled job.
+    assert Admin(store.engine).take_dead_letters(code=None, job=job, seq=None) == []
+    assert all(b.job != job for b in Admin(store.engine).take_dead_letters(code=None, job=None, seq=None))
+    assert store.counts(job) == {"queued": 0, "running": 0, "done": 2, "dead": 1, "cancelled": 3}
     summary = jobs_view.job_summary(store.engine, "default", job)
     assert summary is not None and summary["finished"] and summary["progress"] == 1.0
     assert summary["counts"] == {"queued": 0, "running": 0, "done": 2, "dead": 1, "cancelled": 3, "purged": 0}
