@@ -416,6 +416,47 @@ def test_a_row_the_database_refuses_fails_alone_and_its_batchmates_commit():
     engine.stop()
 
 
+@pytest.mark.parametrize(("value", "reason"), [
+    (np.ones(3, dtype=np.float32), None),
+    (np.ones(1, dtype=np.float32), None),  # a 1-d vector of one value is a vector
+    (np.ones((2, 2), dtype=np.float32), "an output of shape (2, 2), not a vector"),
+    (np.ones(0, dtype=np.float32), "an output of shape (0,), not a vector"),
+    (np.array([1.0, np.inf], dtype=np.float32), "a vector with NaN or infinite values"),
+    ((0.4, 0.9), None),
+    ((0.4, float("nan")), "a score of nan"),
+    ((float("-inf"), float("nan")), "a score of -inf"),
+    (float("nan"), "a score of nan"),
+    (np.float32(0.5), None),
+    ("a cat", None),
+])
+def test_what_cannot_be_a_result_is_named(value: Any, reason: str | None):
+    assert engine_module.unstorable(value) == reason
+
+
+@dataclass
+class RefusesDead(MemoryResults):
+    """Refuses (a data error, not an outage) any dead-letter write holding seq 1."""
+
+    def write_dead(self, rows: Any) -> None:
+        if any(r.seq == 1 for r in rows):
+            raise ValueError("dead row 1 cannot be written")
+        super().write_dead(rows)
+
+
+def test_a_refused_dead_letter_is_retried_alone_and_the_others_are_written():
+    results = RefusesDead()
+    engine = build(results, FailsOnHalf(), max_batch=4, max_wait_s=60.0, decode_threads=1)
+    work = queued(engine, [CAPTION], ["img-0.1", "img-0.5", "img-0.2", "img-0.6"])
+    got = outcomes(work)
+    assert [(o.seq, o.state, o.code) for o in got] == [(0, "done", None), (1, "retry", "transient"),
+                                                       (2, "done", None), (3, "dead", "model_error")]
+    assert got[1].message == "result write failed: dead row 1 cannot be written"
+    # The halves write their done rows again (the write's results committed before its dead letters
+    # failed): the store's state guard makes that a no-op, and this fake records each call.
+    assert [d.seq for d in results.dead] == [3] and sorted({d.seq for d in results.done}) == [0, 2]
+    engine.stop()
+
+
 def test_failed_items_give_back_their_decode_slot():
     """Items failing before inference free their backpressure slot (8 at max_batch 2): a worker
     seeing that many bad refs in a row does not stall its decode threads for good."""
