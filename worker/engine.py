@@ -456,7 +456,7 @@ class Engine:
                 # Caught here, not by the writer: there it would fail every batch coalesced into the write.
                 failed.append((entry, errors.ModelError(f"{task.kind} model returned {reason}")))
                 continue
-            stored += 1
+            stored += 1  # pragma: no mutate (only whether a batch stored anything is read)
             if lang is None:
                 entry.item.results[task.kind] = value
             else:
