@@ -17,7 +17,7 @@ from imgq.s3 import make_s3_client
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-OnBad = Callable[[str, str], None]  # (ref, reason): a listed key refused, the listing goes on
+OnBad = Callable[[tuple[str, str]], None]  # takes (ref, reason): a listed key refused, the listing goes on
 
 
 def _list_s3(client: Any, bucket: str, prefix: str, on_bad: OnBad | None = None) -> Iterator[str]:
@@ -31,7 +31,7 @@ def _list_s3(client: Any, bucket: str, prefix: str, on_bad: OnBad | None = None)
                 reason = f"s3://{bucket}/{key!r} has control characters in its key"
                 if on_bad is None:
                     raise RefRefused(reason)
-                on_bad(f"s3://{bucket}/{key!r}", reason)
+                on_bad((f"s3://{bucket}/{key!r}", reason))
                 continue
             yield f"s3://{bucket}/{key}"
 

@@ -51,17 +51,13 @@ def accept_refs(
     otherwise the first one raises :class:`RefRefused`."""
     expand_one = Expander(settings, s3_client)
     object_ref = expand_one.object_ref
-
-    def on_bad(ref: str, reason: str) -> None:
-        rejected.append((ref, reason))
-
     for raw in raw_refs:
         try:
             ref = object_ref(raw)
             if ref is not None:
                 yield ref
             else:
-                yield from expand_one(raw, on_bad if skip_invalid else None)
+                yield from expand_one(raw, rejected.append if skip_invalid else None)
         except RefRefused as exc:
             if not skip_invalid:
                 raise

@@ -68,11 +68,7 @@ def expand_refs(
 
     expand = Expander(scoped, s3_client)
     count = 0
-
-    def on_bad(ref: str, reason: str) -> None:
-        rejected.append((ref, reason))
-
-    listed_bad = on_bad if skip_invalid else None
+    listed_bad = rejected.append if skip_invalid else None
     for raw in raws:
         try:
             check_source(raw, scoped)
