@@ -476,11 +476,11 @@ class Admin:
 
     def take_orphans(
         # limit: a batch bound; 10,000 and 10,001 differ only past 10,000 orphans.
-        self, *, dead_after_s: float, gone: list[str] | None = None, limit: int = 10_000,  # pragma: no mutate
+        self, *, dead_after_s: float | None, gone: list[str] | None = None, limit: int = 10_000,  # pragma: no mutate
         publish: Callable[[list[Republish]], object] | None = None, wait_s: float = 0.0,
     ) -> list[Republish] | None:
-        """Running items of workers whose heartbeat is older than ``dead_after_s`` (or that are
-        known to be ``gone``), to publish again. None if another reaper holds the lock (for
+        """Running items of workers whose heartbeat is older than ``dead_after_s`` (None: judge
+        none by age), or that are known to be ``gone``, to publish again. None if another reaper holds the lock (for
         ``wait_s`` seconds).
 
         ``publish`` runs before the commit, as a feed cycle's does: the take leaves the items

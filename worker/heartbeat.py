@@ -14,6 +14,12 @@ earlier incarnation's items would look like a live worker's.
 
 A reap publishes inside the transaction that takes the items (``Admin.take_orphans``): a publish
 that fails leaves them with their dead worker, for the next beat's reap.
+
+A worker judges its peers by the age of their beats only once it has itself beaten on time for
+``IMGQ_WORKER_DEAD_AFTER_S`` (``Steadiness``): after a database outage every worker's last beat is
+old for the same reason, and the first worker back must not take the items its live peers are
+still working on. The same holds at start (it may start just as the database comes back); its
+start-up reap takes only the names it knows are gone.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -45,6 +52,29 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+class Steadiness:
+    """Whether this worker's view of its peers' beats can be trusted now (pure: times are monotonic
+    seconds). A beat that failed, or one that came more than two intervals after the last, means
+    this worker was cut off, and so, likely, were its peers; it trusts their ages again after
+    ``dead_after_s`` of beating on time, by when every live peer has beaten since."""
+
+    def __init__(self, *, interval_s: float, dead_after_s: float, now: float) -> None:
+        self._late_after_s = 2 * interval_s
+        self._dead_after_s = dead_after_s
+        self._last: float | None = now
+        self._since = now
+
+    def failed(self) -> None:
+        self._last = None
+
+    def beat(self, now: float) -> bool:
+        """A beat landed at ``now``: may this worker reap by age?"""
+        if self._last is None or now - self._last > self._late_after_s:
+            self._since = now
+        self._last = now
+        return now - self._since >= self._dead_after_s
+
+
 class Heartbeat:
     """Registers the worker, beats, and reaps the orphans of dead workers."""
 
@@ -61,6 +91,7 @@ class Heartbeat:
         self._dead_after_s = dead_after_s
         self._republish = republish
         self._start_wait_s = start_wait_s
+        self._steadiness = Steadiness(interval_s=interval_s, dead_after_s=dead_after_s, now=time.monotonic())
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="imgq-heartbeat", daemon=True)
         self.reaped = 0
@@ -69,11 +100,13 @@ class Heartbeat:
         gone = [self.name] + [n for n, pid in self._admin.host_workers(self._host, self.name)
                               if not process_alive(pid)]
         # Before the first beat: it refreshes this name, and the earlier incarnation's items
-        # would then look like ours.
-        if self._reap(gone, wait_s=self._start_wait_s) is None:
+        # would then look like ours. By name only: see Steadiness.
+        if self._reap(gone, wait_s=self._start_wait_s, by_age=False) is None:
             raise ReaperBusy(f"worker {self.name} could not reap its earlier incarnation: another reaper "
                              f"held the lock for {self._start_wait_s:g} s")
         self._admin.heartbeat(self.name, self._host, self._pid)
+        self._steadiness = Steadiness(interval_s=self._interval_s, dead_after_s=self._dead_after_s,
+                                      now=time.monotonic())
         self._thread.start()
         return self
 
@@ -90,8 +123,8 @@ class Heartbeat:
         """Re-publish the running items of dead workers; 0 when another reaper is at it."""
         return self._reap(gone) or 0
 
-    def _reap(self, gone: list[str] | None, wait_s: float = 0.0) -> int | None:
-        batches = self._admin.take_orphans(dead_after_s=self._dead_after_s, gone=gone,
+    def _reap(self, gone: list[str] | None, wait_s: float = 0.0, by_age: bool = True) -> int | None:
+        batches = self._admin.take_orphans(dead_after_s=self._dead_after_s if by_age else None, gone=gone,
                                            publish=self._republish, wait_s=wait_s)
         if not batches:
             return None if batches is None else 0
@@ -104,6 +137,13 @@ class Heartbeat:
         while not self._stop.wait(self._interval_s):
             try:
                 self._admin.heartbeat(self.name, self._host, self._pid)
-                self.reap()
             except Exception as exc:  # an outage: beat again next interval
+                self._steadiness.failed()
                 log.warning("heartbeat failed: %s", exc)
+                continue
+            if not self._steadiness.beat(time.monotonic()):
+                continue
+            try:
+                self.reap()
+            except Exception as exc:  # Redis or Postgres away: the next beat reaps
+                log.warning("reap failed: %s", exc)
