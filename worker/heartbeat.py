@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 # How long a starting worker waits for another worker's reap (a few queries and one publish).
 START_REAP_WAIT_S = 60.0
+# Orphans taken (and published) in one transaction.
+TAKE_LIMIT = 10_000
 
 
 class ReaperBusy(RuntimeError):
@@ -81,7 +83,7 @@ class Heartbeat:
     def __init__(
         self, *, admin: Any, name: str, interval_s: float, dead_after_s: float,
         republish: Callable[[list[Any]], int], host: str | None = None, pid: int | None = None,
-        start_wait_s: float = START_REAP_WAIT_S,
+        start_wait_s: float = START_REAP_WAIT_S, take_limit: int = TAKE_LIMIT,
     ) -> None:
         self._admin = admin
         self.name = name
@@ -91,6 +93,7 @@ class Heartbeat:
         self._dead_after_s = dead_after_s
         self._republish = republish
         self._start_wait_s = start_wait_s
+        self._take_limit = take_limit
         self._steadiness = Steadiness(interval_s=interval_s, dead_after_s=dead_after_s, now=time.monotonic())
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="imgq-heartbeat", daemon=True)
@@ -100,10 +103,14 @@ class Heartbeat:
         gone = [self.name] + [n for n, pid in self._admin.host_workers(self._host, self.name)
                               if not process_alive(pid)]
         # Before the first beat: it refreshes this name, and the earlier incarnation's items
-        # would then look like ours. By name only: see Steadiness.
-        if self._reap(gone, wait_s=self._start_wait_s, by_age=False) is None:
-            raise ReaperBusy(f"worker {self.name} could not reap its earlier incarnation: another reaper "
-                             f"held the lock for {self._start_wait_s:g} s")
+        # would then look like ours, so all of them, take after take. By name only: see Steadiness.
+        while True:
+            taken = self._reap(gone, wait_s=self._start_wait_s, by_age=False)
+            if taken is None:
+                raise ReaperBusy(f"worker {self.name} could not reap its earlier incarnation: another reaper "
+                                 f"held the lock for {self._start_wait_s:g} s")
+            if taken < self._take_limit:
+                break
         self._admin.heartbeat(self.name, self._host, self._pid)
         self._steadiness = Steadiness(interval_s=self._interval_s, dead_after_s=self._dead_after_s,
                                       now=time.monotonic())
@@ -125,7 +132,7 @@ class Heartbeat:
 
     def _reap(self, gone: list[str] | None, wait_s: float = 0.0, by_age: bool = True) -> int | None:
         batches = self._admin.take_orphans(dead_after_s=self._dead_after_s if by_age else None, gone=gone,
-                                           publish=self._republish, wait_s=wait_s)
+                                           publish=self._republish, wait_s=wait_s, limit=self._take_limit)
         if not batches:
             return None if batches is None else 0
         count = sum(len(b.items) for b in batches)

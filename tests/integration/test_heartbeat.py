@@ -117,3 +117,21 @@ def test_an_orphan_goes_back_with_its_jobs_tasks_text_and_priority(store: Store)
         items.setdefault(back.job, []).extend(back.items)
     assert items == {job: [(0, "/d/0.jpg", "a dog"), (1, "/d/1.jpg", "a cat"), (2, "/d/2.jpg")],
                      other: [(0, "/e/0.jpg")]}
+
+
+def test_a_restarted_worker_reaps_all_of_its_earlier_incarnation_take_after_take(store: Store):
+    """More orphans than one take holds: the rest would look like the new process's own once it
+    beats under the same name, and stay running until a visibility timeout."""
+    admin = Admin(store.engine)
+    job = create_job(store, [caption_task("m")], [f"/d/{i}.jpg" for i in range(5)])
+    admin.heartbeat("box:4242", "box", 4242)
+    store.claim(job, [0, 1, 2, 3, 4], "box:4242")
+    published: list = []
+    beat = Heartbeat(admin=admin, name="box:4242", host="box", pid=4242, interval_s=60, dead_after_s=180,
+                     republish=lambda batches: published.append(batches) or 0, take_limit=2).start()
+    beat.stop()
+    assert [sum(len(b.items) for b in batches) for batches in published] == [2, 2, 1]
+    assert sorted(i[0] for batches in published for b in batches for i in b.items) == [0, 1, 2, 3, 4]
+    with store.engine.connect() as conn:
+        owned = conn.execute(text("SELECT count(*) FROM job_items WHERE worker IS NOT NULL")).scalar_one()
+    assert owned == 0
