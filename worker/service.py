@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +95,10 @@ class MessageService:
         self._lock = threading.Lock()
         self._orphans: dict[int, _Orphan] = {}
         self._joins: Counter[int] = Counter()  # id(item) -> handlers that joined it and are not done
+        # Items a handler has looked up and not yet handed to the engine (or let go of): a duplicate
+        # delivery waits for that handler, then joins what it submitted, instead of claiming the item
+        # a second time (an extra attempt, and "running" by then: a crash suspect, run alone).
+        self._claiming: dict[tuple[uuid.UUID, int], threading.Event] = {}
 
     def handle(self, payload: Any) -> Summary:
         found = pointer(payload)
@@ -126,14 +131,12 @@ class MessageService:
     def _process(self, job: uuid.UUID, seqs: list[int], tasks: list[TaskSpec], msg: TaskMessage | None) -> Summary:
         # Items this process is already working on (a duplicate or requeued message) are awaited,
         # not claimed again: a duplicate costs neither an attempt nor a second inference.
-        with self._lock:
-            joined = self._engine.in_flight(job, seqs)
-            self._joins.update(id(work) for work in joined.values())
+        joined, mine = self._reserve(job, seqs)
+        pending = [s for s in seqs if s not in joined]
         try:
-            pending = [s for s in seqs if s not in joined]
             # Crash suspects are looked at before anything is claimed: an attempt is charged only to
             # an item that is about to run, not to one that waits for the quarantine or is split off.
-            suspects = self._store.unsettled(job, pending)
+            suspects = self._store.unsettled(job, pending) if pending else set()
             if suspects and len(pending) > 1:
                 # The last worker died holding these items; one of them may be why. Each goes out
                 # again on its own, so a poison item cannot take its batchmates down with it. So does
@@ -145,8 +148,9 @@ class MessageService:
                 self._publish([TaskMessage(job=str(job), tasks=tasks, items=[item]) for item in items], 0.0)
                 return Summary(retried=len(items), skipped=len(seqs) - len(items))
             with self._quarantine.exclusive() if suspects else self._quarantine.shared():
-                return self._run(job, seqs, pending, joined, tasks, msg)
+                return self._run(job, seqs, pending, joined, tasks, msg, lambda: self._let_go(job, pending, mine))
         finally:
+            self._let_go(job, pending, mine)
             with self._lock:
                 for work in joined.values():
                     self._joins[id(work)] -= 1
@@ -155,9 +159,33 @@ class MessageService:
             for work in joined.values():
                 self._prune(work)
 
+    def _reserve(self, job: uuid.UUID, seqs: list[int]) -> tuple[dict[int, WorkItem], threading.Event]:
+        """The items another handler already runs (joined), after waiting for any handler still
+        between its lookup and its submit; the rest are reserved for this one until ``_let_go``."""
+        while True:
+            with self._lock:
+                joined = self._engine.in_flight(job, seqs)
+                busy = {e for s in seqs if s not in joined and (e := self._claiming.get((job, s))) is not None}
+                if not busy:
+                    mine = threading.Event()
+                    self._claiming.update({(job, s): mine for s in seqs if s not in joined})
+                    self._joins.update(id(work) for work in joined.values())
+                    return joined, mine
+            for event in busy:
+                event.wait()
+
+    def _let_go(self, job: uuid.UUID, seqs: list[int], mine: threading.Event) -> None:
+        if mine.is_set():
+            return
+        with self._lock:
+            for seq in seqs:
+                if self._claiming.get((job, seq)) is mine:
+                    del self._claiming[(job, seq)]
+        mine.set()
+
     def _run(self, job: uuid.UUID, seqs: list[int], pending: list[int], joined: dict[int, Any],
-             tasks: list[TaskSpec], msg: TaskMessage | None) -> Summary:
-        claims = self._store.claim(job, pending, self._engine.worker_name)
+             tasks: list[TaskSpec], msg: TaskMessage | None, submitted: Callable[[], None]) -> Summary:
+        claims = self._store.claim(job, pending, self._engine.worker_name) if pending else {}
         todo = [claims[s].item(s) for s in seqs if s in claims]
         if msg is not None:
             given = {item[0]: tuple(item) for item in msg.items}
@@ -178,6 +206,7 @@ class MessageService:
                 for item in worn
             ])
         work = self._engine.submit(job, tasks, fresh) + list(joined.values())
+        submitted()  # a duplicate delivery now finds these in flight and joins them
         deadline = time.monotonic() + self._time_limit_s
         try:
             # Past the limit this raises TimeoutError: the message goes back unacknowledged.
