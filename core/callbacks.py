@@ -39,6 +39,16 @@ BACKOFF_S = (10, 30, 120, 600, 1800, 3600)
 _SHARED = ipaddress.IPv4Network("100.64.0.0/10")  # carrier-grade NAT (RFC 6598)
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _COMPAT = ipaddress.IPv6Network("::/96")  # deprecated IPv4-compatible addresses
+# IANA special-purpose ranges that are not globally reachable, listed here because Python's own
+# tables (is_global, is_private) lag the registry in older patch releases: 3.11.7 passes
+# 192.0.0.0/24, for one.
+_NOT_GLOBAL = tuple(ipaddress.ip_network(n) for n in (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+    "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24",
+    "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",
+    "::/128", "::1/128", "64:ff9b:1::/48", "100::/64", "2001::/23", "2001:db8::/32", "3fff::/20",
+    "5f00::/16", "fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8",
+))
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
 
@@ -204,7 +214,7 @@ def _special(address: IPAddress) -> str | None:
         ("shared (100.64.0.0/10)", address.version == 4 and address in _SHARED),
         ("private", address.is_private),
         ("site-local", address.version == 6 and address.is_site_local),  # type: ignore[union-attr]
-        ("not globally routable", not address.is_global),
+        ("not globally routable", not address.is_global or any(address in n for n in _NOT_GLOBAL)),
     )
     return next((name for name, hit in checks if hit), None)
 
@@ -218,6 +228,10 @@ def address_refusal(address: IPAddress | str, policy: HostPolicy) -> str | None:
         reason = _special(inner)
         if reason:
             return f"{ip} embeds {inner}, which is {reason}"
+    if ip.version == 6 and (ip in _NAT64 or ip.ipv4_mapped is not None):  # type: ignore[union-attr]
+        # A translation of the IPv4 address it embeds (DNS64, or a mapped answer), judged above by
+        # that address alone: the prefix itself sits in ::/8, which Python calls reserved.
+        return None
     reason = _special(ip)
     return f"{ip} is {reason}" if reason else None
 

@@ -222,7 +222,7 @@ class Settings(BaseSettings):
     )
     callback_max_attempts: int = Field(8, ge=1, le=100, description="POSTs of one callback before it is failed.")
     callback_interval_s: float = Field(1, gt=0, le=3600, description="How often a worker looks for due callbacks.")
-    callback_timeout_s: float = Field(10, gt=0, le=300, description="Longest one callback POST may take.")
+    callback_timeout_s: float = Field(10, gt=0, le=300, description="Deadline of one whole callback attempt.")
 
     @field_validator("allowed_buckets", "local_roots", "kinds", "callback_hosts", mode="before")
     @classmethod

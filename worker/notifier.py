@@ -8,16 +8,23 @@ is held only to lease them), and for each one:
    to the first one, pinned: the URL names the IP, ``Host`` (and TLS SNI and certificate check) the
    original name. A DNS answer that changes between the check and the connection is never used;
 3. POSTs the summary, signed with the tenant's secret; redirects are not followed and the response
-   body is not read;
+   body is not read. ``IMGQ_CALLBACK_TIMEOUT_S`` bounds the whole attempt (resolution, connection,
+   request and the response's headers), not each read: a receiver that trickles its answer a
+   byte at a time is cut off at the deadline like one that never answers;
 4. records the attempt (HTTP status, or the error, and the time taken): a 2xx is ``delivered``;
    anything else is tried again after the backoff (``imgq.callbacks.BACKOFF_S``) until
    ``IMGQ_CALLBACK_MAX_ATTEMPTS``, then ``failed``.
 
 A job whose tenant has no ``tenants`` row (no secret to sign with) fails at once.
+
+Callbacks are leased one at a time, each just before its attempt, so a lease covers one attempt
+however slow the callbacks before it were: a lease that ran out mid-batch let another notifier
+send the same callback again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import socket
@@ -73,8 +80,8 @@ class Notifier:
     def __init__(
         self, *, store: CallbackStore, hosts: Sequence[str], max_attempts: int, timeout_s: float,
         interval_s: float = 1.0, schedule: tuple[float, ...] = BACKOFF_S, batch: int = 16,
-        resolver: Resolver = resolve, clock: Callable[[], float] = time.time, client: httpx.Client | None = None,
-        verify: ssl.SSLContext | bool = True,
+        resolver: Resolver = resolve, clock: Callable[[], float] = time.time,
+        client: httpx.AsyncClient | None = None, verify: ssl.SSLContext | bool = True,
     ) -> None:
         self._store = store
         self._policy = HostPolicy.parse(hosts)
@@ -88,10 +95,12 @@ class Notifier:
         # trust_env=False: an HTTP(S)_PROXY from the environment would connect for us, unpinned. No
         # keep-alive: the pool is keyed by IP, so a connection verified for one host's name (TLS) must
         # not carry another host's callback that resolves to the same address.
-        self._client = client or httpx.Client(
+        self._client = client or httpx.AsyncClient(
             follow_redirects=False, trust_env=False, timeout=timeout_s, verify=verify,
             limits=httpx.Limits(max_keepalive_connections=0),
         )
+        # Attempts run on this loop, one at a time (the notifier's thread, or a test's).
+        self._aio = asyncio.new_event_loop()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="imgq-notifier", daemon=True)
         self.sent = 0
@@ -109,7 +118,9 @@ class Notifier:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(self._timeout_s + 5)
-        self._client.close()
+        if not self._thread.is_alive() and not self._aio.is_closed():
+            self._aio.run_until_complete(self._client.aclose())
+            self._aio.close()
 
     def _loop(self) -> None:
         while not self._stop.wait(self._interval_s):
@@ -120,12 +131,17 @@ class Notifier:
                 log.warning("callback cycle failed: %s", exc, extra={"action": "callback_cycle"})
 
     def run_once(self) -> int:
-        """Lease the due callbacks and try each once; returns how many were tried."""
-        # Long enough for a resolution and a slow POST; a notifier that died mid-send frees them after it.
-        due = self._store.claim(limit=self._batch, lease_s=3 * self._timeout_s + 30)
-        for callback in due:
-            self.deliver(callback)
-        return len(due)
+        """Lease due callbacks one by one and try each once, up to a batch; returns how many were tried."""
+        tried = 0
+        while tried < self._batch and not self._stop.is_set():
+            # Longer than one attempt can take (its deadline, then recording it); a notifier that
+            # died mid-send frees the callback after it.
+            due = self._store.claim(limit=1, lease_s=self._timeout_s + 30)
+            if not due:
+                break
+            self.deliver(due[0])
+            tried += 1
+        return tried
 
     def deliver(self, callback: DueCallback) -> str:
         """One attempt; records it and returns the callback's new state."""
@@ -138,9 +154,11 @@ class Notifier:
         status: int | None = None
         error: str | None = None
         try:
-            status = self._post(callback)
+            status = self._aio.run_until_complete(self._attempt(callback))
         except CallbackRefused as exc:
             error = f"refused: {exc.message}"
+        except TimeoutError:
+            error = f"timed out: no answer within IMGQ_CALLBACK_TIMEOUT_S ({self._timeout_s:g} s)"
         except (httpx.HTTPError, OSError) as exc:  # OSError: the name did not resolve
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         ms = int((time.monotonic() - started) * 1000)
@@ -159,9 +177,18 @@ class Notifier:
                        "status": status, "state": state, "ms": ms})
         return state
 
-    def _post(self, callback: DueCallback) -> int:
+    async def _attempt(self, callback: DueCallback) -> int:
+        # httpx's timeouts apply to each read; this one to the whole attempt. The resolver runs in a
+        # thread (getaddrinfo cannot be cancelled): past the deadline it is left to finish alone.
+        async with asyncio.timeout(self._timeout_s):
+            return await self._post(callback)
+
+    async def _post(self, callback: DueCallback) -> int:
         target = parse_callback_url(callback.url, self._policy)
-        addresses = [target.ip] if target.ip is not None else self._resolve(target.host, target.port)
+        if target.ip is not None:
+            addresses: Sequence[IPAddress | str] = [target.ip]
+        else:
+            addresses = await asyncio.get_running_loop().run_in_executor(None, self._resolve, target.host, target.port)
         address = check_addresses(target.host, addresses, self._policy)[0]
         body = json.dumps(callback.summary, separators=(",", ":"), sort_keys=True).encode()
         assert callback.secret is not None
@@ -176,8 +203,8 @@ class Notifier:
         extensions = {"sni_hostname": target.host} if target.scheme == "https" and target.ip is None else {}
         request = self._client.build_request("POST", pinned_url(target, address), content=body, headers=headers,
                                              extensions=extensions)
-        response = self._client.send(request, stream=True, follow_redirects=False)
+        response = await self._client.send(request, stream=True, follow_redirects=False)
         try:
             return response.status_code
         finally:
-            response.close()
+            await response.aclose()

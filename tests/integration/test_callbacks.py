@@ -4,6 +4,8 @@ per finished job, retries after a failure, the address policy at send time, noth
 from __future__ import annotations
 
 import json
+import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -81,7 +83,7 @@ def notifiers(store: Store) -> Iterator[list[Notifier]]:
 def make_notifier(store: Store, notifiers: list[Notifier]) -> Any:
     def make(hosts: list[str], **kwargs: Any) -> Notifier:
         kwargs.setdefault("max_attempts", 8)
-        notifiers.append(Notifier(store=CallbackStore(store.engine), hosts=hosts, timeout_s=5, **kwargs))
+        notifiers.append(Notifier(store=CallbackStore(store.engine), hosts=hosts, **{"timeout_s": 5, **kwargs}))
         return notifiers[-1]
 
     return make
@@ -149,7 +151,7 @@ def test_a_callback_fails_after_the_last_attempt(store: Store, make_notifier: An
         job = _job(store, f"http://127.0.0.1:{receiver.port}/cb", "127.0.0.1")
         _finish(store, job)
         notifier = make_notifier(["127.0.0.1"], schedule=(0.0,), max_attempts=2)
-        assert notifier.run_once() == 1 and notifier.run_once() == 1 and notifier.run_once() == 0
+        assert notifier.run_once() == 2 and notifier.run_once() == 0  # no backoff: due again at once
     assert _state(store, job)[0] == "failed" and len(receiver.requests) == 2
 
 
@@ -236,3 +238,96 @@ def test_a_leased_callback_is_not_claimed_twice(store: Store, receiver: Receiver
     [due] = callbacks.claim(limit=10, lease_s=60)
     assert due.job == job and due.attempt == 1 and due.secret == SECRET
     assert callbacks.claim(limit=10, lease_s=60) == []  # another worker's notifier finds nothing
+
+
+class Trickle:
+    """A receiver on loopback that reads the request, then sends its answer's status line one byte
+    every 0.2 s (for at most ``for_s``): no single read waits long, the answer never completes."""
+
+    def __init__(self, for_s: float = 8.0) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.connections = 0
+        self._for_s = for_s
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            self.connections += 1
+            with conn:
+                conn.recv(65536)
+                end = time.monotonic() + self._for_s
+                try:
+                    for byte in b"HTTP/1.1 200 OK\r\n" * 100:
+                        if time.monotonic() > end:
+                            break
+                        conn.sendall(bytes([byte]))
+                        time.sleep(0.2)
+                except OSError:  # the notifier hung up: what it should do at its deadline
+                    pass
+
+    def __enter__(self) -> Trickle:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.close()
+
+
+def test_a_receiver_that_trickles_its_answer_is_cut_off_at_the_attempt_deadline(store: Store, make_notifier: Any):
+    with Trickle() as trickle:
+        job = _job(store, f"http://127.0.0.1:{trickle.port}/cb", "127.0.0.1")
+        _finish(store, job)
+        notifier = make_notifier(["127.0.0.1"], timeout_s=1, schedule=(60.0,))
+        started = time.monotonic()
+        assert notifier.run_once() == 1
+        took = time.monotonic() - started
+    assert trickle.connections == 1
+    assert took < 4, f"the attempt took {took:.1f} s; IMGQ_CALLBACK_TIMEOUT_S is 1 s"
+    [attempt] = CallbackStore(store.engine).attempts(job)
+    assert attempt["status"] is None and "timed out" in attempt["error"]
+    assert _state(store, job) == ("pending", False)  # tried again after the backoff
+
+
+def test_a_slow_callback_holds_only_its_own_lease(store: Store, make_notifier: Any):
+    """While one notifier waits on a slow receiver, another sends the next due callback: each is
+    leased just before its attempt, so none is sent twice however long a batch takes."""
+    release = threading.Event()
+    with Receiver() as fast:
+        slow_seen = threading.Event()
+
+        class Slow(Receiver):
+            pass
+
+        with Slow() as slow:
+            original = slow.server.RequestHandlerClass.do_POST  # type: ignore[attr-defined]
+
+            def held(handler: Any) -> None:
+                slow_seen.set()
+                release.wait(10)
+                original(handler)
+
+            slow.server.RequestHandlerClass.do_POST = held  # type: ignore[attr-defined]
+            first = _job(store, f"http://127.0.0.1:{slow.port}/cb", "127.0.0.1")
+            _finish(store, first)
+            with store.engine.begin() as conn:  # due first
+                conn.execute(text("UPDATE jobs SET callback_next_at = now() - interval '1 minute' WHERE id = :j"),
+                             {"j": first})
+            second = _job(store, f"http://127.0.0.1:{fast.port}/cb", "127.0.0.1")
+            _finish(store, second)
+            busy, other = make_notifier(["127.0.0.1"]), make_notifier(["127.0.0.1"])
+            sending = threading.Thread(target=busy.run_once)
+            sending.start()
+            assert slow_seen.wait(10)
+            assert other.run_once() == 1, "the second callback was leased with the first"
+            release.set()
+            sending.join(10)
+    assert len(slow.requests) == 1 and len(fast.requests) == 1
+    assert [r["headers"]["Imgq-Job"] for r in fast.requests] == [str(second)]
+    for job in (first, second):
+        assert _state(store, job)[0] == "delivered"
+        assert len(CallbackStore(store.engine).attempts(job)) == 1

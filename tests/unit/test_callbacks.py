@@ -157,7 +157,11 @@ def test_parse_keeps_the_parts_the_notifier_needs():
 PUBLIC_ONLY = HostPolicy.parse(["hooks.example.com"])
 
 
-@pytest.mark.parametrize("address", ["8.8.8.8", "93.184.216.34", "2606:4700:4700::1111"])
+@pytest.mark.parametrize("address", [
+    "8.8.8.8", "93.184.216.34", "2606:4700:4700::1111",
+    "64:ff9b::808:808",  # DNS64's translation of 8.8.8.8: how IPv6-only networks reach IPv4 receivers
+    "::ffff:93.184.216.34",  # an IPv4-mapped answer
+])
 def test_public_addresses_pass(address: str):
     assert address_refusal(address, PUBLIC_ONLY) is None
 
@@ -184,6 +188,12 @@ def test_public_addresses_pass(address: str):
     ("2002:7f00:1::", "loopback"),  # 6to4 of 127.0.0.1
     ("64:ff9b::a9fe:a9fe", "link-local"),  # NAT64 of 169.254.169.254
     ("2001:0:4136:e378:8000:63bf:f5ff:fffe", "private"),  # Teredo, client 10.0.0.1
+    # Not globally reachable, though Python 3.11.7's tables say otherwise (IANA special-purpose):
+    ("192.0.0.100", "not globally routable"),
+    ("64:ff9b::c000:64", "not globally routable"),  # NAT64 of 192.0.0.100
+    ("3fff::1", "not globally routable"),  # documentation (RFC 9637)
+    ("5f00::1", "reserved"),  # SRv6 SIDs (RFC 9602)
+    ("64:ff9b:1::a00:1", "reserved"),  # local-use NAT64 (RFC 8215)
 ])
 def test_special_addresses_are_refused(address: str, reason: str):
     refusal = address_refusal(address, PUBLIC_ONLY)

@@ -33,7 +33,7 @@ def _due(url: str, attempt: int = 1, secret: str | None = "sek") -> DueCallback:
 
 def _notifier(handler: Any, addresses: list[str], hosts: list[str], **kwargs: Any) -> tuple[Notifier, RecordingStore]:
     store = RecordingStore()
-    client = httpx.Client(transport=httpx.MockTransport(handler))
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
     notifier = Notifier(store=store, hosts=hosts, max_attempts=3, timeout_s=1, client=client,  # type: ignore[arg-type]
                         resolver=lambda host, port: addresses, clock=lambda: 1_700_000_000, **kwargs)
     return notifier, store
