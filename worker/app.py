@@ -143,10 +143,19 @@ class WorkerRuntime:
         """Why this worker cannot take work yet (readiness probe), or None."""
         if self.engine is None or self.unhealthy:
             return self.unhealthy or "models not loaded"
-        with self.store.engine.connect() as conn:
-            conn.exec_driver_sql("SELECT 1")
-        with app.connection_for_read() as conn:
-            conn.ensure_connection(max_retries=1)
+        # What failed, not the driver's message: the probe needs no token (the log has the detail).
+        try:
+            with self.store.engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+        except Exception as exc:
+            log.warning("readiness: database unavailable: %s", exc, extra={"action": "readyz"})
+            return f"database unavailable ({type(exc).__name__})"
+        try:
+            with app.connection_for_read() as conn:
+                conn.ensure_connection(max_retries=1)
+        except Exception as exc:
+            log.warning("readiness: broker unavailable: %s", exc, extra={"action": "readyz"})
+            return f"broker unavailable ({type(exc).__name__})"
         return None
 
     def _unhealthy(self, reason: str) -> None:

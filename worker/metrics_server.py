@@ -4,6 +4,13 @@
 settings refuse a non-loopback bind without one. The probes carry no data and need no token:
 ``/healthz`` answers while the process serves, ``/readyz`` only once the models are loaded and
 the broker and the database answer (checked at most every 2 s).
+
+The probe and the queue-depth sample each get ``PROBE_DEADLINE_S``: a stalled Redis or Postgres
+(a paused process, a silent network) answers nothing and fires no library timeout, and must not
+hold a scrape or a probe. Past the deadline ``/readyz`` says not ready and ``/metrics`` has no
+depth sample; the stalled call finishes (or not) in its own thread, and no second one is started
+while it is out. The probe's answer names what failed, not the driver's message: it needs no
+token, and a driver's message names hosts, sockets and roles.
 """
 
 from __future__ import annotations
@@ -15,7 +22,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from concurrent.futures import Future
+from typing import Any, Generic, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import REGISTRY, make_wsgi_app
@@ -26,21 +34,47 @@ from prometheus_client.registry import Collector
 log = logging.getLogger(__name__)
 
 Probe = Callable[[], str | None]  # None when ready, else why not
+PROBE_DEADLINE_S = 2.0
+T = TypeVar("T")
+
+
+class Deadline(Generic[T]):
+    """A blocking call, waited for at most ``timeout_s`` (TimeoutError past it). The call runs in
+    its own daemon thread; while one is still out, callers wait on it rather than start another."""
+
+    def __init__(self, call: Callable[[], T], timeout_s: float = PROBE_DEADLINE_S) -> None:
+        self._call, self._timeout_s = call, timeout_s
+        self._lock = threading.Lock()
+        self._out: Future[T] | None = None
+
+    def __call__(self) -> T:
+        with self._lock:
+            if self._out is None or self._out.done():
+                self._out = Future()
+                threading.Thread(target=self._run, args=(self._out,), name="imgq-probe", daemon=True).start()
+            out = self._out
+        return out.result(self._timeout_s)
+
+    def _run(self, out: Future[T]) -> None:
+        try:
+            out.set_result(self._call())
+        except BaseException as exc:
+            out.set_exception(exc)
 
 
 class ProcessCollector(Collector):
     """Sampled at scrape time: queue depth, this process's RSS and the GPU memory it holds."""
 
     def __init__(self, queue_depths: Callable[[], dict[str, int]]) -> None:
-        self._queue_depths = queue_depths
+        self._queue_depths = Deadline(queue_depths)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         depth = GaugeMetricFamily("imgq_queue_depth", "Messages waiting in the broker queue.", labels=["queue"])
         try:
             for queue, n in self._queue_depths().items():
                 depth.add_metric([queue], n)
-        except Exception as exc:  # the broker is down: no sample rather than a failed scrape
-            log.debug("queue depth unavailable: %s", exc)
+        except Exception as exc:  # the broker is down or stalled: no sample rather than a failed scrape
+            log.debug("queue depth unavailable: %s", exc or type(exc).__name__)
         yield depth
         rss = GaugeMetricFamily("imgq_worker_rss_bytes", "Resident memory of this worker process.")
         rss.add_metric([], _rss_bytes())
@@ -66,7 +100,7 @@ def _rss_bytes() -> float:
 
 class _CachedProbe:
     def __init__(self, probe: Probe, ttl_s: float = 2.0) -> None:
-        self._probe, self._ttl_s = probe, ttl_s
+        self._probe, self._ttl_s = Deadline(probe), ttl_s
         self._lock = threading.Lock()
         self._at, self._why = 0.0, "not checked yet"
 
@@ -75,8 +109,11 @@ class _CachedProbe:
             if time.monotonic() - self._at > self._ttl_s:
                 try:
                     self._why = self._probe()
+                except TimeoutError:
+                    self._why = f"no answer within {PROBE_DEADLINE_S:g} s (database or broker stalled)"
                 except Exception as exc:
-                    self._why = f"{type(exc).__name__}: {exc}"
+                    log.warning("readiness probe failed: %s", exc, extra={"action": "readyz"})
+                    self._why = f"probe failed ({type(exc).__name__})"
                 self._at = time.monotonic()
             return self._why
 
