@@ -542,12 +542,42 @@ def drop_vector_index(engine: Engine, dim: int = 256) -> bool:
 
 
 def build_vector_index(engine: Engine, dim: int = 256, maintenance_work_mem: str = "1GB") -> None:
-    """(Re)build the HNSW cosine index of one dimension without blocking writes (CONCURRENTLY)."""
+    """(Re)build the HNSW cosine index of one dimension without blocking writes (CONCURRENTLY).
+
+    A valid index is left as it is. A build that was interrupted (Ctrl-C, a lost connection, a
+    statement timeout) leaves the index behind INVALID: never used by a query, yet still updated
+    by every insert, and IF NOT EXISTS would keep it. Such an index is dropped (CONCURRENTLY) and
+    built again. A build still running in another session is waited for by nobody: that is an
+    error, as is an index that is not valid once the build returns."""
+    import contextlib
+
+    from imgq import errors
+
     name = vector_index_name(dim)
     if not str(maintenance_work_mem).replace("MB", "").replace("GB", "").isdigit():
         raise ValueError(f"maintenance_work_mem must look like 512MB or 1GB, not {maintenance_work_mem!r}")
+    state = text(  # pragma: no mutate (SQL case)
+        "SELECT x.indisvalid, (SELECT min(p.pid) FROM pg_stat_progress_create_index p "
+        "WHERE p.index_relid = x.indexrelid AND p.pid <> pg_backend_pid()) "
+        "FROM pg_index x WHERE x.indexrelid = to_regclass(:n)")
     # SQLAlchemy upper-cases an isolation level's name.
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:  # pragma: no mutate
+        found = conn.execute(state, {"n": name}).first()
+        if found is not None and not found[0]:
+            if found[1] is not None:
+                raise errors.ImgqError(f"{name} is being built by another session (pid {found[1]}); "
+                                       "wait for it to finish, then build again if it is still invalid")
+            conn.execute(text(f"DROP INDEX CONCURRENTLY IF EXISTS {name}"))
         conn.execute(text(f"SET maintenance_work_mem = '{maintenance_work_mem}'"))
-        conn.execute(text(f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON embeddings "
-                          f"USING hnsw ((embedding::vector({int(dim)})) vector_cosine_ops) WHERE dim = {int(dim)}"))
+        try:
+            conn.execute(text(f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON embeddings "
+                              f"USING hnsw ((embedding::vector({int(dim)})) vector_cosine_ops) WHERE dim = {int(dim)}"))
+        finally:
+            # The connection goes back to the pool; after a failure, only if it still works.
+            with contextlib.suppress(Exception):
+                conn.execute(text("RESET maintenance_work_mem"))
+        found = conn.execute(state, {"n": name}).first()
+    if found is None or not found[0]:
+        raise errors.ImgqError(
+            f"{name} is not valid after the build ({'missing' if found is None else 'INVALID'}); searches of "
+            f"{int(dim)}-d embeddings scan exactly until `imgq db vector-index build --dim {int(dim)}` succeeds")

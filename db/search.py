@@ -1,26 +1,29 @@
 """Nearest-neighbour search over stored image embeddings (the SQL side; callers encode queries).
 
-Similarity is cosine: ``1 - (a <=> b)``. For 256-d spaces the ORDER BY is written on
-``embedding::vector(256)`` with ``dim = 256`` in the WHERE clause so that the partial HNSW
-expression index ``embeddings_hnsw_256`` serves it; other dimensions are an exact scan of the
-(model, revision, dim) rows. A bucket filter that matches few images is searched exactly among
-them; other filters are applied during the index scan with pgvector's iterative scan, so a
-selective filter still yields ``limit`` hits.
+Similarity is cosine: ``1 - (a <=> b)``. A dimension N with a valid HNSW index of its own (the
+partial expression index ``embeddings_hnsw_N`` on ``embedding::vector(N)`` where ``dim = N``:
+migration 0003 makes the 256-d one, ``imgq db vector-index build --dim N`` any other) is searched
+through it: the ORDER BY is written on ``embedding::vector(N)`` with ``dim = N`` in the WHERE
+clause, the index's own expression and predicate. Other dimensions, and one whose index is
+dropped or invalid, are an exact scan of the (model, revision, dim) rows. A bucket filter that
+matches few images is searched exactly among them; other filters are applied during the index
+scan with pgvector's iterative scan, so a selective filter still yields ``limit`` hits.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine, TextClause, text
 
 from imgq.errors import DimensionMismatch, EmptyQuery, NoEmbeddings, SearchError
 from imgq.storable import unstorable
 
-INDEXED_DIM = 256  # the dimension that has an HNSW index (migration 0003)
+INDEXED_DIM = 256  # BLIP's dimension, indexed by migration 0003 (others: `imgq db vector-index build --dim N`)
 MAX_LIMIT = 1000  # the most hits one search returns; also hnsw.ef_search's upper bound
 # Iterative scans stop after this many index tuples: bounds the worst case of a filter that
 # matches (almost) nothing, at the price of fewer than ``limit`` hits there.
@@ -60,7 +63,9 @@ _EXCLUDE = """
 # The inner queries find the nearest rows; the outer query sorts them again (relaxed_order: an
 # iterative scan may return rows slightly out of order) and only then joins what is shown: the
 # image's ref and size and its newest BLIP caption, or failing that its newest caption in
-# another language (a LATERAL probe per hit): a search reads in English.
+# another language (a LATERAL probe per hit): a search reads in English. The sort is on
+# ``distance + 0``: Postgres 17+ knows the CTE's rows come ordered by ``distance`` (its ORDER BY)
+# and would trust that order (an Incremental Sort on image_id only), disorder included.
 _OUTER = """
 WITH {ctes}
 SELECT nn.image_id, nn.model_revision, 1 - nn.distance AS similarity,
@@ -71,19 +76,24 @@ LEFT JOIN LATERAL (
   SELECT c.text FROM captions c WHERE c.image_id = nn.image_id
   ORDER BY c.method = 'native' DESC, c.created_at DESC, c.id DESC LIMIT 1
 ) cap ON true
-ORDER BY nn.distance, nn.image_id
+ORDER BY nn.distance + 0, nn.image_id
 """
 
 _SPACE = "e.model = :model AND e.model_revision = :rev"
-_DISTANCE_INDEXED = f"e.embedding::vector({INDEXED_DIM}) <=> CAST(:q AS vector({INDEXED_DIM}))"
 
-# What the HNSW index answers; image filters are checked as the index scan goes (iterative scan).
-_HNSW = f"""
-  SELECT e.image_id, e.model_revision, {_DISTANCE_INDEXED} AS distance
+
+def _hnsw(dim: int, gate: str = "") -> str:
+    """What the HNSW index of ``dim`` answers: its expression, and its predicate as a literal (a
+    partial index serves only a query whose WHERE clause implies it, which a parameter cannot).
+    Image filters are checked as the index scan goes (iterative scan)."""
+    distance = f"e.embedding::vector({int(dim)}) <=> CAST(:q AS vector({int(dim)}))"
+    return f"""
+  SELECT e.image_id, e.model_revision, {distance} AS distance
   FROM embeddings e JOIN images im ON im.id = e.image_id
-  WHERE e.dim = {INDEXED_DIM} AND {_SPACE} {{gate}} {_IMAGE_FILTERS} {_EXCLUDE}
-  ORDER BY {_DISTANCE_INDEXED}
+  WHERE e.dim = {int(dim)} AND {_SPACE} {gate} {_IMAGE_FILTERS} {_EXCLUDE}
+  ORDER BY {distance}
   LIMIT :limit"""
+
 
 # Exact: written on the untyped column so that no HNSW index can serve the ORDER BY.
 _EXACT = f"""
@@ -100,24 +110,42 @@ _EXACT = f"""
 # planner alone takes HNSW for both: its costing cannot tell. The count is an initplan, and the
 # branch whose gate is false is never run. A prefix without a bucket has no index to count with
 # (it would be a scan of images), so it always takes the HNSW scan.
-_FILTERED_CTES = f"""f AS MATERIALIZED (
-  SELECT im.id FROM images im WHERE true {_IMAGE_FILTERS} LIMIT :exact_max
+_FILTERED_CTES = """f AS MATERIALIZED (
+  SELECT im.id FROM images im WHERE true {filters} LIMIT :exact_max
 ), few AS (SELECT count(*) < :exact_max AS yes FROM f),
 nn AS MATERIALIZED ((
   SELECT e.image_id, e.model_revision, e.embedding <=> CAST(:q AS vector) AS distance
   FROM f JOIN embeddings e ON e.image_id = f.id
-  WHERE e.dim = {INDEXED_DIM} AND {_SPACE} AND (SELECT yes FROM few) {_EXCLUDE}
+  WHERE e.dim = {dim} AND {space} AND (SELECT yes FROM few) {exclude}
   ORDER BY e.embedding <=> CAST(:q AS vector)
   LIMIT :limit
-) UNION ALL ({_HNSW.format(gate="AND NOT (SELECT yes FROM few)")}
+) UNION ALL ({hnsw}
 ))"""
 
-SEARCH_INDEXED = text(_OUTER.format(ctes=f"nn AS MATERIALIZED ({_HNSW.format(gate='')})"))
-SEARCH_FILTERED = text(_OUTER.format(ctes=_FILTERED_CTES))
+
+@lru_cache(maxsize=64)
+def search_indexed(dim: int) -> TextClause:
+    """The search of a ``dim``-d space through its HNSW index."""
+    return text(_OUTER.format(ctes=f"nn AS MATERIALIZED ({_hnsw(dim)})"))
+
+
+@lru_cache(maxsize=64)
+def search_filtered(dim: int) -> TextClause:
+    """The search of a ``dim``-d space with a bucket filter: exact among few matches, else HNSW."""
+    return text(_OUTER.format(ctes=_FILTERED_CTES.format(
+        filters=_IMAGE_FILTERS, dim=int(dim), space=_SPACE, exclude=_EXCLUDE,
+        hnsw=_hnsw(dim, "AND NOT (SELECT yes FROM few)"))))
+
+
+SEARCH_INDEXED = search_indexed(INDEXED_DIM)
+SEARCH_FILTERED = search_filtered(INDEXED_DIM)
 SEARCH_EXACT = text(_OUTER.format(ctes=f"nn AS MATERIALIZED ({_EXACT})"))
 
 # Runs before every search, in the same round trip:
 # - two index probes on embeddings_model (not a count): is there a space of this dimension?
+# - does the dimension have a valid HNSW cosine index of its own (its expression and predicate,
+#   whatever its name)? An index being built CONCURRENTLY, or left invalid by an interrupted
+#   build, is not: the planner would not use it, and the search is an exact scan.
 # - the settings, with set_config(..., is_local => true): SET LOCAL with bind parameters, undone
 #   at the end of the search's transaction, so pooled connections keep the server defaults.
 # plan_cache_mode: psycopg prepares a statement server-side after 5 executions, and Postgres then
@@ -126,6 +154,12 @@ SEARCH_EXACT = text(_OUTER.format(ctes=f"nn AS MATERIALIZED ({_EXACT})"))
 _PROBE = text("""
 SELECT EXISTS (SELECT 1 FROM embeddings WHERE model = :model AND model_revision = :rev AND dim = :dim),
        (SELECT dim FROM embeddings WHERE model = :model AND model_revision = :rev LIMIT 1),
+       EXISTS (SELECT 1 FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
+               JOIN pg_am am ON am.oid = i.relam JOIN pg_opclass oc ON oc.oid = x.indclass[0]
+               WHERE x.indrelid = CAST('embeddings' AS regclass) AND x.indisvalid AND x.indnatts = 1
+                 AND am.amname = 'hnsw' AND oc.opcname = 'vector_cosine_ops'
+                 AND pg_get_expr(x.indexprs, x.indrelid) = format('(embedding)::vector(%s)', CAST(:dim AS int))
+                 AND pg_get_expr(x.indpred, x.indrelid) = format('(dim = %s)', CAST(:dim AS int))),
        set_config('plan_cache_mode', 'force_custom_plan', true),
        set_config('hnsw.ef_search', :ef, true), set_config('hnsw.iterative_scan', 'relaxed_order', true),
        set_config('hnsw.max_scan_tuples', :max_scan, true)
@@ -189,11 +223,13 @@ def _describe(conn: Connection, model: str) -> str:
     return "stored revisions: " + ", ".join(f"{rev} ({dim}-d, {n:,} images)" for rev, dim, n in found)
 
 
-def _check_space_and_tune(conn: Connection, model: str, revision: str, dim: int, limit: int) -> None:
+def _check_space_and_tune(conn: Connection, model: str, revision: str, dim: int, limit: int) -> bool:
+    """Check the space exists; tune this transaction; whether ``dim`` has a valid HNSW index."""
     settings = {"ef": str(ef_search(limit)), "max_scan": str(MAX_SCAN_TUPLES)}
-    match, stored_dim, *_ = conn.execute(_PROBE, {"model": model, "rev": revision, "dim": dim, **settings}).one()
+    match, stored_dim, indexed, *_ = conn.execute(
+        _PROBE, {"model": model, "rev": revision, "dim": dim, **settings}).one()
     if match:
-        return
+        return bool(indexed)
     if stored_dim is None:
         raise NoEmbeddings(f"no embeddings for model {model!r} revision {revision!r}; {_describe(conn, model)}")
     raise DimensionMismatch(
@@ -226,13 +262,13 @@ def _params(
 def _run(conn: Connection, q: np.ndarray, params: dict[str, Any], *, explain: bool = False) -> Any:
     """Check the space, tune the planner and index scan for this transaction, run the search (or
     EXPLAIN it)."""
-    _check_space_and_tune(conn, params["model"], params["rev"], q.size, params["limit"])
-    if q.size != INDEXED_DIM:
+    indexed = _check_space_and_tune(conn, params["model"], params["rev"], q.size, params["limit"])
+    if not indexed:
         sql = SEARCH_EXACT
     elif params["bucket"] is not None:
-        sql = SEARCH_FILTERED
+        sql = search_filtered(int(q.size))
     else:
-        sql = SEARCH_INDEXED
+        sql = search_indexed(int(q.size))
     if explain:
         sql = text("EXPLAIN (ANALYZE, BUFFERS) " + sql.text)
     return conn.execute(sql, params)

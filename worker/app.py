@@ -8,7 +8,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from celery import Celery, signals
@@ -209,7 +209,16 @@ def limit_remote_control(app: Celery, mode: str) -> None:
     keep = allowed_control_commands(mode, {name: meta.type for name, meta in Panel.meta.items()})
     for name in list(Panel.data):
         if name not in keep:
-            del Panel.data[name]  # process-wide: this process is the worker
+            # Process-wide: this process is the worker. Answered with an error reply, not removed:
+            # an unknown command raises KeyError in kombu, which logs a traceback at ERROR for each
+            # of Flower's periodic inspects (it asks for `conf`).
+            Panel.data[name] = _refused(name, mode)
+
+
+def _refused(name: str, mode: str) -> Callable[..., dict[str, str]]:
+    def refuse(state: Any, **kwargs: Any) -> dict[str, str]:
+        return {"error": f"{name!r} is not answered: IMGQ_REMOTE_CONTROL={mode}"}
+    return refuse
 
 
 def _count_feed(report: FeedReport, swept: bool) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from imgq.celeryconf import make_celery
 from imgq.db.store import Store
 from imgq.embedded import free_port
 from tests.e2e.helpers import IMGQ, check_job, jpeg_bytes, run_cli, start_worker, stop, wait_finished
@@ -142,6 +143,18 @@ def test_flower_needs_credentials_and_shows_each_message_with_its_job_and_fate(
         shot = tmp_path / "flower-tasks.png"
         subprocess.run([*common, f"--screenshot={shot}", url], capture_output=True, timeout=120)
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+
+        # Remote control is read-only by default: what Flower reads answers; shutdown and the
+        # configuration dump get an error reply (no traceback in the worker's log), and it lives on.
+        control = make_celery(settings).control
+        assert control.inspect(timeout=5).stats(), "inspect stats (Flower's workers page) got no answer"
+        for command in ("shutdown", "conf"):
+            [reply] = control.broadcast(command, reply=True, timeout=5)
+            [(_, answer)] = reply.items()
+            assert "IMGQ_REMOTE_CONTROL=read-only" in answer["error"], answer
+        time.sleep(1)
+        assert worker.poll() is None, "a broadcast shutdown stopped a read-only worker"
+        assert "pidbox command error" not in (tmp_path / "worker-ops.log").read_text(errors="replace")
     finally:
         stop(worker)
         stop(flower)

@@ -72,3 +72,49 @@ def test_vector_index_can_be_dropped_for_a_backfill_and_rebuilt(database_url: st
         found = conn.execute(text("SELECT indexdef FROM pg_indexes WHERE indexname = 'embeddings_hnsw_256'")).scalar()
     engine.dispose()
     assert found.endswith(EXPRESSION_INDEXES["embeddings_hnsw_256"])
+
+
+def test_downgrade_past_0008_with_an_item_linked_to_an_adapter_caption(database_url: str) -> None:
+    """0008's downgrade deletes the captions the old schema cannot hold (other languages); 0010's
+    downgrade has restored job_items.caption_id's foreign key by then, so an item of an adapter
+    job (linked to its German caption) refused the delete. The link is cleared first."""
+    import uuid
+
+    from alembic import command
+
+    from imgq.db.migrate import alembic_config, upgrade
+
+    job = uuid.uuid4()
+    engine = create_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO jobs (id, kind, model, params, params_hash, total) "
+                              "VALUES (:j, 'caption', 'm', '{}', 'h', 2)"), {"j": job})
+            image = conn.execute(text("INSERT INTO images (source, bucket, key, version, bytes, width, height) "
+                                      "VALUES ('s3', 'b', 'k', 'v', 1, 1, 1) RETURNING id")).scalar_one()
+            caption = text("INSERT INTO captions (image_id, model, model_revision, params_hash, params, text, lang, "
+                           "method, via, source_id) VALUES (:i, 'm', 'r', 'h', '{}', :t, :lang, :method, :via, :src) "
+                           "RETURNING id")
+            english = conn.execute(caption, {"i": image, "t": "a cat", "lang": "en", "method": "native", "via": "",
+                                             "src": None}).scalar_one()
+            german = conn.execute(caption, {"i": image, "t": "eine Katze", "lang": "de", "method": "adapter",
+                                            "via": "de-news", "src": None}).scalar_one()
+            conn.execute(caption, {"i": image, "t": "un chat", "lang": "fr", "method": "translated", "via": "nllb",
+                                   "src": english})
+            conn.execute(text("INSERT INTO job_items (job_id, seq, ref, state, image_id, caption_id) VALUES "
+                              "(:j, 0, 's3://b/k', 'done', :i, :de), (:j, 1, 's3://b/k', 'done', :i, :en)"),
+                         {"j": job, "i": image, "de": german, "en": english})
+    finally:
+        engine.dispose()
+    config = alembic_config(database_url)
+    command.downgrade(config, "0007")
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            items = conn.execute(text("SELECT seq, caption_id FROM job_items ORDER BY seq")).all()
+            texts = conn.execute(text("SELECT text FROM captions")).scalars().all()
+    finally:
+        engine.dispose()
+    assert [tuple(r) for r in items] == [(0, None), (1, english)] and texts == ["a cat"]
+    command.downgrade(config, "base")
+    upgrade(database_url)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -271,5 +273,234 @@ def test_stored_vector_takes_the_newest_version_with_an_embedding(database_url: 
         assert got is not None and got[0] == ids[0] and np.array_equal(got[1], x[2])
         assert S.stored_vector(engine, model=MODEL, revision="r1", source="s3", bucket="b", key="nope") is None
         assert S.stored_vector(engine, model="other", revision=None, source="s3", bucket="b", key="k.jpg") is None
+    finally:
+        engine.dispose()
+
+
+# -- other spaces, the SQL function and the README's queries, each on a database of its own ---------
+
+
+def seed_space(engine: Engine, x: np.ndarray, model: str, revs: list[str], buckets: list[str],
+               key_prefix: str = "img/") -> list[int]:
+    """Images s3://BUCKET/KEY_PREFIX{n}.jpg with row n of ``x`` as their embedding (plain SQL);
+    returns the image ids in row order."""
+    keys = [f"{key_prefix}{n}.jpg" for n in range(len(x))]
+    with engine.begin() as conn:
+        by_key = dict(conn.execute(text(
+            "INSERT INTO images (source, bucket, key, version, bytes, width, height) "
+            "SELECT 's3', b, k, 'v1', 100, 640, 480 FROM unnest(CAST(:b AS text[]), CAST(:k AS text[])) AS t(b, k) "
+            "RETURNING key, id"), {"b": buckets, "k": keys}).all())
+        ids = [by_key[k] for k in keys]
+        conn.execute(text(
+            "INSERT INTO embeddings (image_id, model, model_revision, params_hash, params, dim, embedding) "
+            "SELECT i, :model, r, 'h', '{}', :dim, CAST(v AS vector) "
+            "FROM unnest(CAST(:i AS bigint[]), CAST(:r AS text[]), CAST(:v AS text[])) AS t(i, r, v)"),
+            {"model": model, "dim": x.shape[1], "i": ids, "r": revs, "v": [S.vector_literal(v) for v in x]})
+        conn.execute(text("ANALYZE"))
+    return ids
+
+
+def index_scans(conn, index: str) -> int:  # type: ignore[no-untyped-def]
+    """Scans of ``index`` by this backend not yet sent to the statistics (statements inside
+    functions included): compare two readings in one transaction, which sends nothing."""
+    return int(conn.execute(text("SELECT pg_stat_get_xact_numscans(to_regclass(:i))"), {"i": index}).scalar_one())
+
+
+def hnsw_settings(conn) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+    return tuple(conn.execute(text("SELECT current_setting('hnsw.ef_search'), "  # type: ignore[return-value]
+                                   "current_setting('hnsw.iterative_scan')")).one())
+
+
+def test_sql_function_returns_k_rows_when_k_exist_filtered_or_not(database_url: str):
+    """imgq_similar(q, model, 100) used to stop at pgvector's default hnsw.ef_search (40 rows),
+    and a revision matching half the rows at about 20. It raises ef_search for k and scans
+    iteratively, returns the rows by distance, and leaves the caller's settings as they were.
+    enable_sort=off makes the planner take the HNSW index on a table this small, as it does on a
+    large one."""
+    engine = create_engine(database_url, connect_args={"options": "-c enable_sort=off"})
+    try:
+        n = 400
+        x = clustered(n, 256, seed=3)
+        revs = ["a" if i % 2 else "b" for i in range(n)]
+        ids = seed_space(engine, x, MODEL, revs, ["photos"] * n)
+        q = x[11]
+        with engine.begin() as conn:
+            conn.execute(text("SET LOCAL hnsw.iterative_scan = off"))
+            before, scans = hnsw_settings(conn), index_scans(conn, "embeddings_hnsw_256")
+            for rev in (None, "a"):
+                rows = conn.execute(text(
+                    "SELECT image_id, model_revision, similarity FROM imgq_similar(CAST(:q AS vector), :m, 100, :rev)"),
+                    {"q": S.vector_literal(q), "m": MODEL, "rev": rev}).all()
+                assert len(rows) == 100, rev
+                assert rev is None or {r.model_revision for r in rows} == {rev}
+                sims = [r.similarity for r in rows]
+                assert sims == sorted(sims, reverse=True)
+                matching = [i for i in range(n) if rev is None or revs[i] == rev]
+                best = {ids[i] for i in sorted(matching, key=lambda i: -float(x[i] @ q))[:100]}
+                assert len({r.image_id for r in rows} & best) >= 90  # HNSW: approximate
+            assert index_scans(conn, "embeddings_hnsw_256") > scans  # the index path was the one tested
+            assert hnsw_settings(conn) == before
+    finally:
+        engine.dispose()
+
+
+def test_a_dimension_with_its_own_index_is_searched_through_it(database_url: str):
+    """`imgq db vector-index build --dim 512` makes embeddings_hnsw_512, and both `imgq search` and
+    imgq_similar then go through it (they used to scan exactly: an untyped ORDER BY cannot use a
+    typed expression index); without it, or while it is invalid, they scan exactly. On 300 vectors
+    the index finds exactly what the exact scan finds."""
+    from imgq.db.admin import build_vector_index
+
+    engine = create_engine(database_url, connect_args={"options": "-c enable_sort=off"})
+    try:
+        n, m = 300, "m512"
+        x = clustered(n, 512, seed=4)
+        ids = seed_space(engine, x, m, ["r"] * n, ["rare" if i % 10 == 0 else "photos" for i in range(n)])
+        queries = [x[i] for i in (0, 5, 77, 150, 299)]
+
+        def found() -> list[list[int]]:
+            return [[h.image_id for h in S.search(engine, q, model=m, revision="r", limit=10)] for q in queries]
+
+        exact = found()
+        assert exact == [[ids[i] for i in sorted(range(n), key=lambda i: -float(x[i] @ q))[:10]] for q in queries]
+        assert "hnsw" not in S.explain(engine, queries[0], model=m, revision="r", limit=10)
+
+        build_vector_index(engine, 512, maintenance_work_mem="64MB")
+        with engine.begin() as conn:
+            conn.execute(text("ANALYZE embeddings"))
+        plan = S.explain(engine, queries[0], model=m, revision="r", limit=10)
+        assert "Index Scan using embeddings_hnsw_512" in plan, plan
+        assert found() == exact
+        # A bucket filter: exact among few matches, through the index otherwise; the same hits.
+        rare = S.search(engine, queries[1], model=m, revision="r", limit=5, bucket="rare")
+        assert [h.image_id for h in rare] == [
+            ids[i] for i in sorted(range(0, n, 10), key=lambda i: -float(x[i] @ queries[1]))[:5]]
+
+        with engine.begin() as conn:
+            scans = index_scans(conn, "embeddings_hnsw_512")
+            for q, want in zip(queries, exact, strict=True):
+                got = conn.execute(text("SELECT image_id FROM imgq_similar(CAST(:q AS vector), :m, 10)"),
+                                   {"q": S.vector_literal(q), "m": m}).scalars().all()
+                assert got == want
+            assert index_scans(conn, "embeddings_hnsw_512") - scans == len(queries)
+
+        # An invalid index (a build that was interrupted) is not used: exact again.
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE pg_index SET indisvalid = false "
+                              "WHERE indexrelid = 'embeddings_hnsw_512'::regclass"))
+        assert "hnsw" not in S.explain(engine, queries[0], model=m, revision="r", limit=10)
+        assert found() == exact
+    finally:
+        engine.dispose()
+
+
+def readme_query(number: int) -> list[str]:
+    """The statements of example query ``number`` under the README's "Postgres schema", comments
+    dropped; psql's ``:q::vector(256)`` written as a bind parameter SQLAlchemy sees."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Postgres schema"):]
+    section = section[:section.index("\n## ", 1)]
+    found = re.search(rf"^-- {number}\. .*?(?=^-- {number + 1}\. |^```)", section, re.S | re.M)
+    assert found, f"no example query {number}"
+    sql = "\n".join(line for line in found.group(0).splitlines() if not line.lstrip().startswith("--"))
+    sql = sql.replace(":q::vector(256)", "CAST(:q AS vector(256))")
+    return [s.strip() for s in sql.split(";") if s.strip()]
+
+
+def test_readme_query_2_gives_each_objects_latest_english_caption(database_url: str):
+    """Translations and adapter captions keep the BLIP model of the English caption (and a
+    translation its created_at): the "latest caption" query must pick BLIP's own English one."""
+    blip = "Salesforce/blip-image-captioning-base"
+    engine = create_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            ids = conn.execute(text(
+                "INSERT INTO images (source, bucket, key, version, bytes, width, height) VALUES "
+                "('s3', 'photos', '2024/0000.jpg', 'v1', 1, 4, 4), ('s3', 'photos', '2024/0001.jpg', 'v1', 1, 4, 4), "
+                "('s3', 'photos', '2024/0002.jpg', 'v1', 1, 4, 4), ('s3', 'photos', '2023/0003.jpg', 'v1', 1, 4, 4) "
+                "RETURNING id")).scalars().all()
+            caption = text(
+                "INSERT INTO captions (image_id, model, model_revision, params_hash, params, text, created_at, "
+                "lang, method, via, source_id) VALUES (:image, :model, 'r1', :ph, '{}', :text, "
+                "now() + CAST(:later AS interval), :lang, :method, :via, :source) RETURNING id")
+
+            def add(image: int, text_: str, later: str = "0s", lang: str = "en", method: str = "native",
+                    via: str = "", source: int | None = None, ph: str = "h") -> int:
+                values = {"image": image, "model": blip, "ph": ph, "text": text_, "later": later, "lang": lang,
+                          "method": method, "via": via, "source": source}
+                return conn.execute(caption, values).scalar_one()
+
+            # 0: a --lang job, the translations written with the English caption (same created_at)
+            en = add(ids[0], "a dog")
+            add(ids[0], "ein Hund", lang="de", method="translated", via="nllb", source=en)
+            add(ids[0], "犬", lang="ja", method="translated", via="nllb", source=en)
+            # 1: an older and a newer English caption (other params), translated later
+            add(ids[1], "a cat", later="-1 day", ph="h0")
+            en = add(ids[1], "a cat on a mat")
+            add(ids[1], "eine Katze auf einer Matte", later="1 hour", lang="de", method="translated", via="nllb",
+                source=en)
+            # 2: an adapter caption made after the English one
+            add(ids[2], "a bird")
+            add(ids[2], "ein Vogel", later="1 minute", lang="de", method="adapter", via="de-news")
+            add(ids[3], "not under 2024/")
+        (statement,) = readme_query(2)
+        with engine.connect() as conn:
+            rows = conn.execute(text(statement)).all()
+        assert [(r.key, r.text) for r in rows] == [
+            ("2024/0000.jpg", "a dog"), ("2024/0001.jpg", "a cat on a mat"), ("2024/0002.jpg", "a bird")]
+    finally:
+        engine.dispose()
+
+
+def test_readme_query_7_returns_its_hits_in_order_of_similarity(database_url: str):
+    """With hnsw.iterative_scan = relaxed_order an index scan may return rows slightly out of
+    order; the README's filtered query sorts them again (enable_sort=off: the HNSW index, as on a
+    large table)."""
+    engine = create_engine(database_url, connect_args={"options": "-c enable_sort=off"})
+    try:
+        n = 2000
+        x = clustered(n, 256, seed=6)
+        buckets = ["photos" if i % 10 == 0 else "archive" for i in range(n)]
+        seed_space(engine, x, "Salesforce/blip-itm-base-coco", ["r"] * n, buckets)
+        statements = readme_query(7)
+        with engine.connect() as conn:
+            scans = index_scans(conn, "embeddings_hnsw_256")
+            for statement in statements[:-1]:
+                conn.execute(text(statement))
+            for i in range(0, 400, 10):
+                rows = conn.execute(text(statements[-1]), {"q": S.vector_literal(x[i])}).all()
+                assert len(rows) == 20 and {r.bucket for r in rows} == {"photos"}
+                sims = [r.similarity for r in rows]
+                assert sims == sorted(sims, reverse=True), f"query {i}: {sims}"
+            scans = index_scans(conn, "embeddings_hnsw_256") - scans
+            conn.rollback()
+        assert scans > 0
+    finally:
+        engine.dispose()
+
+
+def test_filtered_hits_come_back_sorted_by_similarity(database_url: str, monkeypatch: pytest.MonkeyPatch):
+    """A filtered HNSW scan (iterative, relaxed_order) may return rows slightly out of order, and
+    search() sorts them again. On Postgres 17+ a plain ``ORDER BY nn.distance`` over the CTE is
+    taken as satisfied by the CTE's own ORDER BY (an Incremental Sort that keeps the disorder): the
+    outer sort must be on an expression the CTE is not ordered by. A bucket (with the exact-search
+    threshold lowered) and a prefix, each matching 10 %, both through the index."""
+    monkeypatch.setattr(S, "EXACT_FILTER_MAX", 10)
+    engine = create_engine(database_url, connect_args={"options": "-c enable_sort=off"})
+    try:
+        n = 2000
+        x = clustered(n, 256, seed=6)
+        seed_space(engine, x[:200], MODEL, [REV] * 200, ["photos"] * 200, key_prefix="cats/")
+        seed_space(engine, x[200:], MODEL, [REV] * (n - 200), ["archive"] * (n - 200))
+        for filters in ({"bucket": "photos"}, {"prefix": "cats/"}):
+            assert hnsw_ran(S.explain(engine, x[0], model=MODEL, revision=REV, limit=20, **filters))
+            disordered = []
+            for i in range(0, n, 20):
+                hits = S.search(engine, x[i], model=MODEL, revision=REV, limit=50, **filters)
+                assert len(hits) == 50 and all(h.ref.startswith("s3://photos/cats/") for h in hits)
+                sims = [h.similarity for h in hits]
+                if sims != sorted(sims, reverse=True):
+                    disordered.append(i)
+            assert disordered == [], filters
     finally:
         engine.dispose()

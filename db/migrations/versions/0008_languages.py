@@ -55,6 +55,10 @@ def downgrade() -> None:
     op.drop_table("item_translations")
     op.drop_index("captions_source", "captions")
     op.drop_constraint("captions_identity", "captions", type_="unique")
+    # An item of an adapter job links its caption in another language, and 0010's downgrade has
+    # restored job_items.caption_id's foreign key by now: the link goes with the caption.
+    op.execute("UPDATE job_items SET caption_id = NULL WHERE caption_id IN "
+               "(SELECT id FROM captions WHERE method <> 'native' OR lang <> 'en')")
     op.execute("DELETE FROM captions WHERE method <> 'native' OR lang <> 'en'")
     op.create_unique_constraint("captions_identity", "captions", ["image_id", "model", "model_revision", "params_hash"])
     op.drop_constraint("captions_method", "captions", type_="check")
