@@ -226,3 +226,9 @@ class EmptyQuery(SearchError):
     """The search query is empty."""
 
     code = "empty_query"
+
+
+class VectorIndexError(ImgqError):
+    """The vector index could not be built: another session is building it, or it is not valid after the build."""
+
+    code = "vector_index"

@@ -565,7 +565,7 @@ def build_vector_index(engine: Engine, dim: int = 256, maintenance_work_mem: str
         found = conn.execute(state, {"n": name}).first()
         if found is not None and not found[0]:
             if found[1] is not None:
-                raise errors.ImgqError(f"{name} is being built by another session (pid {found[1]}); "
+                raise errors.VectorIndexError(f"{name} is being built by another session (pid {found[1]}); "
                                        "wait for it to finish, then build again if it is still invalid")
             conn.execute(text(f"DROP INDEX CONCURRENTLY IF EXISTS {name}"))
         conn.execute(text(f"SET maintenance_work_mem = '{maintenance_work_mem}'"))
@@ -578,6 +578,6 @@ def build_vector_index(engine: Engine, dim: int = 256, maintenance_work_mem: str
                 conn.execute(text("RESET maintenance_work_mem"))
         found = conn.execute(state, {"n": name}).first()
     if found is None or not found[0]:
-        raise errors.ImgqError(
+        raise errors.VectorIndexError(
             f"{name} is not valid after the build ({'missing' if found is None else 'INVALID'}); searches of "
             f"{int(dim)}-d embeddings scan exactly until `imgq db vector-index build --dim {int(dim)}` succeeds")

@@ -70,5 +70,5 @@ BEGIN
 END $$"""))
         conn.execute(text("CREATE EVENT TRIGGER spoil ON ddl_command_end WHEN TAG IN ('CREATE INDEX') "
                           "EXECUTE FUNCTION spoil_hnsw()"))
-    with pytest.raises(errors.ImgqError, match=r"embeddings_hnsw_300 is not valid after the build"):
+    with pytest.raises(errors.VectorIndexError, match=r"embeddings_hnsw_300 is not valid after the build"):
         build_vector_index(engine, 300, maintenance_work_mem="64MB")
