@@ -41,7 +41,8 @@ def _cli_codes() -> set[str]:
         found |= set(re.findall(r"error\[([a-z_]+)\]", source))
         if path.name == "cli_errors.py":
             found |= set(re.findall(r'return \(\s*"([a-z_]+)"', source))
-    stack: list[type[errors.ImgqError]] = [errors.InvalidRequest, errors.ModelUnavailable, errors.ConfigError]
+    stack: list[type[errors.ImgqError]] = [errors.InvalidRequest, errors.ModelUnavailable, errors.ConfigError,
+                                           errors.VectorIndexError]
     while stack:
         cls = stack.pop()
         found.add(cls.code)
