@@ -58,7 +58,7 @@ def backfill(
     from imgq.cli import _fail, _params_json, _settings
     from imgq.db.store import make_engine
     from imgq.nightly import default_name
-    from imgq.producer.backfill import define, run_backfill
+    from imgq.producer.backfill import Progress, define, run_backfill
     from imgq.s3 import make_s3_client
 
     settings = _settings()
@@ -74,42 +74,70 @@ def backfill(
                mininterval=0.5)
 
     def show(progress: Any) -> None:
-        bar.update(progress.listed - bar.n)
         rate = progress.enqueued / progress.elapsed_s if progress.elapsed_s > 0 else 0.0
         bar.set_postfix(listed=progress.listed, skipped=progress.skipped, enqueued=progress.enqueued,
                         enq_per_s=f"{rate:.0f}", refresh=False)
+        bar.update(progress.listed - bar.n)  # refreshes: the count and the postfix of the same page
 
+    progress = Progress()
     try:
-        report = run_backfill(engine=engine, s3_client=make_s3_client(settings), settings=settings,
-                              definition=definition, bucket=bucket, prefix=prefix, dry_run=dry_run,
-                              max_rate=max_rate, page_size=page_size, on_page=show)
+        try:
+            report = run_backfill(engine=engine, s3_client=make_s3_client(settings), settings=settings,
+                                  definition=definition, bucket=bucket, prefix=prefix, dry_run=dry_run,
+                                  max_rate=max_rate, page_size=page_size, on_page=show, progress=progress)
+        finally:
+            bar.close()
+    except KeyboardInterrupt:
+        _stopped(definition.name, progress, "interrupted")
+        typer.echo("error[interrupted]: aborted; the next run resumes after the last committed page", err=True)
+        raise typer.Exit(130) from None
     except errors.BackfillRunning as exc:
         _fail("backfill_running", exc.message, 1)
-    except errors.ImgqError as exc:
+    except errors.ImgqError as exc:  # also a cancelled job (backfill_cancelled), a lost lock (backfill_lock_lost)
+        _stopped(definition.name, progress, "stopped")
         _fail(exc.code, exc.message, 2 if isinstance(exc, errors.InvalidRequest) else 1)
     except Exception as exc:
+        _stopped(definition.name, progress, "stopped")
         if not type(exc).__module__.startswith(("botocore", "boto3")):
             raise  # Postgres and the rest: the CLI's one error path (cli_errors.describe)
         _fail("s3_error", f"cannot list {source}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
               "what was committed stays, and the next run resumes from there", 1)
-    finally:
-        bar.close()
     p = report.progress
-    detail = f"{p.up_to_date} up to date, {p.too_old} older than --since, {p.refused} folder markers or refused keys"
-    rate = p.enqueued / p.elapsed_s if p.elapsed_s > 0 else 0.0
     if dry_run:
         typer.echo(f"dry run {definition.name}: listed={p.listed} would_enqueue={p.enqueued} skipped={p.skipped} "
-                   f"({detail}) in {p.elapsed_s:.1f}s; nothing written", err=True)
+                   f"({_detail(p)}) in {p.elapsed_s:.1f}s; nothing written", err=True)
         engine.dispose()
         return
-    run = report.run
-    resumed = f"; resumed a run interrupted at {run.listed - p.listed} listed" if run and run.resumed else ""
-    typer.echo(f"backfill {definition.name}: listed={p.listed} skipped={p.skipped} enqueued={p.enqueued} "
-               f"({detail}) in {p.elapsed_s:.1f}s, {rate:.0f} enqueued/s{resumed}", err=True)
+    typer.echo(_summary(definition.name, p), err=True)
     if report.job is not None:
         _publish(settings, engine, report.job)
         typer.echo(str(report.job))
     engine.dispose()
+
+
+def _detail(p: Any) -> str:
+    return f"{p.up_to_date} up to date, {p.too_old} older than --since, {p.refused} folder markers or refused keys"
+
+
+def _summary(name: str, p: Any, how: str = "") -> str:
+    """The run's line on stderr: this invocation's counts (``p``, a Progress), and what it resumed."""
+    rate = p.enqueued / p.elapsed_s if p.elapsed_s > 0 else 0.0
+    run = p.run
+    resumed = f"; resumed a run interrupted at {run.listed - p.listed} listed" if run and run.resumed else ""
+    return (f"backfill {name}{' ' + how if how else ''}: listed={p.listed} skipped={p.skipped} "
+            f"enqueued={p.enqueued} ({_detail(p)}) in {p.elapsed_s:.1f}s, {rate:.0f} enqueued/s{resumed}")
+
+
+def _stopped(name: str, p: Any, how: str) -> None:
+    """A run that stopped early (Ctrl-C, a cancelled job, a lost lock, S3): its summary on stderr and,
+    if it made a job, the job's id (on stderr, and on stdout as a finished run prints it): what it
+    committed is processed."""
+    if p.run is None:
+        return  # it had not started (the lock was refused, or Postgres failed first)
+    job = f"; job {p.job}" if p.job is not None else "; no job (nothing enqueued)"
+    typer.echo(_summary(name, p, how) + job, err=True)
+    if p.job is not None:
+        typer.echo(str(p.job))
 
 
 def _publish(settings: Any, engine: Any, job: Any) -> None:
@@ -152,6 +180,11 @@ def beat(
     settings = _settings()
     if not settings.backfills and not consume_only:
         _fail("config_error", "IMGQ_BACKFILLS is empty: nothing to schedule (docs/backfill.md)")
+    from imgq.producer.backfill import check_configured
+
+    problems = check_configured(settings)  # as each run will define it: refused now, not every night
+    if problems:
+        _fail("config_error", "; ".join(problems) + " (docs/backfill.md)")
     app = make_control_app(settings)
     schedule_file.parent.mkdir(parents=True, exist_ok=True)
     if send_only:

@@ -180,6 +180,18 @@ class BackfillRunning(ImgqError):
     code = "backfill_running"
 
 
+class BackfillCancelled(ImgqError):
+    """The run's job was cancelled (DELETE /v1/jobs/{id}); the run stopped before its next page."""
+
+    code = "backfill_cancelled"
+
+
+class BackfillLockLost(ImgqError):
+    """The session holding the run's lock ended; the run stopped before writing anything more."""
+
+    code = "backfill_lock_lost"
+
+
 class BadAge(InvalidRequest):
     """An age option is negative or malformed."""
 

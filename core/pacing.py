@@ -45,9 +45,11 @@ class TokenBucket:
         return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
 
 
-def page_size_for(rate: float | None, page_size: int) -> int:
-    """Listing page size under a rate limit: at most about one second's worth of objects per page,
-    so that a page's wait stays short and progress is committed often."""
+def commit_size_for(rate: float | None) -> int | None:
+    """Most objects one commit of a backfill enqueues under a rate limit: about one second's worth
+    (at least one), so that each commit's wait stays short and progress is committed often. None
+    without a limit. Listing pages keep their full size: the limit paces what is enqueued, not
+    what is listed (an up-to-date prefix lists at full speed)."""
     if rate is None:
-        return page_size
-    return max(1, min(page_size, int(rate)))
+        return None
+    return max(1, int(rate))

@@ -3,19 +3,29 @@
 Invariants:
 
 - One run per backfill name at a time: a session advisory lock keyed on the name, held on a
-  connection of its own for the whole run (a killed run's lock ends with its connection).
+  connection of its own for the whole run (a killed run's lock ends with its connection). Every
+  write of the run (start, each page, finish) is a transaction on that same connection that first
+  locks the name's ``backfills`` row and then checks that its session still holds the lock: a run
+  whose lock session ended (network drop, idle_session_timeout, pg_terminate_backend) stops with
+  :class:`BackfillLockLost` before writing anything more, and a second run that took the lock
+  meanwhile waits for the row and resumes after the page committed last.
 - A page is one transaction: its items are appended to the run's job (``jobs.total`` grows with
   them), its objects are recorded in ``backfill_objects``, and the cursor and counters advance.
   A run that stops between pages resumes after the last committed page and never enqueues an
-  object twice.
+  object twice. A run is resumed only by a run of the same definition (``Definition.digest``,
+  stored in ``backfills.definition_sha256``) and never into a cancelled job.
+- A page first locks the run's job and checks ``jobs.cancelled_at``: a cancelled job (DELETE
+  /v1/jobs/{id}, ``jobs_view.cancel_job``) stops the run with :class:`BackfillCancelled`.
 - Skip rule, per object version (S3 VersionId, else ETag; the worker stores the same in
-  ``images.version``): skipped if ``backfill_objects`` holds that version for the same tasks, or
-  if every task already has a result for that version (same model, params hash and, when pinned,
-  model revision).
+  ``images.version``): skipped if ``backfill_objects`` holds that version for the same tasks and
+  the job it was enqueued in was not cancelled, or if every task already has a result for that
+  version (same model, params hash and, when pinned, model revision).
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import json
 import uuid
 from collections.abc import Iterator, Sequence
@@ -23,27 +33,40 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
+from sqlalchemy.exc import DBAPIError
 
 from imgq.db.results import writer
-from imgq.errors import BackfillRunning
+from imgq.errors import BackfillCancelled, BackfillLockLost, BackfillRunning
 
 # Advisory lock class of backfills (the feeder and reaper use 74657302..74657304).
 LOCK_CLASS = 74657305
 _LOCK = text(f"SELECT pg_try_advisory_lock({LOCK_CLASS}, hashtext(:name))")
 _UNLOCK = text(f"SELECT pg_advisory_unlock({LOCK_CLASS}, hashtext(:name))")
+# Whether this session (the run's lock connection) still holds the name's lock. A two-key advisory
+# lock shows in pg_locks as classid = key 1, objid = key 2 (as oid), objsubid = 2.
+_HELD = text(f"""
+SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted
+  AND classid = CAST({LOCK_CLASS} AS oid) AND objid = CAST(hashtext(:name) AS oid) AND objsubid = 2)
+""")
+# Taken first in each of the run's transactions: a second run's start() waits for it.
+_ROW_LOCK = text("SELECT 1 FROM backfills WHERE name = :name FOR UPDATE")
 
 _ROW = text("""
-SELECT b.source, b.state, b.cursor, b.job_id, b.listed, b.skipped, b.enqueued, j.tasks AS job_tasks
+SELECT b.source, b.state, b.cursor, b.job_id, b.listed, b.skipped, b.enqueued, b.definition_sha256,
+       j.cancelled_at AS job_cancelled_at
 FROM backfills b LEFT JOIN jobs j ON j.id = b.job_id WHERE b.name = :name FOR UPDATE OF b
 """)
 
 _START = text("""
-INSERT INTO backfills (name, source, kinds, params, tenant, priority, since, state, run_started_at, updated_at)
-VALUES (:name, :source, :kinds, CAST(:params AS jsonb), :tenant, :priority, :since, 'running', now(), now())
+INSERT INTO backfills (name, source, kinds, params, tenant, priority, since, definition_sha256, state,
+                       run_started_at, updated_at)
+VALUES (:name, :source, :kinds, CAST(:params AS jsonb), :tenant, :priority, :since, :digest, 'running', now(),
+        now())
 ON CONFLICT (name) DO UPDATE SET
   source = EXCLUDED.source, kinds = EXCLUDED.kinds, params = EXCLUDED.params, tenant = EXCLUDED.tenant,
-  priority = EXCLUDED.priority, since = EXCLUDED.since, state = 'running', updated_at = now(),
+  priority = EXCLUDED.priority, since = EXCLUDED.since, definition_sha256 = EXCLUDED.definition_sha256,
+  state = 'running', updated_at = now(),
   cursor = CASE WHEN :resume THEN backfills.cursor END,
   job_id = CASE WHEN :resume THEN backfills.job_id END,
   listed = CASE WHEN :resume THEN backfills.listed ELSE 0 END,
@@ -53,9 +76,12 @@ ON CONFLICT (name) DO UPDATE SET
   run_finished_at = CASE WHEN :resume THEN backfills.run_finished_at END
 """)
 
+# Rule 1: recorded with this version for these tasks, found done (job NULL) or enqueued in a job
+# that was not cancelled (a cancelled job's objects are decided again: rule 2 skips those it did).
 _RECORDED = text("""
-SELECT key, version FROM backfill_objects
-WHERE bucket = :bucket AND tasks_sha256 = :tasks AND key = ANY(CAST(:keys AS text[]))
+SELECT o.key, o.version FROM backfill_objects o LEFT JOIN jobs j ON j.id = o.job_id
+WHERE o.bucket = :bucket AND o.tasks_sha256 = :tasks AND o.key = ANY(CAST(:keys AS text[]))
+  AND j.cancelled_at IS NULL
 """)
 
 
@@ -77,7 +103,10 @@ INSERT INTO jobs (id, kind, model, params, params_hash, tasks, total, priority, 
 VALUES (:id, :kind, :model, CAST(:params AS jsonb), :phash, CAST(:tasks AS jsonb), 0, :priority, :tenant, :queue,
         'backfill')
 """)
-_JOB_TOTAL = text("SELECT total FROM jobs WHERE id = :job FOR UPDATE")
+# The run's job, locked for the page: FOR UPDATE when the page appends (total grows), FOR SHARE
+# otherwise; either way a concurrent cancel waits for the page, or the page sees it.
+_JOB_FOR_APPEND = text("SELECT total, cancelled_at FROM jobs WHERE id = :job FOR UPDATE")
+_JOB_FOR_CHECK = text("SELECT total, cancelled_at FROM jobs WHERE id = :job FOR SHARE")
 _APPEND_ITEMS = text("""
 INSERT INTO job_items (job_id, seq, ref)
 SELECT :job, :base + n - 1, ref FROM unnest(CAST(:refs AS text[])) WITH ORDINALITY AS v(ref, n)
@@ -120,6 +149,15 @@ class Definition:
     tasks_sha256: str
     revisions: dict[str, str | None]  # kind -> pinned model revision (None: any)
 
+    @property
+    def digest(self) -> str:
+        """What "the same run" means to resumption: the source, the tasks (``tasks_sha256``: each
+        kind's model, params hash and pinned revision), ``since``, and the job's tenant, priority
+        and queue. Stored in ``backfills.definition_sha256``; a run of another digest starts over."""
+        since = self.since.astimezone(dt.UTC).isoformat() if self.since is not None else None
+        raw = [self.source, self.tasks_sha256, since, self.tenant, self.priority, self.queue]
+        return hashlib.sha256(json.dumps(raw, separators=(",", ":")).encode()).hexdigest()
+
 
 @dataclass(slots=True)
 class RunState:
@@ -143,6 +181,12 @@ class Listed:
     last_modified: Any = None
 
 
+def _short(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    first = str(orig).strip().splitlines()
+    return f"{type(orig).__name__}: {first[0]}" if first else type(orig).__name__
+
+
 class Backfills:
     """Owns the ``backfills`` and ``backfill_objects`` tables and the run lock."""
 
@@ -150,33 +194,73 @@ class Backfills:
         self.engine = engine
 
     @contextmanager
-    def lock(self, name: str) -> Iterator[None]:
+    def lock(self, name: str) -> Iterator[Connection]:
         """Hold the backfill's advisory lock for the block; raises :class:`BackfillRunning` if
-        another session holds it."""
-        conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        another session holds it. Yields the lock's connection: pass it as ``held`` to
+        :meth:`start`, :meth:`commit_page` and :meth:`finish`, which write in transactions on it
+        only while its session still holds the lock."""
+        conn = self.engine.connect()
         try:
-            if not conn.execute(_LOCK, {"name": name}).scalar_one():
+            got = conn.execute(_LOCK, {"name": name}).scalar_one()
+            conn.commit()  # a session lock outlives the transaction; the connection waits idle
+            if not got:
                 raise BackfillRunning(f"backfill {name!r} is already running (another session holds its lock)")
             try:
-                yield
+                yield conn
             finally:
-                conn.execute(_UNLOCK, {"name": name})
+                if not conn.invalidated:
+                    try:
+                        conn.rollback()
+                        conn.execute(_UNLOCK, {"name": name})
+                        conn.commit()
+                    except DBAPIError:
+                        pass  # the session is gone, and its lock with it
         finally:
             conn.close()
 
-    def start(self, d: Definition) -> RunState:
+    @contextmanager
+    def _owned(self, name: str, held: Connection | None, job: uuid.UUID | None) -> Iterator[Connection]:
+        """A transaction of the run: on the lock's connection ``held``, after locking the name's
+        row and checking that this session still holds the lock (else :class:`BackfillLockLost`).
+        Without ``held`` (a caller that holds no lock, as tests), a plain transaction."""
+        if held is None:
+            with self.engine.begin() as conn:
+                yield conn
+            return
+
+        def lost(why: str) -> BackfillLockLost:
+            kept = f"Its job {job} keeps the pages committed before (they are processed); the run" if job else "The run"
+            return BackfillLockLost(f"backfill {name!r} lost its lock ({why}): it stopped before committing anything "
+                                    f"more, since another run of it may have started. {kept} holding the lock now, "
+                                    "or the next one, resumes after the last committed page")
+
+        if held.in_transaction():  # nothing of the run's is pending between its transactions
+            held.rollback()
+        try:
+            with held.begin():
+                held.execute(_ROW_LOCK, {"name": name})
+                if not held.execute(_HELD, {"name": name}).scalar_one():
+                    raise lost("its database session no longer holds it")
+                yield held
+        except DBAPIError as exc:
+            if exc.connection_invalidated or held.invalidated:
+                raise lost(f"the database session holding it ended: {_short(exc)}") from exc
+            raise
+
+    def start(self, d: Definition, held: Connection | None = None) -> RunState:
         """Mark the run started. An interrupted run (``running`` or ``failed`` with a cursor) of the
-        same source and tasks is resumed: its cursor, job and counters carry on. Anything else
-        starts over from the first key."""
-        with self.engine.begin() as conn:
+        same definition (:attr:`Definition.digest`) whose job was not cancelled is resumed: its
+        cursor, job and counters carry on. Anything else starts over from the first key (with a
+        new job)."""
+        with self._owned(d.name, held, None) as conn:
             row = conn.execute(_ROW, {"name": d.name}).mappings().first()
             resume = bool(
                 row is not None and row["state"] in ("running", "failed") and row["cursor"] is not None
-                and row["source"] == d.source and (row["job_id"] is None or row["job_tasks"] == d.tasks)
+                and row["definition_sha256"] == d.digest and row["job_cancelled_at"] is None
             )
             conn.execute(_START, {
                 "name": d.name, "source": d.source, "kinds": d.kinds, "params": json.dumps(d.params),
-                "tenant": d.tenant, "priority": d.priority, "since": d.since, "resume": resume,
+                "tenant": d.tenant, "priority": d.priority, "since": d.since, "digest": d.digest, "resume": resume,
             })
             if not resume or row is None:
                 return RunState(resumed=False, cursor=None, job=None)
@@ -186,7 +270,8 @@ class Backfills:
     def decide(self, d: Definition, bucket: str, objects: Sequence[Listed]) -> tuple[list[Listed], list[Listed]]:
         """Split a page's objects into (to enqueue, already done). "Already done" ones were not
         recorded for these tasks yet: the caller records them so the next run skips them by the
-        cheap rule. Objects recorded with the same version are left out of both lists."""
+        cheap rule. Objects recorded with the same version (and not in a cancelled job) are left
+        out of both lists."""
         if not objects:
             return [], []
         with self.engine.connect() as conn:
@@ -208,13 +293,26 @@ class Backfills:
 
     def commit_page(
         self, d: Definition, run: RunState, bucket: str, *, enqueue: Sequence[Listed], done: Sequence[Listed],
-        cursor: str, listed: int, skipped: int,
+        cursor: str, listed: int, skipped: int, held: Connection | None = None,
     ) -> None:
         """One transaction: append ``enqueue`` to the run's job (created at the first page that has
         any), record ``enqueue`` and ``done`` in ``backfill_objects``, advance the cursor and the
-        counters. ``run`` is updated once it commits."""
+        counters. ``run`` is updated once it commits. Raises :class:`BackfillCancelled` (nothing
+        written) if the run's job was cancelled, and :class:`BackfillLockLost` if ``held``'s
+        session no longer holds the run's lock."""
         job = run.job
-        with self.engine.begin() as conn:
+        with self._owned(d.name, held, job) as conn:
+            base = 0
+            if job is not None:
+                found = conn.execute(_JOB_FOR_APPEND if enqueue else _JOB_FOR_CHECK, {"job": job}).first()
+                if found is None or found.cancelled_at is not None:
+                    what = ("was deleted" if found is None
+                            else f"was cancelled at {found.cancelled_at:%Y-%m-%d %H:%M:%S %Z}")
+                    raise BackfillCancelled(
+                        f"the job {job} of backfill {d.name!r} {what}: the run stopped ({run.listed} listed, "
+                        f"{run.enqueued} enqueued before); the next run starts over with a new job and enqueues "
+                        "again the objects the cancelled job did not finish")
+                base = found.total
             if enqueue:
                 if job is None:
                     job = uuid.uuid4()
@@ -224,7 +322,6 @@ class Backfills:
                         "params": json.dumps(first["params"]), "phash": first["params_hash"],
                         "tasks": json.dumps(d.tasks), "priority": d.priority, "tenant": d.tenant, "queue": d.queue,
                     })
-                base = conn.execute(_JOB_TOTAL, {"job": job}).scalar_one()
                 conn.execute(_APPEND_ITEMS, {"job": job, "base": base,
                                              "refs": [f"s3://{bucket}/{o.key}" for o in enqueue]})
                 conn.execute(_GROW_JOB, {"job": job, "n": len(enqueue)})
@@ -242,9 +339,11 @@ class Backfills:
         run.skipped += skipped
         run.enqueued += len(enqueue)
 
-    def finish(self, name: str, state: str) -> None:
-        """``done`` clears the cursor (the next run lists from the start); ``failed`` keeps it."""
-        with self.engine.begin() as conn:
+    def finish(self, name: str, state: str, held: Connection | None = None) -> None:
+        """``done`` clears the cursor (the next run lists from the start); ``failed`` keeps it.
+        With ``held``, only while its session still holds the lock (else :class:`BackfillLockLost`,
+        nothing written: the row is another run's now)."""
+        with self._owned(name, held, None) as conn:
             conn.execute(_FINISH, {"name": name, "state": state})
 
     def get(self, name: str) -> dict[str, Any] | None:

@@ -37,6 +37,7 @@ LIMIT :limit
 
 _OWNED = text("SELECT tasks, cancelled_at FROM jobs WHERE id = :job AND tenant = :tenant")
 
+_LOCK_JOB = text("SELECT 1 FROM jobs WHERE id = :job AND tenant = :tenant FOR UPDATE")
 _CANCEL = text("""
 WITH job AS (
   UPDATE jobs SET cancelled_at = coalesce(cancelled_at, now()) WHERE id = :job AND tenant = :tenant RETURNING id
@@ -159,6 +160,10 @@ def cancel_job(engine: Engine, tenant: str, job: uuid.UUID) -> int | None:
     """Cancel one of ``tenant``'s jobs: its queued items become ``cancelled``; returns how many
     (0 when repeated), or None if the job is not ``tenant``'s."""
     with engine.begin() as conn:
+        # The job row first, in its own statement: a backfill page appending items holds it
+        # (FOR SHARE) until it commits, and only a statement begun after that sees those items
+        # (read committed takes each statement's snapshot at its start).
+        conn.execute(_LOCK_JOB, {"job": job, "tenant": tenant})
         found, cancelled = conn.execute(_CANCEL, {"job": job, "tenant": tenant}).one()
     return int(cancelled) if found else None
 

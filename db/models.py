@@ -369,6 +369,9 @@ class Backfill(Base):
     tenant: Mapped[str] = mapped_column(Text, server_default="default")
     priority: Mapped[int] = mapped_column(Integer, server_default="-10")
     since: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # Of the definition the current run started with (source, tasks, since, tenant, priority,
+    # queue): only a run of the same definition resumes it; NULL starts over.
+    definition_sha256: Mapped[str | None] = mapped_column(Text)
     cursor: Mapped[str | None] = mapped_column(Text)  # the last key listed and enqueued; NULL: from the start
     state: Mapped[str] = mapped_column(
         Text, CheckConstraint("state in ('idle', 'running', 'done', 'failed')", name="backfills_state"),

@@ -4,9 +4,10 @@ A run lists the prefix page by page (``list_objects_v2`` with ``StartAfter`` = t
 ``list_object_versions`` with ``KeyMarker`` on a versioned bucket, so that the version compared is
 the VersionId the worker stores), decides per object with the skip rule (``db/backfills.py``),
 waits for the rate limit, and commits the page: items appended to the run's one job, objects
-recorded, cursor advanced, in one transaction. The items then wait in Postgres like any backlog;
-the workers' feeder publishes them (in priority order: backfills default to -10, behind
-interactive work).
+recorded, cursor advanced, in one transaction (under ``--max-rate``, a page whose new objects
+exceed one second's worth is committed in several parts, each after its wait). The items then
+wait in Postgres like any backlog; the workers' feeder publishes them (in priority order:
+backfills default to -10, behind interactive work).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,15 +26,16 @@ from sqlalchemy import Engine
 
 from imgq.config import Settings
 from imgq.contract import TaskSpec, make_task
-from imgq.db.backfills import Backfills, Definition, Listed, RunState
-from imgq.errors import BadParams, RefRefused
+from imgq.db.backfills import BackfillCancelled, BackfillLockLost, Backfills, Definition, Listed, RunState
+from imgq.errors import BadParams, ImgqError, RefRefused
 from imgq.kinds import parse_kinds, spec
-from imgq.pacing import TokenBucket, page_size_for
+from imgq.pacing import TokenBucket, commit_size_for
 from imgq.refs import parse_ref, split_s3
 
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 1000  # S3's largest listing page
+KEY_SHOWN = 200  # characters of a refused key's repr (and of the reason) in its warning
 
 
 @dataclass(slots=True)
@@ -46,12 +48,17 @@ class Progress:
     up_to_date: int = 0
     too_old: int = 0
     refused: int = 0
-    pages: int = 0
+    pages: int = 0  # commits (a page under --max-rate may take several)
     started: float = field(default_factory=time.monotonic)
+    run: RunState | None = None  # the whole run's, once started: its job, and what it resumed
 
     @property
     def elapsed_s(self) -> float:
         return time.monotonic() - self.started
+
+    @property
+    def job(self) -> uuid.UUID | None:
+        return self.run.job if self.run is not None else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +119,19 @@ def define(
                    tenant=tenant or settings.tenant, priority=priority, since=since, queue=settings.queue,
                    tasks=records, tasks_sha256=tasks_sha256(records, revisions), revisions=revisions)
     return d, bucket, prefix
+
+
+def check_configured(settings: Settings) -> list[str]:
+    """Define each IMGQ_BACKFILLS entry as its run will (:func:`define`): one problem per entry that
+    would fail every night (a pair kind, bad or unknown parameters, a bucket not allowed)."""
+    problems = []
+    for s in settings.backfills:
+        try:
+            define(settings, name=s.name, source=s.source, kinds=s.kinds, params=s.params, since=s.since,
+                   tenant=s.tenant, priority=s.priority)
+        except ImgqError as exc:
+            problems.append(f"IMGQ_BACKFILLS entry {s.name!r}: {exc.message}")
+    return problems
 
 
 def _etag(raw: Any) -> str:
@@ -175,16 +195,23 @@ def run_backfill(
     on_page: Callable[[Progress], None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
+    progress: Progress | None = None,
 ) -> Report:
     """Run (or, with ``dry_run``, count without writing) one backfill under its lock.
 
-    ``on_page`` is called after each committed page (the progress bar; tests raise from it to
-    interrupt a run). Raises :class:`imgq.errors.BackfillRunning` if the backfill runs elsewhere."""
+    ``on_page`` is called after each commit (the progress bar; tests raise from it to interrupt a
+    run). ``progress`` (optional) is filled as the run goes, so that a caller still has it when the
+    run raises. ``max_rate`` paces the enqueued objects only: pages are listed whole, a page's new
+    objects are committed in parts of about one second's worth, each after its wait. Raises
+    :class:`imgq.errors.BackfillRunning` if the backfill runs elsewhere,
+    :class:`imgq.db.backfills.BackfillCancelled` if its job is cancelled, and
+    :class:`imgq.db.backfills.BackfillLockLost` if the session holding its lock ends."""
     store = Backfills(engine)
     d = definition
-    progress = Progress()
+    progress = progress if progress is not None else Progress()
     bucket_for = TokenBucket(max_rate, clock=clock) if max_rate else None
-    size = page_size_for(max_rate, min(page_size, PAGE_SIZE))
+    per_commit = commit_size_for(max_rate)
+    size = min(page_size, PAGE_SIZE)
     by_version = versioned(s3_client, bucket)
     if dry_run:
         for objects, last in list_pages(s3_client, bucket, prefix, start_after=None, page_size=size,
@@ -196,8 +223,9 @@ def run_backfill(
             if on_page is not None and last is not None:
                 on_page(progress)
         return Report(d.name, None, progress, None, dry_run=True)
-    with store.lock(d.name):
-        run = store.start(d)
+    with store.lock(d.name) as held:
+        run = store.start(d, held)
+        progress.run = run
         log.info("backfill started", extra={"action": "backfill_start", "backfill": d.name,
                                             "resumed": run.resumed, "cursor": run.cursor})
         try:
@@ -206,31 +234,70 @@ def run_backfill(
                 if last is None:
                     continue
                 enqueue, done = _page(store, d, bucket, objects, progress)
-                if bucket_for is not None and enqueue:
-                    wait = bucket_for.reserve(len(enqueue))
-                    if wait > 0:
-                        sleep(wait)
-                skipped = len(objects) - len(enqueue)
-                store.commit_page(d, run, bucket, enqueue=enqueue, done=done, cursor=last,
-                                  listed=len(objects), skipped=skipped)
-                progress.enqueued += len(enqueue)
-                progress.skipped += skipped
-                progress.pages += 1
-                if on_page is not None:
-                    on_page(progress)
-        except BaseException:
-            try:
-                store.finish(d.name, "failed")
-            except Exception as exc:  # Postgres gone too: the row stays 'running', which resumes the same
-                log.warning("cannot mark the backfill failed", extra={"action": "backfill_failed",
-                                                                      "backfill": d.name, "error": str(exc)})
-            log.warning("backfill stopped; the next run resumes after the last committed page",
-                        extra={"action": "backfill_failed", "backfill": d.name, "cursor": run.cursor})
+                for part, found, listed, cursor in commits(objects, enqueue, done, last, per_commit):
+                    if bucket_for is not None and part:
+                        wait = bucket_for.reserve(len(part))
+                        if wait > 0:
+                            sleep(wait)
+                    store.commit_page(d, run, bucket, enqueue=part, done=found, cursor=cursor, listed=listed,
+                                      skipped=listed - len(part), held=held)
+                    progress.enqueued += len(part)
+                    progress.skipped += listed - len(part)
+                    progress.pages += 1
+                    if on_page is not None:
+                        on_page(progress)
+        except BackfillLockLost as exc:  # the row is another run's now (or the next one's): leave it
+            log.warning("backfill lost its lock; stopped", extra={"action": "backfill_lock_lost", "backfill": d.name,
+                                                                  "job": str(run.job), "error": exc.message})
             raise
-        store.finish(d.name, "done")
+        except BaseException as exc:
+            try:
+                store.finish(d.name, "failed", held)
+            except Exception as error:  # Postgres gone too: the row stays 'running', which resumes the same
+                log.warning("cannot mark the backfill failed", extra={"action": "backfill_failed",
+                                                                      "backfill": d.name, "error": str(error)})
+            if isinstance(exc, BackfillCancelled):
+                log.warning("backfill stopped: its job was cancelled; the next run starts over",
+                            extra={"action": "backfill_cancelled", "backfill": d.name, "job": str(run.job)})
+            else:
+                log.warning("backfill stopped; the next run resumes after the last committed page",
+                            extra={"action": "backfill_failed", "backfill": d.name, "cursor": run.cursor})
+            raise
+        store.finish(d.name, "done", held)
     log.info("backfill done", extra={"action": "backfill_done", "backfill": d.name, "job": str(run.job),
                                      "listed": progress.listed, "enqueued": progress.enqueued})
     return Report(d.name, run.job, progress, run)
+
+
+def commits(
+    objects: Sequence[Listed], enqueue: Sequence[Listed], done: Sequence[Listed], last: str, size: int | None,
+) -> Iterator[tuple[list[Listed], list[Listed], int, str]]:
+    """One listed page as commits of at most ``size`` enqueued objects each (all of it in one when
+    ``size`` is None): (to enqueue, found done, objects listed, cursor). A commit ends just before
+    the object that would exceed ``size``, and its cursor is the last key it covers (a listing
+    after it starts with that object); the last commit takes the page's own cursor, which may lie
+    past its last object (folder markers, old versions, delete markers)."""
+    if size is None or len(enqueue) <= size:
+        yield list(enqueue), list(done), len(objects), last
+        return
+    queued, finished = {o.key for o in enqueue}, {o.key for o in done}
+    part: list[Listed] = []
+    found: list[Listed] = []
+    start = 0
+    for i, o in enumerate(objects):
+        if o.key in queued:
+            if len(part) == size:
+                yield part, found, i - start, objects[i - 1].key
+                part, found, start = [], [], i
+            part.append(o)
+        elif o.key in finished:
+            found.append(o)
+    yield part, found, len(objects) - start, last
+
+
+def _cut(text: str) -> str:
+    """At most KEY_SHOWN characters of ``text`` (a key's repr, a reason quoting it) for a log line."""
+    return text if len(text) <= KEY_SHOWN else text[:KEY_SHOWN] + "..."
 
 
 def _page(store: Backfills, d: Definition, bucket: str, objects: list[Listed],
@@ -246,7 +313,8 @@ def _page(store: Backfills, d: Definition, bucket: str, objects: list[Listed],
             parse_ref(f"s3://{bucket}/{o.key}", allowed_buckets=[bucket], local_roots=[])
         except RefRefused as exc:
             progress.refused += 1
-            log.warning("key refused", extra={"action": "backfill_refused", "key": o.key, "reason": exc.message})
+            log.warning("key refused: %s: %s", _cut(repr(o.key)), _cut(exc.message),
+                        extra={"action": "backfill_refused", "key": o.key, "reason": exc.message})
             continue
         if d.since is not None and o.last_modified is not None and o.last_modified < d.since:
             progress.too_old += 1

@@ -46,7 +46,7 @@ def run_configured(settings: Settings, name: str, **kwargs: Any) -> dict[str, An
     """Run the configured backfill ``name``; ``kwargs`` go to ``run_backfill`` (tests: page size,
     hooks). Returns its report, or ``{"state": "running"}`` when another run holds its lock."""
     from imgq.db.store import make_engine
-    from imgq.errors import BackfillRunning
+    from imgq.errors import BackfillCancelled, BackfillLockLost, BackfillRunning
     from imgq.producer.backfill import define, run_backfill
     from imgq.s3 import make_s3_client
 
@@ -66,6 +66,11 @@ def run_configured(settings: Settings, name: str, **kwargs: Any) -> dict[str, An
         log.info("backfill already running; this run is skipped",
                  extra={"action": "backfill_skipped", "backfill": name, "reason": exc.message})
         return {"name": name, "state": "running"}
+    except (BackfillCancelled, BackfillLockLost) as exc:
+        # Not a failure of the schedule: the run stopped on purpose, and the next trigger runs again.
+        log.warning("backfill %s stopped: %s", name, exc.message,
+                    extra={"action": exc.code, "backfill": name})
+        return {"name": name, "state": "stopped", "code": exc.code, "message": exc.message}
     finally:
         engine.dispose()
     return {**report.as_dict(), "state": "done"}

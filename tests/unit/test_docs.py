@@ -42,7 +42,7 @@ def _cli_codes() -> set[str]:
         if path.name == "cli_errors.py":
             found |= set(re.findall(r'return \(\s*"([a-z_]+)"', source))
     stack: list[type[errors.ImgqError]] = [errors.InvalidRequest, errors.ModelUnavailable, errors.ConfigError,
-                                           errors.VectorIndexError]
+                                           errors.VectorIndexError, errors.BackfillCancelled, errors.BackfillLockLost]
     while stack:
         cls = stack.pop()
         found.add(cls.code)

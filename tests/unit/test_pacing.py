@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from imgq.pacing import TokenBucket, page_size_for
+from imgq.pacing import TokenBucket, commit_size_for
 
 
 class Clock:
@@ -67,7 +67,6 @@ def test_nonsense_is_refused(bad):
         TokenBucket(1).reserve(-1)
 
 
-@pytest.mark.parametrize(("rate", "size", "expected"), [(None, 1000, 1000), (50, 1000, 50), (0.2, 1000, 1),
-                                                         (5000, 1000, 1000), (10, 4, 4)])
-def test_a_page_holds_about_one_second_of_the_rate(rate, size, expected):
-    assert page_size_for(rate, size) == expected
+@pytest.mark.parametrize(("rate", "expected"), [(None, None), (50, 50), (0.2, 1), (5000, 5000), (2.7, 2)])
+def test_a_commit_enqueues_about_one_second_of_the_rate(rate, expected):
+    assert commit_size_for(rate) == expected
