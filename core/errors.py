@@ -125,6 +125,12 @@ class UnsupportedLanguage(Permanent):
     code = "unsupported_language"
 
 
+class PromptTooLong(Permanent):
+    """The caption prompt's tokens plus max_new_tokens exceed the decoder's text positions."""
+
+    code = "prompt_too_long"
+
+
 class AdapterUnavailable(Permanent):
     """The job's adapter is not registered for the worker's caption model, or its files do not
     match its registered revision."""

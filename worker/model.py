@@ -22,6 +22,7 @@ Notes checked against the installed transformers (5.24):
 
 from __future__ import annotations
 
+import secrets
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 from transformers import BlipForConditionalGeneration
 
+from imgq import errors
 from imgq.contract import CaptionParams
 from imgq.worker.attention import Attention, install_text_sdpa, install_vision_sdpa
 from imgq.worker.decode_loop import DecodeLoop, StaticGreedy, supported
@@ -165,14 +167,31 @@ class CaptionModel(BlipBase):
             if not params.do_sample:
                 out = self._model.generate(pixel_values=pixels, **kwargs)
             else:
+                # The process's RNG is left as it was either way; without a seed each call draws a
+                # fresh one (restoring the RNG alone would make every unseeded call draw the same).
                 with _RNG_LOCK, torch.random.fork_rng(devices=self._rng_devices()):
-                    if params.seed is not None:
-                        torch.manual_seed(params.seed)
+                    torch.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
                     out = self._model.generate(pixel_values=pixels, **kwargs)
         if isinstance(out, torch.Tensor):
             return out.cpu(), None, prompt_len
         beams = getattr(out, "beam_indices", None)
         return out.sequences.cpu(), None if beams is None else beams.cpu(), prompt_len
+
+    def check_prompt(self, params: CaptionParams) -> None:
+        """Refuse (the item's ``prompt_too_long``) a prompt whose tokens and ``max_new_tokens`` do
+        not fit the decoder's positions: generate would fail the whole batch on an index error.
+        The producer's bound counts words; punctuation and CJK characters are a token each."""
+        if params.prompt is None:
+            return
+        self.load()
+        assert self._model is not None
+        positions = int(self._model.config.text_config.max_position_embeddings)
+        # generate drops the trailing [SEP] and starts from the bos token in [CLS]'s place.
+        prompt = len(self.tokenizer(params.prompt).input_ids) - 1
+        if prompt + params.max_new_tokens > positions:
+            raise errors.PromptTooLong(f"the prompt takes {prompt} text positions (its tokens and the start token); "
+                                       f"with max_new_tokens {params.max_new_tokens} that exceeds the model's "
+                                       f"{positions}")
 
     def _generate_static(self, pixels: torch.Tensor, prompt_ids: torch.Tensor | None,
                          params: CaptionParams) -> torch.Tensor:

@@ -200,7 +200,11 @@ class CaptionRunner(ImageRunner):
             return self._bank
 
     def check_params(self, params: CaptionParams) -> None:
-        """An unregistered adapter, or one trained on another model, is dead-lettered before any work."""
+        """An unregistered adapter, or one trained on another model, and a prompt too long for the
+        decoder are dead-lettered before any work."""
+        check_prompt = getattr(self.model, "check_prompt", None)  # test doubles have none
+        if check_prompt is not None:
+            check_prompt(params)
         if params.adapter is not None:
             self.bank.resolve([params.adapter])
 

@@ -107,6 +107,29 @@ def test_seeded_sampling_is_reproducible(model, pixels) -> None:
     assert other != first
 
 
+def test_unseeded_sampling_differs_between_calls_and_leaves_the_global_rng_alone(model, pixels) -> None:
+    params = CaptionParams(do_sample=True, top_k=0, temperature=2.0, max_new_tokens=15)
+    before = torch.get_rng_state().clone()
+    runs = [model.caption(pixels, params) for _ in range(4)]
+    assert torch.equal(before, torch.get_rng_state()), "sampling must not move the process's RNG"
+    assert len({tuple(r) for r in runs}) > 1, "unseeded sampling drew the same numbers on every call"
+
+
+def test_a_prompt_is_measured_in_the_models_own_tokens(model) -> None:
+    """Punctuation is a token a character: "!" * 120 is one word to the producer's bound and 120
+    tokens to the decoder (128 positions in the tiny model), which generate would fail on."""
+    from imgq import errors
+    from imgq.worker.runners import CaptionRunner
+
+    positions = model._model.config.text_config.max_position_embeddings
+    fits = CaptionParams(prompt="a photo of", max_new_tokens=positions - 4)
+    CaptionRunner(model).check_params(fits)
+    with pytest.raises(errors.PromptTooLong, match=r"the prompt takes 121 text positions"):
+        CaptionRunner(model).check_params(CaptionParams(prompt="!" * 120, max_new_tokens=30))
+    with pytest.raises(errors.PromptTooLong):
+        model.check_prompt(fits.model_copy(update={"max_new_tokens": positions - 2}))
+
+
 def test_properties(model, tiny_model_dir) -> None:
     assert model.name == str(tiny_model_dir)
     assert model.device == "cpu"
