@@ -317,6 +317,9 @@ def _translate_job(settings: Settings, job: str, lang: str) -> tuple[list[Any], 
     if not langs:
         _fail("bad_request", "--lang names no language other than English (the caption itself)")
     params = spec("caption").parse(caption["params"])
+    if params.adapter is not None:
+        _fail("bad_request", f"job {job}'s captions are in adapter {params.adapter}'s language; translate "
+              "translates BLIP's English captions")
     tasks = [make_task("caption", caption["model"], params),
              make_task("translate", settings.model_for("translate"), spec("translate").parse({"langs": langs}))]
     # The allow-lists of today, not of the first job: a ref outside them now refuses the job.

@@ -11,6 +11,7 @@ dead-lettered with code ``bad_message``, never dropped).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
@@ -47,6 +48,20 @@ Task = Annotated[Union[tuple(_TASKS.values())], Field(discriminator="kind")]  # 
 
 def make_task(kind: str, model: str, params: Params) -> TaskSpec:
     return _TASKS[kind](kind=kind, model=model, params=params)
+
+
+ADAPTER_AND_LANG = ("an adapter captions in the adapter's language, and --lang (translate) translates BLIP's "
+                    "English captions: choose one")
+
+
+def tasks_conflict(tasks: Sequence[TaskSpec]) -> str | None:
+    """Why these tasks cannot be one job, or None. Pure: every path that makes a job (CLI, API,
+    backfill, ``enqueue translate --job``) and the worker reading a job's record ask it."""
+    by_kind = {t.kind: t for t in tasks}
+    caption = by_kind.get("caption")
+    if caption is not None and "translate" in by_kind and getattr(caption.params, "adapter", None) is not None:
+        return ADAPTER_AND_LANG
+    return None
 
 
 Item = tuple[int, str] | tuple[int, str, str]

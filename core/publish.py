@@ -12,7 +12,8 @@ from typing import Any
 
 from celery import Celery
 
-from imgq.contract import TASK_NAME, TaskMessage, TaskSpec, make_task
+from imgq import errors
+from imgq.contract import TASK_NAME, TaskMessage, TaskSpec, make_task, tasks_conflict
 from imgq.feeding import TOP_LANE, lane
 from imgq.kinds import spec
 
@@ -26,8 +27,13 @@ def chunk_messages(
 
 
 def tasks_from_record(records: Sequence[dict[str, Any]]) -> list[TaskSpec]:
-    """A job's stored ``tasks`` column back into message tasks (params validated again)."""
-    return [make_task(r["kind"], r["model"], spec(r["kind"]).parse(r["params"])) for r in records]
+    """A job's stored ``tasks`` column back into message tasks (params validated again; a job
+    recorded before a combination was refused is refused here: its items become ``bad_message``)."""
+    tasks = [make_task(r["kind"], r["model"], spec(r["kind"]).parse(r["params"])) for r in records]
+    conflict = tasks_conflict(tasks)
+    if conflict is not None:
+        raise errors.BadParams(conflict)
+    return tasks
 
 
 # Redis commands per pipelined round trip (kombu's Producer.batch; one LPUSH per message).

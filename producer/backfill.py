@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from imgq.config import Settings
-from imgq.contract import TaskSpec, make_task
+from imgq.contract import TaskSpec, make_task, tasks_conflict
 from imgq.db.backfills import BackfillCancelled, BackfillLockLost, Backfills, Definition, Listed, RunState
 from imgq.errors import BadParams, ImgqError, RefRefused
 from imgq.kinds import parse_kinds, spec
@@ -86,8 +86,12 @@ def make_tasks(settings: Settings, kinds: str, params: dict[str, Any]) -> list[T
     unknown = sorted(set(params) - {f for names_ in fields.values() for f in names_})
     if unknown:
         raise BadParams(f"invalid parameters: {', '.join(unknown)} apply to none of the kinds {','.join(names)}")
-    return [make_task(k, settings.model_for(k), spec(k).parse({p: v for p, v in params.items() if p in fields[k]}))
-            for k in names]
+    tasks = [make_task(k, settings.model_for(k), spec(k).parse({p: v for p, v in params.items() if p in fields[k]}))
+             for k in names]
+    conflict = tasks_conflict(tasks)
+    if conflict is not None:
+        raise BadParams(conflict)
+    return tasks
 
 
 def task_records(tasks: list[TaskSpec]) -> list[dict[str, Any]]:

@@ -80,16 +80,20 @@ def request_digest(body: JobRequest, *, kinds: list[str] | None = None, params: 
 
 def make_tasks(settings: Any, kinds: list[str], raw: dict[str, Any]) -> list[Any]:
     """One task per kind, each with the parameters its model declares (by their JSON names)."""
-    from imgq.contract import make_task
+    from imgq.contract import make_task, tasks_conflict
     from imgq.kinds import spec
 
     models = {kind: spec(kind).params for kind in kinds}
     unknown = sorted(set(raw) - {f for cls in models.values() for f in cls.model_fields})
     if unknown:
         raise errors.BadParams(f"invalid parameters: {', '.join(unknown)} apply to none of the kinds {','.join(kinds)}")
-    return [make_task(kind, settings.model_for(kind),
-                      spec(kind).parse({k: v for k, v in raw.items() if k in cls.model_fields}))
-            for kind, cls in models.items()]
+    tasks = [make_task(kind, settings.model_for(kind),
+                       spec(kind).parse({k: v for k, v in raw.items() if k in cls.model_fields}))
+             for kind, cls in models.items()]
+    conflict = tasks_conflict(tasks)
+    if conflict is not None:
+        raise errors.BadParams(conflict)
+    return tasks
 
 
 def _replay(found: tuple[str, uuid.UUID, int, list[dict[str, str]]], digests: tuple[str, ...],

@@ -117,6 +117,10 @@ def test_adapter_jobs_caption_in_the_adapters_language_and_a_withdrawn_adapter_i
         wait_finished(store, [uuid.UUID(j) for j in jobs.values()], timeout=120, procs=procs, log_dir=tmp_path)
     for name in ("de-news", "fr-art", "plain"):
         check_job(settings, jobs[name])
+    # German captions are not BLIP's English: translate refuses them rather than feed them to an
+    # English-source model.
+    again = run_cli(settings, "enqueue", "translate", "--job", jobs["de-news"], "--lang", "fr")
+    assert again.returncode == 2 and "error[bad_request]" in again.stderr and "de-news" in again.stderr
     assert store.counts(uuid.UUID(jobs["gone"]))["dead"] == 4
     assert "adapter_unavailable" in run_cli(settings, "dlq", "list", "--job", jobs["gone"]).stdout
     with store.engine.connect() as conn:
