@@ -60,11 +60,16 @@ def first_line(exc: BaseException) -> str:
 
 
 def local_revision(directory: Path) -> str:
-    """Identity of a local checkpoint: its config plus the sizes of its weight files."""
+    """Identity of a local checkpoint: its config plus the contents of its weight files. Sizes
+    alone would give a re-export of the same architecture (new weights, same shapes) the old
+    revision, so its results would mix with the old ones under one identity. Hashing ~1 GB of
+    BLIP-base weights takes about a second, once per load."""
     digest = hashlib.sha256((directory / "config.json").read_bytes())
     for path in sorted(directory.iterdir()):
         if path.name.endswith(_WEIGHT_SUFFIXES):
-            digest.update(f"\0{path.name}\0{path.stat().st_size}".encode())
+            with path.open("rb") as weights:
+                content = hashlib.file_digest(weights, "sha256").hexdigest()
+            digest.update(f"\0{path.name}\0{content}".encode())
     return "local-" + digest.hexdigest()[:12]
 
 
@@ -233,7 +238,7 @@ class BlipBase:
 
     @property
     def revision(self) -> str:
-        """The hub commit hash, or ``local-<sha>`` of a local checkpoint's config and weight sizes."""
+        """The hub commit hash, or ``local-<sha>`` of a local checkpoint's config and weights."""
         self.load()
         assert self._revision is not None
         return self._revision

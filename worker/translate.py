@@ -209,7 +209,7 @@ class TranslationModel:
 
     @property
     def revision(self) -> str:
-        """The hub commit hash, or ``local-<sha>`` of a local checkpoint's config and weight sizes."""
+        """The hub commit hash, or ``local-<sha>`` of a local checkpoint's config and weights."""
         self.load()
         assert self._revision is not None
         return self._revision

@@ -176,6 +176,17 @@ def test_tiny_checkpoint_is_deterministic_and_reused(tmp_path, tiny_model_dir) -
     assert (again / "model.safetensors").stat().st_mtime_ns == stamp
 
 
+def test_a_local_checkpoint_with_other_weights_of_the_same_shapes_is_another_revision(tmp_path, tiny_model_dir) -> None:
+    """A re-export in place (same architecture, new weights) must not share the old results' identity."""
+    from imgq.worker.loading import local_revision
+
+    other = write_tiny_checkpoint(tmp_path / "other", seed=1)
+    assert (other / "model.safetensors").stat().st_size == (tiny_model_dir / "model.safetensors").stat().st_size
+    assert (other / "config.json").read_bytes() == (tiny_model_dir / "config.json").read_bytes()
+    assert local_revision(other) != local_revision(tiny_model_dir)
+    assert local_revision(tiny_model_dir) == local_revision(write_tiny_checkpoint(tmp_path / "same"))
+
+
 @pytest.mark.parametrize("kind", ["missing", "not_a_checkpoint"])
 def test_bad_local_dir_is_one_line_model_unavailable(tmp_path, kind) -> None:
     target = tmp_path / "nope" if kind == "missing" else tmp_path
