@@ -172,7 +172,7 @@ class Runner(Protocol):
         """Identity of the prepared input: tasks with equal keys share one preprocessed array."""
         ...
 
-    def prepare(self, image: Any, params: Any) -> Any:
+    def prepare(self, image: Any, params: Any, original: tuple[int, int] | None = None) -> Any:
         """A decoded image -> this model's input array (runs on decode threads)."""
         ...
 

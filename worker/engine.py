@@ -266,7 +266,7 @@ class Engine:
                 # Kinds whose models take the same input (size, normalisation, resize) share it.
                 key = runner.prep_key(task.params)
                 if key not in item.inputs:
-                    item.inputs[key] = runner.prepare(decoded.image, task.params)
+                    item.inputs[key] = runner.prepare(decoded.image, task.params, original=size)
             assert size is not None
             item.obj = ObjectInfo(blob.source, blob.bucket, blob.key, blob.version, len(blob.data), *size)
             with self._lock:

@@ -102,7 +102,7 @@ class EchoRunner:
     def prep_key(self, params: Any) -> tuple[Any, ...]:
         return ("echo", params.resize)
 
-    def prepare(self, image: Any, params: Any) -> np.ndarray:
+    def prepare(self, image: Any, params: Any, original: tuple[int, int] | None = None) -> np.ndarray:
         self.prepared += 1
         return np.asarray(image, dtype=np.float32)
 

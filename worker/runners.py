@@ -71,7 +71,9 @@ class ImageRunner:
         pre = self.pre
         return (pre.size, pre.mean, pre.std, pre.resample, params.resize)
 
-    def prepare(self, image: Any, params: Params) -> np.ndarray:
+    def prepare(self, image: Any, params: Params, original: tuple[int, int] | None = None) -> np.ndarray:
+        """The model input of a decoded image; ``original`` is the picture's own (width, height)
+        when ``image`` was draft-decoded smaller (None: ``image.size``)."""
         return self.pre.pixels(image, params.resize)
 
     def check_text(self, text: str) -> None:
@@ -136,13 +138,15 @@ class CaptionRunner(ImageRunner):
         # Not shared with another kind's input: only this runner's prepare keeps the original.
         return (*key, "explain") if getattr(params, "explain", False) else key
 
-    def prepare(self, image: Any, params: Params) -> np.ndarray:
+    def prepare(self, image: Any, params: Params, original: tuple[int, int] | None = None) -> np.ndarray:
         pixels = super().prepare(image, params)
         if getattr(params, "explain", False) and self.sink is not None:
             thumb = image.copy()
             thumb.thumbnail((self._THUMB_SIDE, self._THUMB_SIDE))
             with self._originals_lock:
-                self._originals[_fingerprint(pixels)] = (thumb, image.size)
+                # explain.json's sizes and boxes are in the picture's pixels, as in Postgres and
+                # `imgq explain`, not in those of a draft decode.
+                self._originals[_fingerprint(pixels)] = (thumb, original or image.size)
                 while len(self._originals) > self._originals_limit:
                     self._originals.popitem(last=False)
         return pixels

@@ -112,3 +112,21 @@ def test_overlays_never_go_to_a_source_bucket_or_root(tmp_path):
     with pytest.raises(ValueError, match="source root"):
         Settings(local_roots=str(tmp_path), explain_output=str(tmp_path / "explained"))
     assert Settings(allowed_buckets="photos", explain_output="s3://results/explained").explain_output
+
+
+def test_explain_json_of_a_draft_decoded_picture_is_in_the_pictures_own_pixels(caption_model, tmp_path):
+    """A worker decodes a large JPEG reduced (IMGQ_DRAFT_DECODE): explain.json's size and boxes are
+    still those of the picture, as in Postgres and `imgq explain`."""
+    settings = Settings(caption_model=caption_model.name, device="cpu", explain_output=str(tmp_path / "o"))
+    runner = CaptionRunner(caption_model)
+    runner.configure(settings)
+    params = CaptionParams(max_new_tokens=4, resize="letterbox", explain=True)
+    reduced = _images()[0]  # 600 x 150: a 1/4 draft decode of a 2400 x 600 picture
+    [value] = runner.run(runner.prepare(reduced, params, original=(2400, 600))[None], None, params)
+    doc = json.loads((Path(value.summary["overlays"]) / "explain.json").read_text())
+    assert (doc["image"]["width"], doc["image"]["height"]) == (2400, 600)
+    boxes = [t["top_patch"]["box"] for t in doc["tokens"] if t["top_patch"] and t["top_patch"]["box"]]
+    assert boxes and all(b[2] <= 2400 and b[3] <= 600 for b in boxes)
+    # Each box spans a whole patch of the 2400-wide picture (the input is 384 wide, 16 patch columns
+    # here), not one of the 600-wide draft.
+    assert max(b[2] - b[0] for b in boxes) > 600 // 8, "boxes are in the draft's pixels"

@@ -74,9 +74,9 @@ class Recording(EchoRunner):
 
     seen: list[tuple[Any, ...]] = field(default_factory=list)
 
-    def prepare(self, image: Any, params: Any) -> np.ndarray:
+    def prepare(self, image: Any, params: Any, original: tuple[int, int] | None = None) -> np.ndarray:
         self.seen.append(("prepare", params))
-        return super().prepare(image, params)
+        return super().prepare(image, params, original)
 
     def run(self, pixels: np.ndarray, texts: list[str] | None, params: Any) -> list[Any]:
         self.seen.append(("run", texts, params))
