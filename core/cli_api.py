@@ -38,6 +38,11 @@ def apikey_create(
     settings, engine = _engine()
     if not TENANT_NAME.match(tenant):
         _fail("bad_request", f"--tenant {tenant!r}: use 1-63 letters, digits, dots, underscores or dashes")
+    if tenant == settings.tenant:
+        # Tenancy is by name, and every job enqueued without --tenant gets this one: a key for it
+        # would list, read and cancel the operators' own jobs, whatever its sources.
+        _fail("bad_request", f"--tenant {tenant!r} is IMGQ_TENANT, the tenant of every job enqueued without "
+              "--tenant (the operators' own); an API key for it would see those jobs. Choose another name")
     buckets, roots, problems = check_sources(bucket or [], root or [], allowed_buckets=settings.allowed_buckets,
                                              local_roots=settings.local_roots)
     if problems:

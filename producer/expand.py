@@ -88,19 +88,28 @@ class Expander:
         """Canonical single-object refs for ``raw``; raises :class:`RefRefused` if it is bad (and,
         without ``on_bad``, if a key listed under it is). Comment and blank lines of a refs file are
         the file reader's to drop: an empty ref here is refused, never silently nothing."""
+        return list(self.lazily(raw, on_bad))
+
+    def lazily(self, raw: str, on_bad: OnBad | None = None) -> Iterator[str]:
+        """As calling the expander, but a prefix or folder is listed only as far as the caller reads
+        (the API stops one past its refs limit, however big the bucket); errors come with the
+        first ref asked for."""
         raw = raw.strip()
         if not raw:
             raise RefRefused("empty reference")
         settings = self._settings
         if raw.lower().startswith("s3://"):
             if raw.endswith("/"):
-                return list(self.list_prefix(raw, on_bad))
-            return [s3_object_ref(raw, settings.allowed_buckets)]
+                yield from self.list_prefix(raw, on_bad)
+                return
+            yield s3_object_ref(raw, settings.allowed_buckets)
+            return
         ref = parse_ref(raw, allowed_buckets=settings.allowed_buckets, local_roots=settings.local_roots)
         path = Path(str(ref))
         if path.is_dir():
-            return list(_walk(path, settings.local_roots))
+            yield from _walk(path, settings.local_roots)
+            return
         if path.exists() and not regular_file(path):
             raise RefRefused(f"{raw!r} is not a regular file (a FIFO, socket or device)")
-        return [str(ref)]
+        yield str(ref)
 

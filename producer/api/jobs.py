@@ -163,7 +163,14 @@ def create_job(body: JobRequest, request: Request, response: Response, caller: C
         if getattr(task.params, "adapter", None) is not None:  # refused now, not dead-lettered later
             from imgq.db.adapters import Adapters
 
-            Adapters(context.engine).require(task.params.adapter, task.model)
+            try:
+                Adapters(context.engine).require(task.params.adapter, task.model)
+            except errors.UnknownAdapter as exc:
+                # The operators' message lists every registered adapter (other tenants' among them)
+                # and names the caption model's path: a tenant gets neither.
+                log.info("adapter refused: %s", exc.message, extra={"action": "api_unknown_adapter"})
+                raise errors.UnknownAdapter(f"no adapter {task.params.adapter!r} is registered for this service's "
+                                            "caption model") from None
     check_cost(tasks, limits_for(settings, caller.limits))
     if priority > highest:
         raise ApiProblem(422, "priority_not_allowed", f"priority {priority} is above this tenant's highest, {highest}")
@@ -208,9 +215,15 @@ def create_job(body: JobRequest, request: Request, response: Response, caller: C
     log.info("job accepted over the API", extra={"action": "api_job", "job_id": str(result.job),
                                                  "tenant": caller.tenant, "items": result.items})
     response.headers["Location"] = f"/v1/jobs/{result.job}"
+    publish_error = None
+    if result.publish_error is not None:
+        # The exception's text names the broker's host and port: the log has it, the client a summary.
+        log.warning("job %s accepted; publishing failed: %s", result.job, result.publish_error,
+                    extra={"action": "publish_failed", "job_id": str(result.job)})
+        publish_error = "the broker is unavailable; the job's items wait in Postgres and are published when it answers"
     return JobAccepted(job=result.job, items=result.items, messages=result.messages, published=result.published,
                        rejected=[{"ref": ref, "reason": reason} for ref, reason in result.rejected],
-                       publish_error=result.publish_error)
+                       publish_error=publish_error)
 
 
 @router.get("/jobs", response_model=JobList, responses=ERRORS)

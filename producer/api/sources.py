@@ -7,6 +7,7 @@ cut down to the tenant's, so a folder walk or a symlink cannot lead outside them
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from imgq.db.tenancy import Principal, effective_sources
 from imgq.errors import RefRefused, Retryable
 from imgq.producer.api.problems import ApiProblem
 from imgq.refs import Ref, confine, parse_ref
+
+log = logging.getLogger(__name__)
 
 _SCHEMES = ("http://", "https://", "file://", "ftp://", "gs://", "data:")
 
@@ -75,7 +78,7 @@ def expand_refs(
             if prefix and raw.strip().lower().startswith("s3://"):
                 found: Iterable[str] = expand.list_prefix(raw, listed_bad)
             else:
-                found = expand(raw, listed_bad)
+                found = expand.lazily(raw, listed_bad)
             for ref in found:
                 count += 1
                 if count > limit:
@@ -91,7 +94,9 @@ def expand_refs(
                 raise
             known = classify(exc)
             if isinstance(known, Retryable):  # S3 away or throttling: the same request will do later
-                raise ApiProblem(503, "s3_unavailable", f"cannot list {raw!r} now ({known.message}); nothing was "
-                                 "accepted, try again", headers={"Retry-After": "5"}) from None
+                # Not the message: it names the S3 endpoint's address (the log has it).
+                log.warning("cannot list %r now: %s", raw, known.message, extra={"action": "s3_unavailable"})
+                raise ApiProblem(503, "s3_unavailable", f"cannot list {raw!r} now (S3 unreachable or throttling); "
+                                 "nothing was accepted, try again", headers={"Retry-After": "5"}) from None
             raise ApiProblem(422, "bad_ref", f"cannot list {raw!r}: {known.message}; nothing was accepted") from None
 

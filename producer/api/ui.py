@@ -97,7 +97,11 @@ async def _form(request: Request) -> dict[str, str]:
     body = await request.body()
     if len(body) > _FORM_BYTES:
         return {}
-    return {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace"), max_num_fields=10).items()}
+    try:
+        fields = parse_qs(body.decode("utf-8", "replace"), max_num_fields=10)
+    except ValueError:  # more fields than any of these forms has: treated as an empty form
+        return {}
+    return {k: v[0] for k, v in fields.items()}
 
 
 def _session(request: Request) -> tuple[str, Any] | None:

@@ -489,3 +489,39 @@ def test_the_job_list_pages_newest_first(api: Api) -> None:
                 break
         _problem(c.get("/v1/jobs", params={"cursor": "bm9wZQ"}), 422, "bad_cursor")
     assert seen == jobs[::-1]
+
+
+def test_errors_name_no_other_tenants_adapter_nor_the_services_hosts(api: Api, make_settings: Any) -> None:
+    """An operator's message lists every registered adapter and the caption model's path, and a
+    publish failure names the broker's host and port: a tenant gets a summary, the log the rest."""
+    from imgq.db.adapters import AdapterRecord, Adapters
+    from imgq.producer.api.app import create_app
+
+    Adapters(api.store.engine).register(AdapterRecord(
+        "globex-private-de", "de", "/models/other-blip", "local-0", "/models/adapters/globex", "0" * 64))
+    with api.client("acme") as c:
+        for adapter in ("nope", "globex-private-de"):  # unknown, and one for another caption model's path
+            body = _problem(c.post("/v1/jobs", json={"kinds": ["caption"], "refs": _refs(api, "acme", 1),
+                                                     "params": {"adapter": adapter}}), 422, "unknown_adapter")
+            assert "globex-private-de" not in body["detail"].replace(adapter, "") and "/" not in body["detail"]
+
+    down = make_settings(allowed_buckets=list(api.buckets.values()), broker_url="redis://127.0.0.1:9/0")
+    app = create_app(down)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.02)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60,
+                          headers={"Authorization": f"Bearer {api.keys['acme']}"}) as c:
+            r = c.post("/v1/jobs", json={"kinds": ["caption"], "refs": _refs(api, "acme", 1)})
+        assert r.status_code == 202, r.text
+        error = r.json()["publish_error"]
+        assert error and "broker" in error and "127.0.0.1" not in error and ":9" not in error
+    finally:
+        server.should_exit = True
+        thread.join(10)

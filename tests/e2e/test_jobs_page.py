@@ -148,6 +148,8 @@ def test_without_a_session_the_page_sends_to_the_login_form_and_posts_are_refuse
 
         # The login form: a wrong key is refused, a post from another site too, the right key logs in.
         assert client.post("/ui/login", data={"key": key + "x"}).status_code == 401
+        stuffed = {f"f{i}": "x" for i in range(11)}  # more fields than any form has: not a 500
+        assert client.post("/ui/login", data=stuffed).status_code == 401
         for cross_site in ({"Origin": "https://evil.example"}, {"Sec-Fetch-Site": "cross-site"},
                            {"Sec-Fetch-Site": "same-site", "Origin": api.base}):
             cross = client.post("/ui/login", data={"key": key}, headers=cross_site)

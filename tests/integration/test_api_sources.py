@@ -32,3 +32,27 @@ def test_s3_away_is_503_and_a_missing_bucket_is_422(make_settings: Any, s3_clien
         _expand(settings, away, "s3://imgq-away/p/")
     assert (unavailable.value.status, unavailable.value.code) == (503, "s3_unavailable")
     assert unavailable.value.headers == {"Retry-After": "5"} and "try again" in unavailable.value.detail
+
+
+def test_a_folder_or_prefix_in_refs_is_listed_only_one_past_the_limit(make_settings: Any, s3_client: Any,
+                                                                      tmp_path: Any) -> None:
+    """Given as a ref (trailing slash) rather than as `prefix`, a bucket of millions of keys or a
+    huge folder was listed whole into memory before the 413."""
+    settings = make_settings(allowed_buckets=["imgq-many"], local_roots=[str(tmp_path)])
+    s3_client.create_bucket(Bucket="imgq-many")
+    for i in range(1001):  # two listing pages
+        s3_client.put_object(Bucket="imgq-many", Key=f"many/{i:05d}.jpg", Body=b"x")
+    lists: list[Any] = []
+    s3_client.meta.events.register("before-call.s3.ListObjectsV2", lambda **kw: lists.append(1))
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(300):
+        (folder / f"{i:04d}.jpg").write_bytes(b"x")
+    for raw in ("s3://imgq-many/many/", str(folder) + "/"):
+        read: list[str] = []
+        refs = expand_refs([raw], settings, limit=5, skip_invalid=False, rejected=[], s3_client=s3_client)
+        with pytest.raises(ApiProblem) as past:
+            for ref in refs:
+                read.append(ref)
+        assert past.value.code == "too_many_refs" and len(read) == 5
+    assert len(lists) == 1, "one listing page, not every page of the prefix"

@@ -101,6 +101,11 @@ def test_the_apikey_commands(database_url: str, tmp_path: Path) -> None:
     assert parse_key(key) and "callback signing secret" in made.stderr
     refused = runner.invoke(app, ["apikey", "create", "--tenant", "acme", "--bucket", "other"], env=env)
     assert refused.exit_code == 2 and "error[bad_source]" in refused.stderr
+    # The tenant of every job enqueued without --tenant: a key for it would see the operators' jobs.
+    for name, extra in (("default", {}), ("ops", {"IMGQ_TENANT": "ops"})):
+        operators = runner.invoke(app, ["apikey", "create", "--tenant", name, "--bucket", "photos"], env=env | extra)
+        assert operators.exit_code == 2 and "error[bad_request]" in operators.stderr, operators.output
+        assert "IMGQ_TENANT" in operators.stderr
     listed = runner.invoke(app, ["apikey", "list"], env=env)
     assert parse_key(key)[0] in listed.stdout and "s3://photos" in listed.stdout  # type: ignore[index]
     assert key.split("_", 2)[2] not in listed.stdout
