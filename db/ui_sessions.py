@@ -36,6 +36,10 @@ DELETE FROM ui_sessions WHERE token_sha256 = :digest AND kind = 'login' AND expi
 RETURNING api_key_id
 """)
 
+_PEEK_LOGIN = text("""
+SELECT api_key_id FROM ui_sessions WHERE token_sha256 = :digest AND kind = 'login' AND expires_at > now()
+""")
+
 _SESSION = text("""
 SELECT api_key_id FROM ui_sessions WHERE token_sha256 = :digest AND kind = 'session' AND expires_at > now()
 """)
@@ -87,6 +91,14 @@ def exchange_login(engine: Engine, token: str) -> tuple[str, str] | None:
         if key_id is None:
             return None
         return _insert(conn, key_id, "session", SESSION_TTL), key_id
+
+
+def login_key_id(engine: Engine, token: str | None) -> str | None:
+    """The API key id of a live, unspent login token, without spending it (the confirm page)."""
+    if not token:
+        return None
+    with engine.connect() as conn:
+        return conn.execute(_PEEK_LOGIN, {"digest": digest(token)}).scalar_one_or_none()
 
 
 def session_key_id(engine: Engine, token: str | None) -> str | None:

@@ -149,20 +149,41 @@ def login(request: Request, token: str | None = None, next: str | None = None) -
     target = safe_next(next)
     if token is None:
         return _html(ui_html.login_page(target))
+    engine = _engine(request)
+    if request.headers.get("sec-fetch-site") not in ("none", "same-origin"):
+        # Not typed or pasted into the address bar (nor opened from this site): another site, a mail
+        # or a chat, or a browser that does not say. Spent only by the confirm page's same-site
+        # POST, so a link of another tenant cannot log this browser in unseen (login CSRF).
+        key_id = ui_sessions.login_key_id(engine, token)
+        principal = principal_for_key_id(engine, key_id) if key_id is not None else None
+        if principal is None:
+            return _html(ui_html.login_page(target, _SPENT), 401)
+        return _html(ui_html.confirm_login_page(token, target, principal.tenant))
+    return _exchange(request, token, target)
+
+
+_SPENT = "This login link is unknown, used or expired: ask for a new one."
+
+
+def _exchange(request: Request, token: str, target: str) -> Response:
     spent = ui_sessions.exchange_login(_engine(request), token)
     if spent is None:
-        return _html(ui_html.login_page(target, "This login link is unknown, used or expired: ask for a new one."),
-                     401)
+        return _html(ui_html.login_page(target, _SPENT), 401)
     session, key_id = spent
     log.info("ui login", extra={"action": "ui_login", "key_id": key_id, "via": "link"})
-    if request.headers.get("sec-fetch-site") == "cross-site":
-        # Opened from another site (a mail, a chat): a redirect would still count as cross-site and
-        # the browser would hold back the Strict cookie, so the page sends itself on from here.
-        response: Response = _html(ui_html.onward_page(target))
-    else:
-        response = _redirect(target)
+    response = _redirect(target)
     _set_cookie(request, response, session)
     return response
+
+
+@router.post("/ui/login/link", include_in_schema=False)
+async def login_link(request: Request) -> Response:
+    """The confirm page's button: spends the link, from this site only."""
+    form = await _form(request)
+    target = safe_next(form.get("next"))
+    if not _same_site(request):
+        return _html(ui_html.message_page("Refused", "This form was posted from another site."), 403)
+    return await run_in_threadpool(_exchange, request, form.get("token", ""), target)
 
 
 @router.post("/ui/login", include_in_schema=False)

@@ -165,10 +165,17 @@ def message_page(title: str, text: str) -> str:
     return _page(title, f"<h2>{escape(title)}</h2><p>{escape(text)}</p><p><a href=\"/ui\">Jobs</a></p>")
 
 
-def onward_page(target: str) -> str:
-    """Logged in: go on to ``target`` from this page, so the navigation counts as same-site."""
-    body = f'<p>Logged in. <a href="{escape(target)}">Open the jobs page</a>.</p>'
-    return _page("imgq jobs", body, refresh_to=target, refresh_s=0)
+def confirm_login_page(token: str, next_path: str, tenant: str) -> str:
+    """A login link opened from elsewhere (a mail, a chat, another site): the link is spent only by
+    this page's button, a same-site POST. So another site cannot log a browser into its own tenant
+    unseen, and a mail scanner that fetches the link does not use it up."""
+    body = (f"<h2>Open the jobs page</h2><p>This link logs this browser in as tenant "
+            f"<b>{escape(tenant)}</b> for 8 hours.</p>"
+            '<form method="post" action="/ui/login/link">'
+            f'<input type="hidden" name="token" value="{escape(token)}">'
+            f'<input type="hidden" name="next" value="{escape(next_path)}">'
+            "<button>Continue</button></form>")
+    return _page("imgq jobs: log in", body)
 
 
 def login_path(next_path: str) -> str:
