@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from anyio import from_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
@@ -196,6 +197,9 @@ async def login_form(request: Request) -> Response:
     principal = await run_in_threadpool(verify_key, engine, form.get("key", "").strip())
     if principal is None:
         return _html(ui_html.login_page(target, "That API key is unknown or revoked."), 401)
+    over = await _over_limit(request, principal)  # each login makes a session row
+    if over is not None:
+        return over
     session = await run_in_threadpool(ui_sessions.create_session, engine, principal.key_id)
     log.info("ui login", extra={"action": "ui_login", "key_id": principal.key_id, "via": "form"})
     response = _redirect(target)
@@ -221,7 +225,21 @@ def _page(request: Request, render: Callable[[str, Any], Response]) -> Response:
     found = _session(request)
     if found is None:
         return _redirect(ui_html.login_path(request.url.path))
-    return render(*found)
+    over = from_thread.run(_over_limit, request, found[1])
+    return over if over is not None else render(*found)
+
+
+async def _over_limit(request: Request, principal: Any) -> Response | None:
+    """Count one request against the key's rate limit, as /v1 does; the 429 as a page."""
+    try:
+        await request.app.state.imgq.limiter.hit(principal)
+    except ApiProblem as exc:
+        if exc.status != 429:
+            raise
+        response = _html(ui_html.message_page("Too many requests", exc.detail), 429)
+        response.headers.update(exc.headers)
+        return response
+    return None
 
 
 @router.get("/ui", include_in_schema=False)
@@ -257,6 +275,9 @@ async def retry_dead(request: Request, job_id: str) -> Response:
     token, principal = found
     if not _same_site(request) or not ui_sessions.csrf_ok(token, form.get("csrf")):
         return _html(ui_html.message_page("Refused", "This form's token is missing or stale: reload the page."), 403)
+    over = await _over_limit(request, principal)
+    if over is not None:
+        return over
     try:
         retried = await run_in_threadpool(_retry, request, principal, job_id)
     except ApiProblem as exc:

@@ -292,3 +292,20 @@ def test_login_only_sends_the_browser_to_the_page(next_path: str | None, expecte
     from imgq.producer.api.ui import safe_next
 
     assert safe_next(next_path) == expected
+
+
+def test_the_page_and_its_login_count_against_the_keys_rate_limit(api: Api):
+    key, _ = create_key(api.store.engine, "slow")
+    with api.store.engine.begin() as conn:
+        conn.execute(text("""UPDATE tenants SET limits = '{"requests_per_minute": 3}' WHERE name = 'slow'"""))
+    same_site = {"Sec-Fetch-Site": "same-origin"}
+    with api.client() as client:
+        logins = [client.post("/ui/login", data={"key": key}, headers=same_site).status_code for _ in range(2)]
+        pages = [client.get("/ui").status_code for _ in range(2)]
+        assert logins == [303, 303] and pages == [200, 429], (logins, pages)
+        limited = client.get("/ui")
+        assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+        assert "text/html" in limited.headers["content-type"] and "Too many requests" in limited.text
+    with api.store.engine.connect() as conn:
+        sessions = conn.execute(text("SELECT count(*) FROM ui_sessions WHERE kind = 'session'")).scalar_one()
+    assert sessions == 2
