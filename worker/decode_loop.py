@@ -120,6 +120,12 @@ class StaticGreedy:
         return any(layer.attention.self._forward_hooks or layer.crossattention.self._forward_hooks
                    for layer in self.layers)
 
+    def tuned(self) -> bool:
+        """True once adapters (PEFT LoRA layers) sit in the decoder: their per-row routing is Python
+        that runs at each call, which a graph replay would skip, replaying whatever adapters (or
+        none) were active when it was captured. Such a model keeps the static loop, ungraphed."""
+        return any(hasattr(module, "lora_A") for layer in self.layers for module in layer.modules())
+
     # -- one decoder pass -------------------------------------------------------------------------
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
@@ -174,7 +180,7 @@ class StaticGreedy:
                  min_new_tokens: int) -> torch.Tensor:
         """(B, P + n) ids: the prompt (bos first), then up to ``max_new_tokens`` greedy tokens,
         ending where every row has finished, as ``generate`` returns them."""
-        if self.graphs and self.graphs_off is None:
+        if self.graphs and self.graphs_off is None and not self.tuned():
             try:
                 with self._graph_lock:
                     return self._generate_graphed(image_embeds, input_ids, max_new_tokens, min_new_tokens)

@@ -167,3 +167,24 @@ def test_the_fixed_shape_step_is_reused_per_shape(shaped, pixels):
     again = shaped.generate_ids(pixels, params)
     assert torch.equal(first, again) and not torch.equal(first, other)
     assert (len(pixels), 1 + 9, 1) in shaped._static._graphs
+
+
+def test_a_decoder_with_adapters_is_never_graphed(tiny_model_dir):
+    """A graph replays the kernels of its capture: the per-row adapter routing (Python hooks) would
+    be skipped, and a graph captured before an adapter was injected would write base captions."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from imgq.worker.lora import TARGET_MODULES
+
+    model = CaptionModel(str(tiny_model_dir), device="cpu", decode_loop="graphs")
+    model.load()
+    model._static = StaticGreedy(model._model, graphs=True)
+    pixels = np.random.default_rng(1).standard_normal((2, 3, 384, 384)).astype(np.float32)
+    params = CaptionParams(max_new_tokens=5)
+    model.generate_ids(pixels, params)
+    assert model._static._graphs and not model._static.tuned()
+    model._static._graphs.clear()
+    inject_adapter_in_model(LoraConfig(target_modules=TARGET_MODULES, r=2), model._model)
+    assert model._static.tuned()
+    model.generate_ids(pixels, params)
+    assert not model._static._graphs, "a decoder with LoRA layers was graphed"
