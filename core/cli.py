@@ -772,7 +772,7 @@ def search(
             if not query or not query.strip():
                 raise errors.EmptyQuery("the search text is empty")
             runner = _embed_runner(settings, name)
-            vector, revision = runner.model.embed_texts([query])[0], runner.revision
+            vector, revision = runner.model.embed_query(query), runner.revision
         hits = nearest(engine, vector, model=name, revision=revision, limit=limit, bucket=bucket, prefix=prefix,
                        exclude_image_id=exclude)
     except errors.ImgqError as exc:

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from transformers import BlipForImageTextRetrieval
 
+from imgq import errors
 from imgq.worker.attention import Attention, install_vision_sdpa
 from imgq.worker.loading import BlipBase
 
@@ -117,6 +118,14 @@ class RetrievalModel(BlipBase):
             ids, mask = self._tokenize(texts)
             feats = self._text(ids, mask)
         return feats.cpu().numpy()
+
+    def embed_query(self, text: str) -> np.ndarray:
+        """A search text's (dim,) vector. A text the encoder cannot take (over its token positions:
+        punctuation and CJK characters are a token each) is the asker's ``search_error``, not a bug."""
+        try:
+            return self.embed_texts([text])[0]
+        except ValueError as exc:
+            raise errors.SearchError(f"the search text cannot be encoded: {exc}") from None
 
     def match(self, pixel_values: np.ndarray, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """For each pair (image i, text i): the ITM match probability and the ITC cosine, both (B,)

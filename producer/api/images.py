@@ -81,7 +81,7 @@ def _encode_text(context: Any, text: str) -> tuple[Any, str]:
             runner.load()
             context.encoder = runner
         runner = context.encoder
-        return runner.model.embed_texts([text])[0], runner.revision
+        return runner.model.embed_query(text), runner.revision
 
 
 @router.post("/search", response_model=SearchResult, responses=ERRORS)

@@ -164,6 +164,16 @@ def test_count_tokens_and_text_limits(model: RetrievalModel) -> None:
     assert model.count_tokens([]) == []
 
 
+def test_a_search_text_too_long_for_the_encoder_is_a_search_error(model: RetrievalModel) -> None:
+    """The API takes 2,000 characters; as punctuation that is 2,000 tokens, past the encoder's 512.
+    It was a bare ValueError: a 500 over HTTP, an internal error (exit 70) from `imgq search`."""
+    from imgq import errors
+
+    assert model.embed_query("a dog").shape == (model.dim,)
+    with pytest.raises(errors.SearchError, match=r"cannot be encoded: a text has \d+ tokens"):
+        model.embed_query("!" * 2000)
+
+
 def test_texts_from_many_threads(model: RetrievalModel) -> None:
     """A fast tokenizer's padding settings are shared state: unguarded, a thread that counts tokens
     (no padding) can make another's padded batch come out ragged. A race, so detection is by
