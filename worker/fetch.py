@@ -57,7 +57,10 @@ class Fetcher:
         finally:
             body.close()
         self._check_size(len(data))
-        version = resp.get("VersionId") or str(resp.get("ETag", "")).strip('"')
+        # "null" is the VersionId of every object written while versioning was off or suspended: one
+        # name for all of them, so an overwrite would look like the version already captioned.
+        version_id = resp.get("VersionId")
+        version = (version_id if version_id not in (None, "", "null") else None) or str(resp.get("ETag", "")).strip('"')
         return Blob(data, "s3", ref.bucket, ref.key, version or hashlib.sha256(data).hexdigest()[:32])
 
     def _fetch_local(self, ref: LocalRef) -> Blob:
