@@ -63,6 +63,7 @@ class WorkerRuntime:
         self.heartbeat: Heartbeat | None = None
         self.notifier: Notifier | None = None
         self.metrics: MetricsServer | None = None
+        self.started = False  # models loaded, and the engine, heartbeat, feeder and notifier running
 
     def load(self) -> None:
         for kind, runner in self.runners.items():
@@ -73,6 +74,14 @@ class WorkerRuntime:
                      extra={"action": "serve", "kind": kind, "model": runner.name})
 
     def start(self, app: Celery) -> None:
+        queue = self.settings.queue
+        if self.settings.metrics_port:
+            # Before the models load (minutes from the hub): a port in use fails the start at once,
+            # and the probes answer meanwhile (/readyz: 503 "models not loaded").
+            self.metrics = MetricsServer(
+                bind=self.settings.metrics_bind, port=self.settings.metrics_port, token=self.settings.metrics_token,
+                ready=lambda: self._not_ready(app), queue_depths=lambda: {queue: _queue_depth(app, queue)},
+            ).start()
         self.load()
         max_pixels = self.settings.max_pixels
         # One decode per image for every kind: JPEG draft decoding stops at the largest input.
@@ -99,7 +108,6 @@ class WorkerRuntime:
             on_unhealthy=self._unhealthy, decode_timeout_s=self.settings.decode_timeout_s,
             writers=self.settings.result_writers,
         ).start()
-        queue = self.settings.queue
 
         def send(messages: Iterable[TaskMessage], delay: float) -> None:
             messages = list(messages)
@@ -127,12 +135,7 @@ class WorkerRuntime:
         ).start()
         # Every worker sends the signed summaries of finished jobs (docs/callbacks.md).
         self.notifier = Notifier.from_settings(self.settings, CallbackStore(self.store.engine)).start()
-
-        if self.settings.metrics_port:
-            self.metrics = MetricsServer(
-                bind=self.settings.metrics_bind, port=self.settings.metrics_port, token=self.settings.metrics_token,
-                ready=lambda: self._not_ready(app), queue_depths=lambda: {queue: _queue_depth(app, queue)},
-            ).start()
+        self.started = True
 
     @staticmethod
     def _recovered(sent: int, batches: list[Any]) -> int:
@@ -141,7 +144,7 @@ class WorkerRuntime:
 
     def _not_ready(self, app: Celery) -> str | None:
         """Why this worker cannot take work yet (readiness probe), or None."""
-        if self.engine is None or self.unhealthy:
+        if not self.started or self.unhealthy:
             return self.unhealthy or "models not loaded"
         # What failed, not the driver's message: the probe needs no token (the log has the detail).
         try:

@@ -79,3 +79,58 @@ def test_readyz_names_what_failed_and_not_the_drivers_message():
         assert "socket" not in body and "imgq_worker" not in body
     finally:
         server.stop()
+
+
+def test_the_workers_probes_answer_while_its_models_load_and_a_taken_port_fails_first(tmp_path) -> None:
+    """The listener starts before the models load (minutes from the hub): /healthz answers and
+    /readyz says why not; a port already taken fails the start before any load."""
+    import socket
+
+    from imgq.config import Settings
+    from imgq.embedded import free_port
+    from imgq.worker.app import WorkerRuntime
+
+    loading, release = threading.Event(), threading.Event()
+
+    class SlowToLoad:
+        name, revision, input_size = "slow", "r", 384
+
+        def load(self) -> None:
+            loading.set()
+            release.wait(30)
+            raise RuntimeError("stop here: the test is about the listener")
+
+    port = free_port()
+    settings = Settings(_env_file=None, metrics_port=port, database_url="postgresql+psycopg://u@127.0.0.1:9/x")
+    runtime = WorkerRuntime(settings, runners={"caption": SlowToLoad()})  # type: ignore[dict-item]
+    def start() -> None:
+        with pytest.raises(RuntimeError, match="stop here"):
+            runtime.start(None)  # type: ignore[arg-type]
+
+    starting = threading.Thread(target=start, daemon=True)
+    starting.start()
+    try:
+        assert loading.wait(30)
+        assert get(f"http://127.0.0.1:{port}/healthz")[0] == 200
+        status, body, _ = get(f"http://127.0.0.1:{port}/readyz")
+        assert status == 503 and "models not loaded" in body
+    finally:
+        release.set()
+        starting.join(30)
+        assert runtime.metrics is not None
+        runtime.metrics.stop()
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = Settings(_env_file=None, metrics_port=taken.getsockname()[1],
+                        database_url="postgresql+psycopg://u@127.0.0.1:9/x")
+        loads: list[int] = []
+
+        class Counted(SlowToLoad):
+            def load(self) -> None:
+                loads.append(1)
+
+        with pytest.raises(OSError):
+            WorkerRuntime(busy, runners={"caption": Counted()}).start(None)  # type: ignore[dict-item, arg-type]
+        assert loads == [], "the models loaded before the port was found taken"
