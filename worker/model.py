@@ -109,6 +109,10 @@ class CaptionModel(BlipBase):
         self.attention = attention
         self.decode_loop = decode_loop
         self._static: StaticGreedy | None = None
+        # Decoder positions of each prompt seen: every item of a job checks the same one, on decode
+        # threads (one tokenizer call per prompt, not per item).
+        self._prompt_positions: dict[str, int] = {}
+        self._prompt_lock = threading.Lock()
 
     def _on_loaded(self, model: Any) -> None:
         if self.attention == "sdpa":
@@ -186,8 +190,13 @@ class CaptionModel(BlipBase):
         self.load()
         assert self._model is not None
         positions = int(self._model.config.text_config.max_position_embeddings)
-        # generate drops the trailing [SEP] and starts from the bos token in [CLS]'s place.
-        prompt = len(self.tokenizer(params.prompt).input_ids) - 1
+        with self._prompt_lock:
+            prompt = self._prompt_positions.get(params.prompt)
+            if prompt is None:
+                if len(self._prompt_positions) >= 4096:  # a bound, not a policy: any prompt may return
+                    self._prompt_positions.clear()
+                # generate drops the trailing [SEP] and starts from the bos token in [CLS]'s place.
+                prompt = self._prompt_positions[params.prompt] = len(self.tokenizer(params.prompt).input_ids) - 1
         if prompt + params.max_new_tokens > positions:
             raise errors.PromptTooLong(f"the prompt takes {prompt} text positions (its tokens and the start token); "
                                        f"with max_new_tokens {params.max_new_tokens} that exceeds the model's "

@@ -177,22 +177,29 @@ def _exchange(request: Request, token: str, target: str) -> Response:
     return response
 
 
+async def _login_form(request: Request) -> tuple[dict[str, str], str, Response | None]:
+    """A posted login form, where it sends the browser, and the 403 if it came from another site."""
+    form = await _form(request)
+    target = safe_next(form.get("next"))
+    if _same_site(request):
+        return form, target, None
+    return form, target, _html(ui_html.message_page("Refused", "This form was posted from another site."), 403)
+
+
 @router.post("/ui/login/link", include_in_schema=False)
 async def login_link(request: Request) -> Response:
     """The confirm page's button: spends the link, from this site only."""
-    form = await _form(request)
-    target = safe_next(form.get("next"))
-    if not _same_site(request):
-        return _html(ui_html.message_page("Refused", "This form was posted from another site."), 403)
+    form, target, refused = await _login_form(request)
+    if refused is not None:
+        return refused
     return await run_in_threadpool(_exchange, request, form.get("token", ""), target)
 
 
 @router.post("/ui/login", include_in_schema=False)
 async def login_form(request: Request) -> Response:
-    form = await _form(request)
-    target = safe_next(form.get("next"))
-    if not _same_site(request):
-        return _html(ui_html.message_page("Refused", "This form was posted from another site."), 403)
+    form, target, refused = await _login_form(request)
+    if refused is not None:
+        return refused
     engine = _engine(request)
     principal = await run_in_threadpool(verify_key, engine, form.get("key", "").strip())
     if principal is None:
