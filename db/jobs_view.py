@@ -49,11 +49,20 @@ WITH job AS (
 SELECT (SELECT count(*) FROM job) AS found, (SELECT count(*) FROM items) AS cancelled
 """)
 
-_LATEST_CAPTION = text("""
+# A caption any tenant sharing the bucket may see: nothing in it is one tenant's choice. A prompt
+# (which the caption continues, so its text shows it) and an adapter (a tenant's name and
+# language) are; a translation keeps its English caption's params, so it is judged by them.
+SHARED_CAPTION = "c.params->>'prompt' IS NULL AND c.params->>'adapter' IS NULL AND c.method <> 'adapter'"
+
+# The object's newest caption in one language that no tenant's choices shaped (SHARED_CAPTION):
+# /v1/images is read by every tenant whose sources include the object. English is BLIP's own
+# caption (adapters caption in their language, so never here); another language, a translation.
+_LATEST_CAPTION = text(f"""
 SELECT im.id AS image_id, im.version, im.width, im.height, c.text, c.model, c.model_revision, c.params,
-       c.created_at
+       c.created_at, c.lang, c.method
 FROM images im JOIN captions c ON c.image_id = im.id
-WHERE im.source = :source AND im.bucket = :bucket AND im.key = :key
+WHERE im.source = :source AND im.bucket = :bucket AND im.key = :key AND c.lang = :lang
+  AND c.method = CASE WHEN :lang = 'en' THEN 'native' ELSE 'translated' END AND {SHARED_CAPTION}
 ORDER BY im.first_seen DESC, im.id DESC, c.created_at DESC, c.id DESC LIMIT 1
 """)
 
@@ -168,10 +177,13 @@ def cancel_job(engine: Engine, tenant: str, job: uuid.UUID) -> int | None:
     return int(cancelled) if found else None
 
 
-def latest_image(engine: Engine, *, source: str, bucket: str, key: str, vector: bool = False) -> dict[str, Any] | None:
-    """The newest caption and embedding stored for one object (its newest version that has each),
-    or None if it has neither. The vector itself only when asked for (256 floats are ~3 kB)."""
-    params = {"source": source, "bucket": bucket, "key": key, "vector": vector}
+def latest_image(
+    engine: Engine, *, source: str, bucket: str, key: str, vector: bool = False, lang: str = "en",
+) -> dict[str, Any] | None:
+    """The newest shared caption in ``lang`` and the newest embedding stored for one object (its
+    newest version that has each), or None if it has neither. The vector itself only when asked
+    for (256 floats are ~3 kB)."""
+    params = {"source": source, "bucket": bucket, "key": key, "vector": vector, "lang": lang}
     with engine.connect() as conn:
         caption = conn.execute(_LATEST_CAPTION, params).mappings().first()
         embedding = conn.execute(_LATEST_EMBEDDING, params).mappings().first()
@@ -179,8 +191,8 @@ def latest_image(engine: Engine, *, source: str, bucket: str, key: str, vector: 
         return None
     found: dict[str, Any] = {"caption": None, "embedding": None}
     if caption is not None:
-        found["caption"] = {k: caption[k] for k in ("text", "model", "model_revision", "params", "created_at",
-                                                    "version", "width", "height")}
+        found["caption"] = {k: caption[k] for k in ("text", "lang", "method", "model", "model_revision", "params",
+                                                    "created_at", "version", "width", "height")}
     if embedding is not None:
         found["embedding"] = {k: embedding[k] for k in ("model", "model_revision", "dim", "created_at", "version")}
         if vector:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import Connection, Engine, TextClause, text
 
+from imgq.db.jobs_view import SHARED_CAPTION
 from imgq.errors import DimensionMismatch, EmptyQuery, NoEmbeddings, SearchError
 from imgq.storable import unstorable
 
@@ -63,7 +64,8 @@ _EXCLUDE = """
 # The inner queries find the nearest rows; the outer query sorts them again (relaxed_order: an
 # iterative scan may return rows slightly out of order) and only then joins what is shown: the
 # image's ref and size and its newest BLIP caption, or failing that its newest caption in
-# another language (a LATERAL probe per hit): a search reads in English. The sort is on
+# another language (a LATERAL probe per hit): a search reads in English. The HTTP API asks for
+# shared captions only (``:shared``), as /v1/images shows them. The sort is on
 # ``distance + 0``: Postgres 17+ knows the CTE's rows come ordered by ``distance`` (its ORDER BY)
 # and would trust that order (an Incremental Sort on image_id only), disorder included.
 _OUTER = """
@@ -74,6 +76,7 @@ SELECT nn.image_id, nn.model_revision, 1 - nn.distance AS similarity,
 FROM nn JOIN images im ON im.id = nn.image_id
 LEFT JOIN LATERAL (
   SELECT c.text FROM captions c WHERE c.image_id = nn.image_id
+    AND (NOT CAST(:shared AS boolean) OR ({shared}))
   ORDER BY c.method = 'native' DESC, c.created_at DESC, c.id DESC LIMIT 1
 ) cap ON true
 ORDER BY nn.distance + 0, nn.image_id
@@ -126,7 +129,7 @@ nn AS MATERIALIZED ((
 @lru_cache(maxsize=64)
 def search_indexed(dim: int) -> TextClause:
     """The search of a ``dim``-d space through its HNSW index."""
-    return text(_OUTER.format(ctes=f"nn AS MATERIALIZED ({_hnsw(dim)})"))
+    return text(_OUTER.format(ctes=f"nn AS MATERIALIZED ({_hnsw(dim)})", shared=SHARED_CAPTION))
 
 
 @lru_cache(maxsize=64)
@@ -134,12 +137,12 @@ def search_filtered(dim: int) -> TextClause:
     """The search of a ``dim``-d space with a bucket filter: exact among few matches, else HNSW."""
     return text(_OUTER.format(ctes=_FILTERED_CTES.format(
         filters=_IMAGE_FILTERS, dim=int(dim), space=_SPACE, exclude=_EXCLUDE,
-        hnsw=_hnsw(dim, "AND NOT (SELECT yes FROM few)"))))
+        hnsw=_hnsw(dim, "AND NOT (SELECT yes FROM few)")), shared=SHARED_CAPTION))
 
 
 SEARCH_INDEXED = search_indexed(INDEXED_DIM)
 SEARCH_FILTERED = search_filtered(INDEXED_DIM)
-SEARCH_EXACT = text(_OUTER.format(ctes=f"nn AS MATERIALIZED ({_EXACT})"))
+SEARCH_EXACT = text(_OUTER.format(ctes=f"nn AS MATERIALIZED ({_EXACT})", shared=SHARED_CAPTION))
 
 # Runs before every search, in the same round trip:
 # - two index probes on embeddings_model (not a count): is there a space of this dimension?
@@ -239,7 +242,7 @@ def _check_space_and_tune(conn: Connection, model: str, revision: str, dim: int,
 
 def _params(
     q: np.ndarray, model: str, revision: str, limit: int, bucket: str | None, prefix: str | None,
-    exclude_image_id: int | None,
+    exclude_image_id: int | None, shared_captions: bool = False,
 ) -> dict[str, Any]:
     if not 1 <= limit <= MAX_LIMIT:
         raise SearchError(f"limit must be between 1 and {MAX_LIMIT}; got {limit}")
@@ -256,6 +259,7 @@ def _params(
         "prefix": like_prefix(prefix) if prefix else None,
         "exclude": exclude_image_id,
         "exact_max": EXACT_FILTER_MAX,
+        "shared": shared_captions,
     }
 
 
@@ -284,15 +288,18 @@ def search(
     bucket: str | None = None,
     prefix: str | None = None,
     exclude_image_id: int | None = None,
+    shared_captions: bool = False,
 ) -> list[Hit]:
     """The ``limit`` stored images of (model, revision) most similar to ``vector``, best first.
 
     ``bucket`` matches exactly ('' for local files); ``prefix`` matches the start of the S3 key or
     local path. HNSW is approximate (recall@10 on 100k clustered vectors: docs/performance.md).
     A filter so selective that ``MAX_SCAN_TUPLES`` index tuples hold fewer than ``limit``
-    matches may return fewer hits (the planner usually filters first and scans exactly there)."""
+    matches may return fewer hits (the planner usually filters first and scans exactly there).
+    With ``shared_captions`` each hit's caption is one no tenant's choices shaped
+    (``SHARED_CAPTION``): the HTTP API's, for tenants who share a bucket."""
     q = query_vector(vector)
-    params = _params(q, model, revision, limit, bucket, prefix, exclude_image_id)
+    params = _params(q, model, revision, limit, bucket, prefix, exclude_image_id, shared_captions)
     with engine.begin() as conn:  # a transaction, so set_config(..., true) applies to the search
         return [
             Hit(image_id=r.image_id, ref=r.ref, similarity=float(r.similarity), caption=r.caption,

@@ -1,5 +1,9 @@
 """/v1/images (an object's latest caption and embedding) and /v1/search, within the tenant's sources.
 
+Tenants may share a bucket, so what these show of an object is what any of them may see: its
+embedding, and captions made without a prompt or an adapter (a tenant's own choices, which the
+text or its params would show). A job's own results are at /v1/jobs/{id}/results.
+
 A ref outside the caller's sources is a 422 ``source_not_allowed`` whether or not anything is
 stored for it. Search runs once per source of the tenant (each bucket, each root as a path
 prefix; db/search.py filters by bucket and prefix) and merges the hits, so one tenant's search
@@ -16,6 +20,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 
 from imgq.db import jobs_view
+from imgq.languages import language
 from imgq.producer.api.auth import Caller
 from imgq.producer.api.jobs import ERRORS
 from imgq.producer.api.problems import ApiProblem, not_found
@@ -35,13 +40,18 @@ def _object(ref: Any) -> tuple[str, str, str]:
 
 @router.get("/images", response_model=ImageResult, responses=ERRORS)
 def image(request: Request, caller: Caller, ref: Annotated[str, Query(min_length=1, max_length=2048)],
-          vector: bool = False) -> ImageResult:
-    """The latest caption and embedding stored for one object (its newest version that has each).
-    The embedding's vector only with ``vector=true``."""
+          vector: bool = False,
+          lang: Annotated[str, Query(min_length=2, max_length=8, description="The caption's language: en (BLIP's "
+                                     "own) or a language captions were translated into.")] = "en") -> ImageResult:
+    """The latest shared caption (in ``lang``) and the latest embedding stored for one object (its
+    newest version that has each). Shared: made without a prompt or an adapter, which are one
+    tenant's choices; a job's own results, those included, are at /v1/jobs/{id}/results. The
+    embedding's vector only with ``vector=true``."""
     context = request.app.state.imgq
+    code = language(lang).code
     parsed = parse_scoped(ref, tenant_settings(context.settings, caller))
     source, bucket, key = _object(parsed)
-    found = jobs_view.latest_image(context.engine, source=source, bucket=bucket, key=key, vector=vector)
+    found = jobs_view.latest_image(context.engine, source=source, bucket=bucket, key=key, vector=vector, lang=code)
     if found is None:
         raise not_found("image")
     return ImageResult(ref=str(parsed), **found)
@@ -87,7 +97,8 @@ def _encode_text(context: Any, text: str) -> tuple[Any, str]:
 @router.post("/search", response_model=SearchResult, responses=ERRORS)
 def search(body: SearchRequest, request: Request, caller: Caller) -> SearchResult:
     """Nearest images to a text or to an image's stored embedding (cosine, IMGQ_EMBED_MODEL's
-    vectors), within this tenant's sources, best first."""
+    vectors), within this tenant's sources, best first; each hit with its newest shared caption
+    (as /v1/images: none made with a prompt or an adapter)."""
     from imgq.db.search import search as nearest
     from imgq.db.search import stored_vector
 
@@ -108,7 +119,7 @@ def search(body: SearchRequest, request: Request, caller: Caller) -> SearchResul
     hits: dict[int, Any] = {}
     for bucket_filter, prefix in _scopes(body, scoped):
         for hit in nearest(context.engine, vector, model=settings.embed_model, revision=revision, limit=body.limit,
-                           bucket=bucket_filter, prefix=prefix, exclude_image_id=exclude):
+                           bucket=bucket_filter, prefix=prefix, exclude_image_id=exclude, shared_captions=True):
             hits.setdefault(hit.image_id, hit)
     best = sorted(hits.values(), key=lambda h: (-h.similarity, h.image_id))[: body.limit]
     return SearchResult(hits=[{"ref": h.ref, "similarity": round(h.similarity, 6), "caption": h.caption,

@@ -141,6 +141,8 @@ class Requeued(BaseModel):
 
 class ImageCaption(BaseModel):
     text: str
+    lang: str = Field(description="ISO 639-1: en for BLIP's own caption, else a translation's language.")
+    method: str = Field(description="native (BLIP's own) or translated.")
     model: str
     model_revision: str
     params: dict[str, Any]

@@ -199,6 +199,46 @@ def test_images_and_search_by_image_stay_within_the_tenant(api: Api) -> None:
                  422, "source_not_allowed")
 
 
+def test_tenants_sharing_a_bucket_see_only_captions_no_tenants_choices_shaped(api: Api) -> None:
+    """A prompt (which the caption continues) and an adapter are one tenant's choices: another tenant
+    of the same bucket saw them through /v1/images' caption and params, and search hits (found by
+    review). Both now show shared captions only, in the language asked for; the job's own results
+    still have everything."""
+    shared = api.buckets["acme"]
+    api.keys["initech"] = create_key(api.store.engine, "initech", buckets=[shared])[0]
+    ref, other = _refs(api, "acme", 2)
+    prompted = _submit(api, "acme", 2, kinds=["caption", "embed"], params={"prompt": "acme secret launch"})
+    _finish(api, prompted, done=[0, 1])
+    with api.client("initech") as c:
+        seen = c.get("/v1/images", params={"ref": ref})
+        assert seen.status_code == 200, seen.text
+        assert seen.json()["caption"] is None and seen.json()["embedding"]["dim"] == 256
+        hits = c.post("/v1/search", json={"image": ref, "limit": 5}).json()["hits"]
+        assert [(h["ref"], h["caption"]) for h in hits] == [(other, None)]
+    with api.client("acme") as c:
+        own = c.get(f"/v1/jobs/{prompted}/results").json()
+        assert {i["caption"] for i in own["items"]} == {"caption 0", "caption 1"}
+    plain = _submit(api, "acme", 1)
+    _finish(api, plain, done=[0])
+    first_caption = "SELECT caption_id FROM job_items WHERE job_id = :j AND seq = 0"
+    prompted_id, plain_id = (api.sql(first_caption, j=uuid.UUID(j))[0][0] for j in (prompted, plain))
+    for source in (prompted_id, plain_id):  # each English caption's German translation
+        api.sql("INSERT INTO captions (image_id, model, model_revision, params_hash, params, text, lang, method, via, "
+                "via_revision, source_id) SELECT image_id, model, model_revision, params_hash, params, 'de ' || text, "
+                "'de', 'translated', 'nllb', 'r', id FROM captions WHERE id = :id", id=source)
+    for tenant in ("initech", "acme"):
+        with api.client(tenant) as c:
+            caption = c.get("/v1/images", params={"ref": ref}).json()["caption"]
+            assert (caption["text"], caption["lang"], caption["method"]) == ("caption 0", "en", "native")
+            assert caption["params"]["prompt"] is None
+            german = c.get("/v1/images", params={"ref": ref, "lang": "de"}).json()["caption"]
+            assert (german["text"], german["lang"], german["method"]) == ("de caption 0", "de", "translated")
+            assert c.get("/v1/images", params={"ref": ref, "lang": "fr"}).json()["caption"] is None
+            _problem(c.get("/v1/images", params={"ref": ref, "lang": "xx"}), 422, "unknown_language")
+            hits = c.post("/v1/search", json={"image": other, "limit": 5}).json()["hits"]
+            assert [(h["ref"], h["caption"]) for h in hits] == [(ref, "caption 0")]
+
+
 def test_text_postgres_cannot_store_and_odd_values_are_refused_by_name(api: Api) -> None:
     """NUL characters, lone surrogates, priorities past the integer column and Unicode digits in a
     cursor were each a 500 (found by review); each is now a 4xx naming what is wrong, and nothing is
