@@ -14,6 +14,7 @@ import datetime as dt
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import secrets
@@ -25,6 +26,8 @@ from typing import Any
 from sqlalchemy import Engine, text
 
 from imgq.feeding import PRIORITY_MAX, PRIORITY_MIN
+
+log = logging.getLogger(__name__)
 
 KEY_PREFIX = "imgq"
 _KEY = re.compile(r"^imgq_([0-9a-f]{16})_([A-Za-z0-9_-]{20,128})$")
@@ -139,9 +142,22 @@ def _principal(row: Any) -> Principal:
                      roots=tuple(row.roots or ()), limits=dict(row.limits or {}))
 
 
-def verify_key(engine: Engine, key: str) -> Principal | None:
-    """The principal of a valid, unrevoked key, else None. The secret's SHA-256 is compared in
-    constant time; last_used_at is written at most once a minute per key."""
+def _usable(row: Any, reserved: str | None) -> bool:
+    """Not revoked, and not of ``reserved`` (IMGQ_TENANT, every CLI job's tenant: ``imgq apikey
+    create`` refuses it, but a key made before it did, or for a tenant renamed into it, would
+    list, read and cancel the operators' jobs)."""
+    if row.revoked_at is not None:
+        return False
+    if reserved is not None and row.tenant == reserved:
+        log.warning("API key %s belongs to IMGQ_TENANT %r and is refused; revoke it: imgq apikey revoke %s",
+                    row.id, reserved, row.id, extra={"action": "reserved_tenant_key", "key_id": row.id})
+        return False
+    return True
+
+
+def verify_key(engine: Engine, key: str, *, reserved: str | None = None) -> Principal | None:
+    """The principal of a valid, usable key (``_usable``), else None. The secret's SHA-256 is
+    compared in constant time; last_used_at is written at most once a minute per key."""
     parsed = parse_key(key)
     if parsed is None:
         return None
@@ -149,7 +165,7 @@ def verify_key(engine: Engine, key: str) -> Principal | None:
     with engine.connect() as conn:
         row = conn.execute(_KEY_ROW, {"id": key_id}).first()
     stored = bytes(row.secret_sha256) if row is not None else _DUMMY_DIGEST
-    if not hmac.compare_digest(_digest(secret), stored) or row is None or row.revoked_at is not None:
+    if not hmac.compare_digest(_digest(secret), stored) or row is None or not _usable(row, reserved):
         return None
     if row.last_used_at is None or row.now - row.last_used_at >= LAST_USED_EVERY:
         with engine.begin() as conn:
@@ -157,11 +173,11 @@ def verify_key(engine: Engine, key: str) -> Principal | None:
     return _principal(row)
 
 
-def principal_for_key_id(engine: Engine, key_id: str) -> Principal | None:
-    """The principal of an unrevoked key by its id (for sessions opened with that key)."""
+def principal_for_key_id(engine: Engine, key_id: str, *, reserved: str | None = None) -> Principal | None:
+    """The principal of a usable key by its id (for sessions opened with that key)."""
     with engine.connect() as conn:
         row = conn.execute(_KEY_ROW, {"id": key_id}).first()
-    if row is None or row.revoked_at is not None:
+    if row is None or not _usable(row, reserved):
         return None
     return _principal(row)
 

@@ -1,6 +1,7 @@
 """Authentication: every /v1 route takes ``Authorization: Bearer imgq_<id>_<secret>``.
 
-No key, a malformed, unknown or revoked key: 401 ``unauthorized`` with ``WWW-Authenticate:
+No key, a malformed, unknown or revoked key, or a key of IMGQ_TENANT (the operators' tenant: one
+made before ``imgq apikey create`` refused it): 401 ``unauthorized`` with ``WWW-Authenticate:
 Bearer``. A valid key is then counted against its per-minute budget (429 ``rate_limited``).
 
 A verified key is remembered for KEY_TTL_S (1 s) by this process (by the SHA-256 of the whole
@@ -41,7 +42,9 @@ async def principal(
     digest = hashlib.sha256(key.encode()).digest()
     found = context.principals.peek(digest)
     if found is None:
-        found = await run_in_threadpool(context.principals.get, digest, lambda: verify_key(context.engine, key))
+        reserved = context.settings.tenant
+        found = await run_in_threadpool(context.principals.get, digest,
+                                        lambda: verify_key(context.engine, key, reserved=reserved))
     if found is None:
         raise _unauthorized("the API key is invalid or revoked", "invalid_token")
     await context.limiter.hit(found)

@@ -105,6 +105,10 @@ async def _form(request: Request) -> dict[str, str]:
     return {k: v[0] for k, v in fields.items()}
 
 
+def _reserved(request: Request) -> str:
+    return str(request.app.state.imgq.settings.tenant)
+
+
 def _session(request: Request) -> tuple[str, Any] | None:
     """The cookie's session token and principal, or None (no cookie, expired, or key revoked)."""
     token = request.cookies.get(COOKIE)
@@ -112,7 +116,7 @@ def _session(request: Request) -> tuple[str, Any] | None:
     key_id = ui_sessions.session_key_id(engine, token)
     if key_id is None:
         return None
-    principal = principal_for_key_id(engine, key_id)
+    principal = principal_for_key_id(engine, key_id, reserved=_reserved(request))
     return None if principal is None else (token, principal)  # type: ignore[return-value]
 
 
@@ -156,7 +160,7 @@ def login(request: Request, token: str | None = None, next: str | None = None) -
         # or a chat, or a browser that does not say. Spent only by the confirm page's same-site
         # POST, so a link of another tenant cannot log this browser in unseen (login CSRF).
         key_id = ui_sessions.login_key_id(engine, token)
-        principal = principal_for_key_id(engine, key_id) if key_id is not None else None
+        principal = None if key_id is None else principal_for_key_id(engine, key_id, reserved=_reserved(request))
         if principal is None:
             return _html(ui_html.login_page(target, _SPENT), 401)
         return _html(ui_html.confirm_login_page(token, target, principal.tenant))
@@ -201,7 +205,8 @@ async def login_form(request: Request) -> Response:
     if refused is not None:
         return refused
     engine = _engine(request)
-    principal = await run_in_threadpool(verify_key, engine, form.get("key", "").strip())
+    key, reserved = form.get("key", "").strip(), _reserved(request)
+    principal = await run_in_threadpool(lambda: verify_key(engine, key, reserved=reserved))
     if principal is None:
         return _html(ui_html.login_page(target, "That API key is unknown or revoked."), 401)
     over = await _over_limit(request, principal)  # each login makes a session row

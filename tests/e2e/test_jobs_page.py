@@ -22,6 +22,7 @@ from sqlalchemy import text
 from imgq.db.store import DeadRow, Store, make_engine
 from imgq.db.tenancy import create_key, revoke_key
 from imgq.embedded import free_port
+from imgq.producer.api.ui import COOKIE
 from tests.jobs import caption_task, record
 
 pytestmark = pytest.mark.e2e
@@ -309,3 +310,30 @@ def test_the_page_and_its_login_count_against_the_keys_rate_limit(api: Api):
     with api.store.engine.connect() as conn:
         sessions = conn.execute(text("SELECT count(*) FROM ui_sessions WHERE kind = 'session'")).scalar_one()
     assert sessions == 2
+
+
+def test_a_key_of_imgq_tenant_made_before_create_refused_it_opens_nothing(api: Api):
+    """`imgq apikey create` refuses IMGQ_TENANT (every CLI job's tenant), but a key made before it
+    did still listed, read and cancelled the operators' jobs over HTTP and on the page."""
+    from imgq.db import ui_sessions
+
+    old, _ = create_key(api.store.engine, "default")  # as an older imgq made it
+    session = ui_sessions.create_session(api.store.engine, old.split("_")[1])  # and a page session of it
+    operators = _job(api.store, "default", done=1, dead=[], queued=1)
+    good, _ = create_key(api.store.engine, "acme")
+    with api.client() as client:
+        for key, status in ((old, 401), (good, 200)):
+            assert client.get("/v1/jobs", headers={"Authorization": f"Bearer {key}"}).status_code == status
+        bearer = {"Authorization": f"Bearer {old}"}
+        assert client.get(f"/v1/jobs/{operators}", headers=bearer).status_code == 401
+        assert client.delete(f"/v1/jobs/{operators}", headers=bearer).status_code == 401
+        assert client.post("/v1/ui-sessions", headers=bearer).status_code == 401
+        login = client.post("/ui/login", data={"key": old}, headers={"Sec-Fetch-Site": "same-origin"})
+        assert login.status_code == 401 and "set-cookie" not in login.headers
+        client.cookies.set(COOKIE, session)
+        page = client.get(f"/ui/jobs/{operators}")
+        assert page.status_code == 303 and page.headers["location"].startswith("/ui/login")
+    with api.store.engine.connect() as conn:
+        states = conn.execute(text("SELECT state, count(*) FROM job_items WHERE job_id = :j GROUP BY 1 ORDER BY 1"),
+                              {"j": operators}).all()
+    assert states == [("done", 1), ("queued", 1)]
