@@ -117,6 +117,7 @@ WITH taken AS (
   WHERE (CAST(:code AS text) IS NULL OR d.code = :code)
     AND (CAST(:job AS uuid) IS NULL OR d.job_id = :job)
     AND (CAST(:seq AS int) IS NULL OR d.seq = :seq)
+    AND (CAST(:seqs AS int[]) IS NULL OR d.seq = ANY(CAST(:seqs AS int[])))
     -- A cancelled job's dead letters stay: requeued, its items would run after all.
     AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = d.job_id AND j.cancelled_at IS NOT NULL)
   RETURNING d.job_id, d.seq
@@ -127,6 +128,10 @@ RETURNING i.job_id, i.seq, i.ref, i.text
 """)
 
 _JOB_SHARE = text("SELECT 1 FROM jobs WHERE id = :job FOR SHARE")
+
+_DLQ_REFS = text("""
+SELECT seq, ref FROM dead_letters WHERE job_id = :job AND (CAST(:code AS text) IS NULL OR code = :code) ORDER BY seq
+""")
 
 _DLQ_PURGE = text("""
 WITH gone AS (
@@ -404,17 +409,24 @@ class Admin:
             rows = conn.execute(_DLQ_LIST, {"code": code, "job": job, "limit": limit}).mappings()
             return [dict(r) for r in rows]
 
+    def dead_letter_refs(self, job: uuid.UUID, code: str | None) -> list[tuple[int, str]]:
+        """(seq, ref) of one job's dead letters (of one code, or all)."""
+        with self.engine.connect() as conn:
+            return [(int(seq), str(ref)) for seq, ref in conn.execute(_DLQ_REFS, {"job": job, "code": code})]
+
     def take_dead_letters(
-        self, *, code: str | None, job: uuid.UUID | None, seq: int | None
+        self, *, code: str | None, job: uuid.UUID | None, seq: int | None, seqs: Sequence[int] | None = None,
     ) -> list[Republish]:
-        """Remove matching dead letters and put their items back in the backlog (queued, attempts
-        0, unpublished): the feeder publishes them in its order, within the window."""
+        """Remove matching dead letters (of one ``code``, ``job``, ``seq``, among ``seqs``; None
+        matches all) and put their items back in the backlog (queued, attempts 0, unpublished):
+        the feeder publishes them in its order, within the window."""
         with self.engine.begin() as conn:
             if job is not None:
                 # Held until the commit: a cancel of this job waits, then cancels what this requeued
                 # (or, committed first, is seen by the take's cancelled check).
                 conn.execute(_JOB_SHARE, {"job": job})
-            rows = conn.execute(_DLQ_TAKE, {"code": code, "job": job, "seq": seq}).all()
+            rows = conn.execute(_DLQ_TAKE, {"code": code, "job": job, "seq": seq,
+                                            "seqs": None if seqs is None else list(seqs)}).all()
             return self._with_jobs(conn, rows)
 
     def purge(self, older_than: dt.timedelta) -> int:

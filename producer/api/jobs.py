@@ -33,7 +33,7 @@ from imgq.producer.api.schemas import (
     Requeued,
     ResultsPage,
 )
-from imgq.producer.api.sources import check_source, expand_refs, tenant_settings
+from imgq.producer.api.sources import check_source, expand_refs, tenant_settings, within
 from imgq.storable import unstorable
 
 log = logging.getLogger(__name__)
@@ -297,7 +297,8 @@ def job_results(job_id: str, request: Request, caller: Caller, cursor: str | Non
     409: {"description": "The job was cancelled (`job_cancelled`)", **PROBLEM}, **ERRORS})
 def retry_dead(job_id: str, request: Request, caller: Caller, code: str | None = None) -> Requeued:
     """Put the job's dead letters (of one ``code``, or all) back in the queue, attempts reset; as
-    `imgq dlq retry --job`."""
+    `imgq dlq retry --job`. Those whose refs are no longer within the tenant's sources (narrowed
+    since the job was accepted) stay dead letters: counted in ``outside_sources``."""
     from imgq.cli_errors import dead_letter_codes
     from imgq.db.admin import Admin
     from imgq.worker.feeder import PRODUCER_MESSAGES, Feeder
@@ -313,7 +314,12 @@ def retry_dead(job_id: str, request: Request, caller: Caller, code: str | None =
         raise ApiProblem(422, "bad_filter", f"unknown error code {code!r}; known codes: "
                          f"{', '.join(sorted(dead_letter_codes()))}")
     admin = Admin(context.engine)
-    batches = admin.take_dead_letters(code=code, job=job, seq=None)
+    # The workers check refs against IMGQ_ALLOWED_BUCKETS and IMGQ_LOCAL_ROOTS, every tenant's
+    # together: only here is the ref checked against this tenant's sources as they are now.
+    scoped = tenant_settings(context.settings, caller)
+    dead = admin.dead_letter_refs(job, code)
+    allowed = [seq for seq, ref in dead if within(ref, scoped)]
+    batches = admin.take_dead_letters(code=code, job=job, seq=None, seqs=allowed) if allowed else []
     context.summaries.forget((caller.tenant, job))
     settings = context.settings
     published = 0
@@ -326,7 +332,8 @@ def retry_dead(job_id: str, request: Request, caller: Caller, code: str | None =
         log.warning("retry-dead: publishing deferred to the feeder (%s)", exc, extra={"action": "api_retry_dead"})
     finally:
         feeder.stop()
-    return Requeued(job=job, requeued=sum(len(b.items) for b in batches), published=published)
+    return Requeued(job=job, requeued=sum(len(b.items) for b in batches), published=published,
+                    outside_sources=len(dead) - len(allowed))
 
 
 @router.delete("/jobs/{job_id}", response_model=Cancelled, responses=ERRORS)

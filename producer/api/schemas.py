@@ -137,6 +137,8 @@ class Requeued(BaseModel):
     job: uuid.UUID
     requeued: int
     published: int
+    outside_sources: int = Field(0, description="Dead letters left as they are: their refs are no longer within "
+                                 "this key's sources.")
 
 
 class ImageCaption(BaseModel):

@@ -59,6 +59,15 @@ def parse_scoped(raw: str, scoped: Settings) -> Ref:
     return parse_ref(raw.strip(), allowed_buckets=scoped.allowed_buckets, local_roots=scoped.local_roots)
 
 
+def within(raw: str, scoped: Settings) -> bool:
+    """Whether an accepted ref is still within the tenant's sources (they may have narrowed since)."""
+    try:
+        parse_scoped(raw, scoped)
+    except (ApiProblem, RefRefused, ValueError):
+        return False
+    return True
+
+
 def expand_refs(
     raws: Iterable[str], scoped: Settings, *, limit: int, skip_invalid: bool, rejected: list[tuple[str, str]],
     prefix: bool = False, s3_client: Any = None,

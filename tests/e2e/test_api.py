@@ -477,6 +477,31 @@ def test_retry_dead_requeues_the_jobs_dead_letters(api: Api) -> None:
     assert counts["dead"] == 0 and counts["queued"] == 3
 
 
+def test_retry_dead_leaves_refs_outside_the_tenants_sources_as_they_narrowed(api: Api) -> None:
+    """The workers check refs against every tenant's sources together: a tenant whose buckets were
+    narrowed could requeue dead letters of a bucket it had lost and read their results (found by
+    review). Those now stay dead letters, counted in outside_sources."""
+    kept, lost = api.buckets["acme"], api.buckets["globex"]
+    api.keys["initech"] = create_key(api.store.engine, "initech", buckets=[kept, lost])[0]
+    refs = [f"s3://{kept}/a.jpg", f"s3://{lost}/b.jpg", f"s3://{kept}/c.jpg"]
+    with api.client("initech") as c:
+        r = c.post("/v1/jobs", json={"kinds": ["caption"], "refs": refs})
+    assert r.status_code == 202, r.text
+    job = str(r.json()["job"])
+    _finish(api, job, done=[], dead=[0, 1, 2])
+    api.sql("UPDATE tenants SET buckets = ARRAY[:b] WHERE name = 'initech'", b=kept)
+    time.sleep(KEY_TTL_S + 0.1)  # a tenant's sources are read with its key
+    with api.client("initech") as c:
+        r = c.post(f"/v1/jobs/{job}/retry-dead")
+        assert r.status_code == 200, r.text
+        assert (r.json()["requeued"], r.json()["outside_sources"]) == (2, 1)
+        assert c.post(f"/v1/jobs/{job}/retry-dead").json() == {
+            "job": job, "requeued": 0, "published": 0, "outside_sources": 1}
+    assert api.sql("SELECT seq, state FROM job_items WHERE job_id = :j ORDER BY seq", j=uuid.UUID(job)) == [
+        (0, "queued"), (1, "dead"), (2, "queued")]
+    assert api.sql("SELECT seq FROM dead_letters WHERE job_id = :j", j=uuid.UUID(job)) == [(1,)]
+
+
 def test_cancel_then_check_balances(api: Api) -> None:
     job = _submit(api, "acme", 8)
     job_id = uuid.UUID(job)
