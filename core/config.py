@@ -27,6 +27,8 @@ def usable_cpus() -> int:
 # deploy/compose.env.example and deploy/k8s ship this in every secret; a deployment that kept one
 # must not start.
 PLACEHOLDER = "change-me"
+# Read by boto3, not by these settings, yet set beside them in every deployment (k8s secrets).
+S3_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
 
 def _loopback(address: str) -> bool:
@@ -283,7 +285,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
-        for name, value in self.as_env().items():
+        for name, value in [*self.as_env().items(), *((n, os.environ.get(n, "")) for n in S3_CREDENTIALS)]:
             if PLACEHOLDER in value.lower():
                 raise ValueError(f"{name} still holds the example's placeholder ({PLACEHOLDER!r}): set a real secret")
         if self.metrics_port and not self.metrics_token and not _loopback(self.metrics_bind):

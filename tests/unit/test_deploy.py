@@ -85,7 +85,7 @@ def test_compose_keeps_secrets_required_and_off_command_lines(compose):
     assert len(placeholders) >= 10
 
 
-def test_a_placeholder_secret_is_refused_at_start():
+def test_a_placeholder_secret_is_refused_at_start(monkeypatch):
     from imgq.config import Settings
 
     with pytest.raises(ValueError, match="IMGQ_BROKER_URL still holds the example's placeholder"):
@@ -95,6 +95,10 @@ def test_a_placeholder_secret_is_refused_at_start():
     with pytest.raises(ValueError, match="IMGQ_METRICS_BIND"):
         Settings(metrics_port=9464, metrics_bind="0.0.0.0")
     assert Settings(metrics_port=9464, metrics_bind="0.0.0.0", metrics_token="t0ken").metrics_port == 9464
+    # boto3's credentials are not settings of imgq, but ship in the same secrets (found by review).
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "change-me")
+    with pytest.raises(ValueError, match="AWS_SECRET_ACCESS_KEY still holds the example's placeholder"):
+        Settings()
 
 
 def test_images_are_multi_stage_non_root_and_cuda_only_from_the_torch_index():
@@ -336,8 +340,7 @@ def test_the_compose_redis_acl_and_healthcheck_work_on_a_real_redis(compose, tmp
         return out.stdout.strip()
 
     assert not healthy()
-    redis = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--aclfile",
-                              str(tmp_path / "users.acl"), "--save", "", "--appendonly", "no"],
+    redis = subprocess.Popen(_redis_command(compose, tmp_path / "users.acl", server, port),
                              stdout=subprocess.DEVNULL, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 10
@@ -353,6 +356,32 @@ def test_the_compose_redis_acl_and_healthcheck_work_on_a_real_redis(compose, tmp
     finally:
         redis.terminate()
         redis.wait(timeout=10)
+
+
+def _redis_command(compose: dict, acl: Path, server: str, port: int) -> list[str]:
+    """The compose Redis service's command, run here: its ACL file at ``acl``, this host's
+    redis-server on a loopback ``port``, nothing persisted."""
+    command = [part.replace("/etc/redis/users.acl", str(acl)) for part in compose["services"]["redis"]["command"]]
+    assert command[:2] == ["sh", "-c"] and "exec redis-server " in command[2]
+    local = f"exec {server} --port {port} --bind 127.0.0.1 --save '' "
+    script = command[2].replace("exec redis-server ", local).replace("--appendonly yes", "--appendonly no")
+    return [*command[:2], script]
+
+
+def test_the_compose_redis_refuses_a_placeholder_password(compose, tmp_path: Path):
+    """REDIS_ADMIN_PASSWORD left as the example's change-me: no imgq service holds it, so only Redis
+    itself can refuse it (found by review: Redis started, with an admin anyone could guess)."""
+    _, admin_var = _redis_admin(compose)
+    for values, refused in (({"REDIS_PASSWORD": "imgq-pw", admin_var: "change-me"}, True),
+                            ({"REDIS_PASSWORD": "my-change-me-pw", admin_var: "admin-pw"}, True),
+                            ({"REDIS_PASSWORD": "imgq-pw", admin_var: "admin-pw"}, False)):
+        acl = re.sub(r"\$\{(\w+):\?[^}]*\}", lambda m, v=values: v[m.group(1)],
+                     compose["configs"]["redis_acl"]["content"])
+        (tmp_path / "users.acl").write_text(acl)
+        # No server starts: refused, the check exits 1; passed, it execs a redis-server that is not there.
+        done = subprocess.run(_redis_command(compose, tmp_path / "users.acl", "/nonexistent/redis-server", 1),
+                              capture_output=True, text=True, timeout=10)
+        assert (done.returncode, "placeholder (change-me)" in done.stderr) == ((1, True) if refused else (127, False))
 
 
 def _run_lines(dockerfile: str) -> str:
