@@ -22,8 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future
-from typing import Any, Generic, TypeVar
+from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import REGISTRY, make_wsgi_app
@@ -31,35 +30,11 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
+from imgq.probes import PROBE_DEADLINE_S, Deadline
+
 log = logging.getLogger(__name__)
 
 Probe = Callable[[], str | None]  # None when ready, else why not
-PROBE_DEADLINE_S = 2.0
-T = TypeVar("T")
-
-
-class Deadline(Generic[T]):
-    """A blocking call, waited for at most ``timeout_s`` (TimeoutError past it). The call runs in
-    its own daemon thread; while one is still out, callers wait on it rather than start another."""
-
-    def __init__(self, call: Callable[[], T], timeout_s: float = PROBE_DEADLINE_S) -> None:
-        self._call, self._timeout_s = call, timeout_s
-        self._lock = threading.Lock()
-        self._out: Future[T] | None = None
-
-    def __call__(self) -> T:
-        with self._lock:
-            if self._out is None or self._out.done():
-                self._out = Future()
-                threading.Thread(target=self._run, args=(self._out,), name="imgq-probe", daemon=True).start()
-            out = self._out
-        return out.result(self._timeout_s)
-
-    def _run(self, out: Future[T]) -> None:
-        try:
-            out.set_result(self._call())
-        except BaseException as exc:
-            out.set_exception(exc)
 
 
 class ProcessCollector(Collector):

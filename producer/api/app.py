@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from imgq.config import Settings
 from imgq.producer.api import problems
 from imgq.producer.api.cache import TtlCache
+from imgq.producer.api.health import Readiness
 from imgq.producer.api.limits import BodyLimit, RateLimiter, redis_client
 
 # Connections per API process: routes run in a threadpool of 40, and each holds one only for
@@ -56,6 +57,7 @@ class ApiContext:
         self.store = Store(self.engine)
         self.redis = redis or redis_client(settings.broker_url)
         self.limiter = RateLimiter(self.redis, settings.api_requests_per_minute)
+        self.readiness = Readiness(self.engine, self.redis)
         self.encoder: Any = None  # the text encoder of /v1/search, loaded on first use
         self.summaries = TtlCache(SUMMARY_TTL_S)  # GET /v1/jobs/{id}, per (tenant, job)
         self.principals = TtlCache(KEY_TTL_S)  # verified keys, by the SHA-256 of the whole key
@@ -78,8 +80,8 @@ class ApiContext:
 
 
 def create_app(settings: Settings, context: ApiContext | None = None) -> FastAPI:
-    """The API: /v1 routes (auth always on), /healthz, the jobs page (/ui), OpenAPI at /docs."""
-    from imgq.producer.api import images, jobs
+    """The API: /v1 routes (auth always on), /healthz and /readyz, the jobs page (/ui), OpenAPI at /docs."""
+    from imgq.producer.api import health, images, jobs
 
     ctx = context or ApiContext(settings)
 
@@ -96,11 +98,7 @@ def create_app(settings: Settings, context: ApiContext | None = None) -> FastAPI
     problems.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.api_max_body_bytes)
 
-    @app.get("/healthz", tags=["health"])
-    def healthz() -> dict[str, str]:
-        """The process serves (no authentication, no data)."""
-        return {"status": "ok"}
-
+    app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(images.router)
     # The jobs page (/ui and POST /v1/ui-sessions), producer/api/ui.py.
