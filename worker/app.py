@@ -81,6 +81,7 @@ class WorkerRuntime:
             self.metrics = MetricsServer(
                 bind=self.settings.metrics_bind, port=self.settings.metrics_port, token=self.settings.metrics_token,
                 ready=lambda: self._not_ready(app), queue_depths=lambda: {queue: _queue_depth(app, queue)},
+                alive=lambda: self.engine.wedged() if self.engine is not None else None,
             ).start()
         self.load()
         max_pixels = self.settings.max_pixels
@@ -106,7 +107,7 @@ class WorkerRuntime:
             worker_name=self.name, max_batch=self.settings.max_batch,
             max_wait_s=self.settings.max_wait_ms / 1000, decode_threads=self.settings.decode_threads,
             on_unhealthy=self._unhealthy, decode_timeout_s=self.settings.decode_timeout_s,
-            writers=self.settings.result_writers,
+            writers=self.settings.result_writers, wedged_after_s=self.settings.task_time_limit_s,
         ).start()
 
         def send(messages: Iterable[TaskMessage], delay: float) -> None:

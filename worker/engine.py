@@ -134,6 +134,7 @@ class Engine:
         on_unhealthy: Callable[[str], None] | None = None,
         decode_timeout_s: float | None = 30.0,
         writers: int = 2,  # pragma: no mutate (the worker always passes IMGQ_RESULT_WRITERS)
+        wedged_after_s: float | None = None,
     ) -> None:
         self._store = store
         self.runners = dict(runners)
@@ -176,12 +177,42 @@ class Engine:
         self._ever_ok = False  # pragma: no mutate (None is as falsy; the first batch makes it a bool)
         self.unhealthy: str | None = None
         self._on_unhealthy = on_unhealthy
+        # A model call that never returns (a hung device, a deadlock in a kernel) raises nothing:
+        # no strike is ever counted while the worker keeps taking messages that only time out.
+        # Past wedged_after_s one call makes the worker unhealthy, as strikes do (the worker passes
+        # IMGQ_TASK_TIME_LIMIT_S: by then every message of the batch has timed out anyway).
+        self._wedged_after_s = wedged_after_s
+        self._model_since: float | None = None
+        self._watchdog = threading.Thread(target=self._watch, name="imgq-watchdog", daemon=True)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> Engine:
         for thread in (self._infer, *self._writers):
             thread.start()
+        if self._wedged_after_s is not None:
+            self._watchdog.start()
         return self
+
+    def wedged(self) -> str | None:
+        """Why inference looks stuck (one model call running past ``wedged_after_s``), or None."""
+        since = self._model_since
+        if self._wedged_after_s is None or since is None:
+            return None
+        running = self._clock() - since
+        if running <= self._wedged_after_s:
+            return None
+        return f"one model call has run for {running:.0f} s, over {self._wedged_after_s:g} s: inference is wedged"
+
+    def _watch(self) -> None:
+        assert self._wedged_after_s is not None
+        while not self._stop.wait(min(5.0, self._wedged_after_s / 10)):  # pragma: no mutate (a poll period)
+            reason = self.wedged()
+            if reason is not None and self.unhealthy is None:
+                self.unhealthy = reason
+                log.error("model unhealthy: %s", reason, extra={"action": "unhealthy"})
+                if self._on_unhealthy is not None:
+                    self._on_unhealthy(reason)
+                return
 
     def stop(self, timeout: float = 30.0) -> None:  # pragma: no mutate (a join bound only a hung thread meets)
         # Not mutated: both are the defaults, spelled out (omitting either changes nothing). That stop()
@@ -428,13 +459,18 @@ class Engine:
         lang = entries[0].lang
         try:
             started = time.perf_counter()
-            if lang is not None:  # a stage: runs on the value of the kind it follows
-                after = KINDS[task.kind].after
-                values = runner.translate([str(e.item.results[after]) for e in entries], lang)  # type: ignore[attr-defined]
-            else:
-                pixels = np.stack([e.item.input_for(runner, task) for e in entries])
-                texts = [e.item.text or "" for e in entries] if entries[0].item.text is not None else None
-                values = self._run_model(runner, pixels, texts, entries)
+            self._model_since = self._clock()
+            try:
+                if lang is not None:  # a stage: runs on the value of the kind it follows
+                    after = KINDS[task.kind].after
+                    sources = [str(e.item.results[after]) for e in entries]
+                    values = runner.translate(sources, lang)  # type: ignore[attr-defined]
+                else:
+                    pixels = np.stack([e.item.input_for(runner, task) for e in entries])
+                    texts = [e.item.text or "" for e in entries] if entries[0].item.text is not None else None
+                    values = self._run_model(runner, pixels, texts, entries)
+            finally:
+                self._model_since = None
             metrics.MODEL_SECONDS.labels(task.kind).observe(time.perf_counter() - started)
             metrics.BATCH_SIZE.labels(task.kind).observe(len(entries))
         except Exception as exc:

@@ -2,7 +2,8 @@
 
 ``/metrics`` requires ``Authorization: Bearer $IMGQ_METRICS_TOKEN`` when a token is set, and the
 settings refuse a non-loopback bind without one. The probes carry no data and need no token:
-``/healthz`` answers while the process serves, ``/readyz`` only once the models are loaded and
+``/healthz`` answers while the process serves (503 once a model call is wedged: only a restart
+helps), ``/readyz`` only once the models are loaded and
 the broker and the database answer (checked at most every 2 s).
 
 The probe and the queue-depth sample each get ``PROBE_DEADLINE_S``: a stalled Redis or Postgres
@@ -93,7 +94,7 @@ class _CachedProbe:
             return self._why
 
 
-def make_app(token: str | None, ready: Probe) -> Callable[..., Iterable[bytes]]:
+def make_app(token: str | None, ready: Probe, alive: Probe | None = None) -> Callable[..., Iterable[bytes]]:
     metrics = make_wsgi_app(REGISTRY)
     ready = _CachedProbe(ready)
     expected = f"Bearer {token}".encode() if token else None
@@ -101,8 +102,10 @@ def make_app(token: str | None, ready: Probe) -> Callable[..., Iterable[bytes]]:
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if path == "/healthz":
-            start_response("200 OK", [("Content-Type", "text/plain")])
-            return [b"ok\n"]
+            # In memory, no I/O: what only a restart cures (a wedged model call), never an outage.
+            why = alive() if alive is not None else None
+            start_response("200 OK" if why is None else "503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [b"ok\n" if why is None else f"not alive: {why}\n".encode()]
         if path == "/readyz":
             why = ready()
             start_response("200 OK" if why is None else "503 Service Unavailable", [("Content-Type", "text/plain")])
@@ -127,11 +130,12 @@ class _QuietHandler(WSGIRequestHandler):
 
 class MetricsServer:
     def __init__(self, *, bind: str, port: int, token: str | None, ready: Probe,
-                 queue_depths: Callable[[], dict[str, int]]) -> None:
+                 queue_depths: Callable[[], dict[str, int]], alive: Probe | None = None) -> None:
+        # The port first: one already taken must leave nothing registered behind it.
+        self._server = make_server(bind, port, make_app(token, ready, alive), ThreadingWSGIServer,
+                                   handler_class=_QuietHandler)
         self._collector = ProcessCollector(queue_depths)
         REGISTRY.register(self._collector)
-        self._server = make_server(bind, port, make_app(token, ready), ThreadingWSGIServer,
-                                   handler_class=_QuietHandler)
         self.port = int(self._server.server_port)
         self._thread = threading.Thread(target=self._server.serve_forever, name="imgq-metrics", daemon=True)
 

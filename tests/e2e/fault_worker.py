@@ -5,7 +5,9 @@
   appears kills the process after inference, before the commit (the file is removed first);
 - ``broken_model``: every caption batch fails as a dead CUDA context would;
 - ``slow_model``: every caption batch first sleeps IMGQ_TEST_SLOW_S seconds (default 3), so
-  that work is surely in flight when a test signals the worker, however fast the machine.
+  that work is surely in flight when a test signals the worker, however fast the machine;
+- ``hung_model``: every caption batch blocks for ever, as a hung device or a deadlocked kernel
+  would (no exception, no return).
 
 Everything else is the real CLI entry point, unchanged.
 """
@@ -65,6 +67,18 @@ if "slow_model" in faults:
         return real_caption(self, pixel_values, params)
 
     CaptionModel.caption = slow_caption
+
+if "hung_model" in faults:
+    import threading
+
+    from imgq.worker.model import CaptionModel
+
+    never = threading.Event()
+
+    def hung_caption(self, pixel_values, params):  # type: ignore[no-untyped-def]
+        never.wait()
+
+    CaptionModel.caption = hung_caption
 
 if __name__ == "__main__":
     from imgq.cli import main

@@ -93,6 +93,63 @@ def test_a_broken_model_stops_its_worker_instead_of_dead_lettering_the_queue(
     check_job(settings, job)
 
 
+def test_a_wedged_model_call_fails_healthz_and_stops_its_worker_and_its_items_finish_elsewhere(
+    make_settings, image_root: Path, tiny_model_dir: Path, tmp_path: Path
+):
+    """A model call that never returns raised nothing, so no strike was ever counted: the worker
+    lived on, took messages that only timed out, and /healthz said ok (found by review). Past
+    IMGQ_TASK_TIME_LIMIT_S the call makes the worker unhealthy: /healthz 503, the worker stops."""
+    import urllib.error
+    import urllib.request
+
+    from imgq.embedded import free_port
+    from tests.e2e.helpers import start_worker
+
+    port = free_port()
+    settings = make_settings(task_time_limit_s=4, visibility_timeout_s=30, shutdown_grace_s=2, metrics_port=port,
+                             retry_base_s=0.2, retry_max_s=0.5, heartbeat_s=1, worker_dead_after_s=3)
+    refs = []
+    for i in range(6):
+        path = image_root / f"h{i}.jpg"
+        path.write_bytes(jpeg_bytes(160, 120, 500 + i))
+        refs.append(str(path))
+    out = run_cli(settings, "enqueue", "caption", *refs, "--max-new-tokens", "4", "--refs-per-message", "3")
+    assert out.returncode == 0, out.stderr
+    job = uuid.UUID(out.stdout.strip())
+    hung = start_worker(settings, tiny_model_dir, tmp_path, "hung", env_extra={"IMGQ_TEST_FAULTS": "hung_model"})
+    answers: list[tuple[int, str]] = []
+    try:
+        deadline = time.monotonic() + 90
+        while hung.poll() is None and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+                    answers.append((response.status, response.read().decode()))
+            except urllib.error.HTTPError as exc:
+                answers.append((exc.code, exc.read().decode()))
+            except OSError:
+                pass  # not listening yet, or gone
+            time.sleep(0.2)
+        code = hung.wait(30)
+        print(f"exit {code}, {time.monotonic() - deadline + 90:.1f} s after it started")
+        assert code in (3, 70), "a wedged worker stops, for its supervisor to restart"
+    finally:
+        if hung.poll() is None:
+            hung.kill()
+    assert (200, "ok\n") in answers
+    assert any(status == 503 and "inference is wedged" in body for status, body in answers), answers[-3:]
+    assert "model unhealthy: one model call has run for" in (tmp_path / "worker-hung.log").read_text()
+    settings = settings.model_copy(update={"metrics_port": 0})
+    store = Store.from_url(settings.database_url)
+    with workers(settings, tiny_model_dir, tmp_path, 1) as procs:  # a healthy worker takes over
+        run_cli(settings, "reconcile", "--job", str(job), "--older-than", "0")
+        took = time.monotonic()
+        totals = wait_finished(store, [job], timeout=120, procs=procs, log_dir=tmp_path)
+        print(f"finished elsewhere in {time.monotonic() - took:.1f} s")
+    store.engine.dispose()
+    assert totals == {"queued": 0, "running": 0, "done": 6, "dead": 0}
+    check_job(settings, str(job))
+
+
 def test_a_worker_that_exits_past_its_shutdown_grace_has_its_items_reaped(
     make_settings, image_root: Path, slow_tiny_model_dir: Path, tmp_path: Path
 ):

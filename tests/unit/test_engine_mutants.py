@@ -614,3 +614,33 @@ def test_a_write_retry_that_would_end_exactly_at_the_deadline_is_still_made(fake
     engine._commit(write)
     assert fake_time == [0.2]
     assert item.future.result(0).code == "db_unavailable"
+
+
+def test_a_model_call_past_wedged_after_s_makes_the_engine_unhealthy_once():
+    """A call that never returns raises nothing: only the watchdog can see it (e2e:
+    tests/e2e/test_hardening.py, with a real worker)."""
+    reasons: list[str] = []
+    model = GatedModel()
+    engine = engine_of(MemoryResults(), model, wedged_after_s=0.3, on_unhealthy=reasons.append)
+    assert engine.wedged() is None
+    work = engine.submit(uuid.uuid4(), [CAPTION], [(0, "img-0.1")])
+    assert eventually(lambda: reasons, 5), "the watchdog never fired"
+    time.sleep(0.2)
+    assert len(reasons) == 1 and "inference is wedged" in reasons[0] and engine.unhealthy == reasons[0]
+    assert "inference is wedged" in (engine.wedged() or "")
+    model.gate.set()
+    assert work[0].future.result(SETTLE_S).state == "done"  # the late call's result still counts
+    assert engine.wedged() is None
+    engine.stop()
+
+
+def test_without_wedged_after_s_a_slow_call_is_never_judged():
+    reasons: list[str] = []
+    model = GatedModel()
+    engine = engine_of(MemoryResults(), model, on_unhealthy=reasons.append)
+    work = engine.submit(uuid.uuid4(), [CAPTION], [(0, "img-0.1")])
+    time.sleep(0.5)
+    assert engine.wedged() is None and not reasons
+    model.gate.set()
+    assert work[0].future.result(SETTLE_S).state == "done"
+    engine.stop()

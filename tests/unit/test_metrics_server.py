@@ -134,3 +134,16 @@ def test_the_workers_probes_answer_while_its_models_load_and_a_taken_port_fails_
         with pytest.raises(OSError):
             WorkerRuntime(busy, runners={"caption": Counted()}).start(None)  # type: ignore[dict-item, arg-type]
         assert loads == [], "the models loaded before the port was found taken"
+
+
+def test_healthz_is_503_with_the_reason_while_the_alive_probe_has_one():
+    reason: list[str] = []
+    server = MetricsServer(bind="127.0.0.1", port=0, token=None, ready=lambda: None, queue_depths=lambda: {},
+                           alive=lambda: reason[0] if reason else None).start()
+    try:
+        assert get(f"http://127.0.0.1:{server.port}/healthz")[:2] == (200, "ok\n")
+        reason.append("one model call has run for 700 s, over 600 s: inference is wedged")
+        assert get(f"http://127.0.0.1:{server.port}/healthz")[:2] == (503, f"not alive: {reason[0]}\n")
+        assert get(f"http://127.0.0.1:{server.port}/readyz")[0] == 200
+    finally:
+        server.stop()
