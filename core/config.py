@@ -212,6 +212,9 @@ class Settings(BaseSettings):
                               "expand to (413), unless the tenant's limits (max_refs) say otherwise.")
     api_requests_per_minute: int = Field(600, ge=1, description="Requests per API key per minute (429), unless "
                                          "the tenant's limits (requests_per_minute) say otherwise.")
+    api_auth_failures_per_minute: int = Field(30, ge=1, description="Failed authentications one client address may "
+                                              "make per minute per API process before its unknown keys get 429 "
+                                              "without a database lookup.")
     api_priority: int = Field(10, ge=PRIORITY_MIN, le=PRIORITY_MAX, description="Priority of API jobs unless the "
                               "request names one; also the highest a request may name, unless the tenant's "
                               "limits (max_priority) say otherwise.")

@@ -19,6 +19,7 @@ from fastapi import FastAPI
 
 from imgq.config import Settings
 from imgq.producer.api import problems
+from imgq.producer.api.auth_throttle import AuthThrottle
 from imgq.producer.api.cache import TtlCache
 from imgq.producer.api.health import Readiness
 from imgq.producer.api.limits import BodyLimit, RateLimiter, redis_client
@@ -58,6 +59,7 @@ class ApiContext:
         self.redis = redis or redis_client(settings.broker_url)
         self.limiter = RateLimiter(self.redis, settings.api_requests_per_minute)
         self.readiness = Readiness(self.engine, self.redis)
+        self.auth_throttle = AuthThrottle(settings.api_auth_failures_per_minute)
         self.encoder: Any = None  # the text encoder of /v1/search, loaded on first use
         self.summaries = TtlCache(SUMMARY_TTL_S)  # GET /v1/jobs/{id}, per (tenant, job)
         self.principals = TtlCache(KEY_TTL_S)  # verified keys, by the SHA-256 of the whole key

@@ -6,7 +6,8 @@ Bearer``. A valid key is then counted against its per-minute budget (429 ``rate_
 
 A verified key is remembered for KEY_TTL_S (1 s) by this process (by the SHA-256 of the whole
 key, so an unknown key is looked up every time): a revoked key stops within a second, and a
-burst of requests with one key costs one lookup.
+burst of requests with one key costs one lookup. An address that keeps failing is refused
+before the lookup (429, producer/api/auth_throttle.py).
 """
 
 from __future__ import annotations
@@ -42,9 +43,18 @@ async def principal(
     digest = hashlib.sha256(key.encode()).digest()
     found = context.principals.peek(digest)
     if found is None:
+        address = request.client.host if request.client is not None else ""
+        retry = context.auth_throttle.retry_after(address, digest)
+        if retry is not None:
+            raise ApiProblem(429, "rate_limited", f"too many failed authentications from this address; retry in "
+                             f"{retry} s", headers={"Retry-After": str(retry)})
         reserved = context.settings.tenant
         found = await run_in_threadpool(context.principals.get, digest,
                                         lambda: verify_key(context.engine, key, reserved=reserved))
+        if found is None:
+            context.auth_throttle.failed(address)
+        else:
+            context.auth_throttle.verified(digest)
     if found is None:
         raise _unauthorized("the API key is invalid or revoked", "invalid_token")
     await context.limiter.hit(found)
