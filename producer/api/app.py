@@ -83,7 +83,7 @@ class ApiContext:
 
 def create_app(settings: Settings, context: ApiContext | None = None) -> FastAPI:
     """The API: /v1 routes (auth always on), /healthz and /readyz, the jobs page (/ui), OpenAPI at /docs."""
-    from imgq.producer.api import health, images, jobs
+    from imgq.producer.api import docs_page, health, images, jobs
 
     ctx = context or ApiContext(settings)
 
@@ -93,13 +93,14 @@ def create_app(settings: Settings, context: ApiContext | None = None) -> FastAPI
         await ctx.close()
 
     app = FastAPI(title="imgq", version="1", description=DESCRIPTION, lifespan=lifespan,
-                  docs_url="/docs", openapi_url="/openapi.json", redoc_url=None)
+                  docs_url=None, openapi_url="/openapi.json", redoc_url=None)
     app.state.imgq = ctx
     app.state.engine = ctx.engine
     app.state.settings = settings
     problems.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.api_max_body_bytes)
 
+    docs_page.install(app)  # /docs, without a CDN
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(images.router)

@@ -337,3 +337,21 @@ def test_a_key_of_imgq_tenant_made_before_create_refused_it_opens_nothing(api: A
         states = conn.execute(text("SELECT state, count(*) FROM job_items WHERE job_id = :j GROUP BY 1 ORDER BY 1"),
                               {"j": operators}).all()
     assert states == [("done", 1), ("queued", 1)]
+
+
+def test_chromium_renders_the_api_docs_from_this_origin_under_their_csp(api: Api, tmp_path: Path):
+    """/docs loaded Swagger UI from a CDN (blank without internet; the CDN could run anything on
+    the page): now every asset comes from this process, under a policy that allows nothing else."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.fail("chromium is missing: `make test` installs it (make browser)")
+    with api.client() as client:
+        page = client.get("/docs")
+    assert page.status_code == 200 and "script-src 'self'" in page.headers["content-security-policy"]
+    assert "http" not in page.text and "<script>" not in page.text, "no outside asset, no inline script"
+    done = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+                           f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", f"{api.base}/docs"],
+                          capture_output=True, text=True, timeout=90)
+    rendered = _visible(done.stdout)
+    assert "POST /v1 /jobs /{job_id} /retry-dead Retry Dead" in rendered and "OAS 3.1" in rendered, rendered[:2000]
+    assert "Refused to" not in done.stderr, "the page broke its own policy"
