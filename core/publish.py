@@ -81,12 +81,14 @@ def delivered_lane(app: Celery) -> int:
 
 
 def republish(app: Celery, batches: Iterable[Any], *, queue: str, per_message: int) -> int:
-    """Publish items again (a dead worker's running items) with every task of their job;
-    ``batches`` are ``db.admin.Republish``."""
-    messages: list[TaskMessage] = []
-    lanes: dict[str, int] = {}
+    """Publish items again (a dead worker's running items) with every task of their job, each to
+    its job's queue (``queue`` for a batch that names none); ``batches`` are ``db.admin.Republish``.
+    A reaper takes the orphans of every queue: a fleet's queue is where workers that serve its
+    kinds listen, and another fleet's workers would dead-letter them as wrong_model."""
+    by_queue: dict[str, tuple[list[TaskMessage], dict[str, int]]] = {}
     for batch in batches:
+        messages, lanes = by_queue.setdefault(getattr(batch, "queue", None) or queue, ([], {}))
         messages += chunk_messages(job=str(batch.job), tasks=tasks_from_record(batch.tasks), items=batch.items,
                                    per_message=per_message)
         lanes[str(batch.job)] = lane(getattr(batch, "priority", 0))
-    return publish(app, messages, queue=queue, lane=lanes)
+    return sum(publish(app, messages, queue=name, lane=lanes) for name, (messages, lanes) in by_queue.items())

@@ -212,7 +212,7 @@ WHERE job_id = :job AND seq = ANY(ARRAY(
 RETURNING seq, ref, text
 """)
 
-_JOBS = text("SELECT id, tasks, priority FROM jobs WHERE id = ANY(CAST(:ids AS uuid[]))")
+_JOBS = text("SELECT id, tasks, priority, queue FROM jobs WHERE id = ANY(CAST(:ids AS uuid[]))")
 
 # One feed cycle at a time per queue, across workers and producers: a transaction lock, so a
 # killed feeder's lock goes with its connection. The leader lock (session-level) only picks which
@@ -289,6 +289,7 @@ class Republish:
     tasks: list[dict[str, Any]]
     items: list[tuple[int, str] | tuple[int, str, str]]  # [seq, ref] or [seq, ref, text]
     priority: int = 0  # the job's: its items go back to its broker lane (imgq.feeding.lane)
+    queue: str | None = None  # the job's broker queue (None: the publisher's own)
 
 
 @dataclass(frozen=True, slots=True)
@@ -531,8 +532,10 @@ class Admin:
             by_job.setdefault(job_id, []).append((seq, ref) if pair_text is None else (seq, ref, pair_text))
         if not by_job:
             return []
-        jobs = {job_id: (tasks, priority) for job_id, tasks, priority in conn.execute(_JOBS, {"ids": list(by_job)})}
-        return [Republish(job_id, jobs[job_id][0], sorted(items), jobs[job_id][1]) for job_id, items in by_job.items()]
+        jobs = {job_id: (tasks, priority, queue)
+                for job_id, tasks, priority, queue in conn.execute(_JOBS, {"ids": list(by_job)})}
+        return [Republish(job_id, jobs[job_id][0], sorted(items), jobs[job_id][1], jobs[job_id][2])
+                for job_id, items in by_job.items()]
 
 
 def vector_index_name(dim: int) -> str:

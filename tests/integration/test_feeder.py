@@ -289,6 +289,28 @@ def test_requeued_and_republished_messages_keep_their_lane(store, client, broker
     assert (client.llen(BACKFILL), client.llen(QUEUE)) == (1, 0)
 
 
+def test_a_reaper_sends_each_orphan_back_to_its_jobs_queue(store, client, broker_url) -> None:
+    """A reaper takes the orphans of every queue; it published them all to its own, where a fleet
+    serving other kinds dead-lettered them as wrong_model (found by review: 249 of 249)."""
+    from imgq.db.admin import Admin
+    from imgq.publish import republish
+
+    other = "feed-test-other"
+    mine = _job(store, 2)
+    theirs = store.create_job(tasks=[record(caption_task("m"))], refs=["/d/a.jpg", "/d/b.jpg"], queue=other)
+    for job in (mine, theirs):
+        store.claim(job, [0, 1], "gone:1")
+    with store.engine.begin() as conn:  # the dead worker's record, as its heartbeat left it
+        conn.execute(text("INSERT INTO workers (name, host, pid) VALUES ('gone:1', 'gone', 1)"))
+    app = make_celery(Settings(_env_file=None, broker_url=broker_url, queue=QUEUE))
+    taken = Admin(store.engine).take_orphans(
+        dead_after_s=None, gone=["gone:1"],
+        publish=lambda batches: republish(app, batches, queue=QUEUE, per_message=1))
+    assert taken is not None and sum(len(b.items) for b in taken) == 4
+    assert (client.llen(QUEUE), client.llen(other)) == (2, 2)
+    client.delete(QUEUE, other)
+
+
 def test_fair_shares_weigh_each_jobs_cost(store, client, broker_url) -> None:
     cheap = _job(store, 300, tenant="a")  # greedy, 30 tokens: 1.35
     dear = store.create_job(tasks=[record(caption_task("m", CaptionParams(num_beams=4, max_new_tokens=30)))],
