@@ -103,3 +103,48 @@ def plan(
         heapq.heappush(jobs_of[name], (job_load + weight, age_rank, index))
         heapq.heappush(tenants, (load + weight, name))
     return [(level[index].job, n) for index, n in given.items()]
+
+
+class PushLog:
+    """When a feeder pushed messages into each lane (database time), newest last.
+
+    A lane is a FIFO list: a depth of D is the D messages pushed last. So counting logged pushes
+    back from the newest until they reach D gives a time before which every message pushed has
+    left the lane, taken by a worker or lost with Redis: an item published before it and still
+    queued (past the age that covers prefetched messages) was lost, whatever the other lanes
+    hold and however deep its own lane is. Pushes this log never saw (a producer's first
+    messages, retries, another feeder's) only move the answer earlier: it never calls a message
+    still in the list lost, it may just see a loss later.
+    """
+
+    def __init__(self, keep: int = 10_000) -> None:
+        self._keep = keep
+        self._pushes: dict[int, list[tuple[object, int]]] = {}
+
+    def pushed(self, to_lane: int, at: object, messages: int) -> None:
+        if messages <= 0:
+            return
+        pushes = self._pushes.setdefault(to_lane, [])
+        pushes.append((at, messages))
+        if len(pushes) > 2 * self._keep:  # trimmed in bulk: appends stay O(1)
+            del pushes[: len(pushes) - self._keep]
+
+    def left_before(self, lane_: int, depth: int) -> object | None:
+        """A time before which every message pushed into the lane has left it; None when the lane
+        is empty (every message has left). ``UNKNOWN`` when the log holds fewer pushes than the
+        lane holds messages (it began after they were pushed)."""
+        if depth <= 0:
+            return None
+        seen = 0
+        for at, messages in reversed(self._pushes.get(lane_, [])):
+            seen += messages
+            if seen >= depth:
+                return at
+        return UNKNOWN
+
+    def forget(self) -> None:
+        """After a cycle rolled back: its pushes may not have happened."""
+        self._pushes.clear()
+
+
+UNKNOWN = "-infinity"  # Postgres' timestamp before every other: nothing was pushed before it

@@ -16,7 +16,8 @@ _SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 _SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 BATCH_SIZE = Histogram("imgq_batch_size", "Items per model batch.", ["kind"], buckets=_SIZES)
-BATCH_WAIT = Histogram("imgq_batch_wait_seconds", "How long a batch's first item waited for batchmates.",
+BATCH_WAIT = Histogram("imgq_batch_wait_seconds", "How long a batch's first item waited for batchmates "
+                       "(until the batch left the batcher, not until its model call began).",
                        ["kind"], buckets=_SECONDS)
 MODEL_SECONDS = Histogram("imgq_model_seconds", "Model time per batch (forward or generate).", ["kind"],
                           buckets=_SECONDS)
@@ -24,9 +25,11 @@ IMAGES = Counter("imgq_images", "Items whose result for this kind was committed;
                  ["kind"])
 REUSED = Counter("imgq_reused_results", "Results found already stored for the same image version, model and "
                  "params, so the model did not run (a caption a --lang job translates).", ["kind"])
-FAILURES = Counter("imgq_failures", "Failed item attempts, by error code (retried or dead-lettered).",
+FAILURES = Counter("imgq_failures", "Failed item attempts, by error code (retried or dead-lettered; also items "
+                   "dead-lettered without running them: refused, worn out or given up after an internal error).",
                    ["code"])
-RETRIES = Counter("imgq_retries", "Items re-published to be tried again after a retryable failure.")
+RETRIES = Counter("imgq_retries", "Items re-published to be tried again after a retryable failure (not a dead "
+                  "worker's items sent again one per message: nothing of theirs failed).")
 DEAD_LETTERS = Counter("imgq_dead_letters", "Items dead-lettered, by error code.", ["code"])
 SWEEPS = Counter("imgq_reconcile_sweeps", "Lost-message sweeps this worker ran (as the feeder).")
 RECOVERED = Counter("imgq_recovered_items",
@@ -42,6 +45,12 @@ def count_done(items: Iterable[Any]) -> None:
     for item in items:
         for kind in item.results:
             IMAGES.labels(kind).inc()
+
+
+def count_failures(codes: Iterable[str]) -> None:
+    """Failures settled outside the engine (which counts its own as they happen)."""
+    for code in codes:
+        FAILURES.labels(code).inc()
 
 
 def count_dead(rows: Sequence[Any]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +13,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError
 
 from imgq.db.store import drop_acceptance
+from imgq.feeding import BACKFILL_LANE, TOP_LANE
 
 _JOB_KINDS = text("SELECT tasks FROM jobs WHERE id = :job")
 
@@ -20,7 +21,8 @@ _JOB_KINDS = text("SELECT tasks FROM jobs WHERE id = :job")
 def check_items_sql(kinds: Sequence[str]) -> str:
     """Items whose state disagrees with their records. A done item has one result per kind of
     its job (each kind's writer names its link column) and no dead letter; a dead item has a dead
-    letter and no result; a pending item has neither, and so has a cancelled one (final, never run)."""
+    letter and no result; a pending item has neither, and so has a cancelled one (final, never run),
+    which only a cancelled job has."""
     from imgq.db.results import writer
 
     # SQL case: "NULL"/"null", " AND "/" and ", " OR "/" or " are the same SQL.
@@ -33,13 +35,16 @@ def check_items_sql(kinds: Sequence[str]) -> str:
         f"i.{w.link_column} IS NOT NULL" for w in writers
     ) or "false"  # pragma: no mutate (SQL case)
     return f"""
-SELECT i.seq, i.ref, i.state, ({has_all}) AS has_result, (d.job_id IS NOT NULL) AS has_dead_letter
+SELECT i.seq, i.ref, i.state, ({has_all}) AS has_result, ({has_any}) AS has_link,
+       (d.job_id IS NOT NULL) AS has_dead_letter, (j.cancelled_at IS NOT NULL) AS job_cancelled
 FROM job_items i
+JOIN jobs j ON j.id = i.job_id
 LEFT JOIN dead_letters d ON d.job_id = i.job_id AND d.seq = i.seq
 WHERE i.job_id = :job
   AND ((i.state = 'done' AND (NOT ({has_all}) OR d.job_id IS NOT NULL))
     OR (i.state = 'dead' AND (d.job_id IS NULL OR {has_any}))
-    OR (i.state IN ('queued', 'running', 'cancelled') AND ({has_any} OR d.job_id IS NOT NULL)))
+    OR (i.state IN ('queued', 'running', 'cancelled') AND ({has_any} OR d.job_id IS NOT NULL))
+    OR (i.state = 'cancelled' AND j.cancelled_at IS NULL))
 ORDER BY i.seq LIMIT 1000
 """
 
@@ -58,15 +63,60 @@ GROUP BY {", ".join("r." + c.strip() for c in identity(kind).split(","))} HAVING
 
 def check_mismatch_sql(kind: str) -> str:
     """Items whose result row was computed with another model or parameters than their job names
-    (what a forged message could once cause)."""
+    (what a forged message could once cause), or for another image than the item's (a link or an
+    image_id changed by hand: the row is well-formed, it is just someone else's)."""
     from imgq.db.results import writer
 
     w = writer(kind)
     return f"""
-SELECT i.seq, i.ref, r.model, r.params_hash FROM job_items i JOIN {w.table} r ON r.id = i.{w.link_column}
-WHERE i.job_id = :job AND (r.model <> :model OR r.params_hash <> :phash)
+SELECT i.seq, i.ref, r.model, r.params_hash, r.image_id AS result_image, i.image_id AS item_image
+FROM job_items i JOIN {w.table} r ON r.id = i.{w.link_column}
+WHERE i.job_id = :job
+  AND (r.model <> :model OR r.params_hash <> :phash OR r.image_id IS DISTINCT FROM i.image_id)
 ORDER BY i.seq LIMIT 1000
 """
+
+
+def _row_count_problem(total: int, purged: int, rows: int) -> str:
+    """A job's item rows against what it accepted (less what was purged); called when they differ."""
+    unstored = total - purged - rows
+    if unstored > 0:
+        return f"{unstored} accepted items have no job_items row"
+    # More rows than accepted: a total or purged count that is wrong, or rows added by hand.
+    return f"{-unstored} items beyond the job's total (total={total} purged={purged}, {rows} job_items rows)"
+
+
+def _item_problem(row: Mapping[str, Any]) -> str:
+    """What is wrong with one row of ``check_items_sql``."""
+    if row["has_result"] and row["has_dead_letter"]:
+        return "two outcomes (result and dead letter)"
+    if row["state"] in ("done", "dead"):
+        return f"state {row['state']} without its record"
+    if row["state"] == "cancelled":
+        return _cancelled_problem(row)
+    return "pending item with a final record"
+
+
+def _cancelled_problem(row: Mapping[str, Any]) -> str:
+    # Both can be wrong at once; each is named, so fixing one does not reveal the other later.
+    wrongs = []
+    if row["has_link"] or row["has_dead_letter"]:
+        wrongs.append("with a result or dead letter")
+    if not row["job_cancelled"]:
+        wrongs.append("in a job that was never cancelled")
+    return "cancelled item " + ", ".join(wrongs)
+
+
+def _mismatch_problem(task: dict[str, Any], row: Mapping[str, Any]) -> str:
+    """What is wrong with one row of ``check_mismatch_sql`` for ``task``."""
+    wrongs = []
+    if row["model"] != task["model"] or row["params_hash"] != task["params_hash"]:
+        wrongs.append(f"{task['kind']} result of {row['model']} params {row['params_hash']}, "
+                      f"the job names {task['model']} params {task['params_hash']}")
+    if row["result_image"] != row["item_image"]:
+        wrongs.append(f"{task['kind']} result of image {row['result_image']}, the item's image is "
+                      f"{row['item_image']}")
+    return "; ".join(wrongs)
 
 
 # Translations (jobs with --lang): a done item has one linked row per language the job asked for,
@@ -154,7 +204,11 @@ _LOST = text("""
 WITH lost AS (
   SELECT i.job_id, i.seq FROM job_items i JOIN jobs j ON j.id = i.job_id
   WHERE i.state IN ('queued', 'running') AND i.published_at IS NOT NULL  -- job_items_in_flight
-    AND ((i.state = 'queued' AND i.updated_at < now() - make_interval(secs => CAST(:queued_age AS float8)))
+    AND ((i.state = 'queued' AND i.updated_at < now() - make_interval(secs => CAST(:queued_age AS float8))
+          -- Its lane's messages pushed before this time have all left it (imgq.feeding.PushLog;
+          -- lane: imgq.feeding.lane). NULL: no bound.
+          AND i.published_at < COALESCE(CASE WHEN j.priority >= 0 THEN CAST(:top_before AS timestamptz)
+                                             ELSE CAST(:backfill_before AS timestamptz) END, 'infinity'))
       OR (i.state = 'running' AND i.updated_at < now() - make_interval(secs => CAST(:running_age AS float8))))
     AND (CAST(:job AS uuid) IS NULL OR i.job_id = :job)
     AND (CAST(:queue AS text) IS NULL OR j.queue = :queue)
@@ -311,13 +365,21 @@ class Feeding:
         self.queue = queue
 
     def lost(self, *, queued_older_than_s: float | None, running_older_than_s: float | None,
-             job: uuid.UUID | None = None, limit: int = 100_000) -> int:
-        """Put items whose message was probably lost back in the backlog; returns how many."""
+             job: uuid.UUID | None = None, limit: int = 100_000, left_before: dict[int, Any] | None = None) -> int:
+        """Put items whose message was probably lost back in the backlog; returns how many.
+        ``left_before``: per lane, a time before which every message pushed into it has left it
+        (None: no bound); queued items published later are not taken."""
         if queued_older_than_s is None and running_older_than_s is None:
             return 0
+        bounds = left_before or {}
         params = {"queued_age": queued_older_than_s, "running_age": running_older_than_s, "job": job,
-                  "queue": self.queue, "limit": limit}
+                  "queue": self.queue, "limit": limit, "top_before": bounds.get(TOP_LANE),
+                  "backfill_before": bounds.get(BACKFILL_LANE)}
         return len(self.conn.execute(_LOST, params).all())
+
+    def now(self) -> Any:
+        """The transaction's time: what ``take`` writes as ``published_at``."""
+        return self.conn.execute(text("SELECT now()")).scalar_one()
 
     def waiting(self, job: uuid.UUID | None = None) -> list[Waiting]:
         """Jobs of this queue with items waiting, oldest first."""
@@ -361,28 +423,20 @@ class Admin:
             never_stored = report.total - report.purged - totals["items"]
             if never_stored:
                 report.missing += abs(never_stored)  # pragma: no mutate (the first count: = and += agree)
-                report.offenders.append(f"{never_stored} accepted items have no job_items row")
+                report.offenders.append(_row_count_problem(report.total, report.purged, totals["items"]))
             tasks = conn.execute(_JOB_KINDS, {"job": job}).scalar_one()
             kinds = [t["kind"] for t in tasks]
             for row in conn.execute(text(check_items_sql(kinds)), {"job": job}).mappings():
                 report.missing += 1
-                problem = (
-                    "two outcomes (result and dead letter)" if row["has_result"] and row["has_dead_letter"]
-                    else f"state {row['state']} without its record"
-                    if row["state"] in ("done", "dead")
-                    else "cancelled item with a result or dead letter" if row["state"] == "cancelled"
-                    else "pending item with a final record"
-                )
-                report.offenders.append(f"seq {row['seq']} {row['ref']}: {problem}")
+                report.offenders.append(f"seq {row['seq']} {row['ref']}: {_item_problem(row)}")
             for task in tasks:
                 if writer(task["kind"]).link_column is None:
                     self._check_translations(conn, report, job, task)
                     continue
                 params = {"job": job, "model": task["model"], "phash": task["params_hash"]}
-                for seq, ref, model, phash in conn.execute(text(check_mismatch_sql(task["kind"])), params):
+                for row in conn.execute(text(check_mismatch_sql(task["kind"])), params).mappings():
                     report.mismatched += 1
-                    report.offenders.append(f"seq {seq} {ref}: {task['kind']} result of {model} params {phash}, "
-                                            f"the job names {task['model']} params {task['params_hash']}")
+                    report.offenders.append(f"seq {row['seq']} {row['ref']}: {_mismatch_problem(task, row)}")
             for kind in kinds:
                 if writer(kind).link_column is None:  # rows of another kind's table, checked with it
                     continue

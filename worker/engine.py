@@ -391,8 +391,12 @@ class Engine:
             # Nothing more is coming soon: waiting out max_wait would only add latency.
             if (idle and self._ready.empty()) or self._stop.is_set():
                 batches += self._batcher.drain()
+            # Every batch of this pass left the batcher now: observed before any runs, or a later
+            # batch's wait would include the model time of those run before it.
+            now = self._clock()
             for batch in batches:
-                metrics.BATCH_WAIT.labels(batch.key[0]).observe(max(0.0, self._clock() - batch.opened))
+                metrics.BATCH_WAIT.labels(batch.key[0]).observe(max(0.0, now - batch.opened))
+            for batch in batches:
                 self._run_batch(batch.items)
 
     def _expire_decodes(self) -> None:

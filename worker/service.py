@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from imgq import errors
+from imgq import errors, metrics
 from imgq.contract import TaskMessage, TaskSpec
 from imgq.ports import DeadRow, ItemStore, Publisher
 from imgq.publish import tasks_from_record
@@ -199,7 +199,7 @@ class MessageService:
         fresh = [item for item in todo if claims[item[0]].attempts <= self._policy.max_attempts]
         skipped = len(seqs) - len(todo) - len(joined)
         if worn:
-            self._store.write_dead([
+            self._dead_letter([
                 DeadRow(job, item[0], "too_many_attempts",
                         f"delivered {claims[item[0]].attempts} times without settling (it may crash workers)",
                         self._engine.worker_name)
@@ -261,9 +261,18 @@ class MessageService:
                 delay = max(delay, decision.delay_s)
         if again:
             self._publish([TaskMessage(job=str(job), tasks=tasks, items=again)], delay)
+            # Counted here, not by the publisher: a crash suspect sent again on its own failed nothing.
+            metrics.RETRIES.inc(len(again))
             self._store.release(job, [item[0] for item in again])
+        # Not _dead_letter: the engine counted each of these failures when the attempt failed.
         self._store.write_dead(dead)
         return len(again), len(dead)
+
+    def _dead_letter(self, rows: list[DeadRow]) -> None:
+        """Dead letters decided here, not by the engine (which counts its own failures): counted once
+        written, since a write that raises leaves the message to be delivered and refused again."""
+        self._store.write_dead(rows)
+        metrics.count_failures(row.code for row in rows)
 
     # -- the job record -------------------------------------------------------------------------
     def _tasks(self, job: uuid.UUID) -> list[TaskSpec] | errors.ImgqError | None:
@@ -306,7 +315,7 @@ class MessageService:
             message = error.message if error is not None else code
         log.error("refusing message of job %s: %s", job, message, extra={"action": code, "job_id": str(job)})
         claims = self._store.claim(job, seqs, self._engine.worker_name)
-        self._store.write_dead([DeadRow(job, seq, code, message, self._engine.worker_name) for seq in claims])
+        self._dead_letter([DeadRow(job, seq, code, message, self._engine.worker_name) for seq in claims])
         return Summary(dead=len(claims), skipped=len(seqs) - len(claims))
 
     def give_up(self, payload: Any, exc: BaseException) -> Summary:

@@ -157,6 +157,25 @@ def total_understated(store: Store, job: uuid.UUID, kinds: str) -> None:
     sql(store, "UPDATE jobs SET total = total - 1 WHERE id = :j", j=job)
 
 
+def linked_to_another_images_result(store: Store, job: uuid.UUID, kinds: str) -> None:
+    # A well-formed row of the right model and params, only it is item 0's: seq 1 shows item 0's result.
+    link = links(kinds)[-1]
+    sql(store, f"UPDATE job_items SET {link} = (SELECT {link} FROM job_items WHERE job_id = :j AND seq = 0) "
+               "WHERE job_id = :j AND seq = 1", j=job)
+
+
+def image_id_of_another_item(store: Store, job: uuid.UUID, kinds: str) -> None:
+    sql(store, "UPDATE job_items SET image_id = (SELECT image_id FROM job_items WHERE job_id = :j AND seq = 0) "
+               "WHERE job_id = :j AND seq = 1", j=job)
+
+
+def cancelled_in_a_live_job(store: Store, job: uuid.UUID, kinds: str) -> None:
+    """A cancelled item has no record, so this one looks final and clean; but its job was never
+    cancelled (jobs.cancelled_at is NULL), and only a cancel makes items cancelled."""
+    cleared = ", ".join(f"{link} = NULL" for link in links(kinds))
+    sql(store, f"UPDATE job_items SET state = 'cancelled', {cleared} WHERE job_id = :j AND seq = 1", j=job)
+
+
 # (fault, what the summary line must count, what the offender line must say)
 FAULTS: list[tuple[Callable[..., None], str, str]] = [
     (done_without_result, "missing=1 duplicates=0 mismatched=0", "seq 1 /d/1.jpg: state done without its record"),
@@ -178,8 +197,13 @@ FAULTS: list[tuple[Callable[..., None], str, str]] = [
     (result_of_other_params, "missing=0 duplicates=0 mismatched=1", "params forged-params, the job names"),
     (item_row_lost, "missing=1 duplicates=0 mismatched=0", "1 accepted items have no job_items row"),
     (purged_counted_twice, "purged=1 missing=1 duplicates=0 mismatched=0",
-     "-1 accepted items have no job_items row"),
-    (total_understated, "missing=1 duplicates=0 mismatched=0", "-1 accepted items have no job_items row"),
+     f"1 items beyond the job's total (total={N} purged=1, {N} job_items rows)"),
+    (total_understated, "missing=1 duplicates=0 mismatched=0",
+     f"1 items beyond the job's total (total={N - 1} purged=0, {N} job_items rows)"),
+    (linked_to_another_images_result, "missing=0 duplicates=0 mismatched=1", "seq 1 /d/1.jpg: {kind} result of image"),
+    (image_id_of_another_item, "missing=0 duplicates=0", "seq 1 /d/1.jpg: {kind} result of image"),
+    (cancelled_in_a_live_job, "missing=1 duplicates=0 mismatched=0",
+     "seq 1 /d/1.jpg: cancelled item in a job that was never cancelled"),
 ]
 
 
@@ -253,3 +277,42 @@ def test_require_finished_names_the_pending_items_and_exits_3(store, database_ur
     assert out.exit_code == 3 and "pending=2" in out.stdout
     assert out.stderr.strip() == (f"error[job_unfinished]: 2 items are still queued or running (`imgq wait {job}` "
                                   "blocks until they are final)")
+
+
+def test_more_item_rows_than_the_total_are_a_surplus_not_a_negative_shortfall(store, database_url):
+    job, _ = make_job(store, "caption")
+    sql(store, "UPDATE jobs SET total = total - 2 WHERE id = :j", j=job)
+    report = Admin(store.engine).check(job)
+    assert report is not None and not report.ok and report.missing == 2
+    assert report.offenders == [f"2 items beyond the job's total (total={N - 2} purged=0, {N} job_items rows)"]
+
+
+def test_a_cancelled_item_passes_only_in_a_cancelled_job(store, database_url):
+    job, _ = make_job(store, "caption,embed")
+    cancelled_in_a_live_job(store, job, "caption,embed")
+    sql(store, "UPDATE jobs SET cancelled_at = now() WHERE id = :j", j=job)
+    rc, _, err = imgq_check(database_url, job)
+    assert rc == 0, err
+    dead_letter_for_a_done_item(store, job, "caption,embed")  # seq 1's: both faults at once, both named
+    sql(store, "UPDATE jobs SET cancelled_at = NULL WHERE id = :j", j=job)
+    report = Admin(store.engine).check(job)
+    assert report is not None and report.missing == 1
+    assert report.offenders == ["seq 1 /d/1.jpg: cancelled item with a result or dead letter, "
+                                "in a job that was never cancelled"]
+
+
+def test_a_result_of_another_image_names_both_images_and_any_other_difference(store, database_url):
+    job, _ = make_job(store, "caption")
+    image = dict(sql(store, "SELECT seq, image_id FROM job_items WHERE job_id = :j AND seq < 2", j=job).all())
+    linked_to_another_images_result(store, job, "caption")
+    sql(store, "UPDATE captions SET model = 'x' WHERE id = (SELECT caption_id FROM job_items "
+               "WHERE job_id = :j AND seq = 0)", j=job)
+    report = Admin(store.engine).check(job)
+    assert report is not None and (report.missing, report.duplicates, report.mismatched) == (0, 0, 2)
+    task = TASKS["caption"]
+    model_differs = f"caption result of x params {task.params.digest()}, the job names cap-model params " \
+                    f"{task.params.digest()}"
+    assert report.offenders == [
+        f"seq 0 /d/0.jpg: {model_differs}",
+        f"seq 1 /d/1.jpg: {model_differs}; caption result of image {image[0]}, the item's image is {image[1]}",
+    ]

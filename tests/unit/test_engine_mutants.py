@@ -548,6 +548,36 @@ def test_batch_wait_and_model_time_record_the_time_spent():
     assert 0.0 < grew["imgq_model_seconds_sum"] <= wall
 
 
+@dataclass
+class SlowEcho(EchoRunner):
+    """Each model call takes ``seconds`` of the fake clock ``now``."""
+
+    now: list[float] = field(default_factory=lambda: [1000.0])
+    seconds: float = 5.0
+
+    def run(self, pixels: np.ndarray, texts: list[str] | None, params: Any) -> list[Any]:
+        self.now[0] += self.seconds
+        return super().run(pixels, texts, params)
+
+
+def test_batch_wait_ends_when_the_batch_leaves_the_batcher_not_after_the_batches_run_before_it():
+    """Two batches (two params) leave the batcher together; the second's wait must not include the
+    first one's model time (it waited for batchmates 0 s: the clock moves only in the model)."""
+    runner = SlowEcho()
+    names = ("imgq_batch_wait_seconds_sum", "imgq_batch_wait_seconds_count")
+    before = {name: sample(name) for name in names}
+    engine = build(MemoryResults(), runner, clock=lambda: runner.now[0], max_wait_s=60.0)
+    beams = make_task("caption", "echo", CaptionParams(num_beams=2))
+    work = engine.submit(JOB, [CAPTION], [(0, "img-0.1")]) + engine.submit(uuid.uuid4(), [beams], [(0, "img-0.2")])
+    engine._pool.shutdown(wait=True)
+    engine.start()
+    assert [o.state for o in outcomes(work)] == ["done", "done"]
+    engine.stop()
+    assert runner.batches == [1, 1] and runner.now[0] == 1010.0
+    grew = {name: sample(name) - before[name] for name in names}
+    assert grew == {"imgq_batch_wait_seconds_count": 2, "imgq_batch_wait_seconds_sum": 0.0}
+
+
 # -- the writer ---------------------------------------------------------------------------------------
 class CountingResults(MemoryResults):
     def __init__(self) -> None:

@@ -131,3 +131,21 @@ def test_a_tenant_missing_from_busy_holds_nothing_in_flight() -> None:
     a = Backlog("a", "tenant-a", 0, in_flight=0)
     b = Backlog("b", "tenant-b", 0, in_flight=0, age_rank=1)
     assert plan([a, b], 1, 2, busy={"tenant-a": 0.5}) == [("b", 1)]
+
+
+def test_a_push_log_tells_when_the_oldest_message_still_in_a_lane_was_pushed():
+    from imgq.feeding import UNKNOWN, PushLog
+
+    log = PushLog(keep=3)
+    assert log.left_before(0, 0) is None, "an empty lane holds nothing: every push has left it"
+    assert log.left_before(0, 1) == UNKNOWN, "messages pushed before the log began"
+    for at, n in ((1, 4), (2, 2), (3, 3)):
+        log.pushed(0, at, n)
+    log.pushed(6, 9, 5)
+    assert [log.left_before(0, depth) for depth in (1, 3, 4, 5, 9, 10)] == [3, 3, 2, 1, 1, UNKNOWN]
+    assert log.left_before(6, 5) == 9 and log.left_before(6, 6) == UNKNOWN, "each lane its own"
+    for at in range(10, 20):
+        log.pushed(0, at, 1)
+    assert log.left_before(0, 3) == 17 and log.left_before(0, 50) == UNKNOWN, "bounded, the oldest dropped"
+    log.forget()
+    assert log.left_before(0, 1) == UNKNOWN
