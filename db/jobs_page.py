@@ -5,8 +5,9 @@ The page refreshes every few seconds, so no query here walks every item of every
 - pending items are counted from the two partial indexes that cover them (``job_items_unpublished``
   and ``job_items_in_flight``), dead ones from ``dead_letters`` (one row per dead item), cancelled
   ones only for a cancelled job; done is what remains of ``total - purged``;
-- the rate (final items over the last minute) is measured only for jobs that still have pending
-  items, the only ones with an ETA.
+- the rate (items turned final per second over the last minute) is the slope of the counts this
+  process saw (``imgq.rates``), not a count of recently finished rows: only for jobs that still
+  have pending items, the only ones with an ETA, and unknown at the first look.
 
 Every query takes the tenant, so a job of another tenant is simply not found.
 """
@@ -20,7 +21,10 @@ from typing import Any
 
 from sqlalchemy import Engine, text
 
-RATE_WINDOW_S = 60.0
+from imgq.rates import FinalRates
+
+# This process's samples of each job's final items: the rate is their slope (imgq.rates).
+RATES = FinalRates()
 
 _SUMMARIES = """
 SELECT j.id, j.kind, j.tasks, j.source, j.priority, j.total, j.purged, j.created_at, j.cancelled_at,
@@ -46,13 +50,6 @@ _ONE = text(_SUMMARIES.format(where="AND j.id = :job"))
 _DEAD_BY_CODE = text("""
 SELECT job_id, code, count(*) FROM dead_letters WHERE job_id = ANY(CAST(:ids AS uuid[]))
 GROUP BY job_id, code ORDER BY job_id, count(*) DESC, code
-""")
-
-_FINISHED_LATELY = text("""
-SELECT job_id, count(*) FROM job_items
-WHERE job_id = ANY(CAST(:ids AS uuid[])) AND state IN ('done', 'dead')
-  AND updated_at > now() - make_interval(secs => :window)
-GROUP BY job_id
 """)
 
 _DEAD_LETTERS = text("""
@@ -111,13 +108,9 @@ def _decorate(conn: Any, summaries: list[tuple[JobSummary, dt.datetime]]) -> lis
     if jobs:
         for job_id, code, n in conn.execute(_DEAD_BY_CODE, {"ids": list(jobs)}):
             jobs[job_id].dead_by_code[code] = int(n)
-    active = [(s, now) for s, now in summaries if s.pending]
-    if active:
-        finished = dict(conn.execute(_FINISHED_LATELY, {"ids": [s.id for s, _ in active], "window": RATE_WINDOW_S}
-                                     ).all())
-        for s, now in active:
-            window = min(RATE_WINDOW_S, max((now - s.created_at).total_seconds(), 1.0))
-            s.rate = int(finished.get(s.id, 0)) / window
+    for s, now in summaries:
+        if s.pending:
+            s.rate = RATES.observe(s.id, now.timestamp(), s.done + s.dead)
     return [s for s, _ in summaries]
 
 

@@ -100,7 +100,8 @@ class JobStatus(BaseModel):
     progress: float = Field(description="Final items (done, dead, cancelled, purged) / total.")
     finished: bool
     dead_letters: dict[str, int] = Field(description="Dead items by error code.")
-    rate_per_s: float | None = Field(description="Items finished per second over the last minute (unfinished jobs).")
+    rate_per_s: float | None = Field(description="Items finished per second over the last minute (unfinished jobs), "
+                                     "from this API process's earlier looks: null at its first.")
     callback: Callback | None
 
 
