@@ -436,6 +436,7 @@ def test_a_prefix_job_is_accepted_whole(api: Api) -> None:
 def test_results_pages_cover_every_item_exactly_once(api: Api) -> None:
     job = _submit(api, "acme", 23)
     _finish(api, job, done=list(range(0, 20, 2)), dead=[1, 3])
+    spellings = []
     for accept, params in ((None, {}), ("application/x-ndjson", {}), (None, {"format": "jsonl"})):
         seen, cursor = [], None
         with api.client("acme") as c:
@@ -458,6 +459,8 @@ def test_results_pages_cover_every_item_exactly_once(api: Api) -> None:
         states = {row["seq"]: (row["state"], row.get("caption"), row.get("error_code")) for row in seen}
         assert states[0] == ("done", "caption 0", None) and states[1] == ("dead", None, "not_an_image")
         assert states[21][0] == "queued"
+        spellings.append(seen)
+    assert spellings[0] == spellings[1] == spellings[2], "JSON and JSON Lines spell every value alike"
     with api.client("acme") as c:
         _problem(c.get(f"/v1/jobs/{job}/results", params={"cursor": "!!"}), 422, "bad_cursor")
         summary = c.get(f"/v1/jobs/{job}").json()
