@@ -38,6 +38,7 @@ from sqlalchemy.exc import DBAPIError
 
 from imgq.db.results import writer
 from imgq.errors import BackfillCancelled, BackfillLockLost, BackfillRunning
+from imgq.kinds import KINDS
 
 # Advisory lock class of backfills (the feeder and reaper use 74657302..74657304).
 LOCK_CLASS = 74657305
@@ -95,6 +96,24 @@ WHERE EXISTS (
   WHERE im.source = 's3' AND im.bucket = :bucket AND im.key = v.key AND im.version IN (v.version, v.etag)
     AND r.model = :model AND r.params_hash = :phash
     AND (CAST(:revision AS text) IS NULL OR r.model_revision = :revision))
+""")
+
+
+# A translation is a captions row of its English caption (same image, BLIP model and params), by
+# the translation model (via), one per language: the object is done when every language the task
+# asks for is there. Judged like _has_result_sql, its rows name the BLIP model, not the task's.
+_HAS_TRANSLATIONS = text("""
+SELECT v.key FROM unnest(CAST(:keys AS text[]), CAST(:versions AS text[]), CAST(:etags AS text[]))
+     AS v(key, version, etag)
+WHERE EXISTS (
+  SELECT 1 FROM images im JOIN captions s ON s.image_id = im.id
+  WHERE im.source = 's3' AND im.bucket = :bucket AND im.key = v.key AND im.version IN (v.version, v.etag)
+    AND s.method = 'native' AND s.model = :source_model AND s.params_hash = :source_phash
+    AND (CAST(:source_revision AS text) IS NULL OR s.model_revision = :source_revision)
+    AND (SELECT count(DISTINCT t.lang) FROM captions t
+         WHERE t.source_id = s.id AND t.method = 'translated' AND t.via = :model
+           AND t.lang = ANY(CAST(:langs AS text[]))
+           AND (CAST(:revision AS text) IS NULL OR t.via_revision = :revision)) = cardinality(CAST(:langs AS text[])))
 """)
 
 
@@ -179,6 +198,19 @@ class Listed:
     version: str
     etag: str
     last_modified: Any = None
+
+
+def _has_result(d: Definition, task: dict[str, Any], objects: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The statement and parameters that find which ``objects`` already have ``task``'s result."""
+    revision = d.revisions.get(task["kind"])
+    if task["kind"] != "translate":
+        return _has_result_sql(writer(task["kind"]).table), {
+            **objects, "model": task["model"], "phash": task["params_hash"], "revision": revision}
+    source = next(t for t in d.tasks if t["kind"] == KINDS["translate"].after)
+    return _HAS_TRANSLATIONS, {
+        **objects, "model": task["model"], "revision": revision, "langs": list(task["params"]["langs"]),
+        "source_model": source["model"], "source_phash": source["params_hash"],
+        "source_revision": d.revisions.get(source["kind"])}
 
 
 def _short(exc: BaseException) -> str:
@@ -282,11 +314,9 @@ class Backfills:
             for task in d.tasks:
                 if not fresh or done == set():
                     break
-                found = set(conn.execute(_has_result_sql(writer(task["kind"]).table), {
-                    "keys": [o.key for o in fresh], "versions": [o.version for o in fresh],
-                    "etags": [o.etag for o in fresh], "bucket": bucket, "model": task["model"],
-                    "phash": task["params_hash"], "revision": d.revisions.get(task["kind"]),
-                }).scalars())
+                listed = {"keys": [o.key for o in fresh], "versions": [o.version for o in fresh],
+                          "etags": [o.etag for o in fresh], "bucket": bucket}
+                found = set(conn.execute(*_has_result(d, task, listed)).scalars())
                 done = found if done is None else done & found
         done = done or set()
         return [o for o in fresh if o.key not in done], [o for o in fresh if o.key in done]

@@ -180,6 +180,32 @@ def test_an_object_with_a_result_already_is_skipped_unless_the_pinned_revision_d
     assert "would_enqueue=3" in other_params.stderr
 
 
+def test_an_object_captioned_and_translated_already_is_up_to_date_for_a_translating_backfill(
+        env, settings, bucket, s3_client, store):
+    """A translation's row names the BLIP model, not the translation task's: the skip rule looked for
+    the task's model and never matched, so a caption,translate backfill enqueued every object that
+    earlier jobs had captioned and translated (found by review)."""
+    put(s3_client, bucket, keys(3))
+    d, _, _ = define(settings, name="x", source=f"s3://{bucket}/p/", kinds="caption,translate",
+                     params={"langs": ["de", "fr"]})
+    caption, translate = d.tasks
+    job = store.create_job(tasks=d.tasks, refs=[f"s3://{bucket}/p/{i:03d}.jpg" for i in (1, 2)])
+    store.claim(job, [0, 1], "w1")
+    done = []
+    for seq, (key, langs) in enumerate((("p/001.jpg", ["de", "fr"]), ("p/002.jpg", ["de"]))):
+        etag = s3_client.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
+        done.append(DoneItem(job, seq, ObjectInfo("s3", bucket, key, etag, 10, 4, 4), "w1", {
+            "caption": (caption["model"], "rev1", caption["params_hash"], caption["params"], "a cat"),
+            "translate": (translate["model"], "mt1", translate["params_hash"], translate["params"],
+                          {lang: f"{lang}: a cat" for lang in langs})}))
+    store.write_done(done)
+    result = backfill(env, bucket, "--name", "t", "--kinds", "caption,translate", "--params", '{"langs": ["de", "fr"]}')
+    assert result.exit_code == 0, result.output
+    # 001 has both languages; 002 lacks French, 000 everything.
+    assert refs(store, result.stdout.strip()) == [f"s3://{bucket}/p/000.jpg", f"s3://{bucket}/p/002.jpg"]
+    assert "1 up to date" in result.stderr
+
+
 def test_a_versioned_bucket_is_judged_by_version_id(env, bucket, s3_client, store):
     s3_client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
     put(s3_client, bucket, keys(5))
