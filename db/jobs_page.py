@@ -4,7 +4,8 @@ The page refreshes every few seconds, so no query here walks every item of every
 
 - pending items are counted from the two partial indexes that cover them (``job_items_unpublished``
   and ``job_items_in_flight``), dead ones from ``dead_letters`` (one row per dead item), cancelled
-  ones only for a cancelled job; done is what remains of ``total - purged``;
+  ones are ``jobs.cancelled_items`` (kept by the statements that cancel); done is what remains of
+  ``total - purged``;
 - the rate (items turned final per second over the last minute) is the slope of the counts this
   process saw (``imgq.rates``), not a count of recently finished rows: only for jobs that still
   have pending items, the only ones with an ETA, and unknown at the first look.
@@ -29,9 +30,7 @@ RATES = FinalRates()
 _SUMMARIES = """
 SELECT j.id, j.kind, j.tasks, j.source, j.priority, j.total, j.purged, j.created_at, j.cancelled_at,
        j.callback_state, now() AS now, w.waiting, f.queued, f.running,
-       (SELECT count(*) FROM dead_letters d WHERE d.job_id = j.id) AS dead,
-       CASE WHEN j.cancelled_at IS NULL THEN 0
-            ELSE (SELECT count(*) FROM job_items c WHERE c.job_id = j.id AND c.state = 'cancelled') END AS cancelled
+       (SELECT count(*) FROM dead_letters d WHERE d.job_id = j.id) AS dead, j.cancelled_items AS cancelled
 FROM jobs j
 CROSS JOIN LATERAL (
   SELECT count(*) AS waiting FROM job_items i

@@ -38,13 +38,17 @@ LIMIT :limit
 _OWNED = text("SELECT tasks, cancelled_at FROM jobs WHERE id = :job AND tenant = :tenant")
 
 _LOCK_JOB = text("SELECT 1 FROM jobs WHERE id = :job AND tenant = :tenant FOR UPDATE")
+# The items first, then the job's row once (a statement may not update one row twice): its mark
+# and how many items this cancelled (jobs.cancelled_items, migration 0015).
 _CANCEL = text("""
-WITH job AS (
-  UPDATE jobs SET cancelled_at = coalesce(cancelled_at, now()) WHERE id = :job AND tenant = :tenant RETURNING id
-), items AS (
+WITH items AS (
   UPDATE job_items i SET state = 'cancelled', updated_at = now()
-  FROM job WHERE i.job_id = job.id AND i.state = 'queued'
+  FROM jobs j WHERE j.id = :job AND j.tenant = :tenant AND i.job_id = j.id AND i.state = 'queued'
   RETURNING i.seq
+), job AS (
+  UPDATE jobs SET cancelled_at = coalesce(cancelled_at, now()),
+                  cancelled_items = cancelled_items + (SELECT count(*) FROM items)
+  WHERE id = :job AND tenant = :tenant RETURNING id
 )
 SELECT (SELECT count(*) FROM job) AS found, (SELECT count(*) FROM items) AS cancelled
 """)

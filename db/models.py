@@ -58,6 +58,8 @@ class Job(Base):
         Text, CheckConstraint("callback_state in ('pending', 'delivered', 'failed')", name="jobs_callback_state"))
     callback_next_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     cancelled_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # Kept by the statements that cancel items (migration 0015): the pages read it, never count.
+    cancelled_items: Mapped[int] = mapped_column(Integer, server_default="0")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 

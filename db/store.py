@@ -117,12 +117,22 @@ SELECT seq, ref, text FROM job_items
 WHERE job_id = :job AND seq = ANY(CAST(:seqs AS int[])) AND state IN ('queued', 'running')
 """)
 
+# Add the items a statement cancelled (its CTE ``{items}``, with job_id and state) to their jobs'
+# cancelled_items (migration 0015); a job row is touched only when some were.
+COUNT_CANCELLED = """
+UPDATE jobs SET cancelled_items = cancelled_items + c.n
+FROM (SELECT job_id, count(*) AS n FROM {items} WHERE state = 'cancelled' GROUP BY job_id) c
+WHERE jobs.id = c.job_id"""
+
 # A released item of a job cancelled meanwhile ends cancelled: its retry message finds nothing to run.
-_RELEASE = text("""
-UPDATE job_items i SET state = CASE WHEN j.cancelled_at IS NULL THEN 'queued' ELSE 'cancelled' END,
-       updated_at = now()
-FROM jobs j
-WHERE j.id = i.job_id AND i.job_id = :job AND i.seq = ANY(CAST(:seqs AS int[])) AND i.state = 'running'
+_RELEASE = text(f"""
+WITH released AS (
+  UPDATE job_items i SET state = CASE WHEN j.cancelled_at IS NULL THEN 'queued' ELSE 'cancelled' END,
+         updated_at = now()
+  FROM jobs j
+  WHERE j.id = i.job_id AND i.job_id = :job AND i.seq = ANY(CAST(:seqs AS int[])) AND i.state = 'running'
+  RETURNING i.job_id, i.state
+){COUNT_CANCELLED.format(items="released")}
 """)
 
 # Undo a claim that did no work (a message split up for isolation): the delivery does not count,

@@ -64,7 +64,8 @@ def api(database_url: str, broker_url: str, image_root: Path) -> Iterator[Api]:
     from imgq.config import Settings
     from imgq.producer.api.app import create_app
 
-    settings = Settings(database_url=database_url, broker_url=broker_url, local_roots=[image_root])
+    settings = Settings(database_url=database_url, broker_url=broker_url, local_roots=[image_root],
+                        allowed_buckets=["photos"])
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -234,7 +235,7 @@ def test_another_tenant_sees_neither_the_job_nor_can_retry_it(api: Api):
 
 
 def test_retry_needs_the_session_token_and_sends_the_dead_letters_back(api: Api):
-    key, _ = create_key(api.store.engine, "acme")
+    key, _ = create_key(api.store.engine, "acme", buckets=["photos"])  # retry-dead checks the sources
     job = _job(api.store, "acme", done=2, dead=["transient_exhausted", "empty"], queued=0)
     with api.session(key) as client:
         page = client.get(f"/ui/jobs/{job}")

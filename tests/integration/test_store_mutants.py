@@ -263,7 +263,7 @@ def test_a_job_without_a_caption_task_has_no_captioned_refs(store):
 
 def test_check_counts_cancelled_items(store):
     job = store.create_job(tasks=[record(CAPTION)], refs=["/m/0.jpg", "/m/1.jpg", "/m/2.jpg"])
-    sql(store, "UPDATE jobs SET cancelled_at = now() WHERE id = :j", j=job)
+    sql(store, "UPDATE jobs SET cancelled_at = now(), cancelled_items = 2 WHERE id = :j", j=job)  # as a cancel
     sql(store, "UPDATE job_items SET state = 'cancelled' WHERE job_id = :j AND seq > 0", j=job)
     report = Admin(store.engine).check(job)
     assert report is not None and report.ok

@@ -187,6 +187,7 @@ def test_check_flags_a_cancelled_item_with_a_result(store: Store) -> None:
     store.write_done([_done(job, 0)])
     with store.engine.begin() as conn:
         conn.execute(text("UPDATE job_items SET state = 'cancelled' WHERE job_id = :j"), {"j": job})
+        conn.execute(text("UPDATE jobs SET cancelled_at = now(), cancelled_items = 2 WHERE id = :j"), {"j": job})
     report = Admin(store.engine).check(job)
     assert report is not None and not report.ok
     assert report.offenders == ["seq 0 /d/0.jpg: cancelled item with a result or dead letter"]
