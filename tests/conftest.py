@@ -4,4 +4,10 @@ import os
 # wrapper only look at the local cache.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# Caches the suite writes (imgq's weight digests) stay out of the user's home; subprocesses inherit it.
+if "IMGQ_TEST_KEEP_XDG_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="imgq-test-cache-")
+
 pytest_plugins = ["tests.fixtures.services", "tests.fixtures.model"]

@@ -11,6 +11,7 @@ over 200 s for the processor), so an unreachable hub is detected first and only 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -59,18 +60,55 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def local_revision(directory: Path) -> str:
+def local_revision(directory: Path, cache: Path | None = None) -> str:
     """Identity of a local checkpoint: its config plus the contents of its weight files. Sizes
     alone would give a re-export of the same architecture (new weights, same shapes) the old
     revision, so its results would mix with the old ones under one identity. Hashing ~1 GB of
-    BLIP-base weights takes about a second, once per load."""
+    BLIP-base weights takes 1.5 s here, so each file's digest is kept in ``cache``
+    (:func:`digest_cache`), keyed by what any rewrite changes (inode, size, mtime and ctime)."""
+    cache = digest_cache() if cache is None else cache
+    known = _read_cache(cache)
     digest = hashlib.sha256((directory / "config.json").read_bytes())
+    fresh = False
     for path in sorted(directory.iterdir()):
         if path.name.endswith(_WEIGHT_SUFFIXES):
-            with path.open("rb") as weights:
-                content = hashlib.file_digest(weights, "sha256").hexdigest()
+            stat = path.stat()
+            key = f"{path.resolve()}|{stat.st_dev}|{stat.st_ino}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}"
+            content = known.get(key)
+            if content is None:
+                with path.open("rb") as weights:
+                    content = known[key] = hashlib.file_digest(weights, "sha256").hexdigest()
+                fresh = True
             digest.update(f"\0{path.name}\0{content}".encode())
+    if fresh:
+        _write_cache(cache, known)
     return "local-" + digest.hexdigest()[:12]
+
+
+def digest_cache() -> Path:
+    """Where weight digests are kept: ``$XDG_CACHE_HOME/imgq`` (``~/.cache/imgq``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "imgq" / "weight-digests.json"
+
+
+def _read_cache(cache: Path) -> dict[str, str]:
+    try:
+        found = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in found.items()} if isinstance(found, dict) else {}
+
+
+def _write_cache(cache: Path, known: dict[str, str]) -> None:
+    # Best effort: a read-only home (a container's) only means hashing again next time. Written
+    # whole to a temporary file and renamed, so a reader never sees half of it.
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_name(f".{cache.name}.{os.getpid()}")
+        partial.write_text(json.dumps(dict(list(known.items())[-1000:])))
+        partial.replace(cache)
+    except OSError as exc:
+        logger.debug("weight digests not cached (%s)", exc)
 
 
 def resolve_device(device: str) -> str:

@@ -187,6 +187,29 @@ def test_a_local_checkpoint_with_other_weights_of_the_same_shapes_is_another_rev
     assert local_revision(tiny_model_dir) == local_revision(write_tiny_checkpoint(tmp_path / "same"))
 
 
+def test_a_weight_files_digest_is_kept_until_the_file_changes(tmp_path) -> None:
+    """Hashing BLIP-base's 990 MB took 1.5 s on every load, every `imgq search` too: each file's
+    digest is kept, keyed by its inode, size, mtime and ctime, so a rewrite is hashed again."""
+    import json
+    import shutil
+
+    from imgq.worker.loading import local_revision
+
+    checkpoint = write_tiny_checkpoint(tmp_path / "ckpt")
+    cache = tmp_path / "cache" / "digests.json"
+    first = local_revision(checkpoint, cache)
+    [key] = json.loads(cache.read_text())
+    cache.write_text(json.dumps({key: "0" * 64}))
+    forged = local_revision(checkpoint, cache)
+    assert forged != first, "the kept digest was used, the file not read"
+    other = write_tiny_checkpoint(tmp_path / "other", seed=1)
+    shutil.copyfile(other / "model.safetensors", checkpoint / "model.safetensors")  # re-exported in place
+    assert local_revision(checkpoint, cache) == local_revision(other, tmp_path / "fresh.json") not in (first, forged)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    assert local_revision(checkpoint, blocked / "digests.json") == local_revision(other, cache), "uncached, still right"
+
+
 @pytest.mark.parametrize("kind", ["missing", "not_a_checkpoint"])
 def test_bad_local_dir_is_one_line_model_unavailable(tmp_path, kind) -> None:
     target = tmp_path / "nope" if kind == "missing" else tmp_path
