@@ -11,7 +11,7 @@ import os
 from imgq import errors
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
@@ -23,12 +23,12 @@ def describe(exc: BaseException) -> tuple[str, str, int]:
     module = type(exc).__module__ or ""
     names = {cls.__name__ for cls in type(exc).__mro__}
     if module.startswith(("sqlalchemy", "psycopg")) and names & {"OperationalError", "InterfaceError"}:
-        return ("db_unavailable", f"cannot use Postgres (IMGQ_DATABASE_URL): {_first_line(exc)}", 1)
+        return ("db_unavailable", f"cannot use Postgres (IMGQ_DATABASE_URL): {first_line(exc)}", 1)
     if module.startswith(("kombu", "redis", "amqp")) or names & {"ConnectionRefusedError"}:
-        return ("broker_unavailable", f"cannot use the broker (IMGQ_BROKER_URL): {_first_line(exc)}", 1)
+        return ("broker_unavailable", f"cannot use the broker (IMGQ_BROKER_URL): {first_line(exc)}", 1)
     if names & {"ProgrammingError", "UndefinedTable"}:
-        return ("db_schema", f"the database schema is missing or old; run `imgq db upgrade` ({_first_line(exc)})", 1)
-    return ("internal_error", f"{type(exc).__name__}: {_first_line(exc)} (IMGQ_DEBUG=1 or --debug shows the "
+        return ("db_schema", f"the database schema is missing or old; run `imgq db upgrade` ({first_line(exc)})", 1)
+    return ("internal_error", f"{type(exc).__name__}: {first_line(exc)} (IMGQ_DEBUG=1 or --debug shows the "
             "traceback)", 70)
 
 

@@ -1,0 +1,72 @@
+"""`imgq dlq list` says when its limit cut the list; `imgq dlq retry` with the broker down reports
+what it committed (exit 0, warning[publish_failed]) rather than an error after acting."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from typer.testing import CliRunner
+
+from imgq.cli import app
+from imgq.db.store import DeadRow, Store
+from tests.jobs import caption_task, create_job
+
+pytestmark = pytest.mark.integration
+
+
+def _dead_job(store: Store, dead: int) -> uuid.UUID:
+    """A job of ``dead`` items, every one dead-lettered."""
+    job = create_job(store, [caption_task("m")], [f"/d/{i}.jpg" for i in range(dead)])
+    store.claim(job, list(range(dead)), "w1")
+    store.write_dead([DeadRow(job, seq, "not_an_image", "no", "w1") for seq in range(dead)])
+    return job
+
+
+def test_dlq_list_says_when_more_dead_letters_exist_than_it_shows(store: Store, database_url: str) -> None:
+    job = _dead_job(store, 3)
+    env = {"IMGQ_DATABASE_URL": database_url}
+    cut = CliRunner().invoke(app, ["dlq", "list", "--limit", "2"], env=env)
+    assert cut.exit_code == 0, cut.output
+    assert len(cut.stdout.splitlines()) == 3 and cut.stdout.startswith("ITEM")  # the header and 2 rows
+    assert cut.stderr == ("2 dead letters shown; more exist: --limit N shows more, --code or --job narrows "
+                          "them\n")
+    as_json = CliRunner().invoke(app, ["dlq", "list", "--limit", "1", "--json"], env=env)
+    assert [json.loads(line)["job_id"] for line in as_json.stdout.splitlines()] == [str(job)]
+    assert as_json.stderr.startswith("1 dead letter shown; more exist")
+    whole = CliRunner().invoke(app, ["dlq", "list", "--limit", "3"], env=env)
+    assert len(whole.stdout.splitlines()) == 4 and whole.stderr == ""
+
+
+def test_dlq_retry_with_the_broker_down_reports_the_committed_retry(store: Store, database_url: str,
+                                                                    tmp_path: Path) -> None:
+    job = _dead_job(store, 2)
+    env = {"IMGQ_DATABASE_URL": database_url, "IMGQ_BROKER_URL": f"redis+socket://{tmp_path}/nobody.sock"}
+    out = CliRunner().invoke(app, ["dlq", "retry", "--job", str(job)], env=env)
+    assert out.exit_code == 0, (out.output, out.exception)
+    assert out.stdout == "re-queued 2 items\n"
+    warning = out.stderr.strip()
+    assert len(warning.splitlines()) == 1, out.stderr
+    assert warning.startswith("warning[publish_failed]: the retry is committed (2 items re-queued) but the broker "
+                              "refused its messages (")
+    assert warning.endswith(f"The items wait in Postgres: a worker's feeder publishes them once the broker is back; "
+                            f"`imgq reconcile --job {job}` does it now.")
+    assert store.counts(job) == {"queued": 2, "running": 0, "done": 0, "dead": 0}
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM dead_letters")).scalar_one() == 0
+        waiting = "SELECT count(*) FROM job_items WHERE job_id = :j AND published_at IS NULL"
+        assert conn.execute(text(waiting), {"j": job}).scalar_one() == 2, "left to the feeder"
+
+
+def test_dlq_retry_of_one_item_publishes_it(store: Store, database_url: str, broker_url: str) -> None:
+    job = _dead_job(store, 2)
+    env = {"IMGQ_DATABASE_URL": database_url, "IMGQ_BROKER_URL": broker_url}
+    out = CliRunner().invoke(app, ["dlq", "retry", "--id", f"{job}:1"], env=env)
+    assert out.exit_code == 0 and out.stderr == "", out.output
+    assert out.stdout == "re-queued 1 items; 1 published now\n"
+    assert store.counts(job) == {"queued": 1, "running": 0, "done": 0, "dead": 1}
+    nothing = CliRunner().invoke(app, ["dlq", "retry", "--id", f"{job}:1"], env=env)
+    assert nothing.exit_code == 0 and nothing.stdout == "re-queued 0 items\n"
