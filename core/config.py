@@ -182,8 +182,8 @@ class Settings(BaseSettings):
     )
     task_time_limit_s: int = Field(600, ge=1, description="Longest one message may take to settle.")
     reconcile_after_s: float = Field(
-        1200, gt=0, description="Once the queue has drained, items published and still queued after this were "
-        "lost: the feeder publishes them again."
+        1200, gt=0, description="Items published and still queued after this, once their broker lane has let "
+        "every message pushed before theirs go, were lost: the feeder publishes them again."
     )
     reconcile_interval_s: float = Field(60, gt=0, description="How often the feeder looks for lost items.")
     shutdown_grace_s: float = Field(60, gt=0, description="SIGTERM: time to finish in-flight messages.")

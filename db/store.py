@@ -125,10 +125,12 @@ FROM (SELECT job_id, count(*) AS n FROM {items} WHERE state = 'cancelled' GROUP 
 WHERE jobs.id = c.job_id"""
 
 # A released item of a job cancelled meanwhile ends cancelled: its retry message finds nothing to run.
+# published_at: when its retry message went out (just before), which the lost-message sweep
+# compares with what its lane has let go of (imgq.feeding.PushLog): a deep lane may still hold it.
 _RELEASE = text(f"""
 WITH released AS (
   UPDATE job_items i SET state = CASE WHEN j.cancelled_at IS NULL THEN 'queued' ELSE 'cancelled' END,
-         updated_at = now()
+         updated_at = now(), published_at = now()
   FROM jobs j
   WHERE j.id = i.job_id AND i.job_id = :job AND i.seq = ANY(CAST(:seqs AS int[])) AND i.state = 'running'
   RETURNING i.job_id, i.state

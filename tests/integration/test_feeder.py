@@ -311,6 +311,37 @@ def test_a_lost_message_is_found_while_its_lane_stays_topped_up(store, client, b
     feeder.stop()
 
 
+def test_a_retry_message_still_in_a_deep_lane_is_not_taken_for_lost(store, client, broker_url) -> None:
+    """A retried item kept the time of its first publish: once the lane had let go of everything
+    pushed by then, the sweep took it for lost while its retry message still waited in the lane.
+    Its release now records when the retry went out."""
+    from imgq.publish import chunk_messages, publish, tasks_from_record
+
+    feeder = _feeder(store, broker_url, window=10, lost_after_s=600.0)
+    retried = _job(store, 3)
+    assert feeder.feed().messages == 1
+    client.rpop(QUEUE)  # a worker takes it and claims the items
+    store.claim(retried, [0, 1, 2], "w1")
+    bulk = _job(store, 300)
+    assert feeder.feed().messages == 10
+    app = make_celery(Settings(_env_file=None, broker_url=broker_url, queue=QUEUE))
+    retry = chunk_messages(job=str(retried), tasks=tasks_from_record(store.job_tasks(retried)),
+                           items=[(i, f"/d/{i}.jpg") for i in range(3)], per_message=3)
+    publish(app, retry, queue=QUEUE, lane=TOP_LANE)
+    store.release(retried, [0, 1, 2])  # the retry went out: queued again
+    for _ in range(10):  # the bulk messages pushed before the retry are taken
+        client.rpop(QUEUE)
+    assert client.llen(QUEUE) == 1
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE job_items SET updated_at = now() - interval '1 hour' WHERE job_id = :j"),
+                     {"j": retried})
+    assert feeder.feed(sweep=True).lost == 0, "its retry message is the one still in the lane"
+    client.delete(QUEUE)  # now it is gone too
+    assert feeder.feed(sweep=True).lost == 3
+    assert len(_published(store, bulk)) > 10
+    feeder.stop()
+
+
 def test_a_reaper_sends_each_orphan_back_to_its_jobs_queue(store, client, broker_url) -> None:
     """A reaper takes the orphans of every queue; it published them all to its own, where a fleet
     serving other kinds dead-lettered them as wrong_model (found by review: 249 of 249)."""
