@@ -142,7 +142,7 @@ def test_a_push_log_tells_when_the_oldest_message_still_in_a_lane_was_pushed():
     for at, n in ((1, 4), (2, 2), (3, 3)):
         log.pushed(0, at, n)
     log.pushed(6, 9, 5)
-    assert [log.left_before(0, depth) for depth in (1, 3, 4, 5, 9, 10)] == [3, 3, 2, 1, 1, UNKNOWN]
+    assert [log.left_before(0, depth) for depth in (1, 3, 4, 5, 6, 9, 10)] == [3, 3, 2, 2, 1, 1, UNKNOWN]
     assert log.left_before(6, 5) == 9 and log.left_before(6, 6) == UNKNOWN, "each lane its own"
     for at in range(10, 20):
         log.pushed(0, at, 1)
