@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -49,30 +50,24 @@ class Readiness:
     async def reasons(self) -> list[str]:
         async with self._lock:
             if time.monotonic() - self._at > self._ttl_s:
-                found = await asyncio.gather(self._database(), self._broker())
+                found = await asyncio.gather(
+                    _why_not("database", run_in_threadpool(self._select)),
+                    _why_not("redis", asyncio.wait_for(self._redis.ping(), PROBE_DEADLINE_S)))
                 self._reasons = [reason for reason in found if reason]
                 self._at = time.monotonic()
             return self._reasons
 
-    async def _database(self) -> str | None:
-        try:
-            await run_in_threadpool(self._select)
-        except TimeoutError:
-            return f"database: no answer within {PROBE_DEADLINE_S:g} s"
-        except Exception as exc:
-            log.warning("readiness: database unavailable: %s", exc, extra={"action": "readyz"})
-            return f"database unavailable ({type(exc).__name__})"
-        return None
 
-    async def _broker(self) -> str | None:
-        try:
-            await asyncio.wait_for(self._redis.ping(), PROBE_DEADLINE_S)
-        except TimeoutError:
-            return f"redis: no answer within {PROBE_DEADLINE_S:g} s"
-        except Exception as exc:
-            log.warning("readiness: redis unavailable: %s", exc, extra={"action": "readyz"})
-            return f"redis unavailable ({type(exc).__name__})"
-        return None
+async def _why_not(what: str, answer: Awaitable[Any]) -> str | None:
+    """None once ``answer`` comes; else what failed, by name and exception type only."""
+    try:
+        await answer
+    except TimeoutError:
+        return f"{what}: no answer within {PROBE_DEADLINE_S:g} s"
+    except Exception as exc:
+        log.warning("readiness: %s unavailable: %s", what, exc, extra={"action": "readyz"})
+        return f"{what} unavailable ({type(exc).__name__})"
+    return None
 
 
 @router.get("/healthz", response_model=Health, response_model_exclude_none=True)
