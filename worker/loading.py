@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,7 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 from transformers import BlipProcessor, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from imgq.errors import ConfigError, ModelUnavailable
 
@@ -128,8 +130,16 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return torch.float32
 
 
+def quiet_bars_off_a_terminal() -> None:
+    """transformers draws its bars (loading, writing and downloading weights) into log files too,
+    where each is a line of carriage returns in the middle of the JSON lines; on a terminal they stay."""
+    if not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
+
+
 def prepare_torch(kind: str, name: str, threads: int, device: str, dtype_arg: str, dtype: torch.dtype) -> torch.dtype:
-    """Before a model loads: torch's threads, a CUDA check, and the dtype to load in."""
+    """Before a model loads: torch's threads, a CUDA check, quiet bars, and the dtype to load in."""
+    quiet_bars_off_a_terminal()
     if threads > 0:
         # Process-wide, and set here because the model loads in the worker process itself.
         # Fewer intra-op threads than cores also stops idle OpenMP threads spinning on the

@@ -33,6 +33,8 @@ from transformers import (
     GenerationConfig,
 )
 
+from imgq.worker.loading import quiet_bars_off_a_terminal
+
 # Written last: its presence (with matching settings) means the directory is complete.
 MARKER = "imgq-tiny.json"
 FORMAT = 2  # 2: patch size 64 (was 16), no special tokens generated
@@ -129,6 +131,7 @@ def _write_atomically(
     marker = _marker(seed, image_size, patch_size, kind)
     if _is_complete(directory, marker):
         return directory
+    quiet_bars_off_a_terminal()
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:

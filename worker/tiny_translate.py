@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from imgq.languages import LANGUAGES
+from imgq.worker.loading import quiet_bars_off_a_terminal
 from imgq.worker.tiny import MARKER, _is_complete
 
 FORMAT = 1
@@ -161,6 +162,7 @@ def _write(out: Path, *, seed: int) -> None:
         bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"],
         decoder_start_token_id=ids["</s>"], max_length=200,  # NLLB's
     )
+    quiet_bars_off_a_terminal()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 

@@ -165,6 +165,7 @@ def test_the_demo_runs_without_warnings_and_says_how_to_keep_the_services(tmp_pa
     assert out.returncode == 0, out.stderr[-3000:]
     warnings = [line for line in out.stderr.splitlines() if re.search(r"warn", line, re.IGNORECASE)]
     assert warnings == []
+    assert "\r" not in out.stderr, out.stderr[-500:]  # no progress bar drawn into a pipe
     assert "KEEP=1" in out.stdout and re.search(r"^\s+0\s+'", out.stdout, re.MULTILINE)  # a caption row
     assert not (tmp_path / "demo" / "services.json").exists()
     assert uuid.UUID(re.search(r"job_id = '([0-9a-f-]+)'", out.stdout).group(1))  # type: ignore[union-attr]

@@ -261,6 +261,14 @@ def test_threads_setting_caps_torch_cpu_threads(tiny_model_dir) -> None:
         torch.set_num_threads(before)
 
 
+def test_writing_and_loading_draw_no_bar_into_a_log(tmp_path, capfd) -> None:
+    """A worker's stderr is a log file: transformers' "Loading weights" bar was a line of carriage
+    returns in the middle of its JSON lines (and in `imgq demo`'s output)."""
+    CaptionModel(str(write_tiny_checkpoint(tmp_path / "fresh", seed=3)), device="cpu").load()
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "Writing model" not in err and "\r" not in err, err[-500:]
+
+
 def test_tiny_captions_are_never_empty(tiny_model_dir) -> None:
     """The tiny checkpoint never emits special tokens, so an empty caption always means a bug.
     (Without that, 1 of these 64 images got an empty caption: the e2e tests would flake.)"""
