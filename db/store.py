@@ -88,11 +88,15 @@ RETURNING job_id, seq
 # The repeated seq = ANY(...) keeps both key columns in the index condition of the UPDATE's scan:
 # joined on prev.seq alone, a planner that expects a handful of rows per job (a new job id that
 # the statistics have not seen) walks every item of the job, 1.2 s per claim with 1M items.
+# :leave_peers (a refusal): not the items another registered worker is running; they are its own
+# until the reaper takes them (worker NULL), and its result would find them dead.
 _CLAIM = text("""
 WITH prev AS (
-  SELECT seq, state FROM job_items
+  SELECT seq, state FROM job_items i
   WHERE job_id = :job AND seq = ANY(CAST(:seqs AS int[])) AND state IN ('queued', 'running')
-  FOR UPDATE
+    AND NOT (CAST(:leave_peers AS boolean) AND state = 'running' AND worker <> :worker
+             AND EXISTS (SELECT 1 FROM workers w WHERE w.name = i.worker))
+  FOR UPDATE OF i
 )
 UPDATE job_items AS j SET attempts = attempts + 1, state = 'running', worker = :worker, updated_at = now(),
   published_at = coalesce(j.published_at, now())
@@ -370,11 +374,13 @@ class Store:
             log.warning("could not drop the side streams' items of job %s, whose commit failed", job)
 
     # -- worker ---------------------------------------------------------------------------------
-    def claim(self, job: uuid.UUID, seqs: Sequence[int], worker: str) -> dict[int, Claim]:
+    def claim(self, job: uuid.UUID, seqs: Sequence[int], worker: str, *, leave_peers: bool = False) -> dict[int, Claim]:
         """Count a delivery of each unfinished item. Finished items (a duplicate delivery) are
-        left out, so they are never processed twice."""
+        left out, so they are never processed twice; with ``leave_peers``, so are the items
+        another registered worker is running."""
         with self.engine.begin() as conn:
-            rows = conn.execute(_CLAIM, {"job": job, "seqs": list(seqs), "worker": worker})
+            params = {"job": job, "seqs": list(seqs), "worker": worker, "leave_peers": leave_peers}
+            rows = conn.execute(_CLAIM, params)
             return {seq: Claim(attempts, unsettled, ref, text_) for seq, attempts, unsettled, ref, text_ in rows}
 
     def existing_caption(self, source: str, bucket: str, key: str, version: str, model: str, revision: str,

@@ -314,7 +314,7 @@ class MessageService:
         else:
             message = error.message if error is not None else code
         log.error("refusing message of job %s: %s", job, message, extra={"action": code, "job_id": str(job)})
-        claims = self._store.claim(job, seqs, self._engine.worker_name)
+        claims = self._store.claim(job, seqs, self._engine.worker_name, leave_peers=True)
         self._dead_letter([DeadRow(job, seq, code, message, self._engine.worker_name) for seq in claims])
         return Summary(dead=len(claims), skipped=len(seqs) - len(claims))
 

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import text
 
 from imgq.contract import CaptionParams, TaskSpec, make_task
-from imgq.db.store import Store
+from imgq.db.store import PENDING, Store
 from imgq.params import EmbedParams, ValidateParams
 from imgq.retry import RetryPolicy
 from imgq.worker.engine import Outcome, WorkItem
@@ -83,6 +83,36 @@ def test_a_worker_that_serves_nothing_says_so(store: Store):
     [(_, _, code, text_, _, _)] = dead_letters(store)
     assert code == "wrong_model"
     assert text_.startswith("this worker serves nothing; the job asks for caption (blip-large). Start a worker")
+
+
+def running(store: Store, job: uuid.UUID, seq: int, worker: str, *, registered: bool) -> None:
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE job_items SET state = 'running', attempts = 1, worker = :w "
+                          "WHERE job_id = :j AND seq = :s"), {"j": job, "s": seq, "w": worker})
+        if registered:
+            conn.execute(text("INSERT INTO workers (name, host, pid) VALUES (:w, 'host-b', 1)"), {"w": worker})
+
+
+def test_a_refusal_leaves_the_items_a_live_peer_is_running(store: Store):
+    """A mixed fleet on one queue: a duplicate delivery (a visibility timeout, a message the feeder
+    took for lost) reaching a worker that does not serve the job dead-lettered, as wrong_model, the
+    items a serving peer was running; the peer's result then found them dead and was thrown away.
+    A registered worker's items are its own until the reaper takes them (worker NULL)."""
+    asked = [caption_task("blip-large")]
+    job = create_job(store, asked, ["/data/a.jpg", "/data/b.jpg", "/data/c.jpg", "/data/d.jpg"])
+    running(store, job, 0, "host-b:1", registered=True)  # a live peer's
+    running(store, job, 1, "host-c:2", registered=False)  # its worker is gone from the registry
+    running(store, job, 2, None, registered=False)  # reaped: republished, nobody's
+    svc = service(store, ServingEngine([caption_task("blip-base")]))
+
+    summary = svc.handle(message(job, asked, ["/data/a.jpg", "/data/b.jpg", "/data/c.jpg", "/data/d.jpg"]).to_json())
+
+    assert summary == Summary(dead=3, skipped=1)
+    assert [seq for seq, *_ in dead_letters(store)] == [1, 2, 3]
+    assert items(store)[0] == (0, "running", 1, "host-b:1")
+    with store.engine.begin() as conn:  # the peer's result still lands
+        assert conn.execute(text(f"UPDATE job_items j SET state = 'done' WHERE job_id = :j AND seq = 0 AND {PENDING}"),
+                            {"j": job}).rowcount == 1
 
 
 def test_give_up_dead_letters_the_items_with_the_error_cut_to_300_characters(store: Store):
