@@ -779,13 +779,17 @@ def reconcile(
 ) -> None:
     """Re-publish items published and still queued, or running, for too long (their messages were
     lost), and feed the window. Workers' feeders do this once the queue has drained; this runs one
-    sweep now, backlog or not."""
+    sweep now, backlog or not. A worker that still beats keeps its running items until its
+    visibility timeout plus time limit, whatever the age."""
     from imgq.ages import parse_age
+    from imgq.db.admin import LiveHolders
 
     settings = _settings()
     age = parse_age(older_than) if older_than is not None else settings.reconcile_after_s
     admin = _admin(settings)
-    feeder = _feeder(settings, admin, lost_after_s=age, running_lost_after_s=age)
+    # Running items of workers that still beat stay theirs until their own bound.
+    live = LiveHolders(settings.worker_dead_after_s, settings.visibility_timeout_s + settings.task_time_limit_s)
+    feeder = _feeder(settings, admin, lost_after_s=age, running_lost_after_s=age, live=live)
     report = feeder.feed(job=_job_id(job, settings) if job else None, sweep=True, drained_only=False, wait_s=10)
     if report is None:
         _fail("busy", "another feeder holds the feed lock", 1)

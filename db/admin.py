@@ -209,7 +209,12 @@ WITH lost AS (
           -- lane: imgq.feeding.lane). NULL: no bound.
           AND i.published_at < COALESCE(CASE WHEN j.priority >= 0 THEN CAST(:top_before AS timestamptz)
                                              ELSE CAST(:backfill_before AS timestamptz) END, 'infinity'))
-      OR (i.state = 'running' AND i.updated_at < now() - make_interval(secs => CAST(:running_age AS float8))))
+      OR (i.state = 'running' AND i.updated_at < now() - make_interval(secs => CAST(:running_age AS float8))
+          -- A worker that beats is still running it, until its own bound (LiveHolders).
+          AND (CAST(:live_after AS float8) IS NULL
+               OR i.updated_at < now() - make_interval(secs => CAST(:live_after AS float8))
+               OR NOT EXISTS (SELECT 1 FROM workers w WHERE w.name = i.worker
+                              AND w.heartbeat_at >= now() - make_interval(secs => CAST(:beat_within AS float8))))))
     AND (CAST(:job AS uuid) IS NULL OR i.job_id = :job)
     AND (CAST(:queue AS text) IS NULL OR j.queue = :queue)
   ORDER BY i.updated_at LIMIT :limit FOR UPDATE OF i SKIP LOCKED
@@ -360,6 +365,17 @@ class Waiting:
     tasks: list[dict[str, Any]]
 
 
+@dataclass(frozen=True)
+class LiveHolders:
+    """For a lost sweep with a short age (`imgq reconcile --older-than 0`): the running items of a
+    worker that beat within ``beat_within_s`` are still its own until ``after_s`` (its visibility
+    timeout plus time limit). Sent again sooner, each would be charged an attempt and, claimed while
+    running, be taken for a crash suspect and run alone."""
+
+    beat_within_s: float
+    after_s: float
+
+
 class Feeding:
     """The queries of one feed cycle, inside its locked transaction (see :meth:`Admin.feeding`)."""
 
@@ -368,16 +384,19 @@ class Feeding:
         self.queue = queue
 
     def lost(self, *, queued_older_than_s: float | None, running_older_than_s: float | None,
-             job: uuid.UUID | None = None, limit: int = 100_000, left_before: dict[int, Any] | None = None) -> int:
+             job: uuid.UUID | None = None, limit: int = 100_000, left_before: dict[int, Any] | None = None,
+             live: LiveHolders | None = None) -> int:
         """Put items whose message was probably lost back in the backlog; returns how many.
         ``left_before``: per lane, a time before which every message pushed into it has left it
-        (None: no bound); queued items published later are not taken."""
+        (None: no bound); queued items published later are not taken. ``live``: how long a live
+        worker's running items stay its own."""
         if queued_older_than_s is None and running_older_than_s is None:
             return 0
         bounds = left_before or {}
         params = {"queued_age": queued_older_than_s, "running_age": running_older_than_s, "job": job,
                   "queue": self.queue, "limit": limit, "top_before": bounds.get(TOP_LANE),
-                  "backfill_before": bounds.get(BACKFILL_LANE)}
+                  "backfill_before": bounds.get(BACKFILL_LANE),
+                  "live_after": live.after_s if live else None, "beat_within": live.beat_within_s if live else None}
         return len(self.conn.execute(_LOST, params).all())
 
     def now(self) -> Any:

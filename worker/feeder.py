@@ -32,7 +32,7 @@ from celery import Celery
 
 from imgq.contract import TaskMessage
 from imgq.cost import item_cost
-from imgq.db.admin import LEADER_LOCK, LEADER_UNLOCK, Admin
+from imgq.db.admin import LEADER_LOCK, LEADER_UNLOCK, Admin, LiveHolders
 from imgq.feeding import LANES, TOP_LANE, Backlog, PushLog, lane, lane_slots, plan
 from imgq.publish import chunk_messages, publish, tasks_from_record
 
@@ -65,7 +65,7 @@ class Feeder:
     def __init__(
         self, *, admin: Admin, app: Celery, queue: str, window: int, per_message: int,
         interval_s: float = 0.25, lost_after_s: float | None = None, running_lost_after_s: float | None = None,
-        sweep_interval_s: float = 60.0, name: str = "",
+        sweep_interval_s: float = 60.0, name: str = "", live: LiveHolders | None = None,
         on_cycle: Callable[[FeedReport, bool], None] | None = None,
     ) -> None:
         self._admin = admin
@@ -76,6 +76,7 @@ class Feeder:
         self._interval_s = interval_s
         self._lost_after_s = lost_after_s
         self._running_lost_after_s = running_lost_after_s
+        self._live = live
         self._sweep_interval_s = sweep_interval_s
         self._name = name
         self._on_cycle = on_cycle  # (report, swept): the worker's metrics
@@ -158,7 +159,7 @@ class Feeder:
                 queued_age = lost_after_s if lost_after_s is not None else self._lost_after_s
                 bounds = {n: self._pushes.left_before(n, depths.get(n, 0)) for n in LANES} if drained_only else None
                 report.lost = tx.lost(queued_older_than_s=queued_age, running_older_than_s=self._running_lost_after_s,
-                                      job=job, left_before=bounds)
+                                      job=job, left_before=bounds, live=self._live)
                 if report.lost:
                     self._next_seq.clear()  # lost items lie below the hints
             pushed_at: Any = None

@@ -13,7 +13,7 @@ from imgq.celeryconf import make_celery
 from imgq.config import Settings
 from imgq.contract import CaptionParams
 from imgq.cost import item_cost
-from imgq.db.admin import Admin
+from imgq.db.admin import Admin, LiveHolders
 from imgq.db.store import Store
 from imgq.feeding import BACKFILL_LANE, TOP_LANE
 from imgq.producer.submit import submit
@@ -423,3 +423,25 @@ def test_a_cycle_with_every_lane_full_does_not_read_the_backlog(store, client, b
     assert feeder.feed().messages == 4
     assert any("WITH RECURSIVE waiting" in sql for sql in statements)
     feeder.stop()
+
+
+def test_a_sweep_with_no_age_leaves_a_live_workers_running_items_until_its_own_bound(store) -> None:
+    """`imgq reconcile --older-than 0` sent the running items of live workers again: an attempt
+    each, and, claimed while running, each a crash suspect run alone. They stay the worker's while
+    it beats, until its own bound (visibility timeout plus time limit)."""
+    job = _job(store, 5)
+    holders = [("live:1", 0, 5), ("live:1", 0, 500), ("stale:2", 60, 5), (None, 0, 5), ("unknown:3", 0, 5)]
+    with store.engine.begin() as conn:
+        conn.execute(text("INSERT INTO workers (name, host, pid, heartbeat_at) VALUES "
+                          "('live:1', 'live', 1, now()), ('stale:2', 'stale', 2, now() - interval '60 seconds')"))
+        for seq, (worker, _, running_for) in enumerate(holders):
+            conn.execute(text("UPDATE job_items SET state = 'running', worker = :w, published_at = now(), "
+                              "updated_at = now() - make_interval(secs => :age) WHERE job_id = :j AND seq = :s"),
+                         {"w": worker, "age": running_for, "j": job, "s": seq})
+    admin = Admin(store.engine)
+    with admin.feeding(QUEUE, wait_s=1) as tx:
+        taken = tx.lost(queued_older_than_s=0, running_older_than_s=0, live=LiveHolders(beat_within_s=12, after_s=300))
+    assert taken == 4
+    with store.engine.connect() as conn:
+        states = conn.execute(text("SELECT seq, state FROM job_items WHERE job_id = :j ORDER BY seq"), {"j": job}).all()
+    assert states == [(0, "running"), (1, "queued"), (2, "queued"), (3, "queued"), (4, "queued")]
