@@ -46,6 +46,8 @@ PASS_MESSAGES = 2_000
 # at once; the workers' feeder tops up the rest of the window every IMGQ_FEED_INTERVAL_S. A whole
 # 10,000-message window took 6.8 s of a 1M-ref enqueue (marks and publishing, docs/performance.md).
 PRODUCER_MESSAGES = 500
+# Takes of at most this many items go in one statement per pass (Feeding.take_many).
+SMALL_TAKE = 256
 # How long a count of the items in flight serves the fair shares (published items are added to it).
 FLIGHT_TTL_S = 2.0
 
@@ -66,7 +68,7 @@ class Feeder:
         self, *, admin: Admin, app: Celery, queue: str, window: int, per_message: int,
         interval_s: float = 0.25, lost_after_s: float | None = None, running_lost_after_s: float | None = None,
         sweep_interval_s: float = 60.0, name: str = "", live: LiveHolders | None = None,
-        on_cycle: Callable[[FeedReport, bool], None] | None = None,
+        on_cycle: Callable[[FeedReport, bool], None] | None = None, small_take: int = SMALL_TAKE,
     ) -> None:
         self._admin = admin
         self._app = app
@@ -77,6 +79,7 @@ class Feeder:
         self._lost_after_s = lost_after_s
         self._running_lost_after_s = running_lost_after_s
         self._live = live
+        self._small_take = small_take  # 0: a statement per take (bench.small_jobs compares)
         self._sweep_interval_s = sweep_interval_s
         self._name = name
         self._on_cycle = on_cycle  # (report, swept): the worker's metrics
@@ -202,12 +205,15 @@ class Feeder:
                                     w.refs_per_message or self._per_message, costs[w.job])
                             for rank, w in enumerate(waiting.values())]
                 messages: list[TaskMessage] = []
-                for chosen, n in plan(backlogs, budget, self._per_message, busy=busy):
-                    w = waiting[chosen]  # type: ignore[index]
+                chosen = [(waiting[job], n * (waiting[job].refs_per_message or self._per_message))  # type: ignore[index]
+                          for job, n in plan(backlogs, budget, self._per_message, busy=busy)]
+                # Takes start past what this feeder published of the job; items below that (a dead
+                # letter retried meanwhile) go out once the rest runs short. Small ones in one
+                # statement: with many single-image jobs a take each cost as much as their messages.
+                small = tx.take_many([(w.job, n, self._next_seq.get(w.job, 0)) for w, n in chosen if n <= self._small_take])
+                for w, n in chosen:
                     size = w.refs_per_message or self._per_message
-                    # Takes start past what this feeder published of the job; items below that
-                    # (a dead letter retried meanwhile) go out once the rest runs short.
-                    items = tx.take(w.job, n * size, self._next_seq.get(w.job, 0))
+                    items = small[w.job] if w.job in small else tx.take(w.job, n, self._next_seq.get(w.job, 0))
                     if items:
                         self._next_seq[w.job] = max(self._next_seq.get(w.job, 0), items[-1][0] + 1)
                         tenant, count = self._flight.get(w.job, (w.tenant, 0))

@@ -445,3 +445,36 @@ def test_a_sweep_with_no_age_leaves_a_live_workers_running_items_until_its_own_b
     with store.engine.connect() as conn:
         states = conn.execute(text("SELECT seq, state FROM job_items WHERE job_id = :j ORDER BY seq"), {"j": job}).all()
     assert states == [(0, "running"), (1, "queued"), (2, "queued"), (3, "queued"), (4, "queued")]
+
+
+def _rows_read(plan: dict) -> int:
+    own = plan.get("Actual Rows", 0) * plan.get("Actual Loops", 1) if plan.get("Relation Name") == "job_items" else 0
+    return own + sum(_rows_read(child) for child in plan.get("Plans", []))
+
+
+def test_many_small_takes_go_in_one_statement_that_reads_only_their_items(store) -> None:
+    """Many single-image jobs cost the feeder a take each, as much as publishing their messages
+    (1,190 jobs/s; docs/scaling.md). One statement takes them all, without reading the table:
+    joined back on (job_id, seq) the planner hashed all of job_items."""
+    big = _job(store, 30_000)
+    small = [_job(store, 1) for _ in range(300)]
+    retried = _job(store, 10)
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE job_items SET published_at = now() WHERE job_id = :j AND seq < 5 AND seq <> 2"),
+                     {"j": retried})  # 2 was published, failed and released: below the hint
+        conn.execute(text("ANALYZE job_items"))
+    wants = [(big, 256, 0), *((job, 1, 0) for job in small), (retried, 6, 5)]
+    with Admin(store.engine).feeding(QUEUE, wait_s=1) as tx:
+        taken = tx.take_many(wants)
+    assert [seq for seq, _ in taken[big]] == list(range(256))
+    assert all(taken[job] == [(0, "/d/0.jpg")] for job in small)
+    assert [seq for seq, _ in taken[retried]] == [2, 5, 6, 7, 8, 9]
+    assert _published(store, big) == list(range(256))
+
+    from imgq.db.admin import _TAKE_MANY
+
+    params = {"jobs": [j for j, _, _ in wants], "ns": [n for _, n, _ in wants], "froms": [0 for _ in wants]}
+    with store.engine.connect() as conn, conn.begin() as tx:
+        plan = conn.execute(text("EXPLAIN (ANALYZE, FORMAT JSON) " + _TAKE_MANY.text), params).scalar_one()
+        tx.rollback()
+    assert _rows_read(plan[0]["Plan"]) <= 4 * (256 + 300 + 6), "the take read more of job_items than it took"
