@@ -211,10 +211,13 @@ WITH lost AS (
                                              ELSE CAST(:backfill_before AS timestamptz) END, 'infinity'))
       OR (i.state = 'running' AND i.updated_at < now() - make_interval(secs => CAST(:running_age AS float8))
           -- A worker that beats is still running it, until its own bound (LiveHolders).
+          -- statement_timestamp(): now() is the transaction's start, before up to 10 s of waiting
+          -- for the feed lock, which would count a worker silent that much longer as beating.
           AND (CAST(:live_after AS float8) IS NULL
-               OR i.updated_at < now() - make_interval(secs => CAST(:live_after AS float8))
+               OR i.updated_at < statement_timestamp() - make_interval(secs => CAST(:live_after AS float8))
                OR NOT EXISTS (SELECT 1 FROM workers w WHERE w.name = i.worker
-                              AND w.heartbeat_at >= now() - make_interval(secs => CAST(:beat_within AS float8))))))
+                              AND w.heartbeat_at >= statement_timestamp()
+                                                    - make_interval(secs => CAST(:beat_within AS float8))))))
     AND (CAST(:job AS uuid) IS NULL OR i.job_id = :job)
     AND (CAST(:queue AS text) IS NULL OR j.queue = :queue)
   ORDER BY i.updated_at LIMIT :limit FOR UPDATE OF i SKIP LOCKED
@@ -277,8 +280,9 @@ RETURNING seq, ref, text
 # Small takes of many jobs in one statement (many single-image jobs: a _TAKE each cost as much as
 # publishing their messages). The rows are found per job through job_items_unpublished and then
 # updated by ctid (a TID scan): joined back on (job_id, seq), the planner hashed the whole table
-# (a sequential scan of 1M rows for 2,000 one-item takes: 473 ms). The ctid of a row this
-# statement locked cannot change before its own UPDATE.
+# (a sequential scan of 1M rows for 2,000 one-item takes: 473 ms). A row updated by another
+# transaction after this statement's snapshot (none of imgq's writers leaves such a row waiting) is
+# locked in its new version, which the UPDATE cannot see: it stays waiting for the next take.
 _TAKE_MANY = text("""
 UPDATE job_items SET published_at = now(), updated_at = now()
 WHERE ctid = ANY(ARRAY(
@@ -448,6 +452,8 @@ class Feeding:
         statement, for small takes. A take left short by its hint is completed as ``take`` does."""
         if not wants:
             return {}
+        if len({job for job, _, _ in wants}) != len(wants):
+            raise ValueError("take_many: a job named twice would have its items handed out twice")
         params = {"jobs": [j for j, _, _ in wants], "ns": [n for _, n, _ in wants], "froms": [f for _, _, f in wants]}
         found: dict[uuid.UUID, list[Any]] = {job: [] for job, _, _ in wants}
         for job, seq, ref, pair_text in self.conn.execute(_TAKE_MANY, params):

@@ -210,10 +210,11 @@ class Feeder:
                 # Takes start past what this feeder published of the job; items below that (a dead
                 # letter retried meanwhile) go out once the rest runs short. Small ones in one
                 # statement: with many single-image jobs a take each cost as much as their messages.
-                small = tx.take_many([(w.job, n, self._next_seq.get(w.job, 0)) for w, n in chosen if n <= self._small_take])
+                small = tx.take_many([(w.job, n, self._next_seq.get(w.job, 0))
+                                      for w, n in chosen if n <= self._small_take])
                 for w, n in chosen:
                     size = w.refs_per_message or self._per_message
-                    items = small[w.job] if w.job in small else tx.take(w.job, n, self._next_seq.get(w.job, 0))
+                    items = small.pop(w.job) if w.job in small else tx.take(w.job, n, self._next_seq.get(w.job, 0))
                     if items:
                         self._next_seq[w.job] = max(self._next_seq.get(w.job, 0), items[-1][0] + 1)
                         tenant, count = self._flight.get(w.job, (w.tenant, 0))

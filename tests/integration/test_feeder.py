@@ -478,3 +478,10 @@ def test_many_small_takes_go_in_one_statement_that_reads_only_their_items(store)
         plan = conn.execute(text("EXPLAIN (ANALYZE, FORMAT JSON) " + _TAKE_MANY.text), params).scalar_one()
         tx.rollback()
     assert _rows_read(plan[0]["Plan"]) <= 4 * (256 + 300 + 6), "the take read more of job_items than it took"
+
+
+def test_a_job_named_twice_in_one_take_is_refused(store) -> None:
+    job = _job(store, 5)
+    with Admin(store.engine).feeding(QUEUE, wait_s=1) as tx, pytest.raises(ValueError, match="twice"):
+        tx.take_many([(job, 3, 0), (job, 2, 0)])
+    assert _published(store, job) == []
