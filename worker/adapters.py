@@ -116,6 +116,9 @@ class AdapterFiles:
         except errors.ImgqError as exc:
             raise errors.AdapterUnavailable(f"adapter {record.name!r}: cannot read {record.location}: "
                                             f"{exc.message}") from None
+        except OSError as exc:  # deleted, unreadable: the adapter's, not the image's (not_found)
+            raise errors.AdapterUnavailable(f"adapter {record.name!r}: cannot read {record.location}: "
+                                            f"{exc.strerror or exc}") from None
         except Exception as exc:
             if not type(exc).__module__.startswith(("botocore", "boto3")):
                 raise
@@ -261,16 +264,33 @@ class AdapterBank:
             raise errors.AdapterUnavailable(f"adapter {record.name!r} was trained on {record.base_model!r}, not on "
                                             f"the served caption model {model.name!r}")
         folder = Path(record.location) if self._fetch_dir is None else self._fetch_dir(record)
-        weights = (folder / WEIGHTS_FILE).read_bytes()
+        try:
+            weights = (folder / WEIGHTS_FILE).read_bytes()
+        except OSError as exc:
+            raise errors.AdapterUnavailable(f"adapter {record.name!r}: cannot read {WEIGHTS_FILE}: "
+                                            f"{exc.strerror or exc}") from None
         digest = sha256_hex(weights)
         if not matches(digest, record.revision):
             raise errors.AdapterUnavailable(f"adapter {record.name!r}: {WEIGHTS_FILE} has SHA-256 {digest[:16]}..., "
                                             f"not its registered revision {record.revision[:16]}...; refused")
-        raw = json.loads((folder / CONFIG_FILE).read_text())
+        # A config that does not parse is the adapter's fault, not the worker's: raised as anything
+        # else it was retried, failed every batch of the adapter, and the strikes stopped the worker.
+        try:
+            raw = json.loads((folder / CONFIG_FILE).read_text())
+            if not isinstance(raw, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as exc:
+            raise errors.AdapterUnavailable(f"adapter {record.name!r}: {CONFIG_FILE} is unreadable: "
+                                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
         if raw.get("peft_type") != "LORA" or raw.get("target_modules") != TARGET_MODULES:
             raise errors.AdapterUnavailable(f"adapter {record.name!r} is not imgq's LoRA layout (peft_type LORA on "
                                             "the text decoder's attention, imgq.worker.lora)")
-        config = LoraConfig.from_pretrained(str(folder))
+        try:
+            config = LoraConfig.from_pretrained(str(folder))
+        except Exception as exc:
+            raise errors.AdapterUnavailable(f"adapter {record.name!r}: {CONFIG_FILE} is not a LoRA config peft "
+                                            f"reads: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                                            ) from None
         config.inference_mode = True
         self._serial += 1
         slot = f"a{self._serial}"  # peft names are ModuleDict keys: no dots; (name, revision) maps to it

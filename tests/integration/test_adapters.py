@@ -145,6 +145,30 @@ def test_wrong_hash_and_wrong_base_are_refused(model: CaptionModel, adapter_dirs
     assert model.caption(pixels[:2], GREEDY) == bank.caption(pixels[:2], GREEDY, [None, None])
 
 
+@pytest.mark.parametrize("config", ['{"peft_type": "LORA", ', "[1, 2]", '{"peft_type": "LORA", "target_modules": 5}',
+                                    None])
+def test_an_unreadable_config_or_missing_files_refuse_the_adapter_not_the_worker(
+        model: CaptionModel, adapter_dirs: Any, pixels: np.ndarray, tmp_path: Path, config: str | None):
+    """The weights' hash (the revision) does not cover the config: a truncated config raised
+    JSONDecodeError, retried as a transient failure; every batch of the adapter failed, and the
+    strikes stopped the worker (exit 3, its items queued for the next worker to die on). Files
+    deleted from the location were dead-lettered as not_found, as if the image were missing."""
+    folder = tmp_path / "a"
+    shutil.copytree(adapter_dirs["a"][0], folder)
+    if config is None:
+        (folder / "adapter_model.safetensors").unlink()
+    else:
+        (folder / "adapter_config.json").write_text(config)
+    bank = AdapterBank(model, None, capacity=2)
+    with pytest.raises(errors.AdapterUnavailable, match="adapter 'a'"):
+        bank.load(record("a", adapter_dirs, model, location=str(folder)))
+    if config is None:  # as a worker reads it: through the allow-listed location
+        settings = Settings(_env_file=None, local_roots=[tmp_path], adapter_dir=tmp_path / "cache")
+        with pytest.raises(errors.AdapterUnavailable, match="cannot read"):
+            AdapterFiles(settings)(record("a", adapter_dirs, model, location=str(folder)))
+    assert bank.loaded == [] and model.caption(pixels[:1], GREEDY) == bank.caption(pixels[:1], GREEDY, [None])
+
+
 def test_registry_upserts_and_require_explains(database_url: str):
     engine = make_engine(database_url)
     registry = Adapters(engine)
