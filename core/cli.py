@@ -276,7 +276,6 @@ def enqueue(
             if lang is not None:
                 _fail("bad_request", "--adapter captions in the adapter's language; --lang translates BLIP's "
                       "English captions: choose one")
-            _require_adapter(settings, adapter)
             raw["adapter"] = adapter
         if lang is not None:
             from imgq.languages import parse_langs
@@ -289,6 +288,9 @@ def enqueue(
             names = parse_kinds([*names, "translate"])
             raw["langs"] = langs
         tasks = _enqueue_params(settings, names, raw)
+        for task in tasks:  # --adapter or --params '{"adapter": ...}': refused now, not dead-lettered later
+            if getattr(task.params, "adapter", None) is not None:
+                _require_adapter(settings, task.params.adapter, task.model)
         paired = any(spec(k).input == "pair" for k in names)
         if paired:
             if pairs is None or refs or from_file:
@@ -385,13 +387,13 @@ def _translate_job(settings: Settings, job: str, lang: str) -> tuple[list[Any], 
     return tasks, list(accept_refs(refs, settings, skip_invalid=False, rejected=[]))
 
 
-def _require_adapter(settings: Settings, name: str) -> None:
+def _require_adapter(settings: Settings, name: str, model: str) -> None:
     from imgq.db.adapters import Adapters
     from imgq.db.store import make_engine
 
     engine = make_engine(settings.sync_database_url)
     try:
-        Adapters(engine).require(name, settings.caption_model)
+        Adapters(engine).require(name, model)
     finally:
         engine.dispose()
 

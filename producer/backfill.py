@@ -26,6 +26,7 @@ from sqlalchemy import Engine
 
 from imgq.config import Settings
 from imgq.contract import TaskSpec, make_task, tasks_conflict
+from imgq.db.adapters import Adapters
 from imgq.db.backfills import BackfillCancelled, BackfillLockLost, Backfills, Definition, Listed, RunState
 from imgq.errors import BadParams, ImgqError, RefRefused
 from imgq.kinds import parse_kinds, spec
@@ -212,6 +213,9 @@ def run_backfill(
     :class:`imgq.db.backfills.BackfillLockLost` if the session holding its lock ends."""
     store = Backfills(engine)
     d = definition
+    for record in d.tasks:  # an unknown adapter fails the run now, not every item it would enqueue
+        if record["params"].get("adapter") is not None:
+            Adapters(engine).require(record["params"]["adapter"], record["model"])
     progress = progress if progress is not None else Progress()
     bucket_for = TokenBucket(max_rate, clock=clock) if max_rate else None
     per_commit = commit_size_for(max_rate)

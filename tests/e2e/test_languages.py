@@ -103,6 +103,9 @@ def test_adapter_jobs_caption_in_the_adapters_language_and_a_withdrawn_adapter_i
 
     refused = run_cli(settings, "enqueue", "caption", *refs, "--adapter", "nope")
     assert refused.returncode == 2 and "error[unknown_adapter]" in refused.stderr
+    # Named in --params, it was accepted and every item dead-lettered.
+    refused = run_cli(settings, "enqueue", "caption", *refs, "--params", '{"adapter": "nope"}')
+    assert refused.returncode == 2 and "error[unknown_adapter]" in refused.stderr
     jobs = {}
     for name in ("de-news", "fr-art", "gone"):
         out = run_cli(settings, "enqueue", "caption", *refs, "--adapter", name, "--max-new-tokens", "6")

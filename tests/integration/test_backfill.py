@@ -226,7 +226,11 @@ def test_refused_requests_exit_2_before_anything_is_written(env, bucket, store):
     assert "error[bad_ref]" in CliRunner().invoke(app, ["backfill", "/srv/photos"], env=env).stderr
     pairs = backfill(env, bucket, "--kinds", "validate")
     assert pairs.exit_code == 2 and "error[bad_params]" in pairs.stderr
+    # An unknown adapter was enqueued, and every object dead-lettered as adapter_unavailable.
+    adapter = backfill(env, bucket, "--params", '{"adapter": "nope"}')
+    assert adapter.exit_code == 2 and "error[unknown_adapter]" in adapter.stderr
     assert sql(store, "SELECT count(*) FROM backfills") == [(0,)]
+    assert sql(store, "SELECT count(*) FROM jobs") == [(0,)]
 
 
 def test_a_source_that_cannot_be_listed_is_a_coded_failure(env):
