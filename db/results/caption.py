@@ -87,8 +87,13 @@ class CaptionWriter:
 
     def write(self, conn: Any, rows: Sequence[ResultRow]) -> dict[tuple[uuid.UUID, int], int]:
         ids: dict[tuple[uuid.UUID, int], int] = {}
+        by_how: dict[tuple[Any, ...], list[ResultRow]] = {}
         for (model, rev, phash), group in groups(rows).items():
-            # One params hash is one adapter (its name is a parameter), so one language per group.
+            # A params hash names an adapter, not its revision or language: an adapter registered
+            # again between two batches that one write coalesces is two groups (found by review).
+            for r in group:
+                by_how.setdefault((model, rev, phash, *how(r.value).values()), []).append(r)
+        for (model, rev, phash, *_), group in by_how.items():
             by_image = dict(conn.execute(_WRITE, {
                 "image_id": Binary(r.image_id for r in group), "txt": Binary(str(r.value) for r in group),
                 "model": model, "rev": rev, "phash": phash, "params": json.dumps(group[0].params),

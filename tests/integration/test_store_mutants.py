@@ -317,3 +317,18 @@ def test_check_counts_every_missing_and_every_wrong_translation(store):
     assert report is not None
     assert (report.missing, report.mismatched, report.duplicates) == (2, 2, 0)
     assert len(report.offenders) == 4
+
+
+def test_one_write_of_two_revisions_of_an_adapter_stores_each_captions_own(store: Store):
+    """The worker coalesces pending writes into one. An adapter registered again (same name, so the
+    same params hash; a new revision, maybe a new language) between two batches made one group,
+    and the second batch's captions were stored under the first's revision and language."""
+    task = make_task("caption", "cap-model", CaptionParams(adapter="news"))
+    job = store.create_job(tasks=[record(task)], refs=[f"/m/{i}.jpg" for i in range(2)])
+    store.claim(job, [0, 1], "w1")
+    values = [CaptionText("ein hund", lang="de", method="adapter", via="news", via_revision="a" * 64),
+              CaptionText("un chien", lang="fr", method="adapter", via="news", via_revision="b" * 64)]
+    store.write_done([DoneItem(job, s, obj(s), "w1", {"caption": result(task, values[s])}) for s in range(2)])
+    assert sql(store, "SELECT c.text, c.lang, c.via_revision FROM job_items i JOIN captions c ON c.id = i.caption_id "
+                      "WHERE i.job_id = :j ORDER BY i.seq", j=job).all() == [("ein hund", "de", "a" * 64),
+                                                                             ("un chien", "fr", "b" * 64)]
