@@ -62,15 +62,27 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+# Files beside config.json that change what a checkpoint outputs: generation defaults (a
+# repetition penalty, the special tokens), the tokenizer, the image preprocessing. Hashed when
+# present; a README or .gitattributes is not.
+_OUTPUT_FILES = ("generation_config.json", "preprocessor_config.json", "processor_config.json", "tokenizer.json",
+                 "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
+                 "sentencepiece.bpe.model", "spiece.model")
+
+
 def local_revision(directory: Path, cache: Path | None = None) -> str:
-    """Identity of a local checkpoint: its config plus the contents of its weight files. Sizes
-    alone would give a re-export of the same architecture (new weights, same shapes) the old
-    revision, so its results would mix with the old ones under one identity. Hashing ~1 GB of
-    BLIP-base weights takes 1.5 s here, so each file's digest is kept in ``cache``
-    (:func:`digest_cache`), keyed by what any rewrite changes (inode, size, mtime and ctime)."""
+    """Identity of a local checkpoint: its config, the other files that shape its output
+    (``_OUTPUT_FILES``), and the contents of its weight files. Sizes alone would give a re-export
+    of the same architecture (new weights, same shapes) the old revision, so its results would mix
+    with the old ones under one identity. Hashing ~1 GB of BLIP-base weights takes 1.5 s here, so
+    each weight file's digest is kept in ``cache`` (:func:`digest_cache`), keyed by what any
+    rewrite changes (inode, size, mtime and ctime)."""
     cache = digest_cache() if cache is None else cache
     known = _read_cache(cache)
     digest = hashlib.sha256((directory / "config.json").read_bytes())
+    for name in _OUTPUT_FILES:
+        if (directory / name).is_file():
+            digest.update(f"\0{name}\0{hashlib.sha256((directory / name).read_bytes()).hexdigest()}".encode())
     fresh = False
     for path in sorted(directory.iterdir()):
         if path.name.endswith(_WEIGHT_SUFFIXES):

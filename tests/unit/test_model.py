@@ -187,6 +187,27 @@ def test_a_local_checkpoint_with_other_weights_of_the_same_shapes_is_another_rev
     assert local_revision(tiny_model_dir) == local_revision(write_tiny_checkpoint(tmp_path / "same"))
 
 
+@pytest.mark.parametrize("name", ["generation_config.json", "tokenizer_config.json", "vocab.txt",
+                                  "processor_config.json"])
+def test_editing_what_shapes_the_output_is_another_revision_and_a_readme_is_not(tmp_path, name) -> None:
+    """Only config.json and the weights were hashed: a checkpoint whose generation defaults,
+    tokenizer or preprocessing changed (its captions with them) kept its revision (found by review)."""
+    import shutil
+
+    from imgq.worker.loading import local_revision
+
+    folder = write_tiny_checkpoint(tmp_path / "ckpt")
+    before = local_revision(folder)
+    (folder / "README.md").write_text("notes")
+    assert local_revision(folder) == before
+    assert (folder / name).is_file(), sorted(p.name for p in folder.iterdir())
+    shutil.copy(folder / name, tmp_path / "saved")
+    (folder / name).write_bytes((folder / name).read_bytes() + b"\n")
+    assert local_revision(folder) != before
+    shutil.copy(tmp_path / "saved", folder / name)
+    assert local_revision(folder) == before
+
+
 def test_a_weight_files_digest_is_kept_until_the_file_changes(tmp_path) -> None:
     """Hashing BLIP-base's 990 MB took 1.5 s on every load, every `imgq search` too: each file's
     digest is kept, keyed by its inode, size, mtime and ctime, so a rewrite is hashed again."""
