@@ -45,8 +45,8 @@ def finetune(
     frozen and its features are computed once (cached in --out). Each epoch is checkpointed in --out
     (--resume continues), a seeded share of the pairs is held out for the loss and chrF of greedy
     captions, and the final adapter is written in peft's format and registered under --name with
-    its SHA-256. Prints one summary line. BLIP's English WordPiece vocabulary lower-cases, strips
-    accents and cannot write other scripts (README).
+    the SHA-256 of its weights and of its config. Prints one summary line. BLIP's English WordPiece
+    vocabulary lower-cases, strips accents and cannot write other scripts (README).
 
     \b
       imgq finetune --pairs de.csv --out /data/adapters/blip-de --lang de --epochs 20
@@ -113,7 +113,7 @@ def finetune(
         bar.close()
     if do_register:
         _register(settings, AdapterRecord(adapter_name, lang_info.code, model.name, model.revision, str(out),
-                                          report.revision, report.metrics()))
+                                          report.revision, report.metrics(), config_sha256=report.config_sha256))
     typer.echo(report.summary() + ("" if do_register else " (not registered)"))
 
 

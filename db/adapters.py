@@ -9,6 +9,9 @@ Invariants:
   an S3 adapter's copy in ``IMGQ_ADAPTER_DIR/<name>-<revision>``.
 - ``revision`` is the hex SHA-256 (at least its first 16 characters) of ``adapter_model.safetensors``;
   a worker refuses files that do not hash to it.
+- ``config_sha256`` (migration 0016) is the same for ``adapter_config.json`` (``lora_alpha``, ``r``, ...,
+  which change captions as much as the weights do); a worker refuses a config that does not hash to it.
+  NULL: registered before 0016, the config is not checked until the adapter is registered again.
 """
 
 from __future__ import annotations
@@ -25,13 +28,14 @@ from imgq.errors import BadParams, UnknownAdapter
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 REVISION = re.compile(r"^[0-9a-f]{16,64}$")
 
-_COLUMNS = "name, lang, base_model, base_revision, location, revision, metrics"
+_COLUMNS = "name, lang, base_model, base_revision, location, revision, metrics, config_sha256"
 _UPSERT = text(f"""
 INSERT INTO adapters ({_COLUMNS})
-VALUES (:name, :lang, :base_model, :base_revision, :location, :revision, CAST(:metrics AS jsonb))
+VALUES (:name, :lang, :base_model, :base_revision, :location, :revision, CAST(:metrics AS jsonb), :config_sha256)
 ON CONFLICT (name) DO UPDATE SET
   lang = EXCLUDED.lang, base_model = EXCLUDED.base_model, base_revision = EXCLUDED.base_revision,
-  location = EXCLUDED.location, revision = EXCLUDED.revision, metrics = EXCLUDED.metrics, created_at = now()
+  location = EXCLUDED.location, revision = EXCLUDED.revision, metrics = EXCLUDED.metrics,
+  config_sha256 = EXCLUDED.config_sha256, created_at = now()
 """)
 _GET = text(f"SELECT {_COLUMNS} FROM adapters WHERE name = :name")
 _LIST = text(f"SELECT {_COLUMNS} FROM adapters ORDER BY name")
@@ -46,6 +50,7 @@ class AdapterRecord:
     location: str  # a local folder or s3://bucket/prefix holding adapter_config.json + adapter_model.safetensors
     revision: str  # hex SHA-256 of adapter_model.safetensors
     metrics: dict[str, Any] = field(default_factory=dict)  # held-out figures from imgq finetune
+    config_sha256: str | None = None  # hex SHA-256 of adapter_config.json; None: registered before 0016, unchecked
 
     def check(self) -> None:
         """Raise BadParams if the record could not be served as written."""
@@ -55,6 +60,9 @@ class AdapterRecord:
         if not REVISION.match(self.revision):
             raise BadParams(f"adapter revision {self.revision!r} must be the hex SHA-256 of its weights "
                             "(at least 16 characters)")
+        if self.config_sha256 is not None and not REVISION.match(self.config_sha256):
+            raise BadParams(f"adapter config_sha256 {self.config_sha256!r} must be the hex SHA-256 of its "
+                            "adapter_config.json (at least 16 characters)")
         for name in ("lang", "base_model", "base_revision", "location"):
             if not getattr(self, name):
                 raise BadParams(f"adapter {self.name!r} has an empty {name}")
@@ -62,7 +70,7 @@ class AdapterRecord:
 
 def _record(row: Any) -> AdapterRecord:
     return AdapterRecord(row.name, row.lang, row.base_model, row.base_revision, row.location, row.revision,
-                         dict(row.metrics or {}))
+                         dict(row.metrics or {}), row.config_sha256)
 
 
 class Adapters:
@@ -78,7 +86,7 @@ class Adapters:
             conn.execute(_UPSERT, {
                 "name": record.name, "lang": record.lang, "base_model": record.base_model,
                 "base_revision": record.base_revision, "location": record.location, "revision": record.revision,
-                "metrics": json.dumps(record.metrics, sort_keys=True),
+                "metrics": json.dumps(record.metrics, sort_keys=True), "config_sha256": record.config_sha256,
             })
 
     def get(self, name: str) -> AdapterRecord | None:

@@ -224,7 +224,9 @@ class ItemTranslation(Base):
 class Adapter(Base):
     """A per-language LoRA adapter on the caption model's text decoder (``imgq finetune`` registers
     them; ``imgq enqueue caption --adapter NAME`` uses one). ``location`` is a local folder or an
-    ``s3://bucket/prefix``; ``revision`` is the SHA-256 of its weights, part of each caption's identity."""
+    ``s3://bucket/prefix``; ``revision`` is the SHA-256 of its weights, part of each caption's identity;
+    ``config_sha256`` that of its ``adapter_config.json`` (migration 0016; NULL for older registrations,
+    whose config is not checked)."""
 
     __tablename__ = "adapters"
 
@@ -236,6 +238,7 @@ class Adapter(Base):
     revision: Mapped[str] = mapped_column(Text)
     metrics: Mapped[dict] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    config_sha256: Mapped[str | None] = mapped_column(Text)
 
 
 class DeadLetter(Base):

@@ -16,7 +16,9 @@ How (checked against peft 0.21 and transformers 5.24):
 * Files: an adapter's folder holds peft's ``save_pretrained`` layout (``adapter_config.json`` +
   ``adapter_model.safetensors``). A worker copies it, from S3 or from a folder under IMGQ_LOCAL_ROOTS
   (read beneath the root, no symlinks), into ``IMGQ_ADAPTER_DIR/<name>-<revision>``; the weights are hashed
-  and loaded from the same bytes, so what runs is what was verified.
+  and loaded from the same bytes, so what runs is what was verified. The config is hashed too when the
+  record pins it (``config_sha256``, migration 0016): ``lora_alpha`` or ``r`` edited in place would change
+  captions under the same revision. A record from before 0016 has no config digest and is not checked.
 
 Threads: ``generate`` runs on the worker's one inference thread; loading, eviction and the batched call
 hold one lock, so an adapter is never injected or deleted while a batch runs.
@@ -61,13 +63,28 @@ def matches(digest: str, revision: str) -> bool:
     return len(revision) >= 16 and digest.startswith(revision.lower())
 
 
+def config_matches(record: AdapterRecord, config: bytes) -> bool:
+    """Whether ``config`` (adapter_config.json's bytes) is the registered one; a record registered before
+    migration 0016 pins no config and any passes."""
+    return record.config_sha256 is None or matches(sha256_hex(config), record.config_sha256)
+
+
+def config_refused(record: AdapterRecord, config: bytes) -> errors.AdapterUnavailable:
+    digest = sha256_hex(config)
+    return errors.AdapterUnavailable(
+        f"adapter {record.name!r}: {CONFIG_FILE} has SHA-256 {digest[:16]}..., not its registered "
+        f"{str(record.config_sha256)[:16]}... (edited since it was registered?); refused: re-register it, e.g. by "
+        "running `imgq finetune` again or registering the new digest")
+
+
 # -- where an adapter's files come from -----------------------------------------------------------------------
 
 class AdapterFiles:
     """``record -> local folder``: the worker's verified copy in ``IMGQ_ADAPTER_DIR/<name>-<revision>`` of an
     adapter stored in S3 (bucket in IMGQ_ALLOWED_BUCKETS) or in a folder under IMGQ_LOCAL_ROOTS. A copy whose
-    weights already hash to the revision is reused; anything else is fetched again into a fresh folder and
-    renamed into place."""
+    weights already hash to the revision, and whose config to the record's ``config_sha256`` when it has one,
+    is reused; anything else is fetched again into a fresh folder and renamed into place. Fetched files whose
+    config does not hash to the record's are refused (AdapterUnavailable) and leave the cache as it was."""
 
     def __init__(self, settings: Any, s3_client: Any | None = None) -> None:
         self._settings = settings
@@ -78,11 +95,13 @@ class AdapterFiles:
         record.check()
         where = self._where(record)  # checked even for a cached copy: the allow-lists may have narrowed
         dest = self.root / f"{record.name}-{record.revision}"
-        weights = dest / WEIGHTS_FILE
-        if weights.is_file() and (dest / CONFIG_FILE).is_file() and matches(sha256_hex(weights.read_bytes()),
-                                                                              record.revision):
+        weights, config = dest / WEIGHTS_FILE, dest / CONFIG_FILE
+        if (weights.is_file() and config.is_file() and matches(sha256_hex(weights.read_bytes()), record.revision)
+                and config_matches(record, config.read_bytes())):
             return dest
         files = self._read(record, where)
+        if not config_matches(record, files[CONFIG_FILE]):
+            raise config_refused(record, files[CONFIG_FILE])
         self.root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=self.root))
         try:
@@ -153,6 +172,13 @@ def _read_beneath(path: Path, roots: list[Path], limit: int) -> bytes:
 
 # -- the bank -----------------------------------------------------------------------------------------------
 
+_Key = tuple[str, str, str]  # name, revision, config digest ("" when the record pins none)
+
+
+def _key(record: AdapterRecord) -> _Key:
+    return record.name, record.revision, record.config_sha256 or ""
+
+
 class AdapterBank:
     """LoRA adapters on one :class:`~imgq.worker.model.CaptionModel`, at most ``capacity`` loaded.
 
@@ -171,7 +197,9 @@ class AdapterBank:
         self._resolve = resolve
         self._lock = threading.RLock()
         self._tuner: Any = None  # peft LoraModel, once the first adapter loads
-        self._slots: OrderedDict[tuple[str, str], str] = OrderedDict()  # (name, revision) -> peft name; LRU first
+        # (name, revision, config digest) -> peft name, least recently used first: an adapter registered again
+        # with another config but the same weights is another slot, not the loaded one.
+        self._slots: OrderedDict[_Key, str] = OrderedDict()
         self._serial = 0
         self.loads = 0  # adapters loaded from files so far (tests and metrics)
 
@@ -214,7 +242,7 @@ class AdapterBank:
     def loaded(self) -> list[str]:
         """Names of the loaded adapters, least recently used first."""
         with self._lock:
-            return [name for name, _ in self._slots]
+            return [key[0] for key in self._slots]
 
     # -- loading -----------------------------------------------------------------------------------------
 
@@ -223,11 +251,11 @@ class AdapterBank:
         its peft adapter name."""
         with self._lock:
             slot = self._ensure(record, keep=set())
-            self._trim(keep={(record.name, record.revision)})
+            self._trim(keep={_key(record)})
             return slot
 
-    def _ensure(self, record: AdapterRecord, keep: set[tuple[str, str]]) -> str:
-        key = (record.name, record.revision)
+    def _ensure(self, record: AdapterRecord, keep: set[_Key]) -> str:
+        key = _key(record)
         slot = self._slots.get(key)
         if slot is not None:
             self._slots.move_to_end(key)
@@ -239,11 +267,11 @@ class AdapterBank:
         self._slots[key] = slot
         return slot
 
-    def _trim(self, keep: set[tuple[str, str]]) -> None:
+    def _trim(self, keep: set[_Key]) -> None:
         while len(self._slots) > self.capacity and self._evict_one(keep):
             pass
 
-    def _evict_one(self, keep: set[tuple[str, str]]) -> bool:
+    def _evict_one(self, keep: set[_Key]) -> bool:
         for key, slot in self._slots.items():
             if key not in keep:
                 del self._slots[key]
@@ -276,7 +304,10 @@ class AdapterBank:
         # A config that does not parse is the adapter's fault, not the worker's: raised as anything
         # else it was retried, failed every batch of the adapter, and the strikes stopped the worker.
         try:
-            raw = json.loads((folder / CONFIG_FILE).read_text())
+            config_bytes = (folder / CONFIG_FILE).read_bytes()
+            if not config_matches(record, config_bytes):
+                raise config_refused(record, config_bytes)
+            raw = json.loads(config_bytes)
             if not isinstance(raw, dict):
                 raise ValueError("not a JSON object")
         except (OSError, ValueError) as exc:
@@ -285,15 +316,17 @@ class AdapterBank:
         if raw.get("peft_type") != "LORA" or raw.get("target_modules") != TARGET_MODULES:
             raise errors.AdapterUnavailable(f"adapter {record.name!r} is not imgq's LoRA layout (peft_type LORA on "
                                             "the text decoder's attention, imgq.worker.lora)")
-        try:
-            config = LoraConfig.from_pretrained(str(folder))
+        try:  # from the bytes just verified, not the file again: what runs is what was checked
+            with tempfile.TemporaryDirectory(prefix="imgq-adapter-config-") as verified:
+                (Path(verified) / CONFIG_FILE).write_bytes(config_bytes)
+                config = LoraConfig.from_pretrained(verified)
         except Exception as exc:
             raise errors.AdapterUnavailable(f"adapter {record.name!r}: {CONFIG_FILE} is not a LoRA config peft "
                                             f"reads: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
                                             ) from None
         config.inference_mode = True
         self._serial += 1
-        slot = f"a{self._serial}"  # peft names are ModuleDict keys: no dots; (name, revision) maps to it
+        slot = f"a{self._serial}"  # peft names are ModuleDict keys: no dots; the record's _key maps to it
         state = {k.removeprefix("base_model.model."): v for k, v in load_safetensors(weights).items()}
         try:
             if self._tuner is None:
@@ -336,10 +369,9 @@ class AdapterBank:
         if all(r is None for r in records):
             return self.model.caption(pixel_values, params)
         with self._lock:
-            keep = {(r.name, r.revision) for r in records if r is not None}
-            slots = {key: self._ensure(r, keep) for r in records if r is not None
-                     for key in [(r.name, r.revision)]}
-            names = [BASE if r is None else slots[(r.name, r.revision)] for r in records]
+            keep = {_key(r) for r in records if r is not None}
+            slots = {_key(r): self._ensure(r, keep) for r in records if r is not None}
+            names = [BASE if r is None else slots[_key(r)] for r in records]
             try:
                 with self._tuner._enable_peft_forward_hooks(adapter_names=names, num_beams=params.num_beams):
                     return self.model.caption(pixel_values, params)

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 FEATURES = "features.pt"
 WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
 _HEADER = ("ref", "caption")
 # peft (get_peft_model) reads `is_gradient_checkpointing`, which transformers 5 deprecated.
 PEFT_CHECKPOINTING_WARNING = r"`is_gradient_checkpointing` is deprecated"
@@ -81,12 +82,13 @@ class FinetuneReport:
     heldout_loss: float | None
     chrf: float | None  # held-out greedy captions vs the references as written
     chrf_tokenizable: float | None  # vs the references as the tokenizer can write them (lower case, no accents)
-    revision: str = ""
+    revision: str = ""  # hex SHA-256 of adapter_model.safetensors
+    config_sha256: str = ""  # hex SHA-256 of adapter_config.json (registered beside the revision, migration 0016)
     history: list[float] = field(default_factory=list)  # mean training loss of each epoch
     resumed_from: int = 0
 
     def metrics(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k not in ("name", "revision")}
+        return {k: v for k, v in asdict(self).items() if k not in ("name", "revision", "config_sha256")}
 
     def summary(self) -> str:
         def fmt(x: float | None) -> str:
@@ -302,6 +304,7 @@ class Trainer:
             report.chrf_tokenizable = chrf(hyps, refs_tokenizable)
         peft_model.save_pretrained(str(self.out))
         report.revision = hashlib.sha256((self.out / WEIGHTS_FILE).read_bytes()).hexdigest()
+        report.config_sha256 = hashlib.sha256((self.out / CONFIG_FILE).read_bytes()).hexdigest()
         return report
 
     def captions(self, pixels: np.ndarray) -> list[str]:

@@ -5,6 +5,7 @@ a location outside the allow-lists). The adapters are random LoRA weights in pef
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -169,6 +170,90 @@ def test_an_unreadable_config_or_missing_files_refuse_the_adapter_not_the_worker
     assert bank.loaded == [] and model.caption(pixels[:1], GREEDY) == bank.caption(pixels[:1], GREEDY, [None])
 
 
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def edit_alpha(folder: Path, lora_alpha: int) -> None:
+    """``lora_alpha`` edited in place: the weights, so the revision, stay the same."""
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["lora_alpha"] != lora_alpha
+    (folder / "adapter_config.json").write_text(json.dumps(config | {"lora_alpha": lora_alpha}, indent=2))
+
+
+def test_a_config_edited_after_registration_is_refused(model: CaptionModel, adapter_dirs: Any, pixels: np.ndarray,
+                                                       tmp_path: Path):
+    """The revision covers the weights only; ``lora_alpha`` edited in place changed the captions while they
+    kept the same ``via_revision``. A record pins its config's digest too (migration 0016); one from
+    before has none and loads as it always did."""
+    folder = tmp_path / "a"
+    shutil.copytree(adapter_dirs["a"][0], folder)
+    config = folder / "adapter_config.json"
+    pinned = record("a", adapter_dirs, model, location=str(folder), config_sha256=sha256_of(config))
+    running = AdapterBank(model, None, capacity=4)  # a worker that loaded the adapter before the edit
+    registered = running.caption(pixels[:4], GREEDY, [pinned] * 4)
+    edit_alpha(folder, 64)
+    fresh = AdapterBank(CaptionModel(model.name, device="cpu"), None, capacity=4)  # one bank per model
+    with pytest.raises(errors.AdapterUnavailable, match=r"adapter 'a': adapter_config\.json has SHA-256 "
+                       rf"{sha256_of(config)[:16]}\.\.\., not its registered "
+                       rf"{pinned.config_sha256[:16]}\.\.\..*re-register it.*imgq finetune") as refused:
+        fresh.caption(pixels[:4], GREEDY, [pinned] * 4)
+    assert "\n" not in refused.value.message
+    assert fresh.loaded == [] and fresh.loads == 0
+    # Registered again with the new config's digest (same weights, same revision), it loads, in a running
+    # worker too (not the slot loaded with the old config); the edit did change the captions.
+    again = record("a", adapter_dirs, model, location=str(folder), config_sha256=sha256_of(config))
+    edited = fresh.caption(pixels[:4], GREEDY, [again] * 4)
+    assert edited != registered
+    assert running.caption(pixels[:4], GREEDY, [again] * 4) == edited and running.loads == 2
+    # A registration from before 0016 pins no config: not checked, as before.
+    legacy = record("a", adapter_dirs, model, location=str(folder))
+    assert legacy.config_sha256 is None
+    assert fresh.caption(pixels[:4], GREEDY, [legacy] * 4) == edited
+
+
+def test_a_cached_copy_is_reused_only_with_the_registered_config(model: CaptionModel, adapter_dirs: Any,
+                                                                  pixels: np.ndarray, tmp_path: Path):
+    """A worker's copy in IMGQ_ADAPTER_DIR was reused when its weights matched: after the config was edited
+    and the adapter registered again (same weights, same revision, same folder name), that worker kept
+    the old config while a fresh one read the new, and they wrote different captions under one revision."""
+    source = tmp_path / "roots" / "a"
+    shutil.copytree(adapter_dirs["a"][0], source)
+    settings = Settings(_env_file=None, local_roots=[tmp_path / "roots"], adapter_dir=tmp_path / "cache")
+    fresh_settings = Settings(_env_file=None, local_roots=[tmp_path / "roots"], adapter_dir=tmp_path / "fresh")
+    v1 = (source / "adapter_config.json").read_bytes()
+    pinned = record("a", adapter_dirs, model, location=str(source), config_sha256=hashlib.sha256(v1).hexdigest())
+    files = AdapterFiles(settings)
+    cached = files(pinned)
+    assert (cached / "adapter_config.json").read_bytes() == v1
+
+    edit_alpha(source, 64)
+    v2 = (source / "adapter_config.json").read_bytes()
+    # Not registered again: the cached copy is the registered config; a fresh worker refuses the edited one.
+    assert files(pinned) == cached and (cached / "adapter_config.json").read_bytes() == v1
+    with pytest.raises(errors.AdapterUnavailable, match=r"adapter_config\.json has SHA-256.*re-register"):
+        AdapterFiles(fresh_settings)(pinned)
+    with pytest.raises(errors.AdapterUnavailable, match=r"adapter_config\.json has SHA-256"):
+        AdapterBank(CaptionModel(model.name, device="cpu"), AdapterFiles(fresh_settings), 2).load(pinned)
+    assert not (tmp_path / "fresh" / cached.name).exists()
+
+    # Registered again with the edited config: the worker with the old copy fetches the new config, and
+    # writes what a fresh worker writes.
+    again = record("a", adapter_dirs, model, location=str(source), config_sha256=hashlib.sha256(v2).hexdigest())
+    assert files(again) == cached and (cached / "adapter_config.json").read_bytes() == v2
+    old_worker = AdapterBank(model, files, 2).caption(pixels[:4], GREEDY, [again] * 4)
+    other = CaptionModel(model.name, device="cpu")
+    assert AdapterBank(other, AdapterFiles(fresh_settings), 2).caption(pixels[:4], GREEDY, [again] * 4) == old_worker
+
+    # A cached copy whose config was edited in place is not reused either.
+    edit_alpha(cached, 3)
+    assert files(again) == cached and (cached / "adapter_config.json").read_bytes() == v2
+    # A record from before 0016 (no config digest) reuses a copy whose weights match, as before.
+    edit_alpha(cached, 5)
+    legacy = record("a", adapter_dirs, model, location=str(source))
+    assert files(legacy) == cached and json.loads((cached / "adapter_config.json").read_text())["lora_alpha"] == 5
+
+
 def test_registry_upserts_and_require_explains(database_url: str):
     engine = make_engine(database_url)
     registry = Adapters(engine)
@@ -190,6 +275,16 @@ def test_registry_upserts_and_require_explains(database_url: str):
         registry.register(AdapterRecord("../x", "de", "m", "r", "/x", "ab" * 32))
     with pytest.raises(errors.BadParams, match="SHA-256"):
         registry.register(AdapterRecord("x", "de", "m", "r", "/x", "not-a-hash"))
+    # The config's digest (migration 0016) is stored and read back; a record without one reads as None.
+    assert newer.config_sha256 is None and registry.get("blip-de").config_sha256 is None
+    pinned = AdapterRecord("blip-de", "de", "cap-model", "local-abc", "/data/adapters/blip-de", "ab" * 32, {},
+                           config_sha256="ef" * 32)
+    registry.register(pinned)
+    assert registry.get("blip-de") == pinned
+    registry.register(newer)  # registered again without one: not pinned any more
+    assert registry.get("blip-de") == newer
+    with pytest.raises(errors.BadParams, match="config_sha256"):
+        registry.register(AdapterRecord("x", "de", "m", "r", "/x", "ab" * 32, config_sha256="not-a-hash"))
     engine.dispose()
 
 

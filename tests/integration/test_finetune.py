@@ -120,6 +120,8 @@ def test_finetune_overfits_registers_and_serves(env: dict[str, str], pairs: Any,
     assert record is not None
     weights = (out / "adapter_model.safetensors").read_bytes()
     assert record.revision == hashlib.sha256(weights).hexdigest()
+    # The config is pinned too (migration 0016): lora_alpha edited in place would change the captions.
+    assert record.config_sha256 == hashlib.sha256((out / "adapter_config.json").read_bytes()).hexdigest()
     assert (record.lang, record.location, record.base_model) == ("de", str(out.resolve()), env["IMGQ_CAPTION_MODEL"])
     assert record.metrics["train_loss_final"] == pytest.approx(last, rel=1e-3)
     assert record.revision[:16] in result.output

@@ -118,3 +118,30 @@ def test_downgrade_past_0008_with_an_item_linked_to_an_adapter_caption(database_
     assert [tuple(r) for r in items] == [(0, None), (1, english)] and texts == ["a cat"]
     command.downgrade(config, "base")
     upgrade(database_url)
+
+
+def test_an_adapter_registered_before_0016_reads_with_no_config_digest(database_url: str) -> None:
+    """0016 adds ``adapters.config_sha256``: a row registered before it keeps working, its config unchecked
+    (NULL) until the adapter is registered again; the downgrade drops the column and keeps the row."""
+    from alembic import command
+
+    from imgq.db.adapters import Adapters
+    from imgq.db.migrate import alembic_config, upgrade
+
+    config = alembic_config(database_url)
+    command.downgrade(config, "0015")
+    engine = create_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO adapters (name, lang, base_model, base_revision, location, revision) "
+                              "VALUES ('de-news', 'de', 'm', 'r', '/data/adapters/de-news', :rev)"), {"rev": "ab" * 32})
+        upgrade(database_url)
+        record = Adapters(engine).get("de-news")
+        assert record is not None and record.revision == "ab" * 32 and record.config_sha256 is None
+        command.downgrade(config, "0015")
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT name FROM adapters")).scalars().all() == ["de-news"]
+    finally:
+        engine.dispose()
+    upgrade(database_url)
+    assert _diff(database_url) == []
