@@ -73,7 +73,11 @@ class Image(Base):
     """One version of one stored object. A changed object (new ETag/content) is a new row."""
 
     __tablename__ = "images"
-    __table_args__ = (UniqueConstraint("source", "bucket", "key", "version", name="images_object_version"),)
+    __table_args__ = (
+        UniqueConstraint("source", "bucket", "key", "version", name="images_object_version"),
+        # Key prefixes (search filters) whatever the collation: migration 0017.
+        Index("images_bucket_key_prefix", "bucket", "key", postgresql_ops={"key": "text_pattern_ops"}),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     source: Mapped[str] = mapped_column(Text, CheckConstraint("source in ('s3', 'local')"))
