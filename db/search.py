@@ -107,7 +107,8 @@ _EXACT = f"""
   LIMIT :limit"""
 
 # With a bucket filter, one statement picks its strategy by how many images match, counted up to
-# EXACT_FILTER_MAX on images_object_version (cheap next to the search): that few are searched
+# EXACT_FILTER_MAX on images_bucket_key_prefix (cheap next to the search; a prefix is a range of
+# it, migration 0017): that few are searched
 # exactly (recall 1, cost in proportion to the matches); more go through the HNSW iterative scan,
 # whose cost grows as 1 / selectivity (10 ms at 1 % of 100k here, where exact took 5 ms). The
 # planner alone takes HNSW for both: its costing cannot tell. The count is an initplan, and the
