@@ -112,14 +112,20 @@ def read_pairs(path: Path) -> list[tuple[str, str]]:
     except (OSError, UnicodeDecodeError) as exc:
         raise errors.BadParams(f"cannot read {path}: {exc}") from None
     pairs: list[tuple[str, str]] = []
-    for number, row in enumerate(csv.reader(io.StringIO(text)), start=1):
-        if not row or all(not cell.strip() for cell in row):
-            continue
-        if number == 1 and tuple(cell.strip().lower() for cell in row) == _HEADER:
-            continue
-        if len(row) != 2 or not row[0].strip() or not row[1].strip():
-            raise errors.BadParams(f"{path}:{number}: expected two non-empty columns ref,caption, got {row!r}")
-        pairs.append((row[0].strip(), row[1].strip()))
+    reader = csv.reader(io.StringIO(text))
+    try:
+        for index, row in enumerate(reader):
+            number = reader.line_num
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            if index == 0 and tuple(cell.strip().lower() for cell in row) == _HEADER:
+                continue
+            if len(row) != 2 or not row[0].strip() or not row[1].strip():
+                raise errors.BadParams(f"{path}:{number}: expected two non-empty columns ref,caption, "
+                                       f"got {str(row)[:200]}")
+            pairs.append((row[0].strip(), row[1].strip()))
+    except csv.Error as exc:  # a field over csv's limit (128 KiB), an unclosed quote at the end
+        raise errors.BadParams(f"{path}:{reader.line_num}: not CSV imgq can read: {exc}") from None
     if not pairs:
         raise errors.BadParams(f"{path} holds no ref,caption pairs")
     return pairs
