@@ -110,7 +110,11 @@ class ItemStore(Protocol):
         """The job's recorded ``[{kind, model, params, params_hash}]``; None if there is no such job."""
         ...
 
-    def claim(self, job: uuid.UUID, seqs: Sequence[int], worker: str) -> dict[int, Claim]: ...
+    def claim(self, job: uuid.UUID, seqs: Sequence[int], worker: str, *,
+              leave_peers: bool = False) -> dict[int, Claim]:
+        """Count a delivery of each unfinished item (``leave_peers``: not those another registered
+        worker is running)."""
+        ...
 
     def existing_caption(self, source: str, bucket: str, key: str, version: str, model: str, revision: str,
                          params_hash: str) -> tuple[str, int, int] | None:

@@ -36,7 +36,7 @@ class MemoryResults:
                 self.fail_next -= 1
                 raise ConnectionError("database unavailable (injected)")
 
-    def claim(self, job: uuid.UUID, seqs: Sequence[int], worker: str) -> dict[int, Claim]:
+    def claim(self, job: uuid.UUID, seqs: Sequence[int], worker: str, *, leave_peers: bool = False) -> dict[int, Claim]:
         return {seq: Claim(1, False) for seq in seqs}
 
     def unsettled(self, job: uuid.UUID, seqs: Sequence[int]) -> set[int]:

@@ -193,7 +193,7 @@ def test_the_lost_sweep_reads_only_items_in_flight_however_deep_the_backlog(stor
         conn.execute(text("ANALYZE job_items"))
     store.claim(job, [20, 21], "w1")  # running, and so published
     params = {"queued_age": 60.0, "running_age": 0.0, "job": None, "queue": "imgq", "limit": 100_000,
-              "top_before": None, "backfill_before": None}
+              "top_before": None, "backfill_before": None, "live_after": None, "beat_within": None}
     with store.engine.connect() as conn, conn.begin() as tx:
         plan = conn.execute(text(f"EXPLAIN (ANALYZE, FORMAT JSON) {_LOST.text}"), params).scalar_one()
         found = conn.execute(text("SELECT count(*) FROM job_items WHERE job_id = :j AND published_at IS NULL "

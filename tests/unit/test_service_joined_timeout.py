@@ -39,7 +39,7 @@ class Items(MemoryResults):
     def job_tasks(self, job: uuid.UUID) -> list[dict[str, object]]:
         return [{"kind": t.kind, "model": t.model, "params": t.params.model_dump(mode="json")} for t in TASKS]
 
-    def claim(self, job: uuid.UUID, seqs: Sequence[int], worker: str) -> dict[int, Claim]:
+    def claim(self, job: uuid.UUID, seqs: Sequence[int], worker: str, *, leave_peers: bool = False) -> dict[int, Claim]:
         claims = {}
         for seq in seqs:
             unsettled = self.state.get(seq) == "running"

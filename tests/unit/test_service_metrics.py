@@ -48,7 +48,7 @@ class Jobs(MemoryResults):
     def records(self, job: uuid.UUID, seqs: Sequence[int]) -> dict[int, tuple[Any, ...]]:
         return {seq: (seq, REFS[seq]) for seq in seqs}
 
-    def claim(self, job: uuid.UUID, seqs: Sequence[int], worker: str) -> dict[int, Claim]:
+    def claim(self, job: uuid.UUID, seqs: Sequence[int], worker: str, *, leave_peers: bool = False) -> dict[int, Claim]:
         return {seq: Claim(self.attempts, job in self.suspects, REFS[seq]) for seq in seqs}
 
 

@@ -39,7 +39,7 @@ class SuspectStore(MemoryResults):
     def unsettled(self, job: uuid.UUID, seqs: Sequence[int]) -> set[int]:
         return set(seqs) if job in self.suspects else set()
 
-    def claim(self, job: uuid.UUID, seqs: Sequence[int], worker: str) -> dict[int, Claim]:
+    def claim(self, job: uuid.UUID, seqs: Sequence[int], worker: str, *, leave_peers: bool = False) -> dict[int, Claim]:
         self.claimed.append(job)
         return {seq: Claim(2 if job in self.suspects else 1, job in self.suspects, f"img-0.{seq + 1}") for seq in seqs}
 
