@@ -1145,7 +1145,7 @@ def _whole_summaries(typer_app: typer.Typer) -> None:
 
 
 # Commands that live in modules of their own add themselves to the app here.
-for _module in ("imgq.cli_api", "imgq.cli_backfill", "imgq.cli_finetune"):
+for _module in ("imgq.cli_api", "imgq.cli_backfill", "imgq.cli_finetune", "imgq.cli_adapters"):
     __import__(_module, fromlist=["register"]).register(app)
 
 _whole_summaries(app)

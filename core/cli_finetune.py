@@ -37,6 +37,10 @@ def finetune(
                                         "adapter: stretch, center_crop or letterbox.")] = "stretch",
     do_register: Annotated[bool, typer.Option("--register/--no-register", help="Register the adapter in "
                                            "Postgres (IMGQ_DATABASE_URL) when done.")] = True,
+    replace: Annotated[bool, typer.Option("--replace", help="Replace an adapter registered under the name at "
+                                          "another location or for another language (jobs already accepted "
+                                          "with the name then get this one); without it that is refused "
+                                          "before training.")] = False,
 ) -> None:
     """Train a LoRA adapter on the caption model's text decoder from (image, caption) pairs, so that
     `imgq enqueue caption --adapter NAME` captions in another language.
@@ -45,8 +49,9 @@ def finetune(
     frozen and its features are computed once (cached in --out). Each epoch is checkpointed in --out
     (--resume continues), a seeded share of the pairs is held out for the loss and chrF of greedy
     captions, and the final adapter is written in peft's format and registered under --name with
-    the SHA-256 of its weights and of its config. Prints one summary line. BLIP's English WordPiece
-    vocabulary lower-cases, strips accents and cannot write other scripts (README).
+    the SHA-256 of its weights and of its config. A name registered for another folder or
+    language is refused before training unless --replace. Prints one summary line. BLIP's English
+    WordPiece vocabulary lower-cases, strips accents and cannot write other scripts (README).
 
     \b
       imgq finetune --pairs de.csv --out /data/adapters/blip-de --lang de --epochs 20
@@ -56,7 +61,7 @@ def finetune(
 
     from imgq import errors
     from imgq.cli import _fail, _settings
-    from imgq.db.adapters import NAME, AdapterRecord
+    from imgq.db.adapters import NAME, AdapterExists, AdapterRecord
     from imgq.languages import language
     from imgq.worker.finetune import FinetuneOptions, Trainer, iter_pairs_warnings, read_pairs, split
     from imgq.worker.model import CaptionModel
@@ -70,11 +75,16 @@ def finetune(
         _fail("bad_params", f"--resize must be stretch, center_crop or letterbox, not {resize!r}")
     if str(out).startswith("s3:"):
         _fail("bad_params", "--out must be a local folder; to serve the adapter from S3, copy the folder to "
-              "s3://bucket/prefix and register that location")
+              "s3://bucket/prefix and register that location (`imgq adapter register NAME s3://bucket/prefix "
+              "--lang L`)")
     out = out.expanduser().resolve()
     adapter_name = name or out.name
     if not NAME.match(adapter_name):
         _fail("bad_params", f"adapter name {adapter_name!r} must be letters, digits, '.', '_' or '-' (pass --name)")
+    if do_register and not replace:  # before training: hours of it would be wasted on a refused name
+        taken = _taken(settings, adapter_name, str(out), lang_info.code)
+        if taken:
+            _fail("adapter_exists", taken)
     try:
         rows = read_pairs(pairs)
     except errors.ImgqError as exc:
@@ -112,18 +122,35 @@ def finetune(
     finally:
         bar.close()
     if do_register:
-        _register(settings, AdapterRecord(adapter_name, lang_info.code, model.name, model.revision, str(out),
-                                          report.revision, report.metrics(), config_sha256=report.config_sha256))
+        try:  # checked again: the name may have been taken while it trained
+            _register(settings, AdapterRecord(adapter_name, lang_info.code, model.name, model.revision, str(out),
+                                              report.revision, report.metrics(), config_sha256=report.config_sha256),
+                      replace=replace)
+        except AdapterExists as exc:
+            _fail("adapter_exists", f"{exc.message}; the trained adapter is in {out}, not registered: `imgq adapter "
+                  f"register {adapter_name} {out} --lang {lang_info.code} --replace`, or another name")
     typer.echo(report.summary() + ("" if do_register else " (not registered)"))
 
 
-def _register(settings: Any, record: Any) -> None:
+def _register(settings: Any, record: Any, *, replace: bool) -> None:
     from imgq.db.adapters import Adapters
     from imgq.db.store import make_engine
 
     engine = make_engine(settings.sync_database_url)
     try:
-        Adapters(engine).register(record)
+        Adapters(engine).register(record, replace=replace)
+    finally:
+        engine.dispose()
+
+
+def _taken(settings: Any, name: str, location: str, lang: str) -> str | None:
+    """Why registering ``location`` (``lang``) as ``name`` would replace another adapter, or None."""
+    from imgq.db.adapters import Adapters, conflict
+    from imgq.db.store import make_engine
+
+    engine = make_engine(settings.sync_database_url)
+    try:
+        return conflict(Adapters(engine).get(name), location, lang)
     finally:
         engine.dispose()
 

@@ -8,6 +8,7 @@ does (the LoRA layout adapts attention only, not that bias)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 import re
@@ -173,6 +174,57 @@ def test_resume_continues_exactly(env: dict[str, str], pairs: Any, tmp_path: Pat
     assert again.exit_code == 2 and "already holds a checkpoint at epoch 4" in again.output
     nothing = finetune(env, csv_path, tmp_path / "empty", "--epochs", "4", "--resume", *common)
     assert nothing.exit_code == 2 and "has no checkpoint" in nothing.output
+
+
+def test_a_name_taken_by_another_folder_or_language_is_refused_before_training(env: dict[str, str], pairs: Any,
+                                                                               image_root: Path, monkeypatch: Any):
+    """`--name` defaults to the folder's name: /x/de/news and /x/fr/news were both `news`, and the second
+    silently replaced the first, changing what jobs already accepted with `news` got."""
+    from imgq.db.adapters import AdapterRecord
+
+    csv_path, _ = pairs
+    settings = Settings(_env_file=None, **{k.removeprefix("IMGQ_").lower(): v for k, v in env.items()})
+    engine = make_engine(settings.sync_database_url)
+    registry = Adapters(engine)
+    out = image_root / "de" / "news"
+    french = AdapterRecord("news", "fr", settings.caption_model, "local-abc", str(image_root / "fr" / "news"),
+                           "ab" * 32, {"chrF": 40.0})
+    for taken in (french, dataclasses.replace(french, location=str(out.resolve()))):  # another folder; language
+        registry.register(taken)
+        refused = finetune(env, csv_path, out, "--epochs", "1")
+        assert refused.exit_code == 2, refused.output
+        assert refused.stderr.startswith("error[adapter_exists]: adapter 'news' is registered for fr at ")
+        assert not out.exists()  # refused before anything was trained or written
+        assert registry.get("news") == taken
+
+    # Taken while it trained: checked again when registering; the concurrent registration stays.
+    from imgq.worker.finetune import Trainer
+
+    run = Trainer.run
+    registry.register(french)
+    german = AdapterRecord("news", "de", settings.caption_model, "local-abc", "/elsewhere/news", "cd" * 32)
+
+    def run_then_taken(self: Any, *args: Any, **kwargs: Any) -> Any:
+        report = run(self, *args, **kwargs)
+        registry.register(german)  # replace=True: as another `--replace` would
+        return report
+
+    monkeypatch.setattr(Trainer, "run", run_then_taken)
+    registry.withdraw("news")
+    late = finetune(env, csv_path, out, "--epochs", "1", "--holdout", "0", "--batch", "8")
+    assert late.exit_code == 2 and "error[adapter_exists]" in late.stderr, late.output
+    assert f"the trained adapter is in {out.resolve()}, not registered" in late.stderr
+    assert registry.get("news") == german and (out / "adapter_model.safetensors").is_file()
+    monkeypatch.setattr(Trainer, "run", run)
+
+    # --replace replaces it (another folder, another language).
+    other = image_root / "de-2" / "news"
+    replaced = finetune(env, csv_path, other, "--epochs", "1", "--holdout", "0", "--batch", "8", "--replace")
+    assert replaced.exit_code == 0, replaced.output
+    record = registry.get("news")
+    assert (record.lang, record.location) == ("de", str(other.resolve()))
+    assert record.revision == hashlib.sha256((other / "adapter_model.safetensors").read_bytes()).hexdigest()
+    engine.dispose()
 
 
 def test_pairs_csv_header_optional_and_split_deterministic(tmp_path: Path):
