@@ -207,7 +207,22 @@ def load_checkpoint(name: str, kind: str, hint: str, requested_revision: str | N
             ) from None
         raise ModelUnavailable(f"cannot load {kind} {name!r} from the model hub: {first_line(exc)}. {hint}") from None
     model = loaded[0] if isinstance(loaded, tuple) else loaded
-    return loaded, getattr(model.config, "_commit_hash", None) or requested_revision or "unknown"
+    return loaded, (getattr(model.config, "_commit_hash", None) or hub_commit(name, requested_revision, offline)
+                    or requested_revision or "unknown")
+
+
+def hub_commit(name: str, requested_revision: str | None, offline: bool) -> str | None:
+    """The commit a hub checkpoint's revision (None: the default branch) points to, from the hub or,
+    offline, from the cache's ``refs/``. transformers up to 5.17 put it on the config as
+    ``_commit_hash``; later ones dropped it, and every result of an unpinned hub model was filed
+    under revision "unknown" (found by review). None when it cannot be told."""
+    try:
+        from huggingface_hub import HfApi
+
+        resolved = HfApi().resolve_revision(name, revision=requested_revision, local_files_only=offline)
+    except Exception:  # an older huggingface_hub, or nothing cached: the caller falls back
+        return None
+    return getattr(resolved, "resolved", None)
 
 
 class BlipBase:

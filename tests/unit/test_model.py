@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -239,6 +240,29 @@ def test_bad_local_dir_is_one_line_model_unavailable(tmp_path, kind) -> None:
     message = info.value.message
     assert "IMGQ_CAPTION_MODEL" in message and "\n" not in message
     assert ("does not exist" if kind == "missing" else "not a model checkpoint") in message
+
+
+@pytest.mark.parametrize("pinned", [False, True])
+def test_a_hub_checkpoint_from_the_cache_is_filed_under_its_commit(tmp_path, tiny_model_dir, pinned) -> None:
+    """transformers after 5.17 no longer puts the commit on the config: every result of a hub model
+    not pinned by IMGQ_MODEL_REVISION was filed under revision "unknown", one identity for every
+    release of the model. A hub cache laid out as huggingface_hub writes it (refs/main -> snapshot)."""
+    import shutil
+    import subprocess
+    import sys
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--imgq-test--tiny-blip"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    revision = f"revision={commit!r}" if pinned else "revision=None"
+    script = ("from imgq.worker.model import CaptionModel; "
+              f"print(CaptionModel('imgq-test/tiny-blip', device='cpu', {revision}).revision)")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == commit
 
 
 def test_hub_id_offline_fails_fast(monkeypatch) -> None:
