@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from imgq import errors
@@ -28,20 +27,12 @@ from imgq.db.adapters import AdapterRecord, Adapters
 from imgq.db.store import make_engine
 from imgq.worker.adapters import AdapterBank
 from imgq.worker.model import CaptionModel
-from tests.integration.test_adapters import write_adapter
+from tests.integration.test_adapters import one_thread, write_adapter  # noqa: F401 (an autouse fixture)
 
 pytestmark = pytest.mark.integration
 
 GREEDY = CaptionParams(max_new_tokens=8)
 FILES = ("adapter_config.json", "adapter_model.safetensors")
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
