@@ -13,6 +13,7 @@ import json
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -123,9 +124,8 @@ def _base_revision(settings: Any) -> str:
     from imgq.worker.loading import load_checkpoint
     from imgq.worker.model import CaptionModel
 
-    def config_only(source: str, *, local_files_only: bool) -> Any:
-        config = BlipConfig.from_pretrained(source, revision=settings.model_revision,
-                                            local_files_only=local_files_only)
+    def config_only(source: str, *, local_files_only: bool, revision: str | None) -> Any:
+        config = BlipConfig.from_pretrained(source, revision=revision, local_files_only=local_files_only)
         return SimpleNamespace(config=config)  # load_checkpoint reads the revision from `.config`
 
     _, revision = load_checkpoint(settings.caption_model, CaptionModel.kind, CaptionModel.hint,
@@ -209,6 +209,10 @@ def adapter_register(
     except Exception as exc:  # a config transformers refuses: the model's, said in one line
         _fail("model_unavailable", f"cannot read the revision of caption model {settings.caption_model!r}: "
               f"{first_line(exc)}", 1)
+    if settings.model_revision is None and not Path(settings.caption_model).expanduser().exists():
+        typer.echo(f"warning: caption model {settings.caption_model!r} is a hub id with no IMGQ_MODEL_REVISION: "
+                   f"the adapter is registered on {base_revision}, the commit it names now; workers that loaded "
+                   "another commit refuse it until it is registered again. Pin IMGQ_MODEL_REVISION.", err=True)
     revision = sha256_hex(data[WEIGHTS_FILE])
     same_weights = existing is not None and existing.location == canonical and existing.revision == revision
     record = AdapterRecord(name, code, settings.caption_model, base_revision, canonical, revision,

@@ -185,20 +185,23 @@ def local_dir(name: str, kind: str, hint: str) -> Path | None:
 
 def load_checkpoint(name: str, kind: str, hint: str, requested_revision: str | None,
                     load: Callable[..., T]) -> tuple[T, str]:
-    """``load(source, local_files_only=...)`` from a local directory, or from the hub (its cache only
-    when offline), and the checkpoint's revision. Every failure is one ModelUnavailable line that
+    """``load(source, local_files_only=..., revision=...)`` from a local directory, or from the hub
+    (its cache only when offline), and the checkpoint's revision. A hub revision is resolved to its
+    commit first and loaded at that commit, so the revision recorded is the snapshot loaded even if
+    the branch moves meanwhile. Every failure is one ModelUnavailable line that
     says why and ends with ``hint``, the setting to change."""
     local = local_dir(name, kind, hint)
     if local is not None:
         try:
-            loaded = load(str(local), local_files_only=True)
+            loaded = load(str(local), local_files_only=True, revision=None)
         except Exception as exc:
             raise ModelUnavailable(
                 f"cannot load {kind} {name!r} from {str(local)!r}: {first_line(exc)}. {hint}") from None
         return loaded, local_revision(local)
     offline = env_true("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") or not hub_reachable()
+    commit = hub_commit(name, requested_revision, offline)
     try:
-        loaded = load(name, local_files_only=offline)
+        loaded = load(name, local_files_only=offline, revision=commit or requested_revision)
     except Exception as exc:
         if offline:
             raise ModelUnavailable(
@@ -207,8 +210,7 @@ def load_checkpoint(name: str, kind: str, hint: str, requested_revision: str | N
             ) from None
         raise ModelUnavailable(f"cannot load {kind} {name!r} from the model hub: {first_line(exc)}. {hint}") from None
     model = loaded[0] if isinstance(loaded, tuple) else loaded
-    return loaded, (getattr(model.config, "_commit_hash", None) or hub_commit(name, requested_revision, offline)
-                    or requested_revision or "unknown")
+    return loaded, commit or getattr(model.config, "_commit_hash", None) or requested_revision or "unknown"
 
 
 def hub_commit(name: str, requested_revision: str | None, offline: bool) -> str | None:
@@ -292,8 +294,9 @@ class BlipBase:
     def _on_loaded(self, model: Any) -> None:
         """Hook for subclasses: derive what they need from the loaded model and processor."""
 
-    def _from_pretrained(self, source: str, *, local_files_only: bool) -> tuple[Any, BlipProcessor]:
-        kwargs: dict[str, Any] = {"revision": self._requested_revision, "local_files_only": local_files_only}
+    def _from_pretrained(self, source: str, *, local_files_only: bool,
+                         revision: str | None) -> tuple[Any, BlipProcessor]:
+        kwargs: dict[str, Any] = {"revision": revision, "local_files_only": local_files_only}
         model_kwargs: dict[str, Any] = {"dtype": self.dtype}
         if self.model_class._supports_sdpa:
             model_kwargs["attn_implementation"] = "sdpa"

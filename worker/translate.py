@@ -199,8 +199,8 @@ class TranslationModel:
             },
         )
 
-    def _from_pretrained(self, source: str, *, local_files_only: bool) -> tuple[Any, Any]:
-        kwargs: dict[str, Any] = {"revision": self._requested_revision, "local_files_only": local_files_only}
+    def _from_pretrained(self, source: str, *, local_files_only: bool, revision: str | None) -> tuple[Any, Any]:
+        kwargs: dict[str, Any] = {"revision": revision, "local_files_only": local_files_only}
         model = AutoModelForSeq2SeqLM.from_pretrained(source, dtype=self.dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         return model, tokenizer
