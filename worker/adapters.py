@@ -216,7 +216,15 @@ class AdapterBank:
             try:
                 return registry.require(name, model.name, model.revision)
             except errors.UnknownAdapter as exc:  # at enqueue a bad request; here the item can never succeed
-                raise errors.AdapterUnavailable(exc.message) from None
+                # The registry's message lists every adapter and names the model: the operators', kept in
+                # the log. The dead letter, which the job's tenant reads in its results, says only why.
+                log.warning("adapter %r refused: %s", name, exc.message, extra={"action": "adapter_refused"})
+                if registry.get(name) is None:
+                    raise errors.AdapterUnavailable(f"no adapter named {name!r} is registered now (withdrawn after "
+                                                    "the job was accepted?)") from None
+                raise errors.AdapterUnavailable(f"adapter {name!r} was trained on another caption model or revision "
+                                                "than the workers serve; an operator must register it again or "
+                                                "retrain it") from None
 
         return cls(model, AdapterFiles(settings, s3_client), settings.adapter_cache, resolve=resolve)
 

@@ -4,6 +4,7 @@ a location outside the allow-lists). The adapters are random LoRA weights in pef
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -310,8 +311,15 @@ def test_worker_bank_reads_s3_and_local_roots_only(model: CaptionModel, adapter_
     assert bank.caption(pixels[:4], GREEDY, ["a", "a", "b", "b"]) == direct
     assert (tmp_path / "cache" / f"a-{rev_a}" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "cache" / f"b-{rev_b}" / "adapter_model.safetensors").is_file()
-    with pytest.raises(errors.AdapterUnavailable, match="no adapter named 'nope'"):
+    # The dead letter is the tenant's to read: it names neither the other adapters nor the model.
+    with pytest.raises(errors.AdapterUnavailable, match="no adapter named 'nope'") as refused:
         bank.caption(pixels[:1], GREEDY, ["nope"])
+    assert refused.value.message == "no adapter named 'nope' is registered now (withdrawn after the job was accepted?)"
+    registry.register(dataclasses.replace(record("a", adapter_dirs, model), name="old",
+                                          base_revision="local-000000000000"))
+    with pytest.raises(errors.AdapterUnavailable, match="another caption model or revision") as refused:
+        bank.caption(pixels[:1], GREEDY, ["old"])
+    assert model.name not in refused.value.message and "local-000000000000" not in refused.value.message
 
     files = AdapterFiles(settings)
     shutil.copytree(adapter_dirs["c"][0], tmp_path / "elsewhere")
