@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -76,40 +75,24 @@ def adapter_list(
         typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
 
 
-def _layout_problem(config: bytes, weights: bytes) -> str | None:
-    """Why the files are not an adapter a worker's bank loads (imgq.worker.adapters.AdapterBank._inject:
-    peft_type LORA on imgq.worker.lora.TARGET_MODULES, a config peft reads), or None."""
-    import tempfile
-    from pathlib import Path
+def _layout_problem(name: str, config: bytes, weights: bytes) -> str | None:
+    """Why the files are not an adapter a worker's bank loads (its own check of the config,
+    imgq.worker.adapters.lora_config, and LoRA tensors in a safetensors file), or None."""
+    from safetensors.torch import load as load_safetensors
 
-    from peft import LoraConfig
-
-    from imgq.worker.adapters import CONFIG_FILE, WEIGHTS_FILE
-    from imgq.worker.lora import TARGET_MODULES
+    from imgq import errors
+    from imgq.worker.adapters import WEIGHTS_FILE, lora_config
 
     try:
-        raw = json.loads(config)
-    except ValueError as exc:
-        return f"{CONFIG_FILE} is not JSON ({str(exc).splitlines()[0]})"
-    if not isinstance(raw, dict) or raw.get("peft_type") != "LORA" or raw.get("target_modules") != TARGET_MODULES:
-        return (f"{CONFIG_FILE} is not imgq's LoRA layout (peft_type LORA with target_modules "
-                "imgq.worker.lora.TARGET_MODULES, the text decoder's attention); train it with `imgq finetune`")
+        lora_config(name, config)
+    except errors.AdapterUnavailable as exc:
+        return exc.message
     try:
-        with tempfile.TemporaryDirectory(prefix="imgq-adapter-config-") as folder:
-            (Path(folder) / CONFIG_FILE).write_bytes(config)
-            LoraConfig.from_pretrained(folder)
-    except Exception as exc:
-        return f"{CONFIG_FILE} is not a LoRA config peft reads: {str(exc).splitlines()[0] if str(exc) else exc!r}"
-    # safetensors: an 8-byte little-endian header length, then a JSON header naming the tensors.
-    try:
-        (size,) = struct.unpack("<Q", weights[:8])
-        header = json.loads(weights[8:8 + size]) if 0 < size <= len(weights) - 8 else None
-    except (struct.error, ValueError):
-        header = None
-    if not isinstance(header, dict):
-        return f"{WEIGHTS_FILE} is not a safetensors file"
-    if not any("lora_" in key for key in header):
-        return f"{WEIGHTS_FILE} holds no LoRA weights"
+        keys = load_safetensors(weights).keys()
+    except Exception:
+        return f"adapter {name!r}: {WEIGHTS_FILE} is not a safetensors file"
+    if not any("lora_" in key for key in keys):
+        return f"adapter {name!r}: {WEIGHTS_FILE} holds no LoRA weights"
     return None
 
 
@@ -199,9 +182,9 @@ def adapter_register(
         data = files._read(probe, where)
     except errors.AdapterUnavailable as exc:
         _fail("adapter_unavailable", exc.message)
-    problem = _layout_problem(data[CONFIG_FILE], data[WEIGHTS_FILE])
+    problem = _layout_problem(name, data[CONFIG_FILE], data[WEIGHTS_FILE])
     if problem:
-        _fail("adapter_unavailable", f"adapter {name!r} at {canonical}: {problem}")
+        _fail("adapter_unavailable", f"{problem} (at {canonical})")
     try:
         base_revision = _base_revision(settings)
     except errors.ImgqError as exc:

@@ -77,6 +77,36 @@ def config_refused(record: AdapterRecord, config: bytes) -> errors.AdapterUnavai
         "running `imgq finetune` again or registering the new digest")
 
 
+def lora_config(name: str, config: bytes) -> Any:
+    """``adapter_config.json``'s bytes as the peft LoraConfig a worker loads, or AdapterUnavailable
+    saying why not (not JSON, not imgq's layout, not a config peft reads). A config that does not
+    parse is the adapter's fault, not the worker's: raised as anything else it was retried, failed
+    every batch of the adapter, and the strikes stopped the worker. ``imgq adapter register`` checks
+    with it too, so what it registers is what a worker loads."""
+    from peft import LoraConfig
+
+    try:
+        raw = json.loads(config)
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        raise errors.AdapterUnavailable(f"adapter {name!r}: {CONFIG_FILE} is not JSON ({_first_line(exc)})") from None
+    if raw.get("peft_type") != "LORA" or raw.get("target_modules") != TARGET_MODULES:
+        raise errors.AdapterUnavailable(f"adapter {name!r} is not imgq's LoRA layout (peft_type LORA on the text "
+                                        "decoder's attention, imgq.worker.lora); train it with `imgq finetune`")
+    try:  # peft reads a folder: the checked bytes go into one, not the file read again
+        with tempfile.TemporaryDirectory(prefix="imgq-adapter-config-") as folder:
+            (Path(folder) / CONFIG_FILE).write_bytes(config)
+            return LoraConfig.from_pretrained(folder)
+    except Exception as exc:
+        raise errors.AdapterUnavailable(f"adapter {name!r}: {CONFIG_FILE} is not a LoRA config peft reads: "
+                                        f"{_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
 # -- where an adapter's files come from -----------------------------------------------------------------------
 
 class AdapterFiles:
@@ -290,7 +320,6 @@ class AdapterBank:
         return False
 
     def _inject(self, record: AdapterRecord) -> str:
-        from peft import LoraConfig
         from peft.utils import set_peft_model_state_dict
         from safetensors.torch import load as load_safetensors
 
@@ -309,29 +338,14 @@ class AdapterBank:
         if not matches(digest, record.revision):
             raise errors.AdapterUnavailable(f"adapter {record.name!r}: {WEIGHTS_FILE} has SHA-256 {digest[:16]}..., "
                                             f"not its registered revision {record.revision[:16]}...; refused")
-        # A config that does not parse is the adapter's fault, not the worker's: raised as anything
-        # else it was retried, failed every batch of the adapter, and the strikes stopped the worker.
         try:
             config_bytes = (folder / CONFIG_FILE).read_bytes()
-            if not config_matches(record, config_bytes):
-                raise config_refused(record, config_bytes)
-            raw = json.loads(config_bytes)
-            if not isinstance(raw, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError) as exc:
-            raise errors.AdapterUnavailable(f"adapter {record.name!r}: {CONFIG_FILE} is unreadable: "
-                                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-        if raw.get("peft_type") != "LORA" or raw.get("target_modules") != TARGET_MODULES:
-            raise errors.AdapterUnavailable(f"adapter {record.name!r} is not imgq's LoRA layout (peft_type LORA on "
-                                            "the text decoder's attention, imgq.worker.lora)")
-        try:  # from the bytes just verified, not the file again: what runs is what was checked
-            with tempfile.TemporaryDirectory(prefix="imgq-adapter-config-") as verified:
-                (Path(verified) / CONFIG_FILE).write_bytes(config_bytes)
-                config = LoraConfig.from_pretrained(verified)
-        except Exception as exc:
-            raise errors.AdapterUnavailable(f"adapter {record.name!r}: {CONFIG_FILE} is not a LoRA config peft "
-                                            f"reads: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-                                            ) from None
+        except OSError as exc:
+            raise errors.AdapterUnavailable(f"adapter {record.name!r}: cannot read {CONFIG_FILE}: "
+                                            f"{exc.strerror or exc}") from None
+        if not config_matches(record, config_bytes):
+            raise config_refused(record, config_bytes)
+        config = lora_config(record.name, config_bytes)  # from the bytes just verified: what runs was checked
         config.inference_mode = True
         self._serial += 1
         slot = f"a{self._serial}"  # peft names are ModuleDict keys: no dots; the record's _key maps to it

@@ -88,11 +88,10 @@ class CaptionWriter:
     def write(self, conn: Any, rows: Sequence[ResultRow]) -> dict[tuple[uuid.UUID, int], int]:
         ids: dict[tuple[uuid.UUID, int], int] = {}
         by_how: dict[tuple[Any, ...], list[ResultRow]] = {}
-        for (model, rev, phash), group in groups(rows).items():
+        for r in rows:
             # A params hash names an adapter, not its revision or language: an adapter registered
             # again between two batches that one write coalesces is two groups (found by review).
-            for r in group:
-                by_how.setdefault((model, rev, phash, *how(r.value).values()), []).append(r)
+            by_how.setdefault((r.model, r.model_revision, r.params_hash, *how(r.value).values()), []).append(r)
         for (model, rev, phash, *_), group in by_how.items():
             by_image = dict(conn.execute(_WRITE, {
                 "image_id": Binary(r.image_id for r in group), "txt": Binary(str(r.value) for r in group),
