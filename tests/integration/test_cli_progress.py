@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import Engine, event, text
 from typer.testing import CliRunner
 
-from imgq import cli
+from imgq import cli_jobs
 from imgq.cli import app
 from imgq.db import jobs_view
 from imgq.db.admin import Admin
@@ -93,7 +93,7 @@ def test_wait_polls_at_most_once_a_second_and_prints_the_final_counts(store: Sto
         if len(slept) == 2:  # the first read found it pending: one more poll
             _sql(store, "UPDATE job_items SET state = 'done' WHERE job_id = :j AND state <> 'dead'", j=job)
 
-    monkeypatch.setattr(cli.time, "sleep", finish_on_second_sleep)
+    monkeypatch.setattr(cli_jobs.time, "sleep", finish_on_second_sleep)
     statements.clear()
     out = CliRunner().invoke(app, ["wait", str(job), "--timeout", "60"], env={"IMGQ_DATABASE_URL": database_url})
     assert out.exit_code == 0, out.output

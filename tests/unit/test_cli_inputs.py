@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from imgq import cli
+from imgq import cli, cli_jobs
 from imgq.cli import app
 
 JOB = "0b8f7f5e-1111-4222-8333-944455556666"
@@ -144,4 +144,4 @@ def test_dlq_retry_refuses_digits_int_cannot_read() -> None:
 
 
 def test_the_wait_poll_backs_off_with_the_cost_of_a_read() -> None:
-    assert [cli._poll_interval(s) for s in (0.0, 0.02, 0.1, 0.4, 3.0)] == [1.0, 1.0, 2.0, 8.0, 10.0]
+    assert [cli_jobs._poll_interval(s) for s in (0.0, 0.02, 0.1, 0.4, 3.0)] == [1.0, 1.0, 2.0, 8.0, 10.0]

@@ -1,0 +1,82 @@
+"""``imgq explain``: caption one image and show where the decoder looked for each word
+(imgq.worker.explainer)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from imgq import errors
+from imgq.cli_common import _fail, _flag, _params_json, _settings
+
+
+def explain(
+    ref: Annotated[str, typer.Argument(help="One image: s3://bucket/key or a local file under IMGQ_LOCAL_ROOTS.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the overlays, contact sheet and explain.json.")],
+    layer: Annotated[int | None, typer.Option(help="Only this cross-attention layer (0-based; default: the mean "
+                                              "of every layer).")] = None,
+    all_layers: Annotated[bool, typer.Option("--all-layers", help="Also one map and overlay per layer.")] = False,
+    heads: Annotated[str, typer.Option(help="How a layer's heads are reduced: mean or max.")] = "mean",
+    max_new_tokens: Annotated[int | None, typer.Option(help="Longest caption in tokens (default 30).")] = None,
+    num_beams: Annotated[int | None, typer.Option(help="Beam search width (1 = greedy).")] = None,
+    prompt: Annotated[str | None, typer.Option(help="Text the caption continues, e.g. 'a photo of'.")] = None,
+    resize: Annotated[str | None, typer.Option(help="stretch (model default) | center_crop | letterbox.")] = None,
+    params_json: Annotated[str | None, typer.Option("--params", help="Caption parameters as one JSON object.")] = None,
+) -> None:
+    """Caption one image and show where the decoder looked for each word: a PNG overlay per word on
+    the original image, a contact sheet, and explain.json (tokens, words, one grid per token).
+
+    \b
+      imgq explain photos/dog.jpg --out explain/dog
+      imgq explain s3://photos/2026/0001.jpg --out x --layer 11 --heads max --resize letterbox
+    """
+    from imgq.kinds import spec
+    from imgq.refs import parse_ref
+
+    if layer is not None and all_layers:
+        _fail("bad_request", "--layer picks one layer and --all-layers keeps every one: give one of them")
+    if heads not in ("mean", "max"):
+        _fail("bad_params", f"--heads must be mean or max, not {heads!r}")
+    settings = _settings()
+    raw = _params_json(params_json)
+    given = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "prompt": prompt, "resize": resize}
+    raw.update({k: v for k, v in given.items() if v is not None})
+    raw.pop("explain", None)  # a job option; explaining is what this command does
+    try:
+        from imgq.worker.decode import decode
+        from imgq.worker.explainer import check_layer, explain_image, write_files
+        from imgq.worker.fetch import Fetcher
+        from imgq.worker.runners import CaptionRunner
+    except ImportError as exc:
+        _fail("missing_extra", f"explaining needs the worker extra: pip install 'imgq[worker]' ({exc})")
+    try:
+        # Every mistake of the caller is found before the model loads (seconds, and its log lines).
+        params = spec("caption").parse(raw, name=_flag)
+        # Refused here first, like enqueue's refs (exit 2); the fetcher checks again.
+        parse_ref(ref.strip(), allowed_buckets=settings.allowed_buckets, local_roots=settings.local_roots)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            _fail("bad_file", f"cannot write {exc.filename or out}: {exc.strerror or exc}")
+        blob = Fetcher(settings).fetch(ref.strip())
+        image = decode(blob.data, max_pixels=settings.max_pixels).image  # full size: overlays are drawn on it
+        runner = CaptionRunner(CaptionRunner.make_model(settings))
+        runner.load()
+        check_layer(runner.model, layer)
+        doc, files = explain_image(runner.model, image, runner.prepare(image, params), params, ref=ref.strip(),
+                                   heads="max" if heads == "max" else "mean", layer=layer, keep_layers=all_layers)
+    except errors.ImgqError as exc:  # as every command: refused requests exit 2, everything else 1
+        _fail(exc.code, exc.message, 2 if isinstance(exc, errors.InvalidRequest) else 1)
+    try:
+        write_files(out, files)
+    except OSError as exc:
+        _fail("bad_file", f"cannot write {exc.filename or out}: {exc.strerror or exc}")
+    typer.echo(f"wrote {len(files)} files to {out} ({len(doc['words'])} words)", err=True)
+    typer.echo(doc["caption"])
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to ``app``."""
+    app.command("explain")(explain)

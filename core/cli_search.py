@@ -1,0 +1,96 @@
+"""``imgq search``: the nearest images by cosine similarity of their BLIP embeddings, to a text or to
+an image (imgq.db.search)."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+
+from imgq import errors
+from imgq.cli_common import _fail, _settings
+from imgq.config import Settings
+
+
+def _image_vector(settings: Settings, engine: Any, ref: str, model: str) -> tuple[Any, str, int | None]:
+    """The query vector for ``search --image``: the stored embedding of the image's newest version
+    if there is one (no torch needed), else one computed now. Returns (vector, revision, image id)."""
+    from imgq.db.search import stored_vector
+    from imgq.refs import S3Ref, parse_ref
+
+    parsed = parse_ref(ref.strip(), allowed_buckets=settings.allowed_buckets, local_roots=settings.local_roots)
+    source, bucket, key = ("s3", parsed.bucket, parsed.key) if isinstance(parsed, S3Ref) else ("local", "", str(parsed))
+    found = stored_vector(engine, model=model, revision=None, source=source, bucket=bucket, key=key)
+    if found is not None:
+        image_id, vector, revision = found
+        return vector, revision, image_id
+    try:
+        from imgq.worker.decode import decode
+        from imgq.worker.fetch import Fetcher
+    except ImportError as exc:
+        _fail("missing_extra", f"encoding a query needs the worker extra: pip install 'imgq[worker]' ({exc})")
+    blob = Fetcher(settings).fetch(str(parsed))  # a missing image is refused before the model loads
+    runner = _embed_runner(settings, model)
+    image = decode(blob.data, max_pixels=settings.max_pixels, target=runner.input_size).image
+    return runner.model.embed_images(runner.prepare(image, runner.kind_params())[None])[0], runner.revision, None
+
+
+def _embed_runner(settings: Settings, model: str) -> Any:
+    try:
+        from imgq.worker.runners import EmbedRunner
+    except ImportError as exc:
+        _fail("missing_extra", f"encoding a query needs the worker extra: pip install 'imgq[worker]' ({exc})")
+    runner = EmbedRunner(EmbedRunner.make_model(settings.model_copy(update={"embed_model": model})))
+    runner.load()
+    return runner
+
+
+def search(
+    query: Annotated[str | None, typer.Argument(help="Text to search for, e.g. 'a dog on a beach'.")] = None,
+    image: Annotated[str | None, typer.Option("--image", help="Find images similar to this ref instead.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="Number of results.")] = 20,
+    bucket: Annotated[str | None, typer.Option(help="Only images in this S3 bucket.")] = None,
+    prefix: Annotated[str | None, typer.Option(help="Only keys (or local paths) starting with this.")] = None,
+    model: Annotated[str | None, typer.Option(help="Retrieval model whose vectors to search "
+                                              "(default IMGQ_EMBED_MODEL).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """Nearest images by cosine similarity of BLIP embeddings (pgvector HNSW), with their captions.
+
+    A text query is encoded with the same retrieval model (and revision) that embedded the images,
+    which needs the worker extra. `--image` uses the image's stored embedding when there is one."""
+    from imgq.db.search import search as nearest
+    from imgq.db.store import make_engine
+
+    settings = _settings()
+    name = model or settings.embed_model
+    if (query is None) == (image is None):
+        _fail("bad_request", "give a text query or --image REF (one of them)")
+    engine = make_engine(settings.sync_database_url)
+    try:
+        exclude = None
+        if image is not None:
+            vector, revision, exclude = _image_vector(settings, engine, image, name)
+        else:
+            if not query or not query.strip():
+                raise errors.EmptyQuery("the search text is empty")
+            runner = _embed_runner(settings, name)
+            vector, revision = runner.model.embed_query(query), runner.revision
+        hits = nearest(engine, vector, model=name, revision=revision, limit=limit, bucket=bucket, prefix=prefix,
+                       exclude_image_id=exclude)
+    except errors.ImgqError as exc:
+        _fail(exc.code, exc.message, 1 if isinstance(exc, errors.Permanent | errors.ModelUnavailable) else 2)
+    finally:
+        engine.dispose()
+    for hit in hits:
+        if as_json:
+            typer.echo(json.dumps({"ref": hit.ref, "similarity": round(hit.similarity, 6), "caption": hit.caption,
+                                   "image_id": hit.image_id, "model_revision": hit.model_revision}))
+        else:
+            typer.echo(f"{hit.similarity:7.4f}  {hit.ref}  {hit.caption or ''}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to ``app``."""
+    app.command("search")(search)
