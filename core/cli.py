@@ -482,7 +482,7 @@ def _whole_summaries(typer_app: typer.Typer) -> None:
 # Every command, in the order `imgq --help` lists it: typer lists the commands, then the groups, each in
 # the order they were added here.
 app.command("enqueue")(enqueue)
-cli_jobs.register(app)  # status, wait, results
+cli_jobs.register(app)  # status, wait, results, cancel
 app.command("worker")(worker)
 app.command("check")(check)
 app.command("reconcile")(reconcile)

@@ -1,5 +1,5 @@
-"""``imgq status``, ``imgq wait`` and ``imgq results``: a job's progress, read as the jobs page and the
-API read it, and its results."""
+"""``imgq status``, ``imgq wait``, ``imgq results`` and ``imgq cancel``: a job's progress, read as the
+jobs page and the API read it, its results, and its end."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from imgq import errors
-from imgq.cli_common import _fail, _job_id, _settings, _store
+from imgq.cli_common import _fail, _job_id, _n, _settings, _store
 from imgq.config import Settings
 
 # A job's tenant: the jobs page's summary query is per tenant, and the CLI serves every tenant.
@@ -183,6 +183,40 @@ def results(
             out.close()
 
 
+def cancel(job: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Cancel a job: its queued items become `cancelled` (never run); running items finish.
+
+    As DELETE /v1/jobs/{id}, for any tenant's job: the job is closed at once (nothing more of it
+    is published or claimed, a backfill appending to it stops), then its queued items are
+    cancelled 10,000 at a time, with a progress bar. Repeating it is harmless. Prints the job's
+    counts; stderr says how many items this run cancelled."""
+    from tqdm import tqdm
+
+    from imgq.db.cancelling import cancel_job
+    from imgq.db.store import make_engine
+
+    engine = make_engine(_settings().sync_database_url)
+    try:
+        job_id, tenant = _job_tenant(engine, job)
+        with tqdm(unit="item", desc="cancelling", file=sys.stderr, disable=None) as bar:
+            def swept(cancelled: int, seqs: int, total: int) -> None:
+                bar.total = total
+                bar.update(seqs - bar.n)
+
+            cancelled = cancel_job(engine, tenant, job_id, progress=swept)
+        if cancelled is None:  # deleted since it was found
+            _fail("not_found", f"no job {job}", 1)
+        summary = _progress(engine, tenant, job_id)
+    finally:
+        engine.dispose()
+    counts = _counts(summary)
+    running = summary.running
+    typer.echo(f"{_n(cancelled, 'queued item')} cancelled"
+               + (f"; {_n(running, 'running item')} {'finishes' if running == 1 else 'finish'}" if running else ""),
+               err=True)
+    typer.echo(json.dumps({"cancelled_now": cancelled, **counts}) if as_json else _counts_line(counts))
+
+
 def _explanations(settings: Settings, job: uuid.UUID) -> Any:
     from imgq.db.results.caption import explanations
     from imgq.db.store import make_engine
@@ -198,3 +232,4 @@ def register(app: typer.Typer) -> None:
     app.command("status")(status)
     app.command("wait")(wait)
     app.command("results")(results)
+    app.command("cancel")(cancel)

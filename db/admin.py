@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError
 
+from imgq.db.cancelling import cancel_waiting
 from imgq.db.store import COUNT_CANCELLED, drop_acceptance
 from imgq.feeding import BACKFILL_LANE, TOP_LANE
 
@@ -243,14 +244,14 @@ WITH RECURSIVE waiting(job_id) AS (
           ORDER BY i.job_id LIMIT 1)
   FROM waiting w WHERE w.job_id IS NOT NULL
 )
-SELECT j.id, j.tenant, j.priority, j.refs_per_message, j.tasks
+SELECT j.id, j.tenant, j.priority, j.refs_per_message, j.tasks, j.cancelled_at IS NOT NULL
 FROM waiting w JOIN jobs j ON j.id = w.job_id
 WHERE j.queue = :queue
 ORDER BY j.created_at, j.id
 """)
 
 _JOB_BACKLOG = text("""
-SELECT j.id, j.tenant, j.priority, j.refs_per_message, j.tasks FROM jobs j
+SELECT j.id, j.tenant, j.priority, j.refs_per_message, j.tasks, j.cancelled_at IS NOT NULL FROM jobs j
 WHERE j.id = :job AND j.queue = :queue AND EXISTS (
   SELECT 1 FROM job_items i WHERE i.job_id = j.id AND i.state = 'queued' AND i.published_at IS NULL)
 """)
@@ -386,6 +387,8 @@ class Waiting:
     priority: int
     refs_per_message: int | None
     tasks: list[dict[str, Any]]
+    # Cancelled while items waited: the feeder cancels them instead (imgq.db.cancelling).
+    cancelled: bool = False
 
 
 @dataclass(frozen=True)
@@ -433,6 +436,10 @@ class Feeding:
         else:
             rows = self.conn.execute(_JOB_BACKLOG, {"queue": self.queue, "job": job}).all()
         return [Waiting(*row) for row in rows]
+
+    def cancel_waiting(self, job: uuid.UUID, limit: int) -> int:
+        """Cancel up to ``limit`` waiting items of a cancelled job that nobody is sweeping."""
+        return cancel_waiting(self.conn, job, limit)
 
     def in_flight(self) -> dict[uuid.UUID, tuple[str, int]]:
         """Items published and not final, per job of this queue: ``{job: (tenant, items)}``."""

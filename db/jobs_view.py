@@ -25,6 +25,7 @@ from typing import Any
 from sqlalchemy import Engine, text
 
 from imgq.db import jobs_page
+from imgq.db.cancelling import cancel_job as cancel_job  # the API's and CLI's reads and writes of a job, together
 
 _LIST = text("""
 SELECT j.id, j.kind, j.source, j.priority, j.total, j.created_at, j.cancelled_at, j.callback_state
@@ -36,22 +37,6 @@ LIMIT :limit
 """)
 
 _OWNED = text("SELECT tasks, cancelled_at FROM jobs WHERE id = :job AND tenant = :tenant")
-
-_LOCK_JOB = text("SELECT 1 FROM jobs WHERE id = :job AND tenant = :tenant FOR UPDATE")
-# The items first, then the job's row once (a statement may not update one row twice): its mark
-# and how many items this cancelled (jobs.cancelled_items, migration 0015).
-_CANCEL = text("""
-WITH items AS (
-  UPDATE job_items i SET state = 'cancelled', updated_at = now()
-  FROM jobs j WHERE j.id = :job AND j.tenant = :tenant AND i.job_id = j.id AND i.state = 'queued'
-  RETURNING i.seq
-), job AS (
-  UPDATE jobs SET cancelled_at = coalesce(cancelled_at, now()),
-                  cancelled_items = cancelled_items + (SELECT count(*) FROM items)
-  WHERE id = :job AND tenant = :tenant RETURNING id
-)
-SELECT (SELECT count(*) FROM job) AS found, (SELECT count(*) FROM items) AS cancelled
-""")
 
 # A caption any tenant sharing the bucket may see: nothing in it is one tenant's choice. A prompt
 # (which the caption continues, so its text shows it) and an adapter (a tenant's name and
@@ -167,18 +152,6 @@ def results_page(
     more = len(rows) > limit
     rows = rows[:limit]
     return rows, rows[-1]["seq"] if more and rows else None
-
-
-def cancel_job(engine: Engine, tenant: str, job: uuid.UUID) -> int | None:
-    """Cancel one of ``tenant``'s jobs: its queued items become ``cancelled``; returns how many
-    (0 when repeated), or None if the job is not ``tenant``'s."""
-    with engine.begin() as conn:
-        # The job row first, in its own statement: a backfill page appending items holds it
-        # (FOR SHARE) until it commits, and only a statement begun after that sees those items
-        # (read committed takes each statement's snapshot at its start).
-        conn.execute(_LOCK_JOB, {"job": job, "tenant": tenant})
-        found, cancelled = conn.execute(_CANCEL, {"job": job, "tenant": tenant}).one()
-    return int(cancelled) if found else None
 
 
 def latest_image(

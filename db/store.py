@@ -39,12 +39,14 @@ RETURNING id, source, bucket, key, version
 
 
 
-# The state guard of the per-item writes, in a form the planner cannot match to the partial index
-# job_items_pending (an InitPlan is never folded into a constant): with "state IN ('queued',
-# 'running')" a planner whose statistics saw no pending item (a big job just landed) read every
-# pending item of the table through that index on every write, 7.7 s per 32-row call with 200,000
-# pending. This way the items are found by their key, (job_id, seq).
-# (The CAST makes ANY take an array, not the rows of a subquery.)
+# The state guard of the per-item writes, in a form the planner cannot match to a partial index on
+# state (an InitPlan is never folded into a constant), so the items are found by their key,
+# (job_id, seq). Written against job_items_pending (every queued or running item): with "state IN
+# ('queued', 'running')" a planner whose statistics saw no pending item (a big job just landed) read
+# every pending item of the table through that index on every write, 7.7 s per 32-row call with
+# 200,000 pending. Migration 0009 dropped that index; job_items_in_flight also requires published_at,
+# which the plain guard does not imply. The opaque form stays so that no partial index on state can
+# bring that plan back. (The CAST makes ANY take an array, not the rows of a subquery.)
 PENDING = "j.state = ANY(CAST((SELECT '{queued,running}'::text[]) AS text[]))"
 
 
@@ -96,6 +98,9 @@ WITH prev AS (
   WHERE job_id = :job AND seq = ANY(CAST(:seqs AS int[])) AND state IN ('queued', 'running')
     AND NOT (CAST(:leave_peers AS boolean) AND state = 'running' AND worker <> :worker
              AND EXISTS (SELECT 1 FROM workers w WHERE w.name = i.worker))
+    -- A cancelled job's queued items are never run, even before its sweep reaches them
+    -- (imgq.db.cancelling); its running ones finish.
+    AND NOT (state = 'queued' AND EXISTS (SELECT 1 FROM jobs c WHERE c.id = :job AND c.cancelled_at IS NOT NULL))
   FOR UPDATE OF i
 )
 UPDATE job_items AS j SET attempts = attempts + 1, state = 'running', worker = :worker, updated_at = now(),

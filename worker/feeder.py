@@ -33,6 +33,7 @@ from celery import Celery
 from imgq.contract import TaskMessage
 from imgq.cost import item_cost
 from imgq.db.admin import LEADER_LOCK, LEADER_UNLOCK, Admin, LiveHolders
+from imgq.db.cancelling import CHUNK as CANCEL_CHUNK
 from imgq.feeding import LANES, TOP_LANE, Backlog, PushLog, lane, lane_slots, plan
 from imgq.publish import chunk_messages, publish, tasks_from_record
 
@@ -59,6 +60,7 @@ class FeedReport:
     items: int = 0
     lost: int = 0  # items put back in the backlog (lost messages)
     abandoned: int = 0  # items of abandoned acceptances deleted (no job ever had them)
+    cancelled: int = 0  # waiting items of cancelled jobs cancelled (a cancel's unfinished sweep)
 
 
 class Feeder:
@@ -166,12 +168,21 @@ class Feeder:
                 if report.lost:
                     self._next_seq.clear()  # lost items lie below the hints
             pushed_at: Any = None
+            cancels_swept = False
             while True:
                 if lane_slots(depths, TOP_LANE, self.window) <= 0:
                     # No lane has room (the top lane's is the most any has): reading the backlog
                     # walks every waiting job, 1.2-1.4 s a cycle with 20,000 of them (found by review).
                     break
                 waiting = {w.job: w for w in tx.waiting(job)}
+                cancelled = [w.job for w in waiting.values() if w.cancelled]
+                if cancelled:
+                    # A cancel whose sweep did not finish (its process died, imgq.db.cancelling):
+                    # a chunk of each such job a cycle, never published.
+                    if not cancels_swept:
+                        report.cancelled = sum(tx.cancel_waiting(j, CANCEL_CHUNK) for j in cancelled)
+                        cancels_swept = True
+                    waiting = {j: w for j, w in waiting.items() if not w.cancelled}
                 if job is None:  # forget jobs with nothing left waiting
                     self._next_seq = {j: n for j, n in self._next_seq.items() if j in waiting}
                 if not waiting:

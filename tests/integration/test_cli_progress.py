@@ -112,6 +112,23 @@ def test_wait_counts_cancelled_items_as_finished_and_says_so(store: Store, datab
     assert out.stdout == "queued=0  running=0  done=2  dead=0  cancelled=3  purged=0\n"
 
 
+def test_cancel_cancels_any_tenants_job_prints_its_counts_and_is_harmless_repeated(
+        store: Store, database_url: str) -> None:
+    job = _every_state(store)  # tenant acme: the CLI serves every tenant
+    env = {"IMGQ_DATABASE_URL": database_url}
+    out = CliRunner().invoke(app, ["cancel", str(job)], env=env)
+    assert out.exit_code == 0, out.output
+    # The item in the broker and the two waiting are cancelled; the running one finishes.
+    assert out.stdout == "queued=0  running=1  done=2  dead=1  cancelled=3  purged=1\n"
+    assert out.stderr.splitlines()[-1] == "3 queued items cancelled; 1 running item finishes"
+    assert store.claim(job, [5], "w2") == {}, "nothing of it is claimed any more"
+    again = CliRunner().invoke(app, ["cancel", str(job), "--json"], env=env)
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout) == {"cancelled_now": 0, "queued": 0, "running": 1, "done": 2, "dead": 1,
+                                        "cancelled": 3, "purged": 1}
+    assert again.stderr.splitlines()[-1] == "0 queued items cancelled; 1 running item finishes"
+
+
 def test_wait_times_out_naming_the_pending_items(store: Store, database_url: str) -> None:
     job = _every_state(store)
     out = CliRunner().invoke(app, ["wait", str(job), "--timeout", "0"], env={"IMGQ_DATABASE_URL": database_url})
@@ -119,7 +136,7 @@ def test_wait_times_out_naming_the_pending_items(store: Store, database_url: str
     assert out.stderr.strip().splitlines()[-1] == "error[timeout]: 4 items unfinished after 0s"
 
 
-@pytest.mark.parametrize("command", [["status"], ["wait", "--timeout", "1"]])
+@pytest.mark.parametrize("command", [["status"], ["wait", "--timeout", "1"], ["cancel"]])
 def test_an_unknown_job_is_not_found(database_url: str, command: list[str]) -> None:
     job = str(uuid.uuid4())
     out = CliRunner().invoke(app, [command[0], job, *command[1:]], env={"IMGQ_DATABASE_URL": database_url})
