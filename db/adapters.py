@@ -50,6 +50,13 @@ ON CONFLICT (name) DO UPDATE SET
 WHERE CAST(:replace AS boolean) OR (adapters.location = EXCLUDED.location AND adapters.lang = EXCLUDED.lang)
 RETURNING name
 """)
+# A name nobody holds: FOR UPDATE on no row locks nothing, so a concurrent first registration is
+# caught here (this waits for it to commit) and the write goes on as a replacement of it.
+_INSERT_NEW = text(f"""
+INSERT INTO adapters ({_COLUMNS})
+VALUES (:name, :lang, :base_model, :base_revision, :location, :revision, CAST(:metrics AS jsonb), :config_sha256)
+ON CONFLICT (name) DO NOTHING RETURNING name
+""")
 _GET = text(f"SELECT {_COLUMNS}, created_at FROM adapters WHERE name = :name")
 _LOCK = text(f"SELECT {_COLUMNS}, created_at FROM adapters WHERE name = :name FOR UPDATE")
 _LIST = text(f"SELECT {_COLUMNS}, created_at FROM adapters ORDER BY name")
@@ -110,14 +117,20 @@ class Adapters:
         With ``replace=False`` a row of another location or language is kept and AdapterExists raised (the
         check and the write are one statement, so a concurrent registration cannot slip between them)."""
         record.check()
+        params = {
+            "name": record.name, "lang": record.lang, "base_model": record.base_model,
+            "base_revision": record.base_revision, "location": record.location, "revision": record.revision,
+            "metrics": json.dumps(record.metrics, sort_keys=True), "config_sha256": record.config_sha256,
+            "replace": replace,
+        }
         with self.engine.begin() as conn:
             row = conn.execute(_LOCK, {"name": record.name}).first()
-            written = conn.execute(_UPSERT, {
-                "name": record.name, "lang": record.lang, "base_model": record.base_model,
-                "base_revision": record.base_revision, "location": record.location, "revision": record.revision,
-                "metrics": json.dumps(record.metrics, sort_keys=True), "config_sha256": record.config_sha256,
-                "replace": replace,
-            }).first()
+            if row is None:
+                if conn.execute(_INSERT_NEW, params).first() is not None:
+                    return None
+                # Registered meanwhile by another (committed now): that row is what this replaces.
+                row = conn.execute(_LOCK, {"name": record.name}).first()
+            written = conn.execute(_UPSERT, params).first()
             if written is None:  # the name was taken (perhaps just now) by another location or language
                 taken = conn.execute(_GET, {"name": record.name}).first()
                 reason = conflict(None if taken is None else _record(taken), record.location, record.lang)

@@ -8,12 +8,15 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
 import torch
 
 from imgq import errors
@@ -23,6 +26,7 @@ from imgq.db.adapters import AdapterRecord, Adapters
 from imgq.db.store import make_engine
 from imgq.worker.adapters import AdapterBank, AdapterFiles
 from imgq.worker.model import CaptionModel
+from tests.waits import SETTLE_S
 
 pytestmark = pytest.mark.integration
 
@@ -286,6 +290,36 @@ def test_registry_upserts_and_require_explains(database_url: str):
     assert registry.get("blip-de") == newer
     with pytest.raises(errors.BadParams, match="config_sha256"):
         registry.register(AdapterRecord("x", "de", "m", "r", "/x", "ab" * 32, config_sha256="not-a-hash"))
+    engine.dispose()
+
+
+def test_a_registration_racing_a_first_one_returns_what_it_replaced(database_url: str):
+    """Two first registrations of one name: the later one waits for the earlier and replaces it,
+    so `imgq adapter register` says "re-registered" or "replaced", never "registered" twice."""
+    engine = make_engine(database_url)
+    registry = Adapters(engine)
+    first = AdapterRecord("blip-race", "de", "cap-model", "local-abc", "/data/adapters/a", "ab" * 32, {})
+    second = dataclasses.replace(first, location="/data/adapters/b", revision="cd" * 32)
+    found: list[Any] = []
+    with engine.connect() as other:
+        tx = other.begin()  # the first registration, between its insert and its commit
+        other.execute(sa.text("INSERT INTO adapters (name, lang, base_model, base_revision, location, revision, "
+                           "metrics) VALUES ('blip-race', 'de', 'cap-model', 'local-abc', '/data/adapters/a', "
+                           ":rev, '{}')"), {"rev": "ab" * 32})
+        racing = threading.Thread(target=lambda: found.append(registry.register(second)))
+        racing.start()
+        deadline = time.monotonic() + SETTLE_S
+        while True:  # the second waits on the first's uncommitted row
+            with engine.connect() as conn:
+                if conn.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                     "AND wait_event_type = 'Lock'")).scalar_one():
+                    break
+            assert time.monotonic() < deadline, "the second registration never waited for the first"
+            time.sleep(0.02)
+        tx.commit()
+    racing.join(SETTLE_S)
+    assert found == [first], "the second replaced the first: it must say so"
+    assert registry.get("blip-race").location == "/data/adapters/b"
     engine.dispose()
 
 
