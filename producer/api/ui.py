@@ -264,7 +264,7 @@ def jobs(request: Request) -> Response:
 
 
 @router.get("/ui/jobs/{job_id}", include_in_schema=False)
-def job(request: Request, job_id: str, retried: int | None = None) -> Response:
+def job(request: Request, job_id: str, retried: int | None = None, cancelled: int | None = None) -> Response:
     def render(token: str, principal: Any) -> Response:
         job = _job_id(job_id)
         engine = _engine(request)
@@ -273,13 +273,38 @@ def job(request: Request, job_id: str, retried: int | None = None) -> Response:
             return _not_found()
         letters = jobs_page.dead_letters(engine, principal.tenant, summary.id, DEAD_LETTERS_SHOWN)
         return _html(ui_html.job_page(summary, letters, principal, ui_sessions.csrf_token(token),
-                                      retried=retried, limit=DEAD_LETTERS_SHOWN))
+                                      retried=retried, cancelled=cancelled, limit=DEAD_LETTERS_SHOWN))
+
+    return _page(request, render)
+
+
+@router.get("/ui/jobs/{job_id}/cancel", include_in_schema=False)
+def confirm_cancel(request: Request, job_id: str) -> Response:
+    def render(token: str, principal: Any) -> Response:
+        job = _job_id(job_id)
+        summary = None if job is None else jobs_page.job_summary(_engine(request), principal.tenant, job)
+        if summary is None:
+            return _not_found()
+        return _html(ui_html.cancel_page(summary, principal, ui_sessions.csrf_token(token)))
 
     return _page(request, render)
 
 
 @router.post("/ui/jobs/{job_id}/retry-dead", include_in_schema=False)
 async def retry_dead(request: Request, job_id: str) -> Response:
+    return await _act(request, job_id, "retried", _retry, "ui_retry_dead")
+
+
+@router.post("/ui/jobs/{job_id}/cancel", include_in_schema=False)
+async def cancel(request: Request, job_id: str) -> Response:
+    return await _act(request, job_id, "cancelled", _cancel, "ui_cancel")
+
+
+async def _act(request: Request, job_id: str, done: str, act: Callable[[Request, Any, str], int],
+               action: str) -> Response:
+    """A job page's form: the session, its CSRF token and the rate limit checked as for every
+    form, then ``act`` (what the /v1 route does, as this session's principal); back to the page
+    with ``?{done}=N``."""
     form = await _form(request)
     found = await run_in_threadpool(_session, request)
     if found is None:
@@ -291,14 +316,14 @@ async def retry_dead(request: Request, job_id: str) -> Response:
     if over is not None:
         return over
     try:
-        retried = await run_in_threadpool(_retry, request, principal, job_id)
+        count = await run_in_threadpool(act, request, principal, job_id)
     except ApiProblem as exc:
         if exc.status == 404:
             return _not_found()
-        return _html(ui_html.message_page("Not retried", exc.detail), exc.status)
-    log.info("ui retry-dead", extra={"action": "ui_retry_dead", "job_id": job_id, "tenant": principal.tenant,
-                                     "retried": retried})
-    return _redirect(f"/ui/jobs/{uuid.UUID(job_id)}?retried={retried}")
+        return _html(ui_html.message_page(f"Not {done}", exc.detail), exc.status)
+    log.info(action.replace("_", " "), extra={"action": action, "job_id": job_id, "tenant": principal.tenant,
+                                              done: count})
+    return _redirect(f"/ui/jobs/{uuid.UUID(job_id)}?{done}={count}")
 
 
 def _retry(request: Request, principal: Any, job_id: str) -> int:
@@ -307,3 +332,10 @@ def _retry(request: Request, principal: Any, job_id: str) -> int:
     from imgq.producer.api.jobs import retry_dead as api_retry_dead
 
     return api_retry_dead(job_id, request, principal).requeued
+
+
+def _cancel(request: Request, principal: Any, job_id: str) -> int:
+    """What DELETE /v1/jobs/{id} does, as this session's principal."""
+    from imgq.producer.api.jobs import cancel_job
+
+    return cancel_job(job_id, request, principal).cancelled

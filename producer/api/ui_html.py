@@ -122,10 +122,15 @@ def jobs_page(jobs: list[JobSummary], principal: Any, csrf: str) -> str:
 
 
 def job_page(job: JobSummary, letters: list[dict[str, Any]], principal: Any, csrf: str, *,
-             retried: int | None = None, limit: int = 200) -> str:
+             retried: int | None = None, cancelled: int | None = None, limit: int = 200) -> str:
     note = ""
     if retried is not None:
         note = f'<p class="note">{retried} dead letter{"s" * (retried != 1)} sent back to the queue.</p>'
+    if cancelled is not None:
+        note = f'<p class="note">Job cancelled: {cancelled} queued item{"s" * (cancelled != 1)} will never run.</p>'
+    if job.queued and job.cancelled_at is None:
+        # A page of its own to confirm on: this one reloads every few seconds.
+        note += f'<p><a href="/ui/jobs/{job.id}/cancel">Cancel this job…</a></p>'
     facts = (f"<dl><dt>Job</dt><dd class=\"id\">{job.id}</dd><dt>Kinds</dt><dd>{escape(job.kind)}</dd>"
              f"<dt>Source</dt><dd>{escape(job.source)}</dd><dt>Priority</dt><dd>{job.priority}</dd>"
              f"<dt>Created</dt><dd>{_when(job.created_at)}</dd>"
@@ -159,6 +164,23 @@ def login_page(next_path: str, error: str | None = None) -> str:
             '<label>API key <input type="password" name="key" autocomplete="off" size="60" required></label> '
             "<button>Log in</button></form>")
     return _page("imgq jobs: log in", body)
+
+
+def cancel_page(job: JobSummary, principal: Any, csrf: str) -> str:
+    """The confirmation of a cancel: what it will do, and the form that does it."""
+    if job.cancelled_at is not None:
+        body = f"<h2>Already cancelled</h2><p>Job <code>{job.id}</code> was cancelled at {_when(job.cancelled_at)}.</p>"
+    else:
+        running = (f" Its {job.running} running item{'s' * (job.running != 1)} finish{'es' * (job.running == 1)}."
+                   if job.running else "")
+        body = (f"<h2>Cancel job <code>{job.id}</code>?</h2>"
+                f"<p>Its {job.queued} queued item{'s' * (job.queued != 1)} will never run.{running} "
+                "Its results and dead letters stay; a cancelled job cannot be resumed or retried.</p>"
+                f'<form method="post" action="/ui/jobs/{job.id}/cancel">'
+                f'<input type="hidden" name="csrf" value="{escape(csrf)}">'
+                f"<button>Cancel {job.queued} queued item{'s' * (job.queued != 1)}</button></form>")
+    return _page(f"imgq job {job.id}", body + f'<p><a href="/ui/jobs/{job.id}">Back to the job</a></p>',
+                 principal=principal, csrf=csrf)
 
 
 def message_page(title: str, text: str) -> str:

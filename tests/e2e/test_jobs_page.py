@@ -229,6 +229,8 @@ def test_another_tenant_sees_neither_the_job_nor_can_retry_it(api: Api):
         assert client.get("/ui/jobs/not-a-uuid").status_code == 404
         retry = client.post(f"/ui/jobs/{job}/retry-dead", data={"csrf": _csrf(page.text)})
         assert retry.status_code == 404
+        assert client.get(f"/ui/jobs/{job}/cancel").status_code == 404
+        assert client.post(f"/ui/jobs/{job}/cancel", data={"csrf": _csrf(page.text)}).status_code == 404
     assert api.store.counts(job)["dead"] == 1
     with api.session(acme) as client:
         assert client.get(f"/ui/jobs/{job}").status_code == 200
@@ -275,6 +277,31 @@ def test_a_cancelled_job_keeps_its_dead_letters(api: Api):
         retry = client.post(f"/ui/jobs/{job}/retry-dead", data={"csrf": _csrf(page.text)})
         assert retry.status_code == 409 and "cancelled" in retry.text
     assert api.store.counts(job)["dead"] == 1
+
+
+def test_cancel_is_confirmed_on_a_page_of_its_own_and_needs_the_session_token(api: Api):
+    key, _ = create_key(api.store.engine, "acme")
+    job = _job(api.store, "acme", done=1, dead=["empty"], queued=3)
+    with api.session(key) as client:
+        assert f'href="/ui/jobs/{job}/cancel"' in client.get(f"/ui/jobs/{job}").text
+        confirm = client.get(f"/ui/jobs/{job}/cancel")
+        assert confirm.status_code == 200 and "refresh" not in confirm.text, "the confirmation must not reload"
+        assert "Its 3 queued items will never run." in _visible(confirm.text)
+        assert api.store.counts(job)["queued"] == 3, "showing the confirmation cancels nothing"
+        assert client.post(f"/ui/jobs/{job}/cancel").status_code == 403
+        assert client.post(f"/ui/jobs/{job}/cancel", data={"csrf": "f" * 64}).status_code == 403
+        csrf = _csrf(confirm.text)
+        cross = client.post(f"/ui/jobs/{job}/cancel", data={"csrf": csrf}, headers={"Origin": "https://evil.example"})
+        assert cross.status_code == 403
+        assert api.store.counts(job) == {"queued": 3, "running": 0, "done": 1, "dead": 1}
+
+        cancelled = client.post(f"/ui/jobs/{job}/cancel", data={"csrf": csrf})
+        assert cancelled.status_code == 303 and cancelled.headers["location"] == f"/ui/jobs/{job}?cancelled=3"
+        assert api.store.counts(job) == {"queued": 0, "running": 0, "done": 1, "dead": 1, "cancelled": 3}
+        after = _visible(client.get(cancelled.headers["location"]).text)
+        assert "Job cancelled: 3 queued items will never run." in after and "3 cancelled" in after
+        assert "Cancel this job" not in after
+        assert "Already cancelled" in _visible(client.get(f"/ui/jobs/{job}/cancel").text)
 
 
 def test_a_revoked_key_ends_its_sessions(api: Api):
