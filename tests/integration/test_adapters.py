@@ -9,7 +9,6 @@ import hashlib
 import json
 import shutil
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from imgq.db.adapters import AdapterRecord, Adapters
 from imgq.db.store import make_engine
 from imgq.worker.adapters import AdapterBank, AdapterFiles
 from imgq.worker.model import CaptionModel
-from tests.waits import SETTLE_S
+from tests.waits import SETTLE_S, lock_waited
 
 pytestmark = pytest.mark.integration
 
@@ -308,14 +307,7 @@ def test_a_registration_racing_a_first_one_returns_what_it_replaced(database_url
                            ":rev, '{}')"), {"rev": "ab" * 32})
         racing = threading.Thread(target=lambda: found.append(registry.register(second)))
         racing.start()
-        deadline = time.monotonic() + SETTLE_S
-        while True:  # the second waits on the first's uncommitted row
-            with engine.connect() as conn:
-                if conn.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                                     "AND wait_event_type = 'Lock'")).scalar_one():
-                    break
-            assert time.monotonic() < deadline, "the second registration never waited for the first"
-            time.sleep(0.02)
+        assert lock_waited(engine), "the second registration never waited for the first's uncommitted row"
         tx.commit()
     racing.join(SETTLE_S)
     assert found == [first], "the second replaced the first: it must say so"

@@ -4,7 +4,6 @@ row until it commits, and the cancel must then see (and cancel) what the page ap
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 from sqlalchemy import text
@@ -12,7 +11,7 @@ from sqlalchemy import text
 from imgq.db import jobs_view
 from imgq.db.store import Store
 from tests.jobs import caption_task, create_job
-from tests.waits import SETTLE_S
+from tests.waits import SETTLE_S, lock_waited
 
 pytestmark = pytest.mark.integration
 
@@ -31,14 +30,7 @@ def test_a_cancel_waiting_on_a_page_cancels_the_items_the_page_appended(store: S
         page.execute(text("UPDATE jobs SET total = total + 1 WHERE id = :j"), {"j": job})
         cancelling = threading.Thread(target=lambda: result.append(jobs_view.cancel_job(store.engine, tenant, job)))
         cancelling.start()
-        deadline = time.monotonic() + SETTLE_S
-        while True:  # the cancel is waiting on the page's lock
-            with store.engine.connect() as conn:
-                if conn.execute(text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                                     "AND wait_event_type = 'Lock'")).scalar_one():
-                    break
-            assert time.monotonic() < deadline, "the cancel never waited for the page"
-            time.sleep(0.02)
+        assert lock_waited(store.engine), "the cancel never waited for the page"
         tx.commit()
     cancelling.join(SETTLE_S)
     assert result == [2]

@@ -4,7 +4,6 @@ commits on its own, and a sweep cut short is finished by the feeder and the lost
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 
 import pytest
@@ -18,7 +17,7 @@ from imgq.db.cancelling import cancel_job
 from imgq.db.store import Store
 from imgq.worker.feeder import Feeder
 from tests.jobs import caption_task, record
-from tests.waits import SETTLE_S
+from tests.waits import SETTLE_S, lock_waited
 
 pytestmark = pytest.mark.integration
 
@@ -115,14 +114,8 @@ def test_a_repeated_cancel_waits_for_the_first_sweep_and_finds_nothing_left(stor
     def start_the_second(cancelled: int, swept: int, total: int) -> None:
         if swept == 10:
             waiter.start()
-            deadline = time.monotonic() + SETTLE_S
-            while True:  # it waits on the sweep lock, not on rows
-                with store.engine.connect() as conn:
-                    if conn.execute(text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                                         "AND wait_event = 'advisory'")).scalar_one():
-                        break
-                assert time.monotonic() < deadline, "the second cancel never waited for the first"
-                time.sleep(0.02)
+            # It waits on the sweep lock, not on rows.
+            assert lock_waited(store.engine, event="advisory"), "the second cancel never waited for the first"
 
     assert cancel_job(store.engine, "t", job, chunk=10, progress=start_the_second) == 30
     waiter.join(SETTLE_S)

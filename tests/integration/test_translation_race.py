@@ -5,7 +5,6 @@ without any, never dead with links (which `imgq check` reports)."""
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections.abc import Callable
 
@@ -19,21 +18,14 @@ from imgq.db.results import translation as tr
 from imgq.db.store import DeadRow, Store
 from tests.integration.test_translations import CAPTION, TRANSLATE, done
 from tests.jobs import create_job
-from tests.waits import SETTLE_S
+from tests.waits import SETTLE_S, lock_waited
 
 pytestmark = pytest.mark.integration
 
 
 def waits_on_a_lock(store: Store, running: Callable[[], bool]) -> bool:
     """Whether a session of this test's database waits on a lock, polled while ``running``."""
-    deadline = time.monotonic() + SETTLE_S
-    while running() and time.monotonic() < deadline:
-        with store.engine.connect() as conn:
-            if conn.execute(text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                                 "AND wait_event_type = 'Lock'")).scalar_one():
-                return True
-        time.sleep(0.02)
-    return False
+    return lock_waited(store.engine, running=running)
 
 
 def outcome(store: Store, job: uuid.UUID) -> tuple[str, int, int]:
