@@ -6,7 +6,9 @@ Each repeat runs every (variant, message size) once, alternating, on the same em
 
 * ``after``: the CLI as it is.
 * ``before``: the same CLI with the ref-validation path of before issue 14 put back
-  (:func:`before_cli`): every ref through ``parse_ref`` and a list.
+  (:func:`before_cli`): every ref through ``parse_ref`` and a list. Only the validation is put
+  back: both variants run today's acceptance (``--variants before,after``; docs/performance.md's
+  table E1 measured them on the schema of before migration 0009).
 * ``before-0009``: the acceptance of before migration 0009 put back (:func:`window_cli`,
   :func:`schema_before_0009`): ``job_items`` with its foreign key to ``jobs`` and the index of
   every pending item, and enqueue publishing the job's whole first window itself.
@@ -41,16 +43,17 @@ def before_cli() -> None:
     from imgq.producer import expand
     from imgq.refs import parse_ref
 
-    def expand_before(self: Any, raw: str) -> list[str]:
+    def expand_before(self: Any, raw: str, on_bad: Any = None) -> list[str]:
+        # The signature of today's ``Expander.__call__`` (``accept_refs`` passes ``on_bad``).
         raw = raw.strip()
         if not raw or raw.startswith("#"):
             return []
         settings = self._settings
         if raw.lower().startswith("s3://"):
             if raw.endswith("/"):
-                return list(self.list_prefix(raw))
+                return list(self.list_prefix(raw, on_bad))
             return [str(parse_ref(raw, allowed_buckets=settings.allowed_buckets, local_roots=[]))]
-        return expand_now(self, raw)
+        return expand_now(self, raw, on_bad)
 
     expand_now = expand.Expander.__call__
     expand.Expander.__call__ = expand_before  # type: ignore[method-assign]

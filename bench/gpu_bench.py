@@ -42,6 +42,7 @@ import importlib
 import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -596,8 +597,9 @@ def bench_photos(image_processor: Any, device: str, threads: int, n: int = 256, 
         result: dict[str, Any] = {"images": n, "distinct": distinct, "threads": threads, "batch": batch,
                                   "gpu_skipped": gpu_reason}
         for key, values in runs.items():
-            img_s = sorted(v["img_s"] for v in values)[len(values) // 2]
-            cpu_ms = sorted(v["cpu_ms_per_img"] for v in values)[len(values) // 2]
+            # Medians of the repeats, each quantity on its own (with 2 repeats: the mean of the two).
+            img_s = statistics.median(v["img_s"] for v in values)
+            cpu_ms = statistics.median(v["cpu_ms_per_img"] for v in values)
             result[key] = {"img_s": img_s, "cpu_ms_per_img": cpu_ms,
                            "cores_per_gpu_at_2000": target_rate * cpu_ms / 1000, "raw": values}
             log(f"{name}, {key}: {img_s:,.0f} img/s, {cpu_ms:.1f} CPU-ms/img -> "

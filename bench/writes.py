@@ -6,9 +6,9 @@ in one run on the embedded Postgres (same tables, same rows, variants alternated
 Variants, each one transaction per call:
 
 * ``write_done`` (imgq now): ``Store.write_done`` (``db/store.py``): the same three statements as
-  the next, with the items' state guard written so the planner cannot match it to the partial
-  index ``job_items_pending`` (``PENDING``), and its array parameters sent in binary
-  (``db/arrays.py``). One writer.
+  the next, with the items' state guard written so the planner cannot match it to a partial index
+  on state (``PENDING``; written against ``job_items_pending``, which migration 0009 dropped), and
+  its array parameters sent in binary (``db/arrays.py``). One writer.
 * ``write_done, 2 writers`` (the worker's default, ``IMGQ_RESULT_WRITERS=2``): the same write from
   two threads on their own connections, each taking the next batch from one queue as the
   engine's writers do.
@@ -31,11 +31,13 @@ Variants, each one transaction per call:
   finishing UPDATE then checks each link it sets.
 ``--variants`` picks some of them (default: all); ``--baseline`` the one the ratios divide by.
 ``--stale-stats N`` times each variant's first writes into a new job of N items when ``job_items``
-was analysed while the queue was drained, so the statistics say the partial index
-``job_items_pending`` is nearly empty (autovacuum is paused on ``job_items`` for that part, then
-reset). The job-kinds ``write_done``'s caption statement and its finishing UPDATE were then planned
-over that index, and read every pending item of the table on each call; today's guard is opaque
-to the planner, so it finds its items by primary key.
+was analysed while the queue was drained (autovacuum is paused on ``job_items`` for that part, then
+reset). Until migration 0009 the statistics then said the partial index ``job_items_pending`` was
+nearly empty, and the job-kinds ``write_done``'s caption statement and its finishing UPDATE (the
+``before`` variant's guard) were planned over that index, reading every pending item of the table
+on each call; the opaque guard found its items by primary key. Migration 0009 dropped that index
+and this option does not recreate it, so on today's schema it no longer sets up that state:
+docs/performance.md's stale-statistics tables (W2, W3) are historical.
 
 Every run starts with a new database cluster (``--reuse-db`` keeps the last one: a cluster that
 earlier runs filled made 32-row commits 4-7x slower here), and every variant's run starts from
