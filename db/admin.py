@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError
 
+from imgq.db import locks
 from imgq.db.cancelling import cancel_waiting
 from imgq.db.store import COUNT_CANCELLED, drop_acceptance
 from imgq.feeding import BACKFILL_LANE, TOP_LANE
@@ -179,6 +180,14 @@ RETURNING i.job_id, i.seq, i.ref, i.text
 """)
 
 _JOB_SHARE = text("SELECT 1 FROM jobs WHERE id = :job FOR SHARE")
+# A retry of every job's dead letters (of a code, ...): their jobs, held as _JOB_SHARE holds one.
+_JOBS_SHARE = text("""
+SELECT j.id FROM jobs j
+WHERE j.id IN (SELECT DISTINCT d.job_id FROM dead_letters d
+               WHERE (CAST(:code AS text) IS NULL OR d.code = :code)
+                 AND (CAST(:seq AS int) IS NULL OR d.seq = :seq))
+ORDER BY j.id FOR SHARE
+""")
 
 _DLQ_REFS = text("""
 SELECT seq, ref FROM dead_letters WHERE job_id = :job AND (CAST(:code AS text) IS NULL OR code = :code) ORDER BY seq
@@ -303,12 +312,12 @@ _JOBS = text("SELECT id, tasks, priority, queue FROM jobs WHERE id = ANY(CAST(:i
 # One feed cycle at a time per queue, across workers and producers: a transaction lock, so a
 # killed feeder's lock goes with its connection. The leader lock (session-level) only picks which
 # worker runs the feed loop, so the others do not contend every cycle.
-_FEED_LOCK = text("SELECT pg_try_advisory_xact_lock(74657303, hashtext(:queue))")
-_FEED_LOCK_WAIT = text("SELECT pg_advisory_xact_lock(74657303, hashtext(:queue))")
-LEADER_LOCK = text("SELECT pg_try_advisory_lock(74657304, hashtext(:queue))")
-LEADER_UNLOCK = text("SELECT pg_advisory_unlock(74657304, hashtext(:queue))")
-_REAPER_LOCK = text("SELECT pg_try_advisory_xact_lock(74657302)")
-_REAPER_LOCK_WAIT = text("SELECT pg_advisory_xact_lock(74657302)")
+_FEED_LOCK = text(f"SELECT pg_try_advisory_xact_lock({locks.FEED}, hashtext(:queue))")
+_FEED_LOCK_WAIT = text(f"SELECT pg_advisory_xact_lock({locks.FEED}, hashtext(:queue))")
+LEADER_LOCK = text(f"SELECT pg_try_advisory_lock({locks.LEADER}, hashtext(:queue))")
+LEADER_UNLOCK = text(f"SELECT pg_advisory_unlock({locks.LEADER}, hashtext(:queue))")
+_REAPER_LOCK = text(f"SELECT pg_try_advisory_xact_lock({locks.REAPER})")
+_REAPER_LOCK_WAIT = text(f"SELECT pg_advisory_xact_lock({locks.REAPER})")
 _LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of a lock_timeout
 # Recorded acceptances whose job is missing: going on now, or abandoned (Store.create_job).
 _ABANDONED = text("SELECT a.job_id FROM acceptances a "
@@ -549,10 +558,12 @@ class Admin:
         matches all) and put their items back in the backlog (queued, attempts 0, unpublished):
         the feeder publishes them in its order, within the window."""
         with self.engine.begin() as conn:
+            # Held until the commit: a cancel of these jobs waits, then cancels what this requeued
+            # (or, committed first, is seen by the take's cancelled check: its statement starts later).
             if job is not None:
-                # Held until the commit: a cancel of this job waits, then cancels what this requeued
-                # (or, committed first, is seen by the take's cancelled check).
                 conn.execute(_JOB_SHARE, {"job": job})
+            else:
+                conn.execute(_JOBS_SHARE, {"code": code, "seq": seq})
             rows = conn.execute(_DLQ_TAKE, {"code": code, "job": job, "seq": seq,
                                             "seqs": None if seqs is None else list(seqs)}).all()
             return self._with_jobs(conn, rows)

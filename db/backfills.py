@@ -36,12 +36,12 @@ from typing import Any
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError
 
+from imgq.db import locks
 from imgq.db.results import writer
 from imgq.errors import BackfillCancelled, BackfillLockLost, BackfillRunning
 from imgq.kinds import KINDS
 
-# Advisory lock class of backfills (the feeder and reaper use 74657302..74657304).
-LOCK_CLASS = 74657305
+LOCK_CLASS = locks.BACKFILL
 _LOCK = text(f"SELECT pg_try_advisory_lock({LOCK_CLASS}, hashtext(:name))")
 _UNLOCK = text(f"SELECT pg_advisory_unlock({LOCK_CLASS}, hashtext(:name))")
 # Whether this session (the run's lock connection) still holds the name's lock. A two-key advisory

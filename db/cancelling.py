@@ -1,16 +1,21 @@
 """Cancelling a job: its mark first, then its queued items in short transactions.
 
-One statement over a million queued items ran 13.6 s, and held every row it had cancelled until the
-end: a worker claiming one of them (a message already in the broker window) waited that long with
-its whole batch. Marked first (``jobs.cancelled_at``, committed), the job is closed at once: the
+One statement over a million queued items held every row it had cancelled until its end (4.6-5.7 s
+here): a worker claiming one of them (a message already in the broker window) waited that long
+with its whole batch. Marked first (``jobs.cancelled_at``, committed), the job is closed: the
 feeder publishes none of its items, a claim takes none of its queued items (``imgq.db.store``), a
-backfill page appends none (``imgq.db.backfills``), and a dead letter is not retried. Its queued
-items then turn ``cancelled`` by ranges of ``seq`` (``CHUNK`` each, committed one by one, so no
-lock outlives a chunk) and ``jobs.cancelled_items`` grows with each.
+backfill page appends none (``imgq.db.backfills``), and a dead letter is not retried; a statement
+already under way when the mark commits may still act on it (a claim then runs its item, as a
+running item; the rest are cancelled below). Its queued items then turn ``cancelled`` by ranges of
+``seq`` (``CHUNK`` each, committed one by one, so no lock outlives a range) and
+``jobs.cancelled_items`` grows with each.
 
-Whoever sweeps a job holds an advisory lock on it. A canceller that dies before the end (the API
-process killed mid-request) lets it go with its connection; the feeder then cancels what is left,
-a chunk per feed cycle (:func:`cancel_waiting`), and the lost sweep the items already published.
+A chunk holds a transaction-level advisory lock on the job (``locks.CANCEL``), so the feeder never
+sweeps beside it; a session lock would, behind a transaction-mode pooler (PgBouncer), stay on
+whichever server session took it. A canceller that dies midway (the API process killed) leaves the job closed; a
+minute after the mark (``CUT_SHORT_AFTER_S``, long enough for a sweep of ten million items to end
+first) the feeder cancels what is left waiting, a chunk per feed cycle (:func:`cancel_waiting`),
+and the lost sweep the items that were already published.
 """
 
 from __future__ import annotations
@@ -21,13 +26,13 @@ from typing import Any
 
 from sqlalchemy import Engine, text
 
+from imgq.db import locks
 from imgq.db.store import COUNT_CANCELLED
 
-# Items per transaction: about 0.15 s of row locks here (bench/cancel.py).
+# Items per transaction: about 50 ms of row locks here (bench/cancel.py: 4.8 s a million).
 CHUNK = 10_000
-
-# (classid, objid) of the per-job sweep lock; the other imgq advisory locks are 74657302-74657304.
-_SWEEP_LOCK_CLASS = 74657305
+# How long after the mark the feeder takes over a sweep (about 5 s a million items here).
+CUT_SHORT_AFTER_S = 60.0
 
 # The mark, and the job's size: no item is added after it (a backfill page checks the mark under
 # the job's row lock, so this waits for a page appending and then sees its items in ``total``).
@@ -36,9 +41,13 @@ UPDATE jobs SET cancelled_at = coalesce(cancelled_at, now())
 WHERE id = :job AND tenant = :tenant RETURNING total
 """)
 
-_LOCK = text(f"SELECT pg_advisory_lock({_SWEEP_LOCK_CLASS}, hashtext(CAST(:job AS text)))")
-_UNLOCK = text(f"SELECT pg_advisory_unlock({_SWEEP_LOCK_CLASS}, hashtext(CAST(:job AS text)))")
-_TRY_LOCK = text(f"SELECT pg_try_advisory_xact_lock({_SWEEP_LOCK_CLASS}, hashtext(CAST(:job AS text)))")
+_LOCK = text(f"SELECT pg_advisory_xact_lock({locks.CANCEL}, hashtext(CAST(:job AS text)))")
+# The feeder's: only for a sweep cut short (marked long enough ago), and never waiting.
+_TAKE_OVER = text(f"""
+SELECT coalesce((SELECT cancelled_at < statement_timestamp() - make_interval(secs => :after)
+                 FROM jobs WHERE id = :job), false)
+       AND pg_try_advisory_xact_lock({locks.CANCEL}, hashtext(CAST(:job AS text)))
+""")
 
 _RANGE = text(f"""
 WITH items AS (
@@ -76,30 +85,21 @@ def cancel_job(engine: Engine, tenant: str, job: uuid.UUID, *, chunk: int = CHUN
     if total is None:
         return None
     cancelled = 0
-    with engine.connect() as conn:
-        # A repeated cancel waits for the first to finish, then finds nothing left: 0.
-        conn.execute(_LOCK, {"job": job})
-        conn.commit()
-        try:
-            for lo in range(0, total, chunk):
-                hi = min(lo + chunk, total)
-                cancelled += conn.execute(_RANGE, {"job": job, "lo": lo, "hi": hi}).scalar_one()
-                conn.commit()
-                if progress is not None:
-                    progress(cancelled, hi, total)
-        finally:
-            try:
-                conn.rollback()
-                conn.execute(_UNLOCK, {"job": job})
-                conn.commit()
-            except Exception:
-                conn.invalidate()  # closed, its session's lock goes with it
+    for lo in range(0, total, chunk):
+        hi = min(lo + chunk, total)
+        with engine.begin() as conn:
+            conn.execute(_LOCK, {"job": job})
+            cancelled += conn.execute(_RANGE, {"job": job, "lo": lo, "hi": hi}).scalar_one()
+        if progress is not None:
+            progress(cancelled, hi, total)
     return cancelled
 
 
-def cancel_waiting(conn: Any, job: uuid.UUID, limit: int = CHUNK) -> int:
+def cancel_waiting(conn: Any, job: uuid.UUID, limit: int = CHUNK, *,
+                   after_s: float = CUT_SHORT_AFTER_S) -> int:
     """In the feeder's transaction: cancel up to ``limit`` of a cancelled job's items still waiting
-    to be published, unless someone is sweeping the job now. Returns how many."""
-    if not conn.execute(_TRY_LOCK, {"job": job}).scalar_one():
+    to be published, once ``after_s`` have passed since its mark and unless a chunk of its cancel
+    runs now. Returns how many."""
+    if not conn.execute(_TAKE_OVER, {"job": job, "after": after_s}).scalar_one():
         return 0
     return int(conn.execute(_WAITING, {"job": job, "n": limit}).scalar_one())

@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, text
 
+from imgq.db import locks
 from imgq.db.arrays import Binary, register
 from imgq.db.copy_stream import CopyStreams
 from imgq.ports import Claim, DeadRow, DoneItem, ObjectInfo, ResultRow
@@ -146,6 +147,18 @@ WITH released AS (
 ){COUNT_CANCELLED.format(items="released")}
 """)
 
+# Released items of a job whose mark committed while the release waited (its statement read the
+# job before): cancelled now, in the release's transaction, so a cancel's sweep that passed them
+# while they ran does not leave them queued (imgq.db.cancelling).
+_CANCEL_IF_MARKED = text(f"""
+WITH items AS (
+  UPDATE job_items i SET state = 'cancelled', updated_at = now()
+  WHERE i.job_id = :job AND i.seq = ANY(CAST(:seqs AS int[])) AND i.state = 'queued'
+    AND EXISTS (SELECT 1 FROM jobs j WHERE j.id = :job AND j.cancelled_at IS NOT NULL)
+  RETURNING i.job_id, i.state
+){COUNT_CANCELLED.format(items="items")}
+""")
+
 # Undo a claim that did no work (a message split up for isolation): the delivery does not count,
 # and the items stay 'running' so their next claim still sees them as unsettled.
 _UNCLAIM = text("""
@@ -213,7 +226,7 @@ _COPY_ITEMS = "COPY job_items (job_id, seq, ref, text) FROM STDIN"  # pragma: no
 # A job loaded by side streams holds this lock (class, hashtext of its id) from its transaction's
 # first statement to its end, and is recorded in ``acceptances`` until it commits: a record whose
 # job is missing and whose lock is free was left by a producer that died (Admin.drop_abandoned).
-ACCEPTANCE_LOCK_CLASS = 74657306
+ACCEPTANCE_LOCK_CLASS = locks.ACCEPTANCE
 _ACCEPTANCE_LOCK = f"SELECT pg_advisory_xact_lock({ACCEPTANCE_LOCK_CLASS}, hashtext(%s))"
 _ACCEPTANCE_BEGUN = text("INSERT INTO acceptances (job_id) VALUES (:job)")
 _ACCEPTANCE_DONE = "DELETE FROM acceptances WHERE job_id = %s"  # pragma: no mutate (SQL case)
@@ -413,6 +426,7 @@ class Store:
         if seqs:
             with self.engine.begin() as conn:
                 conn.execute(_RELEASE, {"job": job, "seqs": list(seqs)})
+                conn.execute(_CANCEL_IF_MARKED, {"job": job, "seqs": list(seqs)})
 
     def unclaim(self, job: uuid.UUID, seqs: Sequence[int]) -> None:
         if seqs:

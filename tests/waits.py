@@ -15,10 +15,10 @@ from typing import Any
 SETTLE_S = float(os.environ.get("IMGQ_TEST_WAIT_S", "10"))
 
 
-def lock_waited(engine: Any, *, event_type: str = "Lock", event: str | None = None,
+def lock_waited(engine: Any, *, event_type: str = "Lock", event: str | None = None, sessions: int = 1,
                 running: Callable[[], bool] = lambda: True) -> bool:
-    """Whether a session of ``engine``'s database comes to wait on a lock (``event``: that
-    wait_event only, e.g. ``advisory``), polled for up to SETTLE_S while ``running()``."""
+    """Whether ``sessions`` sessions of ``engine``'s database come to wait on a lock (``event``:
+    that wait_event only, e.g. ``advisory``), polled for up to SETTLE_S while ``running()``."""
     from sqlalchemy import text
 
     waiting = text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
@@ -26,7 +26,7 @@ def lock_waited(engine: Any, *, event_type: str = "Lock", event: str | None = No
     deadline = time.monotonic() + SETTLE_S
     while running() and time.monotonic() < deadline:
         with engine.connect() as conn:
-            if conn.execute(waiting, {"type": event_type, "event": event}).scalar_one():
+            if conn.execute(waiting, {"type": event_type, "event": event}).scalar_one() >= sessions:
                 return True
         time.sleep(0.02)
     return False

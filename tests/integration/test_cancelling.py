@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from typing import Any
 
 import pytest
 import redis
@@ -12,9 +13,10 @@ from sqlalchemy import text
 
 from imgq.celeryconf import make_celery
 from imgq.config import Settings
+from imgq.db import locks
 from imgq.db.admin import Admin
-from imgq.db.cancelling import cancel_job
-from imgq.db.store import Store
+from imgq.db.cancelling import CUT_SHORT_AFTER_S, cancel_job
+from imgq.db.store import DeadRow, Store
 from imgq.worker.feeder import Feeder
 from tests.jobs import caption_task, record
 from tests.waits import SETTLE_S, lock_waited
@@ -52,6 +54,13 @@ def _states(store: Store, job: uuid.UUID) -> dict[str, list[int]]:
     for state, seq in rows:
         found.setdefault(state, []).append(seq)
     return found
+
+
+def _mark_older(store: Store, job: uuid.UUID, seconds: float) -> None:
+    """As if the job had been marked ``seconds`` ago."""
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE jobs SET cancelled_at = cancelled_at - make_interval(secs => :s) WHERE id = :j"),
+                     {"s": seconds, "j": job})
 
 
 def _cancelled_items(store: Store, job: uuid.UUID) -> int:
@@ -93,8 +102,12 @@ def test_a_cancel_cut_short_is_closed_at_once_and_finished_by_the_feeder_and_the
     assert store.claim(job, [4, 5], "w2") == {}
     assert set(store.claim(job, [0], "w1")) == {0}
     # Workers took its two messages (and claimed nothing of them). The feeder publishes none of
-    # it and cancels what waits in Postgres: the dead canceller's lock went with its connection.
+    # it, and leaves the rest to the canceller for a minute after the mark...
     client.delete(QUEUE)
+    report = feeder.feed()
+    assert (report.cancelled, report.items, client.llen(QUEUE)) == (0, 0, 0)
+    # ... then cancels what waits in Postgres: a chunk's lock lasts its transaction.
+    _mark_older(store, job, CUT_SHORT_AFTER_S + 1)
     report = feeder.feed()
     assert (report.cancelled, report.items, client.llen(QUEUE)) == (24, 0, 0)
     # Its last queued items were in the broker: the lost sweep ends them cancelled.
@@ -106,21 +119,32 @@ def test_a_cancel_cut_short_is_closed_at_once_and_finished_by_the_feeder_and_the
     feeder.stop()
 
 
-def test_a_repeated_cancel_waits_for_the_first_sweep_and_finds_nothing_left(store, database_url) -> None:
+def test_two_cancels_at_once_cancel_each_item_once(store) -> None:
     job = _job(store, 30)
     second: list[int | None] = []
-    waiter = threading.Thread(target=lambda: second.append(cancel_job(store.engine, "t", job, chunk=10)))
+    other = threading.Thread(target=lambda: second.append(cancel_job(store.engine, "t", job, chunk=5)))
 
     def start_the_second(cancelled: int, swept: int, total: int) -> None:
         if swept == 10:
-            waiter.start()
-            # It waits on the sweep lock, not on rows.
-            assert lock_waited(store.engine, event="advisory"), "the second cancel never waited for the first"
+            other.start()
 
-    assert cancel_job(store.engine, "t", job, chunk=10, progress=start_the_second) == 30
-    waiter.join(SETTLE_S)
-    assert second == [0]
-    assert _cancelled_items(store, job) == 30
+    first = cancel_job(store.engine, "t", job, chunk=5, progress=start_the_second)
+    other.join(SETTLE_S)
+    assert first is not None and second[0] is not None and first + second[0] == 30
+    assert _cancelled_items(store, job) == 30 and _states(store, job) == {"cancelled": list(range(30))}
+
+
+def test_a_chunk_holds_the_jobs_cancel_lock_for_its_transaction_only(store) -> None:
+    job = _job(store, 30)
+    held: list[int] = []
+
+    def locks_held(cancelled: int, swept: int, total: int) -> None:
+        with store.engine.connect() as conn:
+            held.append(conn.execute(text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                                          "AND classid = CAST(:c AS oid)"), {"c": locks.CANCEL}).scalar_one())
+
+    cancel_job(store.engine, "t", job, chunk=10, progress=locks_held)
+    assert held == [0, 0, 0], "no lock outlives its chunk (a pooler in transaction mode would keep it)"
 
 
 def test_the_feeder_leaves_a_job_that_is_being_swept_and_publishes_none_of_it(store, client, broker_url) -> None:
@@ -129,7 +153,56 @@ def test_the_feeder_leaves_a_job_that_is_being_swept_and_publishes_none_of_it(st
     reports = []
     cancel_job(store.engine, "t", job, chunk=10,
                progress=lambda n, swept, total: reports.append(feeder.feed()) if swept == 10 else None)
-    assert [(r.cancelled, r.items) for r in reports] == [(0, 0)]
+    assert [(r.cancelled, r.items) for r in reports] == [(0, 0)], "a sweep under way is the canceller's"
     assert client.llen(QUEUE) == 0
     assert _states(store, job) == {"cancelled": list(range(30))}
     feeder.stop()
+
+
+def _holding(store: Store, statement: str, **params: Any) -> tuple[Any, Any]:
+    """A connection holding the row lock ``statement`` takes, and its transaction."""
+    conn = store.engine.connect()
+    tx = conn.begin()
+    conn.execute(text(statement), params)
+    return conn, tx
+
+
+def test_a_release_that_read_the_job_before_its_mark_still_ends_its_item_cancelled(store) -> None:
+    job = _job(store, 5)
+    assert set(store.claim(job, [0], "w1")) == {0}
+    # The release's statement starts, reads the job unmarked, and waits for the item's row.
+    conn, tx = _holding(store, "SELECT 1 FROM job_items WHERE job_id = :j AND seq = 0 FOR UPDATE", j=job)
+    releasing = threading.Thread(target=store.release, args=(job, [0]))
+    releasing.start()
+    assert lock_waited(store.engine), "the release never waited for the item"
+    assert cancel_job(store.engine, "t", job) == 4  # its sweep passes the running item
+    tx.commit()
+    conn.close()
+    releasing.join(SETTLE_S)
+    assert _states(store, job) == {"cancelled": [0, 1, 2, 3, 4]}, "a released item of a cancelled job never waits"
+    assert _cancelled_items(store, job) == 5
+
+
+def test_a_global_dead_letter_retry_and_a_cancel_happen_one_after_the_other(store) -> None:
+    job = _job(store, 3)
+    store.claim(job, [0], "w1")
+    store.write_dead([DeadRow(job, 0, "transient_exhausted", "gave up", "w1")])
+    # The retry of every job's dead letters holds its jobs, then waits for the dead letter's row.
+    conn, tx = _holding(store, "SELECT 1 FROM dead_letters WHERE job_id = :j FOR UPDATE", j=job)
+    taken: list[Any] = []
+    retrying = threading.Thread(target=lambda: taken.append(
+        Admin(store.engine).take_dead_letters(code=None, job=None, seq=None)))
+    retrying.start()
+    assert lock_waited(store.engine), "the retry never waited for the dead letter"
+    cancelled: list[int | None] = []
+    cancelling = threading.Thread(target=lambda: cancelled.append(cancel_job(store.engine, "t", job)))
+    cancelling.start()
+    assert lock_waited(store.engine, sessions=2), "the cancel must wait for the retry that holds the job"
+    assert not cancelled
+    tx.commit()
+    conn.close()
+    retrying.join(SETTLE_S)
+    cancelling.join(SETTLE_S)
+    # The retry came first: its item went back to the queue, and the cancel then cancelled it.
+    assert [len(r.items) for r in taken[0]] == [1] and cancelled == [3]
+    assert _states(store, job) == {"cancelled": [0, 1, 2]} and _cancelled_items(store, job) == 3
