@@ -333,7 +333,8 @@ _RETIRE = text("DELETE FROM workers WHERE name = :name")
 # Workers whose heartbeat stopped, plus those named as dead (same host, process gone). Their
 # running items stay 'running' (so the next claim sees them as unsettled crash suspects and
 # isolates them) but lose their worker, so they are re-published once.
-_ORPHANS = text("""
+# A cancelled job's orphans end cancelled instead: nothing of it starts again (imgq.db.cancelling).
+_ORPHANS = text(f"""
 WITH dead AS (
   SELECT name FROM workers
   WHERE heartbeat_at < now() - make_interval(secs => :age) OR name = ANY(CAST(:gone AS text[]))
@@ -341,10 +342,15 @@ WITH dead AS (
   SELECT job_id, seq FROM job_items
   WHERE state = 'running' AND worker IN (SELECT name FROM dead)
   ORDER BY job_id, seq LIMIT :limit FOR UPDATE SKIP LOCKED
+), taken AS (
+  UPDATE job_items j SET worker = NULL, updated_at = now(),
+         state = CASE WHEN c.cancelled_at IS NULL THEN j.state ELSE 'cancelled' END
+  FROM orphans JOIN jobs c ON c.id = orphans.job_id
+  WHERE j.job_id = orphans.job_id AND j.seq = orphans.seq
+  RETURNING j.job_id, j.seq, j.ref, j.text, j.state
+), counted AS ({COUNT_CANCELLED.format(items="taken")}
 )
-UPDATE job_items j SET worker = NULL, updated_at = now()
-FROM orphans WHERE j.job_id = orphans.job_id AND j.seq = orphans.seq
-RETURNING j.job_id, j.seq, j.ref, j.text
+SELECT job_id, seq, ref, text FROM taken WHERE state = 'running'
 """)
 
 _FORGET_DEAD = text("""

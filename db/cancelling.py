@@ -3,12 +3,13 @@
 One statement over a million queued items held every row it had cancelled until its end (4.6-5.7 s
 here): a worker claiming one of them (a message already in the broker window) waited that long
 with its whole batch. Marked first (``jobs.cancelled_at``, committed), the job is closed: the
-feeder publishes none of its items, a claim takes none of its queued items (``imgq.db.store``), a
-backfill page appends none (``imgq.db.backfills``), and a dead letter is not retried; a statement
-already under way when the mark commits may still act on it (a claim then runs its item, as a
-running item; the rest are cancelled below). Its queued items then turn ``cancelled`` by ranges of
-``seq`` (``CHUNK`` each, committed one by one, so no lock outlives a range) and
-``jobs.cancelled_items`` grows with each.
+feeder publishes none of its items, a claim takes none of its items (``imgq.db.store``: neither a
+queued one nor a running one delivered again), the reaper ends a dead worker's items of it
+cancelled (``imgq.db.admin``), a backfill page appends none (``imgq.db.backfills``), and a dead
+letter is not retried. A statement already under way when the mark commits may still act on it (a
+claim then runs its item, as a running item; the rest are cancelled below). Its queued items then
+turn ``cancelled`` by ranges of ``seq`` (``CHUNK`` each, committed one by one, so no lock outlives
+a range) and ``jobs.cancelled_items`` grows with each.
 
 A chunk holds a transaction-level advisory lock on the job (``locks.CANCEL``), so the feeder never
 sweeps beside it; a session lock would, behind a transaction-mode pooler (PgBouncer), stay on

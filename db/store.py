@@ -99,9 +99,10 @@ WITH prev AS (
   WHERE job_id = :job AND seq = ANY(CAST(:seqs AS int[])) AND state IN ('queued', 'running')
     AND NOT (CAST(:leave_peers AS boolean) AND state = 'running' AND worker <> :worker
              AND EXISTS (SELECT 1 FROM workers w WHERE w.name = i.worker))
-    -- A cancelled job's queued items are never run, even before its sweep reaches them
-    -- (imgq.db.cancelling); its running ones finish.
-    AND NOT (state = 'queued' AND EXISTS (SELECT 1 FROM jobs c WHERE c.id = :job AND c.cancelled_at IS NOT NULL))
+    -- Nothing of a cancelled job starts again (imgq.db.cancelling): not its queued items, before
+    -- its sweep reaches them, nor a running one delivered again (its worker died, or gave up at
+    -- the time limit and still finishes it); the reaper and the lost sweep end a dead worker's.
+    AND NOT EXISTS (SELECT 1 FROM jobs c WHERE c.id = :job AND c.cancelled_at IS NOT NULL)
   FOR UPDATE OF i
 )
 UPDATE job_items AS j SET attempts = attempts + 1, state = 'running', worker = :worker, updated_at = now(),

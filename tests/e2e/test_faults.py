@@ -103,6 +103,51 @@ def test_sigkill_mid_batch_recovers_within_seconds_at_default_settings(
     check_job(settings, job)
 
 
+def test_a_cancel_as_a_worker_is_killed_runs_nothing_queued_and_loses_nothing(
+    make_settings, image_root, slow_tiny_model_dir, tmp_path
+):
+    settings = make_settings(caption_model=str(slow_tiny_model_dir), **FAST)
+    refs = local_images(image_root, 400)
+    store = Store.from_url(settings.database_url)
+    victim = start_worker(settings, slow_tiny_model_dir, tmp_path, "victim")
+    survivor = start_worker(settings, slow_tiny_model_dir, tmp_path, "survivor")
+    try:
+        job = enqueue(settings, tmp_path, refs, per_message=4)
+        wait_done_at_least(store, job, 8)
+        victim.send_signal(signal.SIGKILL)  # its running items are the reaper's now
+        victim.wait()
+        out = run_cli(settings, "cancel", job)
+        assert out.returncode == 0, out.stderr
+        then = store.counts(job)
+        held = _states(store, job, worker=f"%:{victim.pid}")
+        totals = wait_finished(store, [job], timeout=120, procs=[survivor], log_dir=tmp_path)
+    finally:
+        stop(survivor)
+    assert (totals["queued"], totals["running"], totals["dead"]) == (0, 0, 0)
+    assert totals["done"] + totals.get("cancelled", 0) == 400 and totals.get("cancelled", 0) > 0, totals
+    # Only what was running when the cancel returned could still finish: no item queued at the
+    # cancel ran after it, and the killed worker's items, reaped after it, were not run again.
+    assert totals["done"] <= then["done"] + then["running"], (then, totals)
+    assert held.get("running"), "the kill must leave items running, or this test proves less"
+    after = _states(store, job)
+    assert {after[seq] for seq in held["running"]} == {"cancelled"}
+    check_job(settings, job)
+
+
+def _states(store: Store, job: str, worker: str = "%") -> dict[Any, Any]:
+    """``{state: [seq, ...]}`` of the items a worker (LIKE pattern) holds; with the default, every
+    item's state by seq."""
+    with store.engine.connect() as conn:
+        rows = conn.execute(text("SELECT seq, state FROM job_items WHERE job_id = :j AND coalesce(worker, '') LIKE :w"),
+                            {"j": job, "w": worker}).all()
+    if worker == "%":
+        return dict(rows)
+    found: dict[str, list[int]] = {}
+    for seq, state in rows:
+        found.setdefault(state, []).append(seq)
+    return found
+
+
 def test_sigkill_after_inference_before_commit(make_settings, image_root, slow_tiny_model_dir, tmp_path):
     settings = make_settings(caption_model=str(slow_tiny_model_dir), **FAST)
     marker = tmp_path / "kill-next-commit"

@@ -98,9 +98,9 @@ def test_a_cancel_cut_short_is_closed_at_once_and_finished_by_the_feeder_and_the
         cancel_job(store.engine, "t", job, chunk=4, progress=die)
     assert _states(store, job) == {"running": [0, 1], "cancelled": [2, 3], "queued": list(range(4, 30))}
 
-    # Closed: a delivery of its queued items claims none; a redelivery of its running ones does.
+    # Closed: a delivery of its queued items claims none, nor a redelivery of its running ones.
     assert store.claim(job, [4, 5], "w2") == {}
-    assert set(store.claim(job, [0], "w1")) == {0}
+    assert store.claim(job, [0], "w2") == {}
     # Workers took its two messages (and claimed nothing of them). The feeder publishes none of
     # it, and leaves the rest to the canceller for a minute after the mark...
     client.delete(QUEUE)
@@ -206,3 +206,16 @@ def test_a_global_dead_letter_retry_and_a_cancel_happen_one_after_the_other(stor
     # The retry came first: its item went back to the queue, and the cancel then cancelled it.
     assert [len(r.items) for r in taken[0]] == [1] and cancelled == [3]
     assert _states(store, job) == {"cancelled": [0, 1, 2]} and _cancelled_items(store, job) == 3
+
+
+def test_a_dead_workers_items_of_a_cancelled_job_end_cancelled_not_sent_again(store) -> None:
+    admin = Admin(store.engine)
+    admin.heartbeat("w1", "host", 1)
+    job, other = _job(store, 4), _job(store, 2)
+    store.claim(job, [0, 1], "w1")
+    store.claim(other, [0], "w1")
+    cancel_job(store.engine, "t", job)
+    taken = admin.take_orphans(dead_after_s=None, gone=["w1"])
+    assert taken is not None and [(r.job, [i[0] for i in r.items]) for r in taken] == [(other, [0])]
+    assert _states(store, job) == {"cancelled": [0, 1, 2, 3]} and _cancelled_items(store, job) == 4
+    assert Admin(store.engine).check(job).ok
