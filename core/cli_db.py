@@ -2,23 +2,84 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from imgq.cli_common import _fail, _settings
+from imgq.cli_errors import first_line
 
 db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
 
 
 @db_app.command("upgrade")
-def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
-    """Create or migrate the schema to the latest revision."""
-    from imgq.db.migrate import upgrade
+def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision: head (the latest), a revision id "
+                                                       "such as 0017, or +N steps. A revision the database is "
+                                                       "already past leaves it as it is.")] = "head") -> None:
+    """Create or migrate the schema, to the latest revision unless another is given; never downgrades.
+
+    Prints the revision the database is at afterwards, read back from it."""
+    from alembic import command
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
+    from imgq.db.migrate import alembic_config
 
     settings = _settings()
-    upgrade(settings.sync_database_url, revision)
-    typer.echo(f"database at {revision}", err=True)
+    config = alembic_config(settings.sync_database_url)
+    script = ScriptDirectory.from_config(config)
+    relative = any(sign in revision for sign in "+-")  # resolved by alembic against the database
+    if not relative and _resolve(script, revision) is None:
+        _fail("bad_revision", _unknown(script, revision))
+    before = _current(settings.sync_database_url)
+    try:
+        command.upgrade(config, revision)
+    except CommandError as exc:
+        if relative and _resolve(script, revision) is None:
+            _fail("bad_revision", _unknown(script, revision, first_line(exc)))
+        raise
+    after = _current(settings.sync_database_url)
+    at = ", ".join(after) or "base"
+    if after == before:
+        target = _resolve(script, revision)
+        if target is not None and set(target) == set(after):
+            typer.echo(f"database at {at} (already there: nothing to do)", err=True)
+        else:
+            typer.echo(f"database at {at} (already past {revision}: `upgrade` never downgrades)", err=True)
+    else:
+        was = ", ".join(before) if before else "an empty database"
+        typer.echo(f"database at {at} (upgraded from {was})", err=True)
+
+
+def _resolve(script: Any, revision: str) -> tuple[str, ...] | None:
+    """The revision ids ``revision`` names (() for base), or None if the migrations have no such revision."""
+    from alembic.util import CommandError
+
+    try:
+        return tuple(r.revision for r in script.get_revisions(revision) if r is not None)
+    except (CommandError, ValueError, KeyError):
+        return None
+
+
+def _unknown(script: Any, revision: str, why: str | None = None) -> str:
+    ids = [r.revision for r in script.walk_revisions()][::-1]
+    known = f"{ids[0]} to {ids[-1]}" if ids else "none"
+    return (f"unknown revision {revision!r}{f' ({why})' if why else ''}: give head, or a revision of this imgq's "
+            f"migrations ({known})")
+
+
+def _current(database_url: str) -> tuple[str, ...]:
+    """The revisions the database is at, read from it (() before the first migration)."""
+    from alembic.runtime.migration import MigrationContext
+
+    from imgq.db.store import make_engine
+
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            return tuple(sorted(MigrationContext.configure(conn).get_current_heads()))
+    finally:
+        engine.dispose()
 
 
 @db_app.command("vector-index")

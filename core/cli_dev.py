@@ -16,22 +16,34 @@ dev_app = typer.Typer(help="Developer tools: embedded services for your own sess
 
 @dev_app.command("tiny-model")
 def dev_tiny_model(
-    directory: Path,
+    directory: Annotated[Path, typer.Argument(help="Folder for the checkpoint: a new path, an empty folder, or "
+                                              "one holding an earlier tiny checkpoint (imgq-tiny.json), which is "
+                                              "replaced unless it has the same kind and seed. Any other folder "
+                                              "or a file is refused.", show_default=False)],
     seed: Annotated[int, typer.Option(help="Random seed for the weights.")] = 0,
     kind: Annotated[str, typer.Option(help="caption (BlipForConditionalGeneration), retrieval "
                                       "(BlipForImageTextRetrieval: embed, validate, search) or translate (an "
                                       "NLLB-architecture seq2seq model with a locally trained sentencepiece "
                                       "tokenizer).")] = "caption",
 ) -> None:
-    """Write a tiny random checkpoint (offline tests and demos; its outputs are noise)."""
-    from imgq.worker.tiny import write_tiny_checkpoint, write_tiny_retrieval_checkpoint
+    """Write a tiny random checkpoint (offline tests and demos; its outputs are noise) and print its folder.
+
+    A complete checkpoint of the same kind and seed already there is reused as it is."""
+    from imgq.worker.tiny import CheckpointFolderError, write_tiny_checkpoint, write_tiny_retrieval_checkpoint
     from imgq.worker.tiny_translate import write_tiny_translation_checkpoint
 
     writers = {"caption": write_tiny_checkpoint, "retrieval": write_tiny_retrieval_checkpoint,
                "translate": write_tiny_translation_checkpoint}
     if kind not in writers:
         _fail("bad_kind", f"--kind must be caption, retrieval or translate, not {kind!r}")
-    typer.echo(str(writers[kind](directory, seed=seed)))
+    try:
+        written = writers[kind](directory, seed=seed)
+    except CheckpointFolderError as exc:
+        _fail("bad_file", str(exc))
+    except OSError as exc:  # a parent that cannot be created or written
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(directory) else ""
+        _fail("bad_file", f"cannot write {directory}: {exc.strerror or exc}{where}")
+    typer.echo(str(written))
 
 
 def _devservices():  # type: ignore[no-untyped-def]

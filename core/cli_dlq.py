@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from imgq.cli_common import _admin, _fail, _feeder, _job_id, _n, _settings, _warn_publish_failed
+from imgq.cli_common import _admin, _fail, _feeder, _job_id, _json_default, _n, _settings, _warn_publish_failed
 from imgq.cli_errors import first_line
 
 dlq_app = typer.Typer(help="The dead-letter store: list, retry, purge.", no_args_is_help=True)
@@ -43,7 +43,7 @@ def dlq_list(
         typer.echo("no dead letters", err=True)
     elif as_json:
         for row in rows:
-            typer.echo(json.dumps(row, default=str))
+            typer.echo(json.dumps(row, default=_json_default))
     else:
         _dead_letter_table(rows)
     if more:
@@ -66,10 +66,17 @@ def _dead_letter_table(rows: list[dict[str, Any]]) -> None:
 def dlq_retry(
     code: Annotated[str | None, typer.Option(help="Retry every dead letter with this code.")] = None,
     job: Annotated[str | None, typer.Option(help="Retry every dead letter of this job.")] = None,
-    item: Annotated[str | None, typer.Option("--id", help="One item, as JOB:SEQ (from `dlq list`).")] = None,
+    item: Annotated[str | None, typer.Option("--id", help="One item, as JOB:SEQ (from `dlq list`); its JOB "
+                                             "takes the place of --job.")] = None,
 ) -> None:
     """Put dead-lettered items back in the queue (attempts reset to 0). They wait in Postgres like
-    any backlog: this publishes what the broker window has room for, the workers' feeder the rest."""
+    any backlog: this publishes what the broker window has room for, the workers' feeder the rest.
+
+    A filter is required (error[bad_filter] without one): --code, --job or --id. Filters given
+    together combine: only the dead letters that match every one are retried (--code with --job:
+    that job's dead letters of that code; --code with --id: that item, if its code is that one).
+    Dead letters of a cancelled job stay. With --id, a SEQ the job has no item for is
+    error[bad_filter]; an item that is not a dead letter re-queues nothing and says why."""
 
     if not (code or job or item):
         _fail("bad_filter", "name --code, --job or --id; retrying everything needs an explicit filter")
@@ -78,10 +85,15 @@ def dlq_retry(
         job, seq = _item_id(item)
     settings = _settings()
     admin = _admin(settings)
-    batches = admin.take_dead_letters(code=_code_filter(code), job=_job_id(job, settings) if job else None, seq=seq)
+    code = _code_filter(code)
+    job_id = _job_id(job, settings) if job else None
+    batches = admin.take_dead_letters(code=code, job=job_id, seq=seq)
     requeued = sum(len(b.items) for b in batches)
     if not requeued:  # nothing of this retry's to publish; the feeders publish any other backlog
+        why = _why_not_retried(admin, item, job_id, seq, code) if item and job_id and seq is not None else None
         typer.echo("re-queued 0 items")
+        if why:
+            typer.echo(why, err=True)
         return
     try:
         report = _feeder(settings, admin).feed(wait_s=10)
@@ -94,6 +106,28 @@ def dlq_retry(
         return
     published = f"; {report.items} published now" if report is not None and report.items else ""
     typer.echo(f"re-queued {requeued} items{published}")
+
+
+def _why_not_retried(admin: Any, item: str, job: Any, seq: int, code: str | None) -> str | None:
+    """Why ``--id`` re-queued nothing: an item the job does not have is error[bad_filter]; else the
+    line to print (None if it has just been retried by someone else)."""
+    found = admin.item_state(job, seq)
+    if found is None:  # the job was deleted since it was found
+        _fail("not_found", f"no job {job}", 1)
+    if found.state is None:
+        if seq < found.total:
+            _fail("bad_filter", f"--id {item}: item {seq} of job {job} was a dead letter, purged since "
+                  "(`imgq dlq purge`)")
+        items = f"its items are 0 to {found.total - 1}" if found.total > 1 else "its only item is 0"
+        _fail("bad_filter", f"--id {item}: job {job} has no item {seq} ({items})")
+    where = f"item {job}:{seq}"
+    if found.state != "dead":
+        return f"{where} is {found.state}, not a dead letter: nothing to retry"
+    if found.cancelled:
+        return f"{where} is a dead letter of a cancelled job: nothing to retry"
+    if code is not None and found.code != code:
+        return f"{where} is a dead letter of code {found.code}, not {code}: nothing to retry"
+    return None
 
 
 # Item numbers are Postgres integers: a larger one names no item, and would fail the query.

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -14,16 +15,21 @@ from imgq.cli_common import _fail, _flag, _params_json, _settings
 
 def explain(
     ref: Annotated[str, typer.Argument(help="One image: s3://bucket/key or a local file under IMGQ_LOCAL_ROOTS.")],
-    out: Annotated[Path, typer.Option("--out", help="Folder for the overlays, contact sheet and explain.json.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the overlays (word-NN-*.png), contact_sheet.png "
+                                      "and explain.json, created once the caption is made; an earlier run's "
+                                      "files there are replaced, other files are left alone.")],
     layer: Annotated[int | None, typer.Option(help="Only this cross-attention layer (0-based; default: the mean "
                                               "of every layer).")] = None,
     all_layers: Annotated[bool, typer.Option("--all-layers", help="Also one map and overlay per layer.")] = False,
     heads: Annotated[str, typer.Option(help="How a layer's heads are reduced: mean or max.")] = "mean",
-    max_new_tokens: Annotated[int | None, typer.Option(help="Longest caption in tokens (default 30).")] = None,
-    num_beams: Annotated[int | None, typer.Option(help="Beam search width (1 = greedy).")] = None,
-    prompt: Annotated[str | None, typer.Option(help="Text the caption continues, e.g. 'a photo of'.")] = None,
-    resize: Annotated[str | None, typer.Option(help="stretch (model default) | center_crop | letterbox.")] = None,
-    params_json: Annotated[str | None, typer.Option("--params", help="Caption parameters as one JSON object.")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Longest caption in tokens (default: 30).")] = None,
+    num_beams: Annotated[int | None, typer.Option(help="Beam search width (default: 1, greedy).")] = None,
+    prompt: Annotated[str | None, typer.Option(help="Text the caption continues, e.g. 'a photo of' "
+                                               "(default: none).")] = None,
+    resize: Annotated[str | None, typer.Option(help="stretch | center_crop | letterbox (default: stretch, as "
+                                               "the model was trained).")] = None,
+    params_json: Annotated[str | None, typer.Option("--params", help="Caption parameters as one JSON object "
+                                                    "(the flags above win over it).")] = None,
 ) -> None:
     """Caption one image and show where the decoder looked for each word: a PNG overlay per word on
     the original image, a contact sheet, and explain.json (tokens, words, one grid per token).
@@ -39,6 +45,7 @@ def explain(
         _fail("bad_request", "--layer picks one layer and --all-layers keeps every one: give one of them")
     if heads not in ("mean", "max"):
         _fail("bad_params", f"--heads must be mean or max, not {heads!r}")
+    _check_out(out)
     settings = _settings()
     raw = _params_json(params_json)
     given = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "prompt": prompt, "resize": resize}
@@ -56,10 +63,6 @@ def explain(
         params = spec("caption").parse(raw, name=_flag)
         # Refused here first, like enqueue's refs (exit 2); the fetcher checks again.
         parse_ref(ref.strip(), allowed_buckets=settings.allowed_buckets, local_roots=settings.local_roots)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            _fail("bad_file", f"cannot write {exc.filename or out}: {exc.strerror or exc}")
         blob = Fetcher(settings).fetch(ref.strip())
         image = decode(blob.data, max_pixels=settings.max_pixels).image  # full size: overlays are drawn on it
         runner = CaptionRunner(CaptionRunner.make_model(settings))
@@ -69,12 +72,40 @@ def explain(
                                    heads="max" if heads == "max" else "mean", layer=layer, keep_layers=all_layers)
     except errors.ImgqError as exc:  # as every command: refused requests exit 2, everything else 1
         _fail(exc.code, exc.message, 2 if isinstance(exc, errors.InvalidRequest) else 1)
-    try:
+    try:  # only now that the request is valid and explained: a refused one leaves no folder behind
+        out.mkdir(parents=True, exist_ok=True)
+        _clear_earlier_run(out)
         write_files(out, files)
     except OSError as exc:
         _fail("bad_file", f"cannot write {exc.filename or out}: {exc.strerror or exc}")
     typer.echo(f"wrote {len(files)} files to {out} ({len(doc['words'])} words)", err=True)
     typer.echo(doc["caption"])
+
+
+# What `imgq explain` writes into --out (imgq.worker.overlay's names): a word's overlay, word-NN-SLUG.png or
+# word-NN-SLUG-layerNN.png, the contact sheet and explain.json. Only these are cleared before a rerun.
+_OWN_FILE = re.compile(r"word-\d+-[a-z0-9-]+\.png|contact_sheet\.png|explain\.json")
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an --out that is a file, or lies under one, before anything is done (bad_file)."""
+    if out.exists():
+        if not out.is_dir():
+            _fail("bad_file", f"--out {out} is not a folder")
+        return
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                _fail("bad_file", f"--out {out}: {parent} is not a folder")
+            return
+
+
+def _clear_earlier_run(out: Path) -> None:
+    """Delete an earlier run's own files from ``out`` (a rerun with fewer words would leave its extra
+    overlays beside the new ones); any other file or folder there is left as it is."""
+    for entry in out.iterdir():
+        if _OWN_FILE.fullmatch(entry.name) and (entry.is_symlink() or entry.is_file()):
+            entry.unlink()
 
 
 def register(app: typer.Typer) -> None:

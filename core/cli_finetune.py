@@ -81,14 +81,14 @@ def finetune(
     adapter_name = name or out.name
     if not NAME.match(adapter_name):
         _fail("bad_params", f"adapter name {adapter_name!r} must be letters, digits, '.', '_' or '-' (pass --name)")
+    try:  # bad_file (unreadable) or bad_pairs (a malformed row, by file:line), as `imgq enqueue` names them
+        rows = read_pairs(pairs)
+    except errors.ImgqError as exc:
+        _fail(exc.code, exc.message)
     if do_register and not replace:  # before training: hours of it would be wasted on a refused name
         taken = _taken(settings, adapter_name, str(out), lang_info.code)
         if taken:
             _fail("adapter_exists", taken)
-    try:
-        rows = read_pairs(pairs)
-    except errors.ImgqError as exc:
-        _fail(exc.code, exc.message)
     if not lang_info.latin:
         typer.echo(f"warning: {lang_info.name} is not written in Latin script; BLIP's WordPiece vocabulary cannot "
                    "write it, so its captions come out as [UNK] or are dropped (README)", err=True)

@@ -3,18 +3,24 @@ jobs page and the API read it, its results, and its end."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import json
+import os
+import stat
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TextIO
 
 import typer
 
 from imgq import errors
-from imgq.cli_common import _fail, _job_id, _n, _settings, _store
+from imgq.cli_common import JOB_HELP, _fail, _job_id, _n, _settings, _store
 from imgq.config import Settings
 
 # A job's tenant: the jobs page's summary query is per tenant, and the CLI serves every tenant.
@@ -67,7 +73,17 @@ def _poll_interval(read_s: float) -> float:
     return min(max(_POLL_MIN_S, _POLL_COST_RATIO * read_s), _POLL_MAX_S)
 
 
-def status(job: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+# `status --json` and `cancel --json`: what their one line holds.
+_STATUS_JSON_HELP = ('Print one JSON object: the job id ("job") and its counts ("queued", "running", "done", '
+                     '"dead", "cancelled" if any, "purged", "waiting").')
+_CANCEL_JSON_HELP = ('Print one JSON object: the job id ("job"), the items this run cancelled ("cancelled_now") '
+                     'and the job\'s counts ("queued", "running", "done", "dead", "cancelled", "purged").')
+
+
+def status(
+    job: Annotated[str, typer.Argument(help=JOB_HELP, show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help=_STATUS_JSON_HELP)] = False,
+) -> None:
     """Counts of a job's items by state (queued, running, done, dead), and dead letters purged.
 
     `waiting` is the part of `queued` still in Postgres, which the workers' feeder has not yet
@@ -82,17 +98,21 @@ def status(job: str, as_json: Annotated[bool, typer.Option("--json")] = False) -
         engine.dispose()
     counts = _counts(summary)
     if as_json:
-        typer.echo(json.dumps({**counts, "waiting": summary.waiting}))
+        typer.echo(json.dumps({"job": str(job_id), **counts, "waiting": summary.waiting}))
     else:
         typer.echo(_counts_line(counts).replace(f"queued={counts['queued']}",
                                                  f"queued={counts['queued']} (waiting={summary.waiting})", 1))
 
 
 def wait(
-    job: str,
-    timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 3600,
+    job: Annotated[str, typer.Argument(help=JOB_HELP, show_default=False)],
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds: then exits 1 with "
+                                           "error[timeout], counting the items unfinished.")] = 3600,
 ) -> None:
-    """Block until every item of a job is done, dead or cancelled, with a progress bar."""
+    """Block until every item of a job is done, dead or cancelled, with a progress bar; then print
+    its counts.
+
+    If --timeout passes first, it exits 1 with error[timeout] (the job goes on)."""
     from tqdm import tqdm
 
     from imgq.db.store import make_engine
@@ -130,9 +150,12 @@ def _wait_loop(engine: Any, tenant: str, job: uuid.UUID, bar: Any, deadline: flo
 
 
 def results(
-    job: str,
+    job: Annotated[str, typer.Argument(help=JOB_HELP, show_default=False)],
     fmt: Annotated[str, typer.Option("--format", help="jsonl or csv.")] = "jsonl",
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="File to write (default stdout).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="File to write (default stdout), "
+                                           "with a progress bar on a terminal. It is replaced only once the export "
+                                           "is complete: an interrupted one leaves an existing file as "
+                                           "it was.")] = None,
     explain: Annotated[bool, typer.Option("--explain", help="Instead: each captioned item's explanation (job "
                                           "enqueued with --explain): where its overlays are, and each word's "
                                           "top patch with its box on the original.")] = False,
@@ -162,28 +185,86 @@ def results(
         rows = store.results_in(job_id, code)
     if explain:
         rows = _explanations(settings, job_id)
+    if output is None:
+        _write_rows(rows, sys.stdout, fmt, explain)
+        return
+    from tqdm import tqdm
+
+    with _replacing(output) as out, tqdm(unit="row", desc="writing", file=sys.stderr, disable=None) as bar:
+        # disable=None: no bar when stderr is not a terminal (cron, CI logs), as `imgq wait`.
+        _write_rows(rows, out, fmt, explain, bar.update)
+
+
+def _write_rows(rows: Any, out: TextIO, fmt: str, explain: bool, written: Callable[[int], Any] | None = None) -> None:
+    writer: csv.DictWriter[str] | None = None
+    for row in rows:
+        if fmt == "csv":
+            if explain:
+                row = {**row, "words": json.dumps(row["words"])}
+            if writer is None:  # the columns depend on the job's kinds
+                writer = csv.DictWriter(out, fieldnames=list(row))
+                writer.writeheader()
+            writer.writerow(row)
+        else:
+            out.write(json.dumps(row, default=str) + "\n")
+        if written is not None:
+            written(1)
+
+
+@contextmanager
+def _replacing(output: Path) -> Iterator[TextIO]:
+    """A file that becomes ``output`` only once everything is written: a temporary file in the same
+    folder, moved over ``output`` (os.replace) at the end, and removed on any failure or Ctrl-C, so an
+    existing ``output`` stays whole unless the export completes. Something that is not a regular file
+    (/dev/stdout, a FIFO) is written in place."""
     try:
-        out = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout  # noqa: SIM115
+        existing: os.stat_result | None = os.stat(output)
+    except FileNotFoundError:
+        existing = None
+    except OSError as exc:
+        _fail("bad_file", f"cannot write {output}: {exc.strerror or exc}")
+    if existing is not None and stat.S_ISDIR(existing.st_mode):
+        _fail("bad_file", f"cannot write {output}: {os.strerror(errno.EISDIR)}")
+    if existing is not None and not stat.S_ISREG(existing.st_mode):
+        try:
+            out = open(output, "w", encoding="utf-8", newline="")  # noqa: SIM115
+        except OSError as exc:
+            _fail("bad_file", f"cannot write {output}: {exc.strerror or exc}")
+        with out:
+            yield out
+        return
+    target = Path(os.path.realpath(output))  # a symlink's file is replaced, not the link
+    if existing is not None and not os.access(target, os.W_OK):  # as open(output, "w") would refuse it
+        _fail("bad_file", f"cannot write {output}: {os.strerror(errno.EACCES)}")
+    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        # 0o666 less the umask, as open() gives a new file; an existing file's mode is kept below.
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as exc:
         _fail("bad_file", f"cannot write {output}: {exc.strerror or exc}")
     try:
-        writer: csv.DictWriter[str] | None = None
-        for row in rows:
-            if fmt == "csv":
-                if explain:
-                    row = {**row, "words": json.dumps(row["words"])}
-                if writer is None:  # the columns depend on the job's kinds
-                    writer = csv.DictWriter(out, fieldnames=list(row))
-                    writer.writeheader()
-                writer.writerow(row)
-            else:
-                out.write(json.dumps(row, default=str) + "\n")
-    finally:
-        if output:
-            out.close()
+        with open(fd, "w", encoding="utf-8", newline="") as out:
+            if existing is not None:
+                os.fchmod(fd, stat.S_IMODE(existing.st_mode))
+                with contextlib.suppress(OSError):  # only root may give the file back to its owner
+                    os.fchown(fd, existing.st_uid, existing.st_gid)
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+        try:
+            os.replace(temporary, target)
+        except OSError as exc:
+            _fail("bad_file", f"cannot write {output}: {exc.strerror or exc}")
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
-def cancel(job: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def cancel(
+    job: Annotated[str, typer.Argument(help=JOB_HELP, show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help=_CANCEL_JSON_HELP)] = False,
+) -> None:
     """Cancel a job: its queued items become `cancelled` (never run); running items finish.
 
     As DELETE /v1/jobs/{id}, for any tenant's job: the job is closed at once (nothing more of it
@@ -214,7 +295,8 @@ def cancel(job: str, as_json: Annotated[bool, typer.Option("--json")] = False) -
     typer.echo(f"{_n(cancelled, 'queued item')} cancelled"
                + (f"; {_n(running, 'running item')} {'finishes' if running == 1 else 'finish'}" if running else ""),
                err=True)
-    typer.echo(json.dumps({"cancelled_now": cancelled, **counts}) if as_json else _counts_line(counts))
+    typer.echo(json.dumps({"job": str(job_id), "cancelled_now": cancelled, **counts}) if as_json
+               else _counts_line(counts))
 
 
 def _explanations(settings: Settings, job: uuid.UUID) -> Any:

@@ -13,7 +13,8 @@ from imgq.cli_common import _fail, _settings
 from imgq.config import Settings
 
 
-def _image_vector(settings: Settings, engine: Any, ref: str, model: str) -> tuple[Any, str, int | None]:
+def _image_vector(settings: Settings, engine: Any, ref: str, model: str,
+                  from_flag: bool = False) -> tuple[Any, str, int | None]:
     """The query vector for ``search --image``: the stored embedding of the image's newest version
     if there is one (no torch needed), else one computed now. Returns (vector, revision, image id)."""
     from imgq.db.search import stored_vector
@@ -31,19 +32,37 @@ def _image_vector(settings: Settings, engine: Any, ref: str, model: str) -> tupl
     except ImportError as exc:
         _fail("missing_extra", f"encoding a query needs the worker extra: pip install 'imgq[worker]' ({exc})")
     blob = Fetcher(settings).fetch(str(parsed))  # a missing image is refused before the model loads
-    runner = _embed_runner(settings, model)
+    runner = _embed_runner(settings, model, from_flag=from_flag)
     image = decode(blob.data, max_pixels=settings.max_pixels, target=runner.input_size).image
     return runner.model.embed_images(runner.prepare(image, runner.kind_params())[None])[0], runner.revision, None
 
 
-def _embed_runner(settings: Settings, model: str) -> Any:
+def _embed_runner(settings: Settings, model: str, *, from_flag: bool = False) -> Any:
+    """The retrieval model, loaded. transformers' load report (a table of every missing and unexpected
+    weight, tens of lines) is not printed: a checkpoint of the wrong kind is one ModelUnavailable line,
+    which names ``--model`` when the model came from it (``from_flag``) instead of the setting."""
     try:
+        from transformers.utils import logging as hf_logging
+
+        from imgq.worker.retrieval import RetrievalModel
         from imgq.worker.runners import EmbedRunner
     except ImportError as exc:
         _fail("missing_extra", f"encoding a query needs the worker extra: pip install 'imgq[worker]' ({exc})")
     runner = EmbedRunner(EmbedRunner.make_model(settings.model_copy(update={"embed_model": model})))
-    runner.load()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        runner.load()
+    except errors.ModelUnavailable as exc:
+        if from_flag and exc.message.endswith(RetrievalModel.hint):
+            raise errors.ModelUnavailable(exc.message.removesuffix(RetrievalModel.hint) + _MODEL_HINT) from None
+        raise
+    finally:
+        hf_logging.set_verbosity(verbosity)
     return runner
+
+
+_MODEL_HINT = "Give --model a retrieval checkpoint (e.g. one written by `imgq dev tiny-model --kind retrieval DIR`)."
 
 
 def search(
@@ -52,8 +71,9 @@ def search(
     limit: Annotated[int, typer.Option(min=1, max=1000, help="Number of results.")] = 20,
     bucket: Annotated[str | None, typer.Option(help="Only images in this S3 bucket.")] = None,
     prefix: Annotated[str | None, typer.Option(help="Only keys (or local paths) starting with this.")] = None,
-    model: Annotated[str | None, typer.Option(help="Retrieval model whose vectors to search "
-                                              "(default IMGQ_EMBED_MODEL).")] = None,
+    model: Annotated[str | None, typer.Option(help="Retrieval model (hub id or checkpoint folder) whose vectors "
+                                              "to search and that encodes the query (default: "
+                                              "IMGQ_EMBED_MODEL).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
 ) -> None:
     """Nearest images by cosine similarity of BLIP embeddings (pgvector HNSW), with their captions.
@@ -71,11 +91,11 @@ def search(
     try:
         exclude = None
         if image is not None:
-            vector, revision, exclude = _image_vector(settings, engine, image, name)
+            vector, revision, exclude = _image_vector(settings, engine, image, name, from_flag=model is not None)
         else:
             if not query or not query.strip():
                 raise errors.EmptyQuery("the search text is empty")
-            runner = _embed_runner(settings, name)
+            runner = _embed_runner(settings, name, from_flag=model is not None)
             vector, revision = runner.model.embed_query(query), runner.revision
         hits = nearest(engine, vector, model=name, revision=revision, limit=limit, bucket=bucket, prefix=prefix,
                        exclude_image_id=exclude)

@@ -179,6 +179,16 @@ FROM taken WHERE i.job_id = taken.job_id AND i.seq = taken.seq AND i.state = 'de
 RETURNING i.job_id, i.seq, i.ref, i.text
 """)
 
+# One item of a job, for `imgq dlq retry --id` to say why it retried nothing: no row when the job
+# does not exist; state NULL when the job has no such item (any more: purged dead letters are deleted).
+_ITEM_STATE = text("""
+SELECT j.total, i.state, d.code, j.cancelled_at IS NOT NULL AS cancelled
+FROM jobs j
+LEFT JOIN job_items i ON i.job_id = j.id AND i.seq = :seq
+LEFT JOIN dead_letters d ON d.job_id = j.id AND d.seq = :seq
+WHERE j.id = :job
+""")
+
 _JOB_SHARE = text("SELECT 1 FROM jobs WHERE id = :job FOR SHARE")
 # A retry of every job's dead letters (of a code, ...): their jobs, held as _JOB_SHARE holds one.
 _JOBS_SHARE = text("""
@@ -394,6 +404,17 @@ class Republish:
 
 
 @dataclass(frozen=True, slots=True)
+class ItemState:
+    """One item of a job: ``state`` None if the job has no item ``seq`` (``seq < total``: it was a
+    purged dead letter); ``code`` its dead letter's; whether its job is cancelled."""
+
+    total: int
+    state: str | None
+    code: str | None
+    cancelled: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Waiting:
     """A job with items waiting in Postgres, as the feeder plans with it."""
 
@@ -573,6 +594,12 @@ class Admin:
             rows = conn.execute(_DLQ_TAKE, {"code": code, "job": job, "seq": seq,
                                             "seqs": None if seqs is None else list(seqs)}).all()
             return self._with_jobs(conn, rows)
+
+    def item_state(self, job: uuid.UUID, seq: int) -> ItemState | None:
+        """Item ``seq`` of ``job`` (None: no such job)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(_ITEM_STATE, {"job": job, "seq": seq}).first()
+        return None if row is None else ItemState(row.total, row.state, row.code, row.cancelled)
 
     def purge(self, older_than: dt.timedelta) -> int:
         with self.engine.begin() as conn:

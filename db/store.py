@@ -277,9 +277,23 @@ def _copy_text(value: str) -> str:
     return value
 
 
+# Seconds a new connection may take: a Postgres that accepts TCP connections but never answers (a
+# hung server, a half-open firewall) fails with db_unavailable instead of hanging every command (psycopg's
+# own default is 130 s per host). The URL's ?connect_timeout=, libpq's PGCONNECT_TIMEOUT or the caller's
+# connect_args win; psycopg's minimum is 2 s.
+CONNECT_TIMEOUT_S = 10
+
+
 def make_engine(database_url: str, **kwargs: Any) -> Engine:
+    import os
+
+    from sqlalchemy.engine import make_url
+
     kwargs.setdefault("pool_pre_ping", True)
-    return register(create_engine(database_url, **kwargs))
+    connect_args = dict(kwargs.pop("connect_args", None) or {})
+    if "connect_timeout" not in make_url(database_url).query and "PGCONNECT_TIMEOUT" not in os.environ:
+        connect_args.setdefault("connect_timeout", CONNECT_TIMEOUT_S)
+    return register(create_engine(database_url, connect_args=connect_args, **kwargs))
 
 
 class Store:

@@ -219,7 +219,8 @@ def parse_limits(assignments: Sequence[str]) -> dict[str, int | float]:
         try:
             value = LIMIT_TYPES[name](raw.strip())
         except ValueError:
-            raise ValueError(f"{assignment!r}: {name} takes a {LIMIT_TYPES[name].__name__}") from None
+            kind = "an integer" if LIMIT_TYPES[name] is int else "a number"
+            raise ValueError(f"{assignment!r}: {name} takes {kind}") from None
         if name == "max_priority" and not PRIORITY_MIN <= value <= PRIORITY_MAX:
             raise ValueError(f"{assignment!r}: max_priority must be within {PRIORITY_MIN:,} .. {PRIORITY_MAX:,}")
         if name != "max_priority" and value <= 0:  # a priority cap may be negative; the rest are sizes

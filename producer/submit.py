@@ -37,6 +37,7 @@ class Submitted:
     published: int = 0  # items in those messages
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (ref, reason)
     publish_error: str | None = None  # the job is committed but its messages were not all sent
+    feeder_busy: bool = False  # another feeder held the queue's feed lock: it publishes the job
 
 
 def accept_refs(
@@ -114,4 +115,4 @@ def submit(
     finally:
         feeder.stop()
     return Submitted(job=job, items=accepted, messages=report.messages if report else 0,
-                     published=report.items if report else 0, rejected=rejected or [])
+                     published=report.items if report else 0, rejected=rejected or [], feeder_busy=report is None)

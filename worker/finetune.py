@@ -104,13 +104,30 @@ class FinetuneReport:
 
 # -- inputs -----------------------------------------------------------------------------------------------------
 
+class PairsFileError(errors.InvalidRequest):
+    """The pairs file cannot be read (missing, unreadable, not UTF-8): ``bad_file``, as for ``imgq enqueue``."""
+
+    code = "bad_file"
+
+
+class BadPairsRow(errors.BadParams):
+    """A row of the pairs file is malformed: ``bad_pairs`` with the file and line, as ``imgq enqueue`` names
+    a bad row of a validate job's pairs (a BadParams still, for callers that catch those)."""
+
+    code = "bad_pairs"
+
+
 def read_pairs(path: Path) -> list[tuple[str, str]]:
     """``ref,caption`` rows (UTF-8 CSV; a first row ``ref,caption`` is a header and skipped). A caption with
-    commas is quoted as CSV quotes it."""
+    commas is quoted as CSV quotes it. An unreadable file is a :class:`PairsFileError` (``bad_file``), a
+    malformed row or a file without pairs a :class:`BadPairsRow` (``bad_pairs``)."""
     try:
         text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise errors.BadParams(f"cannot read {path}: {exc}") from None
+    except OSError as exc:
+        raise PairsFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise PairsFileError(f"cannot read {path}: not UTF-8 (byte {exc.object[exc.start]:#04x} at offset "
+                             f"{exc.start})") from None
     pairs: list[tuple[str, str]] = []
     reader = csv.reader(io.StringIO(text))
     try:
@@ -121,13 +138,13 @@ def read_pairs(path: Path) -> list[tuple[str, str]]:
             if index == 0 and tuple(cell.strip().lower() for cell in row) == _HEADER:
                 continue
             if len(row) != 2 or not row[0].strip() or not row[1].strip():
-                raise errors.BadParams(f"{path}:{number}: expected two non-empty columns ref,caption, "
-                                       f"got {str(row)[:200]}")
+                raise BadPairsRow(f"{path}:{number}: expected two non-empty columns ref,caption, "
+                                  f"got {str(row)[:200]}")
             pairs.append((row[0].strip(), row[1].strip()))
     except csv.Error as exc:  # a field over csv's limit (128 KiB), an unclosed quote at the end
-        raise errors.BadParams(f"{path}:{reader.line_num}: not CSV imgq can read: {exc}") from None
+        raise BadPairsRow(f"{path}:{reader.line_num}: not CSV imgq can read: {exc}") from None
     if not pairs:
-        raise errors.BadParams(f"{path} holds no ref,caption pairs")
+        raise BadPairsRow(f"{path} holds no ref,caption pairs")
     return pairs
 
 

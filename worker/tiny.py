@@ -129,19 +129,86 @@ def _write_atomically(
     if patch_size < 1 or image_size % patch_size:
         raise ValueError(f"image_size {image_size} must be a multiple of patch_size {patch_size}")
     marker = _marker(seed, image_size, patch_size, kind)
+
+    def write_into(out: Path) -> None:
+        quiet_bars_off_a_terminal()
+        write(out, seed=seed, image_size=image_size, patch_size=patch_size)
+
+    return install_checkpoint(directory, marker, write_into)
+
+
+class CheckpointFolderError(ValueError):
+    """The target of a tiny checkpoint is not a folder the writer may fill or replace: a file, or a
+    non-empty folder that holds no tiny checkpoint (no marker file)."""
+
+
+def check_target(directory: Path) -> None:
+    """Refuse a target the writer must not touch. A new path, an empty folder and a folder holding an
+    earlier tiny checkpoint (its marker file) are the only ones it writes: anything else may be
+    someone's files (``imgq dev tiny-model .`` once wiped the current folder)."""
+    if not directory.exists():
+        if directory.is_symlink():
+            raise CheckpointFolderError(f"{directory} is a broken symbolic link, not a folder")
+        above = next((p for p in directory.absolute().parents if p.exists()), None)
+        if above is not None and not above.is_dir():
+            raise CheckpointFolderError(f"{_shown(directory, above)} is not a folder")
+        return
+    if not directory.is_dir():
+        raise CheckpointFolderError(f"{directory} is not a folder")
+    if (directory / MARKER).is_file():
+        return
+    if any(directory.iterdir()):
+        raise CheckpointFolderError(f"{directory} is not empty and holds no tiny checkpoint; choose an empty or "
+                                    "new folder")
+
+
+def _shown(directory: Path, ancestor: Path) -> Path:
+    """``ancestor`` of ``directory`` as the caller spelled it (relative stays relative)."""
+    for parent in directory.parents:
+        if parent.absolute() == ancestor:
+            return parent
+    return ancestor
+
+
+def install_checkpoint(directory: Path, marker: dict[str, Any], write: Callable[[Path], None]) -> Path:
+    """Write (or reuse) a checkpoint whose marker is ``marker`` in ``directory`` and return ``directory``.
+
+    ``write(folder)`` writes the files into a staging folder beside the target; the marker is written
+    last, since its presence means "complete". A new target is the staging folder renamed; an existing
+    one (empty, or holding an earlier tiny checkpoint: :func:`check_target` refuses anything else) keeps
+    its inode: the earlier checkpoint's files go, the new ones move in, and its marker is replaced last,
+    so a crash leaves a folder still marked as a tiny checkpoint, which the next call replaces."""
+    directory = Path(directory)
     if _is_complete(directory, marker):
         return directory
-    quiet_bars_off_a_terminal()
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    check_target(directory)  # before the work, and again before anything is deleted
+    target = directory.resolve()  # "." has no name to stage beside, and its parent is ".."
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        write(staging, seed=seed, image_size=image_size, patch_size=patch_size)
+        write(staging)
         (staging / MARKER).write_text(json.dumps(marker))  # last: it means "complete"
-        if directory.exists():
-            if _is_complete(directory, marker):  # another writer won the race
+        if not target.exists():
+            try:
+                os.replace(staging, target)
                 return directory
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
+            except OSError:
+                if not target.is_dir():  # not another writer that created it meanwhile
+                    raise
+        if _is_complete(target, marker):  # another writer won the race
+            return directory
+        check_target(target)
+        for entry in target.iterdir():  # an earlier tiny checkpoint's files, its marker last
+            if entry.name == MARKER:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        for entry in staging.iterdir():
+            if entry.name != MARKER:
+                os.replace(entry, target / entry.name)
+        os.replace(staging / MARKER, target / MARKER)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory

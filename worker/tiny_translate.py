@@ -26,11 +26,7 @@ caller's token budget: their lengths vary.
 from __future__ import annotations
 
 import io
-import json
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +34,7 @@ import torch
 
 from imgq.languages import LANGUAGES
 from imgq.worker.loading import quiet_bars_off_a_terminal
-from imgq.worker.tiny import MARKER, _is_complete
+from imgq.worker.tiny import install_checkpoint
 
 FORMAT = 1
 SPM_FILE = "sentencepiece.bpe.model"  # the name NLLB's repository uses
@@ -98,23 +94,10 @@ def write_tiny_translation_checkpoint(directory: Path, *, seed: int = 0) -> Path
     returned untouched. The files are written beside the target and renamed into place, with the
     marker file last, so a concurrent writer or a crash never leaves a half-written checkpoint that
     looks complete."""
-    directory = Path(directory)
     marker = {"kind": "translate", "format": FORMAT, "seed": seed}
-    if _is_complete(directory, marker):
-        return directory
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        _write(staging, seed=seed)
-        (staging / MARKER).write_text(json.dumps(marker))  # last: it means "complete"
-        if directory.exists():
-            if _is_complete(directory, marker):  # another writer won the race
-                return directory
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return directory
+    # A file, or a non-empty folder without a tiny checkpoint's marker, is refused (CheckpointFolderError):
+    # only an earlier tiny checkpoint is ever replaced.
+    return install_checkpoint(Path(directory), marker, lambda out: _write(out, seed=seed))
 
 
 def _write(out: Path, *, seed: int) -> None:

@@ -110,7 +110,7 @@ def test_purged_items_show_in_status_and_wait_and_dlq_list_has_a_header(make_set
     assert purged.returncode == 0 and purged.stdout.strip() == "purged 2 dead letters", purged.stderr
     store.write_dead([DeadRow(job, 2, "empty", "zero bytes", "w")])
     status = json.loads(run_cli(settings, "status", str(job), "--json").stdout)
-    assert status == {"queued": 0, "running": 0, "done": 0, "dead": 1, "purged": 2, "waiting": 0}
+    assert status == {"job": str(job), "queued": 0, "running": 0, "done": 0, "dead": 1, "purged": 2, "waiting": 0}
     waited = run_cli(settings, "wait", str(job), "--timeout", "5")
     assert waited.returncode == 0 and waited.stdout.split() == ["queued=0", "running=0", "done=0", "dead=1",
                                                                  "purged=2"]

@@ -3,6 +3,7 @@ what it committed (exit 0, warning[publish_failed]) rather than an error after a
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import uuid
 from pathlib import Path
@@ -12,6 +13,7 @@ from sqlalchemy import text
 from typer.testing import CliRunner
 
 from imgq.cli import app
+from imgq.db.admin import Admin
 from imgq.db.store import DeadRow, Store
 from tests.jobs import caption_task, create_job
 
@@ -70,3 +72,39 @@ def test_dlq_retry_of_one_item_publishes_it(store: Store, database_url: str, bro
     assert store.counts(job) == {"queued": 1, "running": 0, "done": 0, "dead": 1}
     nothing = CliRunner().invoke(app, ["dlq", "retry", "--id", f"{job}:1"], env=env)
     assert nothing.exit_code == 0 and nothing.stdout == "re-queued 0 items\n"
+    assert nothing.stderr == f"item {job}:1 is queued, not a dead letter: nothing to retry\n"
+
+
+def test_dlq_retry_of_an_item_the_job_does_not_have_is_a_bad_filter(store: Store, database_url: str) -> None:
+    job = _dead_job(store, 2)
+    out = CliRunner().invoke(app, ["dlq", "retry", "--id", f"{job}:5"], env={"IMGQ_DATABASE_URL": database_url})
+    assert out.exit_code == 2, out.output
+    assert out.stdout == ""
+    assert out.stderr == f"error[bad_filter]: --id {job}:5: job {job} has no item 5 (its items are 0 to 1)\n"
+    assert store.counts(job) == {"queued": 0, "running": 0, "done": 0, "dead": 2}
+    assert Admin(store.engine).purge(dt.timedelta(0)) == 2
+    purged = CliRunner().invoke(app, ["dlq", "retry", "--id", f"{job}:1"], env={"IMGQ_DATABASE_URL": database_url})
+    assert purged.exit_code == 2 and purged.stderr == (
+        f"error[bad_filter]: --id {job}:1: item 1 of job {job} was a dead letter, purged since (`imgq dlq purge`)\n")
+
+
+def test_dlq_retry_of_an_item_that_is_no_dead_letter_says_why_nothing_was_requeued(
+        store: Store, database_url: str, broker_url: str) -> None:
+    job = create_job(store, [caption_task("m")], ["/d/0.jpg", "/d/1.jpg", "/d/2.jpg"])
+    store.claim(job, [0, 1], "w1")
+    store.write_dead([DeadRow(job, 1, "not_an_image", "no", "w1")])
+    env = {"IMGQ_DATABASE_URL": database_url, "IMGQ_BROKER_URL": broker_url}
+    for seq, why in [(0, "running"), (2, "queued")]:
+        out = CliRunner().invoke(app, ["dlq", "retry", "--id", f"{job}:{seq}"], env=env)
+        assert out.exit_code == 0, out.output
+        assert out.stdout == "re-queued 0 items\n"
+        assert out.stderr == f"item {job}:{seq} is {why}, not a dead letter: nothing to retry\n"
+    other = CliRunner().invoke(app, ["dlq", "retry", "--id", f"{job}:1", "--code", "truncated"], env=env)
+    assert other.exit_code == 0 and other.stdout == "re-queued 0 items\n", other.output
+    assert other.stderr == f"item {job}:1 is a dead letter of code not_an_image, not truncated: nothing to retry\n"
+    assert store.counts(job) == {"queued": 1, "running": 1, "done": 0, "dead": 1}
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE jobs SET cancelled_at = now() WHERE id = :j"), {"j": job})
+    cancelled = CliRunner().invoke(app, ["dlq", "retry", "--id", f"{job}:1"], env=env)
+    assert cancelled.exit_code == 0 and cancelled.stdout == "re-queued 0 items\n", cancelled.output
+    assert cancelled.stderr == f"item {job}:1 is a dead letter of a cancelled job: nothing to retry\n"

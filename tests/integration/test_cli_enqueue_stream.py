@@ -64,3 +64,18 @@ def test_a_listing_that_stops_being_utf8_midway_accepts_nothing(store: Store, da
     with store.engine.connect() as conn:
         assert conn.execute(text("SELECT (SELECT count(*) FROM jobs) + (SELECT count(*) FROM job_items)")
                             ).scalar_one() == 0
+
+
+def test_a_feed_lock_held_elsewhere_is_said_not_blamed_on_the_window(store: Store, database_url: str,
+                                                                     broker_url: str) -> None:
+    from imgq.db import locks
+
+    with store.engine.connect() as feeder:  # a worker's feeder, mid-cycle on the default queue
+        tx = feeder.begin()
+        feeder.execute(text(f"SELECT pg_advisory_xact_lock({locks.FEED}, hashtext('imgq'))"))
+        out = CliRunner().invoke(app, ["enqueue", "caption", "s3://photos/a.jpg"], env=_env(database_url, broker_url))
+        tx.rollback()
+    assert out.exit_code == 0, (out.output, out.exception)
+    assert out.stderr.splitlines()[-1] == ("accepted 1 item; the workers' feeder holds the queue's feed lock and "
+                                           "publishes them (nothing published from here)")
+    assert store.counts(uuid.UUID(out.stdout.strip()))["queued"] == 1

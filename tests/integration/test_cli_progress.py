@@ -78,8 +78,8 @@ def test_status_prints_the_per_item_counts_without_counting_every_item(store: St
     assert out.exit_code == 0, out.output
     assert out.stdout == "queued=3 (waiting=2)  running=1  done=2  dead=1  purged=1\n"
     as_json = CliRunner().invoke(app, ["status", str(job), "--json"], env=env)
-    assert json.loads(as_json.stdout) == {**truth, "waiting": 2}
-    assert list(json.loads(as_json.stdout)) == ["queued", "running", "done", "dead", "purged", "waiting"]
+    assert json.loads(as_json.stdout) == {"job": str(job), **truth, "waiting": 2}
+    assert list(json.loads(as_json.stdout)) == ["job", "queued", "running", "done", "dead", "purged", "waiting"]
     assert statements and _per_item_counts(statements) == [], "status must not GROUP BY every item of the job"
 
 
@@ -124,8 +124,8 @@ def test_cancel_cancels_any_tenants_job_prints_its_counts_and_is_harmless_repeat
     assert store.claim(job, [5], "w2") == {}, "nothing of it is claimed any more"
     again = CliRunner().invoke(app, ["cancel", str(job), "--json"], env=env)
     assert again.exit_code == 0, again.output
-    assert json.loads(again.stdout) == {"cancelled_now": 0, "queued": 0, "running": 1, "done": 2, "dead": 1,
-                                        "cancelled": 3, "purged": 1}
+    assert json.loads(again.stdout) == {"job": str(job), "cancelled_now": 0, "queued": 0, "running": 1, "done": 2,
+                                        "dead": 1, "cancelled": 3, "purged": 1}
     assert again.stderr.splitlines()[-1] == "0 queued items cancelled; 1 running item finishes"
 
 

@@ -239,8 +239,9 @@ def test_pairs_csv_header_optional_and_split_deterministic(tmp_path: Path):
                                                               ("/x/2.jpg", "zwei katzen")]
     bad = tmp_path / "c.csv"
     bad.write_text("/x/1.jpg\n")
-    with pytest.raises(errors.BadParams, match=r"c\.csv:1: expected two non-empty columns"):
+    with pytest.raises(errors.BadParams, match=r"c\.csv:1: expected two non-empty columns") as caught:
         read_pairs(bad)
+    assert caught.value.code == "bad_pairs"  # as `imgq enqueue` names a bad row
     train, held = split(20, 0.25, seed=3)
     assert (train, held) == split(20, 0.25, seed=3) and len(held) == 5 and sorted(train + held) == list(range(20))
     assert split(20, 0.25, seed=4) != (train, held)

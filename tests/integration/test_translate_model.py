@@ -18,7 +18,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer  # noqa: E402
 from imgq.config import DEFAULT_TRANSLATE_MODEL  # noqa: E402
 from imgq.errors import ModelUnavailable  # noqa: E402
 from imgq.languages import LANGUAGES  # noqa: E402
-from imgq.worker.tiny import MARKER  # noqa: E402
+from imgq.worker.tiny import MARKER, CheckpointFolderError  # noqa: E402
 from imgq.worker.tiny_translate import write_tiny_translation_checkpoint  # noqa: E402
 from imgq.worker.translate import Target, TranslationModel, steering, token_budget  # noqa: E402
 
@@ -91,11 +91,16 @@ def test_checkpoint_is_deterministic_for_a_seed_and_reused_when_complete(checkpo
     stamps = {f: (checkpoint / f).stat().st_mtime_ns for f in files}
     assert write_tiny_translation_checkpoint(checkpoint, seed=0) == checkpoint
     assert {f: (checkpoint / f).stat().st_mtime_ns for f in files} == stamps  # untouched
-    # Without its marker a directory is incomplete: it is replaced, and no staging folder is left.
-    (again / MARKER).unlink()
+    # An earlier tiny checkpoint (its marker) of other settings is replaced, and no staging folder is left.
     (again / "stale").write_text("x")
-    write_tiny_translation_checkpoint(again, seed=0)
+    write_tiny_translation_checkpoint(again, seed=1)
     assert not (again / "stale").exists() and (again / MARKER).exists()
+    assert (again / "model.safetensors").read_bytes() == (other / "model.safetensors").read_bytes()
+    # Without its marker a folder may be anyone's: it is refused, and nothing in it is deleted.
+    (again / MARKER).unlink()
+    with pytest.raises(CheckpointFolderError, match="holds no tiny checkpoint"):
+        write_tiny_translation_checkpoint(again, seed=0)
+    assert (again / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "other"]
 
 

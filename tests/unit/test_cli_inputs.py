@@ -145,3 +145,41 @@ def test_dlq_retry_refuses_digits_int_cannot_read() -> None:
 
 def test_the_wait_poll_backs_off_with_the_cost_of_a_read() -> None:
     assert [cli_jobs._poll_interval(s) for s in (0.0, 0.02, 0.1, 0.4, 3.0)] == [1.0, 1.0, 2.0, 8.0, 10.0]
+
+
+def _help(*command: str) -> str:
+    out = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "200"})
+    assert out.exit_code == 0, out.output
+    return " ".join(out.stdout.split())  # the help as one line: wrapping does not matter
+
+
+@pytest.mark.parametrize("command", ["status", "wait", "results", "cancel", "check"])
+def test_the_job_argument_says_what_it_is(command: str) -> None:
+    text = _help(command)
+    assert "The job id (printed by imgq enqueue)" in text, text
+
+
+@pytest.mark.parametrize("command", ["status", "cancel"])
+def test_json_options_say_what_they_print(command: str) -> None:
+    text = _help(command)
+    assert "--json Print one JSON object" in text, text
+
+
+def test_help_says_what_the_reference_says() -> None:
+    assert "'-' reads stdin" in _help("enqueue"), "-f - reads stdin (README)"
+    wait = _help("wait")
+    assert "exits 1 with error[timeout]" in wait, wait
+    retry = _help("dlq", "retry")
+    assert "A filter is required" in retry and "--code" in retry and "combine" in retry, retry
+
+
+def test_apikey_limits_refuses_a_limit_both_set_and_unset() -> None:
+    line = _refused(["apikey", "limits", "acme", "--set", "num_beams=3", "--unset", "num_beams"], {}, "bad_request")
+    assert line == "error[bad_request]: --set num_beams and --unset num_beams contradict each other: choose one"
+
+
+@pytest.mark.parametrize(("assignment", "says"), [("num_beams=3.5", "num_beams takes an integer"),
+                                                  ("item_cost=lots", "item_cost takes a number")])
+def test_apikey_limits_names_the_type_a_limit_takes(assignment: str, says: str) -> None:
+    line = _refused(["apikey", "limits", "acme", "--set", assignment], {}, "bad_request")
+    assert line == f"error[bad_request]: {assignment!r}: {says}", line
