@@ -77,6 +77,6 @@ def test_every_image_captioned_exactly_once(make_settings, bucket, s3_client, im
     rows = list(csv.DictReader(io.StringIO(out.stdout)))
     assert len(rows) == 80 and all(r["state"] == "done" and r["caption"] for r in rows)
     status = run_cli(settings, "status", jobs[2], "--json")
-    assert json.loads(status.stdout) == {"queued": 0, "running": 0, "done": 140, "dead": 0, "purged": 0,
-                                          "waiting": 0}
+    assert json.loads(status.stdout) == {"job": jobs[2], "queued": 0, "running": 0, "done": 140, "dead": 0,
+                                          "purged": 0, "waiting": 0}
     store.engine.dispose()
