@@ -8,6 +8,7 @@ import csv
 import errno
 import json
 import os
+import shutil
 import stat
 import sys
 import time
@@ -216,7 +217,9 @@ def _replacing(output: Path) -> Iterator[TextIO]:
     """A file that becomes ``output`` only once everything is written: a temporary file in the same
     folder, moved over ``output`` (os.replace) at the end, and removed on any failure or Ctrl-C, so an
     existing ``output`` stays whole unless the export completes. Something that is not a regular file
-    (/dev/stdout, a FIFO) is written in place."""
+    (/dev/stdout, a FIFO), or a writable file in a folder this user cannot write, is written in place;
+    a folder that refuses the rename gets the finished export copied over the file. Replaced, the file
+    is a new one: hard links to the old one keep the old contents."""
     try:
         existing: os.stat_result | None = os.stat(output)
     except FileNotFoundError:
@@ -241,9 +244,16 @@ def _replacing(output: Path) -> Iterator[TextIO]:
         # 0o666 less the umask, as open() gives a new file; an existing file's mode is kept below.
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as exc:
-        _fail("bad_file", f"cannot write {output}: {exc.strerror or exc}")
+        if existing is None or exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            _fail("bad_file", f"cannot write {output}: {exc.strerror or exc}")
+        # A writable file in a folder this user cannot write: in place, as before (not atomic).
+        typer.echo(f"warning: cannot create a file beside {output} ({exc.strerror}): writing it in place; "
+                   "an interrupted export leaves it partial", err=True)
+        with _written(output, output, None) as out:
+            yield out
+        return
     try:
-        with open(fd, "w", encoding="utf-8", newline="") as out:
+        with _written(fd, output, temporary) as out:
             if existing is not None:
                 os.fchmod(fd, stat.S_IMODE(existing.st_mode))
                 with contextlib.suppress(OSError):  # only root may give the file back to its owner
@@ -253,12 +263,32 @@ def _replacing(output: Path) -> Iterator[TextIO]:
             os.fsync(out.fileno())
         try:
             os.replace(temporary, target)
-        except OSError as exc:
-            _fail("bad_file", f"cannot write {output}: {exc.strerror or exc}")
-    except BaseException:
+        except OSError:
+            # The folder refuses a rename over the file (a sticky folder, another owner's file):
+            # the finished export is copied into it instead.
+            try:
+                shutil.copyfile(temporary, target)
+            except OSError as exc:
+                _fail("bad_file", f"cannot write {output}: {exc.strerror or exc}")
+    finally:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
-        raise
+
+
+@contextmanager
+def _written(file: Any, output: Path, temporary: Path | None) -> Iterator[TextIO]:
+    """``file`` opened for the export; a write that fails (a full disk) is error[bad_file], saying
+    whether ``output`` is unchanged (written through ``temporary``) or partial."""
+    try:
+        out = open(file, "w", encoding="utf-8", newline="")  # noqa: SIM115
+    except OSError as exc:
+        _fail("bad_file", f"cannot write {output}: {exc.strerror or exc}")
+    try:
+        with out:
+            yield out
+    except OSError as exc:
+        state = "unchanged" if temporary is not None else "partial"
+        _fail("bad_file", f"cannot write {output}: {exc.strerror or exc} ({output} is {state})")
 
 
 def cancel(

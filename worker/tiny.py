@@ -14,6 +14,7 @@ The retrieval checkpoint mirrors ``Salesforce/blip-itm-base-coco`` the same way:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -176,8 +177,9 @@ def install_checkpoint(directory: Path, marker: dict[str, Any], write: Callable[
     ``write(folder)`` writes the files into a staging folder beside the target; the marker is written
     last, since its presence means "complete". A new target is the staging folder renamed; an existing
     one (empty, or holding an earlier tiny checkpoint: :func:`check_target` refuses anything else) keeps
-    its inode: the earlier checkpoint's files go, the new ones move in, and its marker is replaced last,
-    so a crash leaves a folder still marked as a tiny checkpoint, which the next call replaces."""
+    its inode: its marker is first made "incomplete", the earlier checkpoint's files go, the new ones
+    move in, and the new marker comes last, so a crash leaves a folder marked as an incomplete tiny
+    checkpoint, which the next call replaces (whatever its settings)."""
     directory = Path(directory)
     if _is_complete(directory, marker):
         return directory
@@ -198,13 +200,19 @@ def install_checkpoint(directory: Path, marker: dict[str, Any], write: Callable[
         if _is_complete(target, marker):  # another writer won the race
             return directory
         check_target(target)
-        for entry in target.iterdir():  # an earlier tiny checkpoint's files, its marker last
+        # Marked incomplete before anything goes: a run cut short here leaves a folder that is still
+        # a tiny checkpoint's (check_target lets the next run replace it) but never one that passes
+        # for complete with files missing.
+        (target / MARKER).write_text(json.dumps({"incomplete": True}))
+        for entry in list(target.iterdir()):  # an earlier tiny checkpoint's files, its marker last
             if entry.name == MARKER:
                 continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
+            # A concurrent writer replacing the same folder may have taken a file first.
+            with contextlib.suppress(FileNotFoundError):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
         for entry in staging.iterdir():
             if entry.name != MARKER:
                 os.replace(entry, target / entry.name)

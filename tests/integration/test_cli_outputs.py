@@ -70,6 +70,55 @@ def test_an_interrupted_export_leaves_the_old_file_whole_and_no_temporary_file(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl"], "the temporary file is removed"
 
 
+def test_a_full_disk_is_a_bad_file_and_leaves_the_old_file_whole(store: Store, database_url: str,
+                                                                  tmp_path: Path, monkeypatch) -> None:
+    job = _job(store, 3)
+    target = tmp_path / "results.jsonl"
+    target.write_text("the old export\n")
+    monkeypatch.setattr(Store, "results", _interrupted_after(10, OSError(28, "No space left on device")))
+    out = CliRunner().invoke(app, ["results", str(job), "-o", str(target)], env={"IMGQ_DATABASE_URL": database_url})
+    assert out.exit_code == 2
+    assert out.stderr.strip() == (f"error[bad_file]: cannot write {target}: No space left on device "
+                                  f"({target} is unchanged)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl"]
+    assert target.read_text() == "the old export\n"
+
+
+def test_a_folder_that_refuses_a_new_file_or_the_rename_still_gets_the_export(
+        store: Store, database_url: str, tmp_path: Path, monkeypatch) -> None:
+    """A writable file in a folder this user cannot write (or a sticky folder refusing the rename):
+    written as before, not refused (root passes every permission check, so the refusals are made)."""
+    import imgq.cli_jobs as cli_jobs
+
+    job = _job(store, 3)
+    env = {"IMGQ_DATABASE_URL": database_url}
+    target = tmp_path / "results.jsonl"
+    real_open, real_replace = os.open, os.replace
+
+    def no_new_file(path: Any, *args: Any, **kw: Any) -> int:
+        if str(path).endswith(".tmp"):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kw)
+
+    target.write_text("old\n")
+    monkeypatch.setattr(cli_jobs.os, "open", no_new_file)
+    out = CliRunner().invoke(app, ["results", str(job), "-o", str(target)], env=env)
+    monkeypatch.setattr(cli_jobs.os, "open", real_open)
+    assert out.exit_code == 0, out.output
+    assert len(target.read_text().splitlines()) == 3 and "writing it in place" in out.stderr
+
+    def no_rename(src: Any, dst: Any) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    target.write_text("old\n")
+    monkeypatch.setattr(cli_jobs.os, "replace", no_rename)
+    out = CliRunner().invoke(app, ["results", str(job), "-o", str(target)], env=env)
+    monkeypatch.setattr(cli_jobs.os, "replace", real_replace)
+    assert out.exit_code == 0, out.output
+    assert len(target.read_text().splitlines()) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl"]
+
+
 def test_a_complete_export_replaces_the_file_and_keeps_its_mode(store: Store, database_url: str,
                                                                 tmp_path: Path) -> None:
     job = _job(store, 3)

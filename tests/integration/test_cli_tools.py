@@ -132,6 +132,29 @@ def test_tiny_model_writes_into_an_empty_folder_and_replaces_only_its_own_checkp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
 
 
+def test_a_replacement_cut_short_is_never_reused_as_complete(tmp_path: Path, monkeypatch) -> None:
+    import imgq.worker.tiny as tiny
+
+    folder = tmp_path / "ckpt"
+    tiny.write_tiny_checkpoint(folder, seed=0)
+    real_replace, moved = os.replace, []
+
+    def interrupted(src: Any, dst: Any) -> None:
+        moved.append(dst)
+        if len(moved) == 2:  # Ctrl-C while the new files move in
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(tiny.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tiny.write_tiny_checkpoint(folder, seed=1)
+    monkeypatch.setattr(tiny.os, "replace", real_replace)
+    # The earlier settings again: the folder must be written anew, not handed back half empty.
+    assert tiny.write_tiny_checkpoint(folder, seed=0) == folder
+    assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+    assert json.loads((folder / tiny.MARKER).read_text())["seed"] == 0
+
+
 # -- 2. db upgrade ----------------------------------------------------------------------------------
 
 
