@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import json
 import logging
 import os
 import sys
@@ -359,6 +360,9 @@ def check(
     job: Annotated[str, typer.Argument(help=JOB_HELP, show_default=False)],
     require_finished: Annotated[bool, typer.Option(help="Also fail (exit 3, error[job_unfinished]) while items "
                                                    "are pending.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout instead of the line: job, "
+                                          "ok, the counts, and offenders (a list of lines); exit codes as "
+                                          "without it.")] = False,
 ) -> None:
     """Verify that every item of a job is accounted for: exactly one result or one dead letter.
 
@@ -367,13 +371,19 @@ def check(
     report = _admin(settings).check(_job_id(job, settings))
     if report is None:
         _fail("not_found", f"no job {job}", 1)
-    typer.echo(f"job {report.job}: total={report.total} done={report.done} dead={report.dead} "
-               f"pending={report.pending} purged={report.purged} "
-               + (f"cancelled={report.cancelled} " if report.cancelled else "") + f"missing={report.missing} "
-               f"duplicates={report.duplicates} mismatched={report.mismatched}"
-               + (f" translations={report.translations}" if report.translations is not None else ""))
-    for line in report.offenders:
-        typer.echo(f"  {line}", err=True)
+    if as_json:
+        counts = ("total", "done", "dead", "pending", "purged", "cancelled", "missing", "duplicates", "mismatched",
+                  "translations")
+        typer.echo(json.dumps({"job": str(report.job), "ok": report.ok,
+                               **{k: getattr(report, k) for k in counts}, "offenders": report.offenders}))
+    else:
+        typer.echo(f"job {report.job}: total={report.total} done={report.done} dead={report.dead} "
+                   f"pending={report.pending} purged={report.purged} "
+                   + (f"cancelled={report.cancelled} " if report.cancelled else "") + f"missing={report.missing} "
+                   f"duplicates={report.duplicates} mismatched={report.mismatched}"
+                   + (f" translations={report.translations}" if report.translations is not None else ""))
+        for line in report.offenders:
+            typer.echo(f"  {line}", err=True)
     if not report.ok:
         raise typer.Exit(1)
     if require_finished and report.pending:

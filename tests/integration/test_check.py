@@ -323,3 +323,21 @@ def test_a_result_of_another_image_names_both_images_and_any_other_difference(st
         f"seq 0 /d/0.jpg: {model_differs}",
         f"seq 1 /d/1.jpg: {model_differs}; caption result of image {image[0]}, the item's image is {image[1]}",
     ]
+
+
+def test_json_gives_the_counts_and_offenders_with_the_same_exit(store, database_url):
+    import json
+
+    job, _ = make_job(store, "caption", n=6)
+    env = {"IMGQ_DATABASE_URL": database_url}
+    healthy = CliRunner().invoke(app, ["check", str(job), "--json"], env=env)
+    assert healthy.exit_code == 0, healthy.output
+    assert json.loads(healthy.stdout) == {"job": str(job), "ok": True, "total": 6, "done": 5, "dead": 1,
+                                          "pending": 0, "purged": 0, "cancelled": 0, "missing": 0, "duplicates": 0,
+                                          "mismatched": 0, "translations": None, "offenders": []}
+    done_without_result(store, job, "caption")
+    broken = CliRunner().invoke(app, ["check", str(job), "--json"], env=env)
+    assert broken.exit_code == 1 and broken.stderr == ""
+    report = json.loads(broken.stdout)
+    assert (report["ok"], report["missing"], len(report["offenders"])) == (False, 1, 1)
+    assert report["offenders"][0].startswith("seq 1 /d/1.jpg")
