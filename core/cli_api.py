@@ -27,11 +27,15 @@ def apikey_create(
     root: Annotated[list[str] | None, typer.Option("--root", help="A local folder the tenant may read (within "
                                                    "IMGQ_LOCAL_ROOTS); repeat for several.")] = None,
     label: Annotated[str, typer.Option(help="What the key is for, shown by `imgq apikey list`.")] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout: key, key_id, tenant and "
+                                          "callback_secret (null for an existing tenant), so a script that "
+                                          "keeps stdout keeps both secrets.")] = False,
 ) -> None:
     """Create an API key for a tenant; print it once (only its hash is stored).
 
-    A new tenant also gets the secret its job callbacks are signed with, printed once on stderr.
-    An existing tenant keeps its sources and gains the --bucket and --root given."""
+    A new tenant also gets the secret its job callbacks are signed with, printed once on stderr
+    (with --json, in the object on stdout). An existing tenant keeps its sources and gains the
+    --bucket and --root given."""
     from imgq.cli import _fail
     from imgq.db.tenancy import TENANT_NAME, check_sources, create_key
 
@@ -51,6 +55,10 @@ def apikey_create(
         key, callback_secret = create_key(engine, tenant, buckets=buckets, roots=roots, label=label)
     finally:
         engine.dispose()
+    if as_json:
+        typer.echo(json.dumps({"key": key, "key_id": key.split("_")[1], "tenant": tenant,
+                               "callback_secret": callback_secret}))
+        return
     if callback_secret is not None:
         typer.echo(f"created tenant {tenant}; its callback signing secret (shown once): {callback_secret}", err=True)
     typer.echo(f"key {key.split('_')[1]} for tenant {tenant} (shown once; store it now)", err=True)

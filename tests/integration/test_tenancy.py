@@ -99,6 +99,13 @@ def test_the_apikey_commands(database_url: str, tmp_path: Path) -> None:
     assert made.exit_code == 0, made.output
     key = made.stdout.strip()
     assert parse_key(key) and "callback signing secret" in made.stderr
+    scripted = runner.invoke(app, ["apikey", "create", "--tenant", "globex", "--json"], env=env)
+    made_json = json.loads(scripted.stdout)
+    assert scripted.exit_code == 0 and scripted.stderr == "" and made_json["tenant"] == "globex"
+    assert parse_key(made_json["key"])[0] == made_json["key_id"]  # type: ignore[index]
+    assert len(made_json["callback_secret"]) >= 32, "a new tenant's secret, on stdout with the key"
+    second = json.loads(runner.invoke(app, ["apikey", "create", "--tenant", "globex", "--json"], env=env).stdout)
+    assert second["callback_secret"] is None, "an existing tenant keeps its secret, never shown again"
     refused = runner.invoke(app, ["apikey", "create", "--tenant", "acme", "--bucket", "other"], env=env)
     assert refused.exit_code == 2 and "error[bad_source]" in refused.stderr
     # The tenant of every job enqueued without --tenant: a key for it would see the operators' jobs.
