@@ -109,6 +109,8 @@ def wait(
     job: Annotated[str, typer.Argument(help=JOB_HELP, show_default=False)],
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds: then exits 1 with "
                                            "error[timeout], counting the items unfinished.")] = 3600,
+    as_json: Annotated[bool, typer.Option("--json", help='Print the final counts as one JSON object, with the '
+                                          'job id ("job"), as status --json does.')] = False,
 ) -> None:
     """Block until every item of a job is done, dead or cancelled, with a progress bar; then print
     its counts.
@@ -127,7 +129,8 @@ def wait(
             summary = _wait_loop(engine, tenant, job_id, bar, deadline, timeout)
     finally:
         engine.dispose()
-    typer.echo(_counts_line(_counts(summary)))
+    counts = _counts(summary)
+    typer.echo(json.dumps({"job": str(job_id), **counts}) if as_json else _counts_line(counts))
 
 
 def _wait_loop(engine: Any, tenant: str, job: uuid.UUID, bar: Any, deadline: float, timeout: float) -> Any:

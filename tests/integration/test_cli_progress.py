@@ -110,6 +110,10 @@ def test_wait_counts_cancelled_items_as_finished_and_says_so(store: Store, datab
     out = CliRunner().invoke(app, ["wait", str(job), "--timeout", "5"], env={"IMGQ_DATABASE_URL": database_url})
     assert out.exit_code == 0, out.output
     assert out.stdout == "queued=0  running=0  done=2  dead=0  cancelled=3  purged=0\n"
+    as_json = CliRunner().invoke(app, ["wait", str(job), "--json"], env={"IMGQ_DATABASE_URL": database_url})
+    assert as_json.exit_code == 0, as_json.output
+    assert json.loads(as_json.stdout) == {"job": str(job), "queued": 0, "running": 0, "done": 2, "dead": 0,
+                                          "cancelled": 3, "purged": 0}
 
 
 def test_cancel_cancels_any_tenants_job_prints_its_counts_and_is_harmless_repeated(
