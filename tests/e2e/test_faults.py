@@ -112,8 +112,12 @@ def test_a_cancel_as_a_worker_is_killed_runs_nothing_queued_and_loses_nothing(
     victim = start_worker(settings, slow_tiny_model_dir, tmp_path, "victim")
     survivor = start_worker(settings, slow_tiny_model_dir, tmp_path, "survivor")
     try:
+        _wait_for_workers(store, 2)  # both models loaded: both take messages
         job = enqueue(settings, tmp_path, refs, per_message=4)
-        wait_done_at_least(store, job, 8)
+        deadline = time.monotonic() + 60
+        while not _states(store, job, worker=f"%:{victim.pid}").get("running"):
+            assert time.monotonic() < deadline, "the victim never took any work"
+            time.sleep(0.05)
         victim.send_signal(signal.SIGKILL)  # its running items are the reaper's now
         victim.wait()
         out = run_cli(settings, "cancel", job)
@@ -132,6 +136,17 @@ def test_a_cancel_as_a_worker_is_killed_runs_nothing_queued_and_loses_nothing(
     after = _states(store, job)
     assert {after[seq] for seq in held["running"]} == {"cancelled"}
     check_job(settings, job)
+
+
+def _wait_for_workers(store: Store, n: int) -> None:
+    """Until ``n`` workers beat (a heartbeat row: the model is loaded)."""
+    deadline = time.monotonic() + 90
+    while True:
+        with store.engine.connect() as conn:
+            if conn.execute(text("SELECT count(*) FROM workers")).scalar_one() >= n:
+                return
+        assert time.monotonic() < deadline, "the workers never started"
+        time.sleep(0.2)
 
 
 def _states(store: Store, job: str, worker: str = "%") -> dict[Any, Any]:
