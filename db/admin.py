@@ -473,9 +473,9 @@ class Feeding:
             rows = self.conn.execute(_JOB_BACKLOG, {"queue": self.queue, "job": job}).all()
         return [Waiting(*row) for row in rows]
 
-    def cancel_waiting(self, job: uuid.UUID, limit: int) -> int:
-        """Cancel up to ``limit`` waiting items of a cancelled job that nobody is sweeping."""
-        return cancel_waiting(self.conn, job, limit)
+    def cancel_waiting(self, job: uuid.UUID) -> int:
+        """Cancel a chunk of a cancelled job's waiting items, unless its cancel is still sweeping."""
+        return cancel_waiting(self.conn, job)
 
     def in_flight(self) -> dict[uuid.UUID, tuple[str, int]]:
         """Items published and not final, per job of this queue: ``{job: (tenant, items)}``."""

@@ -135,22 +135,16 @@ UPDATE jobs SET cancelled_items = cancelled_items + c.n
 FROM (SELECT job_id, count(*) AS n FROM {items} WHERE state = 'cancelled' GROUP BY job_id) c
 WHERE jobs.id = c.job_id"""
 
-# A released item of a job cancelled meanwhile ends cancelled: its retry message finds nothing to run.
 # published_at: when its retry message went out (just before), which the lost-message sweep
 # compares with what its lane has let go of (imgq.feeding.PushLog): a deep lane may still hold it.
-_RELEASE = text(f"""
-WITH released AS (
-  UPDATE job_items i SET state = CASE WHEN j.cancelled_at IS NULL THEN 'queued' ELSE 'cancelled' END,
-         updated_at = now(), published_at = now()
-  FROM jobs j
-  WHERE j.id = i.job_id AND i.job_id = :job AND i.seq = ANY(CAST(:seqs AS int[])) AND i.state = 'running'
-  RETURNING i.job_id, i.state
-){COUNT_CANCELLED.format(items="released")}
+_RELEASE = text("""
+UPDATE job_items SET state = 'queued', updated_at = now(), published_at = now()
+WHERE job_id = :job AND seq = ANY(CAST(:seqs AS int[])) AND state = 'running'
 """)
 
-# Released items of a job whose mark committed while the release waited (its statement read the
-# job before): cancelled now, in the release's transaction, so a cancel's sweep that passed them
-# while they ran does not leave them queued (imgq.db.cancelling).
+# Then, in the same transaction, a released item of a cancelled job ends cancelled (its retry
+# message finds nothing to run): a statement of its own, begun after the release, so it also sees a
+# mark that committed while the release waited for its rows (imgq.db.cancelling).
 _CANCEL_IF_MARKED = text(f"""
 WITH items AS (
   UPDATE job_items i SET state = 'cancelled', updated_at = now()

@@ -33,7 +33,6 @@ from celery import Celery
 from imgq.contract import TaskMessage
 from imgq.cost import item_cost
 from imgq.db.admin import LEADER_LOCK, LEADER_UNLOCK, Admin, LiveHolders
-from imgq.db.cancelling import CHUNK as CANCEL_CHUNK
 from imgq.feeding import LANES, TOP_LANE, Backlog, PushLog, lane, lane_slots, plan
 from imgq.publish import chunk_messages, publish, tasks_from_record
 
@@ -180,7 +179,7 @@ class Feeder:
                     # A cancel whose sweep did not finish (its process died, imgq.db.cancelling):
                     # a chunk of each such job a cycle, never published.
                     if not cancels_swept:
-                        report.cancelled = sum(tx.cancel_waiting(j, CANCEL_CHUNK) for j in cancelled)
+                        report.cancelled = sum(tx.cancel_waiting(j) for j in cancelled)
                         cancels_swept = True
                     waiting = {j: w for j, w in waiting.items() if not w.cancelled}
                 if job is None:  # forget jobs with nothing left waiting
