@@ -17,7 +17,7 @@ import redis
 from sqlalchemy import text
 
 from imgq.db.store import Store
-from tests.e2e.helpers import check_job, enqueue_listing, jpeg_bytes, start_worker, stop, wait_finished
+from tests.e2e.helpers import check_job, enqueue_listing, jpeg_bytes, run_cli, start_worker, stop, wait_finished
 
 pytestmark = pytest.mark.e2e
 
@@ -174,17 +174,22 @@ def test_wiping_redis_mid_job_costs_at_most_the_window(make_settings, redis_serv
 
 def test_a_high_priority_job_starts_within_one_window(make_settings, image_root, tmp_path):
     settings = make_settings(**SMALL)
-    big = enqueue_listing(settings, tmp_path, images(image_root, 200, "big"))
+    # Big enough that it still waits once the urgent enqueue (a CLI subprocess: seconds on a loaded
+    # CI machine, ~90 items' worth once) returns; cancelled once the urgent job is done.
+    big = enqueue_listing(settings, tmp_path, images(image_root, 500, "big"))
+    urgent_refs = images(image_root, 40, "urgent")
     store = Store.from_url(settings.database_url)
     worker = start_worker(settings, Path(settings.caption_model), tmp_path, "w0", "--concurrency", str(CONCURRENCY))
     try:
         wait_for(lambda: store.counts(big)["done"] >= 10, 60, "no progress")
-        urgent = enqueue_listing(settings, tmp_path, images(image_root, 40, "urgent"), "--priority", "10")
+        urgent = enqueue_listing(settings, tmp_path, urgent_refs, "--priority", "10")
         assert store.counts(big)["queued"] > 100, "the big job must still be waiting when the urgent one comes"
-        totals = wait_finished(store, [big, urgent], timeout=90, procs=[worker], log_dir=tmp_path)
+        totals = wait_finished(store, [urgent], timeout=90, procs=[worker], log_dir=tmp_path)
+        assert run_cli(settings, "cancel", str(big)).returncode == 0
+        wait_finished(store, [big], timeout=60, procs=[worker], log_dir=tmp_path)
     finally:
         stop(worker)
-    assert totals["done"] == 240
+    assert totals["done"] == 40
     order = done_order(store)
     with store.engine.connect() as conn:
         before = conn.execute(text("SELECT count(*) FROM job_items WHERE job_id = :j AND state = 'done' "
