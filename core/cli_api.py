@@ -115,11 +115,14 @@ def apikey_limits(
                                                    "item_cost.")] = None,
     unset: Annotated[list[str] | None, typer.Option("--unset", help="NAME, repeatable: back to the setting's "
                                                     "default.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout: tenant, limits (every one, "
+                                          "as the API applies it) and own (those the tenant sets).")] = False,
 ) -> None:
     """Show or change a tenant's limits (per-minute requests, refs per request, priority cap, cost
-    limits); the API applies a change within a second. Without --set or --unset, prints them."""
+    limits); the API applies a change within a second. Prints every limit after the change, each
+    with where it comes from: the tenant's own or the IMGQ_ setting that gives its default."""
     from imgq.cli import _fail
-    from imgq.db.tenancy import parse_limits, set_limits
+    from imgq.db.tenancy import effective_limits, parse_limits, set_limits
 
     _check_limit_types(set_ or [])
     try:
@@ -130,16 +133,22 @@ def apikey_limits(
     if both:
         _fail("bad_request", "; ".join(f"--set {name} and --unset {name} contradict each other: choose one"
                                        for name in both))
-    _, engine = _engine()
+    settings, engine = _engine()
     try:
-        limits = set_limits(engine, tenant, changes, unset or [])
+        own = set_limits(engine, tenant, changes, unset or [])
     except ValueError as exc:
         _fail("bad_request", str(exc))
     finally:
         engine.dispose()
-    if limits is None:
+    if own is None:
         _fail("not_found", f"no tenant {tenant!r} (`imgq apikey create --tenant {tenant}` makes one)", 1)
-    typer.echo(json.dumps(limits, sort_keys=True))
+    limits = effective_limits(settings, own)
+    if as_json:
+        typer.echo(json.dumps({"tenant": tenant, "limits": {name: value for name, value, _ in limits},
+                               "own": own}, sort_keys=True))
+        return
+    for name, value, setting in limits:
+        typer.echo(f"{name:<20} {value:<10} {'own' if setting is None else f'default ({setting})'}")
 
 
 # What a limit's value must be, in words (LIMIT_TYPES holds the Python types).

@@ -202,6 +202,25 @@ LIMIT_TYPES: dict[str, type] = {
     "num_beams": int, "max_new_tokens": int, "item_cost": float,
 }
 
+# The setting that gives each limit its default where the tenant sets none.
+LIMIT_DEFAULTS: dict[str, str] = {
+    "requests_per_minute": "api_requests_per_minute", "max_refs": "api_max_refs", "max_priority": "api_priority",
+    "num_beams": "max_num_beams", "max_new_tokens": "max_new_tokens", "item_cost": "max_item_cost",
+}
+
+
+def effective_limits(settings: Any, own: dict[str, Any]) -> list[tuple[str, Any, str | None]]:
+    """Every limit as the API applies it: ``(name, value, setting)``, with ``setting`` the
+    IMGQ_ variable the value comes from, or None where it is the tenant's own."""
+    out: list[tuple[str, Any, str | None]] = []
+    for name, setting in LIMIT_DEFAULTS.items():
+        if own.get(name) is not None:
+            out.append((name, own[name], None))
+        else:
+            out.append((name, getattr(settings, setting), f"IMGQ_{setting.upper()}"))
+    return out
+
+
 _SET_LIMITS = text("""
 UPDATE tenants SET limits = (limits - CAST(:unset AS text[])) || CAST(:changes AS jsonb)
 WHERE name = :tenant RETURNING limits

@@ -129,12 +129,20 @@ def test_tenant_limits_are_set_and_unset_from_the_cli_and_reach_the_verified_key
     env = {"IMGQ_DATABASE_URL": database_url, "IMGQ_ALLOWED_BUCKETS": "photos"}
     runner = CliRunner()
     key = runner.invoke(app, ["apikey", "create", "--tenant", "acme", "--bucket", "photos"], env=env).stdout.strip()
-    changed = runner.invoke(app, ["apikey", "limits", "acme", "--set", "num_beams=4", "--set", "item_cost=2.5",
-                                  "--set", "requests_per_minute=30"], env=env)
+    shown = runner.invoke(app, ["apikey", "limits", "acme"], env=env | {"IMGQ_API_MAX_REFS": "77"})
+    assert shown.exit_code == 0, shown.output
+    # A fresh tenant sets nothing: every limit is shown with the setting its value comes from.
+    assert "max_refs             77         default (IMGQ_API_MAX_REFS)" in shown.stdout.splitlines()
+    assert len(shown.stdout.splitlines()) == 6 and "own" not in shown.stdout.replace("(", " ").split()
+    changed = runner.invoke(app, ["apikey", "limits", "acme", "--json", "--set", "num_beams=4", "--set",
+                                  "item_cost=2.5", "--set", "requests_per_minute=30"], env=env)
     assert changed.exit_code == 0, changed.output
-    assert json.loads(changed.stdout) == {"num_beams": 4, "item_cost": 2.5, "requests_per_minute": 30}
+    assert json.loads(changed.stdout)["own"] == {"num_beams": 4, "item_cost": 2.5, "requests_per_minute": 30}
+    assert json.loads(changed.stdout)["limits"] == {"num_beams": 4, "item_cost": 2.5, "requests_per_minute": 30,
+                                                    "max_refs": 10_000, "max_priority": 10, "max_new_tokens": 128}
     unset = runner.invoke(app, ["apikey", "limits", "acme", "--unset", "num_beams"], env=env)
-    assert json.loads(unset.stdout) == {"item_cost": 2.5, "requests_per_minute": 30}
+    assert "num_beams            8          default (IMGQ_MAX_NUM_BEAMS)" in unset.stdout.splitlines()
+    assert "item_cost            2.5        own" in unset.stdout.splitlines()
     engine = make_engine(database_url)
     try:
         principal = verify_key(engine, key)
