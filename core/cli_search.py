@@ -103,6 +103,10 @@ def search(
         _fail(exc.code, exc.message, 1 if isinstance(exc, errors.Permanent | errors.ModelUnavailable) else 2)
     finally:
         engine.dispose()
+    if not hits:  # the model and revision have embeddings (else NoEmbeddings): the filters left none
+        where = [f"in bucket {bucket!r}"] * (bucket is not None) + [f"under prefix {prefix!r}"] * (prefix is not None)
+        other = " other than the query image" if exclude is not None else ""
+        typer.echo(f"no matches: no image{other} embedded by {name} {' and '.join(where)}".rstrip(), err=True)
     for hit in hits:
         if as_json:
             typer.echo(json.dumps({"ref": hit.ref, "similarity": round(hit.similarity, 6), "caption": hit.caption,
