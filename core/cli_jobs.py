@@ -191,12 +191,15 @@ def results(
         rows = _explanations(settings, job_id)
     if output is None:
         _write_rows(rows, sys.stdout, fmt, explain)
-        return
-    from tqdm import tqdm
+    else:
+        from tqdm import tqdm
 
-    with _replacing(output) as out, tqdm(unit="row", desc="writing", file=sys.stderr, disable=None) as bar:
-        # disable=None: no bar when stderr is not a terminal (cron, CI logs), as `imgq wait`.
-        _write_rows(rows, out, fmt, explain, bar.update)
+        with _replacing(output) as out, tqdm(unit="row", desc="writing", file=sys.stderr, disable=None) as bar:
+            # disable=None: no bar when stderr is not a terminal (cron, CI logs), as `imgq wait`.
+            _write_rows(rows, out, fmt, explain, bar.update)
+    if purged := store.purged(job_id):  # their rows are gone: say so, or the export looks short
+        typer.echo(f"note: {purged:,} dead-lettered items of this job were purged (`imgq dlq purge`) "
+                   "and are not in this export", err=True)
 
 
 def _write_rows(rows: Any, out: TextIO, fmt: str, explain: bool, written: Callable[[int], Any] | None = None) -> None:

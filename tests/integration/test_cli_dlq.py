@@ -88,6 +88,21 @@ def test_dlq_retry_of_an_item_the_job_does_not_have_is_a_bad_filter(store: Store
         f"error[bad_filter]: --id {job}:1: item 1 of job {job} was a dead letter, purged since (`imgq dlq purge`)\n")
 
 
+def test_results_of_a_job_with_purged_dead_letters_says_they_are_missing(store: Store, database_url: str) -> None:
+    job = create_job(store, [caption_task("m")], ["/d/0.jpg", "/d/1.jpg", "/d/2.jpg"])
+    store.claim(job, [0, 1], "w1")
+    store.write_dead([DeadRow(job, 1, "not_an_image", "no", "w1")])
+    env = {"IMGQ_DATABASE_URL": database_url}
+    whole = CliRunner().invoke(app, ["results", str(job)], env=env)
+    assert whole.exit_code == 0 and whole.stderr == "" and len(whole.stdout.splitlines()) == 3, whole.output
+    assert Admin(store.engine).purge(dt.timedelta(0)) == 1
+    short = CliRunner().invoke(app, ["results", str(job)], env=env)
+    assert short.exit_code == 0, short.output
+    assert [json.loads(line)["seq"] for line in short.stdout.splitlines()] == [0, 2]
+    assert short.stderr == ("note: 1 dead-lettered items of this job were purged (`imgq dlq purge`) and are not "
+                            "in this export\n")
+
+
 def test_dlq_retry_of_an_item_that_is_no_dead_letter_says_why_nothing_was_requeued(
         store: Store, database_url: str, broker_url: str) -> None:
     job = create_job(store, [caption_task("m")], ["/d/0.jpg", "/d/1.jpg", "/d/2.jpg"])
