@@ -32,6 +32,11 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision: he
     if not relative and _resolve(script, revision) is None:
         _fail("bad_revision", _unknown(script, revision))
     before = _current(settings.sync_database_url)
+    if unknown := [rev for rev in before if _resolve(script, rev) is None]:
+        # Alembic would fail with "Can't locate revision": a newer imgq migrated this database.
+        _fail("db_newer", f"the database is at revision {', '.join(unknown)}, which this imgq's migrations "
+              f"({_known(script)}) do not have: a newer imgq migrated it; run that version (`upgrade` never "
+              "downgrades)", 1)
     try:
         command.upgrade(config, revision)
     except CommandError as exc:
@@ -61,11 +66,14 @@ def _resolve(script: Any, revision: str) -> tuple[str, ...] | None:
         return None
 
 
-def _unknown(script: Any, revision: str, why: str | None = None) -> str:
+def _known(script: Any) -> str:
     ids = [r.revision for r in script.walk_revisions()][::-1]
-    known = f"{ids[0]} to {ids[-1]}" if ids else "none"
+    return f"{ids[0]} to {ids[-1]}" if ids else "none"
+
+
+def _unknown(script: Any, revision: str, why: str | None = None) -> str:
     return (f"unknown revision {revision!r}{f' ({why})' if why else ''}: give head, or a revision of this imgq's "
-            f"migrations ({known})")
+            f"migrations ({_known(script)})")
 
 
 def _current(database_url: str) -> tuple[str, ...]:

@@ -208,6 +208,27 @@ def test_db_upgrade_reports_the_revision_the_database_is_at(database_url: str) -
     assert len(beyond.stderr.splitlines()) == 1 and _current(database_url) == head
 
 
+@pytest.mark.integration
+def test_db_upgrade_of_a_database_a_newer_imgq_migrated_says_so(database_url: str) -> None:
+    from sqlalchemy import text
+
+    from imgq.db.store import make_engine
+
+    head, engine = _head(), make_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE alembic_version SET version_num = '0099_future'"))
+        out = CliRunner().invoke(app, ["db", "upgrade"], env={"IMGQ_DATABASE_URL": database_url})
+        assert out.exit_code == 1, out.output
+        assert out.stderr.startswith("error[db_newer]: the database is at revision 0099_future, which this imgq's "
+                                     f"migrations (0001 to {head}) do not have: a newer imgq migrated it")
+        assert len(out.stderr.splitlines()) == 1 and _current(database_url) == "0099_future"
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE alembic_version SET version_num = :head"), {"head": head})
+        engine.dispose()
+
+
 @pytest.mark.parametrize("revision", ["bogusrev", "9999"])
 def test_db_upgrade_to_an_unknown_revision_is_bad_input_naming_it(revision: str) -> None:
     out = _main("db", "upgrade", revision)  # refused before Postgres (unreachable here) is asked
