@@ -553,8 +553,10 @@ def main() -> None:
         print("error[interrupted]: aborted", file=sys.stderr)
         raise SystemExit(130) from None
     except Exception as exc:  # whatever a command did not handle: one line, never a traceback
-        if debug():
-            raise
+        if debug():  # the traceback, then the same line and exit code as without --debug
+            import traceback
+
+            traceback.print_exc()
         code, message, exit_code = describe(exc)
         print(f"error[{code}]: {message}", file=sys.stderr)
         raise SystemExit(exit_code) from None

@@ -102,7 +102,9 @@ def test_bad_filters_and_settings_are_refused_by_name(make_settings):
 def test_debug_shows_the_traceback(make_settings, tmp_path: Path):
     settings = make_settings(database_url=f"postgresql+psycopg://postgres@/imgq?host={tmp_path}")
     out = run_cli(settings, "--debug", "status", JOB)
-    assert out.returncode != 0 and "Traceback" in out.stderr
+    # The traceback, then the documented line and exit code, as without --debug.
+    assert out.returncode == 1 and "Traceback" in out.stderr
+    assert out.stderr.splitlines()[-1].startswith("error[db_unavailable]: cannot use Postgres"), out.stderr[-500:]
 
 
 def test_an_s3_prefix_that_cannot_be_listed_accepts_nothing_and_says_so(make_settings, store):
