@@ -328,6 +328,8 @@ def test_the_page_and_its_login_count_against_the_keys_rate_limit(api: Api):
     with api.store.engine.begin() as conn:
         conn.execute(text("""UPDATE tenants SET limits = '{"requests_per_minute": 3}' WHERE name = 'slow'"""))
     same_site = {"Sec-Fetch-Site": "same-origin"}
+    if time.time() % 60 > 45:  # the window is the clock's minute: keep the five requests within one
+        time.sleep(60 - time.time() % 60 + 0.1)
     with api.client() as client:
         logins = [client.post("/ui/login", data={"key": key}, headers=same_site).status_code for _ in range(2)]
         pages = [client.get("/ui").status_code for _ in range(2)]

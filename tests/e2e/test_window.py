@@ -105,7 +105,7 @@ def test_a_backlog_far_bigger_than_the_window_never_overflows_it(make_settings, 
 def test_killing_the_feeders_worker_hands_the_lock_to_another(make_settings, image_root, slow_tiny_model_dir,
                                                                 tmp_path):
     settings = make_settings(caption_model=str(slow_tiny_model_dir), **SMALL)
-    n = 120
+    n = 240  # seconds of backlog left in Postgres when the poll sees 8 done, even on a loaded host
     store = Store.from_url(settings.database_url)
     procs = {name: start_worker(settings, slow_tiny_model_dir, tmp_path, name, "--concurrency", str(CONCURRENCY))
              for name in ("a", "b")}
@@ -137,7 +137,7 @@ def test_killing_the_feeders_worker_hands_the_lock_to_another(make_settings, ima
 def test_wiping_redis_mid_job_costs_at_most_the_window(make_settings, redis_server, image_root,
                                                        slow_tiny_model_dir, tmp_path):
     settings = make_settings(caption_model=str(slow_tiny_model_dir), **SMALL)
-    n = 80
+    n = 160  # seconds of backlog left in Postgres when the poll sees 8 done, even on a loaded host
     job = enqueue_listing(settings, tmp_path, images(image_root, n))
     store = Store.from_url(settings.database_url)
     worker = start_worker(settings, slow_tiny_model_dir, tmp_path, "w0", "--concurrency", str(CONCURRENCY))

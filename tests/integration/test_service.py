@@ -294,10 +294,10 @@ class TricklingEngine(RecordingEngine):
 
 
 def test_a_message_that_never_settles_times_out_at_its_limit(store: Store):
-    """The limit bounds the whole message: ten items settling 0.2 s apart each come within a
+    """The limit bounds the whole message: fifty items settling 0.2 s apart each come within a
     0.3 s wait of the last, so a limit per item (or one restarted per item) would never fire."""
     task = caption_task("m")
-    refs = [f"/d/{i}.jpg" for i in range(10)]
+    refs = [f"/d/{i}.jpg" for i in range(50)]
     job = create_job(store, [task], refs)
     svc = MessageService(store=store, engine=TricklingEngine([task], every_s=0.2),  # type: ignore[arg-type]
                          policy=RetryPolicy(3, 0.01, 0.01), publish=lambda messages, delay: None, time_limit_s=0.3)
@@ -316,8 +316,8 @@ def test_a_message_that_never_settles_times_out_at_its_limit(store: Store):
     elapsed = time.monotonic() - started
     assert not thread.is_alive(), "waited past the time limit"
     assert len(raised) == 1 and isinstance(raised[0], TimeoutError), "unacknowledged: it must raise"
-    # The items take 2 s in all; wide of both, so a loaded host cannot fail it.
-    assert 0.25 <= elapsed < 1.5, f"the limit is for the whole message, not per item ({elapsed:.2f}s)"
+    # The items take 10 s in all; wide of both, so a loaded host cannot fail it.
+    assert 0.25 <= elapsed < 5, f"the limit is for the whole message, not per item ({elapsed:.2f}s)"
 
 
 def test_the_items_a_forged_message_gets_wrong_are_counted(store: Store, caplog):
