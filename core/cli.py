@@ -31,7 +31,7 @@ from imgq import (
 )
 
 # Imported here also for cli_api, cli_backfill, cli_finetune and cli_adapters, which read _settings, _fail,
-# _params_json and _feeder from imgq.cli.
+# _params_json, _feeder and _require_schema from imgq.cli.
 from imgq.cli_common import (
     JOB_HELP,
     _admin,
@@ -41,6 +41,7 @@ from imgq.cli_common import (
     _job_id,
     _n,
     _params_json,
+    _require_schema,
     _settings,
     _store,
     _warn_publish_failed,
@@ -329,6 +330,7 @@ def worker(
     settings = _settings(max_batch=max_batch, max_wait_ms=max_wait_ms, device=device,
                          messages_in_flight=concurrency, decode_threads=decode_threads,
                          torch_threads=torch_threads, kinds=kinds)
+    _require_schema(settings)  # before the models load (minutes from the hub)
     try:
         from imgq.worker.app import WorkerRuntime, make_worker_app
     except ImportError as exc:

@@ -182,7 +182,7 @@ def api(
 ) -> None:
     """Serve the HTTP API (OpenAPI at /docs): jobs, results, images and search for the tenants'
     keys (`imgq apikey create`), and the jobs page at /ui."""
-    from imgq.cli import _fail, _settings
+    from imgq.cli import _fail, _require_schema, _settings
 
     try:
         import uvicorn
@@ -191,6 +191,7 @@ def api(
     except ImportError as exc:
         _fail("missing_extra", f"the API needs the api extra: pip install 'imgq[api]' ({exc})")
     settings = _settings()  # checked here, so a bad setting is one error line, not one per worker
+    _require_schema(settings)
     options = {"host": host or settings.api_bind, "port": port or settings.api_port, "log_level": "info",
                "proxy_headers": False, "server_header": False, "access_log": access_log}
     if workers > 1:  # each process builds its app from the same IMGQ_* environment

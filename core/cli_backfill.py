@@ -172,7 +172,7 @@ def beat(
     By default one process both schedules and runs them: beat sends an `imgq.backfill` task (JSON)
     to IMGQ_CONTROL_QUEUE at each due time, and this process consumes it, one backfill at a time.
     Run one scheduler only; several consumers are safe (a backfill's lock refuses a second run)."""
-    from imgq.cli import _fail, _settings
+    from imgq.cli import _fail, _require_schema, _settings
     from imgq.producer.beat import make_control_app
 
     if send_only and consume_only:
@@ -185,6 +185,8 @@ def beat(
     problems = check_configured(settings)  # as each run will define it: refused now, not every night
     if problems:
         _fail("config_error", "; ".join(problems) + " (docs/backfill.md)")
+    if not send_only:  # the runs write jobs; the scheduler alone only sends tasks
+        _require_schema(settings)
     app = make_control_app(settings)
     schedule_file.parent.mkdir(parents=True, exist_ok=True)
     if send_only:

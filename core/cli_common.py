@@ -93,6 +93,25 @@ def _fail(code: str, message: str, exit_code: int = 2) -> typer.Exit:
     raise typer.Exit(exit_code)
 
 
+def _require_schema(settings: Settings) -> None:
+    """Before a long-running process starts: a database without this imgq's schema, or behind it, is
+    error[db_schema] (exit 1); one a newer imgq migrated is a warning, so that the usual rolling
+    upgrade (migrate, then replace the processes) keeps the old ones starting."""
+    from imgq.db.schema import schema_state
+    from imgq.db.store import make_engine
+
+    engine = make_engine(settings.sync_database_url)
+    try:
+        state = schema_state(engine)
+    finally:
+        engine.dispose()
+    problem = state.describe()
+    if problem is not None and state.newer:
+        typer.echo(f"warning[db_newer]: {problem}; starting anyway", err=True)
+    elif problem is not None:
+        _fail("db_schema", problem, 1)
+
+
 def _job_id(raw: str, settings: Settings | None = None) -> uuid.UUID:
     """A job id; with ``settings``, also one that exists (else error[not_found], exit 1)."""
     try:

@@ -78,14 +78,12 @@ def _unknown(script: Any, revision: str, why: str | None = None) -> str:
 
 def _current(database_url: str) -> tuple[str, ...]:
     """The revisions the database is at, read from it (() before the first migration)."""
-    from alembic.runtime.migration import MigrationContext
-
+    from imgq.db.schema import schema_state
     from imgq.db.store import make_engine
 
     engine = make_engine(database_url)
     try:
-        with engine.connect() as conn:
-            return tuple(sorted(MigrationContext.configure(conn).get_current_heads()))
+        return schema_state(engine).current
     finally:
         engine.dispose()
 

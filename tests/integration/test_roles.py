@@ -108,3 +108,16 @@ def test_each_role_can_do_its_services_work(deployed: dict[str, str]):
         conn.execute(text("DELETE FROM acceptances"))
     for store in (producer, owner, worker, api, reader):
         store.engine.dispose()
+
+
+def test_every_service_role_reads_the_schema_revision_it_checks_at_start(deployed: dict[str, str]):
+    """`imgq worker`, `imgq api` and `imgq beat` check the revision before they start, as their own role."""
+    from imgq.db.schema import schema_state
+
+    for role in ("producer", "worker", "api"):
+        engine = Store.from_url(deployed[role]).engine
+        try:
+            state = schema_state(engine)
+        finally:
+            engine.dispose()
+        assert state.current == (state.head,) and state.describe() is None, (role, state)

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from imgq import cli as cli_module
 from imgq.cli import app
 from imgq.db.backfills import Listed
 from imgq.producer import backfill as backfill_module
@@ -39,6 +40,7 @@ class NotStarted:
 @pytest.mark.parametrize("mode", [[], ["--send-only"], ["--consume-only"]])
 def test_beat_refuses_at_start_every_configured_backfill_that_would_fail_each_night(monkeypatch, tmp_path, mode):
     monkeypatch.setattr(beat_module, "make_control_app", NotStarted)
+    monkeypatch.setattr(cli_module, "_require_schema", lambda settings: None)  # no Postgres here
     schedule = ["--schedule-file", str(tmp_path / "schedule")]
     good = {"name": "ok", "source": "s3://photos/2026/", "kinds": "caption,embed", "params": {"num_beams": 3}}
     for bad, problem in [

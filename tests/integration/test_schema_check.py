@@ -1,0 +1,90 @@
+"""The long-running processes check the database's schema revision before they start: an imgq
+upgraded without `imgq db upgrade` stops with one line, before its model loads."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from alembic import command
+from typer.testing import CliRunner
+
+from imgq.cli import app
+from imgq.db.migrate import alembic_config
+from imgq.db.schema import schema_state
+from imgq.db.store import make_engine
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def older(database_url: str) -> Iterator[str]:
+    """The test database two migrations behind, restored to head afterwards."""
+    head = schema_state(make_engine(database_url)).head
+    command.downgrade(alembic_config(database_url), "-2")
+    try:
+        yield head
+    finally:
+        command.upgrade(alembic_config(database_url), "head")
+
+
+def _state(database_url: str):  # type: ignore[no-untyped-def]
+    engine = make_engine(database_url)
+    try:
+        return schema_state(engine)
+    finally:
+        engine.dispose()
+
+
+def test_a_database_at_head_passes_one_behind_or_empty_is_described(database_url: str) -> None:
+    state = _state(database_url)
+    assert state.current == (state.head,) and not state.behind and not state.newer and state.describe() is None
+    behind = type(state)(("0001",), state.head, state.known)
+    assert behind.behind and behind.describe() == (
+        f"the database is at revision 0001 and this imgq needs {state.head}: run `imgq db upgrade`")
+    empty = type(state)((), state.head, state.known)
+    assert empty.behind and empty.describe() == "the database has no imgq schema: run `imgq db upgrade`"
+    newer = type(state)(("0099_future",), state.head, state.known)
+    assert newer.newer and not newer.behind and "newer than this imgq's migrations" in (newer.describe() or "")
+
+
+@pytest.mark.parametrize("command_line", [["worker"], ["api"], ["beat", "--consume-only"]])
+def test_worker_api_and_beat_refuse_an_older_schema_before_they_start(
+        older: str, database_url: str, tmp_path: Path, command_line: list[str]) -> None:
+    env = {"IMGQ_DATABASE_URL": database_url, "IMGQ_CAPTION_MODEL": str(tmp_path / "no-model"),
+           "IMGQ_BACKFILLS": "[]"}
+    extra = ["--schedule-file", str(tmp_path / "schedule")] if command_line[0] == "beat" else []
+    out = CliRunner().invoke(app, [*command_line, *extra], env=env)
+    assert out.exit_code == 1, out.output
+    # Refused before anything else: the model would be model_unavailable (it does not exist).
+    current = _state(database_url).current
+    assert out.stderr == (f"error[db_schema]: the database is at revision {', '.join(current)} and this imgq "
+                          f"needs {older}: run `imgq db upgrade`\n")
+
+
+def test_a_newer_schema_is_a_warning_and_the_process_starts(database_url: str, tmp_path: Path, monkeypatch) -> None:
+    """A rolling upgrade migrates first: the previous version's processes must still start."""
+    from types import SimpleNamespace
+
+    from sqlalchemy import text
+
+    from imgq.producer import beat as beat_module
+
+    started: list[bool] = []
+    monkeypatch.setattr(beat_module, "make_control_app", lambda settings: SimpleNamespace(
+        Worker=lambda **_: SimpleNamespace(start=lambda: started.append(True), exitcode=0)))
+    engine = make_engine(database_url)
+    head = _state(database_url).head
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE alembic_version SET version_num = '0099_future'"))
+        out = CliRunner().invoke(app, ["beat", "--consume-only", "--schedule-file", str(tmp_path / "schedule")],
+                                 env={"IMGQ_DATABASE_URL": database_url, "IMGQ_BACKFILLS": "[]"})
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE alembic_version SET version_num = :head"), {"head": head})
+        engine.dispose()
+    assert out.exit_code == 0 and started == [True], out.output
+    assert out.stderr == (f"warning[db_newer]: the database is at revision 0099_future, newer than this imgq's "
+                          f"migrations (head {head}): a newer imgq migrated it; starting anyway\n")
