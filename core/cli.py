@@ -330,11 +330,11 @@ def worker(
     settings = _settings(max_batch=max_batch, max_wait_ms=max_wait_ms, device=device,
                          messages_in_flight=concurrency, decode_threads=decode_threads,
                          torch_threads=torch_threads, kinds=kinds)
-    _require_schema(settings)  # before the models load (minutes from the hub)
     try:
         from imgq.worker.app import WorkerRuntime, make_worker_app
     except ImportError as exc:
         _fail("missing_extra", f"the worker needs the worker extra: pip install 'imgq[worker]' ({exc})")
+    _require_schema(settings)  # before the models load (minutes from the hub)
     try:
         runtime = WorkerRuntime(settings)
         celery_app = make_worker_app(settings, runtime)

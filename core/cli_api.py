@@ -115,12 +115,14 @@ def apikey_limits(
                                                    "item_cost.")] = None,
     unset: Annotated[list[str] | None, typer.Option("--unset", help="NAME, repeatable: back to the setting's "
                                                     "default.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout: tenant, limits (every one, "
-                                          "as the API applies it) and own (those the tenant sets).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout: tenant, limits (every one; "
+                                          "defaults from this environment's IMGQ_ settings) and own (those "
+                                          "the tenant sets).")] = False,
 ) -> None:
     """Show or change a tenant's limits (per-minute requests, refs per request, priority cap, cost
     limits); the API applies a change within a second. Prints every limit after the change, each
-    with where it comes from: the tenant's own or the IMGQ_ setting that gives its default."""
+    with where it comes from: the tenant's own, or the IMGQ_ setting that gives its default (read
+    from this command's environment: run it with the API's settings to see what the API applies)."""
     from imgq.cli import _fail
     from imgq.db.tenancy import effective_limits, parse_limits, set_limits
 

@@ -96,13 +96,22 @@ def _fail(code: str, message: str, exit_code: int = 2) -> typer.Exit:
 def _require_schema(settings: Settings) -> None:
     """Before a long-running process starts: a database without this imgq's schema, or behind it, is
     error[db_schema] (exit 1); one a newer imgq migrated is a warning, so that the usual rolling
-    upgrade (migrate, then replace the processes) keeps the old ones starting."""
+    upgrade (migrate, then replace the processes) keeps the old ones starting. A database that cannot
+    be reached is a warning too: the processes ride out an outage (the API's /readyz says 503), and
+    one restarted during a failover must not crash-loop."""
+    from imgq.cli_errors import describe, first_line
     from imgq.db.schema import schema_state
     from imgq.db.store import make_engine
 
     engine = make_engine(settings.sync_database_url)
     try:
         state = schema_state(engine)
+    except Exception as exc:
+        if describe(exc)[0] != "db_unavailable":
+            raise
+        typer.echo(f"warning[db_unavailable]: the schema revision was not checked ({first_line(exc)}); "
+                   "starting anyway", err=True)
+        return
     finally:
         engine.dispose()
     problem = state.describe()

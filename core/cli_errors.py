@@ -28,8 +28,8 @@ def describe(exc: BaseException) -> tuple[str, str, int]:
         return ("broker_unavailable", f"cannot use the broker (IMGQ_BROKER_URL): {first_line(exc)}", 1)
     if names & {"ProgrammingError", "UndefinedTable"}:
         return ("db_schema", f"the database schema is missing or old; run `imgq db upgrade` ({first_line(exc)})", 1)
-    return ("internal_error", f"{type(exc).__name__}: {first_line(exc)} (IMGQ_DEBUG=1 or --debug shows the "
-            "traceback)", 70)
+    hint = "" if debug() else " (IMGQ_DEBUG=1 or --debug shows the traceback)"  # with it, the traceback is above
+    return ("internal_error", f"{type(exc).__name__}: {first_line(exc)}{hint}", 70)
 
 
 def debug() -> bool:

@@ -197,9 +197,11 @@ def results(
         with _replacing(output) as out, tqdm(unit="row", desc="writing", file=sys.stderr, disable=None) as bar:
             # disable=None: no bar when stderr is not a terminal (cron, CI logs), as `imgq wait`.
             _write_rows(rows, out, fmt, explain, bar.update)
-    if purged := store.purged(job_id):  # their rows are gone: say so, or the export looks short
-        typer.echo(f"note: {purged:,} dead-lettered items of this job were purged (`imgq dlq purge`) "
-                   "and are not in this export", err=True)
+    # Their rows are gone: say so, or the export looks short (--explain exports captioned items only).
+    if not explain and (purged := store.purged(job_id)):
+        items = "item" if purged == 1 else "items"
+        typer.echo(f"note: this export leaves out {purged:,} dead-lettered {items} of this job, deleted by "
+                   "`imgq dlq purge`", err=True)
 
 
 def _write_rows(rows: Any, out: TextIO, fmt: str, explain: bool, written: Callable[[int], Any] | None = None) -> None:

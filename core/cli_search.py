@@ -104,9 +104,15 @@ def search(
     finally:
         engine.dispose()
     if not hits:  # the model and revision have embeddings (else NoEmbeddings): the filters left none
+        from imgq.db.search import EXACT_FILTER_MAX, MAX_SCAN_TUPLES
+
         where = [f"in bucket {bucket!r}"] * (bucket is not None) + [f"under prefix {prefix!r}"] * (prefix is not None)
-        other = " other than the query image" if exclude is not None else ""
-        typer.echo(f"no matches: no image{other} embedded by {name} {' and '.join(where)}".rstrip(), err=True)
+        what = " ".join([f"no image{' other than the query image' if exclude is not None else ''} embedded by "
+                         f"{name}", " and ".join(where)]).strip()
+        # The index scan is approximate and bounded: with a selective filter over many images it can
+        # stop before it meets a match that exists (db.search.search).
+        typer.echo(f"no hits: {what} was found (the index scan reads at most {MAX_SCAN_TUPLES:,} entries; "
+                   f"a --bucket of fewer than {EXACT_FILTER_MAX:,} images is searched exactly)", err=True)
     for hit in hits:
         if as_json:
             typer.echo(json.dumps({"ref": hit.ref, "similarity": round(hit.similarity, 6), "caption": hit.caption,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,7 @@ class SchemaState:
     current: tuple[str, ...]  # the database's revisions (() before the first migration)
     head: str  # this imgq's newest migration
     known: frozenset[str]  # every revision of this imgq's migrations
+    tables: bool = False  # imgq's tables exist (``jobs``), whatever alembic_version says
 
     @property
     def behind(self) -> bool:
@@ -34,6 +35,13 @@ class SchemaState:
         if self.newer:
             return (f"the database is at revision {at}, newer than this imgq's migrations (head {self.head}): "
                     "a newer imgq migrated it")
+        if len(self.current) > 1:  # imgq's migrations are one line: several rows are a damaged table
+            return (f"alembic_version holds several revisions ({at}) but imgq's migrations are linear: "
+                    "delete all but the newest row, then run `imgq db upgrade`")
+        if not self.current and self.tables:
+            return ("the database holds imgq's tables but no Alembic revision (alembic_version is empty or "
+                    "missing), so `imgq db upgrade` cannot tell where it stands: restore that table, or record "
+                    "the revision its schema is at with `alembic stamp`")
         if not self.current:
             return "the database has no imgq schema: run `imgq db upgrade`"
         if self.behind:
@@ -56,5 +64,6 @@ def schema_state(engine: Engine) -> SchemaState:
 
     with engine.connect() as conn:
         current = tuple(sorted(MigrationContext.configure(conn).get_current_heads()))
+        tables = not current and conn.execute(text("SELECT to_regclass('jobs') IS NOT NULL")).scalar_one()
     head, known = _migrations()
-    return SchemaState(current, head, known)
+    return SchemaState(current, head, known, bool(tables))

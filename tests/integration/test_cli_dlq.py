@@ -99,8 +99,8 @@ def test_results_of_a_job_with_purged_dead_letters_says_they_are_missing(store: 
     short = CliRunner().invoke(app, ["results", str(job)], env=env)
     assert short.exit_code == 0, short.output
     assert [json.loads(line)["seq"] for line in short.stdout.splitlines()] == [0, 2]
-    assert short.stderr == ("note: 1 dead-lettered items of this job were purged (`imgq dlq purge`) and are not "
-                            "in this export\n")
+    assert short.stderr == ("note: this export leaves out 1 dead-lettered item of this job, deleted by "
+                            "`imgq dlq purge`\n")
 
 
 def test_dlq_retry_of_an_item_that_is_no_dead_letter_says_why_nothing_was_requeued(

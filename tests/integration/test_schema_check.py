@@ -47,6 +47,44 @@ def test_a_database_at_head_passes_one_behind_or_empty_is_described(database_url
     assert empty.behind and empty.describe() == "the database has no imgq schema: run `imgq db upgrade`"
     newer = type(state)(("0099_future",), state.head, state.known)
     assert newer.newer and not newer.behind and "newer than this imgq's migrations" in (newer.describe() or "")
+    several = type(state)(("0016", state.head), state.head, state.known)
+    assert (several.describe() or "").startswith(f"alembic_version holds several revisions (0016, {state.head})")
+
+
+def test_tables_without_a_revision_are_not_called_an_empty_database(database_url: str) -> None:
+    """`imgq db upgrade` would fail creating tables that exist: the advice must not be to run it."""
+    from sqlalchemy import text
+
+    engine = make_engine(database_url)
+    head = _state(database_url).head
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM alembic_version"))
+        state = _state(database_url)
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO alembic_version VALUES (:head)"), {"head": head})
+        engine.dispose()
+    assert state.current == () and state.tables and state.behind
+    assert (state.describe() or "").startswith("the database holds imgq's tables but no Alembic revision")
+    assert "run `imgq db upgrade`" not in (state.describe() or "")
+
+
+def test_an_unreachable_database_is_a_warning_and_the_process_starts(tmp_path: Path, monkeypatch) -> None:
+    """Processes ride out a database outage: one restarted during a failover must not crash-loop."""
+    from types import SimpleNamespace
+
+    from imgq.producer import beat as beat_module
+
+    started: list[bool] = []
+    monkeypatch.setattr(beat_module, "make_control_app", lambda settings: SimpleNamespace(
+        Worker=lambda **_: SimpleNamespace(start=lambda: started.append(True), exitcode=0)))
+    out = CliRunner().invoke(app, ["beat", "--consume-only", "--schedule-file", str(tmp_path / "schedule")],
+                             env={"IMGQ_DATABASE_URL": f"postgresql+psycopg://postgres@/imgq?host={tmp_path}",
+                                  "IMGQ_BACKFILLS": "[]"})
+    assert out.exit_code == 0 and started == [True], out.output
+    assert out.stderr.startswith("warning[db_unavailable]: the schema revision was not checked (")
+    assert out.stderr.endswith("; starting anyway\n") and len(out.stderr.splitlines()) == 1, out.stderr
 
 
 @pytest.mark.parametrize("command_line", [["worker"], ["api"], ["beat", "--consume-only"]])
