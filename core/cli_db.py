@@ -31,7 +31,10 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision: he
     relative = any(sign in revision for sign in "+-")  # resolved by alembic against the database
     if not relative and _resolve(script, revision) is None:
         _fail("bad_revision", _unknown(script, revision))
-    before = _current(settings.sync_database_url)
+    state = _state(settings.sync_database_url)
+    before = state.current
+    if not before and state.tables:  # Alembic would start from nothing and fail on the existing tables
+        _fail("db_schema", state.describe() or "", 1)
     if unknown := [rev for rev in before if _resolve(script, rev) is None]:
         # Alembic would fail with "Can't locate revision": a newer imgq migrated this database.
         _fail("db_newer", f"the database is at revision {', '.join(unknown)}, which this imgq's migrations "
@@ -43,7 +46,7 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision: he
         if relative and _resolve(script, revision) is None:
             _fail("bad_revision", _unknown(script, revision, first_line(exc)))
         raise
-    after = _current(settings.sync_database_url)
+    after = _state(settings.sync_database_url).current
     at = ", ".join(after) or "base"
     if after == before:
         target = _resolve(script, revision)
@@ -76,14 +79,14 @@ def _unknown(script: Any, revision: str, why: str | None = None) -> str:
             f"migrations ({_known(script)})")
 
 
-def _current(database_url: str) -> tuple[str, ...]:
-    """The revisions the database is at, read from it (() before the first migration)."""
+def _state(database_url: str) -> Any:
+    """The revisions the database is at, read from it (``.current``; () before the first migration)."""
     from imgq.db.schema import schema_state
     from imgq.db.store import make_engine
 
     engine = make_engine(database_url)
     try:
-        return schema_state(engine).current
+        return schema_state(engine)
     finally:
         engine.dispose()
 

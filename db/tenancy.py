@@ -210,8 +210,8 @@ LIMIT_DEFAULTS: dict[str, str] = {
 
 
 def effective_limits(settings: Any, own: dict[str, Any]) -> list[tuple[str, Any, str | None]]:
-    """Every limit as the API applies it: ``(name, value, setting)``, with ``setting`` the
-    IMGQ_ variable the value comes from, or None where it is the tenant's own."""
+    """Every limit as an API with these ``settings`` applies it: ``(name, value, setting)``, with
+    ``setting`` the IMGQ_ variable the value comes from, or None where it is the tenant's own."""
     out: list[tuple[str, Any, str | None]] = []
     for name, setting in LIMIT_DEFAULTS.items():
         if own.get(name) is not None:

@@ -70,6 +70,26 @@ def test_tables_without_a_revision_are_not_called_an_empty_database(database_url
     assert "run `imgq db upgrade`" not in (state.describe() or "")
 
 
+def test_db_upgrade_of_tables_without_a_revision_says_so_instead_of_failing_on_them(database_url: str) -> None:
+    from sqlalchemy import text
+
+    engine = make_engine(database_url)
+    head = _state(database_url).head
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM alembic_version"))
+        out = CliRunner().invoke(app, ["db", "upgrade"], env={"IMGQ_DATABASE_URL": database_url})
+        after = _state(database_url).current
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM alembic_version"))
+            conn.execute(text("INSERT INTO alembic_version VALUES (:head)"), {"head": head})
+        engine.dispose()
+    assert out.exit_code == 1 and after == (), out.output
+    assert out.stderr.startswith("error[db_schema]: the database holds imgq's tables but no Alembic revision")
+    assert len(out.stderr.splitlines()) == 1
+
+
 def test_an_unreachable_database_is_a_warning_and_the_process_starts(tmp_path: Path, monkeypatch) -> None:
     """Processes ride out a database outage: one restarted during a failover must not crash-loop."""
     from types import SimpleNamespace
