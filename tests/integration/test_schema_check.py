@@ -4,10 +4,12 @@ upgraded without `imgq db upgrade` stops with one line, before its model loads."
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from alembic import command
+from sqlalchemy import text
 from typer.testing import CliRunner
 
 from imgq.cli import app
@@ -51,40 +53,35 @@ def test_a_database_at_head_passes_one_behind_or_empty_is_described(database_url
     assert (several.describe() or "").startswith(f"alembic_version holds several revisions (0016, {state.head})")
 
 
-def test_tables_without_a_revision_are_not_called_an_empty_database(database_url: str) -> None:
-    """`imgq db upgrade` would fail creating tables that exist: the advice must not be to run it."""
-    from sqlalchemy import text
-
+@contextmanager
+def _no_revision(database_url: str) -> Iterator[None]:
+    """imgq's tables with an empty alembic_version; the head row is put back afterwards."""
     engine = make_engine(database_url)
     head = _state(database_url).head
     try:
         with engine.begin() as conn:
             conn.execute(text("DELETE FROM alembic_version"))
-        state = _state(database_url)
+        yield
     finally:
         with engine.begin() as conn:
+            conn.execute(text("DELETE FROM alembic_version"))
             conn.execute(text("INSERT INTO alembic_version VALUES (:head)"), {"head": head})
         engine.dispose()
+
+
+def test_tables_without_a_revision_are_not_called_an_empty_database(database_url: str) -> None:
+    """`imgq db upgrade` would fail creating tables that exist: the advice must not be to run it."""
+    with _no_revision(database_url):
+        state = _state(database_url)
     assert state.current == () and state.tables and state.behind
     assert (state.describe() or "").startswith("the database holds imgq's tables but no Alembic revision")
     assert "run `imgq db upgrade`" not in (state.describe() or "")
 
 
 def test_db_upgrade_of_tables_without_a_revision_says_so_instead_of_failing_on_them(database_url: str) -> None:
-    from sqlalchemy import text
-
-    engine = make_engine(database_url)
-    head = _state(database_url).head
-    try:
-        with engine.begin() as conn:
-            conn.execute(text("DELETE FROM alembic_version"))
+    with _no_revision(database_url):
         out = CliRunner().invoke(app, ["db", "upgrade"], env={"IMGQ_DATABASE_URL": database_url})
         after = _state(database_url).current
-    finally:
-        with engine.begin() as conn:
-            conn.execute(text("DELETE FROM alembic_version"))
-            conn.execute(text("INSERT INTO alembic_version VALUES (:head)"), {"head": head})
-        engine.dispose()
     assert out.exit_code == 1 and after == (), out.output
     assert out.stderr.startswith("error[db_schema]: the database holds imgq's tables but no Alembic revision")
     assert len(out.stderr.splitlines()) == 1
@@ -124,8 +121,6 @@ def test_worker_api_and_beat_refuse_an_older_schema_before_they_start(
 def test_a_newer_schema_is_a_warning_and_the_process_starts(database_url: str, tmp_path: Path, monkeypatch) -> None:
     """A rolling upgrade migrates first: the previous version's processes must still start."""
     from types import SimpleNamespace
-
-    from sqlalchemy import text
 
     from imgq.producer import beat as beat_module
 
