@@ -35,8 +35,8 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision: he
     before = state.current
     if not before and state.tables:  # Alembic would start from nothing and fail on the existing tables
         _fail("db_schema", state.describe() or "", 1)
-    if unknown := [rev for rev in before if _resolve(script, rev) is None]:
-        # Alembic would fail with "Can't locate revision": a newer imgq migrated this database.
+    if state.newer:  # Alembic would fail with "Can't locate revision"
+        unknown = [rev for rev in before if rev not in state.known]
         _fail("db_newer", f"the database is at revision {', '.join(unknown)}, which this imgq's migrations "
               f"({_known(script)}) do not have: a newer imgq migrated it; run that version (`upgrade` never "
               "downgrades)", 1)

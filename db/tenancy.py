@@ -25,6 +25,7 @@ from typing import Any
 
 from sqlalchemy import Engine, text
 
+from imgq.cost import LIMIT_SETTINGS
 from imgq.feeding import PRIORITY_MAX, PRIORITY_MIN
 
 log = logging.getLogger(__name__)
@@ -203,10 +204,10 @@ LIMIT_TYPES: dict[str, type] = {
 }
 
 # The setting that gives each limit its default where the tenant sets none.
+# The API's own limits, then the cost limits every submission path applies (imgq.cost).
 LIMIT_DEFAULTS: dict[str, str] = {
     "requests_per_minute": "api_requests_per_minute", "max_refs": "api_max_refs", "max_priority": "api_priority",
-    "num_beams": "max_num_beams", "max_new_tokens": "max_new_tokens", "item_cost": "max_item_cost",
-}
+} | LIMIT_SETTINGS
 
 
 def effective_limits(settings: Any, own: dict[str, Any]) -> list[tuple[str, Any, str | None]]:
