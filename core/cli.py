@@ -82,10 +82,15 @@ def _listed_refs(stream: TextIO, path: str) -> Iterator[str]:
                 if ref and not ref.startswith("#"):
                     yield ref
         except UnicodeDecodeError as exc:
-            # An OSError, as an unreadable file: enqueue refuses it as bad_file (the job rolls back).
-            # No line number: the text layer decodes ahead of the lines handed out, by blocks.
-            bad = exc.object[exc.start:exc.end].hex(" ")
-            raise OSError(errno.EILSEQ, f"not UTF-8 text (bytes {bad}: {exc.reason})", path) from None
+            raise _not_utf8(exc, path) from None
+
+
+def _not_utf8(exc: UnicodeDecodeError, path: str) -> OSError:
+    """An input file that is not UTF-8 as an OSError, as an unreadable file: enqueue refuses it as
+    bad_file (the job rolls back). No line number: the text layer decodes ahead of the lines handed
+    out, by blocks."""
+    bad = exc.object[exc.start:exc.end].hex(" ")
+    return OSError(errno.EILSEQ, f"not UTF-8 text (bytes {bad}: {exc.reason})", path)
 
 
 def _enqueue_params(settings: Settings, kinds: list[str], raw: dict[str, Any]) -> list[Any]:
@@ -213,7 +218,10 @@ def enqueue(
                       "(columns ref,text), not as refs")
             stream = sys.stdin if pairs == "-" else open(pairs, encoding="utf-8", newline="")  # noqa: SIM115
             with stream:
-                items: Any = list(accept_pairs(read_pairs(stream), Expander(settings)))
+                try:
+                    items: Any = list(accept_pairs(read_pairs(stream), Expander(settings)))
+                except UnicodeDecodeError as exc:
+                    raise _not_utf8(exc, "stdin" if pairs == "-" else pairs) from None
         else:
             if pairs is not None:
                 _fail("bad_request", "--pairs is for validate jobs; give image refs as arguments")

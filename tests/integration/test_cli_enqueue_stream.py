@@ -66,6 +66,19 @@ def test_a_listing_that_stops_being_utf8_midway_accepts_nothing(store: Store, da
                             ).scalar_one() == 0
 
 
+def test_a_pairs_file_that_is_not_utf8_is_bad_file_and_accepts_nothing(store: Store, database_url: str,
+                                                                      broker_url: str, tmp_path: Path) -> None:
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_bytes(b"ref,text\ns3://photos/a.jpg,a dog\ns3://photos/b.jpg,caf\xe9 au lait\n")  # Latin-1
+    out = CliRunner().invoke(app, ["enqueue", "validate", "--pairs", str(pairs)], env=_env(database_url, broker_url))
+    assert out.exit_code == 2, (out.output, out.exception)
+    assert out.stderr == (f"error[bad_file]: cannot read {pairs}: not UTF-8 text (bytes e9: invalid "
+                          "continuation byte)\n")
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT (SELECT count(*) FROM jobs) + (SELECT count(*) FROM job_items)")
+                            ).scalar_one() == 0
+
+
 def test_a_feed_lock_held_elsewhere_is_said_not_blamed_on_the_window(store: Store, database_url: str,
                                                                      broker_url: str) -> None:
     from imgq.db import locks
