@@ -203,8 +203,8 @@ LIMIT_TYPES: dict[str, type] = {
     "num_beams": int, "max_new_tokens": int, "item_cost": float,
 }
 
-# The setting that gives each limit its default where the tenant sets none.
-# The API's own limits, then the cost limits every submission path applies (imgq.cost).
+# The setting that gives each limit its default where the tenant sets none: the API's own limits,
+# then the cost limits that every submission path applies (imgq.cost).
 LIMIT_DEFAULTS: dict[str, str] = {
     "requests_per_minute": "api_requests_per_minute", "max_refs": "api_max_refs", "max_priority": "api_priority",
 } | LIMIT_SETTINGS
