@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from imgq.cli_common import _fail, _settings
 from imgq.cli_errors import first_line
+
+if TYPE_CHECKING:
+    from imgq.db.schema import SchemaState
 
 db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
 
@@ -79,8 +82,8 @@ def _unknown(script: Any, revision: str, why: str | None = None) -> str:
             f"migrations ({_known(script)})")
 
 
-def _state(database_url: str) -> Any:
-    """The revisions the database is at, read from it (``.current``; () before the first migration)."""
+def _state(database_url: str) -> SchemaState:
+    """Where the database's schema stands, read from it (``.current``: () before the first migration)."""
     from imgq.db.schema import schema_state
     from imgq.db.store import make_engine
 
