@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.corpus import scene as jpeg_bytes  # noqa: F401  (re-exported for the e2e tests)
+from tests.fixtures import warm_start
 from tests.fixtures.services import settings_env
 
 IMGQ = [sys.executable, "-m", "imgq.cli"]
@@ -41,10 +42,16 @@ def start_worker(
     # A worker refuses (wrong_model) jobs that name another model than it serves.
     assert settings.caption_model == str(model_dir), "enqueue and worker settings must name the same model"
     env = settings_env(settings) | (env_extra or {})
-    entry = [sys.executable, "-m", "tests.e2e.fault_worker"] if env.get("IMGQ_TEST_FAULTS") else IMGQ
-    with open(log_dir / f"worker-{name}.log", "ab") as log:
-        return subprocess.Popen([*entry, "worker", "--hostname", f"{name}@%h", *extra], env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
+    module = "tests.e2e.fault_worker" if env.get("IMGQ_TEST_FAULTS") else "imgq.cli"
+    args = ["worker", "--hostname", f"{name}@%h", *extra]
+    log_path = log_dir / f"worker-{name}.log"
+    # Forked from a warm interpreter (tests/fixtures/warm_start.py): the same entry point, without
+    # its ~7 CPU-seconds of imports; exec'd where a fork cannot reproduce the environment.
+    forked = warm_start.start(module, args, env, log_path)
+    if forked is not None:
+        return forked  # type: ignore[return-value]
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([sys.executable, "-m", module, *args], env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
