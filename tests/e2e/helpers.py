@@ -20,10 +20,15 @@ IMGQ = [sys.executable, "-m", "imgq.cli"]
 
 
 def run_cli(
-    settings: Any, *args: str, env_extra: dict[str, str] | None = None, **kw: Any
+    settings: Any, *args: str, env_extra: dict[str, str] | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
+    """``imgq ARGS`` with ``settings``' environment: stdout, stderr and exit code, as a user's
+    shell gets them (forked from the warm interpreter where it can be: tests/fixtures/warm_start.py)."""
     env = settings_env(settings) | (env_extra or {})
-    return subprocess.run([*IMGQ, *args], env=env, capture_output=True, text=True, timeout=120, **kw)
+    forked = warm_start.run("imgq.cli", list(args), env, timeout=120, cwd=cwd)
+    if forked is not None:
+        return forked
+    return subprocess.run([*IMGQ, *args], env=env, capture_output=True, text=True, timeout=120, cwd=cwd)
 
 
 def enqueue_listing(settings: Any, tmp_path: Path, refs: list[str], *args: str) -> uuid.UUID:

@@ -160,12 +160,14 @@ def test_config_prints_unset_as_unset_and_masks_only_real_secrets(make_settings)
 
 def test_the_demo_runs_without_warnings_and_says_how_to_keep_the_services(tmp_path: Path):
     env = _clean_env() | {"HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([*IMGQ, "demo", "--model", "tiny", "--workdir", str(tmp_path / "demo"), "--count", "4"],
-                         env=env, capture_output=True, text=True, timeout=300)
+    # Bytes: text=True would read a bar's carriage returns as newlines.
+    raw = subprocess.run([*IMGQ, "demo", "--model", "tiny", "--workdir", str(tmp_path / "demo"), "--count", "4"],
+                         env=env, capture_output=True, timeout=300)
+    assert b"\r" not in raw.stderr, raw.stderr[-500:]  # no progress bar drawn into a pipe
+    out = subprocess.CompletedProcess(raw.args, raw.returncode, raw.stdout.decode(), raw.stderr.decode())
     assert out.returncode == 0, out.stderr[-3000:]
     warnings = [line for line in out.stderr.splitlines() if re.search(r"warn", line, re.IGNORECASE)]
     assert warnings == []
-    assert "\r" not in out.stderr, out.stderr[-500:]  # no progress bar drawn into a pipe
     assert "KEEP=1" in out.stdout and re.search(r"^\s+0\s+'", out.stdout, re.MULTILINE)  # a caption row
     assert not (tmp_path / "demo" / "services.json").exists()
     assert uuid.UUID(re.search(r"job_id = '([0-9a-f-]+)'", out.stdout).group(1))  # type: ignore[union-attr]

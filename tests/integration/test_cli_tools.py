@@ -20,6 +20,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from imgq.cli import app
+from tests.fixtures import warm_start
 
 pytest.importorskip("torch")
 
@@ -30,6 +31,9 @@ ENV = {"IMGQ_DATABASE_URL": "postgresql+psycopg://u:p@127.0.0.1:1/none", "IMGQ_B
 def _main(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """The real entry point (its one-line errors, transformers' own log handler on the real stderr)."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("IMGQ_")} | ENV | (env or {})
+    forked = warm_start.run("imgq.cli", list(args), base, timeout=120, cwd=cwd)
+    if forked is not None:
+        return forked
     return subprocess.run([sys.executable, "-m", "imgq.cli", *args], env=base, capture_output=True, text=True,
                           timeout=120, cwd=cwd)
 

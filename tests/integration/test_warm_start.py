@@ -26,26 +26,25 @@ def _ready(log: Path, timeout: float = 60) -> None:
         time.sleep(0.05)
 
 
-def _both(args: list[str], env: dict[str, str], tmp_path: Path) -> tuple[tuple[int, str], tuple[int, str]]:
-    """(exit code, output) of ``imgq ARGS`` forked, then exec'd, with one environment."""
-    forked_log, exec_log = (tmp_path / f"{args[0]}-{how}.log" for how in ("forked", "exec"))
-    forked = warm_start.start("imgq.cli", args, env, forked_log)
+def _both(args: list[str], env: dict[str, str]) -> tuple[tuple[int, str, str], tuple[int, str, str]]:
+    """(exit code, stdout, stderr) of ``imgq ARGS`` forked, then exec'd, with one environment."""
+    forked = warm_start.run("imgq.cli", args, env, timeout=60)
     assert forked is not None, "this environment is the server's: it must fork"
-    with open(exec_log, "wb") as log:
-        done = subprocess.run([sys.executable, "-m", "imgq.cli", *args], env=env, stdout=log,
-                              stderr=subprocess.STDOUT, timeout=60)
-    return (forked.wait(60), forked_log.read_text()), (done.returncode, exec_log.read_text())
+    execd = subprocess.run([sys.executable, "-m", "imgq.cli", *args], env=env, capture_output=True, text=True,
+                           timeout=60)
+    return (forked.returncode, forked.stdout, forked.stderr), (execd.returncode, execd.stdout, execd.stderr)
 
 
-def test_a_fork_prints_and_exits_as_the_exec_d_command_with_its_own_environment(make_settings, tmp_path: Path):
+def test_a_fork_prints_and_exits_as_the_exec_d_command_with_its_own_environment(make_settings):
     settings = make_settings(queue="from-the-request", max_batch=7)
     env = settings_env(settings)
-    forked, execd = _both(["config"], env, tmp_path)
+    forked, execd = _both(["config"], env)
     assert forked == execd
-    assert forked[0] == 0 and "IMGQ_QUEUE=from-the-request" in forked[1] and "IMGQ_MAX_BATCH=7" in forked[1]
-    # A usage error: its one line and exit code 2, both ways.
-    forked, execd = _both(["status"], env, tmp_path)
-    assert forked == execd and forked[0] == 2 and forked[1].startswith("error[usage]: "), forked
+    assert forked[0] == 0 and "IMGQ_QUEUE=from-the-request\n" in forked[1] and "IMGQ_MAX_BATCH=7\n" in forked[1]
+    assert forked[2] == ""  # nothing on stderr: no warning of an import, either way
+    # A usage error: its one line on stderr and exit code 2, both ways.
+    forked, execd = _both(["status"], env)
+    assert forked == execd and forked[0] == 2 and forked[1] == "" and forked[2].startswith("error[usage]: "), forked
 
 
 def test_a_forked_worker_ends_as_popen_reports_signals(make_settings, tiny_model_dir: Path, tmp_path: Path):
@@ -54,6 +53,7 @@ def test_a_forked_worker_ends_as_popen_reports_signals(make_settings, tiny_model
     procs = [warm_start.start("imgq.cli", ["worker", "--hostname", f"w{i}@%h"], env, tmp_path / f"w{i}.log")
              for i in range(2)]
     assert all(procs)
+    assert all((tmp_path / f"w{i}.log").exists() for i in range(2)), "the logs are there when the starts return"
     for i in range(2):
         _ready(tmp_path / f"w{i}.log")
     assert {p.pid for p in procs} & {os.getpid()} == set() and len({p.pid for p in procs}) == 2
@@ -74,3 +74,11 @@ def test_an_environment_a_fork_cannot_reproduce_is_left_to_exec(tmp_path: Path):
     runtime = base | {"IMGQ_QUEUE": "q", "AWS_ACCESS_KEY_ID": "other", "COLUMNS": "99"}
     proc = warm_start.start("imgq.cli", ["--help"], runtime, tmp_path / "d.log")
     assert proc is not None and proc.wait(60) == 0
+
+
+def test_a_forked_command_past_its_timeout_is_killed_and_raises_as_subprocess_run(make_settings, tiny_model_dir):
+    env = settings_env(make_settings())
+    started = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        warm_start.run("imgq.cli", ["worker", "--hostname", "t@%h"], env, timeout=2)  # a worker never returns
+    assert time.monotonic() - started < 10
