@@ -24,6 +24,8 @@ demo: install
 ## time is spent waiting on workers and timeouts, which overlaps. Work stealing, because a few e2e
 ## tests take a minute: with xdist's default scheduling one process was often left with a queue of
 ## them while the other idled (here: serial 762 s; default 472-786 s; work stealing 500-512 s).
+## Since workers and commands fork from a warm interpreter (tests/fixtures/warm_start.py): 382 s
+## with two, 386 s with three (docs/testing.md).
 JOBS ?= 2
 test: install lint browser
 	$(BIN)/python -m pytest $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist worksteal)

@@ -71,7 +71,7 @@ def test_an_environment_a_fork_cannot_reproduce_is_left_to_exec(tmp_path: Path):
     assert warm_start.start("imgq.cli", ["config"], base | {"OMP_NUM_THREADS": "3"}, tmp_path / "b.log") is None
     assert warm_start.start("some.module", ["x"], base, tmp_path / "c.log") is None
     # Read only when a command runs: forked.
-    runtime = base | {"IMGQ_QUEUE": "q", "AWS_ACCESS_KEY_ID": "other", "COLUMNS": "99"}
+    runtime = base | {"IMGQ_QUEUE": "q", "AWS_ACCESS_KEY_ID": "other", "COLUMNS": "99", "XDG_RUNTIME_DIR": "/x"}
     proc = warm_start.start("imgq.cli", ["--help"], runtime, tmp_path / "d.log")
     assert proc is not None and proc.wait(60) == 0
 
