@@ -24,11 +24,7 @@ def run_cli(
 ) -> subprocess.CompletedProcess[str]:
     """``imgq ARGS`` with ``settings``' environment: stdout, stderr and exit code, as a user's
     shell gets them (forked from the warm interpreter where it can be: tests/fixtures/warm_start.py)."""
-    env = settings_env(settings) | (env_extra or {})
-    forked = warm_start.run("imgq.cli", list(args), env, timeout=120, cwd=cwd)
-    if forked is not None:
-        return forked
-    return subprocess.run([*IMGQ, *args], env=env, capture_output=True, text=True, timeout=120, cwd=cwd)
+    return warm_start.run("imgq.cli", list(args), settings_env(settings) | (env_extra or {}), timeout=120, cwd=cwd)
 
 
 def enqueue_listing(settings: Any, tmp_path: Path, refs: list[str], *args: str) -> uuid.UUID:
@@ -48,15 +44,10 @@ def start_worker(
     assert settings.caption_model == str(model_dir), "enqueue and worker settings must name the same model"
     env = settings_env(settings) | (env_extra or {})
     module = "tests.e2e.fault_worker" if env.get("IMGQ_TEST_FAULTS") else "imgq.cli"
-    args = ["worker", "--hostname", f"{name}@%h", *extra]
-    log_path = log_dir / f"worker-{name}.log"
     # Forked from a warm interpreter (tests/fixtures/warm_start.py): the same entry point, without
     # its ~7 CPU-seconds of imports; exec'd where a fork cannot reproduce the environment.
-    forked = warm_start.start(module, args, env, log_path)
-    if forked is not None:
-        return forked  # type: ignore[return-value]
-    with open(log_path, "ab") as log:
-        return subprocess.Popen([sys.executable, "-m", module, *args], env=env, stdout=log, stderr=subprocess.STDOUT)
+    return warm_start.start(module, ["worker", "--hostname", f"{name}@%h", *extra], env,  # type: ignore[return-value]
+                            log_dir / f"worker-{name}.log")
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +30,7 @@ ENV = {"IMGQ_DATABASE_URL": "postgresql+psycopg://u:p@127.0.0.1:1/none", "IMGQ_B
 def _main(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """The real entry point (its one-line errors, transformers' own log handler on the real stderr)."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("IMGQ_")} | ENV | (env or {})
-    forked = warm_start.run("imgq.cli", list(args), base, timeout=120, cwd=cwd)
-    if forked is not None:
-        return forked
-    return subprocess.run([sys.executable, "-m", "imgq.cli", *args], env=base, capture_output=True, text=True,
-                          timeout=120, cwd=cwd)
+    return warm_start.run("imgq.cli", list(args), base, timeout=120, cwd=cwd)
 
 
 def _tree(folder: Path) -> dict[str, bytes | None]:

@@ -29,7 +29,7 @@ def _ready(log: Path, timeout: float = 60) -> None:
 def _both(args: list[str], env: dict[str, str]) -> tuple[tuple[int, str, str], tuple[int, str, str]]:
     """(exit code, stdout, stderr) of ``imgq ARGS`` forked, then exec'd, with one environment."""
     forked = warm_start.run("imgq.cli", args, env, timeout=60)
-    assert forked is not None, "this environment is the server's: it must fork"
+    assert forked.args == ["imgq.cli", *args], "this environment is the server's: it must fork"
     execd = subprocess.run([sys.executable, "-m", "imgq.cli", *args], env=env, capture_output=True, text=True,
                            timeout=60)
     return (forked.returncode, forked.stdout, forked.stderr), (execd.returncode, execd.stdout, execd.stderr)
@@ -52,7 +52,7 @@ def test_a_forked_worker_ends_as_popen_reports_signals(make_settings, tiny_model
     env = settings_env(settings)
     procs = [warm_start.start("imgq.cli", ["worker", "--hostname", f"w{i}@%h"], env, tmp_path / f"w{i}.log")
              for i in range(2)]
-    assert all(procs)
+    assert all(isinstance(p, warm_start.WarmProcess) for p in procs)
     assert all((tmp_path / f"w{i}.log").exists() for i in range(2)), "the logs are there when the starts return"
     for i in range(2):
         _ready(tmp_path / f"w{i}.log")
@@ -64,16 +64,17 @@ def test_a_forked_worker_ends_as_popen_reports_signals(make_settings, tiny_model
     procs[0].kill()  # after its end: nothing, as Popen does (the PID may be another process's now)
 
 
-def test_an_environment_a_fork_cannot_reproduce_is_left_to_exec(tmp_path: Path):
+def test_an_environment_a_fork_cannot_reproduce_is_exec_d(tmp_path: Path):
     base = {k: v for k, v in os.environ.items() if not k.startswith("IMGQ_")}
     # Read at import (by huggingface_hub, torch): the warm interpreter has imported with the old value.
-    assert warm_start.start("imgq.cli", ["config"], base | {"HF_HUB_OFFLINE": "0"}, tmp_path / "a.log") is None
-    assert warm_start.start("imgq.cli", ["config"], base | {"OMP_NUM_THREADS": "3"}, tmp_path / "b.log") is None
-    assert warm_start.start("some.module", ["x"], base, tmp_path / "c.log") is None
+    execd = [warm_start.start("imgq.cli", ["--help"], base | {"HF_HUB_OFFLINE": "0"}, tmp_path / "a.log"),
+             warm_start.start("imgq.cli", ["--help"], base | {"OMP_NUM_THREADS": "3"}, tmp_path / "b.log"),
+             warm_start.start("json.tool", ["--help"], base, tmp_path / "c.log")]  # not an entry point it knows
+    assert all(isinstance(p, subprocess.Popen) for p in execd) and [p.wait(60) for p in execd] == [0, 0, 0]
     # Read only when a command runs: forked.
     runtime = base | {"IMGQ_QUEUE": "q", "AWS_ACCESS_KEY_ID": "other", "COLUMNS": "99", "XDG_RUNTIME_DIR": "/x"}
     proc = warm_start.start("imgq.cli", ["--help"], runtime, tmp_path / "d.log")
-    assert proc is not None and proc.wait(60) == 0
+    assert isinstance(proc, warm_start.WarmProcess) and proc.wait(60) == 0
 
 
 def test_a_forked_command_past_its_timeout_is_killed_and_raises_as_subprocess_run(make_settings, tiny_model_dir):
