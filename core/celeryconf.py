@@ -6,6 +6,9 @@ from celery import Celery
 
 from imgq.config import Settings
 from imgq.feeding import LANES
+from imgq.transport import install as install_transport
+
+install_transport()  # Redis at maxmemory: workers wait for room instead of exiting (imgq.transport)
 
 
 def make_celery(settings: Settings, name: str = "imgq") -> Celery:

@@ -22,6 +22,7 @@ from imgq.db.cancelling import cancel_job
 from imgq.db.store import Store
 from imgq.publish import publish
 from tests.e2e.helpers import check_job, jpeg_bytes, run_cli, start_worker, stop, wait_finished
+from tests.fixtures.services import redis_full
 from tests.jobs import caption_task, create_job
 from tests.jobs import message as make_message
 
@@ -233,6 +234,42 @@ def test_redis_restarted_empty_mid_job(make_settings, redis_server, image_root, 
     assert totals == {"queued": 0, "running": 0, "done": 80, "dead": 0}
     assert "re-published" in logs(tmp_path)
     check_job(settings, job)
+
+
+def test_redis_full_mid_job_workers_wait_for_room(make_settings, redis_server, image_root, slow_tiny_model_dir,
+                                                  tmp_path):
+    """Redis at maxmemory refused kombu's acknowledgements: every worker exited 1, and a worker
+    started meanwhile exited too. Now they wait, backing off, and finish once Redis has room."""
+    settings = make_settings(caption_model=str(slow_tiny_model_dir), **FAST)
+    job = enqueue(settings, tmp_path, local_images(image_root, 80), per_message=4)
+    store = Store.from_url(settings.database_url)
+    procs = [start_worker(settings, slow_tiny_model_dir, tmp_path, "w0", "--concurrency", "2")]
+    waiting = "Redis is at maxmemory"
+    try:
+        wait_done_at_least(store, job, 4)
+        with redis_full(redis_server):
+            wait_for(lambda: waiting in (tmp_path / "worker-w0.log").read_text(), 30, procs, tmp_path)
+            procs.append(start_worker(settings, slow_tiny_model_dir, tmp_path, "w1", "--concurrency", "2"))
+            wait_for(lambda: waiting in (tmp_path / "worker-w1.log").read_text(), 60, procs, tmp_path)
+            time.sleep(3)
+            assert [p.poll() for p in procs] == [None, None], logs(tmp_path)[-4000:]
+        totals = wait_finished(store, [job], timeout=120, procs=procs, log_dir=tmp_path)
+    finally:
+        for proc in procs:
+            stop(proc)
+    assert totals == {"queued": 0, "running": 0, "done": 80, "dead": 0}
+    # Backing off (2 s, 4 s, ...), not restarting the consumer six times a second.
+    assert (tmp_path / "worker-w0.log").read_text().count(waiting) < 10
+    check_job(settings, job)
+
+
+def wait_for(condition: Any, timeout: float, procs: list[Any], log_dir: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        exited = [p.poll() for p in procs if p.poll() is not None]
+        assert not exited, f"a worker exited {exited}:\n{logs(log_dir)[-4000:]}"
+        assert time.monotonic() < deadline, f"timed out waiting:\n{logs(log_dir)[-4000:]}"
+        time.sleep(0.2)
 
 
 def test_postgres_down_for_30s_mid_job(make_settings, pg_server, image_root, slow_tiny_model_dir, tmp_path):

@@ -1,0 +1,61 @@
+"""imgq's kombu transport against a real Redis at maxmemory (imgq.transport)."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import redis
+from kombu import Connection
+
+from imgq.celeryconf import make_celery
+from imgq.config import Settings
+from imgq.transport import Transport
+from tests.fixtures.services import redis_full
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0", "rediss://example.invalid:6380/0",
+                                 "redis+socket:///run/redis.sock"])
+def test_every_redis_url_gets_imgq_transport(url: str) -> None:
+    app = make_celery(Settings(_env_file=None, broker_url=url))
+    assert app.connection_for_read().get_transport_cls() is Transport
+    assert redis.exceptions.OutOfMemoryError in Connection(url).connection_errors
+
+
+def _one_delivered(broker_url: str, queue: str) -> tuple[Connection, object]:
+    conn = Connection(broker_url)
+    q = conn.SimpleQueue(queue)
+    q.put({"n": 1}, serializer="json")
+    return conn, q.get(timeout=5)
+
+
+def test_an_acknowledgement_goes_through_on_a_full_redis(broker_url: str, redis_server) -> None:
+    queue = f"ack-{uuid.uuid4().hex[:8]}"
+    conn, message = _one_delivered(broker_url, queue)
+    client = redis.Redis(unix_socket_path=str(redis_server.socket_path))
+    try:
+        assert client.hlen("unacked") == 1
+        with redis_full(redis_server):
+            with pytest.raises(redis.exceptions.OutOfMemoryError):
+                client.set("probe", b"x")  # the block really refuses writes
+            message.ack()  # kombu's MULTI was refused here: the worker exited, or stopped consuming
+        assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0
+    finally:
+        conn.release()
+        client.close()
+
+
+def test_no_channel_opens_on_a_full_redis_and_one_does_once_it_has_room(broker_url: str, redis_server) -> None:
+    with redis_full(redis_server):
+        conn = Connection(broker_url)
+        # A connection error, so Celery's consumer reconnects with back-off instead of exiting.
+        with pytest.raises(conn.connection_errors, match=r"Redis is at maxmemory .* waiting for room"):
+            conn.channel()
+        conn.release()
+    conn = Connection(broker_url)
+    try:
+        conn.channel().close()
+    finally:
+        conn.release()
