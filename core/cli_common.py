@@ -151,7 +151,7 @@ def _feeder(settings: Settings, admin: Any, **kwargs: Any):  # type: ignore[no-u
     from imgq.worker.feeder import Feeder
 
     return Feeder(admin=admin, app=make_celery(settings), queue=settings.queue, window=settings.broker_window,
-                  per_message=settings.refs_per_message, **kwargs)
+                  per_message=settings.refs_per_message, memory_fraction=settings.broker_memory_fraction, **kwargs)
 
 
 def _params_json(text: str | None) -> dict[str, Any]:

@@ -147,6 +147,11 @@ class Settings(BaseSettings):
         "in Postgres and the feeder tops the queue up. 10,000 x 16 refs = 34 MB of Redis, 80 s of work for one "
         "GPU at 2,000 img/s (docs/performance.md).",
     )
+    broker_memory_fraction: float = Field(
+        0.8, ge=0, le=1, description="The feeder publishes only while Redis holds less than this share of its "
+        "maxmemory (INFO memory, every client's keys counted); the rest of the backlog waits in Postgres. 0 turns "
+        "the check off; a Redis without maxmemory is bounded by the window alone (docs/scaling.md).",
+    )
     feed_interval_s: float = Field(0.25, gt=0, le=60, description="How often the feeder tops the window up.")
     priority: int = Field(0, ge=PRIORITY_MIN, le=PRIORITY_MAX,
                           description="Default priority of an enqueued job; higher is fed first.")

@@ -38,6 +38,8 @@ RECOVERED = Counter("imgq_recovered_items",
 ABANDONED = Counter("imgq_abandoned_items", "Items of acceptances whose producer died between its commits, deleted "
                     "by the feeder's sweep: no job ever had them (migration 0011).")
 PUBLISHED = Counter("imgq_fed_messages", "Messages the feeder published to keep the broker window full.")
+MEMORY_HELD = Counter("imgq_feed_memory_held", "Feed cycles that stopped short of the window because Redis was at "
+                      "IMGQ_BROKER_MEMORY_FRACTION of its maxmemory (the rest waited in Postgres).")
 
 
 def count_done(items: Iterable[Any]) -> None:

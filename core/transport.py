@@ -55,12 +55,16 @@ class Channel(kombu_redis.Channel):
                 "waiting for room (make room, or raise maxmemory)")
 
 
+def counted_memory(memory: dict[str, Any]) -> int:
+    """What Redis counts against ``maxmemory``, from ``INFO memory``: replication and AOF buffers
+    excepted."""
+    return int(memory.get("used_memory", 0) or 0) - int(memory.get("mem_not_counted_for_evict", 0) or 0)
+
+
 def over_maxmemory(memory: dict[str, Any]) -> bool:
-    """Whether Redis refuses writes now, from ``INFO memory``: what it counts against
-    ``maxmemory`` (replication and AOF buffers excepted) is above it."""
+    """Whether Redis refuses writes now, from ``INFO memory``."""
     limit = int(memory.get("maxmemory", 0) or 0)
-    counted = int(memory.get("used_memory", 0)) - int(memory.get("mem_not_counted_for_evict", 0) or 0)
-    return limit > 0 and counted > limit
+    return limit > 0 and counted_memory(memory) > limit
 
 
 class Transport(kombu_redis.Transport):

@@ -131,7 +131,7 @@ class WorkerRuntime:
             per_message=self.settings.refs_per_message, interval_s=self.settings.feed_interval_s,
             lost_after_s=self.settings.reconcile_after_s, sweep_interval_s=self.settings.reconcile_interval_s,
             running_lost_after_s=self.settings.visibility_timeout_s + self.settings.task_time_limit_s,
-            name=self.name, on_cycle=_count_feed,
+            name=self.name, on_cycle=_count_feed, memory_fraction=self.settings.broker_memory_fraction,
         ).start()
         # Every worker sends the signed summaries of finished jobs (docs/callbacks.md).
         self.notifier = Notifier.from_settings(self.settings, CallbackStore(self.store.engine)).start()
@@ -226,6 +226,8 @@ def _refused(name: str, mode: str) -> Callable[..., dict[str, str]]:
 
 def _count_feed(report: FeedReport, swept: bool) -> None:
     metrics.PUBLISHED.inc(report.messages)
+    if report.held:
+        metrics.MEMORY_HELD.inc()
     if swept:
         metrics.SWEEPS.inc()
     if report.lost:

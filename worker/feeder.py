@@ -28,13 +28,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from celery import Celery
 
 from imgq.contract import TaskMessage
 from imgq.cost import item_cost
 from imgq.db.admin import LEADER_LOCK, LEADER_UNLOCK, Admin, LiveHolders
-from imgq.feeding import LANES, TOP_LANE, Backlog, PushLog, lane, lane_slots, plan
+from imgq.feeding import LANES, TOP_LANE, Backlog, PushLog, lane, lane_slots, memory_slots, message_bytes, plan
 from imgq.publish import chunk_messages, publish, tasks_from_record
+from imgq.transport import counted_memory
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,9 @@ class FeedReport:
     lost: int = 0  # items put back in the backlog (lost messages)
     abandoned: int = 0  # items of abandoned acceptances deleted (no job ever had them)
     cancelled: int = 0  # waiting items of cancelled jobs cancelled (a cancel's unfinished sweep)
+    # Stopped short of the window because Redis was at IMGQ_BROKER_MEMORY_FRACTION of its maxmemory;
+    # None when no pass read its memory (nothing to publish, or no maxmemory).
+    held: bool | None = None
 
 
 class Feeder:
@@ -70,6 +75,7 @@ class Feeder:
         interval_s: float = 0.25, lost_after_s: float | None = None, running_lost_after_s: float | None = None,
         sweep_interval_s: float = 60.0, name: str = "", live: LiveHolders | None = None,
         on_cycle: Callable[[FeedReport, bool], None] | None = None, small_take: int = SMALL_TAKE,
+        memory_fraction: float = 0.8,
     ) -> None:
         self._admin = admin
         self._app = app
@@ -81,6 +87,7 @@ class Feeder:
         self._running_lost_after_s = running_lost_after_s
         self._live = live
         self._small_take = small_take  # 0: a statement per take (bench.small_jobs compares)
+        self._memory_fraction = memory_fraction  # 0: only the window bounds what Redis holds
         self._sweep_interval_s = sweep_interval_s
         self._name = name
         self._on_cycle = on_cycle  # (report, swept): the worker's metrics
@@ -98,6 +105,7 @@ class Feeder:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="imgq-feeder", daemon=True)
         self.published = 0
+        self._held = False  # the last cycle stopped short for Redis' memory (logged when it changes)
 
     # -- one cycle ------------------------------------------------------------------------------
     def depth(self) -> int:
@@ -127,6 +135,37 @@ class Feeder:
             for n in LANES:
                 pipe.llen(f"{self._queue}{channel.sep}{n}" if n else self._queue)
             return {n: int(size) for n, size in zip(LANES, pipe.execute(), strict=True)}
+
+    def memory_room(self, refs_per_message: int) -> int | None:
+        """Messages of ``refs_per_message`` refs that fit in Redis below the memory fraction of its
+        ``maxmemory`` now (imgq.feeding.memory_slots); None when nothing bounds it but the window."""
+        if self._memory_fraction <= 0:
+            return None
+        if self._broker is None:
+            self.depths()  # connects
+        channel = self._broker.default_channel
+        keys = [f"{self._queue}{channel.sep}{n}" if n else self._queue for n in LANES]
+        with channel.conn_or_acquire() as client:
+            try:
+                memory = client.info("memory")
+            except redis.exceptions.ResponseError as exc:  # INFO renamed or refused (a managed Redis)
+                log.warning("cannot read Redis' memory (%s): IMGQ_BROKER_MEMORY_FRACTION is not applied", exc)
+                self._memory_fraction = 0.0
+                return None
+            maxmemory = int(memory.get("maxmemory") or 0)
+            if maxmemory <= 0:
+                return None
+            measured = None
+            with contextlib.suppress(redis.exceptions.ResponseError), client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.llen(key)
+                    pipe.memory_usage(key, samples=5)
+                answers = pipe.execute()
+                messages = sum(int(n or 0) for n in answers[::2])
+                if messages:
+                    measured = sum(int(b or 0) for b in answers[1::2]) / messages
+        return memory_slots(counted_memory(memory), maxmemory, self._memory_fraction,
+                            message_bytes(refs_per_message, measured))
 
     def feed(self, *, job: uuid.UUID | None = None, sweep: bool = False, lost_after_s: float | None = None,
              drained_only: bool = True, wait_s: float = 0.0, max_messages: int | None = None) -> FeedReport | None:
@@ -198,6 +237,15 @@ class Feeder:
                 budget = min(slots, PASS_MESSAGES)
                 if max_messages is not None:
                     budget = min(budget, max_messages - report.messages)
+                    if budget <= 0:
+                        break
+                # Redis near its maxmemory (other clients' keys count too): the rest waits in
+                # Postgres. Read again each pass, so a pass overshoots by at most its estimate's error.
+                room = self.memory_room(max(w.refs_per_message or self._per_message
+                                            for w in waiting.values() if w.priority == top))
+                if room is not None:
+                    report.held = bool(report.held) or room < budget
+                    budget = min(budget, room)
                     if budget <= 0:
                         break
                 # Shares matter only between contenders; a lone backfill skips counting what is in
@@ -340,6 +388,14 @@ class Feeder:
                 if report is not None and report.lost:
                     log.warning("%d items were lost from the broker; re-published them through the window",
                                 report.lost, extra={"action": "reconcile", "items": report.lost})
+                if report is not None and report.held is not None and report.held != self._held:
+                    self._held = report.held
+                    if report.held:
+                        log.warning("Redis is at %d%% of its maxmemory (IMGQ_BROKER_MEMORY_FRACTION): the backlog "
+                                    "waits in Postgres until it has room", round(self._memory_fraction * 100),
+                                    extra={"action": "feed", "queue": self._queue})
+                    else:
+                        log.info("Redis has room again: feeding the window", extra={"action": "feed"})
                 if report is not None and report.messages:
                     log.debug("fed %d messages (%d items); the queue held %d", report.messages, report.items,
                               report.depth, extra={"action": "feed", "items": report.items})

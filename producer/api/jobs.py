@@ -329,7 +329,7 @@ def retry_dead(job_id: str, request: Request, caller: Caller, code: str | None =
     settings = context.settings
     published = 0
     feeder = Feeder(admin=admin, app=context.celery, queue=settings.queue, window=settings.broker_window,
-                    per_message=settings.refs_per_message)
+                    per_message=settings.refs_per_message, memory_fraction=settings.broker_memory_fraction)
     try:
         report = feeder.feed(job=job, wait_s=2.0, max_messages=PRODUCER_MESSAGES)
         published = report.items if report is not None else 0

@@ -485,3 +485,33 @@ def test_a_job_named_twice_in_one_take_is_refused(store) -> None:
     with Admin(store.engine).feeding(QUEUE, wait_s=1) as tx, pytest.raises(ValueError, match="twice"):
         tx.take_many([(job, 3, 0), (job, 2, 0)])
     assert _published(store, job) == []
+
+
+def test_the_feeder_keeps_redis_below_its_memory_fraction_and_feeds_again_once_it_has_room(
+        store, client, broker_url) -> None:
+    """A window of 10,000 messages would not fit: the feeder stops at 80 % of maxmemory, measured
+    again each pass, and the rest waits in Postgres until workers take messages."""
+    from imgq.transport import counted_memory
+
+    job = _job(store, 16 * 2_000)
+    feeder = _feeder(store, broker_url, window=10_000, per_message=16, memory_fraction=0.8)
+    client.config_set("maxmemory-policy", "noeviction")
+    limit = counted_memory(client.info("memory")) + 2_000_000
+    client.config_set("maxmemory", limit)
+    try:
+        first = feeder.feed()
+        used = counted_memory(client.info("memory"))
+        assert first.held and 0 < first.messages < 2_000
+        assert used <= 0.8 * limit, f"{used} bytes used, over 80 % of {limit}"
+        assert used >= 0.8 * limit - 2_000_000 * 0.5, "it filled most of its room"
+        again = feeder.feed()
+        assert (again.held, again.messages) == (True, 0)
+        client.delete(QUEUE)  # workers took every message
+        assert feeder.feed().messages > 0
+        assert counted_memory(client.info("memory")) <= 0.8 * limit
+    finally:
+        client.config_set("maxmemory", 0)
+    assert len(_published(store, job)) == 16 * feeder.published
+    # Without maxmemory only the window bounds Redis.
+    unbounded = _feeder(store, broker_url, window=10_000, per_message=16, memory_fraction=0.8).feed()
+    assert (unbounded.held, unbounded.messages) == (None, 2_000 - feeder.published)

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from imgq.feeding import BACKFILL_LANE, TOP_LANE, Backlog, free_slots, lane, lane_slots, plan
+from imgq.feeding import (
+    BACKFILL_LANE,
+    TOP_LANE,
+    Backlog,
+    free_slots,
+    lane,
+    lane_slots,
+    memory_slots,
+    message_bytes,
+    plan,
+)
 
 
 @pytest.mark.parametrize(("depth", "window", "slots"), [
@@ -149,3 +159,24 @@ def test_a_push_log_tells_when_the_oldest_message_still_in_a_lane_was_pushed():
     assert log.left_before(0, 3) == 17 and log.left_before(0, 50) == UNKNOWN, "bounded, the oldest dropped"
     log.forget()
     assert log.left_before(0, 1) == UNKNOWN
+
+
+@pytest.mark.parametrize(("used", "maxmemory", "fraction", "per_message", "slots"), [
+    (0, 0, 0.8, 4096, None),  # no maxmemory: only the window bounds Redis
+    (0, 100_000_000, 0.0, 4096, None),  # the check is off
+    (0, 100_000_000, 0.8, 4096, 19_531),  # 80 MB of room
+    (79_000_000, 100_000_000, 0.8, 4096, 244),
+    (80_000_000, 100_000_000, 0.8, 4096, 0),  # at the mark: nothing more
+    (95_000_000, 100_000_000, 0.8, 4096, 0),  # past it (other clients' keys): never negative
+    (79_999_000, 100_000_000, 0.8, 4096, 0),  # room for less than one message
+])
+def test_memory_slots(used: int, maxmemory: int, fraction: float, per_message: float, slots: int | None) -> None:
+    assert memory_slots(used, maxmemory, fraction, per_message) == slots
+
+
+def test_message_bytes_errs_high_then_follows_what_redis_measured() -> None:
+    # Measured with MEMORY USAGE (docs/scaling.md): 2.75 kB for 16 short refs, 82 kB for 1,000.
+    assert message_bytes(16) >= 2_750 and message_bytes(1_000) >= 82_000
+    assert message_bytes(16) < 3 * 2_750  # high, not absurd: a first cycle still fills most of its room
+    assert message_bytes(1_000, measured=327_720.0) == 327_720.0  # 200-character refs: measured wins
+    assert message_bytes(16, measured=2_700.0) == message_bytes(16)
