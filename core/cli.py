@@ -267,9 +267,10 @@ def _submit_and_report(settings: Settings, tasks: list[Any], items: Any, rejecte
         typer.echo(f"accepted {_n(result.items, 'item')}; the workers' feeder holds the queue's feed lock and "
                    "publishes them (nothing published from here)", err=True)
     elif result.published < result.items:
+        why = "Redis is at IMGQ_BROKER_MEMORY_FRACTION of its maxmemory" if result.memory_held else "IMGQ_BROKER_WINDOW"
         typer.echo(f"accepted {_n(result.items, 'item')}; published the first {_n(result.published, 'item')} in "
                    f"{_n(result.messages, 'message')}; the other {result.items - result.published:,} wait in "
-                   "Postgres for the workers' feeder (IMGQ_BROKER_WINDOW)", err=True)
+                   f"Postgres for the workers' feeder ({why})", err=True)
     else:
         typer.echo(f"accepted {_n(result.items, 'item')} in {_n(result.messages, 'message')}", err=True)
     typer.echo(str(result.job))

@@ -38,6 +38,7 @@ class Submitted:
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (ref, reason)
     publish_error: str | None = None  # the job is committed but its messages were not all sent
     feeder_busy: bool = False  # another feeder held the queue's feed lock: it publishes the job
+    memory_held: bool = False  # publishing stopped at IMGQ_BROKER_MEMORY_FRACTION of Redis' maxmemory
 
 
 def accept_refs(
@@ -115,4 +116,5 @@ def submit(
     finally:
         feeder.stop()
     return Submitted(job=job, items=accepted, messages=report.messages if report else 0,
-                     published=report.items if report else 0, rejected=rejected or [], feeder_busy=report is None)
+                     published=report.items if report else 0, rejected=rejected or [], feeder_busy=report is None,
+                     memory_held=bool(report and report.held))

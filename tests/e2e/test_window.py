@@ -230,3 +230,46 @@ def test_two_tenants_of_equal_priority_share_the_worker(make_settings, image_roo
     assert abs(alpha - (n - alpha)) <= 2 * tolerance
     check_job(settings, str(first))
     check_job(settings, str(second))
+
+
+def test_the_feeders_hold_the_backlog_while_redis_is_past_its_memory_mark(make_settings, redis_server, image_root,
+                                                                         tmp_path):
+    """Other clients' keys hold Redis past 80 % of maxmemory: enqueue and the worker's feeder
+    publish nothing (the items wait in Postgres, the worker says why), and once the keys go the
+    worker's feeder publishes and the job finishes."""
+    client = redis.Redis(unix_socket_path=str(redis_server.socket_path))
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", 64 * 2**20)
+    junk = 0
+    while int(client.info("memory")["used_memory"]) < 0.85 * 64 * 2**20:
+        client.set(f"junk:{junk}", b"x" * 2**20)
+        junk += 1
+    settings = make_settings(**SMALL)
+    n = 24
+    worker = None
+    try:
+        listing = tmp_path / "refs.txt"
+        listing.write_text("\n".join(images(image_root, n)))
+        out = run_cli(settings, "enqueue", "caption", "-f", str(listing), "--max-new-tokens", "4")
+        assert out.returncode == 0, out.stderr
+        assert "Redis is at IMGQ_BROKER_MEMORY_FRACTION of its maxmemory" in out.stderr
+        job = out.stdout.strip()
+        assert client.llen(settings.queue) == 0
+        worker = start_worker(settings, Path(settings.caption_model), tmp_path, "w0", "--concurrency", "2")
+        log = tmp_path / "worker-w0.log"
+        deadline = time.monotonic() + 60
+        while "Redis is at 80% of its maxmemory" not in log.read_text():
+            assert time.monotonic() < deadline and worker.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        store = Store.from_url(settings.database_url)
+        assert store.counts(job)["done"] == 0 and client.llen(settings.queue) == 0
+        client.delete(*[f"junk:{i}" for i in range(junk)])
+        totals = wait_finished(store, [job], timeout=60, procs=[worker], log_dir=tmp_path)
+    finally:
+        if worker is not None:
+            stop(worker)
+        client.config_set("maxmemory", 0)
+        client.close()
+    assert totals == {"queued": 0, "running": 0, "done": n, "dead": 0}
+    assert "Redis has room again" in log.read_text()
+    check_job(settings, job)
