@@ -68,9 +68,12 @@ def classify_decode(exc: BaseException) -> errors.ImgqError:
 
 
 # Outages of the services a worker depends on: nothing was settled, so the message goes back.
+# kombu's BatchPublishError is a failed flush of the publish pipeline (imgq.publish): Redis
+# refused it (full, read-only after a failover) or went away. Not one, a worker's retries on a full
+# Redis dead-lettered their items as internal_error (tests/integration/test_transport.py).
 _OUTAGE_NAMES = {"OperationalError", "InterfaceError", "DisconnectionError", "ConnectionError",
                  "TimeoutError", "BusyLoadingError", "OperationalException", "ConnectionRefusedError",
-                 "RedisError", "BrokenPipeError"}
+                 "RedisError", "BrokenPipeError", "BatchPublishError"}
 
 
 def is_outage(exc: BaseException) -> bool:

@@ -59,3 +59,19 @@ def test_no_channel_opens_on_a_full_redis_and_one_does_once_it_has_room(broker_u
         conn.channel().close()
     finally:
         conn.release()
+
+
+def test_a_publish_that_redis_refuses_is_an_outage_not_a_bug(broker_url: str, redis_server) -> None:
+    """A worker publishing its retries on a full Redis: kombu's batch raises BatchPublishError,
+    which must send the message back (an outage), not dead-letter its items as internal_error."""
+    from imgq.classify import is_outage
+    from imgq.contract import TaskMessage
+    from imgq.publish import publish
+    from tests.jobs import caption_task
+
+    app = make_celery(Settings(_env_file=None, broker_url=broker_url, queue="full-test"))
+    message = TaskMessage(job=str(uuid.uuid4()), tasks=[caption_task("m")], items=[(0, "/d/0.jpg")])
+    publish(app, [message], queue="full-test")  # the worker's pooled producer channel is open
+    with redis_full(redis_server), pytest.raises(Exception) as refused:
+        publish(app, [message], queue="full-test")
+    assert is_outage(refused.value), repr(refused.value)

@@ -95,6 +95,7 @@ def test_decode_errors_are_truncated_and_keep_what_pillow_said(exc: BaseExceptio
         (type("OperationalException", (Exception,), {})(), True),
         (type("RedisError", (Exception,), {})(), True),
         (type("ConnectionError", (Exception,), {})(), True),
+        (type("BatchPublishError", (Exception,), {})("Redis publish batch failed"), True),  # kombu's flush
         # a subclass of an outage is one too (class names along the MRO)
         (type("Refused", (ConnectionRefusedError,), {})(), True),
         (ValueError("bad input"), False),
