@@ -169,6 +169,9 @@ def test_a_push_log_tells_when_the_oldest_message_still_in_a_lane_was_pushed():
     (80_000_000, 100_000_000, 0.8, 4096, 0),  # at the mark: nothing more
     (95_000_000, 100_000_000, 0.8, 4096, 0),  # past it (other clients' keys): never negative
     (79_999_000, 100_000_000, 0.8, 4096, 0),  # room for less than one message
+    (0, 1, 0.8, 4096, 0),  # a maxmemory of one byte is a limit too (tests make Redis full so)
+    (0, 1_000, 0.8, 1, 800),  # one-byte messages: no rounding up of the size
+    (0, 1_000, 0.8, 0, 800),  # nor a division by zero
 ])
 def test_memory_slots(used: int, maxmemory: int, fraction: float, per_message: float, slots: int | None) -> None:
     assert memory_slots(used, maxmemory, fraction, per_message) == slots
