@@ -1,21 +1,30 @@
-"""kombu's Redis transport, made to ride out a full Redis.
+"""kombu's Redis transport, made to ride out a full Redis and a failover.
 
-At ``maxmemory`` (with ``noeviction``, the only policy that cannot drop messages) Redis refuses
-every command that needs memory, and every command inside MULTI. kombu acknowledges a message in
-a MULTI (ZREM and HDEL of its unacked entry), and files Redis' refusal under channel errors,
-which Celery treats as unrecoverable: every worker exited 1, and again at start while Redis stayed
-full (found by review). Two changes, in subclasses rather than a fork:
+Two conditions leave Redis up but refusing writes, and kombu filed both under channel errors,
+which Celery treats as unrecoverable: every worker exited 1, and again at each start while they
+lasted (found by review; celery/celery#7946 for the second).
 
-- **Acknowledgements are never refused.** They only free memory, so they go out as a plain
-  pipeline, which Redis runs even when full. A refused acknowledgement had also left its message
-  counted against the worker's prefetch for good: with every slot taken, the worker stopped
+- **A full Redis**: at ``maxmemory`` (with ``noeviction``, the only policy that cannot drop
+  messages) Redis refuses every command that needs memory, and every command inside MULTI, where
+  kombu acknowledged messages (ZREM and HDEL of their unacked entry).
+- **A demoted primary**: after a failover, connections still open to the old primary (now a
+  replica; a managed Redis' endpoint moves by DNS) get ``READONLY`` for every write, the BRPOP that
+  consumes included. Reconnecting reaches the new primary, which is why clients such as Ruby's
+  redis-client treat READONLY as a connection error.
+
+So, in subclasses rather than a fork:
+
+- **Acknowledgements are never refused for memory.** They only free memory, so they go out as a
+  plain pipeline, which Redis runs even when full. One refused anyway (by a replica) still frees
+  its prefetch slot: it had held it for good, and with every slot taken the worker stopped
   consuming without a word.
-- **A full Redis is a broker that cannot serve for now**, a connection error, and a channel is
-  not opened on a Redis that is full: Celery's reconnection then backs off (2 s, 4 s, ... up to
-  30 s between tries, ``broker_connection_max_retries`` of them) instead of restarting the
-  consumer six times a second, and the worker resumes once Redis has room. A message popped as
-  Redis filled (its unacked entry refused) is gone from Redis only; Postgres still holds its
-  items and the feeder's lost-message sweep re-publishes them (imgq.feeding.PushLog).
+- **Both are connection errors, and no channel opens while either lasts** (Redis over its
+  ``maxmemory``, or a replica): Celery's reconnection then backs off (2 s, 4 s, ... up to 30 s
+  between tries, ``broker_connection_max_retries`` of them) instead of restarting the consumer six
+  times a second, and the worker resumes once Redis has room or a primary answers. A message
+  popped as Redis filled (its unacked entry refused), or written to a primary that lost it in the
+  failover, is gone from Redis only; Postgres still holds its items and the feeder's lost-message
+  sweep re-publishes them (imgq.feeding.PushLog).
 
 Registered for ``redis://``, ``rediss://`` and ``redis+socket://`` URLs by :func:`install`.
 """
@@ -26,12 +35,24 @@ from typing import Any
 
 from kombu import transport as kombu_transport
 from kombu.transport import redis as kombu_redis
-from redis.exceptions import OutOfMemoryError
+from kombu.transport import virtual
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 
 SCHEMES = ("redis", "rediss")
 
 
 class QoS(kombu_redis.QoS):
+    def ack(self, delivery_tag: str) -> None:
+        # The worker's own bookkeeping goes whatever Redis answers: an acknowledgement a demoted
+        # primary refused kept its prefetch slot for good, and with every slot taken the worker
+        # stopped consuming, so never reached the BRPOP whose error would reconnect it. The
+        # unacked entry comes back after the visibility timeout; a redelivery is settled idempotently.
+        try:
+            super().ack(delivery_tag)
+        except Exception:
+            virtual.QoS.ack(self, delivery_tag)
+            raise
+
     def _remove_from_indices(self, delivery_tag: str, pipe: Any = None) -> Any:
         if pipe is None:  # an acknowledgement; a restore passes its own (transactional) pipe
             with self.channel.conn_or_acquire() as client:
@@ -45,14 +66,36 @@ class Channel(kombu_redis.Channel):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         try:
-            memory = self.client.info("memory")
+            info = self.client.info()  # the default sections: memory and replication among them
         except Exception:  # INFO renamed or refused by a managed Redis: nothing to go by
             return
-        if over_maxmemory(memory):
+        refused = unwritable(info)
+        if refused is not None:
             self.close()
-            raise OutOfMemoryError(
-                f"Redis is at maxmemory ({memory['used_memory']} bytes used of {memory['maxmemory']}): "
-                "waiting for room (make room, or raise maxmemory)")
+            raise refused
+
+    def _brpop_read(self, **options: Any) -> Any:
+        try:
+            return super()._brpop_read(**options)
+        except ResponseError as exc:
+            # A primary turning replica unblocks every waiting BRPOP with a plain error reply
+            # ("UNBLOCKED ... instance state changed (master -> replica?)"): a failover too.
+            if isinstance(exc, self.connection_errors) or not str(exc).startswith("UNBLOCKED"):
+                raise
+            self.client.connection.disconnect()
+            raise ReadOnlyError(f"{exc}: waiting for a primary") from exc
+
+
+def unwritable(info: dict[str, Any]) -> Exception | None:
+    """Why a Redis refuses writes now, from ``INFO``, as the error its writes raise; None if it
+    takes them."""
+    if info.get("role") == "slave":
+        return ReadOnlyError(f"Redis is a read-only replica of {info.get('master_host')}:{info.get('master_port')} "
+                             "(a failover?): waiting for a primary")
+    if over_maxmemory(info):
+        return OutOfMemoryError(f"Redis is at maxmemory ({info['used_memory']} bytes used of {info['maxmemory']}): "
+                                "waiting for room (make room, or raise maxmemory)")
+    return None
 
 
 def counted_memory(memory: dict[str, Any]) -> int:
@@ -62,14 +105,14 @@ def counted_memory(memory: dict[str, Any]) -> int:
 
 
 def over_maxmemory(memory: dict[str, Any]) -> bool:
-    """Whether Redis refuses writes now, from ``INFO memory``."""
+    """Whether Redis refuses writes for memory now, from ``INFO`` (its memory section)."""
     limit = int(memory.get("maxmemory", 0) or 0)
     return limit > 0 and counted_memory(memory) > limit
 
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
-    connection_errors = (*kombu_redis.Transport.connection_errors, OutOfMemoryError)
+    connection_errors = (*kombu_redis.Transport.connection_errors, OutOfMemoryError, ReadOnlyError)
 
 
 def install() -> None:

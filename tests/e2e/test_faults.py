@@ -22,7 +22,7 @@ from imgq.db.cancelling import cancel_job
 from imgq.db.store import Store
 from imgq.publish import publish
 from tests.e2e.helpers import check_job, jpeg_bytes, run_cli, start_worker, stop, wait_finished
-from tests.fixtures.services import redis_full
+from tests.fixtures.services import redis_demoted, redis_full
 from tests.jobs import caption_task, create_job
 from tests.jobs import message as make_message
 
@@ -260,6 +260,32 @@ def test_redis_full_mid_job_workers_wait_for_room(make_settings, redis_server, i
     assert totals == {"queued": 0, "running": 0, "done": 80, "dead": 0}
     # Backing off (2 s, 4 s, ...), not restarting the consumer six times a second.
     assert (tmp_path / "worker-w0.log").read_text().count(waiting) < 10
+    check_job(settings, job)
+
+
+def test_redis_failover_mid_job_the_worker_reconnects(make_settings, redis_server, image_root, slow_tiny_model_dir,
+                                                       tmp_path):
+    """The worker's Redis turns replica of an empty primary (a failover that lost the queue), then
+    primary again. The worker exited 1 (its BRPOP unblocked, then READONLY: celery/celery#7946);
+    now it reconnects with back-off, and the sweep re-publishes what the failover lost."""
+    settings = make_settings(caption_model=str(slow_tiny_model_dir), **FAST)
+    job = enqueue(settings, tmp_path, local_images(image_root, 80), per_message=4)
+    store = Store.from_url(settings.database_url)
+    procs = [start_worker(settings, slow_tiny_model_dir, tmp_path, "w0", "--concurrency", "2")]
+    try:
+        wait_done_at_least(store, job, 4)
+        with redis_demoted(redis_server):
+            wait_for(lambda: "read-only replica" in (tmp_path / "worker-w0.log").read_text(), 30, procs, tmp_path)
+            time.sleep(2)
+            assert procs[0].poll() is None, logs(tmp_path)[-4000:]
+        started = time.monotonic()
+        totals = wait_finished(store, [job], timeout=120, procs=procs, log_dir=tmp_path)
+        print(f"all final {time.monotonic() - started:.1f} s after the primary came back")
+    finally:
+        for proc in procs:
+            stop(proc)
+    assert totals == {"queued": 0, "running": 0, "done": 80, "dead": 0}
+    assert "re-published" in logs(tmp_path)
     check_job(settings, job)
 
 

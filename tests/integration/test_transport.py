@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import uuid
 
 import pytest
@@ -11,7 +13,7 @@ from kombu import Connection
 from imgq.celeryconf import make_celery
 from imgq.config import Settings
 from imgq.transport import Transport
-from tests.fixtures.services import redis_full
+from tests.fixtures.services import redis_demoted, redis_full
 
 pytestmark = pytest.mark.integration
 
@@ -75,3 +77,46 @@ def test_a_publish_that_redis_refuses_is_an_outage_not_a_bug(broker_url: str, re
     with redis_full(redis_server), pytest.raises(Exception) as refused:
         publish(app, [message], queue="full-test")
     assert is_outage(refused.value), repr(refused.value)
+
+
+def test_a_failover_is_a_connection_error_from_the_waiting_brpop_and_at_the_next_channel(
+        broker_url: str, redis_server) -> None:
+    """The primary turns replica (celery/celery#7946): the consumer's waiting BRPOP is unblocked
+    with a plain error reply and every write gets READONLY. Both must reach Celery as connection
+    errors (reconnect with back-off), not as channel errors (the worker exited 1)."""
+    conn = Connection(broker_url)
+    queue = conn.SimpleQueue(f"failover-{uuid.uuid4().hex[:8]}")
+    with contextlib.ExitStack() as failover:
+        timer = threading.Timer(0.5, failover.enter_context, [redis_demoted(redis_server)])
+        timer.start()
+        try:
+            with pytest.raises(conn.connection_errors, match="UNBLOCKED"):
+                queue.get(timeout=20)
+        finally:
+            timer.join()
+            queue.close()
+            conn.release()
+        fresh = Connection(broker_url)
+        with pytest.raises(fresh.connection_errors, match=r"read-only replica of 127\.0\.0\.1:[0-9]+"):
+            fresh.channel()
+        fresh.release()
+    conn = Connection(broker_url)
+    try:
+        conn.channel().close()  # a primary again
+    finally:
+        conn.release()
+
+
+def test_an_acknowledgement_a_replica_refuses_still_frees_its_prefetch_slot(broker_url: str, redis_server) -> None:
+    """Else, with every slot held by refused acknowledgements, the worker stopped consuming and
+    never met the READONLY that would have made it reconnect."""
+    conn, message = _one_delivered(broker_url, f"slot-{uuid.uuid4().hex[:8]}")
+    channel = message.channel
+    channel.basic_qos(0, 1, False)
+    try:
+        assert not channel.qos.can_consume()
+        with redis_demoted(redis_server), pytest.raises(conn.connection_errors, match="read only replica"):
+            message.ack()
+        assert channel.qos.can_consume()
+    finally:
+        conn.release()

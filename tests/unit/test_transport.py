@@ -1,8 +1,9 @@
-"""When Redis refuses writes, read off INFO memory (imgq.transport.over_maxmemory)."""
+"""When Redis refuses writes, read off INFO (imgq.transport.over_maxmemory, unwritable)."""
 
 import pytest
+from redis.exceptions import OutOfMemoryError, ReadOnlyError
 
-from imgq.transport import over_maxmemory
+from imgq.transport import over_maxmemory, unwritable
 
 
 @pytest.mark.parametrize(("memory", "full"), [
@@ -15,3 +16,22 @@ from imgq.transport import over_maxmemory
 ])
 def test_over_maxmemory(memory: dict, full: bool) -> None:
     assert over_maxmemory(memory) is full
+
+
+@pytest.mark.parametrize(("info", "error", "says"), [
+    ({"role": "master", "used_memory": 5, "maxmemory": 0}, None, None),
+    ({"role": "slave", "master_host": "10.0.0.7", "master_port": 6379, "used_memory": 5, "maxmemory": 0},
+     ReadOnlyError, "read-only replica of 10.0.0.7:6379"),
+    ({"role": "master", "used_memory": 1_000, "maxmemory": 999}, OutOfMemoryError,
+     r"at maxmemory \(1000 bytes used of 999\)"),
+    # A full replica is a replica first: reconnecting, not room, is what helps.
+    ({"role": "slave", "used_memory": 1_000, "maxmemory": 999}, ReadOnlyError, "replica"),
+])
+def test_unwritable_names_why_as_the_error_a_write_would_raise(info: dict, error: type | None, says: str) -> None:
+    found = unwritable(info)
+    if error is None:
+        assert found is None
+    else:
+        assert type(found) is error
+        with pytest.raises(error, match=says):
+            raise found
