@@ -130,11 +130,14 @@ class Feeder:
             conn.ensure_connection(max_retries=1)  # kombu's default retries for 6 s; the loop retries anyway
             self._broker = conn
         channel = self._broker.default_channel
-        # kombu names lane p of queue q "q" (p = 0) or "q<sep>p"; the client adds any key prefix.
         with channel.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
-            for n in LANES:
-                pipe.llen(f"{self._queue}{channel.sep}{n}" if n else self._queue)
+            for key in self._lane_keys(channel):
+                pipe.llen(key)
             return {n: int(size) for n, size in zip(LANES, pipe.execute(), strict=True)}
+
+    def _lane_keys(self, channel: Any) -> list[str]:
+        """kombu names lane p of queue q "q" (p = 0) or "q<sep>p"; the client adds any key prefix."""
+        return [f"{self._queue}{channel.sep}{n}" if n else self._queue for n in LANES]
 
     def memory_room(self, refs_per_message: int) -> int | None:
         """Messages of ``refs_per_message`` refs that fit in Redis below the memory fraction of its
@@ -144,7 +147,7 @@ class Feeder:
         if self._broker is None:
             self.depths()  # connects
         channel = self._broker.default_channel
-        keys = [f"{self._queue}{channel.sep}{n}" if n else self._queue for n in LANES]
+        keys = self._lane_keys(channel)
         with channel.conn_or_acquire() as client:
             try:
                 memory = client.info("memory")

@@ -51,11 +51,22 @@ def test_an_acknowledgement_goes_through_on_a_full_redis(broker_url: str, redis_
 
 def test_no_channel_opens_on_a_full_redis_and_one_does_once_it_has_room(broker_url: str, redis_server) -> None:
     with redis_full(redis_server):
-        conn = Connection(broker_url)
-        # A connection error, so Celery's consumer reconnects with back-off instead of exiting.
-        with pytest.raises(conn.connection_errors, match=r"Redis is at maxmemory .* waiting for room"):
+        _no_channel(broker_url, r"Redis is at maxmemory .* waiting for room")
+    _a_channel(broker_url)
+
+
+def _no_channel(broker_url: str, says: str) -> None:
+    """A channel is refused with a connection error, so Celery's consumer reconnects with back-off
+    instead of exiting."""
+    conn = Connection(broker_url)
+    try:
+        with pytest.raises(conn.connection_errors, match=says):
             conn.channel()
+    finally:
         conn.release()
+
+
+def _a_channel(broker_url: str) -> None:
     conn = Connection(broker_url)
     try:
         conn.channel().close()
@@ -96,15 +107,8 @@ def test_a_failover_is_a_connection_error_from_the_waiting_brpop_and_at_the_next
             timer.join()
             queue.close()
             conn.release()
-        fresh = Connection(broker_url)
-        with pytest.raises(fresh.connection_errors, match=r"read-only replica of 127\.0\.0\.1:[0-9]+"):
-            fresh.channel()
-        fresh.release()
-    conn = Connection(broker_url)
-    try:
-        conn.channel().close()  # a primary again
-    finally:
-        conn.release()
+        _no_channel(broker_url, r"read-only replica of 127\.0\.0\.1:[0-9]+")
+    _a_channel(broker_url)  # a primary again
 
 
 def test_an_acknowledgement_a_replica_refuses_still_frees_its_prefetch_slot(broker_url: str, redis_server) -> None:
