@@ -15,9 +15,9 @@ lasted (found by review; celery/celery#7946 for the second).
 So, in subclasses rather than a fork:
 
 - **Acknowledgements are never refused for memory.** They only free memory, so they go out as a
-  plain pipeline, which Redis runs even when full. One refused anyway (by a replica) still frees
-  its prefetch slot: it had held it for good, and with every slot taken the worker stopped
-  consuming without a word.
+  plain pipeline, which Redis runs even when full. One refused anyway (by a replica), and a
+  requeue refused (by either), still frees its prefetch slot: it had held it for good, and with
+  every slot taken the worker stopped consuming without a word.
 - **Both are connection errors, and no channel opens while either lasts** (Redis over its
   ``maxmemory``, or a replica): Celery's reconnection then backs off (2 s, 4 s, ... up to 30 s
   between tries, ``broker_connection_max_retries`` of them) instead of restarting the consumer six
@@ -49,6 +49,15 @@ class QoS(kombu_redis.QoS):
         # unacked entry comes back after the visibility timeout; a redelivery is settled idempotently.
         try:
             super().ack(delivery_tag)
+        except Exception:
+            virtual.QoS.ack(self, delivery_tag)
+            raise
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        # The same for a requeue, which a full Redis or a replica refuses (LPUSH in a MULTI): the
+        # worker requeues a message on every outage, so each refusal would cost it a slot.
+        try:
+            super().reject(delivery_tag, requeue=requeue)
         except Exception:
             virtual.QoS.ack(self, delivery_tag)
             raise
@@ -105,9 +114,12 @@ def counted_memory(memory: dict[str, Any]) -> int:
 
 
 def over_maxmemory(memory: dict[str, Any]) -> bool:
-    """Whether Redis refuses writes for memory now, from ``INFO`` (its memory section)."""
+    """Whether Redis refuses writes for memory now, from ``INFO`` (its memory section). Under an
+    ``allkeys-*`` policy it evicts and takes them; under ``volatile-*`` it does only while keys
+    with a TTL remain, which INFO does not tell, so that counts as refusing."""
     limit = int(memory.get("maxmemory", 0) or 0)
-    return limit > 0 and counted_memory(memory) > limit
+    policy = str(memory.get("maxmemory_policy") or "noeviction")
+    return limit > 0 and counted_memory(memory) > limit and not policy.startswith("allkeys-")
 
 
 class Transport(kombu_redis.Transport):

@@ -50,6 +50,8 @@ PASS_MESSAGES = 2_000
 PRODUCER_MESSAGES = 500
 # Takes of at most this many items go in one statement per pass (Feeding.take_many).
 SMALL_TAKE = 256
+# The memory mark's warning is said at most this often (Feeder._log_held).
+HELD_LOG_S = 60.0
 # How long a count of the items in flight serves the fair shares (published items are added to it).
 FLIGHT_TTL_S = 2.0
 
@@ -105,7 +107,8 @@ class Feeder:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="imgq-feeder", daemon=True)
         self.published = 0
-        self._held = False  # the last cycle stopped short for Redis' memory (logged when it changes)
+        # Whether the memory mark's hold was last said to start (and when), for _log_held.
+        self._held_said, self._held_said_at = False, float("-inf")
 
     # -- one cycle ------------------------------------------------------------------------------
     def depth(self) -> int:
@@ -246,10 +249,11 @@ class Feeder:
                 # Postgres. Read again each pass, so a pass overshoots by at most its estimate's error.
                 room = self.memory_room(max(w.refs_per_message or self._per_message
                                             for w in waiting.values() if w.priority == top))
+                capped = room is not None and room < budget
                 if room is not None:
-                    report.held = bool(report.held) or room < budget
                     budget = min(budget, room)
                     if budget <= 0:
+                        report.held = True  # items wait, and Redis has no room for one message
                         break
                 # Shares matter only between contenders; a lone backfill skips counting what is in
                 # flight (up to a window's worth of index entries per cycle).
@@ -283,6 +287,10 @@ class Feeder:
                     messages += chunk_messages(job=str(w.job), tasks=tasks_from_record(w.tasks), items=items,
                                                per_message=size)
                     report.items += len(items)
+                if room is not None:
+                    # Held only if the room, not the backlog, ended the pass: a backlog smaller
+                    # than the room was all published.
+                    report.held = bool(report.held) or (capped and len(messages) >= budget)
                 if messages:
                     publish(self._app, messages, queue=self._queue, lane=to_lane)
                     pushed_at = tx.now() if pushed_at is None else pushed_at
@@ -354,6 +362,20 @@ class Feeder:
                  self.window, extra={"action": "feeder", "queue": self._queue})
         return True
 
+    def _log_held(self, held: bool) -> None:
+        """Say when the memory mark starts and stops holding the backlog back: at most once a
+        HELD_LOG_S, since near the mark Redis' used memory moves by a few messages' worth between
+        cycles and the state could flip four times a second."""
+        now = time.monotonic()
+        if held and not self._held_said and now - self._held_said_at >= HELD_LOG_S:
+            self._held_said, self._held_said_at = True, now
+            log.warning("Redis is at %d%% of its maxmemory (IMGQ_BROKER_MEMORY_FRACTION): the backlog waits in "
+                        "Postgres until it has room", round(self._memory_fraction * 100),
+                        extra={"action": "feed", "queue": self._queue})
+        elif not held and self._held_said:
+            self._held_said = False
+            log.info("Redis has room again: feeding the window", extra={"action": "feed"})
+
     def _resign(self) -> None:
         conn, self._leader = self._leader, None
         if conn is None:
@@ -391,14 +413,8 @@ class Feeder:
                 if report is not None and report.lost:
                     log.warning("%d items were lost from the broker; re-published them through the window",
                                 report.lost, extra={"action": "reconcile", "items": report.lost})
-                if report is not None and report.held is not None and report.held != self._held:
-                    self._held = report.held
-                    if report.held:
-                        log.warning("Redis is at %d%% of its maxmemory (IMGQ_BROKER_MEMORY_FRACTION): the backlog "
-                                    "waits in Postgres until it has room", round(self._memory_fraction * 100),
-                                    extra={"action": "feed", "queue": self._queue})
-                    else:
-                        log.info("Redis has room again: feeding the window", extra={"action": "feed"})
+                if report is not None and report.held is not None:
+                    self._log_held(report.held)
                 if report is not None and report.messages:
                     log.debug("fed %d messages (%d items); the queue held %d", report.messages, report.items,
                               report.depth, extra={"action": "feed", "items": report.items})

@@ -524,3 +524,19 @@ def test_the_feeder_keeps_redis_below_its_memory_fraction_and_feeds_again_once_i
     # Without maxmemory only the window bounds Redis.
     unbounded = _feeder(store, broker_url, window=10_000, per_message=16, memory_fraction=0.8).feed()
     assert (unbounded.held, unbounded.messages) == (None, 2_000 - feeder.published)
+
+
+def test_a_backlog_smaller_than_the_memory_room_is_published_and_not_called_held(store, client, broker_url) -> None:
+    """Held means the room, not the backlog, ended the cycle: a 3-message job under a mark with
+    room for hundreds must not log the warning or count imgq_feed_memory_held_total (review)."""
+    from imgq.transport import counted_memory
+
+    _job(store, 16 * 3)
+    feeder = _feeder(store, broker_url, window=10_000, per_message=16, memory_fraction=0.8)
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", int((counted_memory(client.info("memory")) + 2_000_000) / 0.8))
+    try:
+        report = feeder.feed()
+    finally:
+        client.config_set("maxmemory", 0)
+    assert (report.held, report.messages) == (False, 3)

@@ -101,7 +101,8 @@ def test_a_failover_is_a_connection_error_from_the_waiting_brpop_and_at_the_next
         timer = threading.Timer(0.5, failover.enter_context, [redis_demoted(redis_server)])
         timer.start()
         try:
-            with pytest.raises(conn.connection_errors, match="UNBLOCKED"):
+            # UNBLOCKED when the demotion catches a BRPOP waiting; READONLY at the next one.
+            with pytest.raises(conn.connection_errors, match=r"UNBLOCKED|read only replica"):
                 queue.get(timeout=20)
         finally:
             timer.join()
@@ -121,6 +122,21 @@ def test_an_acknowledgement_a_replica_refuses_still_frees_its_prefetch_slot(brok
         assert not channel.qos.can_consume()
         with redis_demoted(redis_server), pytest.raises(conn.connection_errors, match="read only replica"):
             message.ack()
+        assert channel.qos.can_consume()
+    finally:
+        conn.release()
+
+
+def test_a_requeue_a_full_redis_refuses_still_frees_its_prefetch_slot(broker_url: str, redis_server) -> None:
+    """The worker requeues a message on every outage (Reject(requeue=True)); on a full Redis the
+    requeue (LPUSH in a MULTI) is refused, and the slot it held was lost for good (found by review)."""
+    conn, message = _one_delivered(broker_url, f"requeue-{uuid.uuid4().hex[:8]}")
+    channel = message.channel
+    channel.basic_qos(0, 1, False)
+    try:
+        assert not channel.qos.can_consume()
+        with redis_full(redis_server), pytest.raises(conn.connection_errors, match="maxmemory"):
+            message.reject(requeue=True)
         assert channel.qos.can_consume()
     finally:
         conn.release()

@@ -13,6 +13,10 @@ from imgq.transport import over_maxmemory, unwritable
     ({"used_memory": 10_000_000, "maxmemory": 9_000_000, "mem_not_counted_for_evict": 2_000_000}, False),
     ({"used_memory": 10_000_000, "maxmemory": 7_000_000, "mem_not_counted_for_evict": 2_000_000}, True),
     ({"used_memory": 10_000_000}, False),  # a Redis that does not say
+    # An evicting policy takes writes past maxmemory; volatile-* only while keys with a TTL last.
+    ({"used_memory": 10_000_000, "maxmemory": 9_999_999, "maxmemory_policy": "allkeys-lru"}, False),
+    ({"used_memory": 10_000_000, "maxmemory": 9_999_999, "maxmemory_policy": "volatile-lru"}, True),
+    ({"used_memory": 10_000_000, "maxmemory": 9_999_999, "maxmemory_policy": "noeviction"}, True),
 ])
 def test_over_maxmemory(memory: dict, full: bool) -> None:
     assert over_maxmemory(memory) is full
