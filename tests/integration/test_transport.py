@@ -112,31 +112,23 @@ def test_a_failover_is_a_connection_error_from_the_waiting_brpop_and_at_the_next
     _a_channel(broker_url)  # a primary again
 
 
-def test_an_acknowledgement_a_replica_refuses_still_frees_its_prefetch_slot(broker_url: str, redis_server) -> None:
-    """Else, with every slot held by refused acknowledgements, the worker stopped consuming and
-    never met the READONLY that would have made it reconnect."""
+@pytest.mark.parametrize(("refusing", "settle", "says"), [
+    # Else, with every slot held by refused acknowledgements, the worker stopped consuming and
+    # never met the READONLY that would have made it reconnect.
+    (redis_demoted, lambda message: message.ack(), "read only replica"),
+    # The worker requeues a message on every outage (Reject(requeue=True)), and a full Redis
+    # refuses the requeue (LPUSH in a MULTI): each cost a slot for good (found by review).
+    (redis_full, lambda message: message.reject(requeue=True), "maxmemory"),
+], ids=["ack-on-a-replica", "requeue-on-a-full-redis"])
+def test_a_settlement_redis_refuses_still_frees_its_prefetch_slot(broker_url: str, redis_server, refusing, settle,
+                                                                   says: str) -> None:
     conn, message = _one_delivered(broker_url, f"slot-{uuid.uuid4().hex[:8]}")
     channel = message.channel
     channel.basic_qos(0, 1, False)
     try:
         assert not channel.qos.can_consume()
-        with redis_demoted(redis_server), pytest.raises(conn.connection_errors, match="read only replica"):
-            message.ack()
-        assert channel.qos.can_consume()
-    finally:
-        conn.release()
-
-
-def test_a_requeue_a_full_redis_refuses_still_frees_its_prefetch_slot(broker_url: str, redis_server) -> None:
-    """The worker requeues a message on every outage (Reject(requeue=True)); on a full Redis the
-    requeue (LPUSH in a MULTI) is refused, and the slot it held was lost for good (found by review)."""
-    conn, message = _one_delivered(broker_url, f"requeue-{uuid.uuid4().hex[:8]}")
-    channel = message.channel
-    channel.basic_qos(0, 1, False)
-    try:
-        assert not channel.qos.can_consume()
-        with redis_full(redis_server), pytest.raises(conn.connection_errors, match="maxmemory"):
-            message.reject(requeue=True)
+        with refusing(redis_server), pytest.raises(conn.connection_errors, match=says):
+            settle(message)
         assert channel.qos.can_consume()
     finally:
         conn.release()
