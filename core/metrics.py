@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 # Batches are 1..4096 items; the buckets follow the powers of two a batcher produces.
 _SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
@@ -38,6 +38,9 @@ RECOVERED = Counter("imgq_recovered_items",
 ABANDONED = Counter("imgq_abandoned_items", "Items of acceptances whose producer died between its commits, deleted "
                     "by the feeder's sweep: no job ever had them (migration 0011).")
 PUBLISHED = Counter("imgq_fed_messages", "Messages the feeder published to keep the broker window full.")
+BROKER_REFUSING = Gauge("imgq_broker_refusing", "1 while this process's last try to open a broker channel found "
+                        "Redis refusing writes, by reason (maxmemory, replica): its consumer waits with back-off "
+                        "(imgq.transport).", ["reason"])
 MEMORY_HELD = Counter("imgq_feed_memory_held", "Feed cycles that stopped short of the window because Redis was at "
                       "IMGQ_BROKER_MEMORY_FRACTION of its maxmemory (the rest waited in Postgres).")
 

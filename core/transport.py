@@ -38,7 +38,11 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 
+from imgq import metrics
+
 SCHEMES = ("redis", "rediss")
+# The label of imgq_broker_refusing for each refusal a channel meets.
+REASONS = {OutOfMemoryError: "maxmemory", ReadOnlyError: "replica"}
 
 
 class QoS(kombu_redis.QoS):
@@ -79,6 +83,8 @@ class Channel(kombu_redis.Channel):
         except Exception:  # INFO renamed or refused by a managed Redis: nothing to go by
             return
         refused = unwritable(info)
+        for error, reason in REASONS.items():
+            metrics.BROKER_REFUSING.labels(reason).set(1 if isinstance(refused, error) else 0)
         if refused is not None:
             self.close()
             raise refused

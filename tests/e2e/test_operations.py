@@ -128,6 +128,9 @@ def test_flower_needs_credentials_and_shows_each_message_with_its_job_and_fate(
         assert moved('imgq_failures_total{code="empty"}') == 1
         assert moved("imgq_batch_size_count") >= 1
         assert 'imgq_queue_depth{queue="imgq"}' in after and _metric(after, "imgq_worker_rss_bytes") > 10e6
+        # Its consumer opened its channel on a writable Redis (imgq.transport): nothing refused.
+        assert 'imgq_broker_refusing{reason="maxmemory"} 0.0' in after.splitlines()
+        assert 'imgq_broker_refusing{reason="replica"} 0.0' in after.splitlines()
         assert "job" not in "".join(line.split(" ")[0] for line in after.splitlines() if line.startswith("imgq_"))
 
         # A real browser renders Flower's tasks page, with the task in it.

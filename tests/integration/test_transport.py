@@ -52,7 +52,16 @@ def test_an_acknowledgement_goes_through_on_a_full_redis(broker_url: str, redis_
 def test_no_channel_opens_on_a_full_redis_and_one_does_once_it_has_room(broker_url: str, redis_server) -> None:
     with redis_full(redis_server):
         _no_channel(broker_url, r"Redis is at maxmemory .* waiting for room")
+        assert (_refusing("maxmemory"), _refusing("replica")) == (1, 0)
     _a_channel(broker_url)
+    assert (_refusing("maxmemory"), _refusing("replica")) == (0, 0)
+
+
+def _refusing(reason: str) -> float | None:
+    """imgq_broker_refusing{reason}, as this process's /metrics would show it."""
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("imgq_broker_refusing", {"reason": reason})
 
 
 def _no_channel(broker_url: str, says: str) -> None:
@@ -109,7 +118,9 @@ def test_a_failover_is_a_connection_error_from_the_waiting_brpop_and_at_the_next
             queue.close()
             conn.release()
         _no_channel(broker_url, r"read-only replica of 127\.0\.0\.1:[0-9]+")
+        assert (_refusing("maxmemory"), _refusing("replica")) == (0, 1)
     _a_channel(broker_url)  # a primary again
+    assert _refusing("replica") == 0
 
 
 @pytest.mark.parametrize(("refusing", "settle", "says"), [
