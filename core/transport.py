@@ -36,6 +36,7 @@ from typing import Any
 from kombu import transport as kombu_transport
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 
 from imgq import metrics
@@ -88,6 +89,16 @@ class Channel(kombu_redis.Channel):
         if refused is not None:
             self.close()
             raise refused
+
+    def _connparams(self, asynchronous: bool = False) -> Any:
+        if self.connection.client is None:
+            # Celery's reconnect collects the connection (the transport lets go of its client),
+            # then closes it again, closing the channel a second time; with a message still
+            # unacknowledged that close needs a new client, and kombu's AttributeError on None
+            # ended the worker (exit 1 after a Redis restart, once in a full run). As a connection
+            # error the close ignores it; the sweep re-publishes what Redis no longer holds.
+            raise RedisConnectionError("the broker connection was already closed")
+        return super()._connparams(asynchronous=asynchronous)
 
     def _brpop_read(self, **options: Any) -> Any:
         try:

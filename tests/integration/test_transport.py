@@ -143,3 +143,20 @@ def test_a_settlement_redis_refuses_still_frees_its_prefetch_slot(broker_url: st
         assert channel.qos.can_consume()
     finally:
         conn.release()
+
+
+def test_closing_a_collected_connections_channel_with_a_message_unacknowledged_ends_nothing(
+        broker_url: str, redis_server) -> None:
+    """Celery's reconnect after a Redis restart collects the connection (the transport drops its
+    client), then closes it again: the channel's second close restores its unacknowledged message
+    with a new client, and kombu's AttributeError on the dropped client ended the worker (exit 1,
+    once in a full run of tests/e2e/test_faults.py). Now a connection error, which the close ignores."""
+    conn, message = _one_delivered(broker_url, f"collected-{uuid.uuid4().hex[:8]}")
+    channel = message.channel
+    try:
+        channel.client.connection_pool.disconnect()  # the restart: the open sockets are gone
+        channel._disconnect_pools()
+        conn._do_close_transport()  # what Connection.collect() leaves behind
+        conn.maybe_close_channel(channel)  # raised AttributeError: 'NoneType' ... 'hostname'
+    finally:
+        conn.release()
