@@ -150,8 +150,7 @@ def _feeder(settings: Settings, admin: Any, **kwargs: Any):  # type: ignore[no-u
     from imgq.celeryconf import make_celery
     from imgq.worker.feeder import Feeder
 
-    return Feeder(admin=admin, app=make_celery(settings), queue=settings.queue, window=settings.broker_window,
-                  per_message=settings.refs_per_message, memory_fraction=settings.broker_memory_fraction, **kwargs)
+    return Feeder.from_settings(settings, admin=admin, app=make_celery(settings), **kwargs)
 
 
 def _params_json(text: str | None) -> dict[str, Any]:

@@ -104,8 +104,7 @@ def submit(
         )
     except EmptyJob:
         raise RefRefused("no image references to enqueue") from None
-    feeder = Feeder(admin=Admin(store.engine), app=app, queue=settings.queue, window=settings.broker_window,
-                    per_message=per_message, memory_fraction=settings.broker_memory_fraction)
+    feeder = Feeder.from_settings(settings, admin=Admin(store.engine), app=app, per_message=per_message)
     try:
         report = feeder.feed(job=job, wait_s=FEED_LOCK_WAIT_S, max_messages=PRODUCER_MESSAGES)
     except Exception as exc:

@@ -126,12 +126,11 @@ class WorkerRuntime:
                 app, batches, queue=queue, per_message=self.settings.refs_per_message), batches),
         ).start()
         # Every worker runs a feeder; one at a time (leader lock) keeps the broker window topped up.
-        self.feeder = Feeder(
-            admin=admin, app=app, queue=queue, window=self.settings.broker_window,
-            per_message=self.settings.refs_per_message, interval_s=self.settings.feed_interval_s,
+        self.feeder = Feeder.from_settings(
+            self.settings, admin=admin, app=app, interval_s=self.settings.feed_interval_s,
             lost_after_s=self.settings.reconcile_after_s, sweep_interval_s=self.settings.reconcile_interval_s,
             running_lost_after_s=self.settings.visibility_timeout_s + self.settings.task_time_limit_s,
-            name=self.name, on_cycle=_count_feed, memory_fraction=self.settings.broker_memory_fraction,
+            name=self.name, on_cycle=_count_feed,
         ).start()
         # Every worker sends the signed summaries of finished jobs (docs/callbacks.md).
         self.notifier = Notifier.from_settings(self.settings, CallbackStore(self.store.engine)).start()

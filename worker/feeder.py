@@ -26,7 +26,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from celery import Celery
@@ -37,6 +37,9 @@ from imgq.db.admin import LEADER_LOCK, LEADER_UNLOCK, Admin, LiveHolders
 from imgq.feeding import LANES, TOP_LANE, Backlog, PushLog, lane, lane_slots, memory_slots, message_bytes, plan
 from imgq.publish import chunk_messages, publish, tasks_from_record
 from imgq.transport import counted_memory
+
+if TYPE_CHECKING:
+    from imgq.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +113,14 @@ class Feeder:
         # Whether the memory mark's hold was last said to start (and when), for _log_held.
         self._held_said, self._held_said_at = False, float("-inf")
 
+    @classmethod
+    def from_settings(cls, settings: Settings, *, admin: Admin, app: Celery, **kwargs: Any) -> Feeder:
+        """A feeder of ``settings``' queue, window, message size and memory mark (the one place they
+        are read); ``kwargs`` add to them or override them."""
+        base = {"queue": settings.queue, "window": settings.broker_window, "per_message": settings.refs_per_message,
+                "memory_fraction": settings.broker_memory_fraction}
+        return cls(admin=admin, app=app, **(base | kwargs))
+
     # -- one cycle ------------------------------------------------------------------------------
     def depth(self) -> int:
         """Messages waiting in the queue, every lane (not those workers hold)."""
@@ -142,13 +153,12 @@ class Feeder:
         """kombu names lane p of queue q "q" (p = 0) or "q<sep>p"; the client adds any key prefix."""
         return [f"{self._queue}{channel.sep}{n}" if n else self._queue for n in LANES]
 
-    def memory_room(self, refs_per_message: int) -> int | None:
+    def _memory_room(self, refs_per_message: int) -> int | None:
         """Messages of ``refs_per_message`` refs that fit in Redis below the memory fraction of its
-        ``maxmemory`` now (imgq.feeding.memory_slots); None when nothing bounds it but the window."""
+        ``maxmemory`` now (imgq.feeding.memory_slots); None when nothing bounds it but the window.
+        On the broker connection the cycle's ``depths()`` opened."""
         if self._memory_fraction <= 0:
             return None
-        if self._broker is None:
-            self.depths()  # connects
         channel = self._broker.default_channel
         keys = self._lane_keys(channel)
         with channel.conn_or_acquire() as client:
@@ -247,7 +257,7 @@ class Feeder:
                         break
                 # Redis near its maxmemory (other clients' keys count too): the rest waits in
                 # Postgres. Read again each pass, so a pass overshoots by at most its estimate's error.
-                room = self.memory_room(max(w.refs_per_message or self._per_message
+                room = self._memory_room(max(w.refs_per_message or self._per_message
                                             for w in waiting.values() if w.priority == top))
                 capped = room is not None and room < budget
                 if room is not None:

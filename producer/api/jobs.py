@@ -328,8 +328,7 @@ def retry_dead(job_id: str, request: Request, caller: Caller, code: str | None =
     context.summaries.forget((caller.tenant, job))
     settings = context.settings
     published = 0
-    feeder = Feeder(admin=admin, app=context.celery, queue=settings.queue, window=settings.broker_window,
-                    per_message=settings.refs_per_message, memory_fraction=settings.broker_memory_fraction)
+    feeder = Feeder.from_settings(settings, admin=admin, app=context.celery)
     try:
         report = feeder.feed(job=job, wait_s=2.0, max_messages=PRODUCER_MESSAGES)
         published = report.items if report is not None else 0

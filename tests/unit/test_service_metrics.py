@@ -176,8 +176,8 @@ class _Started:
         return self
 
     @classmethod
-    def from_settings(cls, *args: Any) -> _Started:
-        return cls()
+    def from_settings(cls, *args: Any, **kwargs: Any) -> _Started:
+        return cls(**kwargs)
 
 
 def test_the_workers_publisher_counts_nothing_itself(monkeypatch):
