@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-MODEL  ?= default
+MODEL  ?= auto
 
 .PHONY: install demo test unit integration e2e soak mutate lint bench clean browser compat
 
@@ -15,8 +15,9 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-## Caption sample images end to end on embedded services (MODEL=tiny works offline; KEEP=1 leaves
-## the services running for a look afterwards: `imgq dev down` stops them).
+## Caption sample images end to end on embedded services: the real models where they can be loaded,
+## else (offline) tiny random ones, saying so (MODEL=default refuses instead, MODEL=tiny asks for
+## them); KEEP=1 leaves the services running for a look afterwards: `imgq dev down` stops them.
 demo: install
 	$(BIN)/imgq demo --model $(MODEL) $(if $(KEEP),--keep)
 

@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, TextIO
+from typing import Annotated, Any, Literal, TextIO
 
 import typer
 
@@ -477,8 +477,11 @@ def config() -> None:
 
 def demo(
     model: Annotated[
-        str, typer.Option(help="'default' (IMGQ_CAPTION_MODEL) or 'tiny' (offline checkpoint).")
-    ] = "default",
+        Literal["auto", "default", "tiny"],
+        typer.Option(help="default: the configured models (IMGQ_CAPTION_MODEL, IMGQ_EMBED_MODEL; from a local "
+                     "folder, the cache or the hub); tiny: tiny random checkpoints it writes (offline, captions "
+                     "are noise); auto: default where it can be loaded, else tiny, saying so."),
+    ] = "auto",
     workdir: Annotated[Path, typer.Option(help="Where embedded services and samples live.")] = Path(".imgq"),
     count: Annotated[int, typer.Option(help="Number of sample images.")] = 8,
     keep: Annotated[bool, typer.Option("--keep", help="Leave the services running afterwards (as `imgq dev "

@@ -5,6 +5,10 @@ endpoint (moto) unless IMGQ_* already point at real ones, writes sample images t
 and to a bucket, enqueues one ``caption,embed`` job (each image fetched and decoded once for both),
 runs one `imgq worker` subprocess until the job is finished, prints the captions with the SQL that
 reads them, and runs a similarity search. Stops only what it started.
+
+The models are the configured ones where they can be loaded; where they cannot (offline, not
+cached) the demo says so and runs on tiny random checkpoints it writes, so `make demo` shows the
+whole pipeline on any machine. ``--model default`` refuses instead; ``--model tiny`` asks for them.
 """
 
 from __future__ import annotations
@@ -15,9 +19,12 @@ import signal
 import subprocess
 import sys
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from imgq.config import DEFAULT_CAPTION_MODEL, DEFAULT_EMBED_MODEL
+from imgq.hub import Source, model_source
 
 BUCKET = "imgq-demo"
 
@@ -26,15 +33,45 @@ FROM job_items i JOIN captions c ON c.id = i.caption_id
 WHERE i.job_id = '{job}' ORDER BY i.seq;"""
 
 
-def model_available(name: str) -> bool:
-    if Path(name).expanduser().is_dir():
-        return (Path(name).expanduser() / "config.json").exists()
-    try:
-        from huggingface_hub import try_to_load_from_cache
+Choice = Literal["auto", "default", "tiny"]
 
-        return isinstance(try_to_load_from_cache(name, "config.json"), str)
-    except Exception:
-        return False
+
+@dataclass(frozen=True)
+class Plan:
+    """What the demo runs with. ``tiny``: the tiny random checkpoints it writes itself."""
+
+    tiny: bool = False
+    kinds: str = "caption,embed"
+    notes: tuple[str, ...] = ()
+    error: str | None = None
+
+
+def plan(choice: Choice, caption: tuple[str, Source | None], embed: tuple[str, Source | None]) -> Plan:
+    """``auto`` runs the configured models when they can be loaded (a local folder, the cache, or
+    a reachable hub) and falls back to the tiny checkpoints, saying so, when the caption model
+    cannot; ``default`` refuses instead. Without the retrieval model the demo captions only."""
+    if choice == "tiny":
+        return Plan(tiny=True)
+    (caption_name, caption_from), (embed_name, embed_from) = caption, embed
+    if caption_from is None:
+        if choice == "default":
+            return Plan(error=f"error[model_unavailable]: caption model {caption_name!r} is neither a local "
+                              "checkpoint nor in the Hugging Face cache, and the hub is unreachable (offline); set "
+                              "IMGQ_CAPTION_MODEL to a local checkpoint dir, or run `imgq demo` (it falls back to "
+                              "tiny random checkpoints)")
+        return Plan(tiny=True, notes=(
+            f"note: caption model {caption_name!r} is not cached and the hub is unreachable (offline), so the "
+            "demo runs on tiny random BLIP checkpoints: the pipeline is the real one, the captions and vectors "
+            "are noise. For real captions set IMGQ_CAPTION_MODEL to a local checkpoint dir, or run where the hub "
+            "is reachable (`imgq demo --model default` refuses instead of falling back).",))
+    notes = [f"note: {kind} model {name!r} is downloaded from the hub on first use (about 1 GB)"
+             for kind, name, source in (("caption", caption_name, caption_from), ("embed", embed_name, embed_from))
+             if source == "hub"]
+    if embed_from is None:
+        notes.append(f"note: embed model {embed_name!r} is not cached and the hub is unreachable (offline); "
+                     "captioning only (set IMGQ_EMBED_MODEL to a local checkpoint dir, or run `imgq demo --model "
+                     "tiny`)")
+    return Plan(kinds="caption,embed" if embed_from else "caption", notes=tuple(notes))
 
 
 def write_samples(folder: Path, count: int) -> list[Path]:
@@ -61,26 +98,24 @@ def write_samples(folder: Path, count: int) -> list[Path]:
     return paths
 
 
-def run_demo(*, model: str, workdir: Path, count: int, keep: bool = False) -> int:
+def run_demo(*, model: Choice, workdir: Path, count: int, keep: bool = False) -> int:
     workdir = workdir.resolve()
     env = dict(os.environ)
-    if model == "tiny":
+    caption = env.get("IMGQ_CAPTION_MODEL", DEFAULT_CAPTION_MODEL)
+    embed = env.get("IMGQ_EMBED_MODEL", DEFAULT_EMBED_MODEL)
+    chosen = plan(model, (caption, None if model == "tiny" else model_source(caption)),
+                  (embed, None if model == "tiny" else model_source(embed)))
+    if chosen.error:
+        print(chosen.error, file=sys.stderr)
+        return 1
+    for note in chosen.notes:
+        print(note, file=sys.stderr)
+    if chosen.tiny:
         from imgq.worker.tiny import write_tiny_checkpoint, write_tiny_retrieval_checkpoint
 
         env["IMGQ_CAPTION_MODEL"] = str(write_tiny_checkpoint(workdir / "tiny-blip"))
         env["IMGQ_EMBED_MODEL"] = str(write_tiny_retrieval_checkpoint(workdir / "tiny-blip-retrieval"))
-    name = env.get("IMGQ_CAPTION_MODEL", DEFAULT_CAPTION_MODEL)
-    if not model_available(name):
-        print(f"error[model_unavailable]: caption model {name!r} is not in the local cache and the hub is "
-              "unreachable (offline); set IMGQ_CAPTION_MODEL to a local checkpoint dir, or run "
-              "`imgq demo --model tiny` (`make demo MODEL=tiny`)", file=sys.stderr)
-        return 1
-    embed_name = env.get("IMGQ_EMBED_MODEL", DEFAULT_EMBED_MODEL)
-    kinds = "caption,embed" if model_available(embed_name) else "caption"
-    if kinds == "caption":
-        print(f"note: embed model {embed_name!r} is not available offline; captioning only "
-              "(set IMGQ_EMBED_MODEL, or run `imgq demo --model tiny`)", file=sys.stderr)
-    env["IMGQ_KINDS"] = kinds
+    kinds = env["IMGQ_KINDS"] = chosen.kinds
     samples = workdir / "samples"
     paths = write_samples(samples, count)
     with ExitStack() as stack:

@@ -1,7 +1,7 @@
 """Loading shared by the BLIP model wrappers: device and dtype choice, local-or-hub resolution with
 fast offline detection, checkpoint identity, and on-device normalisation of uint8 pixels.
 
-Imports nothing from imgq but :mod:`imgq.errors`, so the GPU bench can load it without the
+Imports nothing from imgq but :mod:`imgq.errors` and :mod:`imgq.hub`, so the GPU bench can load it without the
 producer-side dependencies (pydantic, sqlalchemy).
 
 When the hub is unreachable each file lookup is retried with back-off (about 23 s per file here,
@@ -15,13 +15,11 @@ import json
 import logging
 import os
 import re
-import socket
 import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -29,32 +27,14 @@ from transformers import BlipProcessor, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from imgq.errors import ConfigError, ModelUnavailable
+from imgq.hub import hub_reachable, offline_by_env
 
 logger = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_PROBE_TIMEOUT_S = 3.0
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 T = TypeVar("T")
-
-
-def env_true(*names: str) -> bool:
-    return any(os.environ.get(n, "").strip().lower() in {"1", "true", "yes", "on"} for n in names)
-
-
-def hub_reachable() -> bool:
-    """A fast TCP check of the hub endpoint (no retries). Assumes reachable behind a proxy,
-    where a direct connection says nothing about what the HTTP client can reach."""
-    if any(os.environ.get(n) for n in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname or "", port), timeout=_PROBE_TIMEOUT_S):
-            return True
-    except OSError:
-        return False
 
 
 def first_line(exc: BaseException) -> str:
@@ -198,7 +178,7 @@ def load_checkpoint(name: str, kind: str, hint: str, requested_revision: str | N
             raise ModelUnavailable(
                 f"cannot load {kind} {name!r} from {str(local)!r}: {first_line(exc)}. {hint}") from None
         return loaded, local_revision(local)
-    offline = env_true("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") or not hub_reachable()
+    offline = offline_by_env() or not hub_reachable()
     commit = hub_commit(name, requested_revision, offline)
     try:
         loaded = load(name, local_files_only=offline, revision=commit or requested_revision)

@@ -158,10 +158,16 @@ def test_config_prints_unset_as_unset_and_masks_only_real_secrets(make_settings)
     assert "IMGQ_DATABASE_URL=postgresql://imgq:@db/imgq" in empty
 
 
-def test_the_demo_runs_without_warnings_and_says_how_to_keep_the_services(tmp_path: Path):
-    env = _clean_env() | {"HF_HUB_OFFLINE": "1"}
+def test_the_demo_runs_offline_without_warnings_and_says_how_to_keep_the_services(tmp_path: Path):
+    """`make demo` as a fresh machine without the hub runs it: the default models cannot be
+    loaded, so it says so and runs on the tiny checkpoints; `--model default` refuses instead."""
+    env = _clean_env() | {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty-cache")}
+    strict = subprocess.run([*IMGQ, "demo", "--model", "default", "--workdir", str(tmp_path / "strict")],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert strict.returncode == 1 and strict.stderr.startswith("error[model_unavailable]: caption model"), strict
+    assert not (tmp_path / "strict" / "pg").exists()  # refused before starting anything
     # Bytes: text=True would read a bar's carriage returns as newlines.
-    raw = subprocess.run([*IMGQ, "demo", "--model", "tiny", "--workdir", str(tmp_path / "demo"), "--count", "4"],
+    raw = subprocess.run([*IMGQ, "demo", "--workdir", str(tmp_path / "demo"), "--count", "4"],
                          env=env, capture_output=True, timeout=300)
     assert b"\r" not in raw.stderr, raw.stderr[-500:]  # no progress bar drawn into a pipe
     out = subprocess.CompletedProcess(raw.args, raw.returncode, raw.stdout.decode(), raw.stderr.decode())
@@ -169,6 +175,8 @@ def test_the_demo_runs_without_warnings_and_says_how_to_keep_the_services(tmp_pa
     warnings = [line for line in out.stderr.splitlines() if re.search(r"warn", line, re.IGNORECASE)]
     assert warnings == []
     assert "KEEP=1" in out.stdout and re.search(r"^\s+0\s+'", out.stdout, re.MULTILINE)  # a caption row
+    assert out.stderr.startswith("note: caption model 'Salesforce/blip-image-captioning-base' is not cached")
+    assert "make demo KEEP=1" in out.stdout  # not MODEL=tiny: the same fallback happens again
     assert not (tmp_path / "demo" / "services.json").exists()
     assert uuid.UUID(re.search(r"job_id = '([0-9a-f-]+)'", out.stdout).group(1))  # type: ignore[union-attr]
 
