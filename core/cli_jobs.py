@@ -307,8 +307,9 @@ def cancel(
 
     As DELETE /v1/jobs/{id}, for any tenant's job: the job is closed at once (nothing more of it
     is published or claimed, a backfill appending to it stops), then its queued items are
-    cancelled 10,000 at a time, with a progress bar. Repeating it is harmless. Prints the job's
-    counts; stderr says how many items this run cancelled."""
+    cancelled 10,000 at a time, with a progress bar. Repeating it is harmless; a job that has
+    finished is left as it is, so its dead letters can still be retried. Prints the job's counts;
+    stderr says how many items this run cancelled."""
     from tqdm import tqdm
 
     from imgq.db.cancelling import cancel_job
@@ -330,9 +331,12 @@ def cancel(
         engine.dispose()
     counts = _counts(summary)
     running = summary.running
-    typer.echo(f"{_n(cancelled, 'queued item')} cancelled"
-               + (f"; {_n(running, 'running item')} {'finishes' if running == 1 else 'finish'}" if running else ""),
-               err=True)
+    if summary.cancelled_at is None:
+        typer.echo("nothing to cancel: the job has finished (its dead letters can still be retried)", err=True)
+    else:
+        typer.echo(f"{_n(cancelled, 'queued item')} cancelled"
+                   + (f"; {_n(running, 'running item')} {'finishes' if running == 1 else 'finish'}" if running else ""),
+                   err=True)
     typer.echo(json.dumps({"job": str(job_id), "cancelled_now": cancelled, **counts}) if as_json
                else _counts_line(counts))
 

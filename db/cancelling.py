@@ -37,9 +37,21 @@ CUT_SHORT_AFTER_S = 60.0
 
 # The mark, and the job's size: no item is added after it (a backfill page checks the mark under
 # the job's row lock, so this waits for a page appending and then sees its items in ``total``).
+# A finished job is not marked: nothing of it is left to stop, and a mark would refuse the retry of
+# its dead letters for good (a cancel that arrives just after the last item ended). Finished:
+# nothing pending (the two partial indexes that hold only pending items) and no backfill run that
+# may still append to it. A dead letter retried later makes it pending again, as after any cancel
+# that came first. The job's row lock is taken first and the mark is a second statement (a new
+# snapshot under READ COMMITTED), so a retry that held the job and committed meanwhile is seen.
+_OWN = text("SELECT total FROM jobs WHERE id = :job AND tenant = :tenant FOR NO KEY UPDATE")
 _MARK = text("""
-UPDATE jobs SET cancelled_at = coalesce(cancelled_at, now())
-WHERE id = :job AND tenant = :tenant RETURNING total
+UPDATE jobs j SET cancelled_at = coalesce(j.cancelled_at, now())
+WHERE j.id = :job AND (
+  EXISTS (SELECT 1 FROM job_items i WHERE i.job_id = j.id AND i.state = 'queued' AND i.published_at IS NULL)
+  OR EXISTS (SELECT 1 FROM job_items i WHERE i.job_id = j.id AND i.state IN ('queued', 'running')
+             AND i.published_at IS NOT NULL)
+  OR EXISTS (SELECT 1 FROM backfills b WHERE b.job_id = j.id AND b.state <> 'done'))
+RETURNING j.id
 """)
 
 _LOCK = text(f"SELECT pg_advisory_xact_lock({locks.CANCEL}, hashtext(CAST(:job AS text)))")
@@ -78,13 +90,17 @@ Progress = Callable[[int, int, int], None]
 
 def cancel_job(engine: Engine, tenant: str, job: uuid.UUID, *, chunk: int = CHUNK,
                progress: Progress | None = None) -> int | None:
-    """Cancel one of ``tenant``'s jobs: mark it, then turn its queued items ``cancelled``, ``chunk``
-    at a time. Returns how many items this call cancelled (0 when repeated), or None if the job is
-    not ``tenant``'s. ``progress(cancelled, seqs_swept, total)`` after each chunk."""
+    """Cancel one of ``tenant``'s jobs: mark it (unless it has finished), then turn its queued items
+    ``cancelled``, ``chunk`` at a time. Returns how many items this call cancelled (0 when repeated,
+    or when it had finished), or None if the job is not ``tenant``'s. ``progress(cancelled,
+    seqs_swept, total)`` after each chunk."""
     with engine.begin() as conn:
-        total = conn.execute(_MARK, {"job": job, "tenant": tenant}).scalar_one_or_none()
+        total = conn.execute(_OWN, {"job": job, "tenant": tenant}).scalar_one_or_none()
+        marked = total is not None and conn.execute(_MARK, {"job": job}).first() is not None
     if total is None:
         return None
+    if not marked:
+        return 0
     cancelled = 0
     for lo in range(0, total, chunk):
         hi = min(lo + chunk, total)

@@ -310,6 +310,7 @@ def retry_dead(job_id: str, request: Request, caller: Caller, code: str | None =
 
     context = _context(request)
     job = _job_id(job_id)
+    code = (code or "").strip() or None  # ?code= (empty) is every code, as the parameter left out
     owned = jobs_view.owned_job(context.engine, caller.tenant, job)
     if owned is None:
         raise not_found()
@@ -345,7 +346,8 @@ def cancel_job(job_id: str, request: Request, caller: Caller) -> Cancelled:
     """Cancel a job: it is closed at once (nothing more of it is published or claimed), then its
     queued items become ``cancelled`` (never run), 10,000 per transaction; running items finish.
     ``cancelled`` counts what this request cancelled (about 5 s a million items). Repeating it is
-    harmless."""
+    harmless. A finished job is left as it is (``cancelled_at`` stays null), so its dead letters
+    can still be retried."""
     context = _context(request)
     job = _job_id(job_id)
     cancelled = jobs_view.cancel_job(context.engine, caller.tenant, job)

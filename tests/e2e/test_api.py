@@ -470,14 +470,20 @@ def test_results_pages_cover_every_item_exactly_once(api: Api) -> None:
 
 def test_retry_dead_requeues_the_jobs_dead_letters(api: Api) -> None:
     job = _submit(api, "acme", 4)
-    _finish(api, job, done=[0], dead=[1, 2])
+    _finish(api, job, done=[0, 3], dead=[1, 2])
     with api.client("acme") as c:
+        # A cancel that lands after the job finished leaves it open: its dead letters stay retryable.
+        r = c.delete(f"/v1/jobs/{job}")
+        assert r.status_code == 200 and r.json()["cancelled"] == 0 and r.json()["status"]["cancelled_at"] is None
         _problem(c.post(f"/v1/jobs/{job}/retry-dead", params={"code": "nope"}), 422, "bad_filter")
         r = c.post(f"/v1/jobs/{job}/retry-dead", params={"code": "not_an_image"})
         assert r.status_code == 200, r.text
         assert r.json()["requeued"] == 2
         counts = c.get(f"/v1/jobs/{job}").json()["counts"]
-    assert counts["dead"] == 0 and counts["queued"] == 3
+        assert counts["dead"] == 0 and counts["queued"] == 2
+        _finish(api, job, done=[], dead=[1])
+        r = c.post(f"/v1/jobs/{job}/retry-dead?code=")  # empty: every code, as the parameter left out
+        assert r.status_code == 200 and r.json()["requeued"] == 1, r.text
 
 
 def test_retry_dead_leaves_refs_outside_the_tenants_sources_as_they_narrowed(api: Api) -> None:

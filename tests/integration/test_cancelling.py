@@ -219,3 +219,39 @@ def test_a_dead_workers_items_of_a_cancelled_job_end_cancelled_not_sent_again(st
     assert taken is not None and [(r.job, [i[0] for i in r.items]) for r in taken] == [(other, [0])]
     assert _states(store, job) == {"cancelled": [0, 1, 2, 3]} and _cancelled_items(store, job) == 4
     assert Admin(store.engine).check(job).ok
+
+
+def test_a_finished_job_is_not_closed_so_its_dead_letters_can_still_be_retried(store) -> None:
+    """A cancel that lands just after the last item ended used to mark the job: from then on its
+    dead letters could never be retried (`job_cancelled`)."""
+    job = _job(store, 2)
+    store.claim(job, [0, 1], "w1")
+    store.write_dead([DeadRow(job, 0, "transient_exhausted", "gave up", "w1"),
+                      DeadRow(job, 1, "transient_exhausted", "gave up", "w1")])
+    assert cancel_job(store.engine, "t", job) == 0
+    assert cancel_job(store.engine, "other", job) is None, "another tenant's job is still not found"
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT cancelled_at FROM jobs WHERE id = :j"), {"j": job}).scalar_one() is None
+    taken = Admin(store.engine).take_dead_letters(code=None, job=job, seq=None)
+    assert taken is not None and [len(r.items) for r in taken] == [2]
+    assert _states(store, job) == {"queued": [0, 1]}
+    assert cancel_job(store.engine, "t", job) == 2, "pending again, so a cancel closes it"
+    assert _states(store, job) == {"cancelled": [0, 1]} and Admin(store.engine).check(job).ok
+
+
+def test_a_finished_backfill_job_whose_run_may_resume_is_still_closed(store) -> None:
+    """Nothing pending, but its run (killed, not done) would append to it when resumed."""
+    job = _job(store, 1)
+    store.claim(job, [0], "w1")
+    store.write_dead([DeadRow(job, 0, "not_found", "gone", "w1")])
+    with store.engine.begin() as conn:
+        conn.execute(text("INSERT INTO backfills (name, source, kinds, state, job_id) "
+                          "VALUES ('nightly', 's3://b/p/', 'caption', 'running', :j)"), {"j": job})
+    try:
+        assert cancel_job(store.engine, "t", job) == 0
+        with store.engine.connect() as conn:
+            assert conn.execute(text("SELECT cancelled_at IS NOT NULL FROM jobs WHERE id = :j"),
+                                {"j": job}).scalar_one()
+    finally:
+        with store.engine.begin() as conn:
+            conn.execute(text("DELETE FROM backfills WHERE name = 'nightly'"))

@@ -133,6 +133,17 @@ def test_cancel_cancels_any_tenants_job_prints_its_counts_and_is_harmless_repeat
     assert again.stderr.splitlines()[-1] == "0 queued items cancelled; 1 running item finishes"
 
 
+def test_cancel_of_a_finished_job_leaves_it_open_and_says_so(store: Store, database_url: str) -> None:
+    job = _job(store, 2, tenant="default")
+    store.claim(job, [0, 1], "w1")
+    store.write_done([_done(job, 0), _done(job, 1)])
+    out = CliRunner().invoke(app, ["cancel", str(job)], env={"IMGQ_DATABASE_URL": database_url})
+    assert out.exit_code == 0, out.output
+    assert out.stdout == "queued=0  running=0  done=2  dead=0  purged=0\n"
+    assert out.stderr.splitlines()[-1] == (
+        "nothing to cancel: the job has finished (its dead letters can still be retried)")
+
+
 def test_wait_times_out_naming_the_pending_items(store: Store, database_url: str) -> None:
     job = _every_state(store)
     out = CliRunner().invoke(app, ["wait", str(job), "--timeout", "0"], env={"IMGQ_DATABASE_URL": database_url})
