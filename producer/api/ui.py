@@ -20,7 +20,7 @@ import logging
 import uuid
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from anyio import from_thread
 from fastapi import APIRouter, Request
@@ -61,11 +61,14 @@ def _redirect(to: str) -> RedirectResponse:
 
 
 def safe_next(value: str | None) -> str:
-    """Where a login may send the browser: a path of this page only (never another host)."""
+    """Where a login may send the browser: a path of this page only (never another host, nor a
+    dot segment, even percent-encoded, that a browser would resolve to a path outside /ui)."""
     if not value or "\\" in value or any(ord(c) < 0x20 for c in value):
         return "/ui"
     parts = urlsplit(value)
     if parts.scheme or parts.netloc or not (parts.path == "/ui" or parts.path.startswith("/ui/")):
+        return "/ui"
+    if any(segment in (".", "..") for segment in unquote(parts.path).split("/")):
         return "/ui"
     return value
 
@@ -171,7 +174,13 @@ _SPENT = "This login link is unknown, used or expired: ask for a new one."
 
 
 def _exchange(request: Request, token: str, target: str) -> Response:
-    spent = ui_sessions.exchange_login(_engine(request), token)
+    engine = _engine(request)
+    key_id = ui_sessions.login_key_id(engine, token)
+    # A link of a key the API refuses now (revoked since, or IMGQ_TENANT's, reserved for the CLI)
+    # is not spent and makes no session.
+    if key_id is None or principal_for_key_id(engine, key_id, reserved=_reserved(request)) is None:
+        return _html(ui_html.login_page(target, _SPENT), 401)
+    spent = ui_sessions.exchange_login(engine, token)
     if spent is None:
         return _html(ui_html.login_page(target, _SPENT), 401)
     session, key_id = spent

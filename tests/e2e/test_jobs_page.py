@@ -316,6 +316,8 @@ def test_a_revoked_key_ends_its_sessions(api: Api):
     ("/ui/jobs/1", "/ui/jobs/1"), ("/ui", "/ui"), ("/ui?x=1", "/ui?x=1"), (None, "/ui"), ("", "/ui"),
     ("https://evil.example/ui", "/ui"), ("//evil.example/ui", "/ui"), ("/uix", "/ui"), ("/v1/jobs", "/ui"),
     ("/ui\\@evil", "/ui"), ("/ui/\r\nSet-Cookie: x", "/ui"), ("javascript:alert(1)", "/ui"),
+    ("/ui/../../openapi.json", "/ui"), ("/ui/%2e%2e/docs", "/ui"), ("/ui/./jobs", "/ui"),
+    ("/ui/jobs/..x", "/ui/jobs/..x"),
 ])
 def test_login_only_sends_the_browser_to_the_page(next_path: str | None, expected: str):
     from imgq.producer.api.ui import safe_next
@@ -360,6 +362,10 @@ def test_a_key_of_imgq_tenant_made_before_create_refused_it_opens_nothing(api: A
         assert client.post("/v1/ui-sessions", headers=bearer).status_code == 401
         login = client.post("/ui/login", data={"key": old}, headers={"Sec-Fetch-Site": "same-origin"})
         assert login.status_code == 401 and "set-cookie" not in login.headers
+        link = ui_sessions.create_login(api.store.engine, old.split("_")[1])  # made before IMGQ_TENANT was set
+        for site in ("none", "cross-site"):  # typed in, or followed from elsewhere (the confirm page)
+            spent = client.get("/ui/login", params={"token": link}, headers={"Sec-Fetch-Site": site})
+            assert spent.status_code == 401 and "set-cookie" not in spent.headers, site
         client.cookies.set(COOKIE, session)
         page = client.get(f"/ui/jobs/{operators}")
         assert page.status_code == 303 and page.headers["location"].startswith("/ui/login")
