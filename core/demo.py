@@ -124,17 +124,26 @@ def run_demo(*, model: Choice, workdir: Path, count: int, keep: bool = False) ->
             from imgq import devservices
 
             env.update(devservices.exports(devservices.up(workdir, s3=True)))
-            refs += _upload(env, paths[count // 2 :], devservices.BUCKET)
+            in_s3 = _upload(env, paths[count // 2 :], devservices.BUCKET)
+            _allow(env, "IMGQ_ALLOWED_BUCKETS", devservices.BUCKET)
         else:
-            refs += _start_services(stack, env, workdir, paths[count // 2 :])
-        env.setdefault("IMGQ_LOCAL_ROOTS", str(samples))
-        env.setdefault("IMGQ_ALLOWED_BUCKETS", BUCKET)
+            in_s3 = _start_services(stack, env, workdir, paths[count // 2 :])
+            if in_s3:
+                _allow(env, "IMGQ_ALLOWED_BUCKETS", BUCKET)
+            else:
+                print("note: IMGQ_S3_ENDPOINT_URL names an S3 endpoint of yours: the demo writes nothing "
+                      "there, so every sample is a local file", file=sys.stderr)
+        refs += in_s3 or [str(p) for p in paths[count // 2 :]]
+        # Added to what is set (an `eval "$(imgq dev up)"` session sets both), never replacing it.
+        _allow(env, "IMGQ_LOCAL_ROOTS", str(samples))
         env.setdefault("IMGQ_MAX_WAIT_MS", "20")
         imgq = [sys.executable, "-m", "imgq.cli"]
         subprocess.run([*imgq, "db", "upgrade"], env=env, check=True)
-        job = subprocess.run([*imgq, "enqueue", kinds, *refs], env=env, check=True,
-                             capture_output=True, text=True).stdout.strip()
-        print(f"job {job} ({kinds}): {len(refs)} images ({count // 2} local, {len(refs) - count // 2} in S3)",
+        enqueued = subprocess.run([*imgq, "enqueue", kinds, *refs], env=env, stdout=subprocess.PIPE, text=True)
+        if enqueued.returncode != 0:  # its error line went to stderr as it is
+            return enqueued.returncode
+        job = enqueued.stdout.strip()
+        print(f"job {job} ({kinds}): {len(refs)} images ({len(refs) - len(in_s3)} local, {len(in_s3)} in S3)",
               file=sys.stderr)
         log = open(workdir / "worker.log", "w")  # noqa: SIM115
         stack.callback(log.close)
@@ -157,8 +166,18 @@ def run_demo(*, model: Choice, workdir: Path, count: int, keep: bool = False) ->
             if found.returncode != 0:
                 return found.returncode
         models = {k: env[k] for k in ("IMGQ_CAPTION_MODEL", "IMGQ_EMBED_MODEL") if k in env}
-        _print_next_steps(workdir, job, keep, models, search="embed" in kinds, tiny=model == "tiny")
+        started = keep or any(k not in os.environ for k in ("IMGQ_DATABASE_URL", "IMGQ_BROKER_URL",
+                                                             "IMGQ_S3_ENDPOINT_URL"))
+        _print_next_steps(workdir, job, keep, models, search="embed" in kinds, tiny=model == "tiny",
+                          started=started)
     return 0
+
+
+def _allow(env: dict[str, str], name: str, value: str) -> None:
+    """Add ``value`` to the comma-separated list in ``env[name]`` unless it is there."""
+    present = [v.strip() for v in env.get(name, "").split(",") if v.strip()]
+    if value not in present:
+        env[name] = ",".join([*present, value])
 
 
 def _start_services(stack: ExitStack, env: dict[str, str], workdir: Path, to_upload: list[Path]) -> list[str]:
@@ -187,7 +206,7 @@ def _start_services(stack: ExitStack, env: dict[str, str], workdir: Path, to_upl
 
 
 def _print_next_steps(workdir: Path, job: str, keep: bool, models: dict[str, str], *, search: bool,
-                      tiny: bool) -> None:
+                      tiny: bool, started: bool) -> None:
     here = workdir if workdir.parent != Path.cwd().resolve() else Path(workdir.name)
     if keep:
         # The models the demo chose (the tiny ones it wrote) are not among dev up's exports:
@@ -199,6 +218,8 @@ The services are still running, so the SQL above works now. In your shell:
   eval "$(imgq dev up --dir {here} --s3)"   # the same exports (it reuses what runs){exports}
   imgq results {job}{hint}
   imgq dev down --dir {here}                # stops exactly what the demo started""")
+    elif not started:
+        print(f"\nThe services are the ones IMGQ_* names: the demo started none, and job {job} stays there.")
     else:
         again = "imgq demo --model tiny --keep" if tiny else "imgq demo --keep"
         make = "make demo MODEL=tiny KEEP=1" if tiny else "make demo KEEP=1"

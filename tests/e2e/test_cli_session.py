@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import uuid
@@ -201,3 +202,29 @@ def test_a_kept_demo_prints_commands_that_reach_its_services_and_stop_them(tmp_p
         assert not any(_alive(pid) for pid in pids)
     finally:
         subprocess.run([*IMGQ, "dev", "down", "--dir", str(folder)], env=env, capture_output=True, timeout=60)
+
+
+def test_the_demo_runs_inside_a_dev_up_session_adding_to_its_allow_lists(tmp_path: Path):
+    """README's own session (`eval "$(imgq dev up --s3)"`, IMGQ_LOCAL_ROOTS of your photos), then
+    `imgq demo`: the samples were outside IMGQ_LOCAL_ROOTS and the enqueue failed (exit 70, its
+    error swallowed); the S3 half of the samples was dropped without a word."""
+    env = _clean_env() | {"HF_HUB_OFFLINE": "1"}
+    services = tmp_path / "svc"
+    up = subprocess.run([*IMGQ, "dev", "up", "--dir", str(services), "--s3"], env=env, capture_output=True,
+                        text=True, timeout=120)
+    try:
+        assert up.returncode == 0, up.stderr[-2000:]
+        for line in up.stdout.splitlines():
+            name, _, value = line.removeprefix("export ").partition("=")
+            env[name] = shlex.split(value)[0] if value else ""
+        (tmp_path / "photos").mkdir()
+        env["IMGQ_LOCAL_ROOTS"] = str(tmp_path / "photos")
+        out = subprocess.run([*IMGQ, "demo", "--model", "tiny", "--workdir", str(tmp_path / "demo"), "--count", "2"],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "IMGQ_S3_ENDPOINT_URL names an S3 endpoint of yours" in out.stderr
+        assert re.search(r"2 images \(2 local, 0 in S3\)", out.stderr), out.stderr[-1000:]
+        assert "the demo started none" in out.stdout and "stops the services" not in out.stdout
+        assert re.search(r"^\s+1\s+'", out.stdout, re.MULTILINE)  # both captioned
+    finally:
+        subprocess.run([*IMGQ, "dev", "down", "--dir", str(services)], env=env, capture_output=True, timeout=60)
