@@ -27,8 +27,10 @@ def _s3_code(exc: BaseException) -> str | None:
     return code or (str(status) if status else None)
 
 
-def classify(exc: BaseException) -> errors.ImgqError:
-    """Return the imgq error that ``exc`` means; unknown errors are transient (retried, bounded)."""
+def classify(exc: BaseException, ref: str | None = None) -> errors.ImgqError:
+    """Return the imgq error that ``exc`` means; unknown errors are transient (retried, bounded).
+    ``ref``, the object being read, is named in a not-found or access-denied message (an open
+    beneath a root reports only the last path component)."""
     if isinstance(exc, errors.ImgqError):
         return exc
     names = _names(exc)
@@ -36,18 +38,18 @@ def classify(exc: BaseException) -> errors.ImgqError:
     if "ClientError" in names:
         code = _s3_code(exc) or ""
         if code in _S3_NOT_FOUND:
-            return errors.NotFound(f"S3 object not found ({code})")
+            return errors.NotFound(f"S3 object not found ({code})" + (f": {ref}" if ref else ""))
         if code in _S3_DENIED:
-            return errors.AccessDenied(f"S3 refused access ({code})")
+            return errors.AccessDenied(f"S3 refused access ({code})" + (f": {ref}" if ref else ""))
         return errors.Retryable(f"S3 error {code}: {text}")
     if "DecompressionBombError" in names or "DecompressionBombWarning" in names:
         return errors.TooManyPixels(text)
     if "UnidentifiedImageError" in names:
         return errors.NotAnImage("Pillow cannot identify the bytes as an image")
     if "FileNotFoundError" in names or "IsADirectoryError" in names:
-        return errors.NotFound(f"no such file: {getattr(exc, 'filename', '') or text}")
+        return errors.NotFound(f"no such file: {ref or getattr(exc, 'filename', '') or text}")
     if "PermissionError" in names:
-        return errors.AccessDenied(f"permission denied: {getattr(exc, 'filename', '') or text}")
+        return errors.AccessDenied(f"permission denied: {ref or getattr(exc, 'filename', '') or text}")
     if "OutOfMemoryError" in names:  # torch.OutOfMemoryError: the engine retries smaller batches
         return errors.OutOfMemory(f"{type(exc).__name__}: {text}")
     # Everything else is transient: transport failures (botocore's EndpointConnectionError,

@@ -41,7 +41,7 @@ class Fetcher:
         except errors.ImgqError:
             raise
         except Exception as exc:
-            raise classify(exc) from exc
+            raise classify(exc, str(ref)) from exc
 
     def _fetch_s3(self, ref: S3Ref) -> Blob:
         # GET's Content-Length is checked before the body is read: the same guarantee as a HEAD
