@@ -90,7 +90,12 @@ def dlq_retry(
     batches = admin.take_dead_letters(code=code, job=job_id, seq=seq)
     requeued = sum(len(b.items) for b in batches)
     if not requeued:  # nothing of this retry's to publish; the feeders publish any other backlog
-        why = _why_not_retried(admin, item, job_id, seq, code) if item and job_id and seq is not None else None
+        if item and job_id and seq is not None:
+            why = _why_not_retried(admin, item, job_id, seq, code)
+        elif job_id is not None:
+            why = _why_job_not_retried(admin, job_id, code)
+        else:
+            why = None
         typer.echo("re-queued 0 items")
         if why:
             typer.echo(why, err=True)
@@ -128,6 +133,17 @@ def _why_not_retried(admin: Any, item: str, job: Any, seq: int, code: str | None
     if code is not None and found.code != code:
         return f"{where} is a dead letter of code {found.code}, not {code}: nothing to retry"
     return None
+
+
+def _why_job_not_retried(admin: Any, job: Any, code: str | None) -> str | None:
+    """Why ``--job`` re-queued nothing: the line to print, or None (it had no such dead letter)."""
+    found = admin.job_dead(job, code)
+    if found is None or not found[1]:
+        return None
+    cancelled, dead = found
+    of = f" of code {code}" if code else ""
+    stay = "stays as it is" if dead == 1 else "stay as they are"
+    return f"job {job} was cancelled: its {_n(dead, 'dead letter')}{of} {stay}" if cancelled else None
 
 
 # Item numbers are Postgres integers: a larger one names no item, and would fail the query.

@@ -59,9 +59,10 @@ def _progress(engine: Any, tenant: str, job: uuid.UUID) -> Any:
 
 
 def _counts(summary: Any) -> dict[str, int]:
-    """By state, in the order the commands print them; cancelled only for a cancelled job."""
+    """By state, in the order the commands print them; cancelled only for a cancelled job (0 when
+    every item had been claimed before the cancel: the line still says it was cancelled)."""
     counts = {"queued": summary.queued, "running": summary.running, "done": summary.done, "dead": summary.dead}
-    if summary.cancelled:
+    if summary.cancelled or summary.cancelled_at is not None:
         counts["cancelled"] = summary.cancelled
     return {**counts, "purged": summary.purged}
 

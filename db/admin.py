@@ -189,6 +189,15 @@ LEFT JOIN dead_letters d ON d.job_id = j.id AND d.seq = :seq
 WHERE j.id = :job
 """)
 
+# A job's dead letters (of one code, or all) and whether it was cancelled: why `imgq dlq retry
+# --job` retried nothing. No row when the job does not exist.
+_JOB_DEAD = text("""
+SELECT j.cancelled_at IS NOT NULL AS cancelled,
+       (SELECT count(*) FROM dead_letters d WHERE d.job_id = j.id
+        AND (CAST(:code AS text) IS NULL OR d.code = :code)) AS dead
+FROM jobs j WHERE j.id = :job
+""")
+
 _JOB_SHARE = text("SELECT 1 FROM jobs WHERE id = :job FOR SHARE")
 # A retry of every job's dead letters (of a code, ...): their jobs, held as _JOB_SHARE holds one.
 _JOBS_SHARE = text("""
@@ -600,6 +609,12 @@ class Admin:
         with self.engine.connect() as conn:
             row = conn.execute(_ITEM_STATE, {"job": job, "seq": seq}).first()
         return None if row is None else ItemState(row.total, row.state, row.code, row.cancelled)
+
+    def job_dead(self, job: uuid.UUID, code: str | None = None) -> tuple[bool, int] | None:
+        """``(cancelled, dead letters)`` of ``job``, of ``code`` only if given; None: no such job."""
+        with self.engine.connect() as conn:
+            row = conn.execute(_JOB_DEAD, {"job": job, "code": code}).first()
+        return None if row is None else (bool(row.cancelled), int(row.dead))
 
     def purge(self, older_than: dt.timedelta) -> int:
         with self.engine.begin() as conn:

@@ -123,3 +123,8 @@ def test_dlq_retry_of_an_item_that_is_no_dead_letter_says_why_nothing_was_requeu
     cancelled = CliRunner().invoke(app, ["dlq", "retry", "--id", f"{job}:1"], env=env)
     assert cancelled.exit_code == 0 and cancelled.stdout == "re-queued 0 items\n", cancelled.output
     assert cancelled.stderr == f"item {job}:1 is a dead letter of a cancelled job: nothing to retry\n"
+    whole = CliRunner().invoke(app, ["dlq", "retry", "--job", str(job)], env=env)  # said only "re-queued 0"
+    assert whole.exit_code == 0 and whole.stdout == "re-queued 0 items\n", whole.output
+    assert whole.stderr == f"job {job} was cancelled: its 1 dead letter stays as it is\n"
+    coded = CliRunner().invoke(app, ["dlq", "retry", "--job", str(job), "--code", "truncated"], env=env)
+    assert coded.exit_code == 0 and coded.stderr == "", coded.output  # it has none of that code

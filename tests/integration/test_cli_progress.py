@@ -144,6 +144,15 @@ def test_cancel_of_a_finished_job_leaves_it_open_and_says_so(store: Store, datab
         "nothing to cancel: the job has finished (its dead letters can still be retried)")
 
 
+def test_status_of_a_cancelled_job_says_so_when_it_had_nothing_queued(store: Store, database_url: str) -> None:
+    job = _job(store, 2, tenant="default")
+    store.claim(job, [0, 1], "w1")  # both running: the cancel closes the job and cancels no item
+    assert jobs_view.cancel_job(store.engine, "default", job) == 0
+    out = CliRunner().invoke(app, ["status", str(job)], env={"IMGQ_DATABASE_URL": database_url})
+    assert out.exit_code == 0, out.output
+    assert out.stdout == "queued=0  running=2  done=0  dead=0  cancelled=0  purged=0\n"
+
+
 def test_wait_times_out_naming_the_pending_items(store: Store, database_url: str) -> None:
     job = _every_state(store)
     out = CliRunner().invoke(app, ["wait", str(job), "--timeout", "0"], env={"IMGQ_DATABASE_URL": database_url})
