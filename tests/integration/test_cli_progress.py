@@ -150,7 +150,7 @@ def test_status_of_a_cancelled_job_says_so_when_it_had_nothing_queued(store: Sto
     assert jobs_view.cancel_job(store.engine, "default", job) == 0
     out = CliRunner().invoke(app, ["status", str(job)], env={"IMGQ_DATABASE_URL": database_url})
     assert out.exit_code == 0, out.output
-    assert out.stdout == "queued=0  running=2  done=0  dead=0  cancelled=0  purged=0\n"
+    assert out.stdout == "queued=0 (waiting=0)  running=2  done=0  dead=0  cancelled=0  purged=0\n"
 
 
 def test_wait_times_out_naming_the_pending_items(store: Store, database_url: str) -> None:
