@@ -20,6 +20,7 @@ from imgq import (
     cli_adapters,
     cli_api,
     cli_backfill,
+    cli_caption,
     cli_db,
     cli_dev,
     cli_dlq,
@@ -32,6 +33,19 @@ from imgq import (
 
 # Imported here also for cli_api, cli_backfill, cli_finetune and cli_adapters, which read _settings, _fail,
 # _params_json, _feeder and _require_schema from imgq.cli.
+from imgq.cli_caption import (
+    MaxNewTokens,
+    MinNewTokens,
+    NumBeams,
+    Prompt,
+    RepetitionPenalty,
+    Resize,
+    Sample,
+    Seed,
+    Temperature,
+    TopK,
+    TopP,
+)
 from imgq.cli_common import (
     JOB_HELP,
     _admin,
@@ -99,10 +113,7 @@ def _enqueue_params(settings: Settings, kinds: list[str], raw: dict[str, Any]) -
     from imgq.kinds import spec
 
     settings_model = {kind: spec(kind).params for kind in kinds}
-    unknown = sorted(set(raw) - {f for cls in settings_model.values() for f in cls.model_fields})
-    if unknown:
-        raise errors.BadParams(f"invalid parameters: {', '.join(unknown)} apply to none of the kinds "
-                               f"{','.join(kinds)}")
+    cli_caption.check_names(raw, kinds)
     return [make_task(kind, settings.model_for(kind),
                       spec(kind).parse({k: v for k, v in raw.items() if k in cls.model_fields}, name=_flag))
             for kind, cls in settings_model.items()]
@@ -119,17 +130,17 @@ def enqueue(
                                                    "'-' reads stdin.")] = None,
     pairs: Annotated[str | None, typer.Option("--pairs", help="validate: CSV with columns ref,text (- for stdin); "
                                               "bad rows are refused with their row number.")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(help="caption: longest caption in tokens (default 30).")] = None,
-    min_new_tokens: Annotated[int | None, typer.Option(help="caption: shortest caption, in tokens.")] = None,
-    num_beams: Annotated[int | None, typer.Option(help="caption: beam search width (1 = greedy).")] = None,
-    do_sample: Annotated[bool, typer.Option("--sample", help="caption: sample instead of greedy/beam search.")] = False,
-    top_p: Annotated[float | None, typer.Option(help="caption: nucleus sampling mass (with --sample).")] = None,
-    top_k: Annotated[int | None, typer.Option(help="caption: top-k sampling (with --sample).")] = None,
-    temperature: Annotated[float | None, typer.Option(help="caption: sampling temperature (with --sample).")] = None,
-    repetition_penalty: Annotated[float | None, typer.Option(help="caption: penalty for repeated tokens.")] = None,
-    seed: Annotated[int | None, typer.Option(help="caption: seed for reproducible sampling.")] = None,
-    prompt: Annotated[str | None, typer.Option(help="caption: text the caption continues, e.g. 'a photo of'.")] = None,
-    resize: Annotated[str | None, typer.Option(help="stretch (model default) | center_crop | letterbox.")] = None,
+    max_new_tokens: MaxNewTokens = None,
+    min_new_tokens: MinNewTokens = None,
+    num_beams: NumBeams = None,
+    do_sample: Sample = False,
+    top_p: TopP = None,
+    top_k: TopK = None,
+    temperature: Temperature = None,
+    repetition_penalty: RepetitionPenalty = None,
+    seed: Seed = None,
+    prompt: Prompt = None,
+    resize: Resize = None,
     explain: Annotated[bool, typer.Option("--explain", help="caption: also store each word's cross-attention "
                                           "map, and overlays in IMGQ_EXPLAIN_OUTPUT (see `imgq results "
                                           "--explain`).")] = False,
@@ -169,13 +180,9 @@ def enqueue(
     from imgq.producer.pairs import accept_pairs, read_pairs
     from imgq.producer.submit import accept_refs
 
-    flags = {name: value for name, value in given_flags.items()
-             if name in CaptionParams.model_fields and name not in ("do_sample", "explain")}
     settings = _settings(refs_per_message=refs_per_message)
     raw = _params_json(params_json)
-    raw.update({k: v for k, v in flags.items() if v is not None})
-    if do_sample:
-        raw["do_sample"] = True
+    raw.update(cli_caption.given(given_flags, CaptionParams.model_fields))
     if explain:
         raw["explain"] = True
     try:

@@ -9,7 +9,20 @@ from typing import Annotated
 
 import typer
 
-from imgq import errors
+from imgq import cli_caption, errors
+from imgq.cli_caption import (
+    MaxNewTokens,
+    MinNewTokens,
+    NumBeams,
+    Prompt,
+    RepetitionPenalty,
+    Resize,
+    Sample,
+    Seed,
+    Temperature,
+    TopK,
+    TopP,
+)
 from imgq.cli_common import _fail, _flag, _params_json, _settings
 
 
@@ -22,12 +35,17 @@ def explain(
                                               "of every layer).")] = None,
     all_layers: Annotated[bool, typer.Option("--all-layers", help="Also one map and overlay per layer.")] = False,
     heads: Annotated[str, typer.Option(help="How a layer's heads are reduced: mean or max.")] = "mean",
-    max_new_tokens: Annotated[int | None, typer.Option(help="Longest caption in tokens (default: 30).")] = None,
-    num_beams: Annotated[int | None, typer.Option(help="Beam search width (default: 1, greedy).")] = None,
-    prompt: Annotated[str | None, typer.Option(help="Text the caption continues, e.g. 'a photo of' "
-                                               "(default: none).")] = None,
-    resize: Annotated[str | None, typer.Option(help="stretch | center_crop | letterbox (default: stretch, as "
-                                               "the model was trained).")] = None,
+    max_new_tokens: MaxNewTokens = None,
+    min_new_tokens: MinNewTokens = None,
+    num_beams: NumBeams = None,
+    do_sample: Sample = False,
+    top_p: TopP = None,
+    top_k: TopK = None,
+    temperature: Temperature = None,
+    repetition_penalty: RepetitionPenalty = None,
+    seed: Seed = None,
+    prompt: Prompt = None,
+    resize: Resize = None,
     params_json: Annotated[str | None, typer.Option("--params", help="Caption parameters as one JSON object "
                                                     "(the flags above win over it).")] = None,
 ) -> None:
@@ -45,11 +63,11 @@ def explain(
         _fail("bad_request", "--layer picks one layer and --all-layers keeps every one: give one of them")
     if heads not in ("mean", "max"):
         _fail("bad_params", f"--heads must be mean or max, not {heads!r}")
+    given_flags = dict(locals())
     _check_out(out)
     settings = _settings()
     raw = _params_json(params_json)
-    given = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "prompt": prompt, "resize": resize}
-    raw.update({k: v for k, v in given.items() if v is not None})
+    raw.update(cli_caption.given(given_flags, spec("caption").params.model_fields))
     raw.pop("explain", None)  # a job option; explaining is what this command does
     try:
         from imgq.worker.decode import decode
@@ -60,6 +78,7 @@ def explain(
         _fail("missing_extra", f"explaining needs the worker extra: pip install 'imgq[worker]' ({exc})")
     try:
         # Every mistake of the caller is found before the model loads (seconds, and its log lines).
+        cli_caption.check_names(raw, ["caption"])
         params = spec("caption").parse(raw, name=_flag)
         # Refused here first, like enqueue's refs (exit 2); the fetcher checks again.
         parse_ref(ref.strip(), allowed_buckets=settings.allowed_buckets, local_roots=settings.local_roots)

@@ -344,6 +344,38 @@ def test_explain_into_a_used_folder_replaces_only_its_own_earlier_files(photos: 
     assert (out / "word-00-keep").is_dir() and (out / "contact_sheet.png").is_file()
 
 
+def test_explain_takes_enqueues_sampling_flags_as_the_same_params(photos: Path, tiny_model_dir: Path,
+                                                                    tmp_path: Path) -> None:
+    """`imgq explain` had only four of enqueue's caption flags: --sample, --seed, --top-k ... were
+    `No such option` (the README says it takes enqueue's caption options)."""
+    env = _explain_env(photos, tiny_model_dir)
+    image = str(photos / "a.png")
+    flags = CliRunner().invoke(app, ["explain", image, "--out", str(tmp_path / "f"), "--sample", "--seed", "3",
+                                     "--top-k", "5", "--temperature", "1.5", "--min-new-tokens", "4"], env=env)
+    assert flags.exit_code == 0, flags.output
+    as_json = CliRunner().invoke(app, ["explain", image, "--out", str(tmp_path / "j"), "--params",
+                                       '{"do_sample": true, "seed": 3, "top_k": 5, "temperature": 1.5, '
+                                       '"min_new_tokens": 4}'], env=env)
+    assert as_json.exit_code == 0, as_json.output
+    greedy = CliRunner().invoke(app, ["explain", image, "--out", str(tmp_path / "g"), "--min-new-tokens", "4"],
+                                env=env)
+    assert flags.stdout == as_json.stdout != greedy.stdout  # the flags reached the sampler
+
+
+@pytest.mark.parametrize("command", ["explain", "enqueue"])
+def test_a_params_key_that_is_a_flags_name_says_which_keys_there_are(photos: Path, tiny_model_dir: Path,
+                                                                     tmp_path: Path, command: str) -> None:
+    """{"sample": true} was `--sample: Extra inputs are not permitted` (a flag that exists) or
+    `sample apply to none of the kinds caption`; neither named do_sample."""
+    args = ["explain", str(photos / "a.png"), "--out", str(tmp_path / "o")] if command == "explain" else \
+        ["enqueue", "caption", str(photos / "a.png")]
+    result = CliRunner().invoke(app, [*args, "--params", '{"sample": true}'], env=_explain_env(photos, tiny_model_dir))
+    assert result.exit_code == 2, result.output
+    line = result.stderr.strip()
+    assert line.startswith("error[bad_params]: invalid parameters: 'sample' is not a parameter of caption; its "
+                           "--params keys are ") and "do_sample" in line, line
+
+
 def test_explain_out_of_an_existing_file_is_bad_file_before_the_model_loads(photos: Path, tmp_path: Path) -> None:
     file = tmp_path / "taken"
     file.write_text("keep me")
