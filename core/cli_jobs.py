@@ -189,6 +189,7 @@ def results(
                   f"`imgq enqueue translate --job` adds a language as a new job: read that job's results")
         rows = store.results_in(job_id, code)
     if explain:
+        _require_explained(store, job_id)
         rows = _explanations(settings, job_id)
     if output is None:
         _write_rows(rows, sys.stdout, fmt, explain)
@@ -340,6 +341,19 @@ def cancel(
                    err=True)
     typer.echo(json.dumps({"job": str(job_id), "cancelled_now": cancelled, **counts}) if as_json
                else _counts_line(counts))
+
+
+def _require_explained(store: Any, job: uuid.UUID) -> None:
+    """``results --explain`` of a job that has no explanations is refused: it printed rows of nulls,
+    or nothing at all, and exited 0."""
+    tasks = store.job_tasks(job) or []
+    captions = [t for t in tasks if t["kind"] == "caption"]
+    if not captions:
+        kinds = ",".join(t["kind"] for t in tasks)
+        _fail("bad_request", f"job {job} has no captions to explain (its kinds: {kinds})")
+    if not captions[0]["params"].get("explain"):
+        _fail("bad_request", f"job {job} was not enqueued with --explain, so it has no explanations; "
+              "`imgq explain REF --out DIR` explains one image now")
 
 
 def _explanations(settings: Settings, job: uuid.UUID) -> Any:

@@ -130,3 +130,28 @@ def test_explain_json_of_a_draft_decoded_picture_is_in_the_pictures_own_pixels(c
     # Each box spans a whole patch of the 2400-wide picture (the input is 384 wide, 16 patch columns
     # here), not one of the 600-wide draft.
     assert max(b[2] - b[0] for b in boxes) > 600 // 8, "boxes are in the draft's pixels"
+
+
+def test_results_explain_of_a_job_without_explanations_says_so(database_url):
+    """It printed rows of nulls (a caption job enqueued without --explain), or nothing (a validate
+    job), and exited 0."""
+    from imgq.db.store import Store
+    from tests.jobs import caption_task, create_job
+
+    store = Store.from_url(database_url)
+    env = {"IMGQ_DATABASE_URL": database_url}
+    try:
+        plain = create_job(store, [caption_task("m")], ["/d/0.jpg"])
+        out = CliRunner().invoke(app, ["results", str(plain), "--explain"], env=env)
+        assert out.exit_code == 2 and out.stderr.startswith(
+            f"error[bad_request]: job {plain} was not enqueued with --explain, so it has no explanations"), out.output
+        explained = create_job(store, [caption_task("m", CaptionParams(explain=True))], ["/d/0.jpg"])
+        assert CliRunner().invoke(app, ["results", str(explained), "--explain"], env=env).exit_code == 0
+        from imgq.contract import make_task
+        from imgq.params import EmbedParams
+
+        embedded = create_job(store, [make_task("embed", "m", EmbedParams())], ["/d/0.jpg"])
+        out = CliRunner().invoke(app, ["results", str(embedded), "--explain"], env=env)
+        assert out.exit_code == 2 and "has no captions to explain (its kinds: embed)" in out.stderr, out.output
+    finally:
+        store.engine.dispose()
