@@ -417,7 +417,11 @@ def reconcile(
     """Re-publish items published and still queued, or running, for too long (their messages were
     lost), and feed the window. Workers' feeders do this once the queue has drained; this runs one
     sweep now, backlog or not. A worker that still beats keeps its running items until its
-    visibility timeout plus time limit, whatever the age."""
+    visibility timeout plus time limit, whatever the age.
+
+    Unlike a worker's feeder, this command has not seen what was pushed to each lane, so it takes
+    every such item older than --older-than as lost: one whose message still waits in Redis is
+    published again (a duplicate, settled once). Give an age longer than the queue takes to drain."""
     from imgq.ages import parse_age
     from imgq.db.admin import LiveHolders
 
@@ -430,7 +434,9 @@ def reconcile(
     report = feeder.feed(job=_job_id(job, settings) if job else None, sweep=True, drained_only=False, wait_s=10)
     if report is None:
         _fail("busy", "another feeder holds the feed lock", 1)
-    line = f"re-published {report.items} items ({report.lost} found lost)"
+    # Not "found lost": this process has not seen what the workers' feeders pushed, so an item whose
+    # message still waits in Redis is taken as lost too (published again; settled once).
+    line = f"re-published {report.items} items ({report.lost} published over {age:g} s ago and not final)"
     if report.abandoned:
         line += f"; deleted {report.abandoned} items of abandoned acceptances"
     typer.echo(line)
