@@ -111,10 +111,18 @@ def check_sources(
 def effective_sources(
     principal: Principal, *, allowed_buckets: Sequence[str], local_roots: Sequence[Path]
 ) -> tuple[list[str], list[Path]]:
-    """The tenant's sources that the global allow-lists still allow, now."""
+    """The tenant's sources that the global allow-lists still allow, now: its buckets that are
+    allowed, and the intersection of its roots with IMGQ_LOCAL_ROOTS (a tenant root that holds a
+    global root, narrowed since the key was made, keeps that narrower folder; it lost every local
+    path before)."""
     buckets = [b for b in principal.buckets if b in allowed_buckets]
-    roots = [Path(r) for r in principal.roots
-             if any(Path(r) == g or Path(r).is_relative_to(g) for g in local_roots)]
+    roots: list[Path] = []
+    for tenant_root in map(Path, principal.roots):
+        for root in local_roots:
+            inner = tenant_root if tenant_root.is_relative_to(root) else root if root.is_relative_to(tenant_root) \
+                else None
+            if inner is not None and inner not in roots:
+                roots.append(inner)
     return buckets, roots
 
 

@@ -4,7 +4,7 @@ row so a bad row is refused with its number before anything is accepted."""
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TextIO
 
 from imgq.errors import InvalidRequest, RefRefused
@@ -47,13 +47,15 @@ def read_pairs(stream: TextIO, *, max_words: int = MAX_WORDS) -> Iterator[tuple[
         yield line, ref, text
 
 
-def accept_pairs(rows: Iterable[tuple[int, str, str]], expand: Expander) -> Iterator[tuple[str, str]]:
-    """Canonical ``(ref, text)`` pairs; a ref must name exactly one object (no prefixes)."""
+def accept_pairs(rows: Iterable[tuple[int, str, str]], expand: Expander,
+                 where: Callable[[int], str] = "row {}".format) -> Iterator[tuple[str, str]]:
+    """Canonical ``(ref, text)`` pairs; a ref must name exactly one object (no prefixes). ``where``
+    names a row in a refusal: a CSV's line, or the API's ``refs[i]``."""
     for line, raw, text in rows:
         try:
             refs = expand(raw)
         except RefRefused as exc:
-            raise RefRefused(f"row {line}: {exc.message}") from None
+            raise RefRefused(f"{where(line)}: {exc.message}") from None
         if len(refs) != 1 or raw.endswith("/"):
-            raise RefRefused(f"row {line}: {raw!r} must name one image, not a folder or prefix")
+            raise RefRefused(f"{where(line)}: {raw!r} must name one image, not a folder or prefix")
         yield refs[0], text

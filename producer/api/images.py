@@ -22,8 +22,7 @@ from fastapi import APIRouter, Query, Request
 from imgq.db import jobs_view
 from imgq.languages import language
 from imgq.producer.api.auth import Caller
-from imgq.producer.api.jobs import ERRORS
-from imgq.producer.api.problems import ApiProblem, not_found
+from imgq.producer.api.problems import BODY_TOO_LARGE, KEYED, ApiProblem, documented, not_found
 from imgq.producer.api.schemas import ImageResult, SearchRequest, SearchResult
 from imgq.producer.api.sources import not_allowed, parse_scoped, tenant_settings
 from imgq.refs import S3Ref
@@ -38,7 +37,10 @@ def _object(ref: Any) -> tuple[str, str, str]:
     return ("s3", ref.bucket, ref.key) if isinstance(ref, S3Ref) else ("local", "", str(ref))
 
 
-@router.get("/images", response_model=ImageResult, responses=ERRORS)
+@router.get("/images", response_model=ImageResult, responses={
+    **KEYED,
+    404: documented("Neither a caption nor an embedding is stored for that object (`image_not_found`)"),
+    422: documented("Refused: `validation_error`, `unknown_language` (`lang`), `source_not_allowed`, `bad_ref`")})
 def image(request: Request, caller: Caller, ref: Annotated[str, Query(min_length=1, max_length=2048)],
           vector: bool = False,
           lang: Annotated[str, Query(min_length=2, max_length=8, description="The caption's language: en (BLIP's "
@@ -61,7 +63,7 @@ def _scopes(body: SearchRequest, scoped: Any) -> list[tuple[str, str | None]]:
     """(bucket, prefix) filters that together cover exactly the tenant's sources asked for."""
     if body.bucket is not None:
         if body.bucket not in scoped.allowed_buckets:
-            raise not_allowed(f"s3://{body.bucket}/")
+            raise not_allowed(f"s3://{body.bucket}/", submitting=False)
         return [(body.bucket, body.prefix)]
     scopes: list[tuple[str, str | None]] = [(b, body.prefix) for b in scoped.allowed_buckets]
     for root in scoped.local_roots:
@@ -94,7 +96,14 @@ def _encode_text(context: Any, text: str) -> tuple[Any, str]:
         return runner.model.embed_query(text), runner.revision
 
 
-@router.post("/search", response_model=SearchResult, responses=ERRORS)
+@router.post("/search", response_model=SearchResult, responses={
+    **KEYED,
+    413: BODY_TOO_LARGE,
+    422: documented("Refused: `validation_error`, `source_not_allowed`, `bad_ref`, `image_not_embedded`, "
+                    "`empty_query`, `no_embeddings`, `dim_mismatch`, `search_error`"),
+    500: documented("A bug (`internal_error`; it is logged), or a text search whose retrieval model cannot be "
+                    "loaded (`model_unavailable`)"),
+    501: documented("A text search on an API host without the worker extra (`missing_extra`)")})
 def search(body: SearchRequest, request: Request, caller: Caller) -> SearchResult:
     """Nearest images to a text or to an image's stored embedding (cosine, IMGQ_EMBED_MODEL's
     vectors), within this tenant's sources, best first; each hit with its newest shared caption

@@ -22,7 +22,7 @@ from imgq import errors
 from imgq.db import jobs_view
 from imgq.producer.api.auth import Caller
 from imgq.producer.api.limits import max_refs, too_many_refs
-from imgq.producer.api.problems import ApiProblem, not_found
+from imgq.producer.api.problems import BODY_TOO_LARGE, KEYED, RETRY_AFTER, ApiProblem, documented, not_found
 from imgq.producer.api.schemas import (
     Cancelled,
     JobAccepted,
@@ -41,13 +41,10 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
 NDJSON = "application/x-ndjson"
-PROBLEM = {"content": {"application/problem+json": {}}}
-ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"description": "No key, or an invalid or revoked one (`unauthorized`)", **PROBLEM},
-    404: {"description": "No such job for this tenant (`job_not_found`)", **PROBLEM},
-    422: {"description": "Refused: see `code`", **PROBLEM},
-    429: {"description": "Over this key's requests per minute (`rate_limited`, Retry-After)", **PROBLEM},
-}
+# Each route lists only the problems it can answer (problems.KEYED: those of every /v1 route).
+JOB_NOT_FOUND = documented("No such job for this tenant, another tenant's included (`job_not_found`)")
+BAD_QUERY = documented("A query parameter out of its schema (`validation_error`), or a `cursor` that is not "
+                       "one this API makes (`bad_cursor`)")
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255,
                                               description="Repeat a POST safely: the same key and body return "
                                               "the same job; another body with the key is a 409.")]
@@ -126,13 +123,20 @@ def _pairs(body: JobRequest, scoped: Any) -> Any:
             raise BadPairs(f"refs[{i}]: text has {len(text.split())} words; the model reads at most 512 tokens")
         check_source(pair.ref, scoped)
         rows.append((i, pair.ref.strip(), text))
-    return accept_pairs(rows, Expander(scoped))
+    return accept_pairs(rows, Expander(scoped), "refs[{}]".format)
 
 
 @router.post("/jobs", status_code=202, response_model=JobAccepted, responses={
+    **KEYED,
     200: {"description": "A replay: this Idempotency-Key already made the job", "model": JobAccepted},
-    409: {"description": "The Idempotency-Key was used with another body (`idempotency_conflict`)", **PROBLEM},
-    413: {"description": "Body over IMGQ_API_MAX_BODY_BYTES, or too many refs", **PROBLEM}, **ERRORS})
+    409: documented("The Idempotency-Key was used with another body (`idempotency_conflict`)"),
+    413: documented("The body is over IMGQ_API_MAX_BODY_BYTES (`body_too_large`), or names (or its prefix "
+                    "lists) more refs than the tenant's max_refs (`too_many_refs`)"),
+    422: documented("Refused, nothing accepted: `validation_error`, `bad_params`, `unknown_adapter`, "
+                    "`cost_limit_exceeded`, `priority_not_allowed`, `callback_not_allowed`, `source_not_allowed`, "
+                    "`bad_ref`, `bad_pairs`, `bad_request`"),
+    503: documented("Postgres cannot be reached (`db_unavailable`), or S3 cannot list a prefix now "
+                    "(`s3_unavailable`); nothing was accepted", RETRY_AFTER)})
 def create_job(body: JobRequest, request: Request, response: Response, caller: Caller,
                idempotency_key: IdempotencyKey = None) -> JobAccepted:
     """Submit a job: every image gets every kind. 202 once every item is committed and its first
@@ -226,7 +230,7 @@ def create_job(body: JobRequest, request: Request, response: Response, caller: C
                        publish_error=publish_error)
 
 
-@router.get("/jobs", response_model=JobList, responses=ERRORS)
+@router.get("/jobs", response_model=JobList, responses={**KEYED, 422: BAD_QUERY})
 def list_jobs(request: Request, caller: Caller, limit: Annotated[int, Query(ge=1, le=200)] = 50,
               cursor: str | None = None) -> JobList:
     """This tenant's jobs, newest first; follow ``next_cursor`` for older ones."""
@@ -240,12 +244,12 @@ def list_jobs(request: Request, caller: Caller, limit: Annotated[int, Query(ge=1
         except ValueError:
             before = None
         if before is None:
-            raise ApiProblem(422, "bad_cursor", "cursor is not one this API returned")
+            raise ApiProblem(422, "bad_cursor", "cursor is not one this API returns")
     rows, after = jobs_view.list_jobs(_context(request).engine, caller.tenant, limit=limit, before=before)
     return JobList(jobs=rows, next_cursor=jobs_view.encode_cursor(after[0].isoformat(), after[1]) if after else None)
 
 
-@router.get("/jobs/{job_id}", response_model=JobStatus, responses=ERRORS)
+@router.get("/jobs/{job_id}", response_model=JobStatus, responses={**KEYED, 404: JOB_NOT_FOUND})
 async def job_status(job_id: str, request: Request, caller: Caller) -> Any:
     """Progress: items by state, waiting, progress fraction, dead letters by code, rate, callback.
     At most SUMMARY_TTL_S (1 s) old: pollers of one job share one count."""
@@ -270,7 +274,8 @@ _ROW = TypeAdapter(dict[str, Any])
 
 @router.get("/jobs/{job_id}/results", response_model=ResultsPage, responses={
     200: {"content": {NDJSON: {}}, "description": "JSON, or JSON Lines with Accept: application/x-ndjson or "
-          "format=jsonl (the next page's cursor is then in the X-Next-Cursor header)"}, **ERRORS})
+          "format=jsonl (the next page's cursor is then in the X-Next-Cursor header)"},
+    **KEYED, 404: JOB_NOT_FOUND, 422: BAD_QUERY})
 def job_results(job_id: str, request: Request, caller: Caller, cursor: str | None = None,
                 limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
                 format: Annotated[str | None, Query(pattern="^(json|jsonl)$")] = None) -> Any:
@@ -278,8 +283,10 @@ def job_results(job_id: str, request: Request, caller: Caller, cursor: str | Non
     after = -1
     if cursor:
         parts = jobs_view.decode_cursor(cursor, 1)
-        if parts is None or re.fullmatch(r"-?[0-9]+", parts[0]) is None:  # isdigit() takes "²", int() not
-            raise ApiProblem(422, "bad_cursor", "cursor is not one this API returned")
+        # As encode_cursor writes a seq: digits (isdigit() takes "²", int() not), no sign, no leading
+        # zero, within Postgres' integer (no seq is larger).
+        if parts is None or re.fullmatch(r"0|[1-9][0-9]{0,9}", parts[0]) is None or int(parts[0]) > 2**31 - 1:
+            raise ApiProblem(422, "bad_cursor", "cursor is not one this API returns")
         after = int(parts[0])
     page = jobs_view.results_page(_context(request).engine, caller.tenant, _job_id(job_id), after=after, limit=limit)
     if page is None:
@@ -299,7 +306,8 @@ def job_results(job_id: str, request: Request, caller: Caller, cursor: str | Non
 
 
 @router.post("/jobs/{job_id}/retry-dead", response_model=Requeued, responses={
-    409: {"description": "The job was cancelled (`job_cancelled`)", **PROBLEM}, **ERRORS})
+    **KEYED, 404: JOB_NOT_FOUND, 409: documented("The job was cancelled (`job_cancelled`)"), 413: BODY_TOO_LARGE,
+    422: documented("`code` names no dead-letter code (`bad_filter`)")})
 def retry_dead(job_id: str, request: Request, caller: Caller, code: str | None = None) -> Requeued:
     """Put the job's dead letters (of one ``code``, or all) back in the queue, attempts reset; as
     `imgq dlq retry --job`. Those whose refs are no longer within the tenant's sources (narrowed
@@ -341,7 +349,8 @@ def retry_dead(job_id: str, request: Request, caller: Caller, code: str | None =
                     outside_sources=len(dead) - len(allowed))
 
 
-@router.delete("/jobs/{job_id}", response_model=Cancelled, responses=ERRORS)
+@router.delete("/jobs/{job_id}", response_model=Cancelled, responses={**KEYED, 404: JOB_NOT_FOUND,
+                                                                       413: BODY_TOO_LARGE})
 def cancel_job(job_id: str, request: Request, caller: Caller) -> Cancelled:
     """Cancel a job: it is closed at once (nothing more of it is published or claimed), then its
     queued items become ``cancelled`` (never run), 10,000 per transaction; running items finish.

@@ -16,7 +16,9 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Mount
 
 from imgq import errors
 
@@ -28,6 +30,60 @@ MEDIA_TYPE = "application/problem+json"
 _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                  405: "method_not_allowed", 406: "not_acceptable", 413: "body_too_large",
                  415: "unsupported_media_type", 429: "rate_limited"}
+
+
+# -- the body, as the OpenAPI document describes it -----------------------------------------------
+
+class ProblemError(BaseModel):
+    """One field of a body or parameter that failed validation."""
+
+    loc: list[str | int] = Field(description="Where: body, query, header or path, then the field's path.")
+    msg: str = Field(description="What is wrong with it.")
+    type: str = Field(description="pydantic's error type (missing, string_too_long, ...).")
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem: every error of the API is one, as ``application/problem+json``."""
+
+    # forbid: the tests validate real answers against it, so a field sent but not documented fails them.
+    model_config = ConfigDict(extra="forbid")
+
+    type: str = Field(description="urn:imgq:problem:<code>.", examples=["urn:imgq:problem:source_not_allowed"])
+    title: str = Field(description="The HTTP status's reason phrase, as RFC 9110 names it; informative only.",
+                       examples=["Unprocessable Content"])
+    status: int = Field(description="The HTTP status.", examples=[422])
+    detail: str = Field(description="What went wrong, for a person; never parse it.")
+    code: str = Field(description="Stable: branch on it (docs/api.md, \"Errors\").", examples=["source_not_allowed"])
+    # Absent rather than null when there is nothing to list: optional, never nullable.
+    errors: list[ProblemError] = Field(default_factory=list, description="Only for a body or parameter that "
+                                       "failed validation (validation_error): one entry per field.")
+
+
+SCHEMA_REF = {"$ref": "#/components/schemas/Problem"}
+RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before trying again.", "schema": {"type": "integer"}}}
+_CHALLENGE = {"WWW-Authenticate": {"description": 'Bearer realm="imgq"', "schema": {"type": "string"}}}
+
+
+def documented(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One problem answer for a route's ``responses=``: its codes named in ``description``. Not
+    ``{"model": Problem}``: FastAPI would list that schema under application/json, which no error is."""
+    doc: dict[str, Any] = {"description": description, "content": {MEDIA_TYPE: {"schema": SCHEMA_REF}}}
+    if headers:
+        doc["headers"] = headers
+    return doc
+
+
+# What every /v1 route can answer, whatever it does: its key is looked up in Postgres (unless seen
+# within a second) and counted against the rate limit before the route runs (producer/api/auth.py).
+KEYED: dict[int | str, dict[str, Any]] = {
+    401: documented("No key, or a malformed, unknown or revoked one (`unauthorized`)", _CHALLENGE),
+    429: documented("Over this key's requests per minute, or too many failed keys from this address "
+                    "(`rate_limited`)", RETRY_AFTER),
+    500: documented("A bug (`internal_error`); it is logged"),
+    503: documented("Postgres cannot be reached; nothing was accepted (`db_unavailable`)", RETRY_AFTER),
+}
+# Any method but GET, HEAD and OPTIONS: the body is measured before the route runs (limits.BodyLimit).
+BODY_TOO_LARGE = documented("The body is over IMGQ_API_MAX_BODY_BYTES (`body_too_large`)")
 
 
 class ApiProblem(Exception):
@@ -42,9 +98,18 @@ class ApiProblem(Exception):
         self.errors = errors
 
 
+# RFC 9110's names, whatever the Python: 3.11 and 3.12 still say "Unprocessable Entity" and
+# "Request Entity Too Large", which 3.13 renamed.
+_TITLES = {413: "Content Too Large", 422: "Unprocessable Content"}
+
+
+def title(status: int) -> str:
+    return _TITLES.get(status) or http.HTTPStatus(status).phrase
+
+
 def problem(status: int, code: str, detail: str, *, headers: dict[str, str] | None = None,
             errors: list[dict[str, Any]] | None = None) -> JSONResponse:
-    body: dict[str, Any] = {"type": f"urn:imgq:problem:{code}", "title": http.HTTPStatus(status).phrase,
+    body: dict[str, Any] = {"type": f"urn:imgq:problem:{code}", "title": title(status),
                             "status": status, "detail": detail, "code": code}
     if errors is not None:
         body["errors"] = errors
@@ -71,11 +136,28 @@ async def _validation(request: Request, exc: Exception) -> JSONResponse:
     return problem(422, "validation_error", f"the request is malformed: {where}", errors=found)
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at the request's path. Starlette answers 405 from the first
+    route whose path matches, naming only its methods, and FastAPI makes one route per method: PUT
+    /v1/jobs named POST, not GET. Each method is asked of the app's routes as the router would
+    ask it (FastAPI 0.165 nests included routers in app.routes; older ones list their routes flat).
+    A Mount matches every method whatever it serves: a path under one keeps its own answer."""
+    found = []
+    for method in http.HTTPMethod:
+        scope = {**request.scope, "method": method.value}
+        if any(not isinstance(route, Mount) and route.matches(scope)[0] is Match.FULL for route in request.app.routes):
+            found.append(method.value)
+    return found
+
+
 async def _http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = _STATUS_CODES.get(exc.status_code, "http_error")
     detail = exc.detail if isinstance(exc.detail, str) else http.HTTPStatus(exc.status_code).phrase
-    return problem(exc.status_code, code, detail, headers=getattr(exc, "headers", None))
+    headers = dict(getattr(exc, "headers", None) or {})
+    if exc.status_code == 405 and (methods := allowed_methods(request)):
+        headers["Allow"] = ", ".join(methods)
+    return problem(exc.status_code, code, detail, headers=headers or None)
 
 
 async def _imgq(request: Request, exc: Exception) -> JSONResponse:
@@ -99,7 +181,43 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return problem(500, "internal_error", "an unexpected error; it was logged")
 
 
+# -- the OpenAPI document -------------------------------------------------------------------------
+
+def _truthful(doc: dict[str, Any]) -> None:
+    """Add the Problem schema the routes' ``responses=`` refer to, and drop FastAPI's own 422 (an
+    application/json HTTPValidationError): every validation error here is a Problem, and a route
+    that can answer 422 declares it with its codes. FastAPI adds one to every route with a
+    parameter that declares none, such as GET /v1/jobs/{job_id}, whose string id cannot fail."""
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    problem_schema = Problem.model_json_schema(ref_template="#/components/schemas/{model}", mode="serialization")
+    schemas.update(problem_schema.pop("$defs", {}))
+    schemas["Problem"] = problem_schema
+    for operations in doc.get("paths", {}).values():
+        for operation in operations.values():
+            responses = operation.get("responses", {})
+            content = responses.get("422", {}).get("content", {})
+            if content.get("application/json", {}).get("schema", {}).get("$ref", "").endswith("/HTTPValidationError"):
+                del responses["422"]
+            operation["responses"] = dict(sorted(responses.items()))  # by status, whatever order routes gave
+    if "HTTPValidationError" not in str(doc.get("paths")):
+        schemas.pop("HTTPValidationError", None)
+        schemas.pop("ValidationError", None)
+
+
+def _document(app: FastAPI) -> None:
+    """``app.openapi`` made once, then corrected by :func:`_truthful` (FastAPI caches the result)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            _truthful(build())  # build() stores the document in app.openapi_schema
+        return app.openapi_schema or {}
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install(app: FastAPI) -> None:
+    _document(app)
     app.add_exception_handler(ApiProblem, _api_problem)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)

@@ -17,7 +17,9 @@ class PairRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     ref: str = Field(min_length=1, max_length=2048)
-    text: str = Field(min_length=1)
+    # No min_length: an empty text is the job's bad_pairs (refs[i]: empty text for ...), not a
+    # validation_error that also reads the object as a failed plain string ref.
+    text: str
 
 
 class JobRequest(BaseModel):
@@ -199,3 +201,12 @@ class SearchHit(BaseModel):
 
 class SearchResult(BaseModel):
     hits: list[SearchHit]
+
+
+class UiSession(BaseModel):
+    """A one-time link that opens the jobs page (/ui) as the key that asked for it."""
+
+    login_url: str = Field(description="The link, on the host and scheme the request reached (https behind a "
+                           "proxy that says X-Forwarded-Proto: https).")
+    login_path: str = Field(description="The same link without scheme and host: /ui/login?token=...")
+    expires_at: dt.datetime = Field(description="When the link stops working (5 minutes on); it works once.")

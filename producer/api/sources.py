@@ -31,31 +31,37 @@ def tenant_settings(settings: Settings, principal: Principal) -> Settings:
     return settings.model_copy(update={"allowed_buckets": buckets, "local_roots": roots})
 
 
-def not_allowed(raw: str) -> ApiProblem:
+def not_allowed(raw: str, *, submitting: bool = True) -> ApiProblem:
+    """``submitting``: a job's ref (the whole request is refused); else a read's (images, search)."""
     return ApiProblem(422, "source_not_allowed", f"{raw!r} is not within this key's sources (its tenant's "
-                      "buckets and roots); nothing was accepted")
+                      "buckets and roots)" + ("; nothing was accepted" if submitting else ""))
 
 
-def check_source(raw: str, scoped: Settings) -> None:
+def check_source(raw: str, scoped: Settings, *, submitting: bool = True) -> None:
     """Raise 422 ``source_not_allowed`` if ``raw`` names a bucket or path outside the tenant's
-    sources. Malformed refs are left to the parser (``bad_ref``)."""
+    sources, and 422 ``bad_ref`` for a relative path (the API process's working directory means
+    nothing to a client: `photos/x.jpg` was resolved against it). Other malformed refs are left to
+    the parser (``bad_ref``)."""
     text = raw.strip()
     if text.lower().startswith("s3://"):
         bucket = text[5:].split("/", 1)[0]
         if bucket and bucket not in scoped.allowed_buckets:
-            raise not_allowed(raw)
+            raise not_allowed(raw, submitting=submitting)
         return
     if not text or "://" in text or text.lower().startswith(_SCHEMES) or any(ord(c) < 0x20 for c in text):
         return
+    if not text.startswith("/"):
+        raise ApiProblem(422, "bad_ref", f"{raw!r} is not an absolute path: over HTTP a local ref is a path "
+                         "starting with /" + ("; nothing was accepted" if submitting else ""))
     try:
-        confine(Path(text).expanduser().absolute(), scoped.local_roots)
+        confine(Path(text), scoped.local_roots)
     except (RefRefused, OSError, ValueError):
-        raise not_allowed(raw) from None
+        raise not_allowed(raw, submitting=submitting) from None
 
 
 def parse_scoped(raw: str, scoped: Settings) -> Ref:
-    """One object ref within the tenant's sources."""
-    check_source(raw, scoped)
+    """One object ref within the tenant's sources (a read's: images, search, a retry's check)."""
+    check_source(raw, scoped, submitting=False)
     return parse_ref(raw.strip(), allowed_buckets=scoped.allowed_buckets, local_roots=scoped.local_roots)
 
 

@@ -31,7 +31,8 @@ from imgq.db import jobs_page, ui_sessions
 from imgq.db.tenancy import principal_for_key_id, verify_key
 from imgq.producer.api import ui_html
 from imgq.producer.api.auth import Caller
-from imgq.producer.api.problems import ApiProblem
+from imgq.producer.api.problems import BODY_TOO_LARGE, KEYED, ApiProblem
+from imgq.producer.api.schemas import UiSession
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,13 @@ def _not_found() -> HTMLResponse:
 # -- logging in ---------------------------------------------------------------------------------
 
 
-@router.post("/v1/ui-sessions", status_code=201, tags=["ui"])
+# response_model documents the body; the route still answers its own JSONResponse, so the JSON
+# (expires_at as isoformat(), "+00:00") and the Cache-Control header stay what clients already read.
+@router.post("/v1/ui-sessions", status_code=201, tags=["ui"], response_model=UiSession, responses={
+    **KEYED,
+    201: {"description": "The link (never cached)",
+          "headers": {"Cache-Control": {"description": "no-store", "schema": {"type": "string"}}}},
+    413: BODY_TOO_LARGE})
 def create_ui_session(request: Request, caller: Caller) -> JSONResponse:
     """A one-time link that opens the jobs page (/ui) in a browser as this key: valid 5 minutes, once.
     Add ``&next=/ui/jobs/<id>`` to land on one job (docs/jobs-page.md)."""

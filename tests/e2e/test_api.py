@@ -462,7 +462,11 @@ def test_results_pages_cover_every_item_exactly_once(api: Api) -> None:
         spellings.append(seen)
     assert spellings[0] == spellings[1] == spellings[2], "JSON and JSON Lines spell every value alike"
     with api.client("acme") as c:
-        _problem(c.get(f"/v1/jobs/{job}/results", params={"cursor": "!!"}), 422, "bad_cursor")
+        b64 = __import__("base64").urlsafe_b64encode
+        # Not as encode_cursor writes a seq: a sign (answered with a page before), a leading zero, past
+        # Postgres' integer.
+        for forged in ("!!", *(b64(s.encode()).decode().rstrip("=") for s in ("-5", "05", "99999999999"))):
+            _problem(c.get(f"/v1/jobs/{job}/results", params={"cursor": forged}), 422, "bad_cursor")
         summary = c.get(f"/v1/jobs/{job}").json()
     assert summary["counts"] == {"queued": 11, "running": 0, "done": 10, "dead": 2, "cancelled": 0, "purged": 0}
     assert summary["dead_letters"] == {"not_an_image": 2} and summary["progress"] == round(12 / 23, 4)
@@ -543,6 +547,14 @@ def test_validate_pairs_text_search_and_unknown_routes(api: Api) -> None:
         _problem(c.post("/v1/jobs", json={"kinds": ["caption"], "refs": pairs}), 422, "bad_request")
         _problem(c.post("/v1/jobs", json={"kinds": ["validate"], "refs": [{"ref": _refs(api, "globex", 1)[0],
                                                                           "text": "x"}]}), 422, "source_not_allowed")
+        # An empty text is the pair's own refusal (it was a validation_error reading the object as a
+        # failed plain-string ref too), and a prefix is named as the request names it (not "row 1").
+        empty = _problem(c.post("/v1/jobs", json={"kinds": ["validate"], "refs": [pairs[0], {**pairs[1], "text": ""}]}),
+                         422, "bad_pairs")
+        assert empty["detail"].startswith("refs[1]: empty text for ")
+        folder = [pairs[0], {"ref": f"s3://{api.buckets['acme']}/", "text": "x"}]
+        prefix = _problem(c.post("/v1/jobs", json={"kinds": ["validate"], "refs": folder}), 422, "bad_ref")
+        assert prefix["detail"].startswith(f"refs[1]: 's3://{api.buckets['acme']}/' must name one image"), prefix
         # The text encoder loads in the API process; nothing is embedded by its revision yet.
         _problem(c.post("/v1/search", json={"text": "a dog"}), 422, "no_embeddings")
         _problem(c.post("/v1/search", json={"text": "a dog", "image": _refs(api, "acme", 1)[0]}), 422,

@@ -56,3 +56,28 @@ def test_a_folder_or_prefix_in_refs_is_listed_only_one_past_the_limit(make_setti
                 read.append(ref)
         assert past.value.code == "too_many_refs" and len(read) == 5
     assert len(lists) == 1, "one listing page, not every page of the prefix"
+
+
+def test_a_relative_path_is_bad_ref_not_a_path_under_the_apis_working_directory(
+        make_settings: Any, tmp_path: Any, monkeypatch: Any) -> None:
+    """`photos/x.jpg` was resolved against the API process's working directory and accepted."""
+    from imgq.producer.api.sources import parse_scoped
+
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "x.jpg").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    settings = make_settings(local_roots=[tmp_path])
+    assert _expand(settings, None, str(tmp_path / "photos" / "x.jpg")) == [str(tmp_path / "photos" / "x.jpg")]
+    for raw in ("photos/x.jpg", "./photos/x.jpg", "~/photos/x.jpg"):
+        with pytest.raises(ApiProblem) as relative:
+            _expand(settings, None, raw)
+        assert (relative.value.code, relative.value.detail) == (
+            "bad_ref", f"{raw!r} is not an absolute path: over HTTP a local ref is a path starting with /; "
+                       "nothing was accepted")
+    skipped: list[tuple[str, str]] = []
+    assert list(expand_refs(["photos/x.jpg"], settings, limit=10, skip_invalid=True, rejected=skipped)) == []
+    assert skipped == [("photos/x.jpg", "'photos/x.jpg' is not an absolute path: over HTTP a local ref is a path "
+                                        "starting with /")]
+    with pytest.raises(ApiProblem) as read:  # a read (GET /v1/images, search) accepts nothing anyway
+        parse_scoped("/etc/passwd", settings)
+    assert read.value.code == "source_not_allowed" and "accepted" not in read.value.detail

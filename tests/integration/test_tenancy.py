@@ -88,6 +88,11 @@ def test_sources_must_lie_within_the_global_allow_lists(tmp_path: Path) -> None:
     principal = Principal("t", "k", ("a", "gone"), (str(tmp_path / "root" / "acme"), "/etc"), {})
     assert effective_sources(principal, allowed_buckets=["a"], local_roots=roots) == (
         ["a"], [tmp_path / "root" / "acme"])
+    # IMGQ_LOCAL_ROOTS narrowed below the tenant's root since: the tenant keeps the narrower folders
+    # (it lost every local path), and a global root beside its root gives it nothing.
+    narrowed = [tmp_path / "root" / "acme" / "2026", tmp_path / "root" / "other", tmp_path / "root" / "acme" / "x"]
+    assert effective_sources(principal, allowed_buckets=[], local_roots=narrowed) == (
+        [], [tmp_path / "root" / "acme" / "2026", tmp_path / "root" / "acme" / "x"])
 
 
 def test_the_apikey_commands(database_url: str, tmp_path: Path) -> None:
