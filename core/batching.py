@@ -64,7 +64,9 @@ class Batcher(Generic[K, T]):
     def due(self) -> list[Batch[K, T]]:
         """Groups whose oldest item has waited long enough, oldest first."""
         now = self._clock()
-        ready = [k for k, g in self._groups.items() if now - g.oldest >= self.max_wait]
+        # The same sum as next_deadline: with `now - oldest >= max_wait` a group could be not yet due
+        # at the very time next_deadline named (0.1875 + 0.1 == now, but now - 0.1875 < 0.1).
+        ready = [k for k, g in self._groups.items() if g.oldest + self.max_wait <= now]
         ready.sort(key=lambda k: self._groups[k].oldest)
         return [self._pop(k) for k in ready]
 

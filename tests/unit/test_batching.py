@@ -96,3 +96,14 @@ def test_drain_and_due_hand_out_the_oldest_group_first_whatever_its_key():
         batcher.add(key, t)
     clock.now = 5
     assert [b.key for b in batcher.due()] == ["c", "a", "b"]
+
+
+def test_a_group_is_due_at_the_very_time_next_deadline_names() -> None:
+    """Found by Hypothesis (test_properties): 0.1875 + 0.1 is the deadline, but at that clock time
+    0.2875 - 0.1875 < 0.1, so due() released nothing and the deadline was already past."""
+    clock = [0.1875]
+    batcher: Batcher[str, int] = Batcher(2, 0.1, lambda: clock[0])
+    batcher.add("a", 1)
+    clock[0] += 0.1
+    assert batcher.next_deadline() == clock[0]
+    assert [b.items for b in batcher.due()] == [[1]]
