@@ -310,7 +310,8 @@ def cancel(
     As DELETE /v1/jobs/{id}, for any tenant's job: the job is closed at once (nothing more of it
     is published or claimed, a backfill appending to it stops), then its queued items are
     cancelled 10,000 at a time, with a progress bar. Repeating it is harmless; a job that has
-    finished is left as it is, so its dead letters can still be retried. Prints the job's counts;
+    finished is left as it is, so its dead letters can still be retried (a backfill's is closed all
+    the same: its next run then enqueues again what it did not finish). Prints the job's counts;
     stderr says how many items this run cancelled."""
     from tqdm import tqdm
 

@@ -18,10 +18,11 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from imgq.config import DEFAULT_CAPTION_MODEL, DEFAULT_EMBED_MODEL
 from imgq.hub import Source, model_source
@@ -149,8 +150,7 @@ def run_demo(*, model: Choice, workdir: Path, count: int, keep: bool = False) ->
         stack.callback(log.close)
         worker = subprocess.Popen([*imgq, "worker", "--concurrency", "4"], env=env, stdout=log, stderr=log)
         stack.callback(_stop_worker, worker)
-        waited = subprocess.run([*imgq, "wait", job, "--timeout", "600"], env=env)
-        if waited.returncode != 0 or worker.poll() is not None:
+        if _wait_for(subprocess.Popen([*imgq, "wait", job, "--timeout", "600"], env=env), worker) != 0:
             print(f"worker failed; see {workdir / 'worker.log'}:", file=sys.stderr)
             print((workdir / "worker.log").read_text()[-2000:], file=sys.stderr)
             return 1
@@ -250,6 +250,18 @@ def _print_results(database_url: str, job: str) -> None:
         for seq, ref, caption in conn.execute(text(SQL.format(job=job).rstrip(";"))):
             print(f"{seq:>3}  {caption!r:50}  {ref}")
     engine.dispose()
+
+
+def _wait_for(waiter: subprocess.Popen[bytes], worker: subprocess.Popen[Any]) -> int:
+    """``imgq wait``'s exit status, or 1 as soon as the worker exits (a model it cannot load, say
+    a hub behind a proxy that refuses it): the wait would otherwise sit out its whole timeout."""
+    while waiter.poll() is None:
+        if worker.poll() is not None:
+            waiter.terminate()
+            waiter.wait()
+            return 1
+        time.sleep(0.2)
+    return 1 if waiter.returncode != 0 or worker.poll() is not None else 0
 
 
 def _stop_worker(proc: subprocess.Popen[bytes]) -> None:

@@ -39,9 +39,11 @@ CUT_SHORT_AFTER_S = 60.0
 # the job's row lock, so this waits for a page appending and then sees its items in ``total``).
 # A finished job is not marked: nothing of it is left to stop, and a mark would refuse the retry of
 # its dead letters for good (a cancel that arrives just after the last item ended). Finished:
-# nothing pending (the two partial indexes that hold only pending items) and no backfill run that
-# may still append to it. A dead letter retried later makes it pending again, as after any cancel
-# that came first. The job's row lock is taken first and the mark is a second statement (a new
+# nothing pending (the two partial indexes that hold only pending items). A backfill's job is
+# marked all the same: its mark has a meaning beyond stopping it (the next run decides its objects
+# again and enqueues those it did not finish, docs/backfill.md), and a run that may resume into it
+# must not. A dead letter retried later makes a job pending again, as after any cancel that came
+# first. The job's row lock is taken first and the mark is a second statement (a new
 # snapshot under READ COMMITTED), so a retry that held the job and committed meanwhile is seen.
 _OWN = text("SELECT total FROM jobs WHERE id = :job AND tenant = :tenant FOR NO KEY UPDATE")
 _MARK = text("""
@@ -50,7 +52,7 @@ WHERE j.id = :job AND (
   EXISTS (SELECT 1 FROM job_items i WHERE i.job_id = j.id AND i.state = 'queued' AND i.published_at IS NULL)
   OR EXISTS (SELECT 1 FROM job_items i WHERE i.job_id = j.id AND i.state IN ('queued', 'running')
              AND i.published_at IS NOT NULL)
-  OR EXISTS (SELECT 1 FROM backfills b WHERE b.job_id = j.id AND b.state <> 'done'))
+  OR j.source = 'backfill')
 RETURNING j.id
 """)
 

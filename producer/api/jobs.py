@@ -356,7 +356,8 @@ def cancel_job(job_id: str, request: Request, caller: Caller) -> Cancelled:
     queued items become ``cancelled`` (never run), 10,000 per transaction; running items finish.
     ``cancelled`` counts what this request cancelled (about 5 s a million items). Repeating it is
     harmless. A finished job is left as it is (``cancelled_at`` stays null), so its dead letters
-    can still be retried."""
+    can still be retried; a backfill's is closed all the same (its next run then enqueues again what
+    it did not finish)."""
     context = _context(request)
     job = _job_id(job_id)
     cancelled = jobs_view.cancel_job(context.engine, caller.tenant, job)

@@ -80,7 +80,7 @@ KEYED: dict[int | str, dict[str, Any]] = {
     429: documented("Over this key's requests per minute, or too many failed keys from this address "
                     "(`rate_limited`)", RETRY_AFTER),
     500: documented("A bug (`internal_error`); it is logged"),
-    503: documented("Postgres cannot be reached; nothing was accepted (`db_unavailable`)", RETRY_AFTER),
+    503: documented("Postgres cannot be reached (`db_unavailable`); a POST or DELETE changed nothing", RETRY_AFTER),
 }
 # Any method but GET, HEAD and OPTIONS: the body is measured before the route runs (limits.BodyLimit).
 BODY_TOO_LARGE = documented("The body is over IMGQ_API_MAX_BODY_BYTES (`body_too_large`)")
@@ -175,8 +175,8 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     names = {cls.__name__ for cls in type(exc).__mro__}
     if names & {"OperationalError", "InterfaceError"} and type(exc).__module__.startswith(("sqlalchemy", "psycopg")):
         log.warning("database unavailable: %s", exc, extra={"action": "api_db_unavailable"})
-        return problem(503, "db_unavailable", "the database is unavailable; nothing was accepted",
-                       headers={"Retry-After": "5"})
+        accepted = "" if request.method in ("GET", "HEAD") else "; nothing was accepted"  # a read accepts nothing
+        return problem(503, "db_unavailable", f"the database is unavailable{accepted}", headers={"Retry-After": "5"})
     log.exception("unexpected error in %s %s", request.method, request.url.path, extra={"action": "api_error"})
     return problem(500, "internal_error", "an unexpected error; it was logged")
 

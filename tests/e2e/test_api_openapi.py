@@ -140,3 +140,20 @@ def test_a_405_names_every_method_its_path_serves(api: Api) -> None:
             r = c.request(method, path)
             _problem(r, 405, "method_not_allowed")
             assert r.headers["allow"] == allow, (method, path)
+
+
+def test_a_database_that_is_gone_is_503_and_a_read_does_not_claim_to_have_refused_anything(
+        make_settings: Any, tmp_path: Any) -> None:
+    from fastapi.testclient import TestClient
+
+    from imgq.producer.api.app import create_app
+
+    settings = make_settings(database_url=f"postgresql+psycopg://postgres@/imgq?host={tmp_path}")  # no server
+    with TestClient(create_app(settings)) as client:
+        bearer = {"Authorization": "Bearer imgq_0123456789abcdef_" + "x" * 43}
+        read = client.get("/v1/jobs", headers=bearer)
+        write = client.post("/v1/jobs", headers=bearer, json={"kinds": ["caption"], "refs": ["s3://b/k.jpg"]})
+    for r in (read, write):
+        assert (r.status_code, r.json()["code"], r.headers["retry-after"]) == (503, "db_unavailable", "5"), r.text
+    assert read.json()["detail"] == "the database is unavailable"
+    assert write.json()["detail"] == "the database is unavailable; nothing was accepted"

@@ -9,6 +9,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -228,3 +229,18 @@ def test_the_demo_runs_inside_a_dev_up_session_adding_to_its_allow_lists(tmp_pat
         assert re.search(r"^\s+1\s+'", out.stdout, re.MULTILINE)  # both captioned
     finally:
         subprocess.run([*IMGQ, "dev", "down", "--dir", str(services)], env=env, capture_output=True, timeout=60)
+
+
+def test_the_demo_stops_as_soon_as_its_worker_cannot_load_the_model(tmp_path: Path):
+    """A model that looks loadable but is not (a folder with a config only; or the hub behind a
+    proxy that refuses it) ended the worker at once, but the demo sat out `imgq wait`'s 600 s."""
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    env = _clean_env() | {"HF_HUB_OFFLINE": "1", "IMGQ_CAPTION_MODEL": str(broken)}
+    started = time.monotonic()
+    out = subprocess.run([*IMGQ, "demo", "--workdir", str(tmp_path / "demo"), "--count", "2"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "worker failed" in out.stderr, out.stderr[-3000:]
+    assert "model_unavailable" in out.stderr  # the worker's log tail says why
+    assert time.monotonic() - started < 120
