@@ -33,19 +33,6 @@ from imgq import (
 
 # Imported here also for cli_api, cli_backfill, cli_finetune and cli_adapters, which read _settings, _fail,
 # _params_json, _feeder and _require_schema from imgq.cli.
-from imgq.cli_caption import (
-    MaxNewTokens,
-    MinNewTokens,
-    NumBeams,
-    Prompt,
-    RepetitionPenalty,
-    Resize,
-    Sample,
-    Seed,
-    Temperature,
-    TopK,
-    TopP,
-)
 from imgq.cli_common import (
     JOB_HELP,
     _admin,
@@ -130,17 +117,17 @@ def enqueue(
                                                    "'-' reads stdin.")] = None,
     pairs: Annotated[str | None, typer.Option("--pairs", help="validate: CSV with columns ref,text (- for stdin); "
                                               "bad rows are refused with their row number.")] = None,
-    max_new_tokens: MaxNewTokens = None,
-    min_new_tokens: MinNewTokens = None,
-    num_beams: NumBeams = None,
-    do_sample: Sample = False,
-    top_p: TopP = None,
-    top_k: TopK = None,
-    temperature: Temperature = None,
-    repetition_penalty: RepetitionPenalty = None,
-    seed: Seed = None,
-    prompt: Prompt = None,
-    resize: Resize = None,
+    max_new_tokens: cli_caption.MaxNewTokens = None,
+    min_new_tokens: cli_caption.MinNewTokens = None,
+    num_beams: cli_caption.NumBeams = None,
+    do_sample: cli_caption.Sample = False,
+    top_p: cli_caption.TopP = None,
+    top_k: cli_caption.TopK = None,
+    temperature: cli_caption.Temperature = None,
+    repetition_penalty: cli_caption.RepetitionPenalty = None,
+    seed: cli_caption.Seed = None,
+    prompt: cli_caption.Prompt = None,
+    resize: cli_caption.Resize = None,
     explain: Annotated[bool, typer.Option("--explain", help="caption: also store each word's cross-attention "
                                           "map, and overlays in IMGQ_EXPLAIN_OUTPUT (see `imgq results "
                                           "--explain`).")] = False,

@@ -10,19 +10,6 @@ from typing import Annotated
 import typer
 
 from imgq import cli_caption, errors
-from imgq.cli_caption import (
-    MaxNewTokens,
-    MinNewTokens,
-    NumBeams,
-    Prompt,
-    RepetitionPenalty,
-    Resize,
-    Sample,
-    Seed,
-    Temperature,
-    TopK,
-    TopP,
-)
 from imgq.cli_common import _fail, _flag, _params_json, _settings
 
 
@@ -35,17 +22,17 @@ def explain(
                                               "of every layer).")] = None,
     all_layers: Annotated[bool, typer.Option("--all-layers", help="Also one map and overlay per layer.")] = False,
     heads: Annotated[str, typer.Option(help="How a layer's heads are reduced: mean or max.")] = "mean",
-    max_new_tokens: MaxNewTokens = None,
-    min_new_tokens: MinNewTokens = None,
-    num_beams: NumBeams = None,
-    do_sample: Sample = False,
-    top_p: TopP = None,
-    top_k: TopK = None,
-    temperature: Temperature = None,
-    repetition_penalty: RepetitionPenalty = None,
-    seed: Seed = None,
-    prompt: Prompt = None,
-    resize: Resize = None,
+    max_new_tokens: cli_caption.MaxNewTokens = None,
+    min_new_tokens: cli_caption.MinNewTokens = None,
+    num_beams: cli_caption.NumBeams = None,
+    do_sample: cli_caption.Sample = False,
+    top_p: cli_caption.TopP = None,
+    top_k: cli_caption.TopK = None,
+    temperature: cli_caption.Temperature = None,
+    repetition_penalty: cli_caption.RepetitionPenalty = None,
+    seed: cli_caption.Seed = None,
+    prompt: cli_caption.Prompt = None,
+    resize: cli_caption.Resize = None,
     params_json: Annotated[str | None, typer.Option("--params", help="Caption parameters as one JSON object "
                                                     "(the flags above win over it).")] = None,
 ) -> None:
