@@ -150,7 +150,9 @@ def run_demo(*, model: Choice, workdir: Path, count: int, keep: bool = False) ->
         stack.callback(log.close)
         worker = subprocess.Popen([*imgq, "worker", "--concurrency", "4"], env=env, stdout=log, stderr=log)
         stack.callback(_stop_worker, worker)
-        if _wait_for(subprocess.Popen([*imgq, "wait", job, "--timeout", "600"], env=env), worker) != 0:
+        # An hour: a first run may download two models (about 1 GB each); a worker that exits (a model
+        # it cannot load) ends the wait at once.
+        if _wait_for(subprocess.Popen([*imgq, "wait", job, "--timeout", "3600"], env=env), worker) != 0:
             print(f"worker failed; see {workdir / 'worker.log'}:", file=sys.stderr)
             print((workdir / "worker.log").read_text()[-2000:], file=sys.stderr)
             return 1
