@@ -313,7 +313,9 @@ def _require_adapter(settings: Settings, name: str, model: str) -> None:
 
 
 def worker(
-    queues: Annotated[str | None, typer.Option(help="Comma-separated queues (default IMGQ_QUEUE).")] = None,
+    queue: Annotated[str | None, typer.Option("--queue", "--queues", help="The queue to serve (IMGQ_QUEUE): "
+                                              "its feeder, retries and depth gauge are that queue's too. One "
+                                              "per worker: run a worker per queue.")] = None,
     kinds: Annotated[str | None, typer.Option(help="Kinds to serve, e.g. caption,embed (IMGQ_KINDS).")] = None,
     max_batch: Annotated[
         int | None, typer.Option(help="Largest model batch; 0 = timed at start-up (IMGQ_MAX_BATCH).")
@@ -330,9 +332,14 @@ def worker(
 ) -> None:
     """Run a batching worker (a Celery worker with a thread pool) for the kinds in IMGQ_KINDS,
     one model per family."""
+    if queue is not None and ("," in queue or not queue.strip()):
+        # Celery would consume several, but the feeder, the retries and the depth gauge serve one: a
+        # second queue's backlog past its producer's first messages was never fed, and its retries
+        # went to IMGQ_QUEUE (to workers of another model, perhaps).
+        _fail("usage", f"--queue {queue!r}: a worker serves one queue; run one worker per queue")
     settings = _settings(max_batch=max_batch, max_wait_ms=max_wait_ms, device=device,
                          messages_in_flight=concurrency, decode_threads=decode_threads,
-                         torch_threads=torch_threads, kinds=kinds)
+                         torch_threads=torch_threads, kinds=kinds, queue=queue.strip() if queue else None)
     try:
         from imgq.worker.app import WorkerRuntime, make_worker_app
     except ImportError as exc:
@@ -347,7 +354,7 @@ def worker(
     from celery.utils.nodenames import host_format
 
     node = celery_app.Worker(
-        queues=(queues or settings.queue).split(","),
+        queues=[settings.queue],
         pool="threads",
         concurrency=settings.messages_in_flight,
         loglevel=loglevel,

@@ -273,3 +273,26 @@ def test_the_feeders_hold_the_backlog_while_redis_is_past_its_memory_mark(make_s
     assert totals == {"queued": 0, "running": 0, "done": n, "dead": 0}
     assert "Redis has room again" in log.read_text()
     check_job(settings, job)
+
+
+def test_a_worker_of_another_queue_feeds_and_retries_on_that_queue(make_settings, redis_server, image_root, tmp_path):
+    """`imgq worker --queues other` consumed `other`, but its feeder fed IMGQ_QUEUE (and its retries
+    and depth gauge were IMGQ_QUEUE's): past the producer's first window, a job of `other` was never
+    fed. Now the worker serves the one queue it is given, all of it."""
+    settings = make_settings(**SMALL)
+    other = make_settings(**SMALL, queue="imgq-other")
+    n = 24  # 12 messages: three windows
+    job = enqueue_listing(other, tmp_path, images(image_root, n))
+    client = redis.Redis(unix_socket_path=str(redis_server.socket_path))
+    assert client.llen("imgq-other") == WINDOW and client.llen(settings.queue) == 0
+    store = Store.from_url(settings.database_url)
+    worker = start_worker(settings, Path(settings.caption_model), tmp_path, "w0", "--queue", "imgq-other")
+    try:
+        totals = wait_finished(store, [job], timeout=60, procs=[worker], log_dir=tmp_path)
+    finally:
+        stop(worker)
+    client.close()
+    assert totals == {"queued": 0, "running": 0, "done": n, "dead": 0}
+    refused = run_cli(settings, "worker", "--queues", "imgq,imgq-other")
+    assert refused.returncode == 2 and refused.stderr.startswith("error[usage]: --queue 'imgq,imgq-other': a worker "
+                                                                 "serves one queue"), refused.stderr
