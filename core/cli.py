@@ -351,6 +351,8 @@ def worker(
         runtime.start(celery_app)
     except errors.ModelUnavailable as exc:
         _fail(exc.code, exc.message, 1)
+    except errors.ConfigError as exc:  # a metrics port already taken, say
+        _fail(exc.code, exc.message)
     from celery.utils.nodenames import host_format
 
     node = celery_app.Worker(
@@ -453,7 +455,7 @@ def flower(
 
     if importlib.util.find_spec("flower") is None:
         _fail("missing_extra", "flower needs the flower extra: pip install 'imgq[flower]'")
-    from imgq.monitor import flower_argv, require_auth_on_metrics
+    from imgq.monitor import drop_worker_metrics, flower_argv, require_auth_on_metrics
 
     settings = _settings()
     oauth = bool(os.environ.get("FLOWER_AUTH") and os.environ.get("FLOWER_AUTH_PROVIDER"))
@@ -467,6 +469,7 @@ def flower(
               "OAuth variables FLOWER_AUTH and FLOWER_AUTH_PROVIDER), or pass --insecure-local for 127.0.0.1 only")
     db.parent.mkdir(parents=True, exist_ok=True)
     require_auth_on_metrics()
+    drop_worker_metrics()
     from celery.bin.celery import main as celery_main
 
     sys.argv = flower_argv(port=port, address=address, db=str(db), max_tasks=max_tasks)

@@ -12,7 +12,7 @@ from typing import Any
 from prometheus_client import Counter, Gauge, Histogram
 
 # Batches are 1..4096 items; the buckets follow the powers of two a batcher produces.
-_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 _SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 BATCH_SIZE = Histogram("imgq_batch_size", "Items per model batch.", ["kind"], buckets=_SIZES)

@@ -7,6 +7,7 @@ runs it)."""
 
 from __future__ import annotations
 
+import contextlib
 from functools import cache
 from typing import Any
 
@@ -66,6 +67,24 @@ def require_auth_on_metrics() -> None:
         guarded = tornado.web.authenticated(monitor.Metrics.get)
         guarded._imgq_authenticated = True  # type: ignore[attr-defined]
         monitor.Metrics.get = guarded
+
+
+def drop_worker_metrics(registry: Any = None) -> None:
+    """Flower's ``/metrics`` serves prometheus-client's default registry, where imgq's own families
+    land as soon as anything imports :mod:`imgq.metrics` (the broker transport does): Flower then
+    served every worker metric again, all zeros and its own broker connection counted in
+    ``imgq_broker_refusing``, doubling the series of any dashboard that sums them. Only the workers
+    serve them."""
+    from prometheus_client import REGISTRY
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from imgq import metrics
+
+    registry = REGISTRY if registry is None else registry
+    for value in vars(metrics).values():
+        if isinstance(value, MetricWrapperBase):
+            with contextlib.suppress(KeyError):  # not registered there (already dropped)
+                registry.unregister(value)
 
 
 def flower_argv(*, port: int, address: str, db: str, max_tasks: int) -> list[str]:

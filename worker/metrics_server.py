@@ -31,6 +31,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
+from imgq.errors import ConfigError
 from imgq.probes import PROBE_DEADLINE_S, Deadline
 
 log = logging.getLogger(__name__)
@@ -131,9 +132,14 @@ class _QuietHandler(WSGIRequestHandler):
 class MetricsServer:
     def __init__(self, *, bind: str, port: int, token: str | None, ready: Probe,
                  queue_depths: Callable[[], dict[str, int]], alive: Probe | None = None) -> None:
-        # The port first: one already taken must leave nothing registered behind it.
-        self._server = make_server(bind, port, make_app(token, ready, alive), ThreadingWSGIServer,
-                                   handler_class=_QuietHandler)
+        # The port first: one already taken must leave nothing registered behind it, and is a
+        # configuration error (exit 2), not the bug that an OSError escaping would say (exit 70).
+        try:
+            self._server = make_server(bind, port, make_app(token, ready, alive), ThreadingWSGIServer,
+                                       handler_class=_QuietHandler)
+        except OSError as exc:
+            raise ConfigError(f"IMGQ_METRICS_PORT={port} on {bind or '0.0.0.0'}: {exc.strerror or exc} (another "
+                              "worker on this host? give each its own port, or 0 for none)") from exc
         self._collector = ProcessCollector(queue_depths)
         REGISTRY.register(self._collector)
         self.port = int(self._server.server_port)

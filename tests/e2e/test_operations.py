@@ -114,7 +114,10 @@ def test_flower_needs_credentials_and_shows_each_message_with_its_job_and_fate(
         assert "'outcome': 'dead_lettered'" in mine[0]["result"] and "'dead': 1" in mine[0]["result"]
         types = json.loads(_get(f"{base}/api/task/types", auth)[1])["task-types"]
         assert "imgq.process" in types
-        assert _get(f"{base}/metrics", auth)[0] == 200
+        flower_metrics = _get(f"{base}/metrics", auth)
+        assert flower_metrics[0] == 200 and "flower_events_total" in flower_metrics[1]
+        # The workers' families are the workers' alone: Flower served them too, all zeros.
+        assert "imgq_" not in flower_metrics[1], [ln for ln in flower_metrics[1].splitlines() if "imgq_" in ln][:5]
 
         # The worker's own /metrics: the token is required, and the counters moved.
         assert _get(f"http://127.0.0.1:{metrics_port}/metrics")[0] == 401

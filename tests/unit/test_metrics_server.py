@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from imgq.errors import ConfigError
 from imgq.worker.metrics_server import PROBE_DEADLINE_S, MetricsServer
 
 
@@ -131,7 +132,8 @@ def test_the_workers_probes_answer_while_its_models_load_and_a_taken_port_fails_
             def load(self) -> None:
                 loads.append(1)
 
-        with pytest.raises(OSError):
+        # A configuration error naming the variable (exit 2), not an OSError escaping as a bug (exit 70).
+        with pytest.raises(ConfigError, match=rf"^IMGQ_METRICS_PORT={busy.metrics_port} on .*: Address already in use"):
             WorkerRuntime(busy, runners={"caption": Counted()}).start(None)  # type: ignore[dict-item, arg-type]
         assert loads == [], "the models loaded before the port was found taken"
 
