@@ -1,6 +1,7 @@
 """The deployment's least-privilege roles (deploy/postgres/10-roles.sh), run for real: a fresh
 database set up by the script's own SQL and migrated as ``imgq_owner``, then each service's code
-paths run as its role. A migration that forgets a grant fails here, not in production."""
+paths run as its role. A migration that forgets a grant fails here, not in production. PUBLIC keeps
+no advisory lock, large object or temporary table: only the roles whose code takes a lock may."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import ProgrammingError
 
-from imgq.db.admin import Admin
+from imgq.db import locks
+from imgq.db.admin import LEADER_LOCK, LEADER_UNLOCK, Admin
+from imgq.db.backfills import Backfills
+from imgq.db.cancelling import cancel_job, cancel_waiting
 from imgq.db.migrate import upgrade
 from imgq.db.store import DeadRow, DoneItem, ObjectInfo, Store
 from tests.fixtures.services import TEMPLATE, _admin
@@ -23,6 +27,18 @@ pytestmark = pytest.mark.integration
 ROLES_SH = Path(__file__).resolve().parents[2] / "deploy" / "postgres" / "10-roles.sh"
 TASK = {"kind": "caption", "model": "m", "params": {}, "params_hash": "h"}
 CHUNK = 5_000  # create_job's COPY chunk: a third chunk opens the side stream
+# The lock functions each role's code calls (10-roles.sh grants them back; PUBLIC has none): a two-key
+# lock of db/locks.py is (integer, integer), the reaper's single key bigint.
+LOCK_FUNCTIONS = {
+    "producer": {"pg_advisory_xact_lock(integer,integer)", "pg_try_advisory_xact_lock(integer,integer)",
+                 "pg_try_advisory_lock(integer,integer)", "pg_advisory_unlock(integer,integer)"},
+    "api": {"pg_advisory_xact_lock(integer,integer)", "pg_try_advisory_xact_lock(integer,integer)"},
+    "worker": {"pg_try_advisory_xact_lock(integer,integer)", "pg_try_advisory_lock(integer,integer)",
+               "pg_advisory_unlock(integer,integer)", "pg_try_advisory_xact_lock(bigint)",
+               "pg_advisory_xact_lock(bigint)"},
+    "owner": set(),
+    "reader": set(),
+}
 
 
 def roles_sql() -> str:
@@ -121,3 +137,101 @@ def test_every_service_role_reads_the_schema_revision_it_checks_at_start(deploye
         finally:
             engine.dispose()
         assert state.current == (state.head,) and state.describe() is None, (role, state)
+
+
+def test_the_reader_takes_no_lock_and_makes_no_large_object_or_temporary_table(deployed: dict[str, str]):
+    """PostgreSQL's defaults let any role do these: an analyst's session took the feeder's lock and
+    stalled feeding until it ended, and large objects outlive the session that made them."""
+    reader = Store.from_url(deployed["reader"])
+    allowed = []
+    try:
+        for statement in (
+            f"SELECT pg_advisory_lock({locks.FEED}, hashtext('imgq'))",  # the feeder's, as the review took it
+            f"SELECT pg_advisory_xact_lock({locks.CANCEL}, hashtext('job'))",
+            f"SELECT pg_try_advisory_xact_lock({locks.REAPER})",
+            "SELECT pg_advisory_lock_shared(1)",
+            "SELECT lo_creat(-1)",
+            "SELECT lo_create(0)",
+            "SELECT lo_from_bytea(0, 'x')",
+            "CREATE TEMP TABLE scratch (x int)",
+        ):
+            with reader.engine.begin() as conn:
+                try:
+                    conn.execute(text(statement))
+                except ProgrammingError as exc:
+                    assert "permission denied" in str(exc.orig), (statement, exc)
+                else:
+                    allowed.append(statement)
+    finally:
+        reader.engine.dispose()
+    assert allowed == []
+
+
+def test_only_the_roles_whose_code_locks_may_lock_and_none_makes_large_objects_or_temp_tables(
+    deployed: dict[str, str],
+):
+    owner = Store.from_url(deployed["owner"])
+    with owner.engine.connect() as conn:
+        rows = conn.execute(text("""
+            SELECT r.rolname, p.oid::regprocedure::text
+            FROM pg_proc p CROSS JOIN pg_roles r
+            WHERE p.pronamespace = 'pg_catalog'::regnamespace
+              AND (p.proname ~ '^pg_(try_)?advisory_' OR p.proname ~ '^lo_' OR p.proname IN ('loread', 'lowrite'))
+              AND r.rolname IN ('imgq_owner', 'imgq_producer', 'imgq_worker', 'imgq_reader', 'imgq_api')
+              AND has_function_privilege(r.oid, p.oid, 'EXECUTE')
+        """)).all()
+        temp = conn.execute(text(
+            "SELECT rolname FROM pg_roles WHERE rolname IN ('imgq_owner', 'imgq_producer', 'imgq_worker', "
+            "'imgq_reader', 'imgq_api') AND has_database_privilege(oid, current_database(), 'TEMPORARY')"
+        )).scalars().all()
+    owner.engine.dispose()
+    granted: dict[str, set[str]] = {role: set() for role in LOCK_FUNCTIONS}
+    for role, function in rows:
+        granted[role.removeprefix("imgq_")].add(function)
+    assert granted == LOCK_FUNCTIONS
+    assert temp == []
+
+
+def test_each_service_role_takes_the_locks_its_code_takes(deployed: dict[str, str]):
+    producer, api, worker = (Store.from_url(deployed[role]) for role in ("producer", "api", "worker"))
+    refs = ["s3://b/0.jpg", "s3://b/1.jpg"]
+    try:
+        # Producer (enqueue, imgq backfill, the operators' CLI) and API: a first window's feed,
+        # waiting for the lock, and a cancel (imgq cancel, DELETE /v1/jobs/{id}).
+        for store in (producer, api):
+            with Admin(store.engine).feeding("imgq", wait_s=1) as feeding:
+                assert feeding is not None
+            job = store.create_job(tasks=[TASK], refs=refs)
+            assert cancel_job(store.engine, "default", job) == len(refs)
+        # A backfill's run holds its session lock (imgq backfill, imgq beat).
+        with Backfills(producer.engine).lock("nightly"):
+            pass
+
+        # Worker: the feed cycle's tries (its lock, a cut-short cancel's take-over), the reaper
+        # (waiting at start, then trying), and the leader's session lock.
+        admin = Admin(worker.engine)
+        with admin.feeding("imgq") as feeding:
+            assert feeding is not None
+            assert cancel_waiting(feeding.conn, job, after_s=0) == 0
+        assert admin.take_orphans(dead_after_s=None, gone=["gone"], wait_s=1) == []
+        assert admin.take_orphans(dead_after_s=None, gone=["gone"]) == []
+        with worker.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            assert conn.execute(LEADER_LOCK, {"queue": "imgq"}).scalar_one() is True
+            assert conn.execute(LEADER_UNLOCK, {"queue": "imgq"}).scalar_one() is True
+    finally:
+        for store in (producer, api, worker):
+            store.engine.dispose()
+
+
+def test_an_analysts_forgotten_transaction_or_runaway_query_ends(deployed: dict[str, str]):
+    """The reader's defaults, as its own login gets them (ALTER ROLE ... SET applies at login, not to
+    the fixture's SET ROLE)."""
+    login = deployed["reader"].split("&options=", 1)[0].replace("://postgres:@", "://imgq_reader:pw@", 1)
+    reader = Store.from_url(login)
+    try:
+        with reader.engine.connect() as conn:
+            assert conn.execute(text("SELECT session_user")).scalar_one() == "imgq_reader"
+            assert conn.execute(text("SHOW statement_timeout")).scalar_one() == "5min"
+            assert conn.execute(text("SHOW idle_in_transaction_session_timeout")).scalar_one() == "10min"
+    finally:
+        reader.engine.dispose()
