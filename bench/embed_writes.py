@@ -69,7 +69,9 @@ def unit_vectors(n: int, *, clustered: bool, seed: int, centres: int = 2000, noi
 
 def reset(engine: Engine) -> None:
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE embeddings, matches, dead_letters, job_items, jobs, captions, images"))
+        # CASCADE: the tables that reference these (item_translations, ...) go too, whatever a later
+        # migration adds (a plain list failed once item_translations referenced job_items).
+        conn.execute(text("TRUNCATE embeddings, matches, dead_letters, job_items, jobs, captions, images CASCADE"))
 
 
 def index_ddl(engine: Engine) -> str:

@@ -96,6 +96,39 @@ def pctl(xs: list[float], q: float) -> float:
     return float(np.percentile(xs, q)) if xs else float("nan")
 
 
+def newest_version_cost(engine: Engine, queries: np.ndarray, rev: str, k: int,
+                        cases: dict[str, tuple[dict[str, Any], np.ndarray]]) -> dict[str, dict[str, float]]:
+    """search() with and without its newest-version clause (a probe of images per candidate), each
+    query both ways back to back, in alternating order; every object here has one version, so the
+    hits are the same and only the probe's cost differs."""
+    clause = S._IMAGE_FILTERS[S._IMAGE_FILTERS.index("\n  AND NOT EXISTS"):]
+    variants = {"with": S._IMAGE_FILTERS, "without": S._IMAGE_FILTERS.replace(clause, "")}
+    out: dict[str, dict[str, float]] = {}
+    try:
+        for name in ("no filter", "bucket=tiny (1 %)"):
+            filters = cases[name][0]
+            times: dict[str, list[float]] = {"with": [], "without": []}
+            same = 0
+            for qi, q in enumerate(queries):
+                found: dict[str, list[int]] = {}
+                for variant in (("with", "without") if qi % 2 else ("without", "with")):
+                    S._IMAGE_FILTERS = variants[variant]
+                    S.search_indexed.cache_clear()
+                    S.search_filtered.cache_clear()
+                    t = time.perf_counter()
+                    hits = S.search(engine, q, model=MODEL, revision=rev, limit=k, **filters)
+                    times[variant].append((time.perf_counter() - t) * 1000)
+                    found[variant] = [h.image_id for h in hits]
+                same += found["with"] == found["without"]
+            out[name] = {"with_p50_ms": median(times["with"]), "without_p50_ms": median(times["without"]),
+                         "ratio": median(times["with"]) / median(times["without"]), "same_hits": same / len(queries)}
+    finally:
+        S._IMAGE_FILTERS = variants["with"]
+        S.search_indexed.cache_clear()
+        S.search_filtered.cache_clear()
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=100_000)
@@ -177,6 +210,7 @@ def main() -> int:
                 "server_p95_ms": pctl(server[key], 95), "recall_at_10": float(np.mean(rec[key])),
                 "min_hits": min(got_k[key]), "latencies_ms": lat[key]}
         S.ef_search = default_ef
+        report["newest_version_filter"] = newest_version_cost(engine, queries, rev, k, cases)
         exact_lat = []
         for q in queries[: args.exact_queries]:
             t = time.perf_counter()
@@ -206,6 +240,10 @@ def main() -> int:
     for r in report["results"].values():
         print(f"  {r['case']:22s} {r['ef_search']:>9d} {r['plan']:>20s} {r['p50_ms']:>7.2f} {r['p95_ms']:>7.2f} "
               f"{r['server_p50_ms']:>7.2f} {r['server_p95_ms']:>7.2f} {r['recall_at_10']:>9.3f} {r['min_hits']:>8d}")
+    print("  newest-version filter (search() leaves out an overwritten object's older versions), side by side:")
+    for name, r in report["newest_version_filter"].items():
+        print(f"  {name:22s} without p50 {r['without_p50_ms']:.2f} ms, with p50 {r['with_p50_ms']:.2f} ms: "
+              f"x{r['ratio']:.2f}; the same hits for {r['same_hits']:.0%} of the queries")
     e = report["exact_scan_no_filter"]
     print(f"  exact scan (index disabled), no filter, {args.exact_queries} queries: p50 {e['p50_ms']:.1f} ms, "
           f"p95 {e['p95_ms']:.1f} ms")

@@ -55,9 +55,14 @@ GROUP BY model_revision, dim ORDER BY n DESC, model_revision
 """)
 
 
+# Only an object's newest version is found: images keeps a row per version (an overwritten S3
+# object, an edited file), and the old one's vector, of content that is gone, came back beside the
+# new one (found by an analyst's walkthrough). One probe of images_object_version per candidate.
 _IMAGE_FILTERS = """
   AND (CAST(:bucket AS text) IS NULL OR im.bucket = :bucket)
-  AND (CAST(:prefix AS text) IS NULL OR im.key LIKE :prefix ESCAPE '\\')"""
+  AND (CAST(:prefix AS text) IS NULL OR im.key LIKE :prefix ESCAPE '\\')
+  AND NOT EXISTS (SELECT 1 FROM images newer WHERE newer.source = im.source AND newer.bucket = im.bucket
+                  AND newer.key = im.key AND (newer.first_seen, newer.id) > (im.first_seen, im.id))"""
 _EXCLUDE = """
   AND (CAST(:exclude AS bigint) IS NULL OR e.image_id <> :exclude)"""
 
