@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 MODEL  ?= auto
 
-.PHONY: install demo test unit integration e2e soak mutate lint bench clean browser compat
+.PHONY: install demo test unit integration e2e soak mutate lint bench clean browser compat promtool
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,7 +28,7 @@ demo: install
 ## Since workers and commands fork from a warm interpreter (tests/fixtures/warm_start.py): 382 s
 ## with two, 386 s with three (docs/testing.md).
 JOBS ?= 2
-test: install lint browser
+test: install lint browser promtool
 	$(BIN)/python -m pytest $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist worksteal)
 	$(MAKE) --no-print-directory compat
 
@@ -70,6 +70,12 @@ mutate: install
 browser:
 	@command -v chromium >/dev/null || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+## promtool (Debian's prometheus package, unpacked: nothing starts) for the alert rules' tests.
+promtool: install
+	@command -v promtool >/dev/null || test -x $(BIN)/promtool || { d=$$(mktemp -d) && chmod 1777 $$d && \
+	  (cd $$d && apt-get download -qq prometheus >/dev/null && dpkg -x prometheus_*.deb x) && \
+	  cp $$d/x/usr/bin/promtool $(BIN)/promtool; rc=$$?; rm -rf $$d; exit $$rc; }
 
 lint: install
 	$(BIN)/ruff check .

@@ -9,6 +9,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
@@ -448,3 +449,583 @@ def test_the_worker_is_not_advertised_for_an_unauthenticated_scrape():
     docs = {(d["kind"], d["metadata"]["name"]): d for d in _manifests()}
     annotations = docs[("Deployment", "imgq-worker")]["spec"]["template"]["metadata"].get("annotations", {})
     assert "prometheus.io/scrape" not in annotations
+
+
+# Prometheus: the alert rules, the PodMonitor and the scrape example (deploy/prometheus). No PromQL
+# parser is installed, so _PromQL below checks the syntax the rules use, each function's arguments,
+# counters only under rate()/increase(), and that every metric and label exists; where promtool is
+# installed (Debian: the prometheus package) it also checks the files and runs each alert on series.
+
+PROM = ROOT / "deploy" / "prometheus"
+# Labels Prometheus puts on every series it scrapes: job and instance, and the PodMonitor's targets'.
+_TARGET_LABELS = frozenset({"job", "instance", "namespace", "pod", "container", "endpoint"})
+# What the rules read from elsewhere: Prometheus' own `up`, and kube-state-metrics' (group imgq-kubernetes).
+_EXTERNAL_SERIES = {
+    "up": ("gauge", frozenset()),
+    "kube_deployment_spec_replicas": ("gauge", frozenset({"deployment"})),
+    "kube_deployment_status_replicas_available": ("gauge", frozenset({"deployment"})),
+    "kube_pod_status_ready": ("gauge", frozenset({"pod", "uid", "condition"})),
+}
+_SEVERITIES = {"critical", "warning", "info"}
+
+
+@pytest.fixture(scope="module")
+def imgq_series() -> dict[str, tuple[str, frozenset[str]]]:
+    """Every series a GPU worker exports: name -> (counter or gauge, its labels), from the metrics
+    themselves (imgq.metrics and the scrape-time collector), not from a list kept by hand."""
+    import sys
+    from types import SimpleNamespace
+
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from imgq import metrics
+    from imgq.worker.metrics_server import ProcessCollector
+
+    series: dict[str, tuple[str, frozenset[str]]] = {}
+    for metric in vars(metrics).values():
+        if isinstance(metric, MetricWrapperBase):
+            name, labels = metric._name, frozenset(metric._labelnames)
+            if metric._type == "histogram":  # its three series are counters
+                series.update({f"{name}_bucket": ("counter", labels | {"le"}), f"{name}_sum": ("counter", labels),
+                               f"{name}_count": ("counter", labels)})
+            else:
+                series[name + ("_total" if metric._type == "counter" else "")] = (metric._type, labels)
+    cuda = SimpleNamespace(is_available=lambda: True, device_count=lambda: 1, memory_allocated=lambda index: 0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "torch", SimpleNamespace(cuda=cuda))  # the collector then reports GPU memory
+        for family in ProcessCollector(lambda: {"imgq": 3}).collect():
+            series[family.name] = (family.type, frozenset(k for sample in family.samples for k in sample.labels))
+    assert {"imgq_dead_letters_total", "imgq_queue_depth", "imgq_gpu_memory_bytes", "imgq_model_seconds_bucket"} <= set(
+        series)
+    return series
+
+
+class _Node:
+    """A checked subexpression: its kind (scalar, string, vector or range), the labels its series
+    carry, and a selector's metric."""
+
+    def __init__(self, kind: str, labels: frozenset[str] = frozenset(), metric: str | None = None) -> None:
+        self.kind, self.labels, self.metric = kind, labels, metric
+
+
+_PROMQL_AGGREGATIONS = frozenset({"sum", "min", "max", "avg", "count", "group", "stddev", "stdvar", "topk",
+                                  "bottomk", "quantile", "count_values"})
+_PROMQL_COUNTER_FUNCTIONS = frozenset({"rate", "irate", "increase", "resets"})
+_PROMQL_FUNCTIONS = {  # name -> the kinds of its arguments
+    **dict.fromkeys(("rate", "irate", "increase", "resets", "delta", "idelta", "deriv", "changes", "avg_over_time",
+                     "min_over_time", "max_over_time", "sum_over_time", "count_over_time", "last_over_time"),
+                    ("range",)),
+    **dict.fromkeys(("abs", "ceil", "floor", "sqrt", "exp", "ln", "absent", "scalar", "timestamp"), ("vector",)),
+    "clamp_min": ("vector", "scalar"), "clamp_max": ("vector", "scalar"), "predict_linear": ("range", "scalar"),
+    "histogram_quantile": ("scalar", "vector"), "vector": ("scalar",), "time": (),
+}
+
+
+class _PromQL:
+    """A recursive-descent check of one PromQL expression against the series that exist; raises
+    ValueError. It knows the part of PromQL alert rules need: no subqueries, offset or @."""
+
+    _LEVELS = (("or",), ("and", "unless"), ("==", "!=", ">", "<", ">=", "<="), ("+", "-"), ("*", "/", "%", "atan2"),
+               ("^",))
+    _TOKEN = re.compile(r'\s*(\[\s*(?:\d+[smhdwy])+\s*\]|\d+(?:\.\d+)?(?:[eE][+-]?\d+)?|"(?:[^"\\]|\\.)*"'
+                        r"|[A-Za-z_:][\w:]*|==|!=|>=|<=|=~|!~|[-+*/%^<>=(){},])")
+    def __init__(self, expr: str, series: dict[str, tuple[str, frozenset[str]]]) -> None:
+        self.series, self.used, self.tokens, at = series, set(), [], 0
+        while expr[at:].strip():
+            found = self._TOKEN.match(expr, at)
+            if not found:
+                raise ValueError(f"cannot read {expr[at:at + 20].strip()!r}")
+            self.tokens.append(found.group(1))
+            at = found.end()
+        self.at = 0
+
+    def check(self) -> _Node:
+        node = self._binary(0)
+        if self.at != len(self.tokens):
+            raise ValueError(f"unexpected {self.tokens[self.at]!r} (unbalanced parentheses?)")
+        if node.kind != "vector":
+            raise ValueError(f"an alert needs a vector, not a {node.kind}")
+        return node
+
+    def _peek(self) -> str:
+        return self.tokens[self.at] if self.at < len(self.tokens) else ""
+
+    def _take(self, expected: str | None = None) -> str:
+        token = self._peek()
+        if not token or (expected is not None and token != expected):
+            raise ValueError(f"expected {expected or 'more'}, found {token or 'the end'!r} (unbalanced parentheses?)")
+        self.at += 1
+        return token
+
+    def _label_list(self) -> frozenset[str]:
+        self._take("(")
+        labels = set()
+        while self._peek() != ")":
+            label = self._take()
+            if not re.fullmatch(r"[A-Za-z_]\w*", label) or self._peek() not in (",", ")"):
+                raise ValueError(f"bad label list near {label!r}")
+            labels.add(label)
+            if self._peek() == ",":
+                self._take()
+        self._take(")")
+        return frozenset(labels)
+
+    def _binary(self, level: int) -> _Node:
+        if level == len(self._LEVELS):
+            return self._unary()
+        left = self._binary(level + 1)
+        while self._peek() in self._LEVELS[level]:
+            op = self._take()
+            if level == 2 and self._peek() == "bool":
+                self._take()
+            match = group = None
+            if self._peek() in ("on", "ignoring"):
+                match = (self._take(), self._label_list())
+                if self._peek() in ("group_left", "group_right"):
+                    group = (self._take(), self._label_list() if self._peek() == "(" else frozenset())
+            right = self._binary(level if op == "^" else level + 1)  # ^ is right-associative
+            left = self._combine(op, left, right, match, group)
+        return left
+
+    def _combine(self, op: str, left: _Node, right: _Node, match, group) -> _Node:
+        if {left.kind, right.kind} - {"scalar", "vector"}:
+            raise ValueError(f"{op}: a {left.kind} and a {right.kind} (a range selector needs rate() or the like)")
+        vectors = left.kind == right.kind == "vector"
+        if (op in ("or", "and", "unless") or match) and not vectors:
+            raise ValueError(f"{op} with on()/ignoring() joins two vectors")
+        if match:
+            keyword, labels = match
+            missing = labels - (left.labels & right.labels if keyword == "on" else left.labels | right.labels)
+            if missing:
+                raise ValueError(f"{keyword} ({', '.join(sorted(missing))}): not on both sides of {op}")
+        if group and group[1] - (right.labels if group[0] == "group_left" else left.labels):
+            raise ValueError(f"{group[0]} ({', '.join(sorted(group[1]))}): not on the other side")
+        if not vectors:
+            return left if left.kind == "vector" else right
+        extra = group[1] if group else frozenset()
+        return _Node("vector", left.labels | right.labels if op == "or" else left.labels | extra)
+
+    def _unary(self) -> _Node:
+        if self._peek() in ("-", "+"):
+            self._take()
+        return self._primary()
+
+    def _primary(self) -> _Node:
+        token = self._take()
+        if re.fullmatch(r"[\d.]+(?:[eE][+-]?\d+)?", token):
+            return _Node("scalar")
+        if token.startswith('"'):
+            return _Node("string")
+        if token == "(":
+            node = self._binary(0)
+            self._take(")")
+            return node
+        if not re.fullmatch(r"[A-Za-z_:][\w:]*", token):
+            raise ValueError(f"unexpected {token!r}")
+        if token in _PROMQL_AGGREGATIONS:
+            return self._aggregation(token)
+        if self._peek() == "(":
+            return self._call(token)
+        return self._selector(token)
+
+    def _arguments(self) -> list[_Node]:
+        self._take("(")
+        args = [] if self._peek() == ")" else [self._binary(0)]
+        while self._peek() == ",":
+            self._take()
+            args.append(self._binary(0))
+        self._take(")")
+        return args
+
+    def _aggregation(self, name: str) -> _Node:
+        grouping = (self._take(), self._label_list()) if self._peek() in ("by", "without") else None
+        args = self._arguments()
+        if grouping is None and self._peek() in ("by", "without"):
+            grouping = (self._take(), self._label_list())
+        wanted = ["scalar", "vector"] if name in ("topk", "bottomk", "quantile") else ["vector"]
+        if name == "count_values":
+            wanted = ["string", "vector"]
+        if [arg.kind for arg in args] != wanted:
+            raise ValueError(f"{name}() takes {', '.join(wanted)}")
+        inner = args[-1]
+        if grouping is None:
+            return _Node("vector")
+        keyword, labels = grouping
+        if labels - inner.labels:
+            raise ValueError(f"{name} {keyword} ({', '.join(sorted(labels - inner.labels))}): no such label beneath")
+        return _Node("vector", labels if keyword == "by" else inner.labels - labels)
+
+    def _call(self, name: str) -> _Node:
+        if name not in _PROMQL_FUNCTIONS:
+            raise ValueError(f"unknown function {name}()")
+        args, wanted = self._arguments(), list(_PROMQL_FUNCTIONS[name])
+        if [arg.kind for arg in args] != wanted:
+            raise ValueError(f"{name}() takes {', '.join(wanted) or 'nothing'}, not {[a.kind for a in args]}")
+        counters = [self.series[a.metric][0] == "counter" for a in args if a.metric]
+        if name in _PROMQL_COUNTER_FUNCTIONS and not all(counters):
+            raise ValueError(f"{name}() of a gauge: only counters (_total, _bucket, _sum, _count)")
+        if name in ("delta", "idelta", "deriv", "predict_linear") and any(counters):
+            raise ValueError(f"{name}() of a counter: use rate() or increase()")
+        if name == "histogram_quantile" and "le" not in args[1].labels:
+            raise ValueError("histogram_quantile() needs a _bucket series aggregated by (le, ...)")
+        if name in ("scalar", "time"):
+            return _Node("scalar")
+        if name in ("vector", "absent"):
+            return _Node("vector")
+        inner = args[-1] if name == "histogram_quantile" else args[0]
+        return _Node("vector", inner.labels - {"le"} if name == "histogram_quantile" else inner.labels)
+
+    def _selector(self, name: str) -> _Node:
+        if name not in self.series:
+            raise ValueError(f"no series {name}")
+        self.used.add(name)
+        labels = self.series[name][1] | _TARGET_LABELS
+        if self._peek() == "{":
+            self._take()
+            while self._peek() != "}":
+                label, op, value = self._take(), self._take(), self._take()
+                if label not in labels:
+                    raise ValueError(f"{name} has no label {label}")
+                if op not in ("=", "!=", "=~", "!~") or not value.startswith('"'):
+                    raise ValueError(f"bad matcher {label}{op}{value}")
+                if self._peek() == ",":
+                    self._take()
+            self._take("}")
+        kind = "vector"
+        if self._peek().startswith("["):
+            self._take()
+            kind = "range"
+        if self._peek() in ("offset", "@", "["):
+            raise ValueError(f"{self._peek()} is not supported here")
+        return _Node(kind, labels, name)
+
+
+def _rules_file() -> dict:
+    return yaml.safe_load((PROM / "imgq-rules.yaml").read_text())
+
+
+def _alert_rules() -> dict[str, dict]:
+    rules = [rule for group in _rules_file()["groups"] for rule in group["rules"]]
+    names = [rule.get("alert") for rule in rules]
+    assert len(names) == len(set(names)), "alert names are unique"
+    return dict(zip(names, rules, strict=True))
+
+
+def test_every_alert_rule_has_a_for_a_severity_and_says_what_to_do():
+    groups = _rules_file()["groups"]
+    assert [group["name"] for group in groups] == ["imgq-workers", "imgq-kubernetes"]
+    rules = _alert_rules()
+    assert len(rules) >= 8
+    for name, rule in rules.items():
+        assert set(rule) == {"alert", "expr", "for", "labels", "annotations"}, name
+        assert re.fullmatch(r"Imgq[A-Z]\w+", name) and isinstance(rule["expr"], str) and rule["expr"].strip(), name
+        assert re.fullmatch(r"(\d+[smh])+", str(rule["for"])), f"{name}: for {rule['for']!r}"
+        assert rule["labels"]["severity"] in _SEVERITIES, name
+        assert set(rule["annotations"]) == {"summary", "description"}, name
+        summary, description = rule["annotations"]["summary"], rule["annotations"]["description"]
+        assert 10 < len(summary) < 120 and "\n" not in summary, name
+        # What to do: an imgq command, a README section or a doc to follow.
+        assert re.search(r"`imgq |README \"|docs/|kubectl ", description), f"{name}: its description says what to do"
+    assert {rule["labels"]["severity"] for rule in rules.values()} == {"critical", "warning"}
+
+
+def test_alert_expressions_parse_and_use_only_series_and_labels_that_exist(imgq_series):
+    series = {**imgq_series, **_EXTERNAL_SERIES}
+    readme = set(re.findall(r"^\| `(imgq_[a-z_]+)", _section("### Metrics"), re.MULTILINE))
+    used = set()
+    for name, rule in _alert_rules().items():
+        parser = _PromQL(rule["expr"], series)
+        try:
+            parser.check()
+        except ValueError as exc:
+            raise AssertionError(f"{name}: {exc}\n{rule['expr']}") from exc
+        assert parser.used, name
+        named = set(re.findall(r"\b(imgq_[a-z0-9_]+)", rule["expr"]))
+        assert named == {m for m in parser.used if m.startswith("imgq_")}, f"{name}: the parser saw every metric"
+        used |= named
+    documented = {re.sub(r"_(bucket|sum|count)$", "", m) for m in used}
+    assert documented <= readme, f"alerts on metrics README 'Metrics' does not list: {documented - readme}"
+    # Sources the README gives every operator: dead letters, the queue, Redis refusing, memory, retries, up.
+    assert {"imgq_dead_letters_total", "imgq_queue_depth", "imgq_broker_refusing", "imgq_feed_memory_held_total",
+            "imgq_retries_total", "imgq_worker_rss_bytes"} <= used
+
+
+@pytest.mark.parametrize(("expr", "why"), [
+    ("sum(rate(imgq_image_total[5m])) > 1", "no series imgq_image_total"),
+    ("sum by (kind) (rate(imgq_dead_letters_total[5m])) > 1", r"by \(kind\): no such label"),
+    ('imgq_broker_refusing{code="maxmemory"} == 1', "has no label code"),
+    ("rate(imgq_queue_depth[5m]) > 0", "of a gauge"),
+    ("deriv(imgq_retries_total[5m]) > 0", "of a counter"),
+    ("sum(rate(imgq_images_total[5m]) > 1", "unbalanced"),
+    ("sum(rate(imgq_images_total[5m]))) > 1", "unbalanced"),
+    ("histogram_quantile(0.9, sum by (kind) (rate(imgq_model_seconds_bucket[5m]))) > 1", r"by \(le"),
+    ("histogram_quantile(0.9, rate(imgq_model_seconds_sum[5m])) > 1", r"by \(le"),
+    ("rates(imgq_images_total[5m]) > 1", "unknown function"),
+    ("increase(imgq_images_total) > 0", "takes range"),
+    ("imgq_images_total[5m] > 1", "range selector"),
+    ("max by (queue) (imgq_queue_depth) unless on (kind) sum by (kind) (rate(imgq_images_total[5m]))", r"on \(kind\)"),
+    ("sum(rate(imgq_images_total[5m])) > 1 and 2", "joins two vectors"),
+    ("sum(rate(imgq_images_total[5m]))", None),  # valid: the control
+    ("1 > bool 0", "needs a vector"),
+    ("imgq_queue_depth{queue=imgq} > 0", "bad matcher"),
+    ('imgq_queue_depth{queue="imgq"} offset 5m > 0', "not supported"),
+    ("imgq_queue_depth > 0 $", "cannot read"),
+])
+def test_the_promql_check_refuses_what_prometheus_would_or_what_does_not_exist(imgq_series, expr, why):
+    """The check above can fail: each expression has one mistake (a misspelled metric, a label the
+    metric lacks, rate() of a gauge, a missing parenthesis, ...)."""
+    series = {**imgq_series, **_EXTERNAL_SERIES}
+    if why is None:
+        _PromQL(expr, series).check()
+        return
+    with pytest.raises(ValueError, match=why):
+        _PromQL(expr, series).check()
+
+
+def test_the_promql_check_accepts_the_dashboards_queries(imgq_series):
+    """Real PromQL in the other direction: every Grafana query (histogram_quantile by le included) passes."""
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "imgq-workers.json").read_text())
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            _PromQL(target["expr"] + " > 0", imgq_series).check()
+
+
+def _error_codes() -> dict[str, str]:
+    """README "Error codes": code -> its Retried? cell."""
+    rows = re.findall(r"^\| `([a-z_]+)` \|.*\| ([^|]+?) \|$", _section("## Error codes"), re.MULTILINE)
+    assert len(rows) >= 20
+    return dict(rows)
+
+
+def test_the_dead_letter_alerts_split_every_error_code_between_faults_and_bad_input():
+    rules = _alert_rules()
+    faults = re.findall(r'code=~"([^"]+)"', rules["ImgqDeadLettersFromFaults"]["expr"])
+    bad_input = re.findall(r'code!~"([^"]+)"', rules["ImgqDeadLettersBadInput"]["expr"])
+    assert len(faults) == 1 and bad_input == faults * 2, "the two alerts use the one list of fault codes"
+    codes, fault_codes = _error_codes(), set(faults[0].split("|"))
+    assert fault_codes <= set(codes), f"not error codes: {fault_codes - set(codes)}"
+    # A code that is retried, or that `dlq retry` fixes once something else is fixed, is a fault of the system.
+    assert {code for code, retried in codes.items() if retried != "no"} <= fault_codes
+    assert {"not_found", "not_an_image", "truncated", "too_large", "bad_ref"} <= set(codes) - fault_codes
+
+
+def test_alert_annotations_name_only_settings_commands_sections_and_alerts_that_exist():
+    import typer
+
+    from imgq.cli import app
+    from imgq.config import Settings
+
+    settings = {f"IMGQ_{name.upper()}" for name in Settings.model_fields}
+    cli = typer.main.get_command(app)
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    headings = re.findall(r"^#+ (.+)$", readme, re.MULTILINE)
+    panels = {p["title"] for p in json.loads((ROOT / "deploy" / "grafana" / "imgq-workers.json").read_text())["panels"]}
+    rules = _alert_rules()
+    for name, rule in rules.items():
+        text = " ".join(rule["annotations"].values())
+        for setting in re.findall(r"\bIMGQ_[A-Z_]+", text):
+            assert setting in settings, f"{name}: {setting} is no setting"
+        for command in re.findall(r"`imgq ([a-z]+(?: [a-z]+)?)", text):
+            group, _, sub = command.partition(" ")
+            assert group in cli.commands, f"{name}: no command imgq {group}"
+            subcommands = getattr(cli.commands[group], "commands", None)
+            assert not sub or subcommands is None or sub in subcommands, f"{name}: no command imgq {command}"
+        for quoted in re.findall(r'README ((?:"[^"]+"(?: -> )?)+)', text):
+            for section in re.findall(r'"([^"]+)"', quoted):
+                assert any(h.startswith(section) for h in headings), f"{name}: README has no section {section!r}"
+        for doc, part in re.findall(r'(docs/[\w-]+\.md) \("([^"]+)"\)', text):
+            assert part in (ROOT / doc).read_text(encoding="utf-8").replace("`", ""), f"{name}: {doc} lacks {part!r}"
+        for path in re.findall(r"\b((?:deploy|docs)/[\w/.-]+\.\w+)", text):
+            assert (ROOT / path).exists(), f"{name}: no file {path}"
+        for panel in re.findall(r'dashboard\'s "([^"]+)"', text):
+            assert any(title.startswith(panel) for title in panels), f"{name}: no dashboard panel {panel!r}"
+        for other in set(re.findall(r"\bImgq[A-Z]\w+", text)) - {name}:
+            assert other in rules, f"{name}: no alert {other}"
+
+
+def test_the_worker_memory_alert_sits_below_the_containers_limit():
+    container, _ = _workloads(_manifests())["worker"]
+    limit = container["resources"]["limits"]["memory"]
+    assert limit.endswith("Gi")
+    rule = _alert_rules()["ImgqWorkerMemoryHigh"]
+    found = re.fullmatch(r"imgq_worker_rss_bytes > (\d+) \* 1024 \^ 3", rule["expr"].strip())
+    assert found, rule["expr"]
+    assert 0.75 * int(limit[:-2]) <= int(found.group(1)) < int(limit[:-2])
+    assert f"{found.group(1)} GiB" in rule["annotations"]["description"] and limit in rule["annotations"]["description"]
+
+
+def _up_jobs() -> set[str]:
+    return {job for rule in _alert_rules().values() for job in re.findall(r'\bup\{job="([^"]+)"\}', rule["expr"])}
+
+
+def test_the_podmonitor_scrapes_the_worker_as_its_deployment_serves_metrics():
+    from imgq.probes import PROBE_DEADLINE_S
+
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in _manifests()}
+    assert not any(d["apiVersion"].startswith("monitoring.coreos.com/") for d in docs.values()), (
+        "deploy/k8s applies without the Prometheus Operator's CRDs")
+    worker = docs[("Deployment", "imgq-worker")]
+    template = worker["spec"]["template"]
+    container, _ = _workloads(list(docs.values()))["worker"]
+    env = {e["name"]: e for e in container["env"]}
+    monitor = yaml.safe_load((PROM / "podmonitor.yaml").read_text())
+    assert (monitor["apiVersion"], monitor["kind"]) == ("monitoring.coreos.com/v1", "PodMonitor")
+    assert monitor["metadata"]["namespace"] == worker["metadata"]["namespace"], "the token Secret is in its namespace"
+    spec = monitor["spec"]
+    selector = spec["selector"]["matchLabels"]
+    assert selector and selector.items() <= template["metadata"]["labels"].items()
+    assert selector.items() <= worker["spec"]["selector"]["matchLabels"].items()
+    (endpoint,) = spec["podMetricsEndpoints"]
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert endpoint["port"] in ports and str(ports[endpoint["port"]]) == env["IMGQ_METRICS_PORT"]["value"]
+    assert endpoint.get("path", "/metrics") == "/metrics"
+    assert _seconds(endpoint["scrapeTimeout"]) > PROBE_DEADLINE_S and _seconds(endpoint["interval"]) >= 10
+    auth = endpoint.get("authorization", {})
+    assert auth.get("type", "Bearer") == "Bearer"
+    secret = auth.get("credentials") or endpoint.get("bearerTokenSecret")
+    assert secret == env["IMGQ_METRICS_TOKEN"]["valueFrom"]["secretKeyRef"], "the token the worker demands"
+    assert secret["key"] in docs[("Secret", secret["name"])]["stringData"]
+    assert _up_jobs() == {template["metadata"]["labels"][spec["jobLabel"]]}, "up{job=...} is the PodMonitor's job"
+    # The kube-state-metrics rules name the worker's namespace and Deployment.
+    kube = " ".join(r["expr"] for g in _rules_file()["groups"] if g["name"] == "imgq-kubernetes" for r in g["rules"])
+    assert set(re.findall(r'namespace="([^"]+)"', kube)) == {worker["metadata"]["namespace"]}
+    assert set(re.findall(r'deployment="([^"]+)"', kube)) == {"imgq-worker"}
+    assert set(re.findall(r'pod=~"([^"]+)"', kube)) == {"imgq-worker-.+"}
+
+
+def test_the_prometheusrule_is_the_rules_file_and_deploy_prometheus_applies_both():
+    rule = yaml.safe_load((PROM / "prometheusrule.yaml").read_text())
+    assert (rule["apiVersion"], rule["kind"]) == ("monitoring.coreos.com/v1", "PrometheusRule")
+    assert rule["spec"] == _rules_file(), "prometheusrule.yaml's spec must be imgq-rules.yaml, verbatim"
+    kustomization = yaml.safe_load((PROM / "kustomization.yaml").read_text())
+    objects = sorted(p.name for p in PROM.glob("*.yaml")
+                     if "apiVersion" in (yaml.safe_load(p.read_text()) or {}) and p.name != "kustomization.yaml")
+    assert sorted(kustomization["resources"]) == objects == ["podmonitor.yaml", "prometheusrule.yaml"]
+    namespace = yaml.safe_load((K8S / "namespace.yaml").read_text())["metadata"]["name"]
+    assert kustomization["namespace"] == rule["metadata"]["namespace"] == namespace
+
+
+def test_the_prometheus_example_scrapes_like_the_podmonitor_and_loads_the_rules(compose):
+    config = yaml.safe_load((PROM / "prometheus.example.yml").read_text())
+    assert config["rule_files"] == ["imgq-rules.yaml"]
+    (job,) = config["scrape_configs"]
+    assert {job["job_name"]} == _up_jobs()
+    assert job["metrics_path"] == "/metrics"
+    assert job["authorization"]["type"] == "Bearer" and job["authorization"]["credentials_file"]
+    worker = compose["services"]["worker"]
+    for target in job["static_configs"][0]["targets"]:
+        host, port = target.split(":")
+        assert host in compose["services"] and port == worker["environment"]["IMGQ_METRICS_PORT"], target
+
+
+# Series -> what each alert does at some minutes: (alert, minute, [the labels of each firing alert]).
+# Every alert fires in one scenario and stays quiet in another (checked below).
+_ALERT_SCENARIOS = [
+    ({'imgq_broker_refusing{reason="maxmemory", instance="w1"}': "1x10",
+      'imgq_broker_refusing{reason="maxmemory", instance="w2"}': "0x10",
+      'imgq_broker_refusing{reason="replica", instance="w1"}': "0x10",
+      'imgq_broker_refusing{reason="replica", instance="w2"}': "0 0 0 0 1x6"},
+     [("ImgqWorkersWaitingForRedis", 1, []), ("ImgqWorkersWaitingForRedis", 5, [{"reason": "maxmemory"}]),
+      ("ImgqWorkersWaitingForRedis", 8, [{"reason": "maxmemory"}, {"reason": "replica"}])]),
+    # Stuck: messages wait and nothing completes (the workers once did, long ago).
+    ({'imgq_queue_depth{queue="imgq", instance="w1"}': "5x60", 'imgq_queue_depth{queue="imgq", instance="w2"}': "5x60",
+      'imgq_images_total{kind="caption", instance="w1"}': "100x60",
+      'imgq_dead_letters_total{code="not_found", instance="w1"}': "7x60"},
+     [("ImgqBacklogNotDraining", 15, []), ("ImgqBacklogNotDraining", 40, [{"queue": "imgq"}])]),
+    ({'imgq_queue_depth{queue="imgq", instance="w1"}': "5x60"},  # no counter has a series yet
+     [("ImgqBacklogNotDraining", 40, [{"queue": "imgq"}])]),
+    ({'imgq_queue_depth{queue="imgq", instance="w1"}': "5x60", 'imgq_images_total{kind="embed"}': "0+10x60"},
+     [("ImgqBacklogNotDraining", 40, [])]),
+    ({'imgq_queue_depth{queue="imgq", instance="w1"}': "5x60", 'imgq_dead_letters_total{code="not_found"}': "0+5x60"},
+     [("ImgqBacklogNotDraining", 40, [])]),
+    ({'imgq_queue_depth{queue="imgq", instance="w1"}': "0x60"}, [("ImgqBacklogNotDraining", 40, [])]),
+    # Per minute: internal_error 12 (0.2/s), transient 3, not_found 120 against 6,000 results (2%).
+    ({'imgq_dead_letters_total{code="internal_error"}': "0+12x60",
+      'imgq_dead_letters_total{code="transient"}': "0+3x60",
+      'imgq_dead_letters_total{code="not_found"}': "0+120x60", 'imgq_images_total{kind="caption"}': "0+6000x60"},
+     [("ImgqDeadLettersFromFaults", 10, []), ("ImgqDeadLettersFromFaults", 40, [{"code": "internal_error"}]),
+      ("ImgqDeadLettersBadInput", 59, [])]),
+    # not_found 1/s and truncated 0.1/s against 10 results/s (11%): only not_found passes 0.5/s.
+    ({'imgq_dead_letters_total{code="not_found"}': "0+60x90", 'imgq_dead_letters_total{code="truncated"}': "0+6x90",
+      'imgq_dead_letters_total{code="internal_error"}': "0+60x90", 'imgq_images_total{kind="caption"}': "0+600x90"},
+     [("ImgqDeadLettersBadInput", 20, []), ("ImgqDeadLettersBadInput", 70, [{"code": "not_found"}])]),
+    ({'imgq_dead_letters_total{code="not_found"}': "0+60x90"},  # nothing committed at all
+     [("ImgqDeadLettersBadInput", 70, [{"code": "not_found"}])]),
+    ({"imgq_retries_total": "0+120x60", 'imgq_images_total{kind="caption"}': "0+60x60"},
+     [("ImgqRetryStorm", 10, []), ("ImgqRetryStorm", 40, [{}])]),
+    ({"imgq_retries_total": "0+120x60", 'imgq_images_total{kind="caption"}': "0+600x60"},
+     [("ImgqRetryStorm", 40, [])]),
+    ({"imgq_retries_total": "0+30x60"}, [("ImgqRetryStorm", 40, [])]),
+    ({"imgq_feed_memory_held_total": "0+1x60"},
+     [("ImgqFeederHeldByRedisMemory", 5, []), ("ImgqFeederHeldByRedisMemory", 30, [{}])]),
+    ({"imgq_feed_memory_held_total": "0 0 0 0 0 1x55"}, [("ImgqFeederHeldByRedisMemory", 30, [])]),
+    ({'imgq_recovered_items_total{reason="lost"}': "0x10 5x50",
+      'imgq_recovered_items_total{reason="orphan"}': "0+5x60"},
+     [("ImgqMessagesLost", 5, []), ("ImgqMessagesLost", 15, [{}])]),
+    ({'imgq_worker_rss_bytes{instance="w1"}': "3.1e10x30", 'imgq_worker_rss_bytes{instance="w2"}': "2e10x30"},
+     [("ImgqWorkerMemoryHigh", 10, []), ("ImgqWorkerMemoryHigh", 20, [{"instance": "w1"}])]),
+    ({'up{job="imgq-worker", instance="w1"}': "0x10", 'up{job="imgq-worker", instance="w2"}': "1x10",
+      'up{job="node", instance="n1"}': "0x10"},
+     [("ImgqWorkerScrapeFailing", 3, []), ("ImgqWorkerScrapeFailing", 10, [{"job": "imgq-worker", "instance": "w1"}])]),
+    ({'kube_deployment_spec_replicas{namespace="imgq", deployment="imgq-worker"}': "2x40",
+      'kube_deployment_status_replicas_available{namespace="imgq", deployment="imgq-worker"}': "0x40"},
+     [("ImgqNoWorkerReady", 10, []),
+      ("ImgqNoWorkerReady", 30, [{"namespace": "imgq", "deployment": "imgq-worker"}])]),
+    ({'kube_deployment_spec_replicas{namespace="imgq", deployment="imgq-worker"}': "2x40",
+      'kube_deployment_status_replicas_available{namespace="imgq", deployment="imgq-worker"}': "0x5 1x35"},
+     [("ImgqNoWorkerReady", 30, [])]),
+    ({'kube_deployment_spec_replicas{namespace="imgq", deployment="imgq-worker"}': "0x40",
+      'kube_deployment_status_replicas_available{namespace="imgq", deployment="imgq-worker"}': "0x40"},
+     [("ImgqNoWorkerReady", 30, [])]),
+    ({'kube_pod_status_ready{namespace="imgq", pod="imgq-worker-5d9-abcde", condition="false"}': "1x30",
+      'kube_pod_status_ready{namespace="imgq", pod="imgq-worker-5d9-abcde", condition="true"}': "0x30",
+      'kube_pod_status_ready{namespace="imgq", pod="imgq-worker-5d9-fghij", condition="false"}': "0x30",
+      'kube_pod_status_ready{namespace="imgq", pod="imgq-flower-1", condition="false"}': "1x30"},
+     [("ImgqWorkerNotReady", 10, []),
+      ("ImgqWorkerNotReady", 20, [{"namespace": "imgq", "pod": "imgq-worker-5d9-abcde"}])]),
+]
+
+
+def test_the_alert_scenarios_cover_every_alert_both_ways():
+    fired = {alert for _, checks in _ALERT_SCENARIOS for alert, _, alerts in checks if alerts}
+    quiet = {alert for _, checks in _ALERT_SCENARIOS for alert, _, alerts in checks if not alerts}
+    assert fired == quiet == set(_alert_rules())
+
+
+def test_promtool_accepts_the_files_and_each_alert_fires_as_intended(tmp_path: Path):
+    """Where promtool is installed: `check rules` (the templates too), `check config` on the example,
+    and `test rules` on the scenarios above, the annotations left out (promtool compares them whole)."""
+    # `make test` puts it beside the venv's python (make promtool, from Debian's prometheus package).
+    beside = Path(sys.executable).parent / "promtool"
+    promtool = shutil.which("promtool") or (str(beside) if beside.exists() else None)
+    if not promtool:
+        pytest.skip("promtool is not installed here (`make promtool`); the static checks above ran")
+
+    def run(*args: str) -> None:
+        done = subprocess.run([promtool, *args], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    run("check", "rules", str(PROM / "imgq-rules.yaml"))
+    config = yaml.safe_load((PROM / "prometheus.example.yml").read_text())
+    (tmp_path / "token").write_text("t0ken\n")
+    config["scrape_configs"][0]["authorization"]["credentials_file"] = str(tmp_path / "token")
+    config["rule_files"] = [str(PROM / name) for name in config["rule_files"]]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    run("check", "config", str(tmp_path / "prometheus.yml"))
+
+    rules = _rules_file()
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            del rule["annotations"]
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rules))
+    severity = {name: rule["labels"]["severity"] for name, rule in _alert_rules().items()}
+    tests = [{"interval": "1m",
+              "input_series": [{"series": name, "values": values} for name, values in series.items()],
+              "alert_rule_test": [{"eval_time": f"{minute}m", "alertname": alert,
+                                   "exp_alerts": [{"exp_labels": {**labels, "severity": severity[alert]}}
+                                                  for labels in alerts]}
+                                  for alert, minute, alerts in checks]}
+             for series, checks in _ALERT_SCENARIOS]
+    (tmp_path / "tests.yaml").write_text(yaml.safe_dump({"rule_files": ["rules.yaml"], "evaluation_interval": "1m",
+                                                         "tests": tests}))
+    run("test", "rules", "tests.yaml")
