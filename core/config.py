@@ -108,7 +108,9 @@ class Settings(BaseSettings):
         "auto", description="auto = bfloat16 on CUDA (fp16 if unsupported), float32 on CPU."
     )
 
-    queue: str = "imgq"
+    # One queue: a worker's feeder, retries and depth gauge are its queue's (a comma made a queue
+    # literally named "a,b", where it used to mean several).
+    queue: str = Field("imgq", min_length=1, pattern=r"^[^,\s]+$")
     refs_per_message: int = Field(16, ge=1, le=1000, description="Refs packed into one broker message.")
     copy_streams: int = Field(
         2, ge=1, le=8, description="COPY streams (connections) loading a job of more than 5,000 refs into "

@@ -43,6 +43,10 @@ BROKER_REFUSING = Gauge("imgq_broker_refusing", "1 while this process's last try
                         "(imgq.transport).", ["reason"])
 MEMORY_HELD = Counter("imgq_feed_memory_held", "Feed cycles that stopped short of the window because Redis was at "
                       "IMGQ_BROKER_MEMORY_FRACTION of its maxmemory (the rest waited in Postgres).")
+# Both series exist from the start at 0: a counter whose first sample is already 5 shows no
+# increase(), so the first loss of a worker's life would raise no alert (ImgqMessagesLost).
+for _reason in ("lost", "orphan"):
+    RECOVERED.labels(_reason)
 
 
 def count_done(items: Iterable[Any]) -> None:

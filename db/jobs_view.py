@@ -52,7 +52,7 @@ SELECT im.id AS image_id, im.version, im.width, im.height, c.text, c.model, c.mo
 FROM images im JOIN captions c ON c.image_id = im.id
 WHERE im.source = :source AND im.bucket = :bucket AND im.key = :key AND c.lang = :lang
   AND c.method = CASE WHEN :lang = 'en' THEN 'native' ELSE 'translated' END AND {SHARED_CAPTION}
-ORDER BY im.first_seen DESC, im.id DESC, c.created_at DESC, c.id DESC LIMIT 1
+ORDER BY coalesce(im.last_seen, im.first_seen) DESC, im.id DESC, c.created_at DESC, c.id DESC LIMIT 1
 """)
 
 _LATEST_EMBEDDING = text("""
@@ -60,7 +60,7 @@ SELECT im.id AS image_id, im.version, im.width, im.height, e.model, e.model_revi
        CASE WHEN :vector THEN CAST(e.embedding AS text) END AS embedding
 FROM images im JOIN embeddings e ON e.image_id = im.id
 WHERE im.source = :source AND im.bucket = :bucket AND im.key = :key
-ORDER BY im.first_seen DESC, im.id DESC, e.created_at DESC, e.id DESC LIMIT 1
+ORDER BY coalesce(im.last_seen, im.first_seen) DESC, im.id DESC, e.created_at DESC, e.id DESC LIMIT 1
 """)
 
 

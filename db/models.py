@@ -88,6 +88,9 @@ class Image(Base):
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
     first_seen: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # Set by every write of a fetched object (migration 0018); NULL for older rows: read
+    # coalesce(last_seen, first_seen). An object's current version is the one seen last.
+    last_seen: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
 class Caption(Base):

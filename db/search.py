@@ -55,14 +55,16 @@ GROUP BY model_revision, dim ORDER BY n DESC, model_revision
 """)
 
 
-# Only an object's newest version is found: images keeps a row per version (an overwritten S3
-# object, an edited file), and the old one's vector, of content that is gone, came back beside the
-# new one (found by an analyst's walkthrough). One probe of images_object_version per candidate.
+# Only an object's current version is found, the one a worker saw last (images.last_seen): images
+# keeps a row per version (an overwritten S3 object, an edited file), and the old one's vector, of
+# content that is gone, came back beside the new one (found by an analyst's walkthrough). One probe
+# of images_object_version per candidate. A current version not embedded yet leaves the object out.
 _IMAGE_FILTERS = """
   AND (CAST(:bucket AS text) IS NULL OR im.bucket = :bucket)
   AND (CAST(:prefix AS text) IS NULL OR im.key LIKE :prefix ESCAPE '\\')
   AND NOT EXISTS (SELECT 1 FROM images newer WHERE newer.source = im.source AND newer.bucket = im.bucket
-                  AND newer.key = im.key AND (newer.first_seen, newer.id) > (im.first_seen, im.id))"""
+                  AND newer.key = im.key AND (coalesce(newer.last_seen, newer.first_seen), newer.id)
+                                             > (coalesce(im.last_seen, im.first_seen), im.id))"""
 _EXCLUDE = """
   AND (CAST(:exclude AS bigint) IS NULL OR e.image_id <> :exclude)"""
 
@@ -179,7 +181,7 @@ SELECT im.id, CAST(e.embedding AS text), e.model_revision
 FROM images im JOIN embeddings e ON e.image_id = im.id
 WHERE im.source = :source AND im.bucket = :bucket AND im.key = :key
   AND e.model = :model AND (CAST(:rev AS text) IS NULL OR e.model_revision = :rev)
-ORDER BY im.first_seen DESC, im.id DESC, e.created_at DESC, e.id DESC
+ORDER BY coalesce(im.last_seen, im.first_seen) DESC, im.id DESC, e.created_at DESC, e.id DESC
 LIMIT 1
 """)
 

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 __all__ = ["Claim", "DeadRow", "DoneItem", "EmptyJob", "ObjectInfo", "Store", "make_engine"]
 
 # Objects first (their ids feed every kind's writer); DISTINCT ON keeps the upsert from touching
-# one row twice, and a no-op DO UPDATE returns the id of an existing row.
+# one row twice, and the DO UPDATE returns the id of an existing row and marks it seen now (the
+# object's current version is the one seen last: an object changed back meets its old row again).
 _UPSERT_IMAGES = text("""
 INSERT INTO images (source, bucket, key, version, bytes, width, height)
 SELECT DISTINCT ON (source, bucket, key, version) source, bucket, key, version, bytes, width, height
@@ -34,7 +35,7 @@ FROM unnest(CAST(:source AS text[]), CAST(:bucket AS text[]), CAST(:key AS text[
             CAST(:bytes AS bigint[]), CAST(:width AS int[]), CAST(:height AS int[]))
      AS v(source, bucket, key, version, bytes, width, height)
 ORDER BY source, bucket, key, version
-ON CONFLICT ON CONSTRAINT images_object_version DO UPDATE SET bytes = EXCLUDED.bytes
+ON CONFLICT ON CONSTRAINT images_object_version DO UPDATE SET bytes = EXCLUDED.bytes, last_seen = now()
 RETURNING id, source, bucket, key, version
 """)
 

@@ -303,6 +303,42 @@ def test_an_overwritten_objects_old_version_is_not_found(database_url: str):
         engine.dispose()
 
 
+def test_an_object_changed_back_is_found_as_it_is_now(database_url: str):
+    """A file edited (A -> B) and then reverted (B -> A) meets its first row again: ranked by
+    first_seen, A stayed "old" and search showed B's vector. The object's current version is the
+    one a worker saw last (images.last_seen, set by the store's upsert of every fetched object)."""
+    from imgq.db.store import _UPSERT_IMAGES
+
+    engine = create_engine(database_url)
+    bucket = f"back-{uuid.uuid4().hex[:8]}"
+    try:
+        with engine.begin() as conn:  # as rows from before migration 0018: last_seen NULL
+            a, b = conn.execute(text(
+                "INSERT INTO images (source, bucket, key, version, bytes, width, height, first_seen, last_seen) "
+                "VALUES ('s3', :b, 'k.jpg', 'vA', 1, 10, 10, now() - interval '2 days', NULL), "
+                "('s3', :b, 'k.jpg', 'vB', 1, 10, 10, now() - interval '1 day', NULL) RETURNING id"),
+                {"b": bucket}).scalars()
+        x = clustered(2, 256, seed=12)
+        write_embeddings(engine, [a, b], x, "back-model", "r1")
+
+        def found() -> list[int]:
+            return [h.image_id for h in S.search(engine, x[0], model="back-model", revision="r1", limit=5,
+                                                 bucket=bucket)]
+
+        assert found() == [b]
+        with engine.begin() as conn:  # a worker fetches the object again: its bytes are A's
+            conn.execute(_UPSERT_IMAGES, {"source": ["s3"], "bucket": [bucket], "key": ["k.jpg"], "version": ["vA"],
+                                          "bytes": [1], "width": [10], "height": [10]})
+        assert found() == [a]
+        got = S.stored_vector(engine, model="back-model", revision="r1", source="s3", bucket=bucket, key="k.jpg")
+        assert got is not None and got[0] == a
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM embeddings WHERE model = 'back-model'"))
+            conn.execute(text("DELETE FROM images WHERE bucket = :b"), {"b": bucket})
+        engine.dispose()
+
+
 # -- other spaces, the SQL function and the README's queries, each on a database of its own ---------
 
 
