@@ -43,6 +43,10 @@ _OWNED = text("SELECT tasks, cancelled_at FROM jobs WHERE id = :job AND tenant =
 # language) are; a translation keeps its English caption's params, so it is judged by them.
 SHARED_CAPTION = "c.params->>'prompt' IS NULL AND c.params->>'adapter' IS NULL AND c.method <> 'adapter'"
 
+# An object's versions, the current one first: the one a worker saw last (images.last_seen, NULL
+# before migration 0018: read as first_seen). Every "current version" reader orders by this.
+CURRENT_VERSION_FIRST = "coalesce(im.last_seen, im.first_seen) DESC, im.id DESC"
+
 # The object's newest caption in one language that no tenant's choices shaped (SHARED_CAPTION):
 # /v1/images is read by every tenant whose sources include the object. English is BLIP's own
 # caption (adapters caption in their language, so never here); another language, a translation.
@@ -52,15 +56,15 @@ SELECT im.id AS image_id, im.version, im.width, im.height, c.text, c.model, c.mo
 FROM images im JOIN captions c ON c.image_id = im.id
 WHERE im.source = :source AND im.bucket = :bucket AND im.key = :key AND c.lang = :lang
   AND c.method = CASE WHEN :lang = 'en' THEN 'native' ELSE 'translated' END AND {SHARED_CAPTION}
-ORDER BY coalesce(im.last_seen, im.first_seen) DESC, im.id DESC, c.created_at DESC, c.id DESC LIMIT 1
+ORDER BY {CURRENT_VERSION_FIRST}, c.created_at DESC, c.id DESC LIMIT 1
 """)
 
-_LATEST_EMBEDDING = text("""
+_LATEST_EMBEDDING = text(f"""
 SELECT im.id AS image_id, im.version, im.width, im.height, e.model, e.model_revision, e.dim, e.created_at,
        CASE WHEN :vector THEN CAST(e.embedding AS text) END AS embedding
 FROM images im JOIN embeddings e ON e.image_id = im.id
 WHERE im.source = :source AND im.bucket = :bucket AND im.key = :key
-ORDER BY coalesce(im.last_seen, im.first_seen) DESC, im.id DESC, e.created_at DESC, e.id DESC LIMIT 1
+ORDER BY {CURRENT_VERSION_FIRST}, e.created_at DESC, e.id DESC LIMIT 1
 """)
 
 

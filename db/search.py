@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import Connection, Engine, TextClause, text
 
-from imgq.db.jobs_view import SHARED_CAPTION
+from imgq.db.jobs_view import CURRENT_VERSION_FIRST, SHARED_CAPTION
 from imgq.errors import DimensionMismatch, EmptyQuery, NoEmbeddings, SearchError
 from imgq.storable import unstorable
 
@@ -176,12 +176,12 @@ SELECT EXISTS (SELECT 1 FROM embeddings WHERE model = :model AND model_revision 
        set_config('hnsw.max_scan_tuples', :max_scan, true)
 """)
 
-_STORED = text("""
+_STORED = text(f"""
 SELECT im.id, CAST(e.embedding AS text), e.model_revision
 FROM images im JOIN embeddings e ON e.image_id = im.id
 WHERE im.source = :source AND im.bucket = :bucket AND im.key = :key
   AND e.model = :model AND (CAST(:rev AS text) IS NULL OR e.model_revision = :rev)
-ORDER BY coalesce(im.last_seen, im.first_seen) DESC, im.id DESC, e.created_at DESC, e.id DESC
+ORDER BY {CURRENT_VERSION_FIRST}, e.created_at DESC, e.id DESC
 LIMIT 1
 """)
 
